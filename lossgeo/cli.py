@@ -1,0 +1,85 @@
+"""Command line: thin wrappers that parse, validate, call the library and set exit codes.
+
+Options are generated from the config dataclass, so the CLI, MLproject and logged params
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable
+
+import click
+
+from .config import TrainConfig, config_fields
+from .errors import UserInputError
+
+_CLICK_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL, str: click.STRING}
+
+
+def _field_type(field: dataclasses.Field) -> type:
+    return type(field.default)
+
+
+def config_options(func: Callable) -> Callable:
+    """Adds one --option per TrainConfig field (underscores become dashes)."""
+    for field in reversed(config_fields()):
+        ftype = _field_type(field)
+        choices = field.metadata["choices"]
+        help_text = field.metadata["help"]
+        if choices:
+            help_text += f" ({'|'.join(choices)})"
+        func = click.option(f"--{field.name.replace('_', '-')}", field.name,
+                            type=_CLICK_TYPES[ftype], default=field.default,
+                            show_default=True, help=help_text)(func)
+    return func
+
+
+def build_config(options: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in config_fields()}
+    return TrainConfig(**{k: v for k, v in options.items() if k in names})
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit code 2; a run pre-created by `mlflow run` is discarded."""
+    click.echo(f"lossgeo: error: {message}", err=True)
+    try:
+        from .tracking import discard_launcher_run
+
+        discard_launcher_run()
+    except Exception:  # the message above matters more than the cleanup
+        pass
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """lossgeo: loss-landscape geometry tracked in MLflow."""
+
+
+@cli.command("train")
+@config_options
+def train_command(**options: Any) -> None:
+    """Train one model as one MLflow run, measuring curvature on a schedule."""
+    from .experiment import prepare, run_training
+
+    try:
+        config = build_config(options)
+        prepared = prepare(config)
+    except UserInputError as exc:
+        fail(str(exc))
+    outcome = run_training(config, prepared=prepared)
+    last = outcome.history.iloc[-1].to_dict() if not outcome.history.empty else {}
+    summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("train_loss", "test_loss", "test_acc",
+                                                        "lambda_max") if k in last)
+    state = f"diverged at epoch {outcome.diverged_epoch}" if outcome.diverged_epoch else "finished"
+    click.echo(f"run {outcome.run_id} {state}: {summary}")
+
+
+def main() -> None:
+    cli(prog_name="lossgeo")
+
+
+if __name__ == "__main__":
+    main()

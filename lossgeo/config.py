@@ -1,0 +1,112 @@
+"""Validated run configuration: one dataclass is the single source of truth for the
+MLproject parameters, the CLI options and what gets logged as MLflow params."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import UserInputError
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10")
+MODELS = ("mlp", "cnn", "resnet", "vit")
+DEVICES = ("auto", "cpu", "cuda")
+LOSSES = ("cross_entropy", "mse")
+ACTIVATIONS = ("relu", "tanh")
+LANDSCAPE_DIRECTIONS = ("random", "eigen", "pca")
+
+
+def _param(default: Any, help: str, check: Callable[[Any], bool] | None = None,
+           allowed: str = "", choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={
+        "help": help, "check": check, "allowed": allowed, "choices": choices})
+
+
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+def _non_negative(x: float) -> bool:
+    return x >= 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = _param("mnist", "data set", choices=DATASETS)
+    model: str = _param("mlp", "model architecture", choices=MODELS)
+    lr: float = _param(0.05, "SGD learning rate", _positive, "> 0")
+    batch_size: int = _param(64, "mini-batch size", _positive, ">= 1 and <= training-set size")
+    epochs: int = _param(3, "training epochs (0 = measure the initialisation only)",
+                         _non_negative, ">= 0")
+    momentum: float = _param(0.0, "SGD momentum", lambda m: 0 <= m < 1, "in [0, 1)")
+    weight_decay: float = _param(0.0, "L2 weight decay", _non_negative, ">= 0")
+    seed: int = _param(0, "random seed (data split, probe set, init, batches)")
+    train_subset: int = _param(10000, "training samples used (0 = the whole training split)",
+                               _non_negative, ">= 0")
+    val_size: int = _param(5000, "validation samples carved from the training set",
+                           _positive, ">= 1")
+    probe_size: int = _param(2048, "fixed training subset for curvature/landscape measurements",
+                             _positive, ">= 1 and <= training-set size")
+    measure_every: int = _param(1, "measure curvature/sharpness every N epochs (0 and last always)",
+                                _positive, ">= 1")
+    data_dir: str = _param("", "data root (default: $LOSSGEO_DATA_DIR, else ./data)")
+    device: str = _param("auto", "compute device", choices=DEVICES)
+    loss: str = _param("cross_entropy", "training loss", choices=LOSSES)
+    activation: str = _param("relu", "MLP activation", choices=ACTIVATIONS)
+    hidden: str = _param("512,256", "MLP hidden widths, comma-separated",
+                         lambda s: _parse_widths(s) is not None, "comma-separated positive ints")
+    curvature: bool = _param(True, "measure Hessian curvature on the probe set")
+    curvature_k: int = _param(5, "number of top Hessian eigenvalues (Lanczos)", _positive, ">= 1")
+    curvature_tol: float = _param(1e-4, "relative Ritz-residual tolerance of the eigen-solver",
+                                  _positive, "> 0")
+    curvature_max_iter: int = _param(100, "maximum Lanczos steps", lambda n: n >= 2, ">= 2")
+    trace_samples: int = _param(30, "Hutchinson probe vectors for the Hessian trace",
+                                lambda n: n >= 2, ">= 2")
+    experiment: str = _param("lossgeo", "MLflow experiment name (ignored under `mlflow run`)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata["choices"]
+            if choices is not None and value not in choices:
+                raise UserInputError(
+                    f"{f.name}: must be one of {', '.join(choices)} (got {value!r})")
+            check = f.metadata["check"]
+            if check is not None and not check(value):
+                raise UserInputError(
+                    f"{f.name}: must be {f.metadata['allowed']} (got {value!r})")
+
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        return _parse_widths(self.hidden)  # type: ignore[return-value]
+
+    @property
+    def noise_temperature(self) -> float:
+        return self.lr / self.batch_size
+
+    def check_against_data(self, n_train: int) -> None:
+        """Checks that need the size of the training split; run before any MLflow run exists."""
+        if self.batch_size > n_train:
+            raise UserInputError(
+                f"batch_size: must be >= 1 and <= training-set size {n_train} "
+                f"(got {self.batch_size})")
+        if self.probe_size > n_train:
+            raise UserInputError(
+                f"probe_size: must be >= 1 and <= training-set size {n_train} "
+                f"(got {self.probe_size})")
+
+    def to_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_widths(text: str) -> tuple[int, ...] | None:
+    try:
+        widths = tuple(int(w) for w in str(text).split(",") if w.strip())
+    except ValueError:
+        return None
+    return widths if widths and all(w > 0 for w in widths) else None
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))

@@ -1,0 +1,140 @@
+"""One training run as one MLflow run: validate, load, build, train, log everything."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+import torch
+import yaml
+from torch import nn
+
+from . import __version__, plots
+from .config import TrainConfig
+from .data import DataBundle, load_data
+from .errors import UserInputError
+from .losses import LOSSES, LossFn
+from .models import build_model
+from .tracking import TrackedRun
+from .train import Measurement, train
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    history: pd.DataFrame
+    diverged_epoch: int | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("device: cuda requested but no CUDA device is available "
+                             "(allowed: auto, cpu, cuda)")
+    return torch.device(name)
+
+
+def prepare(config: TrainConfig) -> tuple[DataBundle, nn.Module, LossFn, torch.device]:
+    """Everything that can fail on user input, done before any MLflow run exists."""
+    device = resolve_device(config.device)
+    data = load_data(config.dataset, config.data_dir, seed=config.seed,
+                     val_size=config.val_size, train_subset=config.train_subset,
+                     probe_size=config.probe_size)
+    config.check_against_data(len(data.train))
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data.in_channels, data.image_size, data.n_classes,
+                        hidden=config.hidden_widths, activation=config.activation)
+    return data.to(device), model.to(device), LOSSES[config.loss], device
+
+
+def default_measurements(config: TrainConfig) -> list[Measurement]:
+    from .measurements import build_measurements
+
+    return build_measurements(config)
+
+
+def run_name(config: TrainConfig) -> str:
+    return f"{config.model}-{config.dataset}-lr{config.lr:g}-b{config.batch_size}"
+
+
+def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None,
+                 measurements: list[Measurement] | None = None,
+                 on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+                 on_run_created: Callable[[str], None] | None = None,
+                 prepared: tuple[DataBundle, nn.Module, LossFn, torch.device] | None = None,
+                 ) -> RunOutcome:
+    """Trains `config` as one MLflow run and returns its id and per-epoch history."""
+    data, model, loss_fn, device = prepared or prepare(config)
+    if measurements is None:
+        measurements = default_measurements(config)
+    all_tags = {"model": config.model, "dataset": config.dataset,
+                "lossgeo_version": __version__, **(tags or {})}
+    run = TrackedRun(experiment=config.experiment, run_name=run_name(config),
+                     parent_run_id=parent_run_id, tags=all_tags)
+    if on_run_created is not None:
+        on_run_created(run.run_id)
+    with run:
+        run.log_params({**config.to_params(), "noise_temperature": config.noise_temperature,
+                        "n_params": sum(p.numel() for p in model.parameters()),
+                        "n_train": len(data.train), "resolved_device": str(device)})
+        run.log_text("config.yaml", yaml.safe_dump(config.to_params(), sort_keys=False))
+        history: list[dict[str, float]] = []
+        result = None
+        try:
+            result = train(config, data, model, loss_fn, logger=_Recorder(run, history),
+                           measurements=measurements, on_epoch_end=on_epoch_end)
+        finally:
+            # Whatever happened, what was logged also lands in metrics.csv, plots, checkpoint.
+            frame = history_frame(history)
+            log_run_outputs(run, frame, model, result.final_artifacts if result else {})
+        if result.diverged_epoch is not None:
+            run.set_tags({"diverged": "true"})
+        else:
+            run.set_tags({"diverged": "false"})
+    return RunOutcome(run_id=run.run_id, history=frame, diverged_epoch=result.diverged_epoch)
+
+
+class _Recorder:
+    """Forwards to the tracked run and keeps the rows for metrics.csv."""
+
+    def __init__(self, run: TrackedRun, history: list[dict[str, float]]) -> None:
+        self.run, self.history = run, history
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.run.log_epoch(epoch, metrics)
+        self.history.append({"epoch": epoch, **metrics})
+
+    def log_object(self, path: str, obj) -> None:
+        self.run.log_object(path, obj)
+
+
+def history_frame(history: list[dict[str, float]]) -> pd.DataFrame:
+    frame = pd.DataFrame(history)
+    if not frame.empty:
+        frame["epoch"] = frame["epoch"].astype(int)
+    return frame
+
+
+def log_run_outputs(run: TrackedRun, frame: pd.DataFrame, model: nn.Module,
+                    final_artifacts: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    run.log_text("metrics.csv", frame.to_csv(index=False))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    run.log_bytes("checkpoint/model.pt", buffer.getvalue())
+    if frame.empty:
+        return
+    label = {"run": frame}
+    for name, figure in (("plots/loss_curves.png", plots.loss_curves(label)),
+                         ("plots/accuracy_curves.png", plots.accuracy_curves(label))):
+        run.log_figure(name, figure)
+        plt.close(figure)
+    for name, figure in plots.artifact_figures(frame, final_artifacts).items():
+        run.log_figure(name, figure)
+        plt.close(figure)

@@ -1,0 +1,138 @@
+"""Model registry: small networks sized for 28x28 (MNIST-like) and 32x32 (CIFAR) inputs."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserInputError
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+class MLP(nn.Module):
+    """Flatten -> [Linear -> activation] * len(hidden) -> Linear."""
+
+    def __init__(self, in_features: int, n_classes: int = 10,
+                 hidden: tuple[int, ...] = (512, 256), activation: str = "relu") -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+            width = h
+        layers.append(nn.Linear(width, n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    """Two conv blocks (conv-ReLU-maxpool) and a two-layer classifier head."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, n_classes: int = 10,
+                 channels: tuple[int, int] = (32, 64), hidden: int = 128) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * side * side, hidden), nn.ReLU(),
+            nn.Linear(hidden, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small CIFAR-style ResNet (3 stages of one BasicBlock each) with BatchNorm."""
+
+    def __init__(self, in_channels: int = 3, n_classes: int = 10,
+                 widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stages = nn.Sequential(BasicBlock(widths[0], widths[0], 1),
+                                    BasicBlock(widths[0], widths[1], 2),
+                                    BasicBlock(widths[1], widths[2], 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(widths[2], n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+class ViT(nn.Module):
+    """A tiny vision transformer: patch embedding, 2 pre-norm encoder layers, CLS head."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, n_classes: int = 10,
+                 patch: int = 7, dim: int = 64, depth: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        if image_size % patch:
+            patch = 4 if image_size % 4 == 0 else 1
+        n_patches = (image_size // patch) ** 2
+        self.embed = nn.Conv2d(in_channels, dim, patch, patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, n_patches + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+        return self.head(self.norm(self.encoder(tokens))[:, 0])
+
+
+Builder = Callable[..., nn.Module]
+REGISTRY: dict[str, Builder] = {
+    "mlp": lambda c, s, k, hidden=(512, 256), activation="relu": MLP(c * s * s, k, hidden,
+                                                                      activation),
+    "cnn": lambda c, s, k, **_: CNN(c, s, k),
+    "resnet": lambda c, s, k, **_: ResNet(c, k),
+    "vit": lambda c, s, k, **_: ViT(c, s, k),
+}
+
+
+def build_model(name: str, in_channels: int = 1, image_size: int = 28, n_classes: int = 10,
+                **options) -> nn.Module:
+    """Builds a registered model; `options` (hidden, activation) apply to the MLP."""
+    if name not in REGISTRY:
+        raise UserInputError(f"model: must be one of {', '.join(REGISTRY)} (got {name!r})")
+    return REGISTRY[name](in_channels, image_size, n_classes, **options)
+
+
+def parameter_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """Groups trainable parameter names by the module that owns them (a 'layer')."""
+    blocks: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            owner = name.rsplit(".", 1)[0] if "." in name else name
+            blocks.setdefault(owner, []).append(name)
+    return blocks

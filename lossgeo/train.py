@@ -1,0 +1,170 @@
+"""The training loop: SGD, full evaluation every epoch, measurements on a schedule.
+
+The loop knows nothing about MLflow: it reports to a `RunLogger` and runs `Measurement`s,
+so curvature, sharpness and landscapes plug in without touching it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import DataBundle, Split
+from .losses import LossFn
+
+
+@dataclass
+class EpochState:
+    """What a measurement sees: the model at the end of `epoch` (0 = initialisation)."""
+
+    epoch: int
+    is_last: bool
+    model: nn.Module
+    loss_fn: LossFn
+    data: DataBundle
+    config: TrainConfig
+    # Flattened CPU copies of the weights after every epoch so far (for trajectory PCA).
+    trajectory: list[torch.Tensor]
+    # Metrics already computed this epoch (evaluation and earlier measurements).
+    metrics: dict[str, float]
+
+
+@dataclass
+class MeasurementResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    # artifact path inside the run (e.g. "spectrum/eigen.pt") -> torch-saveable object
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+
+class Measurement(Protocol):
+    name: str
+
+    def __call__(self, state: EpochState) -> MeasurementResult: ...
+
+
+class RunLogger(Protocol):
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def log_object(self, path: str, obj: Any) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    diverged_epoch: int | None
+    model: nn.Module
+    # Artifacts from the last measured epoch, already logged; kept for plots.
+    final_artifacts: dict[str, Any]
+
+
+def measured_epochs(epochs: int, every: int) -> set[int]:
+    """Epoch 0, every `every`-th epoch and the last one."""
+    return {0, epochs} | set(range(0, epochs + 1, every))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: LossFn, split: Split, batch_size: int = 2048
+             ) -> tuple[float, float]:
+    """(mean loss, accuracy) in eval mode; the caller restores the mode."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for x, y in split.batches(batch_size):
+        out = model(x)
+        total_loss += float(loss_fn(out, y)) * len(y)
+        correct += int((out.argmax(dim=-1) == y).sum())
+    n = len(split)
+    return total_loss / n, correct / n
+
+
+def evaluation_metrics(model: nn.Module, loss_fn: LossFn, data: DataBundle) -> dict[str, float]:
+    was_training = model.training
+    metrics: dict[str, float] = {}
+    for split_name in ("train", "val", "test"):
+        loss, acc = evaluate(model, loss_fn, getattr(data, split_name))
+        metrics[f"{split_name}_loss"] = loss
+        metrics[f"{split_name}_acc"] = acc
+    metrics["gen_gap"] = metrics["test_loss"] - metrics["train_loss"]
+    metrics["gen_gap_acc"] = metrics["train_acc"] - metrics["test_acc"]
+    model.train(was_training)
+    return metrics
+
+
+def flat_weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to("cpu", copy=True)
+
+
+def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: LossFn,
+          logger: RunLogger, measurements: list[Measurement] = (),
+          on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Trains with SGD; logs evaluation + scheduled measurements after every epoch.
+
+    A non-finite training loss stops training; the epoch is returned as `diverged_epoch`
+    and everything computed up to then has been logged. `on_epoch_end` may raise (e.g.
+    Optuna pruning) to stop early; what was logged stays logged.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
+    schedule = measured_epochs(config.epochs, config.measure_every)
+    history: list[dict[str, float]] = []
+    trajectory: list[torch.Tensor] = []
+    final_artifacts: dict[str, Any] = {}
+    diverged_epoch: int | None = None
+    n_batches = math.ceil(len(data.train) / config.batch_size)
+
+    epoch_bar = tqdm(range(config.epochs + 1), desc="epochs", disable=None)
+    for epoch in epoch_bar:
+        if epoch > 0:
+            model.train()
+            batch_bar = tqdm(data.train.batches(config.batch_size, shuffle=True,
+                                                generator=shuffle_gen),
+                             total=n_batches, desc=f"epoch {epoch}", leave=False, disable=None)
+            for x, y in batch_bar:
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                if not torch.isfinite(loss):
+                    diverged_epoch = epoch
+                    break
+                loss.backward()
+                optimizer.step()
+            batch_bar.close()
+        if diverged_epoch is not None:
+            metrics = {"diverged_epoch": float(diverged_epoch)}
+            logger.log_epoch(epoch, metrics)
+            history.append({"epoch": float(epoch), **metrics})
+            break
+        metrics = evaluation_metrics(model, loss_fn, data)
+        if not math.isfinite(metrics["train_loss"]):
+            # The last step of the epoch blew the weights up: as diverged as a NaN batch loss.
+            diverged_epoch = epoch
+            metrics["diverged_epoch"] = float(epoch)
+            logger.log_epoch(epoch, metrics)
+            history.append({"epoch": float(epoch), **metrics})
+            break
+        trajectory.append(flat_weights(model))
+        if epoch in schedule:
+            state = EpochState(epoch=epoch, is_last=epoch == config.epochs, model=model,
+                               loss_fn=loss_fn, data=data, config=config,
+                               trajectory=trajectory, metrics=metrics)
+            for measurement in measurements:
+                result = measurement(state)
+                metrics.update(result.metrics)
+                for path, obj in result.artifacts.items():
+                    logger.log_object(path, obj)
+                if state.is_last:
+                    final_artifacts.update(result.artifacts)
+        logger.log_epoch(epoch, metrics)
+        history.append({"epoch": float(epoch), **metrics})
+        epoch_bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}",
+                              test_acc=f"{metrics['test_acc']:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    epoch_bar.close()
+    return TrainResult(history=history, diverged_epoch=diverged_epoch, model=model,
+                       final_artifacts=final_artifacts)

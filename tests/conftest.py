@@ -1,0 +1,69 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX as MNIST ships it: magic (0, 0, 0x08=uint8, ndim), big-endian dims, bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def make_fake_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    """A learnable MNIST stand-in in torchvision's layout: class k lights up row block k."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, k in enumerate(labels):
+            images[i, 2 * k + 4: 2 * k + 6, 4:24] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_data_dir(tmp_path_factory) -> Path:
+    return make_fake_mnist(tmp_path_factory.mktemp("fake-data"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """Real MNIST: $LOSSGEO_DATA_DIR or ../shared/data (CI sets it)."""
+    for candidate in (os.environ.get("LOSSGEO_DATA_DIR"), SHARED_DATA):
+        if candidate and (Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+            return Path(candidate)
+    pytest.skip("real MNIST not found: set LOSSGEO_DATA_DIR to a folder holding MNIST/raw")
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> Path:
+    """An isolated MLflow store in a fresh working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return tmp_path
+
+
+def tiny_config(data_dir, **overrides):
+    from lossgeo.config import TrainConfig
+
+    base = dict(model="mlp", hidden="16", train_subset=200, val_size=100, probe_size=64,
+                batch_size=32, epochs=2, lr=0.05, data_dir=str(data_dir), curvature=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _float_default():
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(torch.float32)
