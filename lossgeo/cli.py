@@ -42,12 +42,12 @@ def build_config(options: dict[str, Any]) -> TrainConfig:
 
 
 def fail(message: str) -> None:
-    """One line on stderr, exit code 2; a run pre-created by `mlflow run` is discarded."""
+    """One line on stderr, exit code 2; a run pre-created by `mlflow run` says why it failed."""
     click.echo(f"lossgeo: error: {message}", err=True)
     try:
-        from .tracking import discard_launcher_run
+        from .tracking import mark_launcher_run_rejected
 
-        discard_launcher_run()
+        mark_launcher_run_rejected(message)
     except Exception:  # the message above matters more than the cleanup
         pass
     sys.exit(2)

@@ -54,14 +54,13 @@ def experiment_id(name: str, c: MlflowClient | None = None) -> str:
         return c.get_experiment_by_name(name).experiment_id
 
 
-def discard_launcher_run() -> None:
-    """Bad input under `mlflow run`: the launcher already created a run; delete it so
-    that no run is left behind for input we rejected."""
+def mark_launcher_run_rejected(message: str) -> None:
+    """Bad input under `mlflow run`: the launcher created its run before our code started
+    (and marks it FAILED when we exit), so all we can do is say why on that run. Deleting
+    it would crash the launcher's own status update."""
     run_id = launcher_run_id()
     if run_id:
-        c = client()
-        c.set_terminated(run_id, status="FAILED")
-        c.delete_run(run_id)
+        client().set_tag(run_id, "rejected_input", message)
 
 
 def _metric_batches(metrics: dict[str, float], step: int, timestamp: int) -> list[list[Metric]]:
@@ -71,6 +70,8 @@ def _metric_batches(metrics: dict[str, float], step: int, timestamp: int) -> lis
 
 
 def _stringify(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     return str(value)
@@ -122,7 +123,10 @@ class TrackedRun:
 
     # -- logging ---------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, _stringify(v)) for k, v in params.items()]
+        # `mlflow run` has already logged the -P values as typed; MLflow forbids changing
+        # a param, so only the ones it did not log are added.
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, _stringify(v)) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), _MAX_PARAMS):
             self.client.log_batch(self.run_id, params=items[i:i + _MAX_PARAMS])
 
