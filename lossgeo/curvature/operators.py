@@ -1,0 +1,262 @@
+r"""Curvature matrices of the mean training loss as matrix-free linear operators.
+
+For parameters :math:`\theta \in \mathbb{R}^n` and the probe set split into batches
+:math:`B_b` of sizes :math:`n_b` (:math:`N = \sum_b n_b`), the loss is
+
+.. math:: L(\theta) = \sum_b \frac{n_b}{N}\, \ell(f_\theta(X_b), Y_b),
+
+with :math:`\ell` mean-reduced, so a ragged last batch carries exactly its share. Operators:
+
+- ``HessianOperator``: :math:`H = \nabla^2_\theta L`, exact Hessian-vector products.
+- ``GGNOperator``: :math:`G = \sum_b \frac{n_b}{N} J_b^\top (\nabla^2_f \ell) J_b`, the
+  generalised Gauss-Newton (Schraudolph 2002); PSD for convex losses.
+- ``EmpiricalFisherOperator``: :math:`F = \frac1N \sum_i \nabla \ell_i \nabla \ell_i^\top`.
+
+All products are evaluated in eval mode through ``torch.func.functional_call`` on detached
+copies of the parameters: the model's parameters, buffers, ``.grad`` and ``training`` flag
+are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+DataSource = Batch | Iterable[Batch]
+
+HVP_METHODS = ("graph", "fwdrev")
+
+
+def as_batches(data: DataSource, chunk_size: int | None = None) -> list[Batch]:
+    """One (x, y) tuple or an iterable of them -> a list of batches of at most chunk_size."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        batches = [data]
+    else:
+        batches = [(x, y) for x, y in data]
+    if not batches:
+        raise ValueError("data: no batches given")
+    if chunk_size:
+        batches = [(x[i:i + chunk_size], y[i:i + chunk_size])
+                   for x, y in batches for i in range(0, len(y), chunk_size)]
+    return batches
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then each submodule's own flag restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class ParameterSpace:
+    """Flattening between a dict of named parameters and one vector."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str] | None = None) -> None:
+        named = dict(model.named_parameters())
+        self.names = list(names) if names is not None else [
+            n for n, p in named.items() if p.requires_grad]
+        unknown = [n for n in self.names if n not in named]
+        if unknown:
+            raise ValueError(f"params: unknown parameter names {unknown}")
+        # Detached copies: measurements never touch the model's tensors or their .grad.
+        self.values = {n: named[n].detach().clone() for n in self.names}
+        self.frozen = {n: p.detach() for n, p in named.items() if n not in self.values}
+        self.shapes = [self.values[n].shape for n in self.names]
+        self.sizes = [self.values[n].numel() for n in self.names]
+        self.dim = sum(self.sizes)
+        first = self.values[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+
+    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+        items = [tensors[n] for n in self.names] if isinstance(tensors, dict) else tensors
+        return torch.cat([t.reshape(-1) for t in items])
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        chunks = torch.split(vector, self.sizes)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for n, size in zip(self.names, self.sizes):
+            out[n] = slice(start, start + size)
+            start += size
+        return out
+
+
+class CurvatureOperator:
+    """A symmetric n x n curvature matrix, applied to flat vectors."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource, *,
+                 params: Sequence[str] | None = None, chunk_size: int | None = 1024) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.space = ParameterSpace(model, params)
+        self.batches = as_batches(data, chunk_size)
+        self.n_samples = sum(len(y) for _, y in self.batches)
+        self.weights = [len(y) / self.n_samples for _, y in self.batches]
+        self.n_matvec = 0
+
+    @property
+    def dim(self) -> int:
+        return self.space.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.space.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.space.device
+
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**self.space.frozen, **params}, (x,))
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        vector = vector.to(self.dtype)
+        with eval_mode(self.model):
+            out = self._matvec(vector)
+        self.n_matvec += 1
+        return out
+
+    def __matmul__(self, vector: torch.Tensor) -> torch.Tensor:
+        return self.matvec(vector)
+
+    def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        """The full matrix column by column (small models, tests)."""
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        return torch.stack([self.matvec(e) for e in eye], dim=1)
+
+
+class HessianOperator(CurvatureOperator):
+    """Exact Hessian-vector products of the mean loss.
+
+    method="graph" (default, fastest on CPU, see benchmarks/bench_curvature.py): the
+    gradient of each chunk is computed once with ``create_graph=True`` and its graph kept,
+    so every product is one backward pass through it (double backward). Memory: one
+    retained graph per chunk, i.e. the activations of the whole probe set.
+    method="fwdrev": ``torch.func`` forward-over-reverse, ``jvp(grad(L))``; nothing kept
+    between products (for probe sets whose graphs do not fit in memory).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource, *,
+                 params: Sequence[str] | None = None, chunk_size: int | None = 1024,
+                 method: str = "graph") -> None:
+        if method not in HVP_METHODS:
+            raise ValueError(f"method: must be one of {', '.join(HVP_METHODS)} (got {method!r})")
+        super().__init__(model, loss_fn, data, params=params, chunk_size=chunk_size)
+        self.method = method
+        self._graphs: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
+
+    def _chunk_loss(self, params: dict[str, torch.Tensor], x, y) -> torch.Tensor:
+        return self.loss_fn(self._forward(params, x), y)
+
+    def _retained_gradients(self):
+        if self._graphs is None:
+            self._graphs = []
+            with eval_mode(self.model), torch.enable_grad():
+                for (x, y), w in zip(self.batches, self.weights):
+                    leaves = {n: v.detach().requires_grad_(True)
+                              for n, v in self.space.values.items()}
+                    loss = w * self._chunk_loss(leaves, x, y)
+                    grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+                    self._graphs.append((list(leaves.values()), grads))
+        return self._graphs
+
+    def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        if self.method == "graph":
+            pieces = self.space.unflatten(vector)
+            vs = [pieces[n] for n in self.space.names]
+            total = torch.zeros_like(vector)
+            with torch.enable_grad():
+                for leaves, grads in self._retained_gradients():
+                    dot = sum((g * v).sum() for g, v in zip(grads, vs))
+                    hv = torch.autograd.grad(dot, leaves, retain_graph=True)
+                    total += self.space.flatten(hv)
+            return total
+        tangent = self.space.unflatten(vector)
+        total = torch.zeros_like(vector)
+        for (x, y), w in zip(self.batches, self.weights):
+            gradient = grad(lambda p: self._chunk_loss(p, x, y))
+            _, hv = jvp(gradient, (self.space.values,), (tangent,))
+            total += w * self.space.flatten(hv)
+        return total
+
+    def gradient(self) -> torch.Tensor:
+        """The full-batch gradient of the mean loss (flat)."""
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with eval_mode(self.model):
+            for (x, y), w in zip(self.batches, self.weights):
+                g = grad(lambda p: self._chunk_loss(p, x, y))(self.space.values)
+                total += w * self.space.flatten(g)
+        return total
+
+    def loss(self) -> float:
+        with eval_mode(self.model), torch.no_grad():
+            return float(sum(w * self._chunk_loss(self.space.values, x, y)
+                             for (x, y), w in zip(self.batches, self.weights)))
+
+
+class GGNOperator(CurvatureOperator):
+    """Generalised Gauss-Newton J^T (d^2 loss / d output^2) J, via jvp -> loss HVP -> vjp."""
+
+    def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        tangent = self.space.unflatten(vector)
+        total = torch.zeros_like(vector)
+        for (x, y), w in zip(self.batches, self.weights):
+            def f(p, x=x):
+                return self._forward(p, x)
+
+            out, jv = jvp(f, (self.space.values,), (tangent,))
+            _, hjv = jvp(grad(lambda o: self.loss_fn(o, y)), (out.detach(),), (jv,))
+            _, pullback = vjp(f, self.space.values)
+            (gv,) = pullback(hjv)
+            total += w * self.space.flatten(gv)
+        return total
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    """(1/N) sum_i grad l_i grad l_i^T v, as u = J_l v (one jvp), then J_l^T u (one vjp),
+    where J_l is the Jacobian of the vector of per-sample losses."""
+
+    def _per_sample_losses(self, params, x, y) -> torch.Tensor:
+        out = self._forward(params, x)
+        return vmap(lambda o, t: self.loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
+
+    def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        tangent = self.space.unflatten(vector)
+        total = torch.zeros_like(vector)
+        for x, y in self.batches:
+            def losses(p, x=x, y=y):
+                return self._per_sample_losses(p, x, y)
+
+            _, u = jvp(losses, (self.space.values,), (tangent,))
+            _, pullback = vjp(losses, self.space.values)
+            (fv,) = pullback(u)
+            total += self.space.flatten(fv) / self.n_samples
+        return total
+
+
+MATRICES: dict[str, type[CurvatureOperator]] = {
+    "hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}
+
+
+def make_operator(matrix: str, model: nn.Module, loss_fn: LossFn, data: DataSource,
+                  **options) -> CurvatureOperator:
+    if matrix not in MATRICES:
+        raise ValueError(f"matrix: must be one of {', '.join(MATRICES)} (got {matrix!r})")
+    if matrix != "hessian":
+        options.pop("method", None)
+    return MATRICES[matrix](model, loss_fn, data, **options)

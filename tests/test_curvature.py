@@ -1,0 +1,262 @@
+"""The curvature engine against exact Hessians (torch.func.hessian) on small float64 models."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+from lossgeo.curvature import (EmpiricalFisherOperator, curvature_eigen, GGNOperator, HessianOperator,
+                               effective_dimension, hessian_eigen, hessian_extremes,
+                               hessian_trace, layerwise_lambda_max, spectral_density)
+from lossgeo.curvature.operators import ParameterSpace
+from lossgeo.losses import cross_entropy, half_squared_error
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def tiny_mlp(seed=0, d_in=4, hidden=5, d_out=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out))
+
+
+def toy_data(seed=1, n=7, d_in=4, d_out=3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=gen)
+    y = torch.randint(0, d_out, (n,), generator=gen)
+    return x, y
+
+
+def exact_hessian(model, loss_fn, x, y, names=None):
+    """The Hessian of the full-batch mean loss wrt the flattened (selected) parameters."""
+    space = ParameterSpace(model, names)
+
+    def loss_of_flat(flat):
+        params = {**space.frozen, **space.unflatten(flat)}
+        return loss_fn(functional_call(model, params, (x,)), y)
+
+    return hessian(loss_of_flat)(space.flatten(space.values))
+
+
+def uneven(x, y):
+    return [(x[:3], y[:3]), (x[3:], y[3:])]
+
+
+@pytest.mark.parametrize("loss_fn", [cross_entropy, half_squared_error])
+@pytest.mark.parametrize("method", ["graph", "fwdrev"])
+def test_hvp_equals_exact_hessian_on_uneven_batches(loss_fn, method):
+    model, (x, y) = tiny_mlp(), toy_data()
+    H = exact_hessian(model, loss_fn, x, y)
+    op = HessianOperator(model, loss_fn, uneven(x, y), method=method, chunk_size=None)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(op.to_dense(), H, rtol=1e-10, atol=1e-12)
+
+
+def test_dataloader_equals_concatenated_batch():
+    model, (x, y) = tiny_mlp(), toy_data(n=10)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    v = torch.randn(sum(p.numel() for p in model.parameters()))
+    from_loader = HessianOperator(model, cross_entropy, loader).matvec(v)
+    from_tuple = HessianOperator(model, cross_entropy, (x, y)).matvec(v)
+    chunked = HessianOperator(model, cross_entropy, (x, y), chunk_size=3).matvec(v)
+    assert torch.allclose(from_loader, from_tuple, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(chunked, from_tuple, rtol=1e-12, atol=1e-14)
+
+
+def test_top_k_and_lambda_min_equal_eigvalsh_indefinite():
+    model, (x, y) = tiny_mlp(seed=3), toy_data()
+    H = exact_hessian(model, cross_entropy, x, y)
+    exact = torch.linalg.eigvalsh(H)
+    assert exact[0] < -1e-6 < 1e-6 < exact[-1], "the case must be indefinite"
+    top = hessian_eigen(model, cross_entropy, uneven(x, y), k=3, which="LA", tol=1e-10,
+                        max_iter=200)
+    assert torch.allclose(top.values, exact.flip(0)[:3], rtol=1e-6)
+    assert top.values[0] >= top.values[1] >= top.values[2]
+    gram = top.vectors @ top.vectors.T
+    assert torch.allclose(gram, torch.eye(3), atol=1e-8)
+    assert top.all_converged and (top.residuals < 1e-6).all()
+    assert top.n_hvp > 3
+    bottom = hessian_eigen(model, cross_entropy, uneven(x, y), k=2, which="SA", tol=1e-10,
+                           max_iter=200)
+    assert torch.allclose(bottom.values, exact[:2], rtol=1e-6)
+    assert bottom.values[0] <= bottom.values[1]
+    # the eigenvectors satisfy H v = lambda v against the exact matrix
+    for lam, v in zip(bottom.values, bottom.vectors):
+        assert torch.allclose(H @ v, lam * v, atol=1e-7)
+    both_top, both_bottom = hessian_extremes(model, cross_entropy, (x, y), k=2, tol=1e-10,
+                                             max_iter=200)
+    assert torch.allclose(both_top.values, exact.flip(0)[:2], rtol=1e-6)
+    assert math.isclose(float(both_bottom.values[0]), float(exact[0]), rel_tol=1e-6)
+
+
+def test_default_tolerance_is_accurate_on_lambda_max():
+    model, (x, y) = tiny_mlp(seed=4, hidden=20), toy_data(n=40)
+    exact = torch.linalg.eigvalsh(exact_hessian(model, cross_entropy, x, y))
+    result = hessian_eigen(model, cross_entropy, (x, y))
+    assert abs(float(result.values[0]) / float(exact[-1]) - 1) < 1e-6
+    assert result.converged[0]
+
+
+def test_power_iteration_agrees_with_largest_magnitude():
+    model, (x, y) = tiny_mlp(seed=2), toy_data()
+    exact = torch.linalg.eigvalsh(exact_hessian(model, half_squared_error, x, y))
+    by_magnitude = exact[exact.abs().argsort(descending=True)]
+    result = hessian_eigen(model, half_squared_error, (x, y), k=2, method="power", tol=1e-12,
+                           max_iter=5000)
+    assert torch.allclose(result.values, by_magnitude[:2], rtol=1e-5)
+    assert result.method == "power" and result.all_converged
+
+
+@pytest.mark.parametrize("method,n_samples", [("hutchinson", 60), ("hutch++", 60)])
+def test_trace_within_three_standard_errors(method, n_samples):
+    model, (x, y) = tiny_mlp(seed=5, hidden=8), toy_data(n=12)
+    exact = float(torch.trace(exact_hessian(model, cross_entropy, x, y)))
+    result = hessian_trace(model, cross_entropy, (x, y), method=method, n_samples=n_samples)
+    assert result.stderr > 0 and result.n_hvp == n_samples
+    assert abs(result.value - exact) <= 3 * result.stderr
+
+
+def test_hutch_plus_plus_is_exact_for_low_rank():
+    """Rank <= n_samples/3: the sketch captures everything and the residual is zero."""
+    model = nn.Sequential(nn.Linear(6, 1, bias=False))
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 6), torch.randn(2, 1)
+    loss = lambda o, y: 0.5 * ((o - y) ** 2).sum(-1).mean()  # Hessian = X^T X / N, rank 2
+    exact = float(torch.trace(x.T @ x / 2))
+    result = hessian_trace(model, loss, (x, t), method="hutch++", n_samples=9)
+    assert result.value == pytest.approx(exact, rel=1e-10) and result.stderr < 1e-10
+
+
+def test_slq_weights_sum_to_one_and_mean_is_trace_over_n():
+    model, (x, y) = tiny_mlp(seed=6), toy_data()
+    H = exact_hessian(model, cross_entropy, x, y)
+    n = H.shape[0]
+    result = spectral_density(model, cross_entropy, (x, y), n_steps=n, n_vectors=40)
+    assert torch.allclose(result.weights.sum(dim=1), torch.ones(40), atol=1e-10)
+    # with n steps the Krylov space is invariant: every weighted node is an eigenvalue of H
+    exact = torch.linalg.eigvalsh(H)
+    weighted = result.nodes[result.weights > 1e-12]
+    assert (weighted[:, None] - exact[None, :]).abs().min(dim=1).values.max() < 1e-8
+    # the mean over random unit vectors estimates trace/n
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(4000, n, generator=gen)
+    z = z / z.norm(dim=1, keepdim=True)
+    quad = ((z @ H) * z).sum(dim=1)
+    assert abs(result.mean - float(torch.trace(H)) / n) <= 3 * float(quad.std()) / math.sqrt(40)
+    integral = torch.trapezoid(result.density, result.grid)
+    assert float(integral) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_layerwise_equals_top_eigenvalue_of_diagonal_block():
+    model, (x, y) = tiny_mlp(seed=7), toy_data()
+    layers = layerwise_lambda_max(model, cross_entropy, uneven(x, y), tol=1e-10)
+    assert set(layers) == {"0", "2"}
+    for layer, names in (("0", ["0.weight", "0.bias"]), ("2", ["2.weight", "2.bias"])):
+        block = exact_hessian(model, cross_entropy, x, y, names)
+        assert float(layers[layer].values[0]) == pytest.approx(
+            float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6)
+
+
+def test_ggn_equals_hessian_for_linear_model_with_convex_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = toy_data()
+    H = exact_hessian(model, cross_entropy, x, y)
+    G = GGNOperator(model, cross_entropy, uneven(x, y)).to_dense()
+    assert torch.allclose(G, H, atol=1e-12)
+
+
+def test_ggn_is_psd_and_fisher_matches_per_sample_gradients():
+    model, (x, y) = tiny_mlp(seed=8), toy_data()
+    G = GGNOperator(model, cross_entropy, uneven(x, y)).to_dense()
+    assert torch.allclose(G, G.T, atol=1e-12)
+    assert torch.linalg.eigvalsh(G).min() > -1e-10
+    space = ParameterSpace(model)
+    grads = []
+    for i in range(len(y)):
+        g = torch.func.grad(lambda p: cross_entropy(
+            functional_call(model, p, (x[i:i + 1],)), y[i:i + 1]))(space.values)
+        grads.append(space.flatten(g))
+    grads = torch.stack(grads)
+    F_exact = grads.T @ grads / len(y)
+    F = EmpiricalFisherOperator(model, cross_entropy, uneven(x, y)).to_dense()
+    assert torch.allclose(F, F_exact, atol=1e-12)
+    top = hessian_eigen(model, cross_entropy, (x, y), k=1, tol=1e-10)
+    ggn_top = curvature_eigen(model, cross_entropy, (x, y), k=1, tol=1e-10, matrix="ggn")
+    assert float(ggn_top.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(G)[-1]), rel=1e-6)
+    assert top.values.shape == (1,)
+
+
+class BNDropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn = nn.Linear(4, 6), nn.BatchNorm1d(6)
+        self.drop, self.fc2 = nn.Dropout(0.5), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            [m.training for m in model.modules()])
+
+
+def assert_unchanged(model, before):
+    state, grads, modes = before
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    for g0, p in zip(grads, model.parameters()):
+        assert (g0 is None and p.grad is None) or torch.equal(g0, p.grad)
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_batchnorm_dropout_model_is_measured_in_eval_mode_without_side_effects():
+    torch.manual_seed(0)
+    model = BNDropoutNet()
+    x, y = toy_data(n=8)
+    model.train()
+    model(x)  # move the running statistics away from their init
+    model.drop.eval()  # a mixed-mode model must come back mixed
+    model.fc2.weight.grad = torch.ones_like(model.fc2.weight)
+    before = snapshot(model)
+    model_eval_copy = BNDropoutNet()
+    model_eval_copy.load_state_dict(model.state_dict())
+    model_eval_copy.eval()
+    H = exact_hessian(model_eval_copy, cross_entropy, x, y)
+    result = hessian_eigen(model, cross_entropy, uneven(x, y), k=2, tol=1e-10)
+    assert torch.allclose(result.values, torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-6)
+    hessian_trace(model, cross_entropy, (x, y), n_samples=4)
+    spectral_density(model, cross_entropy, (x, y), n_steps=5)
+    layerwise_lambda_max(model, cross_entropy, (x, y))
+    hessian_eigen(model, cross_entropy, (x, y), hvp_method="fwdrev")
+    curvature_eigen(model, cross_entropy, (x, y), matrix="fisher")
+    curvature_eigen(model, cross_entropy, (x, y), matrix="ggn")
+    assert_unchanged(model, before)
+
+
+def test_effective_dimension_closed_form():
+    assert effective_dimension([3.0, 1.0, 0.0, -2.0], alpha=1.0) == pytest.approx(0.75 + 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        effective_dimension([1.0], alpha=0)
+
+
+def test_bad_arguments():
+    model, data = tiny_mlp(), toy_data()
+    with pytest.raises(ValueError, match="which"):
+        hessian_eigen(model, cross_entropy, data, which="LM")
+    with pytest.raises(ValueError, match="at most the dimension"):
+        hessian_eigen(model, cross_entropy, data, k=1000)
+    with pytest.raises(ValueError, match="power iteration"):
+        hessian_eigen(model, cross_entropy, data, which="SA", method="power")
+    with pytest.raises(ValueError, match="hutchinson"):
+        hessian_trace(model, cross_entropy, data, method="exact")
+    with pytest.raises(ValueError, match="no batches"):
+        hessian_eigen(model, cross_entropy, [])
