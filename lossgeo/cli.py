@@ -77,6 +77,27 @@ def train_command(**options: Any) -> None:
     click.echo(f"run {outcome.run_id} {state}: {summary}")
 
 
+@cli.command("curvature")
+@click.option("--run-id", required=True, help="MLflow run whose final checkpoint to measure")
+@click.option("--curvature-k", type=int, default=None, help="top eigenvalues (default: the run's)")
+@click.option("--curvature-tol", type=float, default=None, help="Ritz residual tolerance")
+@click.option("--curvature-max-iter", type=int, default=None, help="maximum Lanczos steps")
+@click.option("--trace-samples", type=int, default=None, help="Hutchinson vectors")
+@click.option("--probe-size", type=int, default=None, help="probe samples (default: the run's)")
+@click.option("--data-dir", default=None, help="data root (default: the run's)")
+def curvature_command(run_id: str, **overrides: Any) -> None:
+    """Re-measure a logged run's final checkpoint; results go into that run."""
+    from .experiment import remeasure_curvature
+
+    try:
+        metrics = remeasure_curvature(run_id, **overrides)
+    except UserInputError as exc:
+        fail(str(exc))
+    click.echo(f"run {run_id}: lambda_max={metrics['lambda_max']:.6g} "
+               f"lambda_min={metrics['lambda_min']:.6g} trace={metrics['hessian_trace']:.6g} "
+               f"({metrics['curvature_seconds']:.1f}s) logged under remeasured/")
+
+
 def main() -> None:
     cli(prog_name="lossgeo")
 

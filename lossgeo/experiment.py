@@ -138,3 +138,71 @@ def log_run_outputs(run: TrackedRun, frame: pd.DataFrame, model: nn.Module,
     for name, figure in plots.artifact_figures(frame, final_artifacts).items():
         run.log_figure(name, figure)
         plt.close(figure)
+
+
+def config_from_params(params: dict[str, str], **overrides) -> TrainConfig:
+    """Rebuilds the TrainConfig a run was trained with from its logged params."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in params:
+            continue
+        raw = params[f.name]
+        if raw in ("''", '""'):  # how `mlflow run` logs an empty -P value
+            raw = ""
+        kind = type(f.default)
+        if kind is bool:
+            values[f.name] = raw.strip().lower() in ("true", "1", "yes")
+        elif kind is int:
+            values[f.name] = int(float(raw))
+        else:
+            values[f.name] = kind(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def load_logged_run(run_id: str, **overrides):
+    """(config, data, model with the final checkpoint, loss_fn) of a logged run; the probe
+    set is the one the run measured on (same seed, same data)."""
+    from .tracking import get_run, load_artifact_object
+
+    try:
+        run = get_run(run_id)
+    except Exception as exc:
+        raise UserInputError(f"run_id: no run {run_id!r} in {_uri()} ({type(exc).__name__})")
+    config = config_from_params(run.data.params, **overrides)
+    data, model, loss_fn, _ = prepare(config)
+    state = load_artifact_object(run_id, "checkpoint/model.pt", weights_only=True)
+    model.load_state_dict(state)
+    return config, data, model, loss_fn
+
+
+def _uri() -> str:
+    from .tracking import tracking_uri
+
+    return tracking_uri()
+
+
+def remeasure_curvature(run_id: str, **overrides) -> dict[str, float]:
+    """Measures the final checkpoint of a logged run again (e.g. with other settings) and
+    logs the results into that run under `remeasured/`."""
+    from .curvature.measure import measure_curvature
+    from .measurements import curvature_settings
+
+    config, data, model, loss_fn = load_logged_run(run_id, **overrides)
+    metrics, artifacts = measure_curvature(model, loss_fn, (data.probe.x, data.probe.y),
+                                           curvature_settings(config), lr=config.lr,
+                                           momentum=config.momentum, final=True)
+    run = TrackedRun(run_id=run_id)
+    run.log_metrics({f"remeasured/{k}": v for k, v in metrics.items()}, step=config.epochs)
+    run.set_tags({"remeasured_settings": yaml.safe_dump(
+        {k: v for k, v in overrides.items() if v is not None}, default_flow_style=True).strip()})
+    for path, obj in artifacts.items():
+        run.log_object(f"remeasured/{path}", obj)
+    import matplotlib.pyplot as plt
+
+    for name, figure in plots.artifact_figures(pd.DataFrame(), artifacts).items():
+        run.log_figure(f"remeasured/{name}", figure)
+        plt.close(figure)
+    return metrics

@@ -34,7 +34,7 @@ class CNN(nn.Module):
     """Two conv blocks (conv-ReLU-maxpool) and a two-layer classifier head."""
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, n_classes: int = 10,
-                 channels: tuple[int, int] = (32, 64), hidden: int = 128) -> None:
+                 channels: tuple[int, int] = (16, 32), hidden: int = 128) -> None:
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(

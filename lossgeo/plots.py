@@ -53,4 +53,32 @@ def accuracy_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
 def artifact_figures(history: pd.DataFrame, artifacts: Mapping[str, object]) -> dict[str, Figure]:
     """Figures for the final epoch's measurement artifacts, keyed by artifact path."""
     figures: dict[str, Figure] = {}
+    density = artifacts.get("spectrum/density.pt")
+    if density is not None:
+        eigen = artifacts.get("spectrum/eigen.pt") or {}
+        figures["spectrum/esd.png"] = esd(density, eigen.get("values"))
     return figures
+
+
+def esd(density: Mapping, top_values=None, label: str = "") -> Figure:
+    """Spectral density on a log scale with the top eigenvalues marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    _draw_density(ax, density, label or "SLQ density")
+    if top_values is not None:
+        for i, value in enumerate(list(top_values)):
+            ax.axvline(float(value), color="crimson", ls="--", lw=1,
+                       label="top-k Lanczos eigenvalues" if i == 0 else None)
+    ax.set_title("Hessian eigenvalue spectral density (probe set)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _draw_density(ax, density: Mapping, label: str, colour=None) -> None:
+    grid = density["grid"].numpy() if hasattr(density["grid"], "numpy") else density["grid"]
+    values = density["density"]
+    values = values.numpy() if hasattr(values, "numpy") else values
+    floor = max(float(values.max()) * 1e-8, 1e-30)
+    ax.semilogy(grid, values.clip(min=floor), color=colour, label=label)
+    ax.set_xlabel("eigenvalue of the Hessian")
+    ax.set_ylabel("density (log scale)")
+    ax.grid(alpha=0.3)

@@ -36,12 +36,26 @@ def _wanted(theta: np.ndarray, k_top: int, k_bottom: int) -> tuple[np.ndarray, n
     return order[::-1][:k_top], order[:k_bottom]
 
 
+def _ritz_ok(beta: float, s: np.ndarray, theta: np.ndarray, idx: np.ndarray, tol: float
+             ) -> np.ndarray:
+    """Per wanted Ritz pair: residual estimate beta |s_mi| <= tol |theta_i|."""
+    scale = np.maximum(np.abs(theta[idx]), np.finfo(np.float64).tiny)
+    return beta * np.abs(s[-1, idx]) <= tol * scale
+
+
+def _passes(beta, s, theta, idx, tol) -> bool:
+    return bool(np.all(_ritz_ok(beta, s, theta, idx, tol)))
+
+
 def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 0,
-                     tol: float = 1e-4, max_iter: int = 100, seed: int = 0,
-                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+                     tol: float = 1e-4, bottom_tol: float | None = None, max_iter: int = 100,
+                     seed: int = 0, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu"
                      ) -> tuple[EigenResult | None, EigenResult | None]:
     """The k_top largest and k_bottom smallest (algebraic) eigenpairs of a symmetric operator
-    from one Lanczos run. Returns (top, bottom); either is None when not asked for."""
+    from one Lanczos run. Returns (top, bottom); either is None when not asked for.
+    bottom_tol (default: tol) lets the crowded bottom of a Hessian spectrum stop earlier."""
+    bottom_tol = tol if bottom_tol is None else bottom_tol
     if k_top < 0 or k_bottom < 0 or k_top + k_bottom == 0:
         raise ValueError("k: ask for at least one eigenpair")
     if k_top + k_bottom > n:
@@ -68,12 +82,9 @@ def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 
             np.array(alphas), np.ones((1, 1)))
         beta_last = beta
         top, bottom = _wanted(theta, k_top, k_bottom)
-        wanted = np.concatenate([top, bottom])
-        if len(alphas) >= k_top + k_bottom:
-            estimates = beta * np.abs(s[-1, wanted])
-            scale = np.maximum(np.abs(theta[wanted]), np.finfo(np.float64).tiny)
-            if np.all(estimates <= tol * scale):
-                break
+        if len(alphas) >= k_top + k_bottom and all(
+                _passes(beta, s, theta, idx, t) for idx, t in ((top, tol), (bottom, bottom_tol))):
+            break
         # invariant subspace found: every Ritz pair is exact
         if beta <= 1e-10 * max(1.0, np.abs(theta).max()):
             break
@@ -83,7 +94,7 @@ def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 
     top, bottom = _wanted(theta, k_top, k_bottom)
     ritz_basis = basis[:m]
     results = []
-    for idx, which in ((top, "LA"), (bottom, "SA")):
+    for idx, which, group_tol in ((top, "LA", tol), (bottom, "SA", bottom_tol)):
         if len(idx) == 0:
             results.append(None)
             continue
@@ -94,9 +105,8 @@ def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 
         residuals = torch.stack([(matvec(v).double() - values[i] * v.double()).norm()
                                  for i, v in enumerate(vectors)])
         n_hvp += len(idx)
-        estimates = beta_last * np.abs(s[-1, idx])
         converged = torch.as_tensor(
-            (estimates <= tol * np.maximum(np.abs(theta[idx]), np.finfo(np.float64).tiny))
+            _ritz_ok(beta_last, s, theta, idx, group_tol)
             | (beta_last <= 1e-10 * max(1.0, np.abs(theta).max())))
         results.append((values, vectors, residuals, converged, which))
     out = []

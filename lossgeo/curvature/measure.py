@@ -1,0 +1,93 @@
+"""Per-epoch curvature of a training run: one Hessian operator on the probe set shared by
+every estimator, so the probe set's gradient graph is built once per measured epoch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models import parameter_blocks
+from .density import slq_density
+from .lanczos import lanczos_extremes
+from .operators import (DataSource, EmpiricalFisherOperator, GGNOperator, HessianOperator,
+                        LossFn)
+from .trace import hutchinson
+from . import effective_dimension
+
+
+@dataclass(frozen=True)
+class CurvatureSettings:
+    k: int = 5
+    tol: float = 1e-3
+    max_iter: int = 100
+    trace_samples: int = 30
+    density_steps: int = 100
+    alpha: float = 1.0
+    # Secondary quantities (lambda_min, GGN, Fisher, layers) at a looser residual tolerance: the
+    # eigenvalue error is ~ residual^2 / gap, so 1e-2 still gives ~1e-4 relative.
+    secondary_tol: float = 1e-2
+    chunk_size: int = 1024
+    seed: int = 0
+
+
+def edge_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> float:
+    """lambda_max / (2 (1 + momentum) / lr): GD with heavy-ball momentum is stable on a
+    quadratic while this is below 1 (Cohen et al. 2021 use 2/lr without momentum)."""
+    return lambda_max * lr / (2.0 * (1.0 + momentum))
+
+
+def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
+                      settings: CurvatureSettings, *, lr: float, momentum: float = 0.0,
+                      final: bool = False) -> tuple[dict[str, float], dict[str, object]]:
+    """Metrics (named as logged) and, when `final`, the spectrum artifacts."""
+    start = time.perf_counter()
+    s = settings
+    op = HessianOperator(model, loss_fn, data, chunk_size=s.chunk_size)
+    kw = {"dtype": op.dtype, "device": op.device}
+    k = min(s.k, op.dim - 1)
+    top, bottom = lanczos_extremes(op.matvec, op.dim, k_top=k, k_bottom=1, tol=s.tol,
+                                   bottom_tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed, **kw)
+    trace = hutchinson(op.matvec, op.dim, s.trace_samples, seed=s.seed, **kw)
+    lambda_max = float(top.values[0])
+    metrics: dict[str, float] = {
+        "lambda_max": lambda_max,
+        "lambda_min": float(bottom.values[0]),
+        "lambda_max_residual": float(top.residuals[0]),
+        "lambda_max_converged": float(top.all_converged),
+        "hessian_trace": trace.value,
+        "hessian_trace_se": trace.stderr,
+        "effective_dim": effective_dimension(top.values, s.alpha),
+        "edge_ratio": edge_ratio(lambda_max, lr, momentum),
+    }
+    for i, value in enumerate(top.values.tolist()[1:], start=2):
+        metrics[f"lambda_{i}"] = value
+    n_hvp = top.n_hvp + trace.n_hvp
+    for name, cls in (("ggn", GGNOperator), ("fisher", EmpiricalFisherOperator)):
+        other = cls(model, loss_fn, data, chunk_size=s.chunk_size)
+        result, _ = lanczos_extremes(other.matvec, other.dim, k_top=1, tol=s.secondary_tol,
+                                     max_iter=s.max_iter, seed=s.seed, **kw)
+        metrics[f"lambda_max_{name}"] = float(result.values[0])
+        n_hvp += result.n_hvp
+    for layer, names in parameter_blocks(model).items():
+        block = HessianOperator(model, loss_fn, data, params=names, chunk_size=s.chunk_size)
+        result, _ = lanczos_extremes(block.matvec, block.dim, k_top=1, tol=s.secondary_tol,
+                                     max_iter=s.max_iter, seed=s.seed, **kw)
+        metrics[f"lambda_max/{layer}"] = float(result.values[0])
+        n_hvp += result.n_hvp
+    artifacts: dict[str, object] = {}
+    if final:
+        density = slq_density(op.matvec, op.dim, n_steps=s.density_steps, seed=s.seed, **kw)
+        n_hvp += density.n_hvp
+        artifacts["spectrum/eigen.pt"] = {
+            "values": top.values, "vectors": top.vectors.cpu(), "residuals": top.residuals,
+            "converged": top.converged, "lambda_min": bottom.values, "n_hvp": top.n_hvp,
+            "tol": s.tol, "parameter_names": op.space.names}
+        artifacts["spectrum/density.pt"] = {
+            "grid": density.grid, "density": density.density, "nodes": density.nodes,
+            "weights": density.weights, "sigma": density.sigma, "n_steps": s.density_steps}
+    metrics["curvature_n_hvp"] = float(n_hvp)
+    metrics["curvature_seconds"] = time.perf_counter() - start
+    return metrics, artifacts
