@@ -29,6 +29,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def as_sequence(self) -> nn.Sequential:
+        """The forward pass as one chain (lets landscapes factor the first layer)."""
+        return self.net
+
 
 class CNN(nn.Module):
     """Two conv blocks (conv-ReLU-maxpool) and a two-layer classifier head."""
@@ -48,6 +52,10 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    def as_sequence(self) -> nn.Sequential:
+        """The forward pass as one chain (lets landscapes factor the first layer)."""
+        return nn.Sequential(*self.features, *self.classifier)
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,169 @@
+"""Loss landscapes: the loss (and accuracy) at w + sum_k c_k d_k on a fixed data set.
+
+Every point costs at most one forward pass over the data, without autograd and without
+copying the model (parameters are passed to ``torch.func.functional_call``). Below that
+floor: when the network's first parametrised layer is a Linear or Conv2d applied to the raw
+input, its output is linear in its weights,
+
+    layer(x; W + sum_k c_k D_k) = layer(x; W) + sum_k c_k layer_nobias(x; D_k) (+ bias parts),
+
+so those products are computed once per data set and every grid point only runs the rest of
+the network. On the MNIST MLP the first layer is most of the work.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
+
+
+def axis(resolution: int, half_range: float) -> torch.Tensor:
+    """`resolution` points on [-r, r]; 0 is added when the spacing misses it, so every
+    grid contains the unperturbed weights."""
+    if resolution < 1 or half_range <= 0:
+        raise ValueError("resolution: must be >= 1 and range > 0")
+    # integer offsets (2i - (N-1)) keep the centre of an odd grid at exactly 0
+    offsets = torch.arange(resolution, dtype=torch.float64) * 2 - (resolution - 1)
+    points = offsets * (half_range / max(resolution - 1, 1))
+    if not (points == 0).any():
+        points = torch.sort(torch.cat([points, torch.zeros(1, dtype=torch.float64)])).values
+    return points
+
+
+def _sequence(model: nn.Module) -> nn.Sequential | None:
+    if isinstance(model, nn.Sequential):
+        return model
+    as_sequence = getattr(model, "as_sequence", None)
+    return as_sequence() if callable(as_sequence) else None
+
+
+class PerturbedLoss:
+    """Loss and accuracy at base + coeffs @ directions, for many coefficient vectors.
+
+    directions: (m, n) flat vectors (ParameterSpace order); base: flat weights (default:
+    the model's). factorize: use the first-layer factorisation where the model allows it.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource,
+                 directions: torch.Tensor, *, base: torch.Tensor | None = None,
+                 chunk_size: int | None = 2048, factorize: bool = True) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.space = ParameterSpace(model)
+        self.batches = as_batches(data, chunk_size)
+        self.n = sum(len(y) for _, y in self.batches)
+        self.directions = torch.atleast_2d(directions).to(self.space.dtype)
+        if self.directions.shape[1] != self.space.dim:
+            raise ValueError(f"directions: need {self.space.dim} entries per direction "
+                             f"(got {self.directions.shape[1]})")
+        self.base = (self.space.flatten(self.space.values) if base is None
+                     else base.to(self.space.dtype))
+        self._split = self._first_layer_split() if factorize else None
+        self._cache: list | None = None
+
+    # -- first-layer factorisation ---------------------------------------------------
+    def _first_layer_split(self):
+        seq = _sequence(self.model)
+        if seq is None:
+            return None
+        modules = list(seq)
+        for i, module in enumerate(modules):
+            if any(True for _ in module.parameters()):
+                if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                    return None
+                if any(any(True for _ in m.buffers()) for m in modules[:i]):
+                    return None
+                names = {id(p): n for n, p in self.model.named_parameters()}
+                layer_names = [names[id(p)] for _, p in module.named_parameters()]
+                tail = nn.Sequential(*modules[i + 1:])
+                tail_names = {local: names[id(p)] for local, p in tail.named_parameters()}
+                return nn.Sequential(*modules[:i]), module, layer_names, tail, tail_names
+        return None
+
+    def _layer_output(self, layer: nn.Module, x: torch.Tensor,
+                      params: dict[str, torch.Tensor]) -> torch.Tensor:
+        weight, bias = params.get("weight"), params.get("bias")
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, weight, bias)
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation,
+                        layer.groups)
+
+    def _build_cache(self):
+        stem, layer, layer_names, _, _ = self._split
+        base = self.space.unflatten(self.base)
+        dirs = [self.space.unflatten(d) for d in self.directions]
+        local = lambda p: {n.rsplit(".", 1)[1]: p[n] for n in layer_names}  # noqa: E731
+        cache = []
+        with torch.no_grad():
+            for x, y in self.batches:
+                h = stem(x)
+                z0 = self._layer_output(layer, h, local(base))
+                zs = torch.stack([self._layer_output(layer, h, local(d)) for d in dirs])
+                cache.append((z0, zs, y))
+        return cache
+
+    # -- evaluation --------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, coeffs: torch.Tensor | Sequence[Sequence[float]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """coeffs: (P, m). Returns (loss, accuracy), each (P,), float64."""
+        coeffs = torch.atleast_2d(torch.as_tensor(coeffs, dtype=torch.float64))
+        losses = torch.empty(len(coeffs), dtype=torch.float64)
+        accs = torch.empty(len(coeffs), dtype=torch.float64)
+        with eval_mode(self.model):
+            if self._split is not None and self._cache is None:
+                self._cache = self._build_cache()
+            for p, c in enumerate(coeffs):
+                c_model = c.to(self.space.dtype).to(self.base.device)
+                flat = self.base + c_model @ self.directions
+                losses[p], accs[p] = self._evaluate(flat, c_model)
+        return losses, accs
+
+    def _evaluate(self, flat: torch.Tensor, c: torch.Tensor) -> tuple[float, float]:
+        params = self.space.unflatten(flat)
+        if self._split is None:
+            full = {**self.space.frozen, **params}
+            outputs = ((functional_call(self.model, full, (x,)), y) for x, y in self.batches)
+        else:
+            _, _, _, tail, tail_names = self._split
+            tail_params = {local: params[name] for local, name in tail_names.items()}
+            outputs = ((functional_call(tail, tail_params, (z0 + torch.tensordot(c, zs, dims=1),)), y)
+                       for z0, zs, y in self._cache)
+        total, correct = 0.0, 0
+        for out, y in outputs:
+            # weights n_b / N: one batch gives exactly the plain mean loss
+            total += float(self.loss_fn(out, y)) * (len(y) / self.n)
+            correct += int((out.argmax(-1) == y).sum())
+        return total, correct / self.n
+
+
+def surface_2d(model: nn.Module, loss_fn: LossFn, data: DataSource, d1: torch.Tensor,
+               d2: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, *,
+               factorize: bool = True) -> dict[str, torch.Tensor]:
+    """loss[i, j] and acc[i, j] at w + xs[i] d1 + ys[j] d2."""
+    evaluator = PerturbedLoss(model, loss_fn, data, torch.stack([d1, d2]), factorize=factorize)
+    grid = torch.cartesian_prod(xs.double(), ys.double())
+    loss, acc = evaluator(grid)
+    shape = (len(xs), len(ys))
+    return {"x": xs, "y": ys, "loss": loss.view(shape), "acc": acc.view(shape)}
+
+
+def slice_1d(model: nn.Module, loss_fn: LossFn, data: DataSource, direction: torch.Tensor,
+             ts: torch.Tensor, *, base: torch.Tensor | None = None,
+             factorize: bool = True) -> dict[str, torch.Tensor]:
+    """loss[i] and acc[i] at base + ts[i] * direction."""
+    evaluator = PerturbedLoss(model, loss_fn, data, direction, base=base, factorize=factorize)
+    loss, acc = evaluator(ts.double().view(-1, 1))
+    return {"t": ts, "loss": loss, "acc": acc}
+
+
+def interpolate(model: nn.Module, loss_fn: LossFn, data: DataSource, w_a: torch.Tensor,
+                w_b: torch.Tensor, alphas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Linear interpolation (1 - alpha) w_a + alpha w_b (Goodfellow et al. 2015)."""
+    out = slice_1d(model, loss_fn, data, w_b - w_a, alphas, base=w_a)
+    return {"alpha": alphas, "loss": out["loss"], "acc": out["acc"]}

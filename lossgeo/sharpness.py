@@ -1,0 +1,132 @@
+"""Sharpness of a minimum by three standard definitions, on a fixed data set (the probe set).
+
+- Random-direction sharpness (the original design): for K filter-normalised Gaussian
+  directions d_k, L(w + rho d_k) - L(w); ``sharp_mean`` and ``sharp_max`` over k.
+- epsilon-sharpness (Keskar et al. 2017): max of L over the box |z_i| <= eps (|w_i| + 1),
+  found by a few L-BFGS-B steps (scipy), reported as 100 (max L - L) / (1 + L).
+- Adaptive sharpness (Kwon et al. 2021; Andriushchenko et al. 2023): max of
+  L(w + delta) - L(w) over ||delta / |w| ||_2 <= rho, by normalised gradient ascent in the
+  rescaled coordinates u = delta / |w| with projection onto the rho-ball.
+
+All leave the model exactly as it was (functional evaluation on detached copies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import nn
+from torch.func import functional_call, grad
+
+from .curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
+from .directions import random_direction
+from .landscape import PerturbedLoss
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    value: float  # the headline number (mean for random directions)
+    values: torch.Tensor  # per direction / per step detail
+    base_loss: float
+    n_evaluations: int
+
+
+def random_direction_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
+                               n_directions: int = 10, radius: float = 0.05, seed: int = 0,
+                               factorize: bool = True) -> tuple[float, float, SharpnessResult]:
+    """(sharp_mean, sharp_max, detail)."""
+    if n_directions < 1 or radius <= 0:
+        raise ValueError("n_directions: must be >= 1 and radius > 0")
+    increases = []
+    base_loss = None
+    for k in range(n_directions):
+        d = random_direction(model, seed=seed + k)
+        evaluator = PerturbedLoss(model, loss_fn, data, d, factorize=factorize)
+        loss, _ = evaluator(torch.tensor([[0.0], [radius]]))
+        base_loss = float(loss[0])
+        increases.append(float(loss[1] - loss[0]))
+    values = torch.tensor(increases, dtype=torch.float64)
+    detail = SharpnessResult(value=float(values.mean()), values=values, base_loss=base_loss,
+                             n_evaluations=2 * n_directions)
+    return float(values.mean()), float(values.max()), detail
+
+
+class _LossAndGrad:
+    """Mean loss and its gradient at flat weights, on detached copies, in eval mode."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.space = ParameterSpace(model)
+        self.batches = as_batches(data, 2048)
+        self.n = sum(len(y) for _, y in self.batches)
+        self.w = self.space.flatten(self.space.values)
+        self.count = 0
+
+    def _loss(self, params, x, y):
+        return self.loss_fn(functional_call(self.model, {**self.space.frozen, **params}, (x,)), y)
+
+    def __call__(self, flat: torch.Tensor) -> tuple[float, torch.Tensor]:
+        params = self.space.unflatten(flat.to(self.space.dtype))
+        total, g_total = 0.0, torch.zeros_like(self.w)
+        with eval_mode(self.model):
+            for x, y in self.batches:
+                weight = len(y) / self.n
+                g = grad(lambda p: self._loss(p, x, y))(params)
+                with torch.no_grad():
+                    total += weight * float(self._loss(params, x, y))
+                g_total += weight * self.space.flatten(g)
+        self.count += 1
+        return total, g_total
+
+
+def eps_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *, eps: float = 1e-3,
+                  max_iter: int = 10) -> SharpnessResult:
+    """Keskar et al.'s epsilon-sharpness in percent, maximised in the full parameter space."""
+    if eps <= 0:
+        raise ValueError(f"eps: must be > 0 (got {eps})")
+    f = _LossAndGrad(model, loss_fn, data)
+    w = f.w.double().cpu().numpy()
+    base_loss, _ = f(f.w)
+    bound = eps * (np.abs(w) + 1.0)
+
+    def negative(z: np.ndarray):
+        loss, g = f(f.w + torch.from_numpy(z).to(f.w))
+        return -loss, -g.double().cpu().numpy()
+
+    result = minimize(negative, np.zeros_like(w), jac=True, method="L-BFGS-B",
+                      bounds=list(zip(-bound, bound)), options={"maxiter": max_iter})
+    worst = max(-float(result.fun), base_loss)
+    value = 100.0 * (worst - base_loss) / (1.0 + base_loss)
+    return SharpnessResult(value=value, values=torch.tensor([worst]), base_loss=base_loss,
+                           n_evaluations=f.count)
+
+
+def adaptive_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
+                       radius: float = 0.5, steps: int = 10) -> SharpnessResult:
+    """max L(w + |w| * u) - L(w) over ||u||_2 <= radius, by `steps` normalised ascent steps
+    of length 2 radius / steps, each projected back onto the ball."""
+    if radius <= 0 or steps < 1:
+        raise ValueError("radius: must be > 0 and steps >= 1")
+    f = _LossAndGrad(model, loss_fn, data)
+    scale = f.w.abs()
+    base_loss, _ = f(f.w)
+    u = torch.zeros_like(f.w)
+    best, history = base_loss, []
+    step = 2.0 * radius / steps
+    for _ in range(steps):
+        loss, g = f(f.w + scale * u)
+        best = max(best, loss)
+        history.append(loss)
+        g_u = scale * g
+        u = u + step * g_u / (g_u.norm() + 1e-12)
+        norm = u.norm()
+        if norm > radius:
+            u = u * (radius / norm)
+    loss, _ = f(f.w + scale * u)
+    best = max(best, loss)
+    history.append(loss)
+    return SharpnessResult(value=best - base_loss, values=torch.tensor(history),
+                           base_loss=base_loss, n_evaluations=f.count)
