@@ -98,6 +98,47 @@ def curvature_command(run_id: str, **overrides: Any) -> None:
                f"({metrics['curvature_seconds']:.1f}s) logged under remeasured/")
 
 
+@cli.command("landscape")
+@click.option("--run-id", required=True, help="MLflow run whose final checkpoint to slice")
+@click.option("--landscape-resolution", "resolution", type=int, default=None,
+              help="grid points per axis (default: the run's)")
+@click.option("--landscape-range", "half_range", type=float, default=None,
+              help="half-width r of [-r, r]^2 (default: the run's)")
+@click.option("--landscape-directions", "directions", type=click.Choice(["random", "eigen"]),
+              default=None, help="plane (default: the run's)")
+@click.option("--on-test", is_flag=True, help="slice on the test set instead of the probe set")
+@click.option("--data-dir", default=None, help="data root (default: the run's)")
+def landscape_command(run_id: str, **options: Any) -> None:
+    """Compute a loss slice of a logged run's final checkpoint; logged into that run."""
+    from .experiment import remeasure_landscape
+
+    try:
+        slice2d = remeasure_landscape(run_id, **options)
+    except UserInputError as exc:
+        fail(str(exc))
+    click.echo(f"run {run_id}: {tuple(slice2d['loss'].shape)} slice "
+               f"({slice2d['directions']}) logged under remeasured/landscape/")
+
+
+@cli.command("interpolate")
+@click.option("--run-a", required=True, help="first MLflow run (alpha = 0)")
+@click.option("--run-b", required=True, help="second MLflow run (alpha = 1)")
+@click.option("--points", type=click.IntRange(min=3), default=41, show_default=True)
+@click.option("--experiment", default="lossgeo", show_default=True)
+@click.option("--data-dir", default=None, help="data root (default: the runs')")
+def interpolate_command(run_a: str, run_b: str, points: int, experiment: str,
+                        data_dir: str | None) -> None:
+    """Loss along the line between two runs' final weights, logged as a new run."""
+    from .experiment import interpolate_runs
+
+    try:
+        new_run, result = interpolate_runs(run_a, run_b, points=points, experiment=experiment,
+                                           data_dir=data_dir)
+    except UserInputError as exc:
+        fail(str(exc))
+    click.echo(f"run {new_run}: interpolation logged")
+
+
 def main() -> None:
     cli(prog_name="lossgeo")
 

@@ -67,6 +67,24 @@ class TrainConfig:
                                 lambda n: n >= 2, ">= 2")
     effective_dim_alpha: float = _param(1.0, "alpha of N_eff = sum lambda/(lambda+alpha)",
                                         _positive, "> 0")
+    sharpness: bool = _param(True, "measure sharpness every measured epoch")
+    sharpness_directions: int = _param(10, "random directions K for sharp_mean/sharp_max",
+                                       _positive, ">= 1")
+    sharpness_radius: float = _param(0.05, "radius rho along filter-normalised directions",
+                                     _positive, "> 0")
+    sharpness_eps: float = _param(1e-3, "box size eps of Keskar's epsilon-sharpness",
+                                  _positive, "> 0")
+    adaptive_radius: float = _param(0.5, "radius rho of adaptive sharpness ||delta/|w|||_2",
+                                    _positive, "> 0")
+    landscape: bool = _param(True, "2D/1D loss slices and trajectory at the final epoch")
+    landscape_resolution: int = _param(21, "grid points per axis of 2D slices (51 = Li et al.)",
+                                       lambda n: n >= 3, ">= 3")
+    landscape_range: float = _param(1.0, "half-width r of the slice grid [-r, r]^2",
+                                    _positive, "> 0")
+    landscape_directions: str = _param("random", "plane of the 2D slice",
+                                       choices=LANDSCAPE_DIRECTIONS)
+    landscape_every_epoch: bool = _param(False, "also store 2D slices at every measured epoch")
+    landscape_on_test: bool = _param(False, "slices on the test set instead of the probe set")
     experiment: str = _param("lossgeo", "MLflow experiment name (ignored under `mlflow run`)")
 
     def __post_init__(self) -> None:

@@ -138,6 +138,10 @@ def log_run_outputs(run: TrackedRun, frame: pd.DataFrame, model: nn.Module,
     for name, figure in plots.artifact_figures(frame, final_artifacts).items():
         run.log_figure(name, figure)
         plt.close(figure)
+    slice2d = final_artifacts.get("landscape/loss_slice_2d.pt")
+    html = plots.landscape_html(slice2d) if slice2d is not None else None
+    if html is not None:
+        run.log_text("plots/landscape_3d.html", html)
 
 
 def config_from_params(params: dict[str, str], **overrides) -> TrainConfig:
@@ -206,3 +210,72 @@ def remeasure_curvature(run_id: str, **overrides) -> dict[str, float]:
         run.log_figure(f"remeasured/{name}", figure)
         plt.close(figure)
     return metrics
+
+
+def remeasure_landscape(run_id: str, *, resolution: int | None = None,
+                        half_range: float | None = None, directions: str | None = None,
+                        on_test: bool = False, data_dir: str | None = None) -> dict:
+    """A 2D/1D slice of a logged run's final checkpoint with other settings, logged into
+    that run under `remeasured/` (trajectory-PCA planes need the training run itself)."""
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    from .landscape_measure import measure_landscape
+    from .measurements import landscape_settings
+
+    if directions == "pca":
+        raise UserInputError("landscape_directions: pca needs the trajectory, which only the "
+                             "training run has (allowed here: random, eigen)")
+    config, data, model, loss_fn = load_logged_run(run_id, data_dir=data_dir)
+    settings = dataclasses.replace(
+        landscape_settings(config), sharpness=False, landscape=True,
+        **{k: v for k, v in (("resolution", resolution), ("half_range", half_range),
+                             ("directions", directions)) if v is not None})
+    split = data.test if on_test else data.probe
+    _, artifacts = measure_landscape(model, loss_fn, (data.probe.x, data.probe.y),
+                                     (split.x, split.y), [], settings, epoch=config.epochs,
+                                     final=True)
+    run = TrackedRun(run_id=run_id)
+    for path, obj in artifacts.items():
+        run.log_object(f"remeasured/{path}", obj)
+    for name, figure in plots.artifact_figures(pd.DataFrame(), artifacts).items():
+        run.log_figure(f"remeasured/{name}", figure)
+        plt.close(figure)
+    return artifacts["landscape/loss_slice_2d.pt"]
+
+
+def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: str = "lossgeo",
+                     data_dir: str | None = None) -> tuple[str, dict]:
+    """Loss along (1 - alpha) w_a + alpha w_b between two logged runs' final checkpoints,
+    logged as a new run. Both runs must share model, data set and seed (same probe set)."""
+    import matplotlib.pyplot as plt
+
+    from .directions import weights_vector
+    from .landscape import interpolate
+
+    config_a, data, model_a, loss_fn = load_logged_run(run_a, data_dir=data_dir)
+    config_b, _, model_b, _ = load_logged_run(run_b, data_dir=data_dir)
+    for field in ("model", "dataset", "hidden", "activation", "loss"):
+        if getattr(config_a, field) != getattr(config_b, field):
+            raise UserInputError(f"run_b: {field} differs from run_a's "
+                                 f"({getattr(config_b, field)!r} vs {getattr(config_a, field)!r})")
+    alphas = torch.linspace(-0.25, 1.25, points, dtype=torch.float64)
+    result = {"test": interpolate(model_a, loss_fn, (data.test.x, data.test.y),
+                                  weights_vector(model_a), weights_vector(model_b), alphas),
+              "probe": interpolate(model_a, loss_fn, (data.probe.x, data.probe.y),
+                                   weights_vector(model_a), weights_vector(model_b), alphas)}
+    inside = (alphas >= 0) & (alphas <= 1)
+    loss = result["test"]["loss"]
+    barrier = float(loss[inside].max() - 0.5 * (loss[inside][0] + loss[inside][-1]))
+    with TrackedRun(experiment=experiment, run_name=f"interpolate-{run_a[:6]}-{run_b[:6]}",
+                    tags={"kind": "interpolation", "model": config_a.model,
+                          "dataset": config_a.dataset}) as run:
+        run.log_params({"run_a": run_a, "run_b": run_b, "points": points})
+        run.log_metrics({"loss_barrier": barrier, "loss_a": float(loss[alphas == 0][0]),
+                         "loss_b": float(loss[alphas == 1][0])})
+        run.log_object("landscape/interpolation.pt", result)
+        figure = plots.interpolation(result)
+        run.log_figure("plots/interpolation.png", figure)
+        plt.close(figure)
+    return run.run_id, result

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .config import TrainConfig
 from .curvature.measure import CurvatureSettings, measure_curvature
+from .landscape_measure import LandscapeSettings, measure_landscape
 from .train import EpochState, Measurement, MeasurementResult
 
 
@@ -23,8 +24,34 @@ class CurvatureMeasurement:
         probe = (state.data.probe.x, state.data.probe.y)
         metrics, artifacts = measure_curvature(state.model, state.loss_fn, probe,
                                                self.settings, lr=self.lr,
-                                               momentum=self.momentum, final=state.is_last)
+                                               momentum=self.momentum, final=state.is_last,
+                                               cache=state.cache)
         return MeasurementResult(metrics=metrics, artifacts=artifacts)
+
+
+@dataclass
+class LandscapeMeasurement:
+    settings: LandscapeSettings
+    on_test: bool = False
+    name: str = "landscape"
+
+    def __call__(self, state: EpochState) -> MeasurementResult:
+        probe = (state.data.probe.x, state.data.probe.y)
+        split = state.data.test if self.on_test else state.data.probe
+        metrics, artifacts = measure_landscape(
+            state.model, state.loss_fn, probe, (split.x, split.y), state.trajectory,
+            self.settings, epoch=state.epoch, final=state.is_last, cache=state.cache)
+        return MeasurementResult(metrics=metrics, artifacts=artifacts)
+
+
+def landscape_settings(config: TrainConfig) -> LandscapeSettings:
+    return LandscapeSettings(
+        sharpness=config.sharpness, sharpness_directions=config.sharpness_directions,
+        sharpness_radius=config.sharpness_radius, sharpness_eps=config.sharpness_eps,
+        adaptive_radius=config.adaptive_radius, landscape=config.landscape,
+        resolution=config.landscape_resolution, half_range=config.landscape_range,
+        directions=config.landscape_directions, every_epoch=config.landscape_every_epoch,
+        seed=config.seed)
 
 
 def curvature_settings(config: TrainConfig) -> CurvatureSettings:
@@ -40,4 +67,7 @@ def build_measurements(config: TrainConfig) -> list[Measurement]:
     if config.curvature:
         measurements.append(CurvatureMeasurement(curvature_settings(config), config.lr,
                                                  config.momentum))
+    if config.sharpness or config.landscape:
+        measurements.append(LandscapeMeasurement(landscape_settings(config),
+                                                 on_test=config.landscape_on_test))
     return measurements

@@ -33,6 +33,8 @@ class EpochState:
     trajectory: list[torch.Tensor]
     # Metrics already computed this epoch (evaluation and earlier measurements).
     metrics: dict[str, float]
+    # Results one measurement leaves for a later one this epoch (e.g. Hessian eigenvectors).
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

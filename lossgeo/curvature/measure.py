@@ -41,8 +41,10 @@ def edge_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> float:
 
 def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
                       settings: CurvatureSettings, *, lr: float, momentum: float = 0.0,
-                      final: bool = False) -> tuple[dict[str, float], dict[str, object]]:
-    """Metrics (named as logged) and, when `final`, the spectrum artifacts."""
+                      final: bool = False, cache: dict | None = None
+                      ) -> tuple[dict[str, float], dict[str, object]]:
+    """Metrics (named as logged) and, when `final`, the spectrum artifacts. The top
+    eigenpairs are left in `cache["hessian_top"]` for landscapes along eigenvectors."""
     start = time.perf_counter()
     s = settings
     op = HessianOperator(model, loss_fn, data, chunk_size=s.chunk_size)
@@ -50,6 +52,8 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
     k = min(s.k, op.dim - 1)
     top, bottom = lanczos_extremes(op.matvec, op.dim, k_top=k, k_bottom=1, tol=s.tol,
                                    bottom_tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed, **kw)
+    if cache is not None:
+        cache["hessian_top"] = top
     trace = hutchinson(op.matvec, op.dim, s.trace_samples, seed=s.seed, **kw)
     lambda_max = float(top.values[0])
     metrics: dict[str, float] = {

@@ -182,8 +182,8 @@ class HessianOperator(CurvatureOperator):
             total = torch.zeros_like(vector)
             with torch.enable_grad():
                 for leaves, grads in self._retained_gradients():
-                    dot = sum((g * v).sum() for g, v in zip(grads, vs))
-                    hv = torch.autograd.grad(dot, leaves, retain_graph=True)
+                    # vector-Jacobian product of the gradient: H v, no extra dot-product graph
+                    hv = torch.autograd.grad(grads, leaves, grad_outputs=vs, retain_graph=True)
                     total += self.space.flatten(hv)
             return total
         tangent = self.space.unflatten(vector)

@@ -1,0 +1,139 @@
+"""Per-epoch sharpness and final-epoch landscapes of a training run (pure; no MLflow).
+
+Units: random directions are filter-normalised, so a coordinate of 1 moves every filter by
+its own norm. Eigenvector directions are rescaled to the norm of the weights, so the same
+range means a comparable step. PCA directions are unit vectors and the grid is sized to
+cover the recorded trajectory, whose coordinates are then true distances in that plane.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .curvature import hessian_eigen
+from .curvature.operators import DataSource, LossFn
+from .directions import random_direction, trajectory_pca, weights_vector
+from .landscape import axis, interpolate, slice_1d, surface_2d
+from .sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness
+
+
+@dataclass(frozen=True)
+class LandscapeSettings:
+    sharpness: bool = True
+    sharpness_directions: int = 10
+    sharpness_radius: float = 0.05
+    sharpness_eps: float = 1e-3
+    adaptive_radius: float = 0.5
+    landscape: bool = True
+    resolution: int = 21
+    half_range: float = 1.0
+    directions: str = "random"
+    every_epoch: bool = False
+    seed: int = 0
+
+
+def measure_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource,
+                      s: LandscapeSettings) -> dict[str, float]:
+    sharp_mean, sharp_max, _ = random_direction_sharpness(
+        model, loss_fn, data, n_directions=s.sharpness_directions, radius=s.sharpness_radius,
+        seed=s.seed)
+    return {"sharp_mean": sharp_mean, "sharp_max": sharp_max,
+            "eps_sharpness": eps_sharpness(model, loss_fn, data, eps=s.sharpness_eps).value,
+            "adaptive_sharpness": adaptive_sharpness(model, loss_fn, data,
+                                                     radius=s.adaptive_radius).value}
+
+
+def top_eigenvectors(model: nn.Module, loss_fn: LossFn, probe: DataSource, cache: dict | None,
+                     k: int = 2) -> torch.Tensor:
+    top = (cache or {}).get("hessian_top")
+    if top is None or top.vectors.shape[0] < k:
+        top = hessian_eigen(model, loss_fn, probe, k=k, tol=1e-3)
+    return top.vectors[:k]
+
+
+def plane(model: nn.Module, loss_fn: LossFn, probe: DataSource, s: LandscapeSettings,
+          trajectory: list[torch.Tensor], cache: dict | None
+          ) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+    """(d1, d2, half_range, description) of the configured 2D plane."""
+    if s.directions == "random":
+        return (random_direction(model, seed=s.seed), random_direction(model, seed=s.seed + 1),
+                s.half_range, f"random Gaussian, filter-normalised, seeds {s.seed}, {s.seed + 1}")
+    if s.directions == "eigen":
+        w_norm = float(weights_vector(model).norm())
+        v = top_eigenvectors(model, loss_fn, probe, cache)
+        return (v[0] * w_norm, v[1] * w_norm, s.half_range,
+                "top-2 Hessian eigenvectors (probe set), scaled to ||w||")
+    pca = trajectory_pca(trajectory)
+    extent = float(pca.coordinates.abs().max()) * 1.25 or s.half_range
+    d = pca.directions.to(trajectory[0].dtype)
+    return (d[0], d[1], extent, "trajectory PCA (unit vectors; coordinates are distances), "
+            f"explained variance {pca.explained_variance_ratio.tolist()}")
+
+
+def measure_landscape(model: nn.Module, loss_fn: LossFn, probe: DataSource,
+                      slice_data: DataSource, trajectory: list[torch.Tensor],
+                      s: LandscapeSettings, *, epoch: int, final: bool,
+                      cache: dict | None = None) -> tuple[dict[str, float], dict[str, object]]:
+    """Sharpness metrics every call; 2D/1D slices and the trajectory at the final epoch
+    (or every call with `every_epoch`)."""
+    start = time.perf_counter()
+    metrics: dict[str, float] = {}
+    artifacts: dict[str, object] = {}
+    if s.sharpness:
+        metrics.update(measure_sharpness(model, loss_fn, probe, s))
+    if s.landscape and (final or s.every_epoch):
+        device = next(model.parameters()).device
+        traj = [w.to(device) for w in trajectory]
+        can_pca = len(traj) >= 3
+        directions = s.directions if (s.directions != "pca" or can_pca) else "random"
+        settings = s if directions == s.directions else _replace(s, directions=directions)
+        d1, d2, extent, description = plane(model, loss_fn, probe, settings, traj, cache)
+        grid = axis(s.resolution, extent)
+        slice2d = surface_2d(model, loss_fn, slice_data, d1, d2, grid, grid)
+        slice2d.update({"directions": description, "d1": d1.cpu(), "d2": d2.cpu(),
+                        "plane": directions, "epoch": epoch,
+                        "config": {"resolution": s.resolution, "range": extent}})
+        prefix = "landscape/" if final else f"landscape/epoch_{epoch:03d}/"
+        artifacts[prefix + "loss_slice_2d.pt"] = slice2d
+        if final:
+            artifacts.update(_final_only(model, loss_fn, probe, slice_data, traj, s, cache,
+                                         slice2d if directions == "pca" else None))
+    metrics["landscape_seconds"] = time.perf_counter() - start
+    return metrics, artifacts
+
+
+def _replace(s: LandscapeSettings, **changes) -> LandscapeSettings:
+    import dataclasses
+
+    return dataclasses.replace(s, **changes)
+
+
+def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice):
+    artifacts: dict[str, object] = {}
+    ts = axis(2 * s.resolution - 1, s.half_range)
+    w_norm = float(weights_vector(model).norm())
+    v = top_eigenvectors(model, loss_fn, probe, cache, k=1)[0]
+    one_d = {"random": slice_1d(model, loss_fn, slice_data, random_direction(model, seed=s.seed),
+                                ts),
+             "eigen": slice_1d(model, loss_fn, slice_data, v * w_norm, ts)}
+    if len(traj) >= 2:
+        alphas = torch.linspace(-0.25, 1.25, 2 * s.resolution - 1, dtype=torch.float64)
+        one_d["interpolation"] = interpolate(model, loss_fn, slice_data, traj[0], traj[-1],
+                                             alphas)
+    artifacts["landscape/loss_slice_1d.pt"] = one_d
+    if len(traj) >= 3:
+        pca = trajectory_pca(traj)
+        if pca_slice is None:
+            extent = float(pca.coordinates.abs().max()) * 1.25
+            d = pca.directions.to(traj[0].dtype)
+            grid = axis(s.resolution, extent)
+            pca_slice = surface_2d(model, loss_fn, slice_data, d[0], d[1], grid, grid)
+        artifacts["landscape/trajectory.pt"] = {
+            "coordinates": pca.coordinates, "explained_variance_ratio":
+            pca.explained_variance_ratio, "directions": pca.directions.float().cpu(),
+            "slice": {k: pca_slice[k] for k in ("x", "y", "loss", "acc")}}
+    return artifacts
