@@ -58,8 +58,8 @@ class TrainConfig:
                          lambda s: _parse_widths(s) is not None, "comma-separated positive ints")
     curvature: bool = _param(True, "measure Hessian curvature on the probe set")
     curvature_k: int = _param(5, "number of top Hessian eigenvalues (Lanczos)", _positive, ">= 1")
-    curvature_tol: float = _param(1e-3, "relative Ritz-residual tolerance of the eigen-solver "
-                                  "(eigenvalue error ~ tol^2)", _positive, "> 0")
+    curvature_tol: float = _param(1e-4, "relative eigenvalue accuracy of the Lanczos solver",
+                                  _positive, "> 0")
     curvature_max_iter: int = _param(100, "maximum Lanczos steps", lambda n: n >= 2, ">= 2")
     trace_samples: int = _param(30, "Hutchinson probe vectors for the Hessian trace",
                                 lambda n: n >= 2, ">= 2")

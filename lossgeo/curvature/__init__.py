@@ -44,9 +44,13 @@ def _solver_kwargs(op: CurvatureOperator) -> dict:
 def curvature_eigen(model: nn.Module, loss_fn: LossFn, data: DataSource, k: int = 1,
                     which: str = "LA", method: str = "lanczos", tol: float = 1e-4,
                     max_iter: int = 100, *, matrix: str = "hessian", seed: int = 0,
-                    chunk_size: int | None = 1024, hvp_method: str = "graph",
-                    params: Sequence[str] | None = None) -> EigenResult:
-    """Top-k ("LA") or bottom-k ("SA") eigenpairs of the Hessian, GGN or empirical Fisher."""
+                    chunk_size: int | str | None = "auto", hvp_method: str = "graph",
+                    params: Sequence[str] | None = None, verify: bool = False) -> EigenResult:
+    """Top-k ("LA") or bottom-k ("SA") eigenpairs of the Hessian, GGN or empirical Fisher.
+
+    tol is the relative eigenvalue accuracy (Lanczos: error bound min(r, r^2/gap); power
+    iteration: relative change, as PyHessian). verify=True recomputes the residuals
+    ||A v - lambda v|| with one extra product per pair instead of the Lanczos estimates."""
     if which not in ("LA", "SA"):
         raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
     op = make_operator(matrix, model, loss_fn, data, params=params, chunk_size=chunk_size,
@@ -61,7 +65,8 @@ def curvature_eigen(model: nn.Module, loss_fn: LossFn, data: DataSource, k: int 
         raise ValueError(f"method: must be 'lanczos' or 'power' (got {method!r})")
     top, bottom = lanczos_extremes(op.matvec, op.dim, k_top=k if which == "LA" else 0,
                                    k_bottom=k if which == "SA" else 0, tol=tol,
-                                   max_iter=max_iter, seed=seed, **_solver_kwargs(op))
+                                   max_iter=max_iter, seed=seed, verify=verify,
+                                   **_solver_kwargs(op))
     return top if which == "LA" else bottom
 
 
@@ -75,7 +80,7 @@ def hessian_eigen(model: nn.Module, loss_fn: LossFn, data: DataSource, k: int = 
 
 def hessian_extremes(model: nn.Module, loss_fn: LossFn, data: DataSource, k: int = 1, *,
                      tol: float = 1e-4, max_iter: int = 100, seed: int = 0,
-                     chunk_size: int | None = 1024, hvp_method: str = "graph",
+                     chunk_size: int | str | None = "auto", hvp_method: str = "graph",
                      ) -> tuple[EigenResult, EigenResult]:
     """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method)
@@ -86,7 +91,7 @@ def hessian_extremes(model: nn.Module, loss_fn: LossFn, data: DataSource, k: int
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: DataSource,
                   method: str = "hutchinson", n_samples: int = 30, *, seed: int = 0,
-                  chunk_size: int | None = 1024, hvp_method: str = "graph") -> TraceResult:
+                  chunk_size: int | str | None = "auto", hvp_method: str = "graph") -> TraceResult:
     estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
     if method not in estimators:
         raise ValueError(f"method: must be 'hutchinson' or 'hutch++' (got {method!r})")
@@ -96,7 +101,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: DataSource,
 
 def spectral_density(model: nn.Module, loss_fn: LossFn, data: DataSource, n_steps: int = 100,
                      n_vectors: int = 1, *, sigma: float | None = None, grid_size: int = 1000,
-                     seed: int = 0, chunk_size: int | None = 1024,
+                     seed: int = 0, chunk_size: int | str | None = "auto",
                      hvp_method: str = "graph") -> DensityResult:
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method)
     return slq_density(op.matvec, op.dim, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma,
@@ -105,7 +110,7 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: DataSource, n_step
 
 def layerwise_lambda_max(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
                          tol: float = 1e-4, max_iter: int = 100, seed: int = 0,
-                         chunk_size: int | None = 1024) -> dict[str, EigenResult]:
+                         chunk_size: int | str | None = "auto") -> dict[str, EigenResult]:
     """Top eigenpair of each layer's diagonal Hessian block (the layer's own parameters
     varied, all others fixed), keyed by module name."""
     results = {}

@@ -21,15 +21,14 @@ from . import effective_dimension
 @dataclass(frozen=True)
 class CurvatureSettings:
     k: int = 5
-    tol: float = 1e-3
+    tol: float = 1e-4
     max_iter: int = 100
     trace_samples: int = 30
     density_steps: int = 100
     alpha: float = 1.0
-    # Secondary quantities (lambda_min, GGN, Fisher, layers) at a looser residual tolerance: the
-    # eigenvalue error is ~ residual^2 / gap, so 1e-2 still gives ~1e-4 relative.
-    secondary_tol: float = 1e-2
-    chunk_size: int = 1024
+    # Secondary quantities (lambda_min, GGN, Fisher, layers) to 1e-3 relative accuracy.
+    secondary_tol: float = 1e-3
+    chunk_size: int | str = "auto"
     seed: int = 0
 
 

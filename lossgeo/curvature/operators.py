@@ -33,6 +33,38 @@ DataSource = Batch | Iterable[Batch]
 HVP_METHODS = ("graph", "fwdrev")
 
 
+def activation_bytes_per_sample(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of all leaf-module outputs for one sample (one no-grad eval forward pass)."""
+    total = [0]
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total[0], 1)
+
+
+def auto_chunk_size(model: nn.Module, x: torch.Tensor, budget_bytes: int = 48 * 2 ** 20) -> int:
+    """Largest power-of-two chunk whose activations fit the budget (at least 64 samples).
+
+    Measured on CPU (benchmarks/bench_curvature.py): one chunk of 2048 is fastest for the
+    MNIST MLP, chunks of 512 for the CNN, whose conv activations otherwise spill the caches.
+    """
+    per_sample = activation_bytes_per_sample(model, x)
+    chunk = 64
+    while chunk * 2 * per_sample <= budget_bytes and chunk < len(x):
+        chunk *= 2
+    return chunk
+
+
 def as_batches(data: DataSource, chunk_size: int | None = None) -> list[Batch]:
     """One (x, y) tuple or an iterable of them -> a list of batches of at most chunk_size."""
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
@@ -98,10 +130,16 @@ class CurvatureOperator:
     """A symmetric n x n curvature matrix, applied to flat vectors."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource, *,
-                 params: Sequence[str] | None = None, chunk_size: int | None = 1024) -> None:
+                 params: Sequence[str] | None = None,
+                 chunk_size: int | str | None = "auto") -> None:
+        """chunk_size: samples per forward/backward chunk; "auto" sizes chunks by the
+        model's activation memory, None keeps the batches as given."""
         self.model, self.loss_fn = model, loss_fn
         self.space = ParameterSpace(model, params)
-        self.batches = as_batches(data, chunk_size)
+        self.batches = as_batches(data, None)
+        if chunk_size == "auto":
+            chunk_size = auto_chunk_size(model, self.batches[0][0])
+        self.batches = as_batches(self.batches, chunk_size)
         self.n_samples = sum(len(y) for _, y in self.batches)
         self.weights = [len(y) / self.n_samples for _, y in self.batches]
         self.n_matvec = 0
@@ -152,8 +190,8 @@ class HessianOperator(CurvatureOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource, *,
-                 params: Sequence[str] | None = None, chunk_size: int | None = 1024,
-                 method: str = "graph") -> None:
+                 params: Sequence[str] | None = None,
+                 chunk_size: int | str | None = "auto", method: str = "graph") -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"method: must be one of {', '.join(HVP_METHODS)} (got {method!r})")
         super().__init__(model, loss_fn, data, params=params, chunk_size=chunk_size)
