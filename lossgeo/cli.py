@@ -139,6 +139,70 @@ def interpolate_command(run_a: str, run_b: str, points: int, experiment: str,
     click.echo(f"run {new_run}: interpolation logged")
 
 
+def _load_spec(path: str, data_dir: str | None):
+    import dataclasses
+
+    from .studyfile import load_study_file
+
+    spec = load_study_file(path)
+    if data_dir:
+        spec = dataclasses.replace(spec, base={**spec.base, "data_dir": data_dir})
+    return spec
+
+
+@cli.command("grid")
+@click.option("--study", "study_path", default="studies/mnist_grid.yaml", show_default=True,
+              help="grid study file (YAML)")
+@click.option("--experiment", default="lossgeo", show_default=True)
+@click.option("--data-dir", default=None, help="data root for every cell")
+def grid_command(study_path: str, experiment: str, data_dir: str | None) -> None:
+    """Run every model x regime of a grid study as child runs of one parent run."""
+    from .study import run_grid
+
+    try:
+        spec = _load_spec(study_path, data_dir)
+        if spec.kind != "grid":
+            raise UserInputError(f"study: {study_path} is a {spec.kind}, not a grid")
+        parent = run_grid(spec, experiment=experiment)
+    except UserInputError as exc:
+        fail(str(exc))
+    click.echo(f"grid {spec.name}: parent run {parent}")
+
+
+@cli.command("sweep")
+@click.option("--study", "study_path", default="studies/noise_temperature.yaml",
+              show_default=True, help="sweep study file (YAML)")
+@click.option("--n-trials", type=int, default=0, help="global trial budget (0: the file's)")
+@click.option("--storage", default="", help="Optuna storage URL (default sqlite:///studies/optuna.db)")
+@click.option("--study-name", default="", help="study name (default: the file's)")
+@click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="trials in parallel threads in this worker")
+@click.option("--experiment", default="lossgeo", show_default=True)
+@click.option("--data-dir", default=None, help="data root for every trial")
+@click.option("--heartbeat-interval", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--grace-period", type=click.IntRange(min=2), default=30, show_default=True)
+def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str, n_jobs: int,
+                  experiment: str, data_dir: str | None, heartbeat_interval: int,
+                  grace_period: int) -> None:
+    """Run (or join) an Optuna sweep; start the same command on many machines to share it."""
+    from .study import run_sweep
+
+    try:
+        if n_trials < 0:
+            raise UserInputError(f"n_trials: must be >= 0 (got {n_trials})")
+        spec = _load_spec(study_path, data_dir)
+        if spec.kind != "sweep":
+            raise UserInputError(f"study: {study_path} is a {spec.kind}, not a sweep")
+        study = run_sweep(spec, storage=storage or None, n_trials=n_trials or None,
+                          n_jobs=n_jobs, study_name=study_name or None, experiment=experiment,
+                          heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    except UserInputError as exc:
+        fail(str(exc))
+    states = [t.state.name for t in study.trials]
+    click.echo(f"study {study.study_name}: " + ", ".join(
+        f"{states.count(s)} {s.lower()}" for s in sorted(set(states))))
+
+
 def main() -> None:
     cli(prog_name="lossgeo")
 

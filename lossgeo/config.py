@@ -67,6 +67,7 @@ class TrainConfig:
                                 lambda n: n >= 2, ">= 2")
     effective_dim_alpha: float = _param(1.0, "alpha of N_eff = sum lambda/(lambda+alpha)",
                                         _positive, "> 0")
+    noise_scale: bool = _param(True, "gradient noise scale B_simple on the probe set")
     sharpness: bool = _param(True, "measure sharpness every measured epoch")
     sharpness_directions: int = _param(10, "random directions K for sharp_mean/sharp_max",
                                        _positive, ">= 1")

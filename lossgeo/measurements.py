@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .config import TrainConfig
 from .curvature.measure import CurvatureSettings, measure_curvature
+from .noise import gradient_noise_scale
 from .landscape_measure import LandscapeSettings, measure_landscape
 from .train import EpochState, Measurement, MeasurementResult
 
@@ -44,6 +45,17 @@ class LandscapeMeasurement:
         return MeasurementResult(metrics=metrics, artifacts=artifacts)
 
 
+@dataclass
+class NoiseScaleMeasurement:
+    name: str = "noise_scale"
+
+    def __call__(self, state: EpochState) -> MeasurementResult:
+        result = gradient_noise_scale(state.model, state.loss_fn,
+                                      (state.data.probe.x, state.data.probe.y))
+        return MeasurementResult(metrics={"grad_noise_scale": result.b_simple,
+                                          "grad_norm_sq": result.gradient_norm_sq})
+
+
 def landscape_settings(config: TrainConfig) -> LandscapeSettings:
     return LandscapeSettings(
         sharpness=config.sharpness, sharpness_directions=config.sharpness_directions,
@@ -67,6 +79,8 @@ def build_measurements(config: TrainConfig) -> list[Measurement]:
     if config.curvature:
         measurements.append(CurvatureMeasurement(curvature_settings(config), config.lr,
                                                  config.momentum))
+    if config.noise_scale:
+        measurements.append(NoiseScaleMeasurement())
     if config.sharpness or config.landscape:
         measurements.append(LandscapeMeasurement(landscape_settings(config),
                                                  on_test=config.landscape_on_test))

@@ -220,3 +220,147 @@ def _draw_density(ax, density: Mapping, label: str, colour=None) -> None:
     ax.set_xlabel("eigenvalue of the Hessian")
     ax.set_ylabel("density (log scale)")
     ax.grid(alpha=0.3)
+
+
+# -- comparisons across runs (analysis, grid and sweep parents) -----------------------------
+
+def histories_by_label(history: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Long (run_id, label, epoch, metric, value) -> {label: wide frame with an epoch column}."""
+    out: dict[str, pd.DataFrame] = {}
+    if history.empty:
+        return out
+    for (run_id, label), part in history.groupby(["run_id", "label"], sort=False):
+        wide = part.pivot_table(index="epoch", columns="metric", values="value").reset_index()
+        name = label if label not in out else f"{label} ({run_id[:6]})"
+        out[name] = wide
+    return out
+
+
+def lambda_max_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, float],
+                      momenta: Mapping[str, float] | None = None) -> Figure:
+    """lambda_max per epoch; the stability edge 2(1 + momentum)/lr dashed in the same colour."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for colour, (label, df) in zip(_colours(len(histories)), histories.items()):
+        if "lambda_max" not in df:
+            continue
+        ax.plot(df["epoch"], df["lambda_max"], "-o", color=colour, markersize=3, label=label)
+        lr = lrs.get(label)
+        if lr:
+            edge = 2 * (1 + (momenta or {}).get(label, 0.0)) / lr
+            ax.axhline(edge, color=colour, ls="--", lw=1, label=f"{label}: 2(1+m)/lr = {edge:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("lambda_max of the Hessian (probe set, log scale)")
+    ax.set_title("Sharpness lambda_max and the stability edge of (momentum) GD")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def sharpness_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
+    fig = _curves(histories, [("sharp_mean", "sharp_mean"), ("sharp_max", "sharp_max")],
+                  "loss increase L(w + rho d) - L(w)", "Random-direction sharpness")
+    return fig
+
+
+def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
+    """Final gen_gap against final lambda_max, one point per run, Spearman in the legend."""
+    from scipy import stats
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    data = runs[["lambda_max", "gen_gap", "label"]].dropna() if {"lambda_max", "gen_gap"} <= set(runs) else pd.DataFrame()
+    for colour, (_, row) in zip(_colours(len(data)), data.iterrows()):
+        ax.scatter(row["lambda_max"], row["gen_gap"], color=colour, s=40, label=row["label"])
+    if len(data) >= 3:
+        rho, p = stats.spearmanr(data["lambda_max"], data["gen_gap"])
+        ax.plot([], [], " ", label=f"Spearman rho = {rho:.2f} (p = {p:.2g}, n = {len(data)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("final lambda_max (log scale)")
+    ax.set_ylabel("final gen_gap = test_loss - train_loss")
+    ax.set_title("Generalisation gap vs sharpness")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def noise_vs_lambda(runs: pd.DataFrame) -> Figure:
+    """lambda_max against the noise temperature lr/B on log axes, all runs/trials."""
+    from scipy import stats
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    if {"noise_temperature", "lambda_max"} <= set(runs):
+        data = runs[["noise_temperature", "lambda_max"]].apply(pd.to_numeric, errors="coerce")
+        data = data[(data > 0).all(axis=1)]
+        models = runs.loc[data.index, "model"] if "model" in runs else pd.Series("run", data.index)
+        for colour, model in zip(_colours(models.nunique()), models.unique()):
+            part = data[models == model]
+            ax.scatter(part["noise_temperature"], part["lambda_max"], color=colour, s=30,
+                       label=str(model))
+        if len(data) >= 3:
+            rho, p = stats.spearmanr(data["noise_temperature"], data["lambda_max"])
+            ax.plot([], [], " ", label=f"Spearman rho = {rho:.2f} (p = {p:.2g}, n = {len(data)})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("noise temperature lr / B (log scale)")
+    ax.set_ylabel("final lambda_max (log scale)")
+    ax.set_title("SGD noise temperature vs sharpness")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def spectra(densities: Mapping[str, Mapping]) -> Figure:
+    """Final spectral densities of several runs overlaid (log density)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for colour, (label, density) in zip(_colours(len(densities)), densities.items()):
+        _draw_density(ax, density, label, colour)
+    ax.set_title("Hessian spectral densities at the final epoch (SLQ, probe set)")
+    if densities:
+        ax.legend(fontsize=7)
+    return fig
+
+
+def comparison_figures(runs: pd.DataFrame, history: pd.DataFrame,
+                       densities: Mapping[str, Mapping] | None = None) -> dict[str, Figure]:
+    """The comparison plots, keyed by file name."""
+    hist = histories_by_label(history)
+    lrs = dict(zip(runs["label"], runs["lr"])) if "lr" in runs else {}
+    momenta = dict(zip(runs["label"], runs["momentum"])) if "momentum" in runs else {}
+    figures = {"loss_curves.png": loss_curves(hist), "accuracy_curves.png": accuracy_curves(hist),
+               "lambda_max.png": lambda_max_curves(hist, lrs, momenta),
+               "sharpness.png": sharpness_curves(hist), "gen_gap_vs_lambda.png": gen_gap_vs_lambda(runs),
+               "noise_vs_lambda.png": noise_vs_lambda(runs)}
+    if densities is not None:
+        figures["spectra.png"] = spectra(densities)
+    return figures
+
+
+def optuna_figures(study) -> dict[str, Figure]:
+    """Optuna's own matplotlib plots (history, importances, lr x batch-size contour)."""
+    import warnings
+
+    from optuna.visualization import matplotlib as ovm
+
+    figures: dict[str, Figure] = {}
+    completed = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not completed or len(study.directions) > 1:
+        return figures
+    plots_to_make = {"optimization_history.png": lambda: ovm.plot_optimization_history(study)}
+    if len(completed) >= 2 and len(completed[0].params) >= 2:
+        plots_to_make["param_importances.png"] = lambda: ovm.plot_param_importances(study)
+    names = set(completed[0].params)
+    if {"lr", "batch_size"} <= names and len(completed) >= 3:
+        plots_to_make["contour_lr_batch_size.png"] = lambda: ovm.plot_contour(
+            study, params=["lr", "batch_size"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+        for name, make in plots_to_make.items():
+            try:
+                ax = make()
+            except (ValueError, RuntimeError):  # e.g. importances with zero variance
+                continue
+            ax = ax.flat[0] if hasattr(ax, "flat") else ax
+            fig = ax.get_figure()
+            fig.set_size_inches(7, 4.5)
+            figures[name] = fig
+    return figures

@@ -1,0 +1,122 @@
+"""Logged runs back into pandas: one row per run, and a long table of per-epoch metrics.
+
+    from lossgeo.analysis import load_runs, load_history
+    runs = load_runs(experiment="lossgeo")            # or parent_run=..., filter="..."
+    history = load_history(runs, metrics=["lambda_max", "test_loss"])
+    history.pivot_table(index="epoch", columns="label", values="value")
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from . import tracking
+
+
+def run_label(row: pd.Series) -> str:
+    """A readable label: "cnn / high-noise" for grid cells, else model and lr/batch size."""
+    model = row.get("model") or row.get("tags.model") or "?"
+    regime = row.get("tags.regime")
+    if isinstance(regime, str) and regime:
+        return f"{model} / {regime}"
+    lr, batch = row.get("lr"), row.get("batch_size")
+    if pd.notna(lr) and pd.notna(batch):
+        return f"{model} / lr={float(lr):g}, B={int(float(batch))}"
+    return f"{model} / {str(row.get('run_id', ''))[:8]}"
+
+
+def load_runs(experiment: str | Iterable[str] | None = None, parent_run: str | None = None,
+              filter: str | None = None, include_parent: bool = False) -> pd.DataFrame:
+    """One row per run: run_id, status, params (numeric where they parse, under their own
+    names), final metrics (their names), tags (``tags.*``), and a ``label``."""
+    clauses = [filter] if filter else []
+    experiment_ids = None
+    if parent_run:
+        parent = tracking.get_run(parent_run)
+        experiment_ids = [parent.info.experiment_id]
+        clauses.append(f"tags.`{tracking.PARENT_TAG}` = '{parent_run}'")
+    names = [experiment] if isinstance(experiment, str) else (list(experiment) if experiment
+                                                             else None)
+    if names is None and experiment_ids is None:
+        names = ["lossgeo"]
+    frame = tracking.search_runs(experiment_names=names if experiment_ids is None else None,
+                                 experiment_ids=experiment_ids,
+                                 filter_string=" and ".join(clauses))
+    if frame.empty:
+        return pd.DataFrame(columns=["run_id", "status", "label"])
+    if parent_run and not include_parent:
+        frame = frame[frame["run_id"] != parent_run]
+    renamed = {}
+    for column in frame.columns:
+        if column.startswith("params."):
+            renamed[column] = column[len("params."):]
+        elif column.startswith("metrics."):
+            renamed[column] = column[len("metrics."):]
+    frame = frame.rename(columns=renamed)
+    for column in renamed.values():
+        converted = pd.to_numeric(frame[column], errors="coerce")
+        if converted.notna().sum() == frame[column].notna().sum():
+            frame[column] = converted
+    frame["label"] = frame.apply(run_label, axis=1)
+    return frame.sort_values("start_time").reset_index(drop=True)
+
+
+def load_history(runs: pd.DataFrame | Iterable[str], metrics: Iterable[str] | None = None,
+                 max_workers: int = 8) -> pd.DataFrame:
+    """Long table (run_id, label, epoch, metric, value) of every per-epoch metric.
+
+    Histories are fetched concurrently (one request per run and metric, in a thread pool),
+    which keeps a tracking server's latency from adding up."""
+    if isinstance(runs, pd.DataFrame):
+        run_ids = list(runs["run_id"])
+        labels = dict(zip(runs["run_id"], runs.get("label", runs["run_id"])))
+    else:
+        run_ids = list(runs)
+        labels = {r: r for r in run_ids}
+    client = tracking.client()
+    wanted = list(metrics) if metrics is not None else None
+    jobs = []
+    for run_id in run_ids:
+        keys = wanted if wanted is not None else list(client.get_run(run_id).data.metrics)
+        jobs += [(run_id, key) for key in keys]
+
+    def fetch(job):
+        run_id, key = job
+        return [(run_id, labels[run_id], m.step, key, m.value)
+                for m in client.get_metric_history(run_id, key)]
+
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        rows = [row for chunk in pool.map(fetch, jobs) for row in chunk]
+    frame = pd.DataFrame(rows, columns=["run_id", "label", "epoch", "metric", "value"])
+    return frame.sort_values(["run_id", "metric", "epoch"]).reset_index(drop=True)
+
+
+def correlations(frame: pd.DataFrame, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
+    """Spearman and Kendall rank correlations with n and two-sided p-values, for each pair
+    of columns, over the rows where both are finite."""
+    rows = []
+    for x, y in pairs:
+        if x not in frame or y not in frame:
+            rows.append({"x": x, "y": y, "n": 0})
+            continue
+        both = frame[[x, y]].apply(pd.to_numeric, errors="coerce")
+        both = both[np.isfinite(both).all(axis=1)]
+        n = len(both)
+        row = {"x": x, "y": y, "n": n}
+        if n >= 3:
+            rho, p_rho = stats.spearmanr(both[x], both[y])
+            tau, p_tau = stats.kendalltau(both[x], both[y])
+            row.update({"spearman": rho, "spearman_p": p_rho, "kendall": tau,
+                        "kendall_p": p_tau})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["x", "y", "n", "spearman", "spearman_p", "kendall",
+                                       "kendall_p"])
+
+
+STUDY_PAIRS = [("noise_temperature", "lambda_max"), ("lambda_max", "gen_gap"),
+               ("sharp_max", "gen_gap")]

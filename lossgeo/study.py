@@ -1,0 +1,409 @@
+"""Noise-temperature studies: a grid of named regimes, or an Optuna sweep over learning rate
+and batch size. Each cell/trial is one training run, an MLflow child run of one parent run.
+
+Workers on many machines share one study through an RDB storage (PostgreSQL): they join
+with ``load_if_exists``, share a global trial budget (``MaxTrialsCallback``), and heartbeats
+mark a killed worker's trial failed so that ``RetryFailedTrialCallback`` runs it again.
+The parent run's id lives in the study's user attributes, so every worker's trials hang
+under the same parent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from . import analysis, plots
+from .errors import UserInputError
+from .experiment import prepare, run_training
+from .studyfile import StudySpec
+from .tracking import TrackedRun, client, experiment_id, launcher_run_id
+
+DEFAULT_STORAGE = "sqlite:///studies/optuna.db"
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+class PrunedTrial(optuna.TrialPruned):
+    """Pruned by Optuna: the trial's MLflow run ends KILLED (see TrackedRun)."""
+
+    mlflow_status = "KILLED"
+
+
+# -- storage and parent run ---------------------------------------------------------------
+
+class FailRunAndRetry:
+    """Called by Optuna for a trial whose worker stopped sending heartbeats: its MLflow run
+    is ended FAILED (it would otherwise stay RUNNING forever) and the trial is retried."""
+
+    def __init__(self, max_retry: int = 3) -> None:
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            try:
+                c = client()
+                c.set_tag(run_id, "failure", "worker lost: no heartbeat")
+                c.set_terminated(run_id, status="FAILED")
+            except Exception:  # the retry matters more than the bookkeeping
+                pass
+        self.retry(study, trial)
+
+
+def make_storage(url: str | None = None, *, heartbeat_interval: int = 10,
+                 grace_period: int = 30) -> optuna.storages.RDBStorage:
+    url = url or DEFAULT_STORAGE
+    # heartbeats and the retry callback are marked experimental by Optuna
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            heartbeat_stale_trial_callback=FailRunAndRetry(max_retry=3),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    except Exception as exc:  # bad URL, unreachable server, missing driver
+        raise UserInputError(f"storage: cannot open {url} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def parent_run_for(study: optuna.Study, spec: StudySpec, experiment: str) -> str:
+    """The study's one parent run: found via the study's user attributes, else by tag in
+    MLflow, else created. Concurrent workers that both create one agree on the oldest and
+    delete their own."""
+    known = study.user_attrs.get(PARENT_ATTR)
+    if known:
+        return known
+    c = client()
+    exp_id = experiment_id(experiment, c)
+    query = (f"tags.lossgeo_study = '{study.study_name}' and tags.lossgeo_role = 'parent'")
+
+    def candidates():
+        return sorted(c.search_runs([exp_id], query, max_results=100),
+                      key=lambda r: (r.info.start_time, r.info.run_id))
+
+    found = candidates()
+    if not found:
+        mine = c.create_run(exp_id, run_name=f"{spec.kind}-{study.study_name}",
+                            tags={"lossgeo_study": study.study_name, "lossgeo_role": "parent",
+                                  "study_kind": spec.kind}).info.run_id
+        time.sleep(0.5)  # let a worker racing us land its own, then all pick the oldest
+        found = candidates()
+        if found[0].info.run_id != mine:
+            c.delete_run(mine)
+    chosen = found[0].info.run_id
+    study.set_user_attr(PARENT_ATTR, chosen)
+    return chosen
+
+
+# -- sweep --------------------------------------------------------------------------------
+
+def _sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=None)
+    if spec.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=spec.seed, scramble=True)
+    if spec.sampler == "grid":
+        # The grid's points are enqueued once (see _enqueue_grid); TPE's start-up is random
+        # and only fills in if the budget is larger than the grid.
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    if len(spec.objectives) > 1:
+        return optuna.samplers.NSGAIISampler()
+    return optuna.samplers.TPESampler(n_startup_trials=5)
+
+
+def _suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for p in spec.search_space:
+        if p.choices is not None:
+            values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.name == "batch_size":
+            values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+        else:
+            values[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
+    if len(spec.models) > 1:
+        values["model"] = trial.suggest_categorical("model", list(spec.models))
+    else:
+        values["model"] = spec.models[0]
+    return values
+
+
+def make_objective(spec: StudySpec, parent_run_id: str, experiment: str):
+    def objective(trial: optuna.Trial):
+        values = _suggest(trial, spec)
+        config = spec.config(**values, experiment=experiment)
+        prepared = prepare(config)
+        trial.set_user_attr("noise_temperature", config.noise_temperature)
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            if spec.pruner == "none" or epoch == 0:
+                return
+            trial.report(metrics["val_loss"], epoch)
+            if trial.should_prune():
+                raise PrunedTrial(f"pruned at epoch {epoch} (val_loss {metrics['val_loss']:.4g})")
+
+        outcome = run_training(
+            config, parent_run_id=parent_run_id, prepared=prepared, on_epoch_end=report,
+            tags={"lossgeo_study": trial.study.study_name, "trial_number": str(trial.number),
+                  "lossgeo_role": "trial"},
+            on_run_created=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+        final = outcome.history.iloc[-1].to_dict()
+        for key in ("lambda_max", "gen_gap", "sharp_max", "test_acc"):
+            if key in final and math.isfinite(final[key]):
+                trial.set_user_attr(key, float(final[key]))
+        if outcome.diverged_epoch is not None:
+            # Recorded, never fatal: the worst value for each objective, with the reason.
+            trial.set_user_attr("state", "diverged")
+            trial.set_user_attr("reason", f"non-finite training loss at epoch "
+                                          f"{outcome.diverged_epoch}")
+            worst = [math.inf if d == "minimize" else -math.inf for d in spec.directions]
+            return worst[0] if len(worst) == 1 else tuple(worst)
+        trial.set_user_attr("state", "finished")
+        scores = [float(final[o]) for o in spec.objectives]
+        return scores[0] if len(scores) == 1 else tuple(scores)
+    return objective
+
+
+class BudgetLock:
+    """Serialises "count the claimed trials, then ask for one" across workers, so that
+    concurrent workers never overshoot the global budget (Optuna's MaxTrialsCallback checks
+    only after a trial ends, and two workers then both start the last one: measured 7 of 6).
+    PostgreSQL: a session advisory lock; SQLite: a file lock beside the database; other
+    databases: a process-local lock only."""
+
+    _local = __import__("threading").Lock()
+
+    def __init__(self, url: str, study_name: str) -> None:
+        import zlib
+
+        self.url, self.key = url, zlib.crc32(study_name.encode()) & 0x7FFFFFFF
+        self._engine = None
+        if url.startswith("postgresql"):
+            import sqlalchemy
+
+            self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+
+    def __enter__(self) -> "BudgetLock":
+        self._local.acquire()
+        if self._engine is not None:
+            import sqlalchemy
+
+            self._conn = self._engine.connect()
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        elif self.url.startswith("sqlite:///"):
+            import fcntl
+
+            self._file = open(self.url[len("sqlite:///"):] + ".lock", "a")
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._engine is not None:
+                import sqlalchemy
+
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"),
+                                   {"k": self.key})
+                self._conn.close()
+            elif self.url.startswith("sqlite:///"):
+                import fcntl
+
+                fcntl.flock(self._file, fcntl.LOCK_UN)
+                self._file.close()
+        finally:
+            self._local.release()
+
+
+CLAIMED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+           optuna.trial.TrialState.RUNNING)
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval: int):
+    """Records a heartbeat every `interval` s until the returned event is set."""
+    import threading
+
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(interval):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # a missed beat is retried at the next interval
+                pass
+
+    storage.record_heartbeat(trial_id)
+    threading.Thread(target=beat, daemon=True).start()
+    return stop
+
+
+def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
+    import itertools
+
+    names = [p.name for p in spec.search_space]
+    return [dict(zip(names, values))
+            for values in itertools.product(*(p.choices for p in spec.search_space))]
+
+
+def _enqueue_grid(study: optuna.Study, spec: StudySpec, lock: BudgetLock) -> None:
+    """Grid sampler: every point enqueued exactly once, by whichever worker comes first."""
+    with lock:
+        if study.user_attrs.get("grid_enqueued"):
+            return
+        for point in grid_points(spec):
+            study.enqueue_trial(point)
+        study.set_user_attr("grid_enqueued", True)
+
+
+def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock: BudgetLock,
+                 budget: int, objective, interval: int) -> None:
+    import warnings
+
+    while True:
+        with warnings.catch_warnings():
+            # heartbeats are ours (see _heartbeat), not Study.optimize's
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)  # a lost worker's trial: FAIL, retried
+            with lock:
+                claimed = len(study.get_trials(deepcopy=False, states=CLAIMED))
+                if claimed >= budget:
+                    return
+                trial = study.ask()  # takes a waiting (retried or grid) trial first
+        stop = _heartbeat(storage, trial._trial_id, interval)
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        except (RuntimeError, ValueError) as exc:  # one broken trial never stops the study
+            trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:500])
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        else:
+            study.tell(trial, value)
+        finally:
+            stop.set()
+
+
+def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | None = None,
+              n_jobs: int = 1, study_name: str | None = None, experiment: str = "lossgeo",
+              heartbeat_interval: int = 10, grace_period: int = 30) -> optuna.Study:
+    """Runs (or joins) the study until its global budget of finished trials is reached.
+
+    Each worker (process or thread) claims a trial under `BudgetLock`, sends heartbeats while
+    it runs, and first fails the trials of workers that stopped beating (they are retried)."""
+    import threading
+
+    budget = n_trials or spec.n_trials
+    url = storage or DEFAULT_STORAGE
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    # Workers starting together on an empty database would race on Optuna's table creation.
+    try:
+        with BudgetLock(url, "lossgeo-storage-init"):
+            rdb = make_storage(url, heartbeat_interval=heartbeat_interval,
+                               grace_period=grace_period)
+            study = optuna.create_study(
+                study_name=study_name or spec.name, storage=rdb, load_if_exists=True,
+                sampler=_sampler(spec), directions=spec.directions,
+                pruner=(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+                        if spec.pruner == "median" else optuna.pruners.NopPruner()))
+    except UserInputError:
+        raise
+    except Exception as exc:  # unreachable server, bad URL, missing driver
+        raise UserInputError(f"storage: cannot open {url} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    lock = BudgetLock(url, study.study_name)
+    with lock:  # one worker creates the parent run, the others find it
+        parent = parent_run_for(study, spec, experiment)
+    _tag_launcher(parent, study.study_name)
+    if spec.sampler == "grid":
+        _enqueue_grid(study, spec, lock)
+        budget = min(budget, len(grid_points(spec)))
+    objective = make_objective(spec, parent, experiment)
+    args = (study, rdb, lock, budget, objective, heartbeat_interval)
+    if n_jobs == 1:
+        _worker_loop(*args)
+    else:
+        threads = [threading.Thread(target=_worker_loop, args=args) for _ in range(n_jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    summarise(parent, study=study)
+    return study
+
+
+def _tag_launcher(parent: str, study_name: str) -> None:
+    """Under `mlflow run`, the launcher's own run says which study and parent it served."""
+    run_id = launcher_run_id()
+    if run_id and run_id != parent:
+        client().set_tag(run_id, "lossgeo_study", study_name)
+        client().set_tag(run_id, "lossgeo_parent_run", parent)
+
+
+# -- grid ---------------------------------------------------------------------------------
+
+def run_grid(spec: StudySpec, *, experiment: str = "lossgeo") -> str:
+    """Every model x regime as a child run of one parent run; then the comparison."""
+    configs = {(model, regime): spec.config(model=model, experiment=experiment, **values)
+               for model in spec.models for regime, values in spec.regimes.items()}
+    prepared = {key: prepare(config) for key, config in configs.items()}  # validate all first
+    with TrackedRun(experiment=experiment, run_name=f"grid-{spec.name}",
+                    tags={"lossgeo_study": spec.name, "lossgeo_role": "parent",
+                          "study_kind": "grid"}) as parent:
+        parent.log_params({"study": spec.name, "models": ",".join(spec.models),
+                           "regimes": ",".join(spec.regimes)})
+        for (model, regime), config in configs.items():
+            run_training(config, parent_run_id=parent.run_id, prepared=prepared[(model, regime)],
+                         tags={"regime": regime, "lossgeo_study": spec.name,
+                               "lossgeo_role": "cell"})
+        summarise(parent.run_id)
+    return parent.run_id
+
+
+# -- after a study ------------------------------------------------------------------------
+
+def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataFrame:
+    """summary.csv, correlations.csv and comparison plots on the parent run."""
+    import matplotlib.pyplot as plt
+
+    runs = analysis.load_runs(parent_run=parent_run_id)
+    run = TrackedRun(run_id=parent_run_id)
+    if runs.empty:
+        return runs
+    if "noise_temperature" not in runs and {"lr", "batch_size"} <= set(runs):
+        runs["noise_temperature"] = runs["lr"] / runs["batch_size"]
+    keep = [c for c in ["run_id", "label", "status", "tags.regime", "tags.trial_number",
+                        "tags.diverged", "model", "lr", "batch_size", "momentum",
+                        "noise_temperature", "train_loss", "test_loss", "train_acc", "test_acc",
+                        "val_loss", "gen_gap", "gen_gap_acc", "lambda_max", "lambda_min",
+                        "hessian_trace", "sharp_mean", "sharp_max", "eps_sharpness",
+                        "adaptive_sharpness", "edge_ratio", "grad_noise_scale"] if c in runs]
+    table = runs[keep]
+    run.log_text("summary.csv", table.to_csv(index=False))
+    finished = runs[runs["status"] == "FINISHED"]
+    if "tags.diverged" in finished:
+        finished = finished[finished["tags.diverged"] != "true"]
+    corr = analysis.correlations(finished, analysis.STUDY_PAIRS)
+    run.log_text("correlations.csv", corr.to_csv(index=False))
+    for _, row in corr.dropna(subset=["spearman"]).iterrows():
+        run.log_metrics({f"spearman/{row['x']}_vs_{row['y']}": row["spearman"],
+                         f"kendall/{row['x']}_vs_{row['y']}": row["kendall"]})
+    history = analysis.load_history(finished) if len(finished) else pd.DataFrame()
+    for name, figure in plots.comparison_figures(finished, history).items():
+        run.log_figure(f"plots/{name}", figure)
+        plt.close(figure)
+    if study is not None:
+        for name, figure in plots.optuna_figures(study).items():
+            run.log_figure(f"optuna/{name}", figure)
+            plt.close(figure)
+    return table

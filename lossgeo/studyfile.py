@@ -1,0 +1,172 @@
+"""Study files (YAML in studies/): a grid of named regimes or an Optuna search space,
+validated into a frozen spec before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import TrainConfig
+from .errors import UserInputError
+
+SAMPLERS = ("tpe", "random", "grid", "qmc")
+OBJECTIVES = {"val_loss": "minimize", "gen_gap": "minimize", "test_acc": "maximize",
+              "test_loss": "minimize", "lambda_max": "minimize"}
+PRUNERS = ("median", "none")
+SEARCHABLE = ("lr", "batch_size", "momentum", "weight_decay")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    kind: str  # "grid" or "sweep"
+    base: dict[str, Any]
+    models: tuple[str, ...]
+    regimes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    search_space: tuple[Parameter, ...] = ()
+    sampler: str = "tpe"
+    objectives: tuple[str, ...] = ("val_loss",)
+    pruner: str = "median"
+    n_trials: int = 20
+    seed: int = 0
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[o] for o in self.objectives]
+
+    def config(self, **overrides: Any) -> TrainConfig:
+        return TrainConfig(**{**self.base, **overrides})
+
+
+def _fail(path: Path, field_name: str, message: str) -> UserInputError:
+    return UserInputError(f"{path}: {field_name}: {message}")
+
+
+def _parameter(path: Path, name: str, raw: Any) -> Parameter:
+    where = f"search_space.{name}"
+    if name not in SEARCHABLE:
+        raise _fail(path, where, f"must be one of {', '.join(SEARCHABLE)}")
+    if not isinstance(raw, dict):
+        raise _fail(path, where, "must be a mapping with low/high[/log] or choices")
+    unknown = set(raw) - {"low", "high", "log", "choices"}
+    if unknown:
+        raise _fail(path, f"{where}.{sorted(unknown)[0]}", "unknown key")
+    if "choices" in raw:
+        choices = raw["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise _fail(path, f"{where}.choices", "must be a non-empty list")
+        for c in choices:  # each value must make a valid config
+            _check_value(path, where, name, c)
+        return Parameter(name, choices=tuple(choices))
+    try:
+        low, high = float(raw["low"]), float(raw["high"])
+    except (KeyError, TypeError, ValueError):
+        raise _fail(path, where, "needs numeric low and high (or choices)") from None
+    if not low < high:
+        raise _fail(path, where, f"low must be < high (got {low}, {high})")
+    log = bool(raw.get("log", False))
+    if log and low <= 0:
+        raise _fail(path, f"{where}.low", "must be > 0 on a log scale")
+    for value in (low, high):
+        _check_value(path, where, name, value if name != "batch_size" else int(value))
+    return Parameter(name, low=low, high=high, log=log)
+
+
+def _check_value(path: Path, where: str, name: str, value: Any) -> None:
+    try:
+        TrainConfig(**{name: value})
+    except (UserInputError, TypeError) as exc:
+        raise _fail(path, where, str(exc)) from None
+
+
+def load_study_file(path: str | Path) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"study: file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"study: {path} is not valid YAML ({str(exc).splitlines()[0]})")
+    if not isinstance(raw, dict):
+        raise UserInputError(f"study: {path} must be a YAML mapping")
+    allowed = {"name", "kind", "base", "models", "regimes", "search_space", "sampler",
+               "objective", "pruner", "n_trials", "seed"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise _fail(path, sorted(unknown)[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+    name = raw.get("name") or path.stem
+    kind = raw.get("kind", "sweep")
+    if kind not in ("grid", "sweep"):
+        raise _fail(path, "kind", f"must be grid or sweep (got {kind!r})")
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        raise _fail(path, "base", "must be a mapping of training parameters")
+    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in base:
+        if key not in config_fields:
+            raise _fail(path, f"base.{key}", "not a training parameter")
+    try:
+        TrainConfig(**base)
+    except UserInputError as exc:
+        raise _fail(path, "base", str(exc)) from None
+    models = raw.get("models") or [base.get("model", "mlp")]
+    if isinstance(models, str):
+        models = [models]
+    for m in models:
+        _check_value(path, "models", "model", m)
+    spec: dict[str, Any] = {"name": str(name), "kind": kind, "base": base,
+                            "models": tuple(models), "seed": int(raw.get("seed", 0))}
+    if kind == "grid":
+        regimes = raw.get("regimes")
+        if not isinstance(regimes, dict) or not regimes:
+            raise _fail(path, "regimes", "a grid needs named regimes, e.g. "
+                                         "{high-noise: {lr: 0.1, batch_size: 32}}")
+        for regime, values in regimes.items():
+            if not isinstance(values, dict):
+                raise _fail(path, f"regimes.{regime}", "must be a mapping")
+            for key in values:
+                if key not in config_fields:
+                    raise _fail(path, f"regimes.{regime}.{key}", "not a training parameter")
+            try:
+                TrainConfig(**{**base, **values})
+            except UserInputError as exc:
+                raise _fail(path, f"regimes.{regime}", str(exc)) from None
+        spec["regimes"] = {str(k): dict(v) for k, v in regimes.items()}
+        return StudySpec(**spec)
+    space = raw.get("search_space")
+    if not isinstance(space, dict) or not space:
+        raise _fail(path, "search_space", "a sweep needs a search space (lr, batch_size, ...)")
+    spec["search_space"] = tuple(_parameter(path, k, v) for k, v in space.items())
+    sampler = raw.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise _fail(path, "sampler", f"must be one of {', '.join(SAMPLERS)} (got {sampler!r})")
+    objectives = raw.get("objective", "val_loss")
+    objectives = [objectives] if isinstance(objectives, str) else list(objectives)
+    for o in objectives:
+        if o not in OBJECTIVES:
+            raise _fail(path, "objective", f"must be among {', '.join(OBJECTIVES)} (got {o!r})")
+    pruner = raw.get("pruner", "median")
+    if pruner not in PRUNERS:
+        raise _fail(path, "pruner", f"must be one of {', '.join(PRUNERS)} (got {pruner!r})")
+    if pruner != "none" and len(objectives) > 1:
+        raise _fail(path, "pruner", "pruning needs a single objective; use pruner: none")
+    n_trials = raw.get("n_trials", 20)
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise _fail(path, "n_trials", f"must be an integer >= 1 (got {n_trials!r})")
+    if sampler == "grid" and any(p.choices is None for p in spec["search_space"]):
+        raise _fail(path, "sampler", "grid needs choices for every search_space parameter")
+    spec.update(sampler=sampler, objectives=tuple(objectives), pruner=pruner, n_trials=n_trials)
+    return StudySpec(**spec)

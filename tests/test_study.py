@@ -1,0 +1,168 @@
+"""Study files, grids and Optuna sweeps on the SQLite default (PostgreSQL: test_distributed)."""
+
+import dataclasses
+import math
+
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from lossgeo.cli import cli
+from lossgeo.errors import UserInputError
+from lossgeo.noise import gradient_noise_scale
+from lossgeo.study import PARENT_ATTR, run_grid, run_sweep
+from lossgeo.studyfile import load_study_file
+
+from .conftest import REPO
+
+TINY_BASE = {"model": "mlp", "hidden": "8", "epochs": 2, "train_subset": 200, "val_size": 100,
+             "probe_size": 32, "batch_size": 32, "curvature_k": 1, "trace_samples": 2,
+             "density_steps": 5, "sharpness_directions": 1, "landscape": False,
+             "curvature_max_iter": 20}
+
+
+def write_study(tmp_path, data_dir, **fields):
+    body = {"name": "tiny", "kind": "sweep", "base": {**TINY_BASE, "data_dir": str(data_dir)},
+            "search_space": {"lr": {"low": 0.01, "high": 0.3, "log": True},
+                             "batch_size": {"choices": [16, 32]}},
+            "n_trials": 3, "sampler": "random"}
+    body.update(fields)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_shipped_study_files_are_valid():
+    grid = load_study_file(REPO / "studies" / "mnist_grid.yaml")
+    temps = [v["lr"] / v["batch_size"] for v in grid.regimes.values()]
+    assert grid.kind == "grid" and set(grid.models) == {"mlp", "cnn"}
+    assert max(temps) / min(temps) >= 100
+    sweep = load_study_file(REPO / "studies" / "noise_temperature.yaml")
+    assert sweep.kind == "sweep" and {p.name for p in sweep.search_space} == {"lr", "batch_size"}
+    eos = load_study_file(REPO / "studies" / "edge_of_stability.yaml")
+    assert eos.base["loss"] == "mse" and eos.base["batch_size"] == eos.base["train_subset"]
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"sampler": "cmaes"}, "sampler: must be one of"),
+    ({"objective": "accuracy"}, "objective: must be among"),
+    ({"search_space": {"lr": {"low": 0.1, "high": 0.01}}}, "search_space.lr: low must be < high"),
+    ({"search_space": {"lr": {"low": -1, "high": 0.1, "log": True}}}, "search_space.lr.low"),
+    ({"search_space": {"dropout": {"low": 0, "high": 1}}}, "search_space.dropout"),
+    ({"base": {"lr": -1}}, "base: lr: must be > 0"),
+    ({"base": {"colour": 1}}, "base.colour: not a training parameter"),
+    ({"n_trials": 0}, "n_trials: must be an integer >= 1"),
+    ({"flavour": "x"}, "flavour: unknown field"),
+    ({"kind": "grid"}, "regimes: a grid needs named regimes"),
+])
+def test_bad_study_file_one_line_exit_2_nothing_started(tmp_path, tracking, fake_data_dir,
+                                                        fields, message):
+    path = write_study(tmp_path, fake_data_dir, **fields)
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_study_file(path)
+    result = CliRunner().invoke(cli, ["sweep", "--study", str(path)])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert not (tracking / "mlflow.db").exists() and not (tracking / "studies").exists()
+
+
+def test_sweep_on_sqlite_children_under_one_parent(tmp_path, tracking, fake_data_dir):
+    spec = load_study_file(write_study(tmp_path, fake_data_dir))
+    study = run_sweep(spec, n_trials=3)
+    assert (tracking / "studies" / "optuna.db").exists()
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3
+    parent = study.user_attrs[PARENT_ATTR]
+    client = MlflowClient()
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.info.run_id for r in children) == sorted(
+        t.user_attrs["mlflow_run_id"] for t in study.trials)
+    for trial in finished:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["trial_number"] == str(trial.number)
+        assert trial.user_attrs["noise_temperature"] == pytest.approx(
+            trial.params["lr"] / trial.params["batch_size"])
+        if trial.state.name == "COMPLETE":
+            assert run.info.status == "FINISHED" and "lambda_max" in trial.user_attrs
+            assert "grad_noise_scale" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"summary.csv", "correlations.csv", "plots", "optuna"} <= artifacts
+    # joining again with the same budget runs nothing more
+    again = run_sweep(spec, n_trials=3)
+    assert len(again.trials) == len(study.trials)
+
+
+def test_diverged_trial_is_recorded_and_pruned_trial_run_is_killed(tmp_path, tracking,
+                                                                   fake_data_dir):
+    path = write_study(tmp_path, fake_data_dir, search_space={
+        "lr": {"choices": [1e6, 0.05]}, "batch_size": {"choices": [32]}}, sampler="grid")
+    study = run_sweep(load_study_file(path), n_trials=2)
+    by_lr = {t.params["lr"]: t for t in study.trials}
+    diverged = by_lr[1e6]
+    assert diverged.state.name == "COMPLETE" and math.isinf(diverged.value)
+    assert diverged.user_attrs["state"] == "diverged" and "epoch" in diverged.user_attrs["reason"]
+    run = MlflowClient().get_run(diverged.user_attrs["mlflow_run_id"])
+    assert run.data.tags["diverged"] == "true"
+    assert by_lr[0.05].user_attrs["state"] == "finished"
+
+
+def test_pruned_trial_run_ends_killed(tmp_path, tracking, fake_data_dir, monkeypatch):
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number >= 1)
+    path = write_study(tmp_path, fake_data_dir, sampler="random")
+    study = run_sweep(load_study_file(path), n_trials=2)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned
+    assert MlflowClient().get_run(pruned[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_grid_runs_every_cell_and_summarises(tmp_path, tracking, fake_data_dir):
+    path = write_study(tmp_path, fake_data_dir, kind="grid", models=["mlp"],
+                       search_space=None, n_trials=None, sampler=None,
+                       regimes={"high-noise": {"lr": 0.1, "batch_size": 8},
+                                "low-noise": {"lr": 0.01, "batch_size": 64}})
+    raw = yaml.safe_load(path.read_text())
+    for key in ("search_space", "n_trials", "sampler"):
+        raw.pop(key)
+    path.write_text(yaml.safe_dump(raw))
+    parent = run_grid(load_study_file(path))
+    client = MlflowClient()
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.data.tags["regime"] for r in children) == ["high-noise", "low-noise"]
+    plots = {a.path for a in client.list_artifacts(parent, "plots")}
+    assert {"plots/loss_curves.png", "plots/lambda_max.png", "plots/gen_gap_vs_lambda.png",
+            "plots/noise_vs_lambda.png", "plots/sharpness.png"} <= plots
+
+
+def test_gradient_noise_scale_matches_per_sample_loop():
+    import torch
+    from torch.func import functional_call
+
+    from lossgeo.curvature.operators import ParameterSpace
+    from lossgeo.losses import cross_entropy
+
+    from .test_curvature import tiny_mlp, toy_data
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, (x, y) = tiny_mlp(), toy_data(n=9)
+        space = ParameterSpace(model)
+        grads = torch.stack([space.flatten(torch.func.grad(lambda p: cross_entropy(
+            functional_call(model, p, (x[i:i + 1],)), y[i:i + 1]))(space.values))
+            for i in range(9)])
+        mean = grads.mean(0)
+        trace = ((grads - mean) ** 2).sum() / 8
+        result = gradient_noise_scale(model, cross_entropy, (x, y), chunk_size=4)
+        assert result.b_simple == pytest.approx(float(trace / mean.pow(2).sum()), rel=1e-10)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_unreachable_storage_is_one_line_exit_2(tmp_path, tracking, fake_data_dir):
+    path = write_study(tmp_path, fake_data_dir)
+    result = CliRunner().invoke(cli, ["sweep", "--study", str(path), "--storage",
+                                      "postgresql://nobody@127.0.0.1:1/none"])
+    assert result.exit_code == 2 and result.stderr.startswith("lossgeo: error: storage:")
+    assert len(result.stderr.strip().splitlines()) == 1
