@@ -203,6 +203,38 @@ def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str,
         f"{states.count(s)} {s.lower()}" for s in sorted(set(states))))
 
 
+@cli.command("compare")
+@click.option("--experiment", default=None, help="MLflow experiment name")
+@click.option("--parent-run", default=None, help="a grid's or sweep's parent run id")
+@click.option("--out", "out_dir", default="plots", show_default=True)
+def compare_command(experiment: str | None, parent_run: str | None, out_dir: str) -> None:
+    """Draw the comparison plots of logged runs into plots/ and log them to MLflow."""
+    from .comparison import compare
+
+    try:
+        paths = compare(experiment, parent_run, out_dir)
+    except UserInputError as exc:
+        fail(str(exc))
+    click.echo("\n".join(str(p) for p in paths.values()))
+
+
+@cli.command("report")
+@click.option("--experiment", default=None, help="MLflow experiment name")
+@click.option("--parent-run", default=None, help="a grid's or sweep's parent run id")
+@click.option("--out", "out_dir", default="latex", show_default=True)
+@click.option("--no-pdf", is_flag=True, help="write the LaTeX sources only")
+def report_command(experiment: str | None, parent_run: str | None, out_dir: str,
+                   no_pdf: bool) -> None:
+    """Write a LaTeX research report from logged runs; compile it where pdflatex exists."""
+    from .comparison import report
+
+    try:
+        tex, pdf = report(experiment, parent_run, out_dir, compile_pdf=not no_pdf)
+    except UserInputError as exc:
+        fail(str(exc))
+    click.echo(f"{tex}" + (f"\n{pdf}" if pdf else "\n(pdflatex not found: sources only)"))
+
+
 def main() -> None:
     cli(prog_name="lossgeo")
 

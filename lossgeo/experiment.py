@@ -91,11 +91,21 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
             # Whatever happened, what was logged also lands in metrics.csv, plots, checkpoint.
             frame = history_frame(history)
             log_run_outputs(run, frame, model, result.final_artifacts if result else {})
-        if result.diverged_epoch is not None:
-            run.set_tags({"diverged": "true"})
-        else:
-            run.set_tags({"diverged": "false"})
+        run.set_tags({"diverged": "true" if result.diverged_epoch is not None else "false"})
+        log_spikes(run, frame)
     return RunOutcome(run_id=run.run_id, history=frame, diverged_epoch=result.diverged_epoch)
+
+
+def log_spikes(run: TrackedRun, frame: pd.DataFrame) -> None:
+    """Curvature spikes as a tag (epochs and reasons) and a count metric."""
+    from .spikes import detect_spikes
+
+    spikes = detect_spikes(frame)
+    if "lambda_max" in frame:
+        run.log_metrics({"curvature_spike_count": float(len(spikes))})
+        if spikes:
+            run.set_tags({"curvature_spikes": "; ".join(f"epoch {s.epoch}: {s.reason}"
+                                                        for s in spikes)[:5000]})
 
 
 class _Recorder:

@@ -1,0 +1,114 @@
+"""From logged runs to files: the comparison plots (plots/) and the LaTeX report (latex/),
+both also logged to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import analysis, plots
+from .errors import UserInputError
+from .tracking import TrackedRun, load_artifact_object
+
+
+def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
+    experiment, parent_run = experiment or None, parent_run or None
+    if not experiment and not parent_run:
+        raise UserInputError("experiment: give an experiment name or a parent run id")
+    try:
+        runs = analysis.load_runs(experiment=experiment, parent_run=parent_run)
+    except UserInputError:
+        raise
+    except Exception as exc:
+        raise UserInputError(f"parent_run: cannot read runs ({type(exc).__name__}: {exc})")
+    if not parent_run and "tags.lossgeo_role" in runs:
+        runs = runs[runs["tags.lossgeo_role"].fillna("") != "parent"]
+    if "tags.kind" in runs:  # comparison/report/interpolation runs are not training runs
+        runs = runs[runs["tags.kind"].isna()]
+    if "train_loss" in runs:
+        runs = runs[runs["train_loss"].notna()]
+    if runs.empty:
+        raise UserInputError(f"experiment: no training runs found in "
+                             f"{parent_run or experiment!r}")
+    if "noise_temperature" not in runs and {"lr", "batch_size"} <= set(runs):
+        runs = runs.assign(noise_temperature=runs["lr"] / runs["batch_size"])
+    return runs.reset_index(drop=True)
+
+
+def final_densities(runs: pd.DataFrame) -> dict[str, dict]:
+    densities = {}
+    for _, row in runs.iterrows():
+        try:
+            densities[row["label"]] = load_artifact_object(row["run_id"], "spectrum/density.pt")
+        except Exception:  # runs without curvature have no spectrum
+            continue
+    return densities
+
+
+def compare(experiment: str | None = None, parent_run: str | None = None,
+            out_dir: str | Path = "plots", log: bool = True) -> dict[str, Path]:
+    """Writes the seven comparison plots to out_dir and logs them to MLflow."""
+    import matplotlib.pyplot as plt
+
+    runs = select_runs(experiment, parent_run)
+    finished = runs[runs["status"] == "FINISHED"]
+    history = analysis.load_history(finished)
+    figures = plots.comparison_figures(finished, history, final_densities(finished))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    tracked = _output_run(experiment, parent_run, "comparison") if log else None
+    for name, figure in figures.items():
+        paths[name] = out / name
+        figure.savefig(paths[name], dpi=130)
+        if tracked is not None:
+            tracked.log_file(paths[name], "plots")
+        plt.close(figure)
+    if tracked is not None:
+        tracked.log_text("comparison_runs.csv", finished.to_csv(index=False))
+        tracked.finish()
+    return paths
+
+
+def report(experiment: str | None = None, parent_run: str | None = None,
+           out_dir: str | Path = "latex", compile_pdf: bool = True,
+           log: bool = True) -> tuple[Path, Path | None]:
+    """Writes latex/main.tex (+ figures, references.bib), compiles it where pdflatex exists,
+    and logs the sources and PDF to MLflow."""
+    from .report import write_report
+
+    out = Path(out_dir)
+    figure_dir = out / "figures-src"
+    compare(experiment, parent_run, figure_dir, log=False)
+    runs = select_runs(experiment, parent_run)
+    finished = runs[runs["status"] == "FINISHED"]
+    if "tags.diverged" in finished:
+        finished = finished[finished["tags.diverged"] != "true"]
+    corr = analysis.correlations(finished, analysis.STUDY_PAIRS)
+    tex, pdf = write_report(runs[runs["status"] == "FINISHED"], corr, figure_dir, out,
+                            compile_pdf=compile_pdf)
+    if log:
+        tracked = _output_run(experiment, parent_run, "report")
+        tracked.log_file(tex, "latex")
+        tracked.log_file(out / "references.bib", "latex")
+        if pdf is not None and pdf.exists():
+            tracked.log_file(pdf, "latex")
+        tracked.log_text("latex/table_runs.csv", runs.to_csv(index=False))
+        tracked.finish()
+    return tex, pdf
+
+
+def _output_run(experiment: str | None, parent_run: str | None, kind: str) -> TrackedRun:
+    """Under `mlflow run` the launcher's run; else a new run tagged kind=<kind> (a child of
+    the parent run when one is given)."""
+    from .tracking import get_run
+
+    experiment, parent_run = experiment or None, parent_run or None
+    name = experiment or get_run(parent_run).info.experiment_id
+    if parent_run and not experiment:
+        from .tracking import client
+
+        name = client().get_experiment(name).name
+    return TrackedRun(experiment=name, run_name=kind, parent_run_id=parent_run,
+                      tags={"kind": kind})

@@ -1,0 +1,250 @@
+"""A LaTeX research report generated from logged runs: every number in it is read from
+MLflow (via lossgeo.analysis), never typed by hand."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+REFERENCES = r"""@inproceedings{keskar2017,
+  title={On Large-Batch Training for Deep Learning: Generalization Gap and Sharp Minima},
+  author={Keskar, Nitish Shirish and Mudigere, Dheevatsa and Nocedal, Jorge and Smelyanskiy, Mikhail and Tang, Ping Tak Peter},
+  booktitle={International Conference on Learning Representations}, year={2017}}
+@article{jastrzebski2017,
+  title={Three Factors Influencing Minima in {SGD}},
+  author={Jastrzebski, Stanis{\l}aw and Kenton, Zachary and Arpit, Devansh and Ballas, Nicolas and Fischer, Asja and Bengio, Yoshua and Storkey, Amos},
+  journal={arXiv:1711.04623}, year={2017}}
+@inproceedings{li2018,
+  title={Visualizing the Loss Landscape of Neural Nets},
+  author={Li, Hao and Xu, Zheng and Taylor, Gavin and Studer, Christoph and Goldstein, Tom},
+  booktitle={Advances in Neural Information Processing Systems}, year={2018}}
+@inproceedings{cohen2021,
+  title={Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability},
+  author={Cohen, Jeremy and Kaur, Simran and Li, Yuanzhi and Kolter, J. Zico and Talwalkar, Ameet},
+  booktitle={International Conference on Learning Representations}, year={2021}}
+@inproceedings{ghorbani2019,
+  title={An Investigation into Neural Net Optimization via {H}essian Eigenvalue Density},
+  author={Ghorbani, Behrooz and Krishnan, Shankar and Xiao, Ying},
+  booktitle={International Conference on Machine Learning}, year={2019}}
+@inproceedings{yao2020,
+  title={{PyHessian}: Neural Networks Through the Lens of the {H}essian},
+  author={Yao, Zhewei and Gholami, Amir and Keutzer, Kurt and Mahoney, Michael W.},
+  booktitle={IEEE International Conference on Big Data}, year={2020}}
+@inproceedings{dinh2017,
+  title={Sharp Minima Can Generalize For Deep Nets},
+  author={Dinh, Laurent and Pascanu, Razvan and Bengio, Samy and Bengio, Yoshua},
+  booktitle={International Conference on Machine Learning}, year={2017}}
+@article{mccandlish2018,
+  title={An Empirical Model of Large-Batch Training},
+  author={McCandlish, Sam and Kaplan, Jared and Amodei, Dario and {OpenAI Dota Team}},
+  journal={arXiv:1812.06162}, year={2018}}
+"""
+
+TABLE_COLUMNS = [("train_acc", "train acc"), ("test_acc", "test acc"), ("gen_gap", "gen gap"),
+                 ("lambda_max", r"$\lambda_{\max}$"), ("sharp_mean", "sharp mean"),
+                 ("sharp_max", "sharp max"), ("noise_temperature", r"$\eta/B$")]
+
+FIGURES = [("loss_curves.png", "Train (solid) and test (dashed) loss per epoch."),
+           ("accuracy_curves.png", "Train (solid) and test (dashed) accuracy per epoch."),
+           ("lambda_max.png", r"$\lambda_{\max}$ per epoch on the probe set; dashed: the "
+                              r"stability edge $2(1+\mu)/\eta$ of each run."),
+           ("sharpness.png", "Random-direction sharpness per epoch."),
+           ("gen_gap_vs_lambda.png", r"Final generalisation gap against final $\lambda_{\max}$."),
+           ("noise_vs_lambda.png", r"Final $\lambda_{\max}$ against the noise temperature $\eta/B$."),
+           ("spectra.png", "Hessian spectral densities at the final epoch (SLQ).")]
+
+
+def tex_escape(text: str) -> str:
+    out = str(text)
+    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"),
+                       ("#", r"\#"), ("_", r"\_"), ("{", r"\{"), ("}", r"\}"),
+                       ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")):
+        out = out.replace(char, repl)
+    return out
+
+
+def fmt(value) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "--"
+    if not math.isfinite(v):
+        return "--"
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
+        mantissa, exponent = f"{v:.2e}".split("e")
+        return rf"${mantissa}\times10^{{{int(exponent)}}}$"
+    return f"{v:.4g}"
+
+
+def results_table(runs: pd.DataFrame) -> str:
+    """The final-metric table, one row per run, straight from `load_runs`."""
+    cols = [(c, h) for c, h in TABLE_COLUMNS if c in runs]
+    lines = [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\hline",
+             "run & " + " & ".join(h for _, h in cols) + r" \\", r"\hline"]
+    for _, row in runs.iterrows():
+        lines.append(tex_escape(row["label"]) + " & " +
+                     " & ".join(fmt(row[c]) for c, _ in cols) + r" \\")
+    lines += [r"\hline", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def correlation_sentences(corr: pd.DataFrame) -> str:
+    sentences = []
+    for _, row in corr.iterrows():
+        x, y = tex_escape(row["x"]), tex_escape(row["y"])
+        if pd.isna(row.get("spearman")):
+            sentences.append(f"\\item {x} vs {y}: too few runs (n = {int(row['n'])}) for a "
+                             "rank correlation.")
+            continue
+        holds = "supports" if row["spearman"] > 0 and row["spearman_p"] < 0.05 else \
+            "does not support"
+        sentences.append(
+            f"\\item {x} vs {y}: Spearman $\\rho = {row['spearman']:.2f}$ "
+            f"($p = {row['spearman_p']:.2g}$), Kendall $\\tau = {row['kendall']:.2f}$ "
+            f"($p = {row['kendall_p']:.2g}$), $n = {int(row['n'])}$; this {holds} a positive "
+            "association at the 5\\% level.")
+    return "\\begin{itemize}\n" + "\n".join(sentences) + "\n\\end{itemize}"
+
+
+def settings_paragraph(runs: pd.DataFrame) -> str:
+    def values(column):
+        if column not in runs:
+            return "--"
+        uniq = sorted({str(v) for v in runs[column].dropna()})
+        return tex_escape(", ".join(uniq)) if uniq else "--"
+
+    return (f"Models: {values('model')}; data set: {values('dataset')}; epochs: "
+            f"{values('epochs')}; learning rates: {values('lr')}; batch sizes: "
+            f"{values('batch_size')}; momentum: {values('momentum')}; probe set size: "
+            f"{values('probe_size')}; training subset (0 = all): {values('train_subset')}; "
+            f"Lanczos tolerance: {values('curvature_tol')}; Hutchinson vectors: "
+            f"{values('trace_samples')}; sharpness radius: {values('sharpness_radius')} "
+            f"over {values('sharpness_directions')} directions; seeds: {values('seed')}.")
+
+
+def spikes_paragraph(runs: pd.DataFrame) -> str:
+    if "tags.curvature_spikes" not in runs:
+        return "No curvature spikes were flagged in these runs."
+    flagged = runs.dropna(subset=["tags.curvature_spikes"])
+    if flagged.empty:
+        return "No curvature spikes were flagged in these runs."
+    items = [f"\\item {tex_escape(r['label'])}: {tex_escape(r['tags.curvature_spikes'])}"
+             for _, r in flagged.iterrows()]
+    return "Flagged curvature spikes:\n\\begin{itemize}\n" + "\n".join(items) + "\n\\end{itemize}"
+
+
+def render(runs: pd.DataFrame, corr: pd.DataFrame, figures: list[str], title: str) -> str:
+    figure_tex = "\n".join(
+        "\\begin{figure}[ht]\\centering\\includegraphics[width=0.8\\linewidth]{figures/"
+        f"{name}}}\\caption{{{caption}}}\\end{{figure}}"
+        for name, caption in FIGURES if name in figures)
+    return rf"""\documentclass[11pt]{{article}}
+\usepackage[margin=2.5cm]{{geometry}}
+\usepackage{{amsmath,amssymb,graphicx,hyperref}}
+\title{{{tex_escape(title)}}}
+\author{{Generated by lossgeo from MLflow runs}}
+\date{{\today}}
+\begin{{document}}
+\maketitle
+
+\section{{Theory}}
+For a network with weights $w\in\mathbb{{R}}^n$ and mean training loss $L(w)$, the Hessian
+$H=\nabla^2 L(w)$ describes the local geometry of the loss landscape. Its largest eigenvalue
+$\lambda_{{\max}}$ measures the sharpest direction; its trace and spectral density
+\cite{{ghorbani2019,yao2020}} the overall curvature. Sharpness can also be measured by the
+loss increase under perturbations: along random filter-normalised directions \cite{{li2018}}, or
+as the worst case in a box ($\epsilon$-sharpness) \cite{{keskar2017}}. Such measures are not
+invariant to reparametrisation \cite{{dinh2017}}.
+SGD with learning rate $\eta$ and batch size $B$ behaves like a noisy gradient flow whose
+noise scales with the temperature $T=\eta/B$ \cite{{jastrzebski2017}}; the gradient noise scale
+$B_{{\text{{simple}}}}=\operatorname{{tr}}\Sigma/\lVert G\rVert^2$ \cite{{mccandlish2018}} says
+which batch sizes are noise-dominated. Gradient descent is stable on a quadratic only while
+$\lambda_{{\max}} < 2(1+\mu)/\eta$ (momentum $\mu$); full-batch training drives
+$\lambda_{{\max}}$ up to that edge \cite{{cohen2021}}. The generalisation gap is
+$\text{{test loss}}-\text{{train loss}}$. The hypothesis under test: higher temperature finds
+flatter minima, and flatter minima generalise better \cite{{keskar2017}}.
+
+\section{{Methods}}
+Curvature is measured exactly on a fixed probe set of training samples (identical for every
+epoch and run with the same seed), in evaluation mode: Hessian-vector products by double
+backpropagation through a retained gradient graph; $\lambda_{{\max}}$, the top-$k$ spectrum and
+$\lambda_{{\min}}$ by Lanczos with full reorthogonalisation; the trace by Hutchinson's estimator
+with its standard error; the spectral density by stochastic Lanczos quadrature. Random-direction
+sharpness uses filter-normalised Gaussian directions (biases and normalisation parameters
+zeroed). Settings of these runs: {settings_paragraph(runs)}
+
+\section{{Results}}
+Final metrics per run ({len(runs)} runs):
+
+\begin{{center}}
+{results_table(runs)}
+\end{{center}}
+
+{figure_tex}
+
+\section{{Interpretation}}
+Rank correlations over the finished runs:
+{correlation_sentences(corr)}
+With few runs these tests have little power; a lack of significance is not evidence for the
+absence of an effect, and a correlation across regimes does not separate the effect of the
+temperature from that of the number of steps taken.
+
+{spikes_paragraph(runs)}
+
+\section{{Applications}}
+\paragraph{{Curvature spikes as instability warnings.}} In LLM fine-tuning, a sudden jump of
+$\lambda_{{\max}}$ or an edge ratio $\lambda_{{\max}}\eta/(2(1+\mu))$ crossing 1 signals that the
+step size has left the stable region; the detector above flags such epochs, and a warm-up,
+a smaller learning rate or gradient clipping is the usual response.
+\paragraph{{Sharp layers.}} Layer-wise $\lambda_{{\max}}$ (logged as
+\texttt{{lambda\_max/<layer>}}) points at the blocks, e.g. attention layers, whose curvature
+dominates, to target with lower learning rates or LoRA ranks.
+\paragraph{{Robust OCR encoders.}} Comparing the curvature and sharpness profiles of candidate
+encoders (CNN vs vision transformer) on the same probe set gives one more criterion for choosing
+an encoder that does not overfit noisy scans.
+
+\bibliographystyle{{plain}}
+\bibliography{{references}}
+\end{{document}}
+"""
+
+
+def write_report(runs: pd.DataFrame, corr: pd.DataFrame, figure_dir: Path, out_dir: Path,
+                 title: str = "Loss landscape geometry, SGD noise and generalisation",
+                 compile_pdf: bool = True) -> tuple[Path, Path | None]:
+    """Writes out_dir/main.tex, references.bib and figures/; compiles main.pdf with pdflatex
+    when it is on PATH. Returns (tex path, pdf path or None)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "figures").mkdir(exist_ok=True)
+    figures = []
+    for name, _ in FIGURES:
+        source = figure_dir / name
+        if source.exists():
+            shutil.copy(source, out_dir / "figures" / name)
+            figures.append(name)
+    tex = out_dir / "main.tex"
+    tex.write_text(render(runs, corr, figures, title))
+    (out_dir / "references.bib").write_text(REFERENCES)
+    if not compile_pdf or shutil.which("pdflatex") is None:
+        return tex, None
+    return tex, compile_latex(tex)
+
+
+def compile_latex(tex: Path) -> Path:
+    """pdflatex, bibtex, pdflatex twice; raises RuntimeError with the log's tail on failure."""
+    steps = [["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name],
+             ["bibtex", tex.stem],
+             ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name],
+             ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name]]
+    for step in steps:
+        if shutil.which(step[0]) is None:
+            continue
+        result = subprocess.run(step, cwd=tex.parent, capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0 and step[0] == "pdflatex":
+            raise RuntimeError(f"pdflatex failed: {result.stdout[-1500:]}")
+    return tex.with_suffix(".pdf")

@@ -1,0 +1,39 @@
+"""Curvature-spike detector (the original design's LLM extension): flag epochs where
+lambda_max jumps by more than `factor` over the previous measurement, or where edge_ratio
+crosses 1 from below (the step size just left the stable region of GD on that curvature)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Spike:
+    epoch: int
+    reason: str
+
+
+def detect_spikes(history: pd.DataFrame, factor: float = 2.0) -> list[Spike]:
+    """history: one row per epoch with `epoch`, `lambda_max` and optionally `edge_ratio`."""
+    if factor <= 1:
+        raise ValueError(f"factor: must be > 1 (got {factor})")
+    if history.empty or "lambda_max" not in history:
+        return []
+    rows = history.dropna(subset=["lambda_max"]).sort_values("epoch")
+    spikes: list[Spike] = []
+    previous = None
+    for _, row in rows.iterrows():
+        reasons = []
+        if previous is not None:
+            if previous["lambda_max"] > 0 and row["lambda_max"] > factor * previous["lambda_max"]:
+                reasons.append(f"lambda_max x{row['lambda_max'] / previous['lambda_max']:.2f}")
+            if ("edge_ratio" in row and pd.notna(row["edge_ratio"])
+                    and pd.notna(previous.get("edge_ratio"))
+                    and previous["edge_ratio"] < 1 <= row["edge_ratio"]):
+                reasons.append(f"edge_ratio crossed 1 ({row['edge_ratio']:.2f})")
+        if reasons:
+            spikes.append(Spike(int(row["epoch"]), "; ".join(reasons)))
+        previous = row
+    return spikes
