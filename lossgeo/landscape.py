@@ -120,18 +120,29 @@ class PerturbedLoss:
                 self._cache = self._build_cache()
             for p, c in enumerate(coeffs):
                 c_model = c.to(self.space.dtype).to(self.base.device)
-                flat = self.base + c_model @ self.directions
-                losses[p], accs[p] = self._evaluate(flat, c_model)
+                losses[p], accs[p] = self._evaluate(c_model)
         return losses, accs
 
-    def _evaluate(self, flat: torch.Tensor, c: torch.Tensor) -> tuple[float, float]:
-        params = self.space.unflatten(flat)
+    def _tail_pieces(self):
+        """Base weights and directions of the layers after the first one only: the first
+        layer's own weights never need forming in the factorised path."""
+        if getattr(self, "_tail", None) is None:
+            _, _, _, _, tail_names = self._split
+            base = self.space.unflatten(self.base)
+            dirs = [self.space.unflatten(d) for d in self.directions]
+            self._tail = {local: (base[name], torch.stack([d[name] for d in dirs]))
+                          for local, name in tail_names.items()}
+        return self._tail
+
+    def _evaluate(self, c: torch.Tensor) -> tuple[float, float]:
         if self._split is None:
+            params = self.space.unflatten(self.base + c @ self.directions)
             full = {**self.space.frozen, **params}
             outputs = ((functional_call(self.model, full, (x,)), y) for x, y in self.batches)
         else:
-            _, _, _, tail, tail_names = self._split
-            tail_params = {local: params[name] for local, name in tail_names.items()}
+            tail = self._split[3]
+            tail_params = {local: w + torch.tensordot(c, d, dims=1)
+                           for local, (w, d) in self._tail_pieces().items()}
             outputs = ((functional_call(tail, tail_params, (z0 + torch.tensordot(c, zs, dims=1),)), y)
                        for z0, zs, y in self._cache)
         total, correct = 0.0, 0
