@@ -81,3 +81,12 @@ def test_fashion_mnist_from_debian_layout(tmp_path, monkeypatch):
     bundle = load_data("fashion-mnist", tmp_path / "nothing-here", val_size=20, probe_size=10,
                        download=False)
     assert (len(bundle.train), len(bundle.test)) == (100, 30)
+
+
+def test_real_fashion_mnist_from_debian_package():
+    if not data_mod.DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+    bundle = load_data("fashion-mnist", "/nonexistent", val_size=5000, probe_size=16,
+                       download=False)
+    assert (len(bundle.train), len(bundle.test)) == (55000, 10000)
+    assert abs(float(bundle.train.x.mean())) < 0.05

@@ -1,0 +1,55 @@
+"""The README's main command, as a user runs it: `mlflow run . --env-manager local`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .conftest import REPO
+
+
+def mlflow_run(tmp_path, *params, entry="main"):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("MLFLOW_RUN_ID", None)
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
+            "--experiment-name", "e2e", "-e", entry]
+    for p in params:
+        args += ["-P", p]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def e2e_experiment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_experiment("e2e", artifact_location=str(tmp_path / "artifacts"))
+    return client
+
+
+def test_mlflow_run_main_entry_point(tmp_path, e2e_experiment, fake_data_dir):
+    result = mlflow_run(tmp_path, "epochs=1", "train_subset=200", "val_size=100",
+                        "probe_size=32", "batch_size=32", "hidden=16", "curvature_k=2",
+                        "landscape_resolution=3", "sharpness_directions=1", "trace_samples=2",
+                        "density_steps=5", f"data_dir={fake_data_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = e2e_experiment.search_runs([e2e_experiment.get_experiment_by_name("e2e").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["epochs"] == "1" and run.data.tags["model"] == "mlp"
+    for metric in ("train_loss", "test_acc", "lambda_max", "sharp_max", "grad_noise_scale"):
+        assert [m.step for m in e2e_experiment.get_metric_history(run.info.run_id, metric)] == [0, 1]
+    paths = {a.path for a in e2e_experiment.list_artifacts(run.info.run_id)}
+    assert {"metrics.csv", "config.yaml", "checkpoint", "plots", "spectrum", "landscape"} <= paths
+
+
+def test_mlflow_run_bad_input_says_why(tmp_path, e2e_experiment):
+    result = mlflow_run(tmp_path, "lr=0")
+    assert result.returncode != 0
+    assert "lossgeo: error: lr: must be > 0 (got 0.0)" in result.stderr
+    runs = e2e_experiment.search_runs([e2e_experiment.get_experiment_by_name("e2e").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["rejected_input"].startswith("lr: must be > 0")
+    assert not runs[0].data.metrics
