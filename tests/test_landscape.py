@@ -70,12 +70,18 @@ def test_axis_always_contains_zero():
         axis(0, 1.0)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "wide-conv"])
 def test_origin_equals_unperturbed_loss_exactly_and_factorisation_agrees(name, fake_data_dir):
     from lossgeo.data import load_data
 
     torch.manual_seed(0)
-    model = build_model(name)
+    if name == "wide-conv":  # a first conv with fan-in >= 64 takes the factorised path
+        model = nn.Sequential(nn.Conv2d(1, 4, 9), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 20 * 20, 10))
+        assert PerturbedLoss(model, cross_entropy, toy_image_data(),
+                             random_direction(model))._split is not None
+    else:
+        model = build_model(name)
     probe = load_data("mnist", fake_data_dir, val_size=100, probe_size=64).probe
     data = (probe.x, probe.y)
     d1, d2 = random_direction(model, seed=1), random_direction(model, seed=2)
@@ -97,6 +103,9 @@ def test_factorised_path_is_used_where_the_first_layer_is_linear():
                          random_direction(build_model("mlp")))._split is not None
     assert PerturbedLoss(build_model("resnet"), cross_entropy, toy_image_data(),
                          random_direction(build_model("resnet")))._split is None
+    # a 3x3 conv on one channel has fan-in 9: too cheap to be worth caching
+    assert PerturbedLoss(build_model("cnn"), cross_entropy, toy_image_data(),
+                         random_direction(build_model("cnn")))._split is None
 
 
 def toy_image_data(n=8):
