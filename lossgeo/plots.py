@@ -142,7 +142,7 @@ def landscape_1d(slices: Mapping) -> Figure:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     ax = axes[0]
     for key, label in (("random", "filter-normalised random direction"),
-                       ("eigen", "top Hessian eigenvector (scaled to ||w||)")):
+                       ("eigen", "top Hessian eigenvector (unit; t = distance)")):
         if key in slices:
             ax.plot(_np(slices[key]["t"]), _np(slices[key]["loss"]), label=label)
     ax.set_xlabel("step t along the direction (0 = final weights)")
