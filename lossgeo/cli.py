@@ -80,7 +80,7 @@ def train_command(**options: Any) -> None:
 @cli.command("curvature")
 @click.option("--run-id", required=True, help="MLflow run whose final checkpoint to measure")
 @click.option("--curvature-k", type=int, default=None, help="top eigenvalues (default: the run's)")
-@click.option("--curvature-tol", type=float, default=None, help="Ritz residual tolerance")
+@click.option("--curvature-tol", type=float, default=None, help="relative eigenvalue accuracy")
 @click.option("--curvature-max-iter", type=int, default=None, help="maximum Lanczos steps")
 @click.option("--trace-samples", type=int, default=None, help="Hutchinson vectors")
 @click.option("--probe-size", type=int, default=None, help="probe samples (default: the run's)")
