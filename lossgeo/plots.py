@@ -20,6 +20,18 @@ def _colours(n: int):
     return [cmap(i % 10) for i in range(n)]
 
 
+def _log_axis(ax, which: str) -> None:
+    """Log scale labelled at 1, 2, 5 x 10^k in plain numbers (matplotlib's default minor
+    labels overlap when the data span less than two decades)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _curves(histories: Mapping[str, pd.DataFrame], metrics: list[tuple[str, str]],
             ylabel: str, title: str, log_y: bool = False) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
@@ -240,15 +252,20 @@ def lambda_max_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, f
                       momenta: Mapping[str, float] | None = None) -> Figure:
     """lambda_max per epoch; the stability edge 2(1 + momentum)/lr dashed in the same colour."""
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    edges: dict[float, list[tuple[str, object]]] = {}
     for colour, (label, df) in zip(_colours(len(histories)), histories.items()):
         if "lambda_max" not in df:
             continue
         ax.plot(df["epoch"], df["lambda_max"], "-o", color=colour, markersize=3, label=label)
         lr = lrs.get(label)
         if lr:
-            edge = 2 * (1 + (momenta or {}).get(label, 0.0)) / lr
-            ax.axhline(edge, color=colour, ls="--", lw=1, label=f"{label}: 2(1+m)/lr = {edge:.3g}")
-    ax.set_yscale("log")
+            edge = round(2 * (1 + (momenta or {}).get(label, 0.0)) / lr, 10)
+            edges.setdefault(edge, []).append((label, colour))
+    for edge, owners in edges.items():  # one dashed line per distinct edge, shared colours
+        colour = owners[0][1] if len(owners) == 1 else "grey"
+        names = ", ".join(name for name, _ in owners)
+        ax.axhline(edge, color=colour, ls="--", lw=1, label=f"2(1+m)/lr = {edge:.3g} ({names})")
+    _log_axis(ax, "y")
     ax.set_xlabel("epoch")
     ax.set_ylabel("lambda_max of the Hessian (probe set, log scale)")
     ax.set_title("Sharpness lambda_max and the stability edge of (momentum) GD")
@@ -274,7 +291,7 @@ def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
     if len(data) >= 3:
         rho, p = stats.spearmanr(data["lambda_max"], data["gen_gap"])
         ax.plot([], [], " ", label=f"Spearman rho = {rho:.2f} (p = {p:.2g}, n = {len(data)})")
-    ax.set_xscale("log")
+    _log_axis(ax, "x")
     ax.set_xlabel("final lambda_max (log scale)")
     ax.set_ylabel("final gen_gap = test_loss - train_loss")
     ax.set_title("Generalisation gap vs sharpness")
@@ -299,8 +316,8 @@ def noise_vs_lambda(runs: pd.DataFrame) -> Figure:
         if len(data) >= 3:
             rho, p = stats.spearmanr(data["noise_temperature"], data["lambda_max"])
             ax.plot([], [], " ", label=f"Spearman rho = {rho:.2f} (p = {p:.2g}, n = {len(data)})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_axis(ax, "x")
+    _log_axis(ax, "y")
     ax.set_xlabel("noise temperature lr / B (log scale)")
     ax.set_ylabel("final lambda_max (log scale)")
     ax.set_title("SGD noise temperature vs sharpness")
