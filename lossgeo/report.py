@@ -92,6 +92,11 @@ def results_table(runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# The original design's hypotheses: more noise -> flatter; sharper -> larger gap.
+EXPECTED_SIGN = {("noise_temperature", "lambda_max"): -1, ("lambda_max", "gen_gap"): 1,
+                 ("sharp_max", "gen_gap"): 1}
+
+
 def correlation_sentences(corr: pd.DataFrame) -> str:
     sentences = []
     for _, row in corr.iterrows():
@@ -100,13 +105,15 @@ def correlation_sentences(corr: pd.DataFrame) -> str:
             sentences.append(f"\\item {x} vs {y}: too few runs (n = {int(row['n'])}) for a "
                              "rank correlation.")
             continue
-        holds = "supports" if row["spearman"] > 0 and row["spearman_p"] < 0.05 else \
-            "does not support"
+        sign = EXPECTED_SIGN.get((row["x"], row["y"]), 1)
+        holds = ("supports" if sign * row["spearman"] > 0 and row["spearman_p"] < 0.05
+                 else "does not support")
         sentences.append(
             f"\\item {x} vs {y}: Spearman $\\rho = {row['spearman']:.2f}$ "
             f"($p = {row['spearman_p']:.2g}$), Kendall $\\tau = {row['kendall']:.2f}$ "
-            f"($p = {row['kendall_p']:.2g}$), $n = {int(row['n'])}$; this {holds} a positive "
-            "association at the 5\\% level.")
+            f"($p = {row['kendall_p']:.2g}$), $n = {int(row['n'])}$; this {holds} the "
+            f"hypothesised {'positive' if sign > 0 else 'negative'} association at the 5\\% "
+            "level.")
     return "\\begin{itemize}\n" + "\n".join(sentences) + "\n\\end{itemize}"
 
 
