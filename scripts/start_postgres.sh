@@ -4,6 +4,10 @@
 # (Debian's `postgresql` package provides the binaries.)
 set -euo pipefail
 port="${1:-55432}"
+# another server on that port (a developer's, say): take a free one instead
+if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+fi
 bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
 data="$(mktemp -d /tmp/lossgeo-pg.XXXXXX)"
 run_as=()
