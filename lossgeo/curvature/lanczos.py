@@ -76,33 +76,16 @@ def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 
         raise ValueError("k: ask for at least one eigenpair")
     if k_top + k_bottom > n:
         raise ValueError(f"k: at most the dimension {n} eigenpairs (got {k_top + k_bottom})")
-    max_iter = min(max_iter, n)
-    basis = torch.empty(max_iter, n, dtype=dtype, device=device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    q = _start_vector(n, dtype, device, seed)
-    n_hvp = 0
-    for j in range(max_iter):
-        basis[j] = q
-        w = matvec(q)
-        n_hvp += 1
-        alphas.append(float(torch.dot(w.double(), q.double())))
-        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough", Parlett)
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-        beta = float(w.double().norm())
-        theta, s = eigh_tridiagonal(np.array(alphas), np.array(betas)) if j else (
-            np.array(alphas), np.ones((1, 1)))
+    steps = _lanczos_steps(matvec, _start_vector(n, dtype, device, seed), min(max_iter, n))
+    for basis, alphas, betas, beta in steps:
+        theta, s = _ritz(alphas, betas)
         top, bottom = _wanted(theta, k_top, k_bottom)
-        invariant = beta <= 1e-10 * max(1.0, np.abs(theta).max())
-        if invariant:  # the Krylov space is invariant: every Ritz pair is exact
-            break
+        invariant = _invariant(beta, alphas)
         if len(alphas) >= k_top + k_bottom + 1 and all(
                 _ritz_converged(beta, s, theta, idx, t).all()
                 for idx, t in ((top, tol), (bottom, bottom_tol))):
             break
-        betas.append(beta)
-        q = w / beta
-    m = len(alphas)
+    n_hvp = len(alphas)
     results: list[EigenResult | None] = []
     pending = []
     for idx, which, group_tol in ((top, "LA", tol), (bottom, "SA", bottom_tol)):
@@ -110,7 +93,7 @@ def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 
             pending.append(None)
             continue
         coeffs = torch.as_tensor(s[:, idx], dtype=dtype, device=device)
-        vectors = (basis[:m].T @ coeffs).T.contiguous()
+        vectors = (basis.T @ coeffs).T.contiguous()
         vectors = vectors / vectors.norm(dim=1, keepdim=True)
         values = torch.as_tensor(theta[idx], dtype=torch.float64)
         converged = torch.as_tensor(
@@ -134,26 +117,44 @@ def lanczos_tridiagonal(matvec: MatVec, v0: torch.Tensor, n_steps: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """n_steps of Lanczos (full reorthogonalisation) from v0; returns the Ritz values and the
     squared first components of their eigenvectors (Gauss quadrature nodes and weights)."""
-    n = v0.numel()
-    n_steps = min(n_steps, n)
-    basis = torch.empty(n_steps, n, dtype=v0.dtype, device=v0.device)
-    q = v0 / v0.norm()
-    alphas, betas = [], []
-    for j in range(n_steps):
+    for _, alphas, betas, _ in _lanczos_steps(matvec, v0 / v0.norm(), min(n_steps, v0.numel())):
+        pass
+    theta, s = _ritz(alphas, betas)
+    return theta, s[0] ** 2
+
+
+def _lanczos_steps(matvec: MatVec, q: torch.Tensor, max_steps: int):
+    """The Lanczos recurrence with full reorthogonalisation (classical Gram-Schmidt, twice:
+    "twice is enough", Parlett). After step j it yields (basis[:j+1], alphas, betas, beta),
+    where beta is the norm of the next residual; it ends after max_steps or once the Krylov
+    space is invariant. The caller stops it earlier by breaking out of the loop."""
+    basis = torch.empty(max_steps, q.numel(), dtype=q.dtype, device=q.device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(max_steps):
         basis[j] = q
         w = matvec(q)
         alphas.append(float(torch.dot(w.double(), q.double())))
         for _ in range(2):
             w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
         beta = float(w.double().norm())
-        if j == n_steps - 1 or beta <= 1e-10 * max(1.0, max(abs(a) for a in alphas)):
-            break
+        yield basis[: j + 1], alphas, betas, beta
+        if _invariant(beta, alphas):
+            return
         betas.append(beta)
         q = w / beta
+
+
+def _invariant(beta: float, alphas: list[float]) -> bool:
+    """The next Lanczos vector vanished: the Krylov space is invariant, every Ritz pair exact."""
+    return beta <= 1e-10 * max(1.0, max(abs(a) for a in alphas))
+
+
+def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of the tridiagonal T (scipy), with T's last off-diagonal dropped."""
     if len(alphas) == 1:
-        return np.array(alphas), np.ones(1)
-    theta, s = eigh_tridiagonal(np.array(alphas), np.array(betas))
-    return theta, s[0] ** 2
+        return np.array(alphas), np.ones((1, 1))
+    return eigh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
 
 
 def power_iteration(matvec: MatVec, n: int, *, k: int = 1, tol: float = 1e-3,
