@@ -36,7 +36,7 @@ class TrainConfig:
     dataset: str = _param("mnist", "data set", choices=DATASETS)
     model: str = _param("mlp", "model architecture", choices=MODELS)
     lr: float = _param(0.1, "SGD learning rate", _positive, "> 0")
-    batch_size: int = _param(64, "mini-batch size", _positive, ">= 1 and <= training-set size")
+    batch_size: int = _param(32, "mini-batch size", _positive, ">= 1 and <= training-set size")
     epochs: int = _param(3, "training epochs (0 = measure the initialisation only)",
                          _non_negative, ">= 0")
     momentum: float = _param(0.0, "SGD momentum", lambda m: 0 <= m < 1, "in [0, 1)")
