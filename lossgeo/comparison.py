@@ -102,13 +102,10 @@ def report(experiment: str | None = None, parent_run: str | None = None,
 def _output_run(experiment: str | None, parent_run: str | None, kind: str) -> TrackedRun:
     """Under `mlflow run` the launcher's run; else a new run tagged kind=<kind> (a child of
     the parent run when one is given)."""
-    from .tracking import get_run
+    from .tracking import client, get_run
 
     experiment, parent_run = experiment or None, parent_run or None
-    name = experiment or get_run(parent_run).info.experiment_id
-    if parent_run and not experiment:
-        from .tracking import client
-
-        name = client().get_experiment(name).name
-    return TrackedRun(experiment=name, run_name=kind, parent_run_id=parent_run,
+    if not experiment:
+        experiment = client().get_experiment(get_run(parent_run).info.experiment_id).name
+    return TrackedRun(experiment=experiment, run_name=kind, parent_run_id=parent_run,
                       tags={"kind": kind})
