@@ -135,6 +135,13 @@ def test_grid_runs_every_cell_and_summarises(tmp_path, tracking, fake_data_dir):
     plots = {a.path for a in client.list_artifacts(parent, "plots")}
     assert {"plots/loss_curves.png", "plots/lambda_max.png", "plots/gen_gap_vs_lambda.png",
             "plots/noise_vs_lambda.png", "plots/sharpness.png"} <= plots
+    # compare by parent run: the two cells only, plots logged as a child of the parent
+    result = CliRunner().invoke(cli, ["compare", "--parent-run", parent, "--out", "cmp"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tracking / "cmp").glob("*.png"))) == 7
+    outputs = client.search_runs([client.get_run(parent).info.experiment_id],
+                                 "tags.kind = 'comparison'")
+    assert [r.data.tags["mlflow.parentRunId"] for r in outputs] == [parent]
 
 
 def test_gradient_noise_scale_matches_per_sample_loop():
