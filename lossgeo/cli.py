@@ -7,6 +7,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import Any, Callable
 
@@ -53,6 +54,18 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def reports_user_errors(command: Callable) -> Callable:
+    """Bad input anywhere in a command becomes `fail`: one line, exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserInputError as exc:
+            fail(str(exc))
+    return wrapper
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """lossgeo: loss-landscape geometry tracked in MLflow."""
@@ -60,16 +73,13 @@ def cli() -> None:
 
 @cli.command("train")
 @config_options
+@reports_user_errors
 def train_command(**options: Any) -> None:
     """Train one model as one MLflow run, measuring curvature on a schedule."""
-    from .experiment import prepare, run_training
+    from .experiment import run_training
 
-    try:
-        config = build_config(options)
-        prepared = prepare(config)
-    except UserInputError as exc:
-        fail(str(exc))
-    outcome = run_training(config, prepared=prepared)
+    # run_training validates against the data before any MLflow run exists
+    outcome = run_training(build_config(options))
     last = outcome.history.iloc[-1].to_dict() if not outcome.history.empty else {}
     summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("train_loss", "test_loss", "test_acc",
                                                         "lambda_max") if k in last)
@@ -85,14 +95,12 @@ def train_command(**options: Any) -> None:
 @click.option("--trace-samples", type=int, default=None, help="Hutchinson vectors")
 @click.option("--probe-size", type=int, default=None, help="probe samples (default: the run's)")
 @click.option("--data-dir", default=None, help="data root (default: the run's)")
+@reports_user_errors
 def curvature_command(run_id: str, **overrides: Any) -> None:
     """Re-measure a logged run's final checkpoint; results go into that run."""
     from .experiment import remeasure_curvature
 
-    try:
-        metrics = remeasure_curvature(run_id, **overrides)
-    except UserInputError as exc:
-        fail(str(exc))
+    metrics = remeasure_curvature(run_id, **overrides)
     click.echo(f"run {run_id}: lambda_max={metrics['lambda_max']:.6g} "
                f"lambda_min={metrics['lambda_min']:.6g} trace={metrics['hessian_trace']:.6g} "
                f"({metrics['curvature_seconds']:.1f}s) logged under remeasured/")
@@ -108,14 +116,12 @@ def curvature_command(run_id: str, **overrides: Any) -> None:
               default=None, help="plane (default: the run's)")
 @click.option("--on-test", is_flag=True, help="slice on the test set instead of the probe set")
 @click.option("--data-dir", default=None, help="data root (default: the run's)")
+@reports_user_errors
 def landscape_command(run_id: str, **options: Any) -> None:
     """Compute a loss slice of a logged run's final checkpoint; logged into that run."""
     from .experiment import remeasure_landscape
 
-    try:
-        slice2d = remeasure_landscape(run_id, **options)
-    except UserInputError as exc:
-        fail(str(exc))
+    slice2d = remeasure_landscape(run_id, **options)
     click.echo(f"run {run_id}: {tuple(slice2d['loss'].shape)} slice "
                f"({slice2d['directions']}) logged under remeasured/landscape/")
 
@@ -126,16 +132,14 @@ def landscape_command(run_id: str, **options: Any) -> None:
 @click.option("--points", type=click.IntRange(min=3), default=41, show_default=True)
 @click.option("--experiment", default="lossgeo", show_default=True)
 @click.option("--data-dir", default=None, help="data root (default: the runs')")
+@reports_user_errors
 def interpolate_command(run_a: str, run_b: str, points: int, experiment: str,
                         data_dir: str | None) -> None:
     """Loss along the line between two runs' final weights, logged as a new run."""
     from .experiment import interpolate_runs
 
-    try:
-        new_run, result = interpolate_runs(run_a, run_b, points=points, experiment=experiment,
-                                           data_dir=data_dir)
-    except UserInputError as exc:
-        fail(str(exc))
+    new_run, result = interpolate_runs(run_a, run_b, points=points, experiment=experiment,
+                                       data_dir=data_dir)
     click.echo(f"run {new_run}: interpolation logged")
 
 
@@ -155,17 +159,15 @@ def _load_spec(path: str, data_dir: str | None):
               help="grid study file (YAML)")
 @click.option("--experiment", default="lossgeo", show_default=True)
 @click.option("--data-dir", default=None, help="data root for every cell")
+@reports_user_errors
 def grid_command(study_path: str, experiment: str, data_dir: str | None) -> None:
     """Run every model x regime of a grid study as child runs of one parent run."""
     from .study import run_grid
 
-    try:
-        spec = _load_spec(study_path, data_dir)
-        if spec.kind != "grid":
-            raise UserInputError(f"study: {study_path} is a {spec.kind}, not a grid")
-        parent = run_grid(spec, experiment=experiment)
-    except UserInputError as exc:
-        fail(str(exc))
+    spec = _load_spec(study_path, data_dir)
+    if spec.kind != "grid":
+        raise UserInputError(f"study: {study_path} is a {spec.kind}, not a grid")
+    parent = run_grid(spec, experiment=experiment)
     click.echo(f"grid {spec.name}: parent run {parent}")
 
 
@@ -181,23 +183,21 @@ def grid_command(study_path: str, experiment: str, data_dir: str | None) -> None
 @click.option("--data-dir", default=None, help="data root for every trial")
 @click.option("--heartbeat-interval", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--grace-period", type=click.IntRange(min=2), default=30, show_default=True)
+@reports_user_errors
 def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str, n_jobs: int,
                   experiment: str, data_dir: str | None, heartbeat_interval: int,
                   grace_period: int) -> None:
     """Run (or join) an Optuna sweep; start the same command on many machines to share it."""
     from .study import run_sweep
 
-    try:
-        if n_trials < 0:
-            raise UserInputError(f"n_trials: must be >= 0 (got {n_trials})")
-        spec = _load_spec(study_path, data_dir)
-        if spec.kind != "sweep":
-            raise UserInputError(f"study: {study_path} is a {spec.kind}, not a sweep")
-        study = run_sweep(spec, storage=storage or None, n_trials=n_trials or None,
-                          n_jobs=n_jobs, study_name=study_name or None, experiment=experiment,
-                          heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-    except UserInputError as exc:
-        fail(str(exc))
+    if n_trials < 0:
+        raise UserInputError(f"n_trials: must be >= 0 (got {n_trials})")
+    spec = _load_spec(study_path, data_dir)
+    if spec.kind != "sweep":
+        raise UserInputError(f"study: {study_path} is a {spec.kind}, not a sweep")
+    study = run_sweep(spec, storage=storage or None, n_trials=n_trials or None,
+                      n_jobs=n_jobs, study_name=study_name or None, experiment=experiment,
+                      heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     states = [t.state.name for t in study.trials]
     click.echo(f"study {study.study_name}: " + ", ".join(
         f"{states.count(s)} {s.lower()}" for s in sorted(set(states))))
@@ -207,14 +207,12 @@ def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str,
 @click.option("--experiment", default=None, help="MLflow experiment name")
 @click.option("--parent-run", default=None, help="a grid's or sweep's parent run id")
 @click.option("--out", "out_dir", default="plots", show_default=True)
+@reports_user_errors
 def compare_command(experiment: str | None, parent_run: str | None, out_dir: str) -> None:
     """Draw the comparison plots of logged runs into plots/ and log them to MLflow."""
     from .comparison import compare
 
-    try:
-        paths = compare(experiment, parent_run, out_dir)
-    except UserInputError as exc:
-        fail(str(exc))
+    paths = compare(experiment, parent_run, out_dir)
     click.echo("\n".join(str(p) for p in paths.values()))
 
 
@@ -223,15 +221,13 @@ def compare_command(experiment: str | None, parent_run: str | None, out_dir: str
 @click.option("--parent-run", default=None, help="a grid's or sweep's parent run id")
 @click.option("--out", "out_dir", default="latex", show_default=True)
 @click.option("--no-pdf", is_flag=True, help="write the LaTeX sources only")
+@reports_user_errors
 def report_command(experiment: str | None, parent_run: str | None, out_dir: str,
                    no_pdf: bool) -> None:
     """Write a LaTeX research report from logged runs; compile it where pdflatex exists."""
     from .comparison import report
 
-    try:
-        tex, pdf = report(experiment, parent_run, out_dir, compile_pdf=not no_pdf)
-    except UserInputError as exc:
-        fail(str(exc))
+    tex, pdf = report(experiment, parent_run, out_dir, compile_pdf=not no_pdf)
     click.echo(f"{tex}" + (f"\n{pdf}" if pdf else "\n(pdflatex not found: sources only)"))
 
 

@@ -280,17 +280,22 @@ def sharpness_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
     return fig
 
 
-def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
-    """Final gen_gap against final lambda_max, one point per run, Spearman in the legend."""
+def _spearman_legend(ax, x: pd.Series, y: pd.Series) -> None:
+    """Spearman's rho, its p-value and n as a legend entry (from three points on)."""
     from scipy import stats
 
+    if len(x) >= 3:
+        rho, p = stats.spearmanr(x, y)
+        ax.plot([], [], " ", label=f"Spearman rho = {rho:.2f} (p = {p:.2g}, n = {len(x)})")
+
+
+def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
+    """Final gen_gap against final lambda_max, one point per run, Spearman in the legend."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     data = runs[["lambda_max", "gen_gap", "label"]].dropna() if {"lambda_max", "gen_gap"} <= set(runs) else pd.DataFrame()
     for colour, (_, row) in zip(_colours(len(data)), data.iterrows()):
         ax.scatter(row["lambda_max"], row["gen_gap"], color=colour, s=40, label=row["label"])
-    if len(data) >= 3:
-        rho, p = stats.spearmanr(data["lambda_max"], data["gen_gap"])
-        ax.plot([], [], " ", label=f"Spearman rho = {rho:.2f} (p = {p:.2g}, n = {len(data)})")
+    _spearman_legend(ax, data["lambda_max"], data["gen_gap"])
     _log_axis(ax, "x")
     ax.set_xlabel("final lambda_max (log scale)")
     ax.set_ylabel("final gen_gap = test_loss - train_loss")
@@ -302,8 +307,6 @@ def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
 
 def noise_vs_lambda(runs: pd.DataFrame) -> Figure:
     """lambda_max against the noise temperature lr/B on log axes, all runs/trials."""
-    from scipy import stats
-
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     if {"noise_temperature", "lambda_max"} <= set(runs):
         data = runs[["noise_temperature", "lambda_max"]].apply(pd.to_numeric, errors="coerce")
@@ -313,9 +316,7 @@ def noise_vs_lambda(runs: pd.DataFrame) -> Figure:
             part = data[models == model]
             ax.scatter(part["noise_temperature"], part["lambda_max"], color=colour, s=30,
                        label=str(model))
-        if len(data) >= 3:
-            rho, p = stats.spearmanr(data["noise_temperature"], data["lambda_max"])
-            ax.plot([], [], " ", label=f"Spearman rho = {rho:.2f} (p = {p:.2g}, n = {len(data)})")
+        _spearman_legend(ax, data["noise_temperature"], data["lambda_max"])
     _log_axis(ax, "x")
     _log_axis(ax, "y")
     ax.set_xlabel("noise temperature lr / B (log scale)")

@@ -57,13 +57,21 @@ class FailRunAndRetry:
         self.retry(study, trial)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a sqlite:/// URL, its folder created; None for other URLs."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = Path(url[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def make_storage(url: str | None = None, *, heartbeat_interval: int = 10,
                  grace_period: int = 30) -> optuna.storages.RDBStorage:
     url = url or DEFAULT_STORAGE
     # heartbeats and the retry callback are marked experimental by Optuna
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    sqlite_file(url)
     try:
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
@@ -200,7 +208,7 @@ class BudgetLock:
         elif self.url.startswith("sqlite:///"):
             import fcntl
 
-            self._file = open(self.url[len("sqlite:///"):] + ".lock", "a")
+            self._file = open(f"{sqlite_file(self.url)}.lock", "a")
             fcntl.flock(self._file, fcntl.LOCK_EX)
         return self
 
@@ -304,8 +312,6 @@ def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | No
 
     budget = n_trials or spec.n_trials
     url = storage or DEFAULT_STORAGE
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     # Workers starting together on an empty database would race on Optuna's table creation.
     try:
         with BudgetLock(url, "lossgeo-storage-init"):
