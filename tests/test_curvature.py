@@ -10,7 +10,10 @@ from torch.func import functional_call, hessian
 from lossgeo.curvature import (EmpiricalFisherOperator, curvature_eigen, GGNOperator, HessianOperator,
                                effective_dimension, hessian_eigen, hessian_extremes,
                                hessian_trace, layerwise_lambda_max, spectral_density)
+from lossgeo.curvature import HessianBlockOperator
+from lossgeo.curvature.lanczos import lanczos_extremes
 from lossgeo.curvature.operators import ParameterSpace
+from lossgeo.curvature.trace import _rademacher, hutchinson
 from lossgeo.losses import cross_entropy, half_squared_error
 
 
@@ -144,6 +147,70 @@ def test_hutch_plus_plus_is_exact_for_low_rank():
     exact = float(torch.trace(x.T @ x / 2))
     result = hessian_trace(model, loss, (x, t), method="hutch++", n_samples=9)
     assert result.value == pytest.approx(exact, rel=1e-10) and result.stderr < 1e-10
+
+
+def test_deflated_hutchinson_takes_the_ritz_part_exactly():
+    model, (x, y) = tiny_mlp(seed=5, hidden=8), toy_data(n=12)
+    H = exact_hessian(model, cross_entropy, x, y)
+    evals, evecs = torch.linalg.eigh(H)
+    n = H.shape[0]
+    exact = float(torch.trace(H))
+    matvec = lambda v: H @ v  # noqa: E731
+    # all eigenvectors: nothing is left to sample, the estimate is the exact trace
+    full = hutchinson(matvec, n, 4, dtype=torch.float64, deflation=(evals, evecs.T))
+    assert full.value == pytest.approx(exact, rel=1e-10) and full.stderr < 1e-10
+    # the top 3 by magnitude: unbiased (within 3 SE) and a smaller standard error
+    order = evals.abs().argsort(descending=True)[:3]
+    plain = hutchinson(matvec, n, 200, dtype=torch.float64, seed=3)
+    deflated = hutchinson(matvec, n, 200, dtype=torch.float64, seed=3,
+                          deflation=(evals[order], evecs.T[order]))
+    assert abs(deflated.value - exact) <= 3 * deflated.stderr
+    assert deflated.stderr < plain.stderr
+    assert deflated.method == "hutchinson-deflated-3" and deflated.n_hvp == 200
+
+
+def test_rademacher_vectors_are_signs_with_unit_second_moment():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.stack(list(_rademacher(1001, 400, gen, torch.float64, "cpu")))
+    assert z.shape == (400, 1001) and set(z.unique().tolist()) == {-1.0, 1.0}
+    # E[z z^T] = I: off-diagonal means vanish at the 1/sqrt(m) scale
+    second = z.T @ z / 400
+    off = second - torch.diag(torch.diagonal(second))
+    assert torch.diagonal(second).eq(1).all() and off.abs().max() < 0.3
+
+
+def test_secondary_tolerances_stop_earlier_and_hold():
+    model, (x, y) = tiny_mlp(seed=4, hidden=20), toy_data(n=40)
+    H = exact_hessian(model, cross_entropy, x, y)
+    exact = torch.linalg.eigvalsh(H)
+    op = HessianOperator(model, cross_entropy, (x, y))
+    kw = dict(k_top=3, k_bottom=1, tol=1e-8, dtype=torch.float64)
+    tight_top, tight_bottom = lanczos_extremes(op.matvec, op.dim, **kw)
+    top, bottom = lanczos_extremes(op.matvec, op.dim, rest_tol=1e-2, bottom_tol=1e-3,
+                                   bottom_scale="spectrum", **kw)
+    assert top.n_hvp < tight_top.n_hvp
+    assert abs(float(top.values[0]) / float(exact[-1]) - 1) <= 1e-8
+    for got, want in zip(top.values[1:].tolist(), exact.flip(0)[1:3].tolist()):
+        assert abs(got / want - 1) <= 1e-2
+    assert abs(float(bottom.values[0]) - float(exact[0])) <= 1e-3 * float(exact[-1])
+    assert top.all_converged and bottom.all_converged
+    with pytest.raises(ValueError, match="bottom_scale"):
+        lanczos_extremes(op.matvec, op.dim, bottom_scale="absolute", **kw)
+
+
+def test_hessian_block_shares_the_graph_and_equals_the_exact_block():
+    model, (x, y) = tiny_mlp(seed=3), toy_data()
+    names = ["2.weight", "2.bias"]
+    op = HessianOperator(model, cross_entropy, uneven(x, y))
+    block = HessianBlockOperator(op, names)
+    exact = exact_hessian(model, cross_entropy, x, y, names)
+    v = torch.randn(block.dim, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(block.matvec(v), exact @ v, rtol=1e-10, atol=1e-12)
+    graphs = op._graphs
+    assert graphs is not None and block.matvec(v) is not None and op._graphs is graphs
+    with pytest.raises(ValueError, match="parent"):
+        HessianBlockOperator(HessianOperator(model, cross_entropy, (x, y), method="fwdrev"),
+                             names)
 
 
 def test_slq_weights_sum_to_one_and_mean_is_trace_over_n():

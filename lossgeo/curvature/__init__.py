@@ -25,14 +25,15 @@ from ..models import parameter_blocks
 from .density import slq_density
 from .lanczos import lanczos_extremes, power_iteration
 from .operators import (CurvatureOperator, DataSource, EmpiricalFisherOperator, GGNOperator,
-                        HessianOperator, LossFn, as_batches, eval_mode, make_operator)
+                        HessianBlockOperator, HessianOperator, LossFn, as_batches, eval_mode,
+                        make_operator)
 from .results import DensityResult, EigenResult, TraceResult
 from .trace import hutch_plus_plus, hutchinson
 
 __all__ = [
     "hessian_eigen", "hessian_extremes", "curvature_eigen", "hessian_trace",
     "spectral_density", "layerwise_lambda_max", "effective_dimension", "EigenResult",
-    "TraceResult", "DensityResult", "HessianOperator", "GGNOperator",
+    "TraceResult", "DensityResult", "HessianOperator", "HessianBlockOperator", "GGNOperator",
     "EmpiricalFisherOperator", "CurvatureOperator", "as_batches", "eval_mode",
 ]
 
@@ -112,11 +113,14 @@ def layerwise_lambda_max(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
                          tol: float = 1e-4, max_iter: int = 100, seed: int = 0,
                          chunk_size: int | str | None = "auto") -> dict[str, EigenResult]:
     """Top eigenpair of each layer's diagonal Hessian block (the layer's own parameters
-    varied, all others fixed), keyed by module name."""
+    varied, all others fixed), keyed by module name. All layers share one gradient graph."""
+    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size)
     results = {}
     for layer, names in parameter_blocks(model).items():
-        results[layer] = hessian_eigen(model, loss_fn, data, k=1, tol=tol, max_iter=max_iter,
-                                       seed=seed, chunk_size=chunk_size, params=names)
+        block = HessianBlockOperator(op, names)
+        results[layer], _ = lanczos_extremes(block.matvec, block.dim, k_top=1, tol=tol,
+                                             max_iter=max_iter, seed=seed,
+                                             **_solver_kwargs(block))
     return results
 
 

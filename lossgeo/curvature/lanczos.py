@@ -45,50 +45,66 @@ def _wanted(theta: np.ndarray, k_top: int, k_bottom: int) -> tuple[np.ndarray, n
 
 
 def _ritz_converged(beta: float, s: np.ndarray, theta: np.ndarray, idx: np.ndarray,
-                    tol: float) -> np.ndarray:
-    """Per wanted Ritz pair: the stopping test of the module docstring."""
+                    tol: float, floor: float = 0.0) -> np.ndarray:
+    """Per wanted Ritz pair: the stopping test of the module docstring, with the error
+    measured against max(|theta_i|, floor)."""
     residual = beta * np.abs(s[-1, idx])
-    scale = np.maximum(np.abs(theta[idx]), _TINY)
+    scale = np.maximum(np.abs(theta[idx]), max(floor, _TINY))
     if len(theta) > 1:
         others = np.abs(theta[idx][:, None] - theta[None, :])
         others[np.arange(len(idx)), idx] = np.inf
         gap = np.maximum(others.min(axis=1), _TINY)
     else:
         gap = np.full(len(idx), _TINY)
-    error = np.minimum(residual, residual ** 2 / gap)
+    with np.errstate(over="ignore"):
+        error = np.minimum(residual, residual ** 2 / gap)
     return (error <= tol * scale) & (residual <= np.sqrt(tol) * scale)
 
 
 def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 0,
-                     tol: float = 1e-4, bottom_tol: float | None = None, max_iter: int = 100,
-                     seed: int = 0, verify: bool = False, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str = "cpu"
+                     tol: float = 1e-4, bottom_tol: float | None = None,
+                     rest_tol: float | None = None, bottom_scale: str = "value",
+                     max_iter: int = 100, seed: int = 0, verify: bool = False,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
                      ) -> tuple[EigenResult | None, EigenResult | None]:
     """The k_top largest and k_bottom smallest (algebraic) eigenpairs of a symmetric operator
     from one Lanczos run. Returns (top, bottom); either is None when not asked for.
 
-    tol: relative eigenvalue accuracy (see the module docstring); bottom_tol (default tol)
-    lets the crowded bottom of a Hessian spectrum stop earlier. Residuals are the Lanczos
-    ones, beta |s_mi|; verify=True recomputes ||A v - theta v|| with one product per pair.
+    tol: relative eigenvalue accuracy of the largest pair (see the module docstring);
+    rest_tol (default tol): of the other top pairs; bottom_tol (default tol): of the bottom
+    pairs, measured against their own magnitude (bottom_scale="value") or against the
+    spectral radius max |theta| (bottom_scale="spectrum"). The most negative Hessian
+    eigenvalues sit in a crowded cluster near zero, where accuracy relative to their own
+    small size costs many products (35 of 52 for a trained MNIST MLP). Residuals are the
+    Lanczos ones, beta |s_mi|; verify=True recomputes ||A v - theta v|| with one product
+    per pair.
     """
     bottom_tol = tol if bottom_tol is None else bottom_tol
+    rest_tol = tol if rest_tol is None else rest_tol
+    if bottom_scale not in ("value", "spectrum"):
+        raise ValueError(f"bottom_scale: must be 'value' or 'spectrum' (got {bottom_scale!r})")
     if k_top < 0 or k_bottom < 0 or k_top + k_bottom == 0:
         raise ValueError("k: ask for at least one eigenpair")
     if k_top + k_bottom > n:
         raise ValueError(f"k: at most the dimension {n} eigenpairs (got {k_top + k_bottom})")
     steps = _lanczos_steps(matvec, _start_vector(n, dtype, device, seed), min(max_iter, n))
+    def group_flags_now(beta, s, theta, top, bottom):
+        floor = float(np.abs(theta).max()) if bottom_scale == "spectrum" else 0.0
+        return (np.concatenate([_ritz_converged(beta, s, theta, top[:1], tol),
+                                _ritz_converged(beta, s, theta, top[1:], rest_tol)]),
+                _ritz_converged(beta, s, theta, bottom, bottom_tol, floor))
+
     for basis, alphas, betas, beta in steps:
         theta, s = _ritz(alphas, betas)
         top, bottom = _wanted(theta, k_top, k_bottom)
         invariant = _invariant(beta, alphas)
-        if len(alphas) >= k_top + k_bottom + 1 and all(
-                _ritz_converged(beta, s, theta, idx, t).all()
-                for idx, t in ((top, tol), (bottom, bottom_tol))):
+        flags = group_flags_now(beta, s, theta, top, bottom)
+        if len(alphas) >= k_top + k_bottom + 1 and all(f.all() for f in flags):
             break
     n_hvp = len(alphas)
     results: list[EigenResult | None] = []
     pending = []
-    for idx, which, group_tol in ((top, "LA", tol), (bottom, "SA", bottom_tol)):
+    for idx, which, group_flags in ((top, "LA", flags[0]), (bottom, "SA", flags[1])):
         if len(idx) == 0:
             pending.append(None)
             continue
@@ -96,8 +112,7 @@ def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 
         vectors = (basis.T @ coeffs).T.contiguous()
         vectors = vectors / vectors.norm(dim=1, keepdim=True)
         values = torch.as_tensor(theta[idx], dtype=torch.float64)
-        converged = torch.as_tensor(
-            _ritz_converged(beta, s, theta, idx, group_tol) | invariant)
+        converged = torch.as_tensor(group_flags | invariant)
         if verify:
             residuals = torch.stack([(matvec(v).double() - values[i] * v.double()).norm()
                                      for i, v in enumerate(vectors)])

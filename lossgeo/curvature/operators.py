@@ -217,12 +217,13 @@ class HessianOperator(CurvatureOperator):
         if self.method == "graph":
             pieces = self.space.unflatten(vector)
             vs = [pieces[n] for n in self.space.names]
-            total = torch.zeros_like(vector)
+            total = None
             with torch.enable_grad():
                 for leaves, grads in self._retained_gradients():
                     # vector-Jacobian product of the gradient: H v, no extra dot-product graph
-                    hv = torch.autograd.grad(grads, leaves, grad_outputs=vs, retain_graph=True)
-                    total += self.space.flatten(hv)
+                    hv = self.space.flatten(torch.autograd.grad(
+                        grads, leaves, grad_outputs=vs, retain_graph=True))
+                    total = hv if total is None else total.add_(hv)
             return total
         tangent = self.space.unflatten(vector)
         total = torch.zeros_like(vector)
@@ -245,6 +246,36 @@ class HessianOperator(CurvatureOperator):
         with eval_mode(self.model), torch.no_grad():
             return float(sum(w * self._chunk_loss(self.space.values, x, y)
                              for (x, y), w in zip(self.batches, self.weights)))
+
+
+class HessianBlockOperator(CurvatureOperator):
+    """A diagonal block H_bb of a HessianOperator (its parameters `names` varied, the rest
+    fixed), multiplied through the parent's retained gradient graph: no graph of its own is
+    built, so every layer of a network costs products only."""
+
+    def __init__(self, parent: HessianOperator, names: Sequence[str]) -> None:
+        if parent.method != "graph":
+            raise ValueError("parent: a Hessian block shares the retained graph of a "
+                             "HessianOperator with method='graph'")
+        self.model, self.loss_fn, self.parent = parent.model, parent.loss_fn, parent
+        self.space = ParameterSpace(parent.model, names)
+        unknown = [n for n in self.space.names if n not in parent.space.names]
+        if unknown:
+            raise ValueError(f"params: {unknown} are not parameters of the parent operator")
+        self.batches, self.weights = parent.batches, parent.weights
+        self.n_samples, self.n_matvec = parent.n_samples, 0
+        self._positions = [parent.space.names.index(n) for n in self.space.names]
+
+    def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        vs = list(self.space.unflatten(vector).values())
+        total = None
+        with torch.enable_grad():
+            for leaves, grads in self.parent._retained_gradients():
+                hv = self.space.flatten(torch.autograd.grad(
+                    [grads[i] for i in self._positions], [leaves[i] for i in self._positions],
+                    grad_outputs=vs, retain_graph=True))
+                total = hv if total is None else total.add_(hv)
+        return total
 
 
 class GGNOperator(CurvatureOperator):
