@@ -3,8 +3,11 @@ one process. Run: python benchmarks/bench_curvature.py  (writes results/curvatur
 
 Reports per model: time, HVPs, relative error of lambda_max against a tightly converged
 reference (Lanczos, tol 1e-9); trace value, standard error, time; the cost of one HVP in
-units of one gradient for each exact HVP method; and per-epoch curvature at default
-settings as a fraction of one training epoch (full MNIST).
+units of one gradient for each exact HVP method (and of one GGN / Fisher product); and
+per-epoch curvature at default settings as a fraction of one training epoch.
+
+This machine's speed drifts by up to 1.5x within seconds, so every comparison runs the two
+tools alternately, ROUNDS times, and reports each one's best time.
 """
 
 from __future__ import annotations
@@ -20,10 +23,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, mnist, timed, trained, write  # noqa: E402
 
 from lossgeo.config import TrainConfig  # noqa: E402
-from lossgeo.curvature import HessianOperator, hessian_eigen, hessian_trace  # noqa: E402
+from lossgeo.curvature import (EmpiricalFisherOperator, GGNOperator, HessianOperator,  # noqa: E402
+                               hessian_eigen, hessian_trace)
 from lossgeo.curvature.measure import measure_curvature  # noqa: E402
 from lossgeo.losses import cross_entropy  # noqa: E402
 from lossgeo.measurements import curvature_settings  # noqa: E402
+
+
+ROUNDS = 3
+
+
+def alternating(fns: dict, rounds: int = ROUNDS) -> dict:
+    """{name: (result of the last call, best seconds)}, the calls interleaved round by round
+    so that a drift in machine speed hits every contender alike."""
+    out = {name: (None, float("inf")) for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            result, seconds = timed(fn)
+            out[name] = (result, min(out[name][1], seconds))
+    return out
 
 
 def pyhessian_counting():
@@ -51,21 +69,26 @@ def gradient_seconds(model, x, y) -> float:
     return timed(step, repeat=3)[1]
 
 
-def hvp_seconds(model, data, method, chunk) -> float:
-    op = HessianOperator(model, cross_entropy, data, method=method, chunk_size=chunk)
+def product_seconds(op) -> float:
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
-    op.matvec(v)  # builds the retained graph for "graph"
+    op.matvec(v)  # builds the retained graphs
     return timed(lambda: op.matvec(v), repeat=3)[1]
 
 
-def epoch_seconds(model_name: str, full) -> float:
+def hvp_seconds(model, data, method, chunk) -> float:
+    return product_seconds(HessianOperator(model, cross_entropy, data, method=method,
+                                           chunk_size=chunk))
+
+
+def epoch_seconds(model_name: str, data) -> float:
+    """One SGD epoch at the default batch size over data.train."""
     config = TrainConfig(model=model_name)
-    model = trained(model_name, full, epochs=0)
+    model = trained(model_name, data, epochs=0)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(0)
     model.train()
     start = time.perf_counter()
-    for x, y in full.train.batches(config.batch_size, shuffle=True, generator=gen):
+    for x, y in data.train.batches(config.batch_size, shuffle=True, generator=gen):
         opt.zero_grad()
         cross_entropy(model(x), y).backward()
         opt.step()
@@ -79,16 +102,19 @@ def bench(model_name: str, full) -> list[str]:
     ref = hessian_eigen(model, cross_entropy, probe, k=1, tol=1e-9, max_iter=300)
     lam_ref = float(ref.values[0])
     rel = lambda v: abs(v - lam_ref) / abs(lam_ref)  # noqa: E731
-
     PyHessian, counter = pyhessian_counting()
-    counter["n"] = 0
 
     def run_pyhessian():
+        counter["n"] = 0
         comp = PyHessian(model, cross_entropy, data=probe, cuda=False)
-        return comp.eigenvalues()  # defaults: maxIter=100, tol=1e-3, top_n=1
-    (ph_vals, _), ph_time = timed(run_pyhessian)
-    ph_hvp = counter["n"]
-    ours, our_time = timed(lambda: hessian_eigen(model, cross_entropy, probe))  # tol 1e-4
+        values, _ = comp.eigenvalues()  # defaults: maxIter=100, tol=1e-3, top_n=1
+        return values, counter["n"]
+
+    timings = alternating({
+        "pyhessian": run_pyhessian,
+        "lossgeo": lambda: hessian_eigen(model, cross_entropy, probe)})  # tol 1e-4
+    (ph_vals, ph_hvp), ph_time = timings["pyhessian"]
+    ours, our_time = timings["lossgeo"]
     verified = hessian_eigen(model, cross_entropy, probe, verify=True)
     rows.append(f"| {model_name} | lambda_max | PyHessian power (tol 1e-3) | {ph_time:.2f} | "
                 f"{ph_hvp} | {rel(ph_vals[0]):.1e} |")
@@ -98,27 +124,32 @@ def bench(model_name: str, full) -> list[str]:
     rows.append(f"| {model_name} | lambda_max | **ratio PyHessian/lossgeo** | "
                 f"**{ph_time / our_time:.1f}x** | | |")
 
-    counter["n"] = 0
-
     def run_pyhessian_trace():
+        counter["n"] = 0
         comp = PyHessian(model, cross_entropy, data=probe, cuda=False)
-        return comp.trace()  # defaults: maxIter=100, tol=1e-3
-    ph_samples, ph_trace_time = timed(run_pyhessian_trace)
+        return comp.trace(), counter["n"]  # defaults: maxIter=100, tol=1e-3
+
+    (ph_samples, ph_trace_hvp), _ = timed(run_pyhessian_trace)
     n = len(ph_samples)
+    budget = max(6, 3 * (n // 3))  # Hutch++ with the same budget, a multiple of 3
+    timings = alternating({
+        "pyhessian": run_pyhessian_trace,
+        # the same estimator with the same number of vectors (same standard error in
+        # expectation)
+        "hutchinson": lambda: hessian_trace(model, cross_entropy, probe, n_samples=n),
+        "hutch++": lambda: hessian_trace(model, cross_entropy, probe, method="hutch++",
+                                         n_samples=budget)}, rounds=2)
+    ph_trace_time = timings["pyhessian"][1]
     ph_mean = sum(ph_samples) / n
     ph_se = float(torch.tensor(ph_samples).std()) / math.sqrt(n)
     rows.append(f"| {model_name} | trace | PyHessian Hutchinson ({n} vectors) | "
-                f"{ph_trace_time:.2f} | {counter['n']} | {ph_mean:.1f} +- {ph_se:.1f} |")
-    # the same estimator with the same number of vectors (same standard error in expectation)
-    result, t = timed(lambda: hessian_trace(model, cross_entropy, probe, n_samples=n))
+                f"{ph_trace_time:.2f} | {ph_trace_hvp} | {ph_mean:.1f} +- {ph_se:.1f} |")
+    result, t = timings["hutchinson"]
     rows.append(f"| {model_name} | trace | lossgeo Hutchinson ({n} vectors) | {t:.2f} | "
                 f"{result.n_hvp} | {result.value:.1f} +- {result.stderr:.1f} |")
     rows.append(f"| {model_name} | trace | **ratio PyHessian/lossgeo** | "
                 f"**{ph_trace_time / t:.1f}x** | | |")
-    # Hutch++ with the same budget, rounded to a multiple of 3
-    budget = max(6, 3 * (n // 3))
-    result, t = timed(lambda: hessian_trace(model, cross_entropy, probe, method="hutch++",
-                                            n_samples=budget))
+    result, t = timings["hutch++"]
     rows.append(f"| {model_name} | trace | lossgeo Hutch++ ({budget} products) | {t:.2f} | "
                 f"{result.n_hvp} | {result.value:.1f} +- {result.stderr:.1f} |")
 
@@ -127,17 +158,34 @@ def bench(model_name: str, full) -> list[str]:
     for method, chunk in (("graph", "auto"), ("graph", 2048), ("graph", 512), ("fwdrev", 2048),
                           ("fwdrev", 512)):
         costs.append(f"{method}/chunk {chunk}: {hvp_seconds(model, probe, method, chunk) / grad_s:.2f}")
-    costs.append(f"PyHessian (one 2048 batch): {ph_trace_time / max(counter['n'], 1) / grad_s:.2f}")
-    hvp_line = f"- {model_name}: one gradient on 2048 samples {grad_s * 1e3:.0f} ms; HVP cost in gradients: " + ", ".join(costs)
+    costs.append(f"PyHessian (one 2048 batch): {ph_trace_time / max(ph_trace_hvp, 1) / grad_s:.2f}")
+    for label, cls in (("GGN", GGNOperator), ("empirical Fisher", EmpiricalFisherOperator)):
+        costs.append(f"{label} product: "
+                     f"{product_seconds(cls(model, cross_entropy, probe)) / grad_s:.2f}")
+    hvp_line = (f"- {model_name}: one gradient on 2048 samples {grad_s * 1e3:.0f} ms; product "
+                "cost in gradients: " + ", ".join(costs))
+    return rows, hvp_line, per_epoch_cost(model_name, model, full)
 
-    settings = curvature_settings(TrainConfig(model=model_name))
-    (metrics, _), curv_s = timed(lambda: measure_curvature(model, cross_entropy, probe, settings,
-                                                           lr=0.1))
-    ep_s = epoch_seconds(model_name, full)
-    frac_line = (f"- {model_name}: per-epoch curvature at defaults {curv_s:.1f} s "
-                 f"({int(metrics['curvature_n_hvp'])} products) vs one training epoch on 55k "
-                 f"samples {ep_s:.1f} s: **{curv_s / ep_s:.2f} epochs**")
-    return rows, hvp_line, frac_line
+
+def per_epoch_cost(model_name: str, model, full) -> str:
+    """Curvature at default settings (default probe size) against one training epoch, on full
+    MNIST and on the default run's training subset."""
+    config = TrainConfig(model=model_name)
+    probe = (full.probe.x[:config.probe_size], full.probe.y[:config.probe_size])
+    settings = curvature_settings(config)
+    (metrics, _), curv_s = timed(
+        lambda: measure_curvature(model, cross_entropy, probe, settings, lr=config.lr),
+        repeat=2)
+    full_epoch = epoch_seconds(model_name, full)
+    subset_epoch = epoch_seconds(model_name, mnist(train_subset=config.train_subset,
+                                                   probe_size=config.probe_size))
+    return (f"- {model_name}: per-epoch curvature at defaults (probe {config.probe_size}, "
+            f"k {config.curvature_k}, tol {config.curvature_tol:g}, {config.trace_samples} trace "
+            f"vectors) {curv_s:.1f} s ({int(metrics['curvature_n_hvp'])} products, trace "
+            f"{metrics['hessian_trace']:.1f} +- {metrics['hessian_trace_se']:.1f}) vs one "
+            f"training epoch at batch {config.batch_size}: full MNIST (55k) {full_epoch:.1f} s, "
+            f"**{curv_s / full_epoch:.2f} epochs**; default subset ({config.train_subset}) "
+            f"{subset_epoch:.1f} s, **{curv_s / subset_epoch:.2f} epochs**")
 
 
 def main() -> None:
@@ -152,7 +200,8 @@ def main() -> None:
         frac_lines.append(frac_line)
         print("\n".join(rows), flush=True)
     text = "\n".join([f"# Curvature benchmark ({time.strftime('%Y-%m-%d')}; {machine()})", "",
-                      "Same trained model (1 epoch SGD), same 2048 MNIST probe samples, one process.",
+                      "Same trained model (1 epoch SGD), same 2048 MNIST probe samples, one process;",
+                      f"the contenders run alternately, best of {ROUNDS} rounds (2 for the trace).",
                       "", *table, "", "HVP methods (cost of one product / one gradient):",
                       *hvp_lines, "", "Per-epoch curvature cost:", *frac_lines, ""])
     write("curvature.md", text)

@@ -46,7 +46,7 @@ class TrainConfig:
                                _non_negative, ">= 0")
     val_size: int = _param(5000, "validation samples carved from the training set",
                            _positive, ">= 1")
-    probe_size: int = _param(2048, "fixed training subset for curvature/landscape measurements",
+    probe_size: int = _param(1024, "fixed training subset for curvature/landscape measurements",
                              _positive, ">= 1 and <= training-set size")
     measure_every: int = _param(1, "measure curvature/sharpness every N epochs (0 and last always)",
                                 _positive, ">= 1")
@@ -61,8 +61,8 @@ class TrainConfig:
     curvature_tol: float = _param(1e-4, "relative eigenvalue accuracy of the Lanczos solver",
                                   _positive, "> 0")
     curvature_max_iter: int = _param(100, "maximum Lanczos steps", lambda n: n >= 2, ">= 2")
-    trace_samples: int = _param(30, "Hutchinson probe vectors for the Hessian trace",
-                                lambda n: n >= 2, ">= 2")
+    trace_samples: int = _param(20, "Hutchinson vectors for the Hessian trace (deflated by "
+                                "the top-k eigenpairs)", lambda n: n >= 2, ">= 2")
     density_steps: int = _param(100, "Lanczos steps of the final spectral density (SLQ)",
                                 lambda n: n >= 2, ">= 2")
     effective_dim_alpha: float = _param(1.0, "alpha of N_eff = sum lambda/(lambda+alpha)",
