@@ -30,7 +30,16 @@ from lossgeo.losses import cross_entropy  # noqa: E402
 from lossgeo.measurements import curvature_settings  # noqa: E402
 
 
-ROUNDS = 3
+ROUNDS = 2
+SEEDS = 3
+
+
+def summary(runs: list[tuple[float, int, float]]) -> tuple[float, str, str]:
+    """Mean seconds, mean products, and the largest relative error over seeds."""
+    mean_s = sum(r[0] for r in runs) / len(runs)
+    mean_n = sum(r[1] for r in runs) / len(runs)
+    return mean_s, f"{mean_n:.1f} ({', '.join(str(r[1]) for r in runs)})", \
+        f"max {max(r[2] for r in runs):.1e}"
 
 
 def alternating(fns: dict, rounds: int = ROUNDS) -> dict:
@@ -104,61 +113,82 @@ def bench(model_name: str, full) -> list[str]:
     rel = lambda v: abs(v - lam_ref) / abs(lam_ref)  # noqa: E731
     PyHessian, counter = pyhessian_counting()
 
-    def run_pyhessian():
+    # Both tools start from random vectors, and PyHessian's number of products depends a lot
+    # on them (power iteration: 10-45 on the MLP): every figure is a mean over SEEDS seeds,
+    # each seed's time the best of alternating rounds with that seed (same work each round).
+    def run_pyhessian(seed):
         counter["n"] = 0
+        torch.manual_seed(seed)  # PyHessian draws from the global RNG
         comp = PyHessian(model, cross_entropy, data=probe, cuda=False)
         values, _ = comp.eigenvalues()  # defaults: maxIter=100, tol=1e-3, top_n=1
-        return values, counter["n"]
+        return values[0], counter["n"]
 
-    timings = alternating({
-        "pyhessian": run_pyhessian,
-        "lossgeo": lambda: hessian_eigen(model, cross_entropy, probe)})  # tol 1e-4
-    (ph_vals, ph_hvp), ph_time = timings["pyhessian"]
-    ours, our_time = timings["lossgeo"]
+    ph_runs, our_runs = [], []
+    for seed in range(SEEDS):
+        timings = alternating({
+            "pyhessian": lambda: run_pyhessian(seed),
+            "lossgeo": lambda: hessian_eigen(model, cross_entropy, probe, seed=seed)})  # tol 1e-4
+        (value, n_hvp), seconds = timings["pyhessian"]
+        ph_runs.append((seconds, n_hvp, rel(value)))
+        ours, seconds = timings["lossgeo"]
+        our_runs.append((seconds, ours.n_hvp, rel(float(ours.values[0]))))
     verified = hessian_eigen(model, cross_entropy, probe, verify=True)
+    ph_time, ph_hvp, ph_err = summary(ph_runs)
+    our_time, our_hvp, our_err = summary(our_runs)
     rows.append(f"| {model_name} | lambda_max | PyHessian power (tol 1e-3) | {ph_time:.2f} | "
-                f"{ph_hvp} | {rel(ph_vals[0]):.1e} |")
+                f"{ph_hvp} | {ph_err} |")
     rows.append(f"| {model_name} | lambda_max | lossgeo Lanczos (tol 1e-4) | {our_time:.2f} | "
-                f"{ours.n_hvp} | {rel(float(ours.values[0])):.1e} (residual "
+                f"{our_hvp} | {our_err} (residual "
                 f"{float(verified.residuals[0]) / lam_ref:.1e}) |")
     rows.append(f"| {model_name} | lambda_max | **ratio PyHessian/lossgeo** | "
                 f"**{ph_time / our_time:.1f}x** | | |")
 
-    def run_pyhessian_trace():
+    def run_pyhessian_trace(seed):
         counter["n"] = 0
+        torch.manual_seed(seed)
         comp = PyHessian(model, cross_entropy, data=probe, cuda=False)
-        return comp.trace(), counter["n"]  # defaults: maxIter=100, tol=1e-3
+        samples = comp.trace()  # defaults: maxIter=100, tol=1e-3
+        return samples, counter["n"]
 
-    (ph_samples, ph_trace_hvp), _ = timed(run_pyhessian_trace)
-    n = len(ph_samples)
-    budget = max(6, 3 * (n // 3))  # Hutch++ with the same budget, a multiple of 3
-    timings = alternating({
-        "pyhessian": run_pyhessian_trace,
-        # the same estimator with the same number of vectors (same standard error in
-        # expectation)
-        "hutchinson": lambda: hessian_trace(model, cross_entropy, probe, n_samples=n),
-        "hutch++": lambda: hessian_trace(model, cross_entropy, probe, method="hutch++",
-                                         n_samples=budget)}, rounds=2)
-    ph_trace_time = timings["pyhessian"][1]
-    ph_mean = sum(ph_samples) / n
-    ph_se = float(torch.tensor(ph_samples).std()) / math.sqrt(n)
-    rows.append(f"| {model_name} | trace | PyHessian Hutchinson ({n} vectors) | "
-                f"{ph_trace_time:.2f} | {ph_trace_hvp} | {ph_mean:.1f} +- {ph_se:.1f} |")
-    result, t = timings["hutchinson"]
-    rows.append(f"| {model_name} | trace | lossgeo Hutchinson ({n} vectors) | {t:.2f} | "
-                f"{result.n_hvp} | {result.value:.1f} +- {result.stderr:.1f} |")
-    rows.append(f"| {model_name} | trace | **ratio PyHessian/lossgeo** | "
-                f"**{ph_trace_time / t:.1f}x** | | |")
-    result, t = timings["hutch++"]
-    rows.append(f"| {model_name} | trace | lossgeo Hutch++ ({budget} products) | {t:.2f} | "
-                f"{result.n_hvp} | {result.value:.1f} +- {result.stderr:.1f} |")
+    traces = {"pyhessian": [], "hutchinson": [], "hutch++": []}
+    for seed in range(SEEDS):
+        # how many vectors PyHessian takes with this seed; lossgeo then uses as many (the
+        # same estimator: the same standard error in expectation), Hutch++ the nearest
+        # multiple of 3
+        (ph_samples, _), _ = timed(lambda: run_pyhessian_trace(seed))
+        n = len(ph_samples)
+        budget = max(6, 3 * (n // 3))
+        timings = alternating({
+            "pyhessian": lambda: run_pyhessian_trace(seed),
+            "hutchinson": lambda: hessian_trace(model, cross_entropy, probe, n_samples=n,
+                                                seed=seed),
+            "hutch++": lambda: hessian_trace(model, cross_entropy, probe, method="hutch++",
+                                             n_samples=budget, seed=seed)}, rounds=1)
+        ph_se = float(torch.tensor(ph_samples).std()) / math.sqrt(n)
+        traces["pyhessian"].append((timings["pyhessian"][1], n, sum(ph_samples) / n, ph_se))
+        for name in ("hutchinson", "hutch++"):
+            result, seconds = timings[name]
+            traces[name].append((seconds, result.n_hvp, result.value, result.stderr))
+    labels = {"pyhessian": "PyHessian Hutchinson (its own stop)",
+              "hutchinson": "lossgeo Hutchinson (as many vectors)",
+              "hutch++": "lossgeo Hutch++ (as many products, rounded to 3)"}
+    mean_time = {}
+    for name, runs in traces.items():
+        mean_time[name] = sum(r[0] for r in runs) / len(runs)
+        estimates = ", ".join(f"{r[2]:.1f} +- {r[3]:.1f}" for r in runs)
+        rows.append(f"| {model_name} | trace | {labels[name]} | {mean_time[name]:.2f} | "
+                    f"{sum(r[1] for r in runs) / len(runs):.1f} | {estimates} |")
+        if name == "hutchinson":
+            rows.append(f"| {model_name} | trace | **ratio PyHessian/lossgeo** | "
+                        f"**{mean_time['pyhessian'] / mean_time['hutchinson']:.1f}x** | | |")
+    ph_hvp_seconds = mean_time["pyhessian"] / (sum(r[1] for r in traces["pyhessian"]) / SEEDS)
 
     grad_s = gradient_seconds(model, *probe)
     costs = []
     for method, chunk in (("graph", "auto"), ("graph", 2048), ("graph", 512), ("fwdrev", 2048),
                           ("fwdrev", 512)):
         costs.append(f"{method}/chunk {chunk}: {hvp_seconds(model, probe, method, chunk) / grad_s:.2f}")
-    costs.append(f"PyHessian (one 2048 batch): {ph_trace_time / max(ph_trace_hvp, 1) / grad_s:.2f}")
+    costs.append(f"PyHessian (one 2048 batch, in its trace): {ph_hvp_seconds / grad_s:.2f}")
     for label, cls in (("GGN", GGNOperator), ("empirical Fisher", EmpiricalFisherOperator)):
         costs.append(f"{label} product: "
                      f"{product_seconds(cls(model, cross_entropy, probe)) / grad_s:.2f}")
@@ -201,7 +231,8 @@ def main() -> None:
         print("\n".join(rows), flush=True)
     text = "\n".join([f"# Curvature benchmark ({time.strftime('%Y-%m-%d')}; {machine()})", "",
                       "Same trained model (1 epoch SGD), same 2048 MNIST probe samples, one process;",
-                      f"the contenders run alternately, best of {ROUNDS} rounds (2 for the trace).",
+                      f"Means over {SEEDS} random seeds; per seed the contenders run alternately,",
+                      f"best of {ROUNDS} rounds for lambda_max (one round for the trace).",
                       "", *table, "", "HVP methods (cost of one product / one gradient):",
                       *hvp_lines, "", "Per-epoch curvature cost:", *frac_lines, ""])
     write("curvature.md", text)

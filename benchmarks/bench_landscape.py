@@ -1,6 +1,6 @@
 """2D loss slices: lossgeo against the `loss-landscapes` package's random_plane and against
 the floor N^2 x (one forward pass over the probe set), same trained model, same probe
-samples, same resolution, one process. Also per-epoch sharpness cost as a fraction of a
+samples, same resolution, one process, run alternately (best of two rounds). Also per-epoch sharpness cost as a fraction of a
 training epoch at defaults. Run: python benchmarks/bench_landscape.py [samples] [steps]
 (writes results/landscape.md)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_curvature import epoch_seconds  # noqa: E402
+from bench_curvature import alternating, epoch_seconds  # noqa: E402
 from common import machine, mnist, timed, trained, write  # noqa: E402
 
 from lossgeo.config import TrainConfig  # noqa: E402
@@ -35,22 +35,29 @@ def bench(name: str, data, samples: int, steps: int):
         _, forward = timed(lambda: model(x), repeat=3)
     floor = steps * steps * forward
     metric = loss_landscapes.metrics.Loss(cross_entropy, x, y)
-    theirs, t_theirs = timed(lambda: loss_landscapes.random_plane(
-        model, metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True))
     d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
     grid = axis(steps, 1.0)
-    _, t_plain = timed(lambda: surface_2d(model, cross_entropy, (x, y), d1, d2, grid, grid,
-                                          factorize=False))
-    _, t_ours = timed(lambda: surface_2d(model, cross_entropy, (x, y), d1, d2, grid, grid))
+    # alternately, best of two rounds each: this machine's speed drifts within seconds
+    timings = alternating({
+        "theirs": lambda: loss_landscapes.random_plane(
+            model, metric, distance=1, steps=steps, normalization="filter",
+            deepcopy_model=True),
+        "plain": lambda: surface_2d(model, cross_entropy, (x, y), d1, d2, grid, grid,
+                                    factorize=False),
+        "ours": lambda: surface_2d(model, cross_entropy, (x, y), d1, d2, grid, grid)},
+        rounds=2)
+    t_theirs, t_plain, t_ours = (timings[k][1] for k in ("theirs", "plain", "ours"))
     row = (f"| {name} | {samples} | {steps}x{steps} | {t_theirs:.2f} | {t_plain:.2f} | "
            f"{t_ours:.2f} | {floor:.2f} | {t_theirs / t_ours:.1f}x | {floor / t_ours:.1f}x |")
-    settings = landscape_settings(TrainConfig(model=name))
-    probe = (data.probe.x, data.probe.y)
+    config = TrainConfig(model=name)
+    settings = landscape_settings(config)
+    probe = (data.probe.x[:config.probe_size], data.probe.y[:config.probe_size])
     _, sharp_s = timed(lambda: measure_sharpness(model, cross_entropy, probe, settings))
     ep = epoch_seconds(name, data)
     frac = (f"- {name}: per-epoch sharpness at defaults (K={settings.sharpness_directions} "
-            f"random directions, eps-sharpness, adaptive sharpness; 2048 probe samples) "
-            f"{sharp_s:.1f} s vs one training epoch {ep:.1f} s: **{sharp_s / ep:.2f} epochs**")
+            f"random directions, eps-sharpness, adaptive sharpness; {config.probe_size} probe "
+            f"samples) {sharp_s:.1f} s vs one training epoch on full MNIST at batch "
+            f"{config.batch_size} {ep:.1f} s: **{sharp_s / ep:.2f} epochs**")
     return row, frac
 
 

@@ -23,7 +23,7 @@ class CurvatureSettings:
     k: int = 5
     tol: float = 1e-4
     max_iter: int = 100
-    trace_samples: int = 30
+    trace_samples: int = 20
     density_steps: int = 100
     alpha: float = 1.0
     # Secondary quantities to 1e-3 relative accuracy: lambda_2..k, GGN, Fisher and layer
