@@ -215,22 +215,29 @@ class HessianOperator(CurvatureOperator):
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
         if self.method == "graph":
-            pieces = self.space.unflatten(vector)
-            vs = [pieces[n] for n in self.space.names]
-            total = None
-            with torch.enable_grad():
-                for leaves, grads in self._retained_gradients():
-                    # vector-Jacobian product of the gradient: H v, no extra dot-product graph
-                    hv = self.space.flatten(torch.autograd.grad(
-                        grads, leaves, grad_outputs=vs, retain_graph=True))
-                    total = hv if total is None else total.add_(hv)
-            return total
+            return self.block_product(range(len(self.space.names)), vector, self.space)
         tangent = self.space.unflatten(vector)
         total = torch.zeros_like(vector)
         for (x, y), w in zip(self.batches, self.weights):
             gradient = grad(lambda p: self._chunk_loss(p, x, y))
             _, hv = jvp(gradient, (self.space.values,), (tangent,))
             total += w * self.space.flatten(hv)
+        return total
+
+    def block_product(self, positions: Iterable[int], vector: torch.Tensor,
+                      space: ParameterSpace) -> torch.Tensor:
+        """H_bb v for the parameters at `positions` (of self.space.names; `space` flattens
+        them), through the retained graph: the vector-Jacobian product of those gradient
+        entries with v, so no extra dot-product graph is built."""
+        positions = list(positions)
+        vs = list(space.unflatten(vector).values())
+        total = None
+        with torch.enable_grad():
+            for leaves, grads in self._retained_gradients():
+                hv = space.flatten(torch.autograd.grad(
+                    [grads[i] for i in positions], [leaves[i] for i in positions],
+                    grad_outputs=vs, retain_graph=True))
+                total = hv if total is None else total.add_(hv)
         return total
 
     def gradient(self) -> torch.Tensor:
@@ -267,15 +274,7 @@ class HessianBlockOperator(CurvatureOperator):
         self._positions = [parent.space.names.index(n) for n in self.space.names]
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        vs = list(self.space.unflatten(vector).values())
-        total = None
-        with torch.enable_grad():
-            for leaves, grads in self.parent._retained_gradients():
-                hv = self.space.flatten(torch.autograd.grad(
-                    [grads[i] for i in self._positions], [leaves[i] for i in self._positions],
-                    grad_outputs=vs, retain_graph=True))
-                total = hv if total is None else total.add_(hv)
-        return total
+        return self.parent.block_product(self._positions, vector, self.space)
 
 
 class _RetainedJacobianOperator(CurvatureOperator):
