@@ -20,6 +20,8 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from .errors import UserInputError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 # MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per call.
@@ -35,6 +37,17 @@ def client() -> MlflowClient:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def check_artifact_access(artifact_uri: str, where: str) -> None:
+    """An `mlflow server` / `mlflow ui` that created the store gives its experiments
+    `mlflow-artifacts:` locations, which only a client talking to that server can write.
+    Say so in one line before anything is logged, instead of failing at the first artifact."""
+    if artifact_uri.startswith("mlflow-artifacts:") and not tracking_uri().startswith("http"):
+        raise UserInputError(
+            f"MLflow: {where} keeps its artifacts on an MLflow server ({artifact_uri}) but the "
+            f"tracking URI is {tracking_uri()}; set MLFLOW_TRACKING_URI to that server "
+            "(e.g. http://127.0.0.1:5000 for `mlflow ui`)")
 
 
 def launcher_run_id() -> str | None:
@@ -92,12 +105,16 @@ class TrackedRun:
         adopted = run_id or (launcher_run_id() if parent_run_id is None else None)
         if adopted:
             self.run_id = adopted
+            check_artifact_access(self.client.get_run(adopted).info.artifact_uri,
+                                  f"run {adopted}")
         else:
             tags_all = dict(self._tags)
             if parent_run_id:
                 tags_all[PARENT_TAG] = parent_run_id
-            run = self.client.create_run(experiment_id(experiment, self.client),
-                                         run_name=run_name, tags=tags_all)
+            exp_id = experiment_id(experiment, self.client)
+            check_artifact_access(self.client.get_experiment(exp_id).artifact_location,
+                                  f"experiment {experiment!r}")
+            run = self.client.create_run(exp_id, run_name=run_name, tags=tags_all)
             self.run_id = run.info.run_id
         self.status: str | None = None
 

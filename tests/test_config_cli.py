@@ -39,6 +39,23 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_run(args, message, track
     assert not (tracking / "mlflow.db").exists() and not (tracking / "mlruns").exists()
 
 
+def test_store_made_by_an_mlflow_server_needs_its_uri(tracking, fake_data_dir):
+    """`mlflow ui` started first gives experiments mlflow-artifacts: locations; logging to
+    the sqlite file directly cannot write there. One line, exit 2, and no run is created."""
+    from mlflow.tracking import MlflowClient
+
+    store = MlflowClient(f"sqlite:///{tracking}/mlflow.db")
+    exp_id = store.create_experiment("served", artifact_location="mlflow-artifacts:/served")
+    result = CliRunner().invoke(cli, ["train", "--data-dir", str(fake_data_dir),
+                                      "--train-subset", "200", "--val-size", "100",
+                                      "--probe-size", "64", "--experiment", "served"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "set MLFLOW_TRACKING_URI to that server" in lines[0], result.stderr
+    assert "mlflow-artifacts:/served" in lines[0]
+    assert store.search_runs([exp_id]) == []
+
+
 def test_config_rejects_in_python_too():
     with pytest.raises(UserInputError, match="lr: must be > 0"):
         TrainConfig(lr=0)
