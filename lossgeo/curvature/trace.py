@@ -47,10 +47,6 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
     return mean, stderr
 
 
-def _quadratic_form(matvec: MatVec, z: torch.Tensor) -> float:
-    return float(torch.dot(z, matvec(z)).double())
-
-
 def hutchinson(matvec: MatVec, n: int, n_samples: int = 30, *, seed: int = 0,
                dtype: torch.dtype = torch.float32, device="cpu",
                deflation: tuple[torch.Tensor, torch.Tensor] | None = None) -> TraceResult:
@@ -69,7 +65,7 @@ def hutchinson(matvec: MatVec, n: int, n_samples: int = 30, *, seed: int = 0,
     for z in _rademacher(n, n_samples, gen, dtype, device):
         if deflation is not None:
             z = z - vectors.T @ (vectors @ z)
-        samples.append(_quadratic_form(matvec, z))
+        samples.append(float(torch.dot(z, matvec(z))))
     value, stderr = _mean_and_stderr(torch.tensor(samples, dtype=torch.float64))
     return TraceResult(value=exact_part + value, stderr=stderr, n_hvp=n_samples, method=method)
 
