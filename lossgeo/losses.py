@@ -16,7 +16,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def half_squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cohen et al. (2021)'s MSE: 0.5 * sum over classes of (output - one_hot)^2, mean over samples."""
-    one_hot = F.one_hot(target, output.shape[-1]).to(output.dtype)
+    # A comparison, not F.one_hot: one_hot reads the labels' values (a data-dependent check),
+    # which torch.func.vmap cannot do, and per-sample gradients run this loss under vmap.
+    classes = torch.arange(output.shape[-1], device=output.device)
+    one_hot = (target.unsqueeze(-1) == classes).to(output.dtype)
     return 0.5 * (output - one_hot).pow(2).sum(dim=-1).mean()
 
 
