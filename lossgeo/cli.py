@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 import sys
 from typing import Any, Callable
 
@@ -76,15 +77,48 @@ def cli() -> None:
 @reports_user_errors
 def train_command(**options: Any) -> None:
     """Train one model as one MLflow run, measuring curvature on a schedule."""
-    from .experiment import run_training
+    from .experiment import prepare, run_training
+    from .tracking import resolve_experiment
 
-    # run_training validates against the data before any MLflow run exists
-    outcome = run_training(build_config(options))
+    config = build_config(options)
+    prepared = prepare(config)  # validates against the data before anything is written
+    _end_stale_runs(resolve_experiment(config.experiment))
+    outcome = run_training(config, prepared=prepared)
     last = outcome.history.iloc[-1].to_dict() if not outcome.history.empty else {}
     summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("train_loss", "test_loss", "test_acc",
                                                         "lambda_max") if k in last)
     state = f"diverged at epoch {outcome.diverged_epoch}" if outcome.diverged_epoch else "finished"
     click.echo(f"run {outcome.run_id} {state}: {summary}")
+
+
+def _end_stale_runs(experiment: str) -> None:
+    """Runs left RUNNING by a killed process in this experiment end KILLED first."""
+    from .tracking import end_stale_runs
+
+    for run_id, age in end_stale_runs([experiment]):
+        click.echo(f"lossgeo: run {run_id} had no heartbeat for {age:.0f} s: ended KILLED",
+                   err=True)
+
+
+@cli.group("runs")
+def runs_group() -> None:
+    """Housekeeping of logged runs."""
+
+
+@runs_group.command("cleanup")
+@click.option("--experiment", "experiments", multiple=True,
+              help="experiment name, repeatable (default: every experiment)")
+@click.option("--stale-after", type=click.FloatRange(min=0), default=300, show_default=True,
+              help="seconds without a heartbeat after which a RUNNING run counts as dead")
+@reports_user_errors
+def runs_cleanup_command(experiments: tuple[str, ...], stale_after: float) -> None:
+    """End KILLED the runs whose process died without ending them (SIGKILL, lost machine)."""
+    from .tracking import end_stale_runs
+
+    ended = end_stale_runs(list(experiments) or None, stale_after=stale_after)
+    for run_id, age in ended:
+        click.echo(f"run {run_id}: no heartbeat for {age:.0f} s, ended KILLED")
+    click.echo(f"{len(ended)} stale run(s) ended")
 
 
 @cli.command("curvature")
@@ -231,8 +265,44 @@ def report_command(experiment: str | None, parent_run: str | None, out_dir: str,
     click.echo(f"{tex}" + (f"\n{pdf}" if pdf else "\n(pdflatex not found: sources only)"))
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: raised like Ctrl-C, so runs end KILLED with what was logged kept."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted ({signal.Signals(signum).name})")
+
+
+_received: list[int] = []  # the signal that interrupted this process (click turns it into Abort)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    # The cleanup that follows (metrics.csv, checkpoint, ending the run KILLED) must not be
+    # cut short by a second signal, e.g. the SIGTERM `mlflow run` sends its child after Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main() -> None:
-    cli(prog_name="lossgeo")
+    """Entry point: click's own parse errors and signals handled like every other outcome."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job ignores it
+        signal.signal(signal.SIGINT, _interrupt)
+    try:
+        code = cli.main(prog_name="lossgeo", standalone_mode=False)
+    except click.ClickException as exc:  # bad option value, unknown option, missing argument
+        where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        fail(exc.format_message() + where)
+    except (click.Abort, Interrupted):
+        if not _received:
+            click.echo("lossgeo: aborted", err=True)
+            sys.exit(1)
+        click.echo(f"lossgeo: {Interrupted(_received[0])}; what was logged is kept, runs "
+                   "ended KILLED", err=True)
+        sys.exit(128 + _received[0])
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

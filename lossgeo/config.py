@@ -86,7 +86,8 @@ class TrainConfig:
                                        choices=LANDSCAPE_DIRECTIONS)
     landscape_every_epoch: bool = _param(False, "also store 2D slices at every measured epoch")
     landscape_on_test: bool = _param(False, "slices on the test set instead of the probe set")
-    experiment: str = _param("lossgeo", "MLflow experiment name (ignored under `mlflow run`)")
+    experiment: str = _param("", "MLflow experiment (default: the launcher's under `mlflow run`, "
+                             "else $MLFLOW_EXPERIMENT_NAME, else Default)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -17,7 +17,7 @@ from .data import DataBundle, load_data
 from .errors import UserInputError
 from .losses import LOSSES, LossFn
 from .models import build_model
-from .tracking import TrackedRun
+from .tracking import TrackedRun, resolve_experiment
 from .train import Measurement, train
 
 
@@ -73,7 +73,7 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
         measurements = default_measurements(config)
     all_tags = {"model": config.model, "dataset": config.dataset,
                 "lossgeo_version": __version__, **(tags or {})}
-    run = TrackedRun(experiment=config.experiment, run_name=run_name(config),
+    run = TrackedRun(experiment=resolve_experiment(config.experiment), run_name=run_name(config),
                      parent_run_id=parent_run_id, tags=all_tags)
     if on_run_created is not None:
         on_run_created(run.run_id)

@@ -7,10 +7,12 @@ processes each create their child runs with an explicit parent id.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,6 +26,12 @@ from .errors import UserInputError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
+# A live run refreshes this tag (epoch milliseconds) every HEARTBEAT_INTERVAL seconds, so that
+# a run whose process died without a word (SIGKILL, a lost machine) can be told from a live one.
+HEARTBEAT_TAG = "lossgeo_heartbeat"
+HEARTBEAT_INTERVAL_TAG = "lossgeo_heartbeat_interval"
+END_REASON_TAG = "lossgeo_end_reason"
+DEFAULT_STALE_AFTER = 300.0
 # MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per call.
 _MAX_METRICS, _MAX_PARAMS = 1000, 100
 
@@ -33,10 +41,95 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+# URI -> None once opened, or the one-line error it gave (not retried: a dead server would
+# cost another timeout in the error path itself).
+_store_state: dict[str, UserInputError | None] = {}
+
+
 def client() -> MlflowClient:
+    """A client for `tracking_uri()`; the first call per process and URI opens the store
+    safely (see `_open_store`)."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if uri not in _store_state:
+        try:
+            _open_store(uri)
+        except UserInputError as exc:
+            _store_state[uri] = exc
+            raise
+        _store_state[uri] = None
+    if _store_state[uri] is not None:
+        raise _store_state[uri]
     return MlflowClient(tracking_uri=uri)
+
+
+def heartbeat_interval() -> float:
+    """Seconds between heartbeats: $LOSSGEO_HEARTBEAT_INTERVAL, else 30."""
+    return float(os.environ.get("LOSSGEO_HEARTBEAT_INTERVAL") or 30)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive flock on a folder (no lock file left beside the user's store)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _open_store(uri: str) -> None:
+    """A tracking server that does not answer fails fast, in one line, instead of after
+    MLflow's minutes of retries; a SQLite store is created under a lock, because MLflow's
+    schema creation is not safe against a second process doing the same (measured: three
+    processes on a fresh mlflow.db all crashed in the migration and left the store broken)."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                         params={"max_results": 1}, timeout=10)
+        except requests.RequestException as exc:
+            raise UserInputError(
+                f"MLFLOW_TRACKING_URI: no MLflow tracking server answers at {uri} "
+                f"({type(exc).__name__}); start it or point MLFLOW_TRACKING_URI elsewhere"
+            ) from None
+        return
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).resolve().parent
+        if not folder.is_dir():
+            raise UserInputError(f"MLFLOW_TRACKING_URI: folder {folder} of {uri} does not exist")
+        with _folder_lock(folder):
+            MlflowClient(tracking_uri=uri)  # creates and migrates the store if it is new
+
+
+def default_experiment() -> str:
+    """Where runs go when no experiment is named, the same for `mlflow run` and the CLI:
+    the launcher's experiment under `mlflow run`, else $MLFLOW_EXPERIMENT_NAME, else
+    MLflow's "Default"."""
+    c = client()
+    if launcher_run_id():
+        return c.get_experiment(c.get_run(launcher_run_id()).info.experiment_id).name
+    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return os.environ["MLFLOW_EXPERIMENT_NAME"]
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return c.get_experiment(os.environ["MLFLOW_EXPERIMENT_ID"]).name
+    return "Default"
+
+
+def resolve_experiment(name: str | None) -> str:
+    """The experiment a command writes to: `name`, else `default_experiment()`. Under
+    `mlflow run` the launcher has already put its run in an experiment; another name would
+    split the run tree across two experiments, so it is refused."""
+    default = default_experiment()
+    if name and launcher_run_id() and name != default:
+        raise UserInputError(
+            f"experiment: under `mlflow run` runs go to the launcher's experiment "
+            f"({default!r}); choose it with `mlflow run --experiment-name {name}` instead")
+    return name or default
 
 
 def check_artifact_access(artifact_uri: str, where: str) -> None:
@@ -65,6 +158,33 @@ def experiment_id(name: str, c: MlflowClient | None = None) -> str:
     except mlflow.exceptions.MlflowException:
         # Another worker created it between our lookup and create.
         return c.get_experiment_by_name(name).experiment_id
+
+
+def launcher_pid() -> int:
+    """The `mlflow run` process that started us: the nearest ancestor whose command line
+    names mlflow (it runs us through `bash -c`), else our parent."""
+    pid = os.getppid()
+    try:
+        while pid > 1:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"mlflow" in cmdline:
+                return pid
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):  # no /proc (not Linux)
+        pass
+    return os.getppid()
+
+
+def settle_launcher_status(run_id: str, status: str) -> None:
+    """The launcher overwrites our final status after we exit (see lossgeo/settle.py); a
+    detached helper sets it again once the launcher has gone."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-m", "lossgeo.settle", run_id, status,
+                      str(launcher_pid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
 
 
 def mark_launcher_run_rejected(message: str) -> None:
@@ -107,6 +227,8 @@ class TrackedRun:
             self.run_id = adopted
             check_artifact_access(self.client.get_run(adopted).info.artifact_uri,
                                   f"run {adopted}")
+            if run_name and run_id is None:  # `mlflow run` names its run after the entry point
+                self.client.set_tag(adopted, "mlflow.runName", run_name)
         else:
             tags_all = dict(self._tags)
             if parent_run_id:
@@ -121,6 +243,7 @@ class TrackedRun:
     def __enter__(self) -> "TrackedRun":
         if self._tags:
             self.set_tags(self._tags)
+        self._heartbeat = Heartbeat(self.client, self.run_id)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -128,15 +251,22 @@ class TrackedRun:
             status = "FINISHED"
         elif issubclass(exc_type, KeyboardInterrupt) or getattr(exc_type, "mlflow_status", "") == "KILLED":
             status = "KILLED"
+            self.set_tags({END_REASON_TAG: str(exc) or "interrupted (SIGINT)"})
         else:
             status = "FAILED"
         self.finish(status)
         return False
 
+    _heartbeat: "Heartbeat | None" = None
+
     def finish(self, status: str = "FINISHED") -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if self.status is None:
             self.client.set_terminated(self.run_id, status=status)
             self.status = status
+            if status == "KILLED" and self.run_id == launcher_run_id():
+                settle_launcher_status(self.run_id, status)
 
     # -- logging ---------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -179,6 +309,66 @@ class TrackedRun:
 
     def log_file(self, local_path: str | os.PathLike, directory: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path=directory)
+
+
+class Heartbeat:
+    """Refreshes a run's heartbeat tag from a daemon thread until `stop()`: the run is alive
+    while the tag is recent. `runs cleanup` ends runs whose heartbeat went stale."""
+
+    def __init__(self, c: MlflowClient, run_id: str, interval: float | None = None) -> None:
+        self.client, self.run_id = c, run_id
+        self.interval = interval or heartbeat_interval()
+        self._stop = threading.Event()
+        c.log_batch(run_id, tags=[RunTag(HEARTBEAT_INTERVAL_TAG, f"{self.interval:g}")])
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name=f"heartbeat-{run_id[:8]}")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time() * 1000)))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+            except Exception:  # a missed beat is retried at the next interval
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def end_stale_runs(experiments: Iterable[str] | None = None,
+                   stale_after: float = DEFAULT_STALE_AFTER) -> list[tuple[str, float]]:
+    """Ends KILLED every RUNNING run whose heartbeat is older than `stale_after` seconds (and
+    three of its own intervals), with a tag saying why; returns (run_id, age in s) of each.
+    Runs without a heartbeat (not started by lossgeo) are left alone."""
+    c = client()
+    if experiments:
+        ids = [e.experiment_id for name in experiments
+               if (e := c.get_experiment_by_name(name)) is not None]
+    else:
+        ids = [e.experiment_id for e in c.search_experiments()]
+    if not ids:
+        return []
+    now = time.time()
+    ended = []
+    for run in c.search_runs(ids, "attributes.status = 'RUNNING'", max_results=50000):
+        beat = run.data.tags.get(HEARTBEAT_TAG)
+        if not beat:
+            continue
+        interval = float(run.data.tags.get(HEARTBEAT_INTERVAL_TAG) or heartbeat_interval())
+        age = now - int(beat) / 1000
+        if age > max(stale_after, 3 * interval):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(beat) / 1000))
+            c.set_tag(run.info.run_id, END_REASON_TAG,
+                      f"stale: no heartbeat since {since} ({age:.0f} s); the process was "
+                      "killed or its machine lost; ended by lossgeo runs cleanup")
+            c.set_terminated(run.info.run_id, status="KILLED")
+            ended.append((run.info.run_id, age))
+    return ended
 
 
 # -- reading back --------------------------------------------------------------------------
