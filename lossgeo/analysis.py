@@ -1,7 +1,7 @@
 """Logged runs back into pandas: one row per run, and a long table of per-epoch metrics.
 
     from lossgeo.analysis import load_runs, load_history
-    runs = load_runs(experiment="lossgeo")            # or parent_run=..., filter="..."
+    runs = load_runs()                 # the default experiment; or experiment=, parent_run=, filter=
     history = load_history(runs, metrics=["lambda_max", "test_loss"])
     history.pivot_table(index="epoch", columns="label", values="value")
 """
@@ -43,7 +43,7 @@ def load_runs(experiment: str | Iterable[str] | None = None, parent_run: str | N
     names = [experiment] if isinstance(experiment, str) else (list(experiment) if experiment
                                                              else None)
     if names is None and experiment_ids is None:
-        names = ["lossgeo"]
+        names = [tracking.default_experiment()]
     frame = tracking.search_runs(experiment_names=names if experiment_ids is None else None,
                                  experiment_ids=experiment_ids,
                                  filter_string=" and ".join(clauses))

@@ -67,6 +67,10 @@ def reports_user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+EXPERIMENT_HELP = ("MLflow experiment (default: the launcher's under `mlflow run`, else "
+                   "$MLFLOW_EXPERIMENT_NAME, else Default)")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """lossgeo: loss-landscape geometry tracked in MLflow."""
@@ -164,7 +168,7 @@ def landscape_command(run_id: str, **options: Any) -> None:
 @click.option("--run-a", required=True, help="first MLflow run (alpha = 0)")
 @click.option("--run-b", required=True, help="second MLflow run (alpha = 1)")
 @click.option("--points", type=click.IntRange(min=3), default=41, show_default=True)
-@click.option("--experiment", default="lossgeo", show_default=True)
+@click.option("--experiment", default="", help=EXPERIMENT_HELP)
 @click.option("--data-dir", default=None, help="data root (default: the runs')")
 @reports_user_errors
 def interpolate_command(run_a: str, run_b: str, points: int, experiment: str,
@@ -177,28 +181,36 @@ def interpolate_command(run_a: str, run_b: str, points: int, experiment: str,
     click.echo(f"run {new_run}: interpolation logged")
 
 
-def _load_spec(path: str, data_dir: str | None):
-    import dataclasses
+def _load_spec(path: str, data_dir: str | None, overrides: tuple[str, ...]):
+    from .studyfile import load_study_file, parse_overrides
 
-    from .studyfile import load_study_file
-
-    spec = load_study_file(path)
+    extra = parse_overrides(overrides)
     if data_dir:
-        spec = dataclasses.replace(spec, base={**spec.base, "data_dir": data_dir})
-    return spec
+        extra["data_dir"] = data_dir
+    return load_study_file(path, extra)
+
+
+def set_option(func: Callable) -> Callable:
+    return click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="override a training parameter of the study's base, validated like the file "
+             "(repeatable; one value may hold several: --set 'epochs=1 train_subset=2000')"
+    )(func)
 
 
 @cli.command("grid")
 @click.option("--study", "study_path", default="studies/mnist_grid.yaml", show_default=True,
               help="grid study file (YAML)")
-@click.option("--experiment", default="lossgeo", show_default=True)
+@click.option("--experiment", default="", help=EXPERIMENT_HELP)
 @click.option("--data-dir", default=None, help="data root for every cell")
+@set_option
 @reports_user_errors
-def grid_command(study_path: str, experiment: str, data_dir: str | None) -> None:
+def grid_command(study_path: str, experiment: str, data_dir: str | None,
+                 overrides: tuple[str, ...]) -> None:
     """Run every model x regime of a grid study as child runs of one parent run."""
     from .study import run_grid
 
-    spec = _load_spec(study_path, data_dir)
+    spec = _load_spec(study_path, data_dir, overrides)
     if spec.kind != "grid":
         raise UserInputError(f"study: {study_path} is a {spec.kind}, not a grid")
     parent = run_grid(spec, experiment=experiment)
@@ -213,20 +225,21 @@ def grid_command(study_path: str, experiment: str, data_dir: str | None) -> None
 @click.option("--study-name", default="", help="study name (default: the file's)")
 @click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="trials in parallel threads in this worker")
-@click.option("--experiment", default="lossgeo", show_default=True)
+@click.option("--experiment", default="", help=EXPERIMENT_HELP)
 @click.option("--data-dir", default=None, help="data root for every trial")
 @click.option("--heartbeat-interval", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--grace-period", type=click.IntRange(min=2), default=30, show_default=True)
+@set_option
 @reports_user_errors
 def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str, n_jobs: int,
                   experiment: str, data_dir: str | None, heartbeat_interval: int,
-                  grace_period: int) -> None:
+                  grace_period: int, overrides: tuple[str, ...]) -> None:
     """Run (or join) an Optuna sweep; start the same command on many machines to share it."""
     from .study import run_sweep
 
     if n_trials < 0:
         raise UserInputError(f"n_trials: must be >= 0 (got {n_trials})")
-    spec = _load_spec(study_path, data_dir)
+    spec = _load_spec(study_path, data_dir, overrides)
     if spec.kind != "sweep":
         raise UserInputError(f"study: {study_path} is a {spec.kind}, not a sweep")
     study = run_sweep(spec, storage=storage or None, n_trials=n_trials or None,

@@ -13,9 +13,13 @@ from .tracking import TrackedRun, load_artifact_object
 
 
 def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
+    """The FINISHED training runs of an experiment (default: the default experiment) or of
+    a study's parent run; none is bad input (nothing would be compared)."""
+    from .tracking import default_experiment
+
     experiment, parent_run = experiment or None, parent_run or None
     if not experiment and not parent_run:
-        raise UserInputError("experiment: give an experiment name or a parent run id")
+        experiment = default_experiment()
     try:
         runs = analysis.load_runs(experiment=experiment, parent_run=parent_run)
     except UserInputError:
@@ -28,9 +32,14 @@ def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
         runs = runs[runs["tags.kind"].isna()]
     if "train_loss" in runs:
         runs = runs[runs["train_loss"].notna()]
-    if runs.empty:
-        raise UserInputError(f"experiment: no training runs found in "
-                             f"{parent_run or experiment!r}")
+    finished = runs[runs["status"] == "FINISHED"] if "status" in runs else runs
+    if finished.empty:
+        states = runs["status"].value_counts().to_dict() if "status" in runs else {}
+        seen = ", ".join(f"{n} {s}" for s, n in states.items()) or "none at all"
+        where = f"parent run {parent_run}" if parent_run else f"experiment {experiment!r}"
+        raise UserInputError(f"experiment: no finished training runs in {where} ({seen}); "
+                             "nothing written")
+    runs = finished
     if "noise_temperature" not in runs and {"lr", "batch_size"} <= set(runs):
         runs = runs.assign(noise_temperature=runs["lr"] / runs["batch_size"])
     return runs.reset_index(drop=True)
@@ -51,8 +60,7 @@ def compare(experiment: str | None = None, parent_run: str | None = None,
     """Writes the seven comparison plots to out_dir and logs them to MLflow."""
     import matplotlib.pyplot as plt
 
-    runs = select_runs(experiment, parent_run)
-    finished = runs[runs["status"] == "FINISHED"]
+    finished = select_runs(experiment, parent_run)
     history = analysis.load_history(finished)
     figures = plots.comparison_figures(finished, history, final_densities(finished))
     out = Path(out_dir)
@@ -82,12 +90,9 @@ def report(experiment: str | None = None, parent_run: str | None = None,
     figure_dir = out / "figures-src"
     compare(experiment, parent_run, figure_dir, log=False)
     runs = select_runs(experiment, parent_run)
-    finished = runs[runs["status"] == "FINISHED"]
-    if "tags.diverged" in finished:
-        finished = finished[finished["tags.diverged"] != "true"]
-    corr = analysis.correlations(finished, analysis.STUDY_PAIRS)
-    tex, pdf = write_report(runs[runs["status"] == "FINISHED"], corr, figure_dir, out,
-                            compile_pdf=compile_pdf)
+    converged = runs[runs["tags.diverged"] != "true"] if "tags.diverged" in runs else runs
+    corr = analysis.correlations(converged, analysis.STUDY_PAIRS)
+    tex, pdf = write_report(runs, corr, figure_dir, out, compile_pdf=compile_pdf)
     if log:
         tracked = _output_run(experiment, parent_run, "report")
         tracked.log_file(tex, "latex")
@@ -100,12 +105,12 @@ def report(experiment: str | None = None, parent_run: str | None = None,
 
 
 def _output_run(experiment: str | None, parent_run: str | None, kind: str) -> TrackedRun:
-    """Under `mlflow run` the launcher's run; else a new run tagged kind=<kind> (a child of
-    the parent run when one is given)."""
-    from .tracking import client, get_run
+    """A run tagged kind=<kind>, a child of the parent run when one is given: under
+    `mlflow run` the launcher's run (so no empty run is left), else a new one."""
+    from .tracking import client, default_experiment, get_run
 
     experiment, parent_run = experiment or None, parent_run or None
-    if not experiment:
+    if parent_run:
         experiment = client().get_experiment(get_run(parent_run).info.experiment_id).name
-    return TrackedRun(experiment=experiment, run_name=kind, parent_run_id=parent_run,
-                      tags={"kind": kind})
+    return TrackedRun(experiment=experiment or default_experiment(), run_name=kind,
+                      parent_run_id=parent_run, tags={"kind": kind}, adopt_launcher=True)

@@ -87,24 +87,48 @@ def _normalise(images: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Reads an IDX file (optionally gzipped), the format MNIST-like data sets ship in."""
+    """Reads an IDX file (optionally gzipped), the format MNIST-like data sets ship in; a
+    file whose length disagrees with its header (truncated, or not IDX) is named as corrupt."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
-    ndim = raw[3]
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:  # gzip: truncated stream or not gzip at all
+        raise DataUnavailableError(f"dataset: file {path} is corrupt ({type(exc).__name__}: "
+                                   f"{exc}); delete it and download it again") from None
+    ndim = raw[3] if len(raw) >= 4 else 0
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = 4 + 4 * ndim + int(np.prod(shape))
+    if len(raw) < 4 or raw[:3] != b"\0\0\x08" or len(raw) != expected:
+        raise DataUnavailableError(
+            f"dataset: file {path} is corrupt ({len(raw)} bytes, its header says {expected}); "
+            "delete it and download it again")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _debian_fashion_mnist(train: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+# Where torchvision keeps the raw IDX files of the MNIST-like sets under the data root.
+IDX_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def _idx_split(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Images (N, 1, H, W) and labels from IDX files (plain or .gz) in `folder`, or None when
+    they are not there. Read here rather than by torchvision, which reports a damaged file
+    as "not found"."""
     prefix = "train" if train else "t10k"
-    images = DEBIAN_FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz"
-    labels = DEBIAN_FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz"
-    if not (images.exists() and labels.exists()):
-        return None
-    x = torch.from_numpy(read_idx(images).copy()).unsqueeze(1)
-    y = torch.from_numpy(read_idx(labels).astype(np.int64))
+    found = []
+    for kind in ("images-idx3", "labels-idx1"):
+        name = f"{prefix}-{kind}-ubyte"
+        path = next((p for p in (folder / name, folder / f"{name}.gz") if p.exists()), None)
+        if path is None:
+            return None
+        found.append(path)
+    x = torch.from_numpy(read_idx(found[0]).copy()).unsqueeze(1)
+    y = torch.from_numpy(read_idx(found[1]).astype(np.int64))
     return x, y
+
+
+def _debian_fashion_mnist(train: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return _idx_split(DEBIAN_FASHION_MNIST, train)
 
 
 def _torchvision_split(name: str, root: Path, train: bool, download: bool
@@ -113,6 +137,9 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool
 
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
     errors: list[str] = []
+    # A download that fails must not leave the empty folders torchvision made for it.
+    folders = [root, root / IDX_FOLDERS.get(name, ""), root / IDX_FOLDERS.get(name, "") / "raw"]
+    missing = [f for f in folders if not f.exists()]
     for attempt_download in ([False, True] if download else [False]):
         try:
             ds = cls(root=str(root), train=train, download=attempt_download)
@@ -120,6 +147,9 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool
         except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError...
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     else:
+        for folder in sorted(set(missing), key=lambda f: len(f.parts), reverse=True):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         hint = {"mnist": "MNIST/raw/", "fashion-mnist": "FashionMNIST/raw/",
                 "cifar10": "cifar-10-batches-py/"}[name]
         extra = (" or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else "")
@@ -142,8 +172,10 @@ def load_split_raw(name: str, root: Path, train: bool, download: bool = True
     if name not in NORMALISATION:
         raise DataUnavailableError(
             f"dataset: must be one of {', '.join(NORMALISATION)} (got {name!r})")
-    if name == "fashion-mnist" and not (root / "FashionMNIST" / "raw").exists():
-        found = _debian_fashion_mnist(train)
+    if name in IDX_FOLDERS:
+        found = _idx_split(root / IDX_FOLDERS[name] / "raw", train)
+        if found is None and name == "fashion-mnist":
+            found = _debian_fashion_mnist(train)
         if found is not None:
             return found
     return _torchvision_split(name, root, train, download)

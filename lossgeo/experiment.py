@@ -149,9 +149,8 @@ def log_run_outputs(run: TrackedRun, frame: pd.DataFrame, model: nn.Module,
         run.log_figure(name, figure)
         plt.close(figure)
     slice2d = final_artifacts.get("landscape/loss_slice_2d.pt")
-    html = plots.landscape_html(slice2d) if slice2d is not None else None
-    if html is not None:
-        run.log_text("plots/landscape_3d.html", html)
+    if slice2d is not None:
+        run.log_text("plots/landscape_3d.html", plots.landscape_html(slice2d))
 
 
 def config_from_params(params: dict[str, str], **overrides) -> TrainConfig:
@@ -179,7 +178,7 @@ def config_from_params(params: dict[str, str], **overrides) -> TrainConfig:
 def load_logged_run(run_id: str, **overrides):
     """(config, data, model with the final checkpoint, loss_fn) of a logged run; the probe
     set is the one the run measured on (same seed, same data)."""
-    from .tracking import get_run, load_artifact_object
+    from .tracking import get_run, has_artifact, load_artifact_object
 
     try:
         run = get_run(run_id)
@@ -187,6 +186,10 @@ def load_logged_run(run_id: str, **overrides):
         raise UserInputError(f"run_id: no run {run_id!r} in {_uri()} ({type(exc).__name__})")
     config = config_from_params(run.data.params, **overrides)
     data, model, loss_fn, _ = prepare(config)
+    if not has_artifact(run_id, "checkpoint/model.pt"):
+        raise UserInputError(
+            f"run_id: run {run_id} ({run.info.status}) has no checkpoint/model.pt to measure; "
+            "only runs that logged a checkpoint can be re-measured")
     state = load_artifact_object(run_id, "checkpoint/model.pt", weights_only=True)
     model.load_state_dict(state)
     return config, data, model, loss_fn
@@ -255,7 +258,7 @@ def remeasure_landscape(run_id: str, *, resolution: int | None = None,
     return artifacts["landscape/loss_slice_2d.pt"]
 
 
-def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: str = "lossgeo",
+def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: str = "",
                      data_dir: str | None = None) -> tuple[str, dict]:
     """Loss along (1 - alpha) w_a + alpha w_b between two logged runs' final checkpoints,
     logged as a new run. Both runs must share model, data set and seed (same probe set)."""
@@ -278,7 +281,7 @@ def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: st
     inside = (alphas >= 0) & (alphas <= 1)
     loss = result["test"]["loss"]
     barrier = float(loss[inside].max() - 0.5 * (loss[inside][0] + loss[inside][-1]))
-    with TrackedRun(experiment=experiment, run_name=f"interpolate-{run_a[:6]}-{run_b[:6]}",
+    with TrackedRun(experiment=resolve_experiment(experiment), run_name=f"interpolate-{run_a[:6]}-{run_b[:6]}",
                     tags={"kind": "interpolation", "model": config_a.model,
                           "dataset": config_a.dataset}) as run:
         run.log_params({"run_a": run_a, "run_b": run_b, "points": points})

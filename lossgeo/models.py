@@ -136,11 +136,36 @@ def build_model(name: str, in_channels: int = 1, image_size: int = 28, n_classes
     return REGISTRY[name](in_channels, image_size, n_classes, **options)
 
 
+_LAYER_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.Linear, "fc"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"), (nn.Conv3d, "conv"),
+    (nn.BatchNorm1d, "bn"), (nn.BatchNorm2d, "bn"), (nn.LayerNorm, "ln"))
+
+
+def layer_names(model: nn.Module) -> dict[str, str]:
+    """Module path -> the name a reader knows the layer by. A layer of a top-level Sequential
+    ("net.1") says nothing by its path: it is named by kind and order in the model ("fc1",
+    "conv2"); every other path ("stages.0.conv1", "stages.1.shortcut.0") is kept."""
+    names: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for path, module in model.named_modules():
+        kind = next((k for cls, k in _LAYER_KINDS if isinstance(module, cls)), None)
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+        last = path.rsplit(".", 1)[-1]
+        if path.count(".") == 1 and last.isdigit() and kind is not None:
+            names[path] = f"{kind}{counts[kind]}"
+        else:
+            names[path] = path
+    return names
+
+
 def parameter_blocks(model: nn.Module) -> dict[str, list[str]]:
-    """Groups trainable parameter names by the module that owns them (a 'layer')."""
+    """Groups trainable parameter names by the layer that owns them, keyed by the layer's
+    readable name (`layer_names`)."""
+    readable = layer_names(model)
     blocks: dict[str, list[str]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            owner = name.rsplit(".", 1)[0] if "." in name else name
-            blocks.setdefault(owner, []).append(name)
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            blocks.setdefault(readable.get(owner, owner) or name, []).append(name)
     return blocks

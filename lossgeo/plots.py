@@ -195,12 +195,10 @@ def interpolation(result: Mapping) -> Figure:
     return fig
 
 
-def landscape_html(slice2d: Mapping) -> str | None:
-    """An interactive 3D surface (plotly), or None when plotly is not installed."""
-    try:
-        import plotly.graph_objects as go
-    except ImportError:
-        return None
+def landscape_html(slice2d: Mapping) -> str:
+    """An interactive 3D surface (plotly, a dependency: the MLflow UI renders the page)."""
+    import plotly.graph_objects as go
+
     surface = go.Surface(x=_np(slice2d["x"]), y=_np(slice2d["y"]), z=_np(slice2d["loss"]).T,
                          colorscale="Viridis")
     fig = go.Figure(surface)
@@ -292,7 +290,10 @@ def _spearman_legend(ax, x: pd.Series, y: pd.Series) -> None:
 def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
     """Final gen_gap against final lambda_max, one point per run, Spearman in the legend."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
-    data = runs[["lambda_max", "gen_gap", "label"]].dropna() if {"lambda_max", "gen_gap"} <= set(runs) else pd.DataFrame()
+    columns = ["lambda_max", "gen_gap", "label"]
+    # runs measured without curvature have no lambda_max column: an empty plot, not a crash
+    data = (runs[columns].dropna() if set(columns) <= set(runs)
+            else pd.DataFrame(columns=columns))
     for colour, (_, row) in zip(_colours(len(data)), data.iterrows()):
         ax.scatter(row["lambda_max"], row["gen_gap"], color=colour, s=40, label=row["label"])
     _spearman_legend(ax, data["lambda_max"], data["gen_gap"])

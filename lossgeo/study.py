@@ -10,7 +10,11 @@ under the same parent.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import socket
+import threading
 import time
 import warnings
 from dataclasses import replace
@@ -24,7 +28,8 @@ from . import analysis, plots
 from .errors import UserInputError
 from .experiment import prepare, run_training
 from .studyfile import StudySpec
-from .tracking import TrackedRun, client, experiment_id, launcher_run_id
+from .tracking import (END_REASON_TAG, PARENT_TAG, Heartbeat, TrackedRun, client, experiment_id,
+                       launcher_run_id, resolve_experiment)
 
 DEFAULT_STORAGE = "sqlite:///studies/optuna.db"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -143,7 +148,10 @@ def _suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     return values
 
 
-def make_objective(spec: StudySpec, parent_run_id: str, experiment: str):
+def make_objective(spec: StudySpec, parent_run_id: str, experiment: str,
+                   stop: threading.Event | None = None):
+    """`stop` set (the worker was interrupted): a trial in another thread ends at its next
+    epoch, KILLED, instead of running to its end."""
     def objective(trial: optuna.Trial):
         values = _suggest(trial, spec)
         config = spec.config(**values, experiment=experiment)
@@ -151,6 +159,8 @@ def make_objective(spec: StudySpec, parent_run_id: str, experiment: str):
         trial.set_user_attr("noise_temperature", config.noise_temperature)
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt("interrupted: the worker was asked to stop")
             if spec.pruner == "none" or epoch == 0:
                 return
             trial.report(metrics["val_loss"], epoch)
@@ -186,7 +196,7 @@ class BudgetLock:
     PostgreSQL: a session advisory lock; SQLite: a file lock beside the database; other
     databases: a process-local lock only."""
 
-    _local = __import__("threading").Lock()
+    _local = threading.Lock()
 
     def __init__(self, url: str, study_name: str) -> None:
         import zlib
@@ -236,8 +246,6 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval: int):
     """Records a heartbeat every `interval` s until the returned event is set."""
-    import threading
-
     stop = threading.Event()
 
     def beat():
@@ -271,10 +279,11 @@ def _enqueue_grid(study: optuna.Study, spec: StudySpec, lock: BudgetLock) -> Non
 
 
 def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock: BudgetLock,
-                 budget: int, objective, interval: int) -> None:
-    import warnings
-
-    while True:
+                 budget: int, objective, interval: int, stop: threading.Event,
+                 ran: list[int]) -> None:
+    """Claims and runs trials until the budget is claimed or `stop` is set; appends the
+    number of each trial it ran to `ran`."""
+    while not stop.is_set():
         with warnings.catch_warnings():
             # heartbeats are ours (see _heartbeat), not Study.optimize's
             warnings.simplefilter("ignore")
@@ -284,7 +293,8 @@ def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock:
                 if claimed >= budget:
                     return
                 trial = study.ask()  # takes a waiting (retried or grid) trial first
-        stop = _heartbeat(storage, trial._trial_id, interval)
+        beat = _heartbeat(storage, trial._trial_id, interval)
+        ran.append(trial.number)
         try:
             value = objective(trial)
         except optuna.TrialPruned:
@@ -294,22 +304,22 @@ def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         except BaseException:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
+            if threading.current_thread() is threading.main_thread():
+                raise
+            return  # a thread stopped by the worker's `stop`; the main thread re-raises
         else:
             study.tell(trial, value)
         finally:
-            stop.set()
+            beat.set()
 
 
 def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | None = None,
-              n_jobs: int = 1, study_name: str | None = None, experiment: str = "lossgeo",
+              n_jobs: int = 1, study_name: str | None = None, experiment: str = "",
               heartbeat_interval: int = 10, grace_period: int = 30) -> optuna.Study:
     """Runs (or joins) the study until its global budget of finished trials is reached.
 
     Each worker (process or thread) claims a trial under `BudgetLock`, sends heartbeats while
     it runs, and first fails the trials of workers that stopped beating (they are retried)."""
-    import threading
-
     budget = n_trials or spec.n_trials
     url = storage or DEFAULT_STORAGE
     # Workers starting together on an empty database would race on Optuna's table creation.
@@ -329,37 +339,84 @@ def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | No
                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     lock = BudgetLock(url, study.study_name)
     with lock:  # one worker creates the parent run, the others find it
-        parent = parent_run_for(study, spec, experiment)
-    _tag_launcher(parent, study.study_name)
+        parent = parent_run_for(study, spec, resolve_experiment(experiment))
+        client().update_run(parent, status="RUNNING")  # a later worker reopens a closed study
     if spec.sampler == "grid":
         _enqueue_grid(study, spec, lock)
         budget = min(budget, len(grid_points(spec)))
-    objective = make_objective(spec, parent, experiment)
-    args = (study, rdb, lock, budget, objective, heartbeat_interval)
-    if n_jobs == 1:
-        _worker_loop(*args)
-    else:
-        threads = [threading.Thread(target=_worker_loop, args=args) for _ in range(n_jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    stop = threading.Event()
+    objective = make_objective(spec, parent, resolve_experiment(experiment), stop)
+    ran: list[int] = []
+    args = (study, rdb, lock, budget, objective, heartbeat_interval, stop, ran)
+    beat = Heartbeat(client(), parent)
+    interrupted = True
+    try:
+        with _launcher_as_worker(parent, study.study_name) as worker:
+            # n_jobs - 1 threads, and the main thread as one more worker: signals reach it
+            threads = [threading.Thread(target=_worker_loop, args=args, name=f"trials-{i}")
+                       for i in range(1, n_jobs)]
+            for t in threads:
+                t.start()
+            try:
+                _worker_loop(*args)
+            except BaseException:
+                stop.set()  # interrupted: the threads end their trials at the next epoch
+                raise
+            finally:
+                for t in threads:
+                    t.join()
+                if worker is not None:
+                    worker.log_metrics({"worker_trials": float(len(ran))})
+        interrupted = False
+    finally:
+        beat.stop()
+        with lock:
+            _close_parent(study, parent, budget, interrupted)
     summarise(parent, study=study)
     return study
 
 
-def _tag_launcher(parent: str, study_name: str) -> None:
-    """Under `mlflow run`, the launcher's own run says which study and parent it served."""
+def _close_parent(study: optuna.Study, parent: str, budget: int, interrupted: bool) -> None:
+    """The parent says the truth: RUNNING while any worker has a trial running; FINISHED
+    once the budget is done; KILLED when the last worker was interrupted before that."""
+    if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        return  # another worker is at work; the last one closes the parent
+    c = client()
+    if len(study.get_trials(deepcopy=False, states=CLAIMED)) >= budget:
+        c.set_terminated(parent, status="FINISHED")
+    elif interrupted:
+        c.set_tag(parent, END_REASON_TAG, "interrupted before the budget was done; "
+                                          "a new worker resumes the study")
+        c.set_terminated(parent, status="KILLED")
+
+
+@contextlib.contextmanager
+def _launcher_as_worker(parent: str, study_name: str):
+    """Under `mlflow run`, the launcher's own run becomes this worker's run, nested under the
+    study's parent (tag lossgeo_role=worker) instead of an empty top-level run. Yields the
+    TrackedRun, or None outside `mlflow run`."""
     run_id = launcher_run_id()
-    if run_id and run_id != parent:
-        client().set_tag(run_id, "lossgeo_study", study_name)
-        client().set_tag(run_id, "lossgeo_parent_run", parent)
+    if not run_id:
+        yield None
+        return
+    c = client()
+    parent_experiment = c.get_run(parent).info.experiment_id
+    if c.get_run(run_id).info.experiment_id != parent_experiment:
+        name = c.get_experiment(parent_experiment).name
+        raise UserInputError(f"experiment: study {study_name!r} lives in experiment {name!r}; "
+                             f"join it with `mlflow run --experiment-name {name}`")
+    with TrackedRun(run_id=run_id, tags={
+            PARENT_TAG: parent, "lossgeo_role": "worker", "lossgeo_study": study_name,
+            "mlflow.runName": f"worker-{socket.gethostname()}-{os.getpid()}"}) as worker:
+        yield worker
 
 
 # -- grid ---------------------------------------------------------------------------------
 
-def run_grid(spec: StudySpec, *, experiment: str = "lossgeo") -> str:
-    """Every model x regime as a child run of one parent run; then the comparison."""
+def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
+    """Every model x regime as a child run of one parent run (under `mlflow run`, the
+    launcher's run is the parent); then the comparison."""
+    experiment = resolve_experiment(experiment)
     configs = {(model, regime): spec.config(model=model, experiment=experiment, **values)
                for model in spec.models for regime, values in spec.regimes.items()}
     prepared = {key: prepare(config) for key, config in configs.items()}  # validate all first

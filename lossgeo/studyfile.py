@@ -92,7 +92,28 @@ def _check_value(path: Path, where: str, name: str, value: Any) -> None:
         raise _fail(path, where, str(exc)) from None
 
 
-def load_study_file(path: str | Path) -> StudySpec:
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["epochs=1 train_subset=2000", "lr=0.05"]` -> {"epochs": 1, ...}: each item holds one
+    or more space-separated key=value pairs (as `-P set="..."` passes them); values are read
+    as YAML scalars, exactly as in a study file's `base`."""
+    import shlex
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        for pair in shlex.split(item or ""):
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise UserInputError(f"set: {pair!r} is not key=value (e.g. --set epochs=1)")
+            try:
+                overrides[key.strip()] = yaml.safe_load(value) if value else ""
+            except yaml.YAMLError:
+                raise UserInputError(f"set: {pair!r}: the value is not a YAML scalar") from None
+    return overrides
+
+
+def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+    """The validated study; `overrides` replace keys of its `base` (training parameters)
+    and are checked exactly as if the file held them."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"study: file {path} not found")
@@ -114,6 +135,7 @@ def load_study_file(path: str | Path) -> StudySpec:
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise _fail(path, "base", "must be a mapping of training parameters")
+    base = {**base, **(overrides or {})}
     config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in base:
         if key not in config_fields:

@@ -133,14 +133,35 @@ def resolve_experiment(name: str | None) -> str:
 
 
 def check_artifact_access(artifact_uri: str, where: str) -> None:
-    """An `mlflow server` / `mlflow ui` that created the store gives its experiments
-    `mlflow-artifacts:` locations, which only a client talking to that server can write.
-    Say so in one line before anything is logged, instead of failing at the first artifact."""
+    """Artifacts must be writable, checked before anything is logged instead of failing at
+    the first artifact: an `mlflow server` / `mlflow ui` that created the store gives its
+    experiments `mlflow-artifacts:` locations, which only a client talking to that server can
+    write; a local folder must be writable by this user."""
     if artifact_uri.startswith("mlflow-artifacts:") and not tracking_uri().startswith("http"):
         raise UserInputError(
             f"MLflow: {where} keeps its artifacts on an MLflow server ({artifact_uri}) but the "
             f"tracking URI is {tracking_uri()}; set MLFLOW_TRACKING_URI to that server "
             "(e.g. http://127.0.0.1:5000 for `mlflow ui`)")
+    local = _local_path(artifact_uri)
+    if local is not None:
+        existing = local
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserInputError(f"MLflow: {where} stores artifacts under {local}, which is not "
+                                 f"writable ({existing} is read-only for this user)")
+
+
+def _local_path(artifact_uri: str) -> Path | None:
+    """The folder of a local artifact location (file: URI or plain path), else None."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a path (or a Windows drive letter)
+        return Path(artifact_uri)
+    return None
 
 
 def launcher_run_id() -> str | None:
@@ -213,16 +234,21 @@ def _stringify(value: Any) -> str:
 class TrackedRun:
     """One MLflow run; a context manager that ends it FINISHED, FAILED or KILLED.
 
-    Under `mlflow run` it adopts the launcher's run; otherwise it creates one in
-    `experiment` (as a child of `parent_run_id` when given).
+    Under `mlflow run` it adopts the launcher's run (by default only a top-level run does;
+    `adopt_launcher=True` also makes the launcher's run the child of `parent_run_id`);
+    otherwise it creates one in `experiment` (as a child of `parent_run_id` when given).
     """
 
-    def __init__(self, experiment: str = "lossgeo", run_name: str | None = None,
+    def __init__(self, experiment: str = "Default", run_name: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, adopt_launcher: bool | None = None) -> None:
         self.client = client()
         self._tags = dict(tags or {})
-        adopted = run_id or (launcher_run_id() if parent_run_id is None else None)
+        if adopt_launcher is None:
+            adopt_launcher = parent_run_id is None
+        adopted = run_id or (launcher_run_id() if adopt_launcher else None)
+        if adopted and parent_run_id and not run_id:
+            self._tags[PARENT_TAG] = parent_run_id
         if adopted:
             self.run_id = adopted
             check_artifact_access(self.client.get_run(adopted).info.artifact_uri,
@@ -375,6 +401,11 @@ def end_stale_runs(experiments: Iterable[str] | None = None,
 
 def download_artifact(run_id: str, path: str, dst: str | os.PathLike) -> Path:
     return Path(client().download_artifacts(run_id, path, str(dst)))
+
+
+def has_artifact(run_id: str, path: str) -> bool:
+    folder = os.path.dirname(path) or None
+    return path in {a.path for a in client().list_artifacts(run_id, folder)}
 
 
 def load_artifact_object(run_id: str, path: str, weights_only: bool = True) -> Any:

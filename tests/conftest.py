@@ -47,9 +47,14 @@ def mnist_dir() -> Path:
 @pytest.fixture
 def tracking(tmp_path, monkeypatch) -> Path:
     """An isolated MLflow store in a fresh working directory."""
+    import mlflow
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    # an earlier test's lossgeo call set MLflow's process-wide URI, which beats the variable
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     return tmp_path
 
 

@@ -16,7 +16,7 @@ from .conftest import tiny_config
 
 PER_EPOCH = ["lambda_max", "lambda_min", "hessian_trace", "hessian_trace_se", "lambda_max_ggn",
              "lambda_max_fisher", "effective_dim", "edge_ratio", "curvature_seconds",
-             "lambda_max/net.1", "lambda_max/net.3"]
+             "lambda_max/fc1", "lambda_max/fc2"]
 
 
 def test_edge_ratio_is_momentum_adjusted():

@@ -23,7 +23,12 @@ def test_mlp_widths_and_activation():
 
 def test_parameter_blocks_group_by_layer():
     blocks = parameter_blocks(build_model("mlp", 1, 28, 10, hidden=(8,)))
-    assert blocks == {"net.1": ["net.1.weight", "net.1.bias"], "net.3": ["net.3.weight", "net.3.bias"]}
+    assert blocks == {"fc1": ["net.1.weight", "net.1.bias"], "fc2": ["net.3.weight", "net.3.bias"]}
+    cnn = parameter_blocks(build_model("cnn", 1, 28, 10))
+    assert list(cnn) == ["conv1", "conv2", "fc1", "fc2"]
+    assert cnn["conv2"] == ["features.3.weight", "features.3.bias"]
+    resnet = parameter_blocks(build_model("resnet", 3, 32, 10))
+    assert {"conv1", "bn1", "stages.0.conv1", "stages.1.shortcut.0"} <= set(resnet)
 
 
 def test_unknown_model():

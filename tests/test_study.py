@@ -173,3 +173,69 @@ def test_unreachable_storage_is_one_line_exit_2(tmp_path, tracking, fake_data_di
                                       "postgresql://nobody@127.0.0.1:1/none"])
     assert result.exit_code == 2 and result.stderr.startswith("lossgeo: error: storage:")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sweep_parent_is_running_while_a_worker_works_then_finished(tmp_path, tracking,
+                                                                    fake_data_dir, monkeypatch):
+    import lossgeo.study as study_mod
+
+    seen = []
+    real = study_mod.run_training
+
+    def watching(config, *, parent_run_id, **kwargs):
+        seen.append(MlflowClient().get_run(parent_run_id).info.status)
+        return real(config, parent_run_id=parent_run_id, **kwargs)
+
+    monkeypatch.setattr(study_mod, "run_training", watching)
+    spec = load_study_file(write_study(tmp_path, fake_data_dir, pruner="none"))
+    study = run_sweep(spec, n_trials=2)
+    parent = MlflowClient().get_run(study.user_attrs[PARENT_ATTR])
+    assert seen == ["RUNNING", "RUNNING"] and parent.info.status == "FINISHED"
+    # a later worker with a larger budget reopens the study, and closes it again
+    run_sweep(spec, n_trials=3)
+    assert seen[2] == "RUNNING"
+    assert MlflowClient().get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_interrupted_last_worker_ends_the_parent_killed(tmp_path, tracking, fake_data_dir,
+                                                        monkeypatch):
+    import lossgeo.study as study_mod
+
+    def interrupted(config, **kwargs):
+        raise KeyboardInterrupt("interrupted (SIGTERM)")
+
+    monkeypatch.setattr(study_mod, "run_training", interrupted)
+    spec = load_study_file(write_study(tmp_path, fake_data_dir))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, n_trials=3)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tracking}/studies/optuna.db")
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    parent = MlflowClient().get_run(study.user_attrs[PARENT_ATTR])
+    assert parent.info.status == "KILLED"
+    assert "interrupted before the budget was done" in parent.data.tags["lossgeo_end_reason"]
+
+
+def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, tracking,
+                                                               fake_data_dir):
+    from lossgeo.studyfile import parse_overrides
+
+    path = write_study(tmp_path, fake_data_dir)
+    assert parse_overrides(["epochs=1 train_subset=150", "landscape=false"]) == {
+        "epochs": 1, "train_subset": 150, "landscape": False}
+    spec = load_study_file(path, parse_overrides(["epochs=1 train_subset=150"]))
+    assert spec.base["epochs"] == 1 and spec.config(lr=0.1).train_subset == 150
+    for bad, message in ((["lr=-1"], "base: lr: must be > 0"),
+                         (["colour=1"], "base.colour: not a training parameter"),
+                         (["epochs"], "set: 'epochs' is not key=value")):
+        result = CliRunner().invoke(cli, ["sweep", "--study", str(path), "--set", *bad])
+        assert result.exit_code == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tracking / "mlflow.db").exists() and not (tracking / "studies").exists()
+    result = CliRunner().invoke(cli, ["sweep", "--study", str(path), "--n-trials", "1",
+                                      "--set", "epochs=1", "--set", "landscape=false"])
+    assert result.exit_code == 0, result.output
+    run = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("Default").experiment_id],
+        "tags.lossgeo_role = 'trial'")[0]
+    assert run.data.params["epochs"] == "1"

@@ -3,6 +3,7 @@ every estimator, so the probe set's gradient graph is built once per measured ep
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -64,7 +65,10 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
     metrics: dict[str, float] = {
         "lambda_max": lambda_max,
         "lambda_min": float(bottom.values[0]),
-        "lambda_max_residual": float(top.residuals[0]),
+        # log10 of ||Hv - lambda v|| / |lambda|: the raw residual spans 1e-9..1e-26, which a
+        # linear chart draws as a row of zeros
+        "lambda_max_residual_log10": math.log10(
+            max(float(top.residuals[0]) / max(abs(lambda_max), 1e-300), 1e-300)),
         "lambda_max_converged": float(top.all_converged),
         "hessian_trace": trace.value,
         "hessian_trace_se": trace.stderr,

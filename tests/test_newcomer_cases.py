@@ -1,0 +1,134 @@
+"""What a newcomer tripped on: each case once broken, now one line and exit 2 (or the right
+file in the right place), and nothing written where nothing should be."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from lossgeo.cli import cli
+from lossgeo.experiment import run_training
+
+from .conftest import make_fake_mnist, tiny_config
+
+TINY_TRAIN = ["train", "--train-subset", "200", "--val-size", "100", "--probe-size", "32",
+              "--hidden", "8", "--epochs", "1", "--curvature", "false", "--sharpness", "false",
+              "--landscape", "false", "--noise-scale", "false"]
+
+
+def one_line(result, message):
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_unreachable_tracking_server_fails_fast_in_one_line(tracking, fake_data_dir,
+                                                            monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    started = time.time()
+    result = CliRunner().invoke(cli, TINY_TRAIN + ["--data-dir", str(fake_data_dir)])
+    one_line(result, "no MLflow tracking server answers at http://127.0.0.1:9")
+    assert time.time() - started < 15
+
+
+def test_runs_land_in_one_default_experiment_that_compare_finds(tracking, fake_data_dir):
+    first = run_training(tiny_config(fake_data_dir, epochs=1))
+    c = MlflowClient()
+    assert c.get_experiment(c.get_run(first.run_id).info.experiment_id).name == "Default"
+    result = CliRunner().invoke(cli, ["compare", "--out", "cmp"])
+    assert result.exit_code == 0, result.output
+    comparison = c.search_runs(["0"], "tags.kind = 'comparison'")
+    assert len(comparison) == 1
+
+
+def test_compare_and_report_without_finished_runs_write_nothing(tracking, fake_data_dir):
+    c = MlflowClient()
+    exp = c.create_experiment("unfinished")
+    c.create_run(exp)  # RUNNING, no metrics
+    for command in (["compare", "--experiment", "unfinished", "--out", "cmp"],
+                    ["report", "--experiment", "unfinished", "--out", "tex"]):
+        result = CliRunner().invoke(cli, command)
+        one_line(result, "no finished training runs in experiment 'unfinished' (1 RUNNING)")
+    assert not (tracking / "cmp").exists() and not (tracking / "tex").exists()
+    assert len(c.search_runs([exp])) == 1
+
+
+def test_remeasuring_a_run_without_checkpoint_is_one_line(tracking, fake_data_dir):
+    c = MlflowClient()
+    run = c.create_run(c.create_experiment("bare"))
+    for key, value in tiny_config(fake_data_dir).to_params().items():
+        c.log_param(run.info.run_id, key, value)
+    for command in ("curvature", "landscape"):
+        result = CliRunner().invoke(cli, [command, "--run-id", run.info.run_id])
+        one_line(result, f"run {run.info.run_id} (RUNNING) has no checkpoint/model.pt")
+
+
+def read_only_folder(tmp_path):
+    """A folder this process cannot write into: chmod 555, except that root writes through
+    permission bits, so as root a folder the kernel refuses (/proc/sys) or a skip."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        return locked
+    if not os.access("/proc/sys", os.W_OK):
+        return Path("/proc/sys")
+    pytest.skip("running as root with no read-only folder to point MLflow at")
+
+
+def test_read_only_artifact_location_is_refused_before_the_run(tracking, fake_data_dir):
+    location = read_only_folder(tracking) / "lossgeo-artifacts"
+    c = MlflowClient()
+    exp = c.create_experiment("ro", artifact_location=str(location))
+    result = CliRunner().invoke(cli, TINY_TRAIN + ["--data-dir", str(fake_data_dir),
+                                                   "--experiment", "ro"])
+    one_line(result, f"stores artifacts under {location}, which is not writable")
+    assert c.search_runs([exp]) == []
+
+
+def test_truncated_mnist_file_is_named_corrupt(tmp_path, tracking):
+    root = make_fake_mnist(tmp_path / "data", n_train=200, n_test=50)
+    images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    result = CliRunner().invoke(cli, TINY_TRAIN + ["--data-dir", str(root),
+                                                   "--train-subset", "50", "--val-size", "20"])
+    one_line(result, f"file {images} is corrupt (5000 bytes, its header says 156816)")
+    assert not (tracking / "mlflow.db").exists()
+
+
+def test_missing_data_dir_is_not_created(tmp_path, tracking, monkeypatch):
+    import lossgeo.data as data_mod
+    import torchvision.datasets.mnist as tv_mnist
+
+    def offline(*args, **kwargs):  # what this machine's network does, without the wait
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(data_mod.DataUnavailableError, match="download failed"):
+        data_mod.load_data("mnist", missing)
+    assert not missing.exists()
+
+
+def test_one_line_per_epoch_when_not_on_a_terminal(tmp_path, fake_data_dir):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("MLFLOW_RUN_ID", None)
+    args = [a if a != "1" else "2" for a in TINY_TRAIN]  # two epochs
+    result = subprocess.run([sys.executable, "-m", "lossgeo", *args, "--data-dir",
+                             str(fake_data_dir)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [l for l in result.stdout.splitlines() if l.startswith("epoch ")]
+    assert [l.split(":")[0] for l in lines] == ["epoch 0/2", "epoch 1/2", "epoch 2/2"]
+    assert "train_loss" in lines[0] and "test_acc" in lines[0] and lines[0].endswith(" s")
+
+
+def test_default_install_logs_the_interactive_landscape(tracking, fake_data_dir):
+    outcome = run_training(tiny_config(fake_data_dir, epochs=1, landscape=True,
+                                       sharpness=False, landscape_resolution=3))
+    paths = {a.path for a in MlflowClient().list_artifacts(outcome.run_id, "plots")}
+    assert "plots/landscape_3d.html" in paths
