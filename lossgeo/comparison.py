@@ -15,11 +15,14 @@ from .tracking import TrackedRun, load_artifact_object
 def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
     """The FINISHED training runs of an experiment (default: the default experiment) or of
     a study's parent run; none is bad input (nothing would be compared)."""
-    from .tracking import default_experiment
+    from .tracking import client, default_experiment, tracking_uri
 
     experiment, parent_run = experiment or None, parent_run or None
     if not experiment and not parent_run:
         experiment = default_experiment()
+    if experiment and not parent_run and client().get_experiment_by_name(experiment) is None:
+        raise UserInputError(f"experiment: there is no experiment {experiment!r} in "
+                             f"{tracking_uri()}")
     try:
         runs = analysis.load_runs(experiment=experiment, parent_run=parent_run)
     except UserInputError:

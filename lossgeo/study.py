@@ -210,16 +210,23 @@ class BudgetLock:
 
     def __enter__(self) -> "BudgetLock":
         self._local.acquire()
-        if self._engine is not None:
-            import sqlalchemy
+        try:
+            if self._engine is not None:
+                import sqlalchemy
 
-            self._conn = self._engine.connect()
-            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
-        elif self.url.startswith("sqlite:///"):
-            import fcntl
+                self._conn = self._engine.connect()
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"),
+                                   {"k": self.key})
+            elif self.url.startswith("sqlite:///"):
+                import fcntl
 
-            self._file = open(f"{sqlite_file(self.url)}.lock", "a")
-            fcntl.flock(self._file, fcntl.LOCK_EX)
+                self._file = open(f"{sqlite_file(self.url)}.lock", "a")
+                fcntl.flock(self._file, fcntl.LOCK_EX)
+        except BaseException:
+            # e.g. an unreachable server: __exit__ will not run, and a held process-wide lock
+            # would hang the next sweep in this process forever
+            self._local.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

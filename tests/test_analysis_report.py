@@ -79,7 +79,9 @@ def test_compare_writes_and_logs_the_seven_plots(small_experiment, tracking):
     assert {a.path for a in MlflowClient().list_artifacts(logged[0].info.run_id, "plots")} == {
         f"plots/{name}" for name in expected}
     bad = CliRunner().invoke(cli, ["compare", "--experiment", "nothing-here"])
-    assert bad.exit_code == 2 and "no training runs" in bad.stderr
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [
+        f"lossgeo: error: experiment: there is no experiment 'nothing-here' in "
+        f"sqlite:///{tracking}/mlflow.db"]
 
 
 def test_report_table_matches_load_runs_and_compiles(small_experiment, tracking):

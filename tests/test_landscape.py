@@ -195,3 +195,39 @@ def test_sharpness_is_positive_near_a_minimum_and_leaves_model_unchanged(float64
     adaptive = adaptive_sharpness(model, cross_entropy, (x, y), radius=0.5)
     assert eps.value > 0 and adaptive.value > 0
     assert_unchanged(model, before)
+
+
+def test_eps_sharpness_of_a_linear_loss_is_the_box_corner(float64):
+    """L linear in the weights: the box maximum is L(w) + sum_i |g_i| eps (|w_i| + 1),
+    reached at a corner; Keskar's percentage follows in closed form."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(7, 3), torch.zeros(7, dtype=torch.long)
+    linear = lambda out, target: out.sum(dim=1).mean() + 1.0  # noqa: E731
+    w = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    g = torch.cat([x.mean(0).repeat(2), torch.ones(2)])  # d L / d (W, b)
+    base = float(linear(model(x), y))
+    eps = 1e-2
+    worst = base + float((g.abs() * eps * (w.abs() + 1)).sum())
+    result = eps_sharpness(model, linear, (x, y), eps=eps)
+    assert result.base_loss == pytest.approx(base, rel=1e-12)
+    assert result.value == pytest.approx(100 * (worst - base) / (1 + base), rel=1e-9)
+
+
+def test_random_direction_sharpness_is_the_loss_increase_along_each_direction(float64):
+    from torch.func import functional_call
+
+    from lossgeo.curvature.operators import ParameterSpace
+    from lossgeo.directions import random_direction
+
+    model, (x, y) = tiny_mlp(seed=5), toy_data()
+    _, _, detail = random_direction_sharpness(model, cross_entropy, (x, y), n_directions=3,
+                                              radius=0.1, seed=7)
+    space = ParameterSpace(model)
+    w = space.flatten(space.values)
+    base = float(cross_entropy(model(x), y))
+    for k in range(3):
+        moved = space.unflatten(w + 0.1 * random_direction(model, seed=7 + k))
+        expected = float(cross_entropy(functional_call(model, moved, (x,)), y)) - base
+        assert float(detail.values[k]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert detail.n_evaluations == 4  # L(w) once, then one point per direction

@@ -11,14 +11,16 @@ from mlflow.tracking import MlflowClient
 from .conftest import REPO
 
 
-def mlflow_run(tmp_path, *params, entry="main"):
+def mlflow_run(tmp_path, *params, entry="main", experiment="e2e"):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)
     args = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
-            "--experiment-name", "e2e", "-e", entry]
+            "-e", entry] + (["--experiment-name", experiment] if experiment else [])
     for p in params:
         args += ["-P", p]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
 
 
 @pytest.fixture
@@ -53,3 +55,45 @@ def test_mlflow_run_bad_input_says_why(tmp_path, e2e_experiment):
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.tags["rejected_input"].startswith("lr: must be > 0")
     assert not runs[0].data.metrics
+
+
+@pytest.mark.parametrize("param,message", [
+    ("lr=abc", "Invalid value for '--lr': 'abc' is not a valid float"),
+    ("batch_size=2.5", "Invalid value for '--batch-size': '2.5' is not a valid integer"),
+])
+def test_mlflow_run_click_parse_errors_are_tagged_too(tmp_path, e2e_experiment, param,
+                                                      message):
+    result = mlflow_run(tmp_path, param)
+    assert result.returncode != 0 and f"lossgeo: error: {message}" in result.stderr
+    runs = e2e_experiment.search_runs([e2e_experiment.get_experiment_by_name("e2e").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["rejected_input"].startswith(message)
+
+
+def test_mlflow_run_sweep_is_one_tree_and_finishes(tmp_path, fake_data_dir):
+    """No experiment named: the launcher's run (Default), the study's parent, its trials and
+    the CLI's runs all land in one experiment; the launcher's run is a worker under the
+    parent, never an empty top-level run; the parent ends FINISHED."""
+    from .test_study import write_study
+
+    study = write_study(tmp_path, fake_data_dir, n_trials=2)
+    result = mlflow_run(tmp_path, f"study={study}", "set=epochs=1 landscape=false",
+                        f"storage=sqlite:///{tmp_path}/optuna.db", entry="sweep",
+                        experiment=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    runs = client.search_runs(["0"])
+    by_role = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("lossgeo_role"), []).append(r)
+    assert sorted(by_role) == ["parent", "trial", "worker"]
+    parent, = by_role["parent"]
+    worker, = by_role["worker"]
+    assert parent.info.status == "FINISHED" and worker.info.status == "FINISHED"
+    assert worker.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert worker.data.metrics["worker_trials"] == 2
+    assert [r.data.tags["mlflow.parentRunId"] for r in by_role["trial"]] == [parent.info.run_id] * 2
+    assert {r.data.params["epochs"] for r in by_role["trial"]} == {"1"}
+    top_level = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert top_level == [parent] or [r.info.run_id for r in top_level] == [parent.info.run_id]

@@ -239,3 +239,13 @@ def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, trackin
         [MlflowClient().get_experiment_by_name("Default").experiment_id],
         "tags.lossgeo_role = 'trial'")[0]
     assert run.data.params["epochs"] == "1"
+
+
+def test_an_unreachable_storage_does_not_hold_the_process_lock(tmp_path, tracking):
+    from lossgeo.study import BudgetLock
+
+    with pytest.raises(Exception):
+        with BudgetLock("postgresql://nobody@127.0.0.1:1/none", "x"):
+            pass
+    assert BudgetLock._local.acquire(timeout=1)  # a later sweep in this process can start
+    BudgetLock._local.release()
