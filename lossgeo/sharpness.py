@@ -99,8 +99,9 @@ def eps_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *, eps: f
         loss, g = f(f.w + torch.from_numpy(z).to(f.w))
         return -loss, -g.double().cpu().numpy()
 
-    # array bounds: a list of one (low, high) tuple per parameter cost scipy seconds to
-    # convert on a 0.5M-parameter model, more than the 12 loss evaluations themselves
+    # array bounds spare building a list of one (low, high) tuple per parameter; scipy's
+    # L-BFGS-B wrapper still loops over the parameters in Python (measured: about 2 s of
+    # 2.7 s on the 0.5M-parameter MLP, against 0.5 s for the 12 loss+gradient evaluations)
     result = minimize(negative, np.zeros_like(w), jac=True, method="L-BFGS-B",
                       bounds=Bounds(-bound, bound), options={"maxiter": max_iter})
     worst = max(-float(result.fun), base_loss)
