@@ -306,6 +306,9 @@ def main() -> None:
     try:
         code = cli.main(prog_name="lossgeo", standalone_mode=False)
     except click.ClickException as exc:  # bad option value, unknown option, missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lossgeo`: the help, as click does
+            exc.show()
+            sys.exit(exc.exit_code)
         where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
         fail(exc.format_message() + where)
     except (click.Abort, Interrupted):

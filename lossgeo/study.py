@@ -309,11 +309,11 @@ def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock:
         except (RuntimeError, ValueError) as exc:  # one broken trial never stops the study
             trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:500])
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        except BaseException:
+        except BaseException as exc:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            if threading.current_thread() is threading.main_thread():
-                raise
-            return  # a thread stopped by the worker's `stop`; the main thread re-raises
+            if isinstance(exc, KeyboardInterrupt) and stop.is_set():
+                return  # this thread was stopped by the worker's `stop`; main re-raises
+            raise
         else:
             study.tell(trial, value)
         finally:
@@ -345,14 +345,15 @@ def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | No
         raise UserInputError(f"storage: cannot open {url} ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     lock = BudgetLock(url, study.study_name)
+    experiment = resolve_experiment(experiment)
     with lock:  # one worker creates the parent run, the others find it
-        parent = parent_run_for(study, spec, resolve_experiment(experiment))
+        parent = parent_run_for(study, spec, experiment)
         client().update_run(parent, status="RUNNING")  # a later worker reopens a closed study
     if spec.sampler == "grid":
         _enqueue_grid(study, spec, lock)
         budget = min(budget, len(grid_points(spec)))
     stop = threading.Event()
-    objective = make_objective(spec, parent, resolve_experiment(experiment), stop)
+    objective = make_objective(spec, parent, experiment, stop)
     ran: list[int] = []
     args = (study, rdb, lock, budget, objective, heartbeat_interval, stop, ran)
     beat = Heartbeat(client(), parent)

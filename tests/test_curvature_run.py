@@ -1,6 +1,8 @@
 """Curvature inside training runs: metric names, artifacts, and agreement with a direct
 measurement of the logged checkpoint."""
 
+import math
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -47,6 +49,10 @@ def test_curvature_is_logged_every_measured_epoch_and_matches_the_checkpoint(tra
     _, data, model, loss_fn = load_logged_run(outcome.run_id)
     direct = hessian_eigen(model, loss_fn, (data.probe.x, data.probe.y), tol=1e-6)
     assert float(direct.values[0]) == pytest.approx(final["lambda_max"], rel=1e-4)
+    # the residual as a chart can show it: log10 of ||Hv - lambda v|| / |lambda|
+    relative = float(eigen["residuals"][0]) / final["lambda_max"]
+    assert final["lambda_max_residual_log10"] == pytest.approx(math.log10(relative))
+    assert final["lambda_max_residual_log10"] < -2  # converged to tol 1e-6
 
 
 def test_curvature_switch_off_logs_no_curvature(tracking, fake_data_dir):
