@@ -48,6 +48,12 @@ class TrainConfig:
                            _positive, ">= 1")
     probe_size: int = _param(1024, "fixed training subset for curvature/landscape measurements",
                              _positive, ">= 1 and <= training-set size")
+    target_train_loss: float = _param(
+        0.0, "train to a fit: stop at the first check whose full-train-split loss is <= this "
+        "(0 = off; epochs is then the budget)", _non_negative, ">= 0")
+    target_check_every: int = _param(
+        0, "steps between in-epoch target checks on the probe set, each confirmed on the full "
+        "train split (0 = ten per epoch)", _non_negative, ">= 0")
     measure_every: int = _param(1, "measure curvature/sharpness every N epochs (0 and last always)",
                                 _positive, ">= 1")
     data_dir: str = _param("", "data root (default: $LOSSGEO_DATA_DIR, else ./data)")

@@ -62,6 +62,8 @@ class TrainResult:
     history: list[dict[str, float]]
     diverged_epoch: int | None
     model: nn.Module
+    # With a target train loss: the optimizer step at which it was reached (None: missed).
+    steps_to_target: int | None
     # Artifacts from the last measured epoch, already logged; kept for plots.
     final_artifacts: dict[str, Any]
 
@@ -127,6 +129,8 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
     final_artifacts: dict[str, Any] = {}
     diverged_epoch: int | None = None
     n_batches = math.ceil(len(data.train) / config.batch_size)
+    target = TargetCheck(config, n_batches, model, loss_fn, data)
+    step = 0
 
     epoch_bar = tqdm(range(config.epochs + 1), desc="epochs", disable=None)
     for epoch in epoch_bar:
@@ -144,6 +148,9 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
                     break
                 loss.backward()
                 optimizer.step()
+                step += 1
+                if target.due(step) and target.reached_within_epoch(step):
+                    break  # the fit is reached mid-epoch: this (partial) epoch is the last
             batch_bar.close()
         if diverged_epoch is not None:
             metrics = {"diverged_epoch": float(diverged_epoch)}
@@ -158,9 +165,14 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
             logger.log_epoch(epoch, metrics)
             history.append({"epoch": float(epoch), **metrics})
             break
+        target.check_epoch_end(step, metrics["train_loss"])
+        is_last = epoch == config.epochs or target.step is not None
+        if target.step is not None:
+            metrics["steps_to_target"] = float(target.step)
+            metrics["epochs_to_target"] = target.step / n_batches
         trajectory.append(flat_weights(model))
-        if epoch in schedule:
-            state = EpochState(epoch=epoch, is_last=epoch == config.epochs, model=model,
+        if epoch in schedule or is_last:
+            state = EpochState(epoch=epoch, is_last=is_last, model=model,
                                loss_fn=loss_fn, data=data, config=config,
                                trajectory=trajectory, metrics=metrics)
             for measurement in measurements:
@@ -179,6 +191,41 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
                   flush=True)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
+        if is_last:
+            break
     epoch_bar.close()
     return TrainResult(history=history, diverged_epoch=diverged_epoch, model=model,
-                       final_artifacts=final_artifacts)
+                       steps_to_target=target.step, final_artifacts=final_artifacts)
+
+
+class TargetCheck:
+    """Training to a fit (`target_train_loss`): every `target_check_every` steps the loss on
+    the probe set (a fixed training subset) is read, and when it is at or below the target the
+    full train split confirms it; the end of every epoch checks the full split too. `step`
+    is the optimizer step at which the target was first confirmed (None until then)."""
+
+    def __init__(self, config: TrainConfig, n_batches: int, model: nn.Module, loss_fn: LossFn,
+                 data: DataBundle) -> None:
+        self.target = config.target_train_loss
+        self.every = config.target_check_every or max(1, n_batches // 10)
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.step: int | None = None
+
+    def due(self, step: int) -> bool:
+        return self.target > 0 and self.step is None and step % self.every == 0
+
+    def reached_within_epoch(self, step: int) -> bool:
+        was_training = self.model.training
+        try:
+            if evaluate(self.model, self.loss_fn, self.data.probe)[0] > self.target:
+                return False
+            if evaluate(self.model, self.loss_fn, self.data.train)[0] > self.target:
+                return False  # the probe set is a sample; the full split decides
+        finally:
+            self.model.train(was_training)
+        self.step = step
+        return True
+
+    def check_epoch_end(self, step: int, train_loss: float) -> None:
+        if self.target > 0 and self.step is None and train_loss <= self.target:
+            self.step = step

@@ -1,0 +1,81 @@
+"""Training to a fit (target_train_loss): stop at the first check that reaches the target,
+measure there as at the final epoch, mark a run that misses it."""
+
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from lossgeo.experiment import prepare, run_training
+from lossgeo.train import MeasurementResult, evaluate, train
+
+from .conftest import tiny_config
+from .test_training_run import NullLogger
+
+
+def recorder(seen):
+    def measurement(state):
+        seen.append((state.epoch, state.is_last))
+        return MeasurementResult(metrics={})
+    measurement.name = "recorder"
+    return measurement
+
+
+def test_stops_at_the_first_epoch_whose_train_loss_reaches_the_target(fake_data_dir):
+    free = NullLogger()
+    config = tiny_config(fake_data_dir, epochs=4, lr=0.02)
+    train(config, *prepare(config)[:3], free)
+    losses = [m["train_loss"] for _, m in free.epochs]
+    assert losses[1] > losses[2] > losses[3]
+    target = (losses[1] + losses[2]) / 2  # reached at the end of epoch 2, not before
+    config = tiny_config(fake_data_dir, epochs=4, lr=0.02, target_train_loss=target,
+                         target_check_every=10 ** 6, measure_every=3)
+    logger, seen = NullLogger(), []
+    result = train(config, *prepare(config)[:3], logger, [recorder(seen)])
+    assert [e for e, _ in logger.epochs] == [0, 1, 2]
+    assert seen == [(0, False), (2, True)]  # the final measurement set runs where it stopped
+    final = logger.epochs[-1][1]
+    n_batches = math.ceil(200 / 32)
+    assert result.steps_to_target == 2 * n_batches == final["steps_to_target"]
+    assert final["epochs_to_target"] == 2.0 and final["train_loss"] == losses[2]
+
+
+def test_within_the_epoch_the_first_confirmed_step_ends_training(fake_data_dir):
+    config = tiny_config(fake_data_dir, epochs=3, lr=0.05, batch_size=16)
+    data, model, loss_fn, _ = prepare(config)
+    # replay the loop step by step: the first step whose probe and full-train losses both
+    # reach the target is where training must stop
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    curve = []
+    for _ in range(config.epochs):
+        for x, y in data.train.batches(config.batch_size, shuffle=True, generator=gen):
+            model.train()
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            curve.append((evaluate(model, loss_fn, data.probe)[0],
+                          evaluate(model, loss_fn, data.train)[0]))
+    target = sorted(t for _, t in curve)[len(curve) // 2]
+    expected = 1 + next(i for i, (p, t) in enumerate(curve) if p <= target and t <= target)
+    assert expected % math.ceil(200 / 16) != 0  # mid-epoch, so the in-epoch check matters
+    config = tiny_config(fake_data_dir, epochs=3, lr=0.05, batch_size=16,
+                         target_train_loss=target, target_check_every=1)
+    logger = NullLogger()
+    result = train(config, *prepare(config)[:3], logger)
+    assert result.steps_to_target == expected
+    assert logger.epochs[-1][1]["train_loss"] <= target
+
+
+def test_a_missed_target_is_kept_and_marked(tracking, fake_data_dir):
+    missed = run_training(tiny_config(fake_data_dir, epochs=1, target_train_loss=1e-9))
+    reached = run_training(tiny_config(fake_data_dir, epochs=3, target_train_loss=5.0))
+    c = MlflowClient()
+    run = c.get_run(missed.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["reached_target"] == "false"
+    assert "steps_to_target" not in run.data.metrics
+    run = c.get_run(reached.run_id)
+    assert run.data.tags["reached_target"] == "true"
+    assert run.data.metrics["steps_to_target"] == 0  # the initialisation is below 5.0
+    assert list(reached.history["epoch"]) == [0]
