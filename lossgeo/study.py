@@ -422,21 +422,46 @@ def _launcher_as_worker(parent: str, study_name: str):
 # -- grid ---------------------------------------------------------------------------------
 
 def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
-    """Every model x regime as a child run of one parent run (under `mlflow run`, the
-    launcher's run is the parent); then the comparison."""
+    """Every model x regime x seed as a child run of one parent run; then the summary.
+
+    Re-running the same study resumes it: the parent is found by the study's name, and every
+    (cell, seed) that already has a FINISHED run is skipped, never run twice. A new grid's
+    parent is the launcher's run under `mlflow run`; a resumed one gets the launcher's run as
+    a worker nested under it."""
     experiment = resolve_experiment(experiment)
-    configs = {(model, regime): spec.config(model=model, experiment=experiment, **values)
-               for model in spec.models for regime, values in spec.regimes.items()}
+    configs = {(model, regime, seed): spec.config(model=model, experiment=experiment,
+                                                  seed=seed, **values)
+               for model in spec.models for regime, values in spec.regimes.items()
+               for seed in spec.seeds}
     prepared = {key: prepare(config) for key, config in configs.items()}  # validate all first
-    with TrackedRun(experiment=experiment, run_name=f"grid-{spec.name}",
-                    tags={"lossgeo_study": spec.name, "lossgeo_role": "parent",
-                          "study_kind": "grid"}) as parent:
+    c = client()
+    tags = {"lossgeo_study": spec.name, "lossgeo_role": "parent", "study_kind": "grid"}
+    existing = c.search_runs(
+        [experiment_id(experiment, c)],
+        f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
+        "and tags.study_kind = 'grid'", order_by=["attributes.start_time ASC"], max_results=1)
+    if existing:
+        parent = TrackedRun(run_id=existing[0].info.run_id, tags=tags)
+        c.update_run(parent.run_id, status="RUNNING")
+        done = {(r.data.tags.get("model"), r.data.tags.get("regime"), r.data.tags.get("seed"))
+                for r in c.search_runs([experiment_id(experiment, c)],
+                                       f"tags.`{PARENT_TAG}` = '{parent.run_id}' and "
+                                       "attributes.status = 'FINISHED'", max_results=50000)}
+        worker = _launcher_as_worker(parent.run_id, spec.name)
+    else:
+        parent = TrackedRun(experiment=experiment, run_name=f"grid-{spec.name}", tags=tags)
+        done, worker = set(), contextlib.nullcontext()
+    with parent, worker:
         parent.log_params({"study": spec.name, "models": ",".join(spec.models),
-                           "regimes": ",".join(spec.regimes)})
-        for (model, regime), config in configs.items():
-            run_training(config, parent_run_id=parent.run_id, prepared=prepared[(model, regime)],
-                         tags={"regime": regime, "lossgeo_study": spec.name,
-                               "lossgeo_role": "cell"})
+                           "regimes": ",".join(spec.regimes),
+                           "seeds": ",".join(map(str, spec.seeds))})
+        for (model, regime, seed), config in configs.items():
+            if (model, regime, str(seed)) in done:
+                continue
+            run_training(config, parent_run_id=parent.run_id,
+                         prepared=prepared[(model, regime, seed)],
+                         tags={"regime": regime, "cell": f"{model}/{regime}", "seed": str(seed),
+                               "lossgeo_study": spec.name, "lossgeo_role": "cell"})
         summarise(parent.run_id)
     return parent.run_id
 
@@ -444,7 +469,9 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
 # -- after a study ------------------------------------------------------------------------
 
 def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataFrame:
-    """summary.csv, correlations.csv and comparison plots on the parent run."""
+    """On the parent run: runs.csv (one row per run), summary.csv (one row per cell: means
+    and 95% t-intervals over seeds, see `analysis.cell_summary`), correlations.csv and the
+    comparison plots."""
     import matplotlib.pyplot as plt
 
     runs = analysis.load_runs(parent_run=parent_run_id)
@@ -453,17 +480,21 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
         return runs
     if "noise_temperature" not in runs and {"lr", "batch_size"} <= set(runs):
         runs["noise_temperature"] = runs["lr"] / runs["batch_size"]
-    keep = [c for c in ["run_id", "label", "status", "tags.regime", "tags.trial_number",
-                        "tags.diverged", "model", "lr", "batch_size", "momentum",
+    keep = [c for c in ["run_id", "label", "status", "tags.cell", "tags.regime", "tags.seed",
+                        "tags.trial_number", "tags.diverged", "tags.reached_target", "model",
+                        "lr", "batch_size", "momentum",
                         "noise_temperature", "train_loss", "test_loss", "train_acc", "test_acc",
                         "val_loss", "gen_gap", "gen_gap_acc", "lambda_max", "lambda_min",
                         "hessian_trace", "sharp_mean", "sharp_max", "eps_sharpness",
-                        "adaptive_sharpness", "edge_ratio", "grad_noise_scale"] if c in runs]
+                        "adaptive_sharpness", "edge_ratio", "grad_noise_scale",
+                        "steps_to_target", "epochs_to_target"] if c in runs]
     table = runs[keep]
-    run.log_text("summary.csv", table.to_csv(index=False))
+    run.log_text("runs.csv", table.to_csv(index=False))
     finished = runs[runs["status"] == "FINISHED"]
     if "tags.diverged" in finished:
         finished = finished[finished["tags.diverged"] != "true"]
+    if len(finished):
+        run.log_text("summary.csv", analysis.cell_summary(finished).to_csv(index=False))
     corr = analysis.correlations(finished, analysis.STUDY_PAIRS)
     run.log_text("correlations.csv", corr.to_csv(index=False))
     for _, row in corr.dropna(subset=["spearman"]).iterrows():

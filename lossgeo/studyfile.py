@@ -42,6 +42,8 @@ class StudySpec:
     pruner: str = "median"
     n_trials: int = 20
     seed: int = 0
+    # Training seeds: every grid cell runs once per seed (replicates; the base's seed if none).
+    seeds: tuple[int, ...] = ()
 
     @property
     def directions(self) -> list[str]:
@@ -124,7 +126,7 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
     if not isinstance(raw, dict):
         raise UserInputError(f"study: {path} must be a YAML mapping")
     allowed = {"name", "kind", "base", "models", "regimes", "search_space", "sampler",
-               "objective", "pruner", "n_trials", "seed"}
+               "objective", "pruner", "n_trials", "seed", "seeds"}
     unknown = set(raw) - allowed
     if unknown:
         raise _fail(path, sorted(unknown)[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
@@ -149,8 +151,13 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
         models = [models]
     for m in models:
         _check_value(path, "models", "model", m)
+    seeds = raw.get("seeds", [base.get("seed", 0)])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise _fail(path, "seeds", f"must be a list of distinct integers (got {seeds!r})")
     spec: dict[str, Any] = {"name": str(name), "kind": kind, "base": base,
-                            "models": tuple(models), "seed": int(raw.get("seed", 0))}
+                            "models": tuple(models), "seed": int(raw.get("seed", 0)),
+                            "seeds": tuple(seeds)}
     if kind == "grid":
         regimes = raw.get("regimes")
         if not isinstance(regimes, dict) or not regimes:

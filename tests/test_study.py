@@ -89,7 +89,7 @@ def test_sweep_on_sqlite_children_under_one_parent(tmp_path, tracking, fake_data
             assert run.info.status == "FINISHED" and "lambda_max" in trial.user_attrs
             assert "grad_noise_scale" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"summary.csv", "correlations.csv", "plots", "optuna"} <= artifacts
+    assert {"runs.csv", "summary.csv", "correlations.csv", "plots", "optuna"} <= artifacts
     # joining again with the same budget runs nothing more
     again = run_sweep(spec, n_trials=3)
     assert len(again.trials) == len(study.trials)
@@ -249,3 +249,77 @@ def test_an_unreachable_storage_does_not_hold_the_process_lock(tmp_path, trackin
             pass
     assert BudgetLock._local.acquire(timeout=1)  # a later sweep in this process can start
     BudgetLock._local.release()
+
+
+def grid_file(tmp_path, data_dir, seeds):
+    body = {"name": "tiny-grid", "kind": "grid", "models": ["mlp"], "seeds": seeds,
+            "base": {**TINY_BASE, "data_dir": str(data_dir), "curvature": False},
+            "regimes": {"high-noise": {"lr": 0.1, "batch_size": 8},
+                        "low-noise": {"lr": 0.01, "batch_size": 64}}}
+    path = tmp_path / f"grid-{len(seeds)}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_grid_runs_every_cell_once_per_seed_and_resumes(tmp_path, tracking, fake_data_dir):
+    import pandas as pd
+
+    client = MlflowClient()
+    parent = run_grid(load_study_file(grid_file(tmp_path, fake_data_dir, [0])))
+
+    def children():
+        return client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'")
+
+    first = {r.info.run_id for r in children()}
+    assert len(first) == 2
+    # the same study with one more seed: the finished (cell, seed 0) runs are not repeated
+    assert run_grid(load_study_file(grid_file(tmp_path, fake_data_dir, [0, 1]))) == parent
+    runs = children()
+    assert first < {r.info.run_id for r in runs} and len(runs) == 4
+    assert sorted((r.data.tags["cell"], r.data.tags["seed"]) for r in runs) == [
+        ("mlp/high-noise", "0"), ("mlp/high-noise", "1"), ("mlp/low-noise", "0"),
+        ("mlp/low-noise", "1")]
+    assert {r.data.params["seed"] for r in runs} == {"0", "1"}
+    assert client.get_run(parent).info.status == "FINISHED"
+    summary = pd.read_csv(client.download_artifacts(parent, "summary.csv", str(tmp_path)))
+    assert list(summary["cell"]) == ["mlp/high-noise", "mlp/low-noise"]
+    assert list(summary["n_seeds"]) == [2, 2]
+    per_run = {(r.data.tags["cell"], r.data.tags["seed"]): r.data.metrics["test_loss"]
+               for r in runs}
+    high = [per_run[("mlp/high-noise", s)] for s in ("0", "1")]
+    assert summary.loc[0, "test_loss_mean"] == pytest.approx(sum(high) / 2)
+    # a run of the same grid again runs nothing
+    run_grid(load_study_file(grid_file(tmp_path, fake_data_dir, [0, 1])))
+    assert len(children()) == 4
+
+
+def test_cell_summary_t_interval_by_hand():
+    import pandas as pd
+
+    from lossgeo.analysis import cell_summary
+
+    runs = pd.DataFrame({
+        "label": ["a", "a", "a", "b", "b", "c"],
+        "tags.cell": ["A", "A", "A", "B", "B", "B"],
+        "tags.reached_target": ["true", "true", "true", "true", "true", "false"],
+        "lambda_max": [10.0, 12.0, 14.0, 3.0, 5.0, 100.0]})
+    summary = cell_summary(runs, metrics=["lambda_max"]).set_index("cell")
+    # cell A: mean 12, s = 2, n = 3, t_{0.975, 2} = 4.302652729749464
+    half = 4.302652729749464 * 2 / 3 ** 0.5
+    assert summary.loc["A", "lambda_max_mean"] == pytest.approx(12.0)
+    assert summary.loc["A", "lambda_max_ci_low"] == pytest.approx(12.0 - half)
+    assert summary.loc["A", "lambda_max_ci_high"] == pytest.approx(12.0 + half)
+    # cell B: the run that missed its target is left out and counted; t_{0.975, 1} = 12.7062
+    half = 12.706204736174707 * 2 ** 0.5 / 2 ** 0.5
+    assert summary.loc["B", "n_seeds"] == 2 and summary.loc["B", "n_missed_target"] == 1
+    assert summary.loc["B", "lambda_max_mean"] == pytest.approx(4.0)
+    assert summary.loc["B", "lambda_max_ci_high"] == pytest.approx(4.0 + half)
+    one = cell_summary(runs.iloc[:1], metrics=["lambda_max"])
+    assert one.loc[0, "n_seeds"] == 1 and pd.isna(one.loc[0, "lambda_max_ci_low"])
+
+
+def test_seeds_must_be_distinct_integers(tmp_path, fake_data_dir):
+    for seeds in ([0, 0], ["a"], []):
+        with pytest.raises(UserInputError, match="seeds: must be a list of distinct integers"):
+            load_study_file(grid_file(tmp_path, fake_data_dir, seeds))
