@@ -67,9 +67,9 @@ def _parameter(path: Path, name: str, raw: Any) -> Parameter:
     if unknown:
         raise _fail(path, f"{where}.{sorted(unknown)[0]}", "unknown key")
     if "choices" in raw:
-        choices = raw["choices"]
-        if not isinstance(choices, list) or not choices:
-            raise _fail(path, f"{where}.choices", "must be a non-empty list")
+        choices = _value_list(path, f"{where}.choices", raw["choices"])
+        if name == "batch_size":
+            choices = [int(round(c)) for c in choices]
         for c in choices:  # each value must make a valid config
             _check_value(path, where, name, c)
         return Parameter(name, choices=tuple(choices))
@@ -85,6 +85,29 @@ def _parameter(path: Path, name: str, raw: Any) -> Parameter:
     for value in (low, high):
         _check_value(path, where, name, value if name != "batch_size" else int(value))
     return Parameter(name, low=low, high=high, log=log)
+
+
+def _value_list(path: Path, where: str, raw: Any) -> list:
+    """A list of values as written, or a helper: {log_space: [low, high, n]} (n values
+    log-spaced from low to high, both included) or {lin_space: [low, high, n]}; helper values
+    are rounded to 6 significant digits so that run names and tables stay readable."""
+    import numpy as np
+
+    if isinstance(raw, list) and raw:
+        return raw
+    if isinstance(raw, dict) and len(raw) == 1 and next(iter(raw)) in ("log_space", "lin_space"):
+        kind, spec = next(iter(raw.items()))
+        try:
+            low, high, n = float(spec[0]), float(spec[1]), int(spec[2])
+        except (TypeError, ValueError, IndexError):
+            raise _fail(path, f"{where}.{kind}", "must be [low, high, n]") from None
+        if n < 1 or not low <= high or (kind == "log_space" and low <= 0):
+            raise _fail(path, f"{where}.{kind}", "needs n >= 1 and 0 < low <= high "
+                                                 "(low may be <= 0 on lin_space)")
+        values = np.geomspace(low, high, n) if kind == "log_space" else np.linspace(low, high, n)
+        return [float(f"{v:.6g}") for v in values]
+    raise _fail(path, where, "must be a non-empty list of values, {log_space: [low, high, n]} "
+                             "or {lin_space: [low, high, n]}")
 
 
 def _check_value(path: Path, where: str, name: str, value: Any) -> None:
@@ -113,6 +136,33 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return overrides
 
 
+_SHORT = {"batch_size": "B", "weight_decay": "wd", "momentum": "m"}
+
+
+def _factorial_regimes(path: Path, factors: Any, fields: set[str]) -> dict[str, dict]:
+    """A full-factorial design: every combination of the factors' values, one regime each,
+    named like "lr=0.01,B=16"."""
+    import itertools
+
+    if not isinstance(factors, dict) or not factors:
+        raise _fail(path, "factors", "must map training parameters to lists of values")
+    levels = {}
+    for name, raw in factors.items():
+        if name not in fields:
+            raise _fail(path, f"factors.{name}", "not a training parameter")
+        values = _value_list(path, f"factors.{name}", raw)
+        if name == "batch_size":
+            values = [int(round(v)) for v in values]
+        levels[name] = values
+    regimes = {}
+    for combo in itertools.product(*levels.values()):
+        values = dict(zip(levels, combo))
+        label = ",".join(f"{_SHORT.get(k, k)}={v:g}" if isinstance(v, (int, float))
+                         else f"{_SHORT.get(k, k)}={v}" for k, v in values.items())
+        regimes[label] = values
+    return regimes
+
+
 def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
     """The validated study; `overrides` replace keys of its `base` (training parameters)
     and are checked exactly as if the file held them."""
@@ -125,8 +175,8 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise UserInputError(f"study: {path} is not valid YAML ({str(exc).splitlines()[0]})")
     if not isinstance(raw, dict):
         raise UserInputError(f"study: {path} must be a YAML mapping")
-    allowed = {"name", "kind", "base", "models", "regimes", "search_space", "sampler",
-               "objective", "pruner", "n_trials", "seed", "seeds"}
+    allowed = {"name", "kind", "base", "models", "regimes", "factors", "search_space",
+               "sampler", "objective", "pruner", "n_trials", "seed", "seeds"}
     unknown = set(raw) - allowed
     if unknown:
         raise _fail(path, sorted(unknown)[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
@@ -160,9 +210,15 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
                             "seeds": tuple(seeds)}
     if kind == "grid":
         regimes = raw.get("regimes")
+        if "factors" in raw:
+            if regimes:
+                raise _fail(path, "factors", "give factors or regimes, not both")
+            regimes = _factorial_regimes(path, raw["factors"], config_fields)
         if not isinstance(regimes, dict) or not regimes:
             raise _fail(path, "regimes", "a grid needs named regimes, e.g. "
-                                         "{high-noise: {lr: 0.1, batch_size: 32}}")
+                                         "{high-noise: {lr: 0.1, batch_size: 32}}, or factors, "
+                                         "e.g. {lr: {log_space: [0.01, 0.2, 4]}, "
+                                         "batch_size: [16, 64]}")
         for regime, values in regimes.items():
             if not isinstance(values, dict):
                 raise _fail(path, f"regimes.{regime}", "must be a mapping")
@@ -187,7 +243,10 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
     for o in objectives:
         if o not in OBJECTIVES:
             raise _fail(path, "objective", f"must be among {', '.join(OBJECTIVES)} (got {o!r})")
-    pruner = raw.get("pruner", "median")
+    pruner = raw.get("pruner", "none" if sampler == "grid" else "median")
+    if sampler == "grid" and pruner != "none":
+        raise _fail(path, "pruner", "a designed grid (sampler: grid) is never pruned: every "
+                                    "point is part of the design; use pruner: none")
     if pruner not in PRUNERS:
         raise _fail(path, "pruner", f"must be one of {', '.join(PRUNERS)} (got {pruner!r})")
     if pruner != "none" and len(objectives) > 1:

@@ -25,7 +25,12 @@ def env_for(folder, **extra):
     return env
 
 
-def start(args, folder, **env):
+def start(args, folder, fresh_store=False, **env):
+    """The process, in a session of its own. The store is created first (unless the test is
+    about creating it): this test polls it while the child runs, and opening a store that
+    `mlflow run`'s launcher is still creating is the race MLflow does not survive."""
+    if not fresh_store:
+        MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
     return subprocess.Popen(args, cwd=folder, env=env_for(folder, **env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -35,12 +40,15 @@ def train_args(data_dir, *extra):
     return [sys.executable, "-m", "lossgeo", "train", "--data-dir", str(data_dir), *TINY, *extra]
 
 
-def wait_for_first_epoch(folder, timeout=120):
+def wait_for_first_epoch(folder, proc, timeout=120):
     """The run once its epoch-0 metrics are logged (the process is then mid-training)."""
-    c = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    c = MlflowClient(f"sqlite:///{folder}/mlflow.db")  # made by `start` before the child
     deadline = time.time() + timeout
     while time.time() < deadline:
         time.sleep(0.5)
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the process ended early ({proc.returncode}): {err[-3000:]}")
         try:
             runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
             if runs and c.get_metric_history(runs[0].info.run_id, "train_loss"):
@@ -56,7 +64,7 @@ def artifacts(c, run_id):
 
 def test_sigterm_ends_the_run_killed_with_what_was_logged(tmp_path, fake_data_dir):
     proc = start(train_args(fake_data_dir, "--epochs", "500"), tmp_path)
-    c, run_id = wait_for_first_epoch(tmp_path)
+    c, run_id = wait_for_first_epoch(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
@@ -76,7 +84,7 @@ def test_ctrl_c_under_mlflow_run_ends_killed_with_the_same_outputs(tmp_path, fak
     for p in params:
         args += ["-P", p]
     proc = start(args, tmp_path)
-    c, run_id = wait_for_first_epoch(tmp_path)
+    c, run_id = wait_for_first_epoch(tmp_path, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
     proc.communicate(timeout=120)
     deadline = time.time() + 60  # the launcher's own FAILED is corrected once it has gone
@@ -92,7 +100,7 @@ def test_ctrl_c_under_mlflow_run_ends_killed_with_the_same_outputs(tmp_path, fak
 def test_sigkill_leaves_a_stale_heartbeat_that_cleanup_ends(tmp_path, fake_data_dir):
     proc = start(train_args(fake_data_dir, "--epochs", "500"), tmp_path,
                  LOSSGEO_HEARTBEAT_INTERVAL="0.5")
-    c, run_id = wait_for_first_epoch(tmp_path)
+    c, run_id = wait_for_first_epoch(tmp_path, proc)
     proc.kill()
     proc.wait()
     assert c.get_run(run_id).info.status == "RUNNING"
@@ -130,7 +138,7 @@ def test_three_first_starts_on_a_fresh_store_all_finish(tmp_path, fake_data_dir)
     assert not (tmp_path / "mlflow.db").exists()
     args = train_args(fake_data_dir, "--epochs", "1", "--curvature", "false",
                       "--sharpness", "false", "--landscape", "false", "--noise-scale", "false")
-    procs = [start(args, tmp_path) for _ in range(3)]
+    procs = [start(args, tmp_path, fresh_store=True) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in outs]
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -323,3 +323,32 @@ def test_seeds_must_be_distinct_integers(tmp_path, fake_data_dir):
     for seeds in ([0, 0], ["a"], []):
         with pytest.raises(UserInputError, match="seeds: must be a list of distinct integers"):
             load_study_file(grid_file(tmp_path, fake_data_dir, seeds))
+
+
+def test_a_factorial_grid_is_one_short_yaml(tmp_path, fake_data_dir):
+    body = {"name": "design", "kind": "grid", "base": {**TINY_BASE, "data_dir": str(fake_data_dir)},
+            "factors": {"lr": {"log_space": [0.0125, 0.1, 4]}, "batch_size": [16, 64]}}
+    path = tmp_path / "design.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    spec = load_study_file(path)
+    assert list(spec.regimes) == ["lr=0.0125,B=16", "lr=0.0125,B=64", "lr=0.025,B=16",
+                                  "lr=0.025,B=64", "lr=0.05,B=16", "lr=0.05,B=64",
+                                  "lr=0.1,B=16", "lr=0.1,B=64"]
+    assert spec.regimes["lr=0.05,B=64"] == {"lr": 0.05, "batch_size": 64}
+    for factors, message in (({"lr": {"log_space": [0, 1, 3]}}, "factors.lr.log_space"),
+                             ({"colour": [1]}, "factors.colour: not a training parameter"),
+                             ({"lr": [-1.0]}, "regimes.lr=-1: lr: must be > 0")):
+        path.write_text(yaml.safe_dump({**body, "factors": factors}, sort_keys=False))
+        with pytest.raises(UserInputError, match=message.replace(".", r"\.")):
+            load_study_file(path)
+
+
+def test_a_designed_sweep_grid_is_never_pruned(tmp_path, fake_data_dir):
+    space = {"lr": {"choices": {"log_space": [0.01, 0.1, 3]}}, "batch_size": {"choices": [32]}}
+    spec = load_study_file(write_study(tmp_path, fake_data_dir, sampler="grid",
+                                       search_space=space))
+    assert spec.pruner == "none"
+    assert {p.name: p.choices for p in spec.search_space}["lr"] == (0.01, 0.0316228, 0.1)
+    with pytest.raises(UserInputError, match="pruner: a designed grid"):
+        load_study_file(write_study(tmp_path, fake_data_dir, sampler="grid",
+                                    search_space=space, pruner="median"))
