@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import analysis, plots
+from .statistics import study_verdicts
 from .errors import UserInputError
 from .tracking import TrackedRun, load_artifact_object
 
@@ -93,9 +94,8 @@ def report(experiment: str | None = None, parent_run: str | None = None,
     figure_dir = out / "figures-src"
     compare(experiment, parent_run, figure_dir, log=False)
     runs = select_runs(experiment, parent_run)
-    converged = runs[runs["tags.diverged"] != "true"] if "tags.diverged" in runs else runs
-    corr = analysis.correlations(converged, analysis.STUDY_PAIRS)
-    tex, pdf = write_report(runs, corr, figure_dir, out, compile_pdf=compile_pdf)
+    tex, pdf = write_report(runs, study_verdicts(runs), figure_dir, out,
+                            compile_pdf=compile_pdf)
     if log:
         tracked = _output_run(experiment, parent_run, "report")
         tracked.log_file(tex, "latex")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .analysis import cell_summary
+
 REFERENCES = r"""@inproceedings{keskar2017,
   title={On Large-Batch Training for Deep Learning: Generalization Gap and Sharp Minima},
   author={Keskar, Nitish Shirish and Mudigere, Dheevatsa and Nocedal, Jorge and Smelyanskiy, Mikhail and Tang, Ping Tak Peter},
@@ -92,29 +94,88 @@ def results_table(runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-# The original design's hypotheses: more noise -> flatter; sharper -> larger gap.
-EXPECTED_SIGN = {("noise_temperature", "lambda_max"): -1, ("lambda_max", "gen_gap"): 1,
-                 ("sharp_max", "gen_gap"): 1}
+VERDICT_WORDS = {"held": "held", "contradicted": "was contradicted",
+                 "inconclusive": "was inconclusive"}
 
 
-def correlation_sentences(corr: pd.DataFrame) -> str:
-    sentences = []
-    for _, row in corr.iterrows():
-        x, y = tex_escape(row["x"]), tex_escape(row["y"])
-        if pd.isna(row.get("spearman")):
-            sentences.append(f"\\item {x} vs {y}: too few runs (n = {int(row['n'])}) for a "
-                             "rank correlation.")
+def _ci(row: pd.Series, value: str, low: str, high: str) -> str:
+    if pd.isna(row.get(value)):
+        return "--"
+    if pd.isna(row.get(low)):
+        return f"{row[value]:.2f}"
+    return f"{row[value]:.2f} [{row[low]:.2f}, {row[high]:.2f}]"
+
+
+def verdict_table(table: pd.DataFrame) -> str:
+    """The hypotheses with n, Spearman and partial Spearman (95\\% bootstrap CIs) and the
+    verdict; H4 (the stability edge) with the share of runs below it."""
+    lines = [r"\begin{tabular}{llrlll}", r"\hline",
+             r"hyp. & pair & $n$ & Spearman [95\% CI] & partial (train loss) & verdict \\",
+             r"\hline"]
+    for _, row in table.iterrows():
+        if row["hypothesis"] == "H4":
+            pair = "edge ratio $\\le 1$"
+            stat = _ci(row, "share_below_edge", "share_ci_low", "share_ci_high")
+            lines.append(f"H4 & {pair} & {int(row['n'])} & share {stat} & -- & "
+                         f"{row['verdict']} \\\\")
             continue
-        sign = EXPECTED_SIGN.get((row["x"], row["y"]), 1)
-        holds = ("supports" if sign * row["spearman"] > 0 and row["spearman_p"] < 0.05
-                 else "does not support")
-        sentences.append(
-            f"\\item {x} vs {y}: Spearman $\\rho = {row['spearman']:.2f}$ "
-            f"($p = {row['spearman_p']:.2g}$), Kendall $\\tau = {row['kendall']:.2f}$ "
-            f"($p = {row['kendall_p']:.2g}$), $n = {int(row['n'])}$; this {holds} the "
-            f"hypothesised {'positive' if sign > 0 else 'negative'} association at the 5\\% "
-            "level.")
+        pair = f"{tex_escape(row['x'])} vs {tex_escape(row['y'])}"
+        lines.append(f"{row['hypothesis']} & {pair} & {int(row['n'])} & "
+                     f"{_ci(row, 'spearman', 'spearman_ci_low', 'spearman_ci_high')} & "
+                     f"{_ci(row, 'partial_spearman', 'partial_ci_low', 'partial_ci_high')} & "
+                     f"{row['verdict']} \\\\")
+    lines += [r"\hline", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def interpretation(table: pd.DataFrame) -> str:
+    """Sentences generated from the verdicts, one per hypothesis, never typed by hand."""
+    sentences = []
+    for name, rows in table.groupby("hypothesis", sort=True):
+        claim = tex_escape(str(rows["claim"].dropna().iloc[0])) if rows["claim"].notna().any() \
+            else name
+        counts = rows["verdict"].value_counts()
+        parts = ", ".join(f"{n} {v}" for v, n in counts.items())
+        if name == "H4":
+            row = rows.iloc[0]
+            detail = (f" ({int(row['n'])} runs; largest edge ratio {row['max_edge_ratio']:.2f})"
+                      if row["n"] else " (no runs measured)")
+            sentences.append(f"\\item {name} ({claim}) {VERDICT_WORDS[row['verdict']]}{detail}.")
+            continue
+        if set(counts.index) == {"held"}:
+            summary = "held for every measure"
+        elif set(counts.index) == {"contradicted"}:
+            summary = "was contradicted by every measure"
+        elif set(counts.index) == {"inconclusive"}:
+            summary = "was inconclusive for every measure"
+        else:
+            summary = "was mixed"
+        n = int(rows["n"].max())
+        sentences.append(f"\\item {name} ({claim}) {summary}: {parts}, over at most $n = {n}$ "
+                         "runs. A verdict is held or contradicted only when the 95\\% bootstrap "
+                         "interval excludes zero.")
     return "\\begin{itemize}\n" + "\n".join(sentences) + "\n\\end{itemize}"
+
+
+def cells_paragraph(runs: pd.DataFrame) -> str:
+    """Per-cell means over seeds with 95\\% t-intervals for a few headline metrics; nothing
+    where no cell has replicates (the per-run table says it all)."""
+    summary = cell_summary(runs)
+    metrics = [m for m in ("test_acc", "gen_gap", "lambda_max", "epochs_to_target")
+               if f"{m}_mean" in summary]
+    if summary.empty or not metrics or summary["n_seeds"].max() < 2:
+        return ""
+    head = " & ".join(tex_escape(m) for m in metrics)
+    lines = [r"\begin{tabular}{lr" + "l" * len(metrics) + "}", r"\hline",
+             f"cell & seeds & {head} \\\\", r"\hline"]
+    for _, row in summary.iterrows():
+        cells = [_ci(row, f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high") for m in metrics]
+        lines.append(f"{tex_escape(str(row['cell']))} & {int(row['n_seeds'])} & "
+                     + " & ".join(cells) + " \\\\")
+    lines += [r"\hline", r"\end{tabular}"]
+    return ("Per cell, means over seeds with 95\\% Student-$t$ intervals (runs that missed "
+            "their target train loss left out):\n\n\\begin{center}\n" + "\n".join(lines)
+            + "\n\\end{center}\n")
 
 
 def settings_paragraph(runs: pd.DataFrame) -> str:
@@ -144,7 +205,7 @@ def spikes_paragraph(runs: pd.DataFrame) -> str:
     return "Flagged curvature spikes:\n\\begin{itemize}\n" + "\n".join(items) + "\n\\end{itemize}"
 
 
-def render(runs: pd.DataFrame, corr: pd.DataFrame, figures: list[str], title: str) -> str:
+def render(runs: pd.DataFrame, verdicts: pd.DataFrame, figures: list[str], title: str) -> str:
     figure_tex = "\n".join(
         "\\begin{figure}[ht]\\centering\\includegraphics[width=0.8\\linewidth]{figures/"
         f"{name}}}\\caption{{{caption}}}\\end{{figure}}"
@@ -191,14 +252,23 @@ Final metrics per run ({len(runs)} runs):
 {results_table(runs)}
 \end{{center}}
 
+{cells_paragraph(runs)}
+
+Hypotheses, with Spearman's $\rho$ and the partial Spearman correlation given the train loss,
+each with a 95\% percentile-bootstrap interval (runs resampled):
+
+\begin{{center}}
+{verdict_table(verdicts)}
+\end{{center}}
+
 {figure_tex}
 
 \section{{Interpretation}}
-Rank correlations over the finished runs:
-{correlation_sentences(corr)}
-With few runs these tests have little power; a lack of significance is not evidence for the
-absence of an effect, and a correlation across regimes does not separate the effect of the
-temperature from that of the number of steps taken.
+Generated from the verdicts above:
+{interpretation(verdicts)}
+With few runs these intervals are wide: an inconclusive verdict is not evidence for the absence
+of an effect, and a correlation across regimes that differ in fit does not separate the effect
+of the temperature from that of the fit (hence the partial correlation given the train loss).
 
 {spikes_paragraph(runs)}
 
@@ -220,7 +290,7 @@ an encoder that does not overfit noisy scans.
 """
 
 
-def write_report(runs: pd.DataFrame, corr: pd.DataFrame, figure_dir: Path, out_dir: Path,
+def write_report(runs: pd.DataFrame, verdicts: pd.DataFrame, figure_dir: Path, out_dir: Path,
                  title: str = "Loss landscape geometry, SGD noise and generalisation",
                  compile_pdf: bool = True) -> tuple[Path, Path | None]:
     """Writes out_dir/main.tex, references.bib and figures/; compiles main.pdf with pdflatex
@@ -234,7 +304,7 @@ def write_report(runs: pd.DataFrame, corr: pd.DataFrame, figure_dir: Path, out_d
             shutil.copy(source, out_dir / "figures" / name)
             figures.append(name)
     tex = out_dir / "main.tex"
-    tex.write_text(render(runs, corr, figures, title))
+    tex.write_text(render(runs, verdicts, figures, title))
     (out_dir / "references.bib").write_text(REFERENCES)
     if not compile_pdf or shutil.which("pdflatex") is None:
         return tex, None

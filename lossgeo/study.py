@@ -27,6 +27,7 @@ import pandas as pd
 from . import analysis, plots
 from .errors import UserInputError
 from .experiment import prepare, run_training
+from .statistics import study_verdicts
 from .studyfile import StudySpec
 from .tracking import (END_REASON_TAG, PARENT_TAG, Heartbeat, TrackedRun, client, experiment_id,
                        launcher_run_id, resolve_experiment)
@@ -495,11 +496,17 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
         finished = finished[finished["tags.diverged"] != "true"]
     if len(finished):
         run.log_text("summary.csv", analysis.cell_summary(finished).to_csv(index=False))
-    corr = analysis.correlations(finished, analysis.STUDY_PAIRS)
-    run.log_text("correlations.csv", corr.to_csv(index=False))
-    for _, row in corr.dropna(subset=["spearman"]).iterrows():
-        run.log_metrics({f"spearman/{row['x']}_vs_{row['y']}": row["spearman"],
-                         f"kendall/{row['x']}_vs_{row['y']}": row["kendall"]})
+    verdicts = study_verdicts(finished)
+    run.log_text("correlations.csv", verdicts.to_csv(index=False))
+    score = {"held": 1.0, "inconclusive": 0.0, "contradicted": -1.0}
+    for _, row in verdicts.iterrows():
+        pair = "edge_ratio" if row["hypothesis"] == "H4" else f"{row['x']}_vs_{row['y']}"
+        metrics = {f"verdict/{row['hypothesis']}_{pair}": score[row["verdict"]]}
+        for column in ("spearman", "spearman_ci_low", "spearman_ci_high", "kendall",
+                       "partial_spearman"):
+            if pd.notna(row.get(column)):
+                metrics[f"{column}/{pair}"] = float(row[column])
+        run.log_metrics(metrics)
     history = analysis.load_history(finished) if len(finished) else pd.DataFrame()
     for name, figure in plots.comparison_figures(finished, history).items():
         run.log_figure(f"plots/{name}", figure)

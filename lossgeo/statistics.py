@@ -1,0 +1,168 @@
+"""How sure a study is: rank correlations with bootstrap confidence intervals, a partial
+Spearman correlation that holds train loss fixed, and a verdict per hypothesis from its CI.
+
+Pure numpy/scipy/pandas on a table of runs (one row per run); no MLflow. The bootstrap
+resamples runs (rows) with replacement; it is written out rather than taken from
+``scipy.stats.bootstrap`` because small studies resample constant columns now and then, whose
+rank correlation is undefined: those resamples are dropped here, where scipy's percentile
+interval would turn NaN. Spearman is computed for all resamples at once (ranks by
+``scipy.stats.rankdata`` along rows), Kendall one resample at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    name: str  # H1 .. H4
+    x: str
+    y: str
+    sign: int  # +1: x and y rise together; -1: one falls as the other rises
+    claim: str
+
+
+# The hypotheses a noise-temperature study tests (the original design's findings).
+HYPOTHESES = [
+    Hypothesis("H1", "noise_temperature", "lambda_max", -1, "low noise -> sharper"),
+    Hypothesis("H1", "noise_temperature", "hessian_trace", -1, "low noise -> sharper"),
+    Hypothesis("H1", "noise_temperature", "sharp_max", -1, "low noise -> sharper"),
+    Hypothesis("H1", "noise_temperature", "eps_sharpness", -1, "low noise -> sharper"),
+    Hypothesis("H1", "noise_temperature", "adaptive_sharpness", -1, "low noise -> sharper"),
+    Hypothesis("H2", "lambda_max", "gen_gap", 1, "sharper -> larger gap at equal fit"),
+    Hypothesis("H2", "lambda_max", "gen_gap_acc", 1, "sharper -> larger gap at equal fit"),
+    Hypothesis("H2", "sharp_max", "gen_gap", 1, "sharper -> larger gap at equal fit"),
+]
+CONTROL = "train_loss"  # the partial correlation holds the fit fixed
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each row pair of (B, n) arrays; NaN where a row is constant."""
+    rx, ry = stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)
+    rx = rx - rx.mean(axis=1, keepdims=True)
+    ry = ry - ry.mean(axis=1, keepdims=True)
+    denom = np.sqrt((rx ** 2).sum(axis=1) * (ry ** 2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (rx * ry).sum(axis=1) / denom
+
+
+def _partial_rows(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Partial Spearman of x and y given z, row by row: the Pearson partial correlation
+    formula applied to the rank correlations."""
+    r_xy, r_xz, r_yz = _spearman_rows(x, y), _spearman_rows(x, z), _spearman_rows(y, z)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz ** 2) * (1 - r_yz ** 2))
+
+
+def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    samples = samples[np.isfinite(samples)]
+    if len(samples) < 10:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def rank_correlation(x, y, control=None, *, confidence: float = CONFIDENCE,
+                     n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, float]:
+    """Spearman and Kendall with percentile-bootstrap CIs (runs resampled), and, given a
+    control variable, the partial Spearman with its CI. Keys: n, spearman, spearman_ci_low,
+    spearman_ci_high, kendall, kendall_ci_low, kendall_ci_high[, partial_spearman,
+    partial_ci_low, partial_ci_high]."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = len(x)
+    out: dict[str, float] = {"n": n}
+    if n < 3:
+        return out
+    index = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    rho = float(_spearman_rows(x[None], y[None])[0])
+    low, high = _interval(_spearman_rows(x[index], y[index]), confidence)
+    out.update(spearman=rho, spearman_ci_low=low, spearman_ci_high=high)
+    taus = np.array([stats.kendalltau(x[i], y[i]).statistic for i in index])
+    low, high = _interval(taus, confidence)
+    out.update(kendall=float(stats.kendalltau(x, y).statistic), kendall_ci_low=low,
+               kendall_ci_high=high)
+    if control is not None:
+        z = np.asarray(control, dtype=float)
+        partial = float(_partial_rows(x[None], y[None], z[None])[0])
+        low, high = _interval(_partial_rows(x[index], y[index], z[index]), confidence)
+        out.update(partial_spearman=partial, partial_ci_low=low, partial_ci_high=high)
+    return out
+
+
+def verdict(low: float, high: float, sign: int) -> str:
+    """held: the CI lies wholly on the hypothesised side of 0; contradicted: wholly on the
+    other side; inconclusive: it contains 0 (or could not be computed)."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "inconclusive"
+    if sign * low > 0 and sign * high > 0:
+        return "held"
+    if sign * low < 0 and sign * high < 0:
+        return "contradicted"
+    return "inconclusive"
+
+
+def hypothesis_table(runs: pd.DataFrame, hypotheses: list[Hypothesis] = HYPOTHESES, *,
+                     seed: int = 0) -> pd.DataFrame:
+    """One row per hypothesis and pair of metrics, over the runs where x, y (and train loss)
+    are finite: the correlations with CIs and the verdict. H2 is about equal fit, so its
+    verdict comes from the partial Spearman given train loss; H1's from Spearman."""
+    rows = []
+    for h in hypotheses:
+        columns = [h.x, h.y] + ([CONTROL] if CONTROL in runs else [])
+        row: dict[str, object] = {"hypothesis": h.name, "claim": h.claim, "x": h.x, "y": h.y,
+                                  "expected_sign": h.sign, "n": 0}
+        if not {h.x, h.y} <= set(runs):
+            rows.append({**row, "verdict": "inconclusive", "verdict_from": "no data"})
+            continue
+        data = runs[columns].apply(pd.to_numeric, errors="coerce")
+        data = data[np.isfinite(data).all(axis=1)]
+        control = data[CONTROL] if CONTROL in data else None
+        row.update(rank_correlation(data[h.x], data[h.y], control, seed=seed))
+        source = "partial_spearman" if h.name == "H2" and "partial_ci_low" in row else "spearman"
+        prefix = "partial" if source == "partial_spearman" else "spearman"
+        row["verdict"] = verdict(row.get(f"{prefix}_ci_low", np.nan),
+                                 row.get(f"{prefix}_ci_high", np.nan), h.sign)
+        row["verdict_from"] = source
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def stability_edge(runs: pd.DataFrame, *, confidence: float = CONFIDENCE) -> dict[str, object]:
+    """H4, SGD keeps lambda_max <= 2(1+m)/lr: the share of runs with edge_ratio <= 1 and its
+    Clopper-Pearson interval. held: every run below the edge; contradicted: the interval of
+    the share below the edge lies under 1/2 (most runs above it); else inconclusive."""
+    ratios = pd.to_numeric(runs.get("edge_ratio", pd.Series(dtype=float)), errors="coerce")
+    ratios = ratios[np.isfinite(ratios)]
+    n, below = len(ratios), int((ratios <= 1).sum())
+    if n == 0:
+        return {"hypothesis": "H4", "n": 0, "verdict": "inconclusive"}
+    ci = stats.binomtest(below, n).proportion_ci(confidence, method="exact")
+    held = below == n
+    contradicted = ci.high < 0.5
+    return {"hypothesis": "H4", "claim": "SGD keeps lambda_max <= 2(1+m)/lr", "n": n,
+            "share_below_edge": below / n, "share_ci_low": ci.low, "share_ci_high": ci.high,
+            "max_edge_ratio": float(ratios.max()),
+            "verdict": "held" if held else ("contradicted" if contradicted else "inconclusive")}
+
+
+def study_verdicts(runs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+    """H1-H4 over a study's finished runs: diverged runs and runs that missed their target
+    train loss are left out (they would compare regimes at unequal fit)."""
+    keep = runs
+    for tag, bad in (("tags.diverged", "true"), ("tags.reached_target", "false")):
+        if tag in keep:
+            keep = keep[keep[tag] != bad]
+    if "noise_temperature" not in keep and {"lr", "batch_size"} <= set(keep):
+        keep = keep.assign(noise_temperature=pd.to_numeric(keep["lr"]) /
+                           pd.to_numeric(keep["batch_size"]))
+    table = hypothesis_table(keep, seed=seed)
+    return pd.concat([table, pd.DataFrame([stability_edge(keep)])], ignore_index=True)

@@ -1,0 +1,76 @@
+"""Uncertainty in every verdict: bootstrap CIs that cover, partial Spearman by hand,
+verdicts from intervals."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from lossgeo.statistics import (rank_correlation, stability_edge, study_verdicts, verdict)
+
+
+def test_bootstrap_interval_covers_the_true_rank_correlation_about_95_percent():
+    # bivariate normal with Pearson r: Spearman's population rho is (6/pi) asin(r/2)
+    r, n, repeats = 0.5, 30, 120
+    true_rho = 6 / math.pi * math.asin(r / 2)
+    rng = np.random.default_rng(1)
+    covered = 0
+    for k in range(repeats):
+        x = rng.normal(size=n)
+        y = r * x + math.sqrt(1 - r ** 2) * rng.normal(size=n)
+        out = rank_correlation(x, y, n_resamples=600, seed=k)
+        covered += out["spearman_ci_low"] <= true_rho <= out["spearman_ci_high"]
+    assert 0.85 <= covered / repeats <= 0.99
+
+
+def test_point_estimates_and_partial_spearman_by_hand():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=25)
+    x = z + 0.5 * rng.normal(size=25)
+    y = z + 0.5 * rng.normal(size=25)
+    out = rank_correlation(x, y, z, n_resamples=200)
+    assert out["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert out["kendall"] == pytest.approx(stats.kendalltau(x, y).statistic)
+    # partial rank correlation = Pearson of the rank residuals after regressing out z's ranks
+    rx, ry, rz = (stats.rankdata(v) for v in (x, y, z))
+    design = np.column_stack([np.ones(25), rz])
+    res_x = rx - design @ np.linalg.lstsq(design, rx, rcond=None)[0]
+    res_y = ry - design @ np.linalg.lstsq(design, ry, rcond=None)[0]
+    assert out["partial_spearman"] == pytest.approx(stats.pearsonr(res_x, res_y).statistic)
+    # x and y move together only through z: the partial correlation is far smaller
+    assert out["spearman"] > 0.5 and abs(out["partial_spearman"]) < out["spearman"] - 0.2
+    assert out["partial_ci_low"] <= out["partial_spearman"] <= out["partial_ci_high"]
+
+
+def test_verdict_from_the_interval():
+    assert verdict(0.1, 0.9, +1) == "held"
+    assert verdict(-0.9, -0.1, +1) == "contradicted"
+    assert verdict(-0.9, -0.1, -1) == "held"
+    assert verdict(-0.2, 0.6, +1) == "inconclusive"
+    assert verdict(float("nan"), float("nan"), +1) == "inconclusive"
+
+
+def test_stability_edge_share_and_verdict():
+    below = stability_edge(pd.DataFrame({"edge_ratio": [0.2, 0.5, 0.9]}))
+    assert below["verdict"] == "held" and below["share_below_edge"] == 1
+    assert below["share_ci_low"] == pytest.approx(stats.binomtest(3, 3).proportion_ci(
+        0.95, method="exact").low)
+    above = stability_edge(pd.DataFrame({"edge_ratio": [1.2] * 9 + [0.5]}))
+    assert above["verdict"] == "contradicted" and above["max_edge_ratio"] == 1.2
+
+
+def test_study_verdicts_leave_out_runs_at_unequal_fit():
+    rng = np.random.default_rng(3)
+    temps = np.geomspace(1e-4, 1e-2, 12)
+    runs = pd.DataFrame({
+        "lr": temps * 32, "batch_size": 32, "train_loss": 0.05 + 0.001 * rng.normal(size=12),
+        "lambda_max": 1 / temps * (1 + 0.05 * rng.normal(size=12)),
+        "gen_gap": rng.normal(size=12), "edge_ratio": 0.5,
+        "tags.reached_target": ["true"] * 10 + ["false"] * 2})
+    table = study_verdicts(runs).set_index(["hypothesis", "y"], drop=False)
+    h1 = table.loc[("H1", "lambda_max")]
+    assert h1["n"] == 10 and h1["verdict"] == "held" and h1["spearman"] < -0.9
+    assert table.loc[("H1", "hessian_trace"), "verdict"] == "inconclusive"  # no data
+    assert table[table["hypothesis"] == "H4"]["verdict"].item() == "held"
