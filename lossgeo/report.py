@@ -113,6 +113,11 @@ def verdict_table(table: pd.DataFrame) -> str:
              r"hyp. & pair & $n$ & Spearman [95\% CI] & partial (train loss) & verdict \\",
              r"\hline"]
     for _, row in table.iterrows():
+        if row["hypothesis"] == "H3":
+            stat = _ci(row, "beta_sum", "beta_sum_ci_low", "beta_sum_ci_high")
+            lines.append(f"H3 & lambda\\_max on lr, B & {int(row['n'])} & "
+                         f"$\\beta_{{lr}}+\\beta_B$ {stat} & -- & {row['verdict']} \\\\")
+            continue
         if row["hypothesis"] == "H4":
             pair = "edge ratio $\\le 1$"
             stat = _ci(row, "share_below_edge", "share_ci_low", "share_ci_high")
@@ -136,6 +141,18 @@ def interpretation(table: pd.DataFrame) -> str:
             else name
         counts = rows["verdict"].value_counts()
         parts = ", ".join(f"{n} {v}" for v, n in counts.items())
+        if name == "H3":
+            row = rows.iloc[0]
+            detail = (f": in log lambda\\_max = a + $\\beta_{{lr}}$ log lr + $\\beta_B$ log B, "
+                      f"$\\beta_{{lr}}+\\beta_B = {row['beta_sum']:.2f}$ "
+                      f"[{row['beta_sum_ci_low']:.2f}, {row['beta_sum_ci_high']:.2f}] "
+                      f"(0 if lr/B alone matters; held needs the interval inside "
+                      f"$\\pm 0.25$); spread of log lambda\\_max within diagonals of "
+                      f"constant lr/B {row['within_diagonal_sd']:.2f}, across them "
+                      f"{row['across_diagonal_sd']:.2f}; $n = {int(row['n'])}$"
+                      if pd.notna(row.get("beta_sum")) else " (lr and B did not both vary)")
+            sentences.append(f"\\item {name} ({claim}) {VERDICT_WORDS[row['verdict']]}{detail}.")
+            continue
         if name == "H4":
             row = rows.iloc[0]
             detail = (f" ({int(row['n'])} runs; largest edge ratio {row['max_edge_ratio']:.2f})"

@@ -1,5 +1,6 @@
 """How sure a study is: rank correlations with bootstrap confidence intervals, a partial
-Spearman correlation that holds train loss fixed, and a verdict per hypothesis from its CI.
+Spearman correlation that holds train loss fixed, whether lambda_max follows lr/B alone, and
+a verdict per hypothesis from its CI.
 
 Pure numpy/scipy/pandas on a table of runs (one row per run); no MLflow. The bootstrap
 resamples runs (rows) with replacement; it is written out rather than taken from
@@ -125,7 +126,8 @@ def hypothesis_table(runs: pd.DataFrame, hypotheses: list[Hypothesis] = HYPOTHES
             continue
         data = runs[columns].apply(pd.to_numeric, errors="coerce")
         data = data[np.isfinite(data).all(axis=1)]
-        control = data[CONTROL] if CONTROL in data else None
+        # a constant train loss (exactly equal fit) leaves nothing to hold fixed
+        control = data[CONTROL] if CONTROL in data and data[CONTROL].nunique() > 1 else None
         row.update(rank_correlation(data[h.x], data[h.y], control, seed=seed))
         source = "partial_spearman" if h.name == "H2" and "partial_ci_low" in row else "spearman"
         prefix = "partial" if source == "partial_spearman" else "spearman"
@@ -154,6 +156,56 @@ def stability_edge(runs: pd.DataFrame, *, confidence: float = CONFIDENCE) -> dic
             "verdict": "held" if held else ("contradicted" if contradicted else "inconclusive")}
 
 
+H3_TOLERANCE = 0.25  # |beta_lr + beta_B| below this: doubling lr and B changes lambda_max < 19%
+
+
+def temperature_alone(runs: pd.DataFrame, *, confidence: float = CONFIDENCE,
+                      metric: str = "lambda_max") -> dict[str, object]:
+    """H3, lambda_max depends on lr/B alone (Jastrzebski et al. 2017; Kaur et al. 2022 say
+    not alone). Fits log lambda = a + b_lr log lr + b_B log B by least squares: lr/B alone
+    means b_lr + b_B = 0. held: the t-interval of b_lr + b_B lies inside +-H3_TOLERANCE;
+    contradicted: it excludes 0; else inconclusive. Also the spread of log lambda within
+    diagonals of constant lr/B (pooled standard deviation) against the spread of the diagonal
+    means across them."""
+    columns = [metric, "lr", "batch_size"]
+    row: dict[str, object] = {"hypothesis": "H3", "claim": "lambda_max is a function of lr/B "
+                              "alone", "x": "lr, batch_size", "y": metric, "n": 0,
+                              "verdict": "inconclusive"}
+    if not set(columns) <= set(runs):
+        return row
+    data = runs[columns].apply(pd.to_numeric, errors="coerce")
+    data = data[(data > 0).all(axis=1) & np.isfinite(data).all(axis=1)]
+    n = len(data)
+    row["n"] = n
+    log_lr, log_b = np.log(data["lr"].to_numpy()), np.log(data["batch_size"].to_numpy())
+    y = np.log(data[metric].to_numpy())
+    design = np.column_stack([np.ones(n), log_lr, log_b])
+    if n <= 3 or np.linalg.matrix_rank(design) < 3:
+        return row  # lr and B must both vary, and leave residual degrees of freedom
+    coef, _, _, _ = np.linalg.lstsq(design, y, rcond=None)
+    dof = n - 3
+    sigma2 = float(((y - design @ coef) ** 2).sum() / dof)
+    cov = sigma2 * np.linalg.inv(design.T @ design)
+    contrast = np.array([0.0, 1.0, 1.0])
+    value = float(contrast @ coef)
+    half = float(stats.t.ppf((1 + confidence) / 2, dof) * np.sqrt(contrast @ cov @ contrast))
+    low, high = value - half, value + half
+    temperature = np.round(np.log(data["lr"] / data["batch_size"]).to_numpy(), 6)
+    groups = pd.Series(y).groupby(temperature)
+    within = groups.apply(lambda g: ((g - g.mean()) ** 2).sum()).sum()
+    within_dof = n - groups.ngroups
+    row.update(beta_lr=float(coef[1]), beta_b=float(coef[2]), beta_sum=value,
+               beta_sum_ci_low=low, beta_sum_ci_high=high, n_diagonals=groups.ngroups,
+               within_diagonal_sd=float(np.sqrt(within / within_dof)) if within_dof else np.nan,
+               across_diagonal_sd=float(groups.mean().std(ddof=1)) if groups.ngroups > 1
+               else np.nan)
+    if low > 0 or high < 0:
+        row["verdict"] = "contradicted"
+    elif -H3_TOLERANCE < low and high < H3_TOLERANCE:
+        row["verdict"] = "held"
+    return row
+
+
 def study_verdicts(runs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     """H1-H4 over a study's finished runs: diverged runs and runs that missed their target
     train loss are left out (they would compare regimes at unequal fit)."""
@@ -165,4 +217,5 @@ def study_verdicts(runs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
         keep = keep.assign(noise_temperature=pd.to_numeric(keep["lr"]) /
                            pd.to_numeric(keep["batch_size"]))
     table = hypothesis_table(keep, seed=seed)
-    return pd.concat([table, pd.DataFrame([stability_edge(keep)])], ignore_index=True)
+    extra = pd.DataFrame([temperature_alone(keep), stability_edge(keep)])
+    return pd.concat([table, extra], ignore_index=True)

@@ -74,3 +74,29 @@ def test_study_verdicts_leave_out_runs_at_unequal_fit():
     assert h1["n"] == 10 and h1["verdict"] == "held" and h1["spearman"] < -0.9
     assert table.loc[("H1", "hessian_trace"), "verdict"] == "inconclusive"  # no data
     assert table[table["hypothesis"] == "H4"]["verdict"].item() == "held"
+
+
+def designed_grid(exponent_lr, exponent_b, noise=0.02, seed=0):
+    """lambda_max = lr^a B^b on a 4 x 4 lr x B grid, two replicates, multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for lr in (0.025, 0.05, 0.1, 0.2):
+        for b in (16, 32, 64, 128):
+            for _ in range(2):
+                rows.append({"lr": lr, "batch_size": b, "lambda_max": lr ** exponent_lr
+                             * b ** exponent_b * math.exp(noise * rng.normal())})
+    return pd.DataFrame(rows)
+
+
+def test_lambda_max_of_lr_over_b_alone_is_held_and_of_lr_alone_contradicted():
+    from lossgeo.statistics import temperature_alone
+
+    alone = temperature_alone(designed_grid(-1.0, 1.0))  # lambda ~ (lr/B)^-1
+    assert alone["verdict"] == "held" and alone["n"] == 32 and alone["n_diagonals"] == 7
+    assert alone["beta_lr"] == pytest.approx(-1.0, abs=0.05)
+    assert alone["beta_sum_ci_low"] < 0 < alone["beta_sum_ci_high"]
+    assert alone["within_diagonal_sd"] < alone["across_diagonal_sd"] / 10
+    not_alone = temperature_alone(designed_grid(-1.0, 0.0))  # lambda ~ 1/lr only
+    assert not_alone["verdict"] == "contradicted" and not_alone["beta_sum_ci_low"] > -1.1
+    noisy = temperature_alone(designed_grid(-1.0, 1.0, noise=2.0).iloc[::4])  # n = 8
+    assert noisy["verdict"] == "inconclusive"
