@@ -287,6 +287,27 @@ def _spearman_legend(ax, x: pd.Series, y: pd.Series) -> None:
         ax.plot([], [], " ", label=f"Spearman rho = {rho:.2f} (p = {p:.2g}, n = {len(x)})")
 
 
+def _cell_error_bars(ax, runs: pd.DataFrame, x: str, y: str) -> None:
+    """Where cells have replicates (seeds): each cell's mean with its 95% t-interval over
+    seeds, drawn over the runs' points."""
+    from .statistics import cell_summary
+
+    if "tags.cell" not in runs or not {x, y} <= set(runs):
+        return
+    summary = cell_summary(runs, metrics=[x, y])
+    summary = summary[summary["n_seeds"] >= 2]
+    if summary.empty:
+        return
+
+    def errors(metric):
+        mean = summary[f"{metric}_mean"]
+        return [mean - summary[f"{metric}_ci_low"], summary[f"{metric}_ci_high"] - mean]
+
+    ax.errorbar(summary[f"{x}_mean"], summary[f"{y}_mean"], xerr=errors(x), yerr=errors(y),
+                fmt="s", color="black", markersize=4, capsize=3, lw=1,
+                label="cell mean, 95% t-interval over seeds")
+
+
 def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
     """Final gen_gap against final lambda_max, one point per run, Spearman in the legend."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
@@ -297,6 +318,7 @@ def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
     for colour, (_, row) in zip(_colours(len(data)), data.iterrows()):
         ax.scatter(row["lambda_max"], row["gen_gap"], color=colour, s=40, label=row["label"])
     _spearman_legend(ax, data["lambda_max"], data["gen_gap"])
+    _cell_error_bars(ax, runs, "lambda_max", "gen_gap")
     _log_axis(ax, "x")
     ax.set_xlabel("final lambda_max (log scale)")
     ax.set_ylabel("final gen_gap = test_loss - train_loss")
@@ -318,6 +340,7 @@ def noise_vs_lambda(runs: pd.DataFrame) -> Figure:
             ax.scatter(part["noise_temperature"], part["lambda_max"], color=colour, s=30,
                        label=str(model))
         _spearman_legend(ax, data["noise_temperature"], data["lambda_max"])
+        _cell_error_bars(ax, runs, "noise_temperature", "lambda_max")
     _log_axis(ax, "x")
     _log_axis(ax, "y")
     ax.set_xlabel("noise temperature lr / B (log scale)")

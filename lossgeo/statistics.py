@@ -13,6 +13,7 @@ interval would turn NaN. Spearman is computed for all resamples at once (ranks b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -219,3 +220,40 @@ def study_verdicts(runs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     table = hypothesis_table(keep, seed=seed)
     extra = pd.DataFrame([temperature_alone(keep), stability_edge(keep)])
     return pd.concat([table, extra], ignore_index=True)
+
+
+SUMMARY_METRICS = ["train_loss", "test_loss", "train_acc", "test_acc", "gen_gap", "gen_gap_acc",
+                   "lambda_max", "lambda_min", "hessian_trace", "sharp_mean", "sharp_max",
+                   "eps_sharpness", "adaptive_sharpness", "edge_ratio", "grad_noise_scale",
+                   "epochs_to_target"]
+
+
+def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
+                 confidence: float = 0.95) -> pd.DataFrame:
+    """One row per cell (tag ``cell``, else the run's label) over its seeds: for each metric
+    ``<metric>_mean`` and a two-sided Student-t interval ``<metric>_ci_low``/``_ci_high``
+    (mean +- t_{(1+c)/2, n-1} s / sqrt(n), s the sample standard deviation; NaN for one
+    seed), and ``n_seeds``. Runs tagged reached_target=false are left out (they were not
+    fitted to the study's target) and counted in ``n_missed_target``."""
+    frame = runs.copy()
+    frame["cell"] = frame["tags.cell"] if "tags.cell" in frame else frame["label"]
+    frame["cell"] = frame["cell"].fillna(frame["label"])
+    missed = (frame["tags.reached_target"] == "false") if "tags.reached_target" in frame \
+        else pd.Series(False, index=frame.index)
+    rows = []
+    for cell, group in frame.groupby("cell", sort=True):
+        fitted = group[~missed.loc[group.index]]
+        row: dict[str, object] = {"cell": cell, "n_seeds": len(fitted),
+                                  "n_missed_target": int(missed.loc[group.index].sum())}
+        for metric in metrics:
+            if metric not in fitted:
+                continue
+            values = pd.to_numeric(fitted[metric], errors="coerce").dropna()
+            n = len(values)
+            mean = float(values.mean()) if n else float("nan")
+            half = (float(stats.t.ppf((1 + confidence) / 2, n - 1) * values.std(ddof=1)
+                          / np.sqrt(n)) if n >= 2 else float("nan"))
+            row.update({f"{metric}_mean": mean, f"{metric}_ci_low": mean - half,
+                        f"{metric}_ci_high": mean + half})
+        rows.append(row)
+    return pd.DataFrame(rows)

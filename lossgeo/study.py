@@ -27,7 +27,7 @@ import pandas as pd
 from . import analysis, plots
 from .errors import UserInputError
 from .experiment import prepare, run_training
-from .statistics import study_verdicts
+from .statistics import cell_summary, study_verdicts
 from .studyfile import StudySpec
 from .tracking import (END_REASON_TAG, PARENT_TAG, Heartbeat, TrackedRun, client, experiment_id,
                        launcher_run_id, resolve_experiment)
@@ -495,7 +495,7 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
     if "tags.diverged" in finished:
         finished = finished[finished["tags.diverged"] != "true"]
     if len(finished):
-        run.log_text("summary.csv", analysis.cell_summary(finished).to_csv(index=False))
+        run.log_text("summary.csv", cell_summary(finished).to_csv(index=False))
     verdicts = study_verdicts(finished)
     run.log_text("correlations.csv", verdicts.to_csv(index=False))
     score = {"held": 1.0, "inconclusive": 0.0, "contradicted": -1.0}

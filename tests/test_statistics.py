@@ -100,3 +100,25 @@ def test_lambda_max_of_lr_over_b_alone_is_held_and_of_lr_alone_contradicted():
     assert not_alone["verdict"] == "contradicted" and not_alone["beta_sum_ci_low"] > -1.1
     noisy = temperature_alone(designed_grid(-1.0, 1.0, noise=2.0).iloc[::4])  # n = 8
     assert noisy["verdict"] == "inconclusive"
+
+
+def test_comparison_plots_get_cell_error_bars_only_with_replicates():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.container import ErrorbarContainer
+
+    from lossgeo import plots
+
+    runs = designed_grid(-1.0, 1.0, noise=0.2)
+    runs["label"] = [f"mlp / lr={a}, B={b}" for a, b in zip(runs.lr, runs.batch_size)]
+    runs["tags.cell"] = runs["label"]
+    runs["noise_temperature"] = runs.lr / runs.batch_size
+    runs["model"] = "mlp"
+    runs["gen_gap"] = np.linspace(0, 0.05, 32)
+    for draw in (plots.noise_vs_lambda, plots.gen_gap_vs_lambda):
+        bars = [c for c in draw(runs).axes[0].containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == 1 and len(bars[0].lines[0].get_xdata()) == 16  # one per cell
+        single = runs.drop_duplicates("tags.cell")
+        assert not [c for c in draw(single).axes[0].containers
+                    if isinstance(c, ErrorbarContainer)]
