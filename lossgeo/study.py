@@ -500,7 +500,8 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
     run.log_text("correlations.csv", verdicts.to_csv(index=False))
     score = {"held": 1.0, "inconclusive": 0.0, "contradicted": -1.0}
     for _, row in verdicts.iterrows():
-        pair = "edge_ratio" if row["hypothesis"] == "H4" else f"{row['x']}_vs_{row['y']}"
+        pair = {"H3": "lambda_max_on_lr_and_B", "H4": "edge_ratio"}.get(
+            row["hypothesis"], f"{row['x']}_vs_{row['y']}")
         metrics = {f"verdict/{row['hypothesis']}_{pair}": score[row["verdict"]]}
         for column in ("spearman", "spearman_ci_low", "spearman_ci_high", "kendall",
                        "partial_spearman"):

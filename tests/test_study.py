@@ -282,6 +282,11 @@ def test_grid_runs_every_cell_once_per_seed_and_resumes(tmp_path, tracking, fake
         ("mlp/low-noise", "1")]
     assert {r.data.params["seed"] for r in runs} == {"0", "1"}
     assert client.get_run(parent).info.status == "FINISHED"
+    logged = client.get_run(parent).data.metrics
+    assert {"verdict/H1_noise_temperature_vs_lambda_max", "verdict/H3_lambda_max_on_lr_and_B",
+            "verdict/H4_edge_ratio"} <= set(logged)
+    verdicts = pd.read_csv(client.download_artifacts(parent, "correlations.csv", str(tmp_path)))
+    assert list(verdicts["hypothesis"].unique()) == ["H1", "H2", "H3", "H4"]
     summary = pd.read_csv(client.download_artifacts(parent, "summary.csv", str(tmp_path)))
     assert list(summary["cell"]) == ["mlp/high-noise", "mlp/low-noise"]
     assert list(summary["n_seeds"]) == [2, 2]
