@@ -51,6 +51,9 @@ class TrainConfig:
     target_train_loss: float = _param(
         0.0, "train to a fit: stop at the first check whose full-train-split loss is <= this "
         "(0 = off; epochs is then the budget)", _non_negative, ">= 0")
+    target_train_acc: float = _param(
+        0.0, "train to a fit: stop at the first check whose full-train-split accuracy is >= this "
+        "(0 = off; with target_train_loss, both must hold)", lambda a: 0 <= a <= 1, "in [0, 1]")
     target_check_every: int = _param(
         0, "steps between in-epoch target checks on the probe set, each confirmed on the full "
         "train split (0 = ten per epoch)", _non_negative, ">= 0")

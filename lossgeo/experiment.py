@@ -92,7 +92,7 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
             frame = history_frame(history)
             log_run_outputs(run, frame, model, result.final_artifacts if result else {})
         run.set_tags({"diverged": "true" if result.diverged_epoch is not None else "false"})
-        if config.target_train_loss > 0:  # a missed target is kept, and marked as missed
+        if config.target_train_loss > 0 or config.target_train_acc > 0:  # kept, and marked
             run.set_tags({"reached_target": str(result.steps_to_target is not None).lower()})
         log_spikes(run, frame)
     return RunOutcome(run_id=run.run_id, history=frame, diverged_epoch=result.diverged_epoch)

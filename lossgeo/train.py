@@ -165,7 +165,7 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
             logger.log_epoch(epoch, metrics)
             history.append({"epoch": float(epoch), **metrics})
             break
-        target.check_epoch_end(step, metrics["train_loss"])
+        target.check_epoch_end(step, metrics["train_loss"], metrics["train_acc"])
         is_last = epoch == config.epochs or target.step is not None
         if target.step is not None:
             metrics["steps_to_target"] = float(target.step)
@@ -199,33 +199,41 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
 
 
 class TargetCheck:
-    """Training to a fit (`target_train_loss`): every `target_check_every` steps the loss on
-    the probe set (a fixed training subset) is read, and when it is at or below the target the
-    full train split confirms it; the end of every epoch checks the full split too. `step`
-    is the optimizer step at which the target was first confirmed (None until then)."""
+    """Training to a fit (`target_train_loss` and/or `target_train_acc`): every
+    `target_check_every` steps the probe set (a fixed training subset) is read, and when it
+    meets every target set, the full train split confirms it; the end of every epoch checks
+    the full split too. `step` is the optimizer step at which the targets were first
+    confirmed (None until then)."""
 
     def __init__(self, config: TrainConfig, n_batches: int, model: nn.Module, loss_fn: LossFn,
                  data: DataBundle) -> None:
-        self.target = config.target_train_loss
+        self.loss, self.acc = config.target_train_loss, config.target_train_acc
         self.every = config.target_check_every or max(1, n_batches // 10)
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.step: int | None = None
 
+    @property
+    def active(self) -> bool:
+        return (self.loss > 0 or self.acc > 0) and self.step is None
+
+    def met(self, loss: float, acc: float) -> bool:
+        return (self.loss <= 0 or loss <= self.loss) and (self.acc <= 0 or acc >= self.acc)
+
     def due(self, step: int) -> bool:
-        return self.target > 0 and self.step is None and step % self.every == 0
+        return self.active and step % self.every == 0
 
     def reached_within_epoch(self, step: int) -> bool:
         was_training = self.model.training
         try:
-            if evaluate(self.model, self.loss_fn, self.data.probe)[0] > self.target:
+            if not self.met(*evaluate(self.model, self.loss_fn, self.data.probe)):
                 return False
-            if evaluate(self.model, self.loss_fn, self.data.train)[0] > self.target:
+            if not self.met(*evaluate(self.model, self.loss_fn, self.data.train)):
                 return False  # the probe set is a sample; the full split decides
         finally:
             self.model.train(was_training)
         self.step = step
         return True
 
-    def check_epoch_end(self, step: int, train_loss: float) -> None:
-        if self.target > 0 and self.step is None and train_loss <= self.target:
+    def check_epoch_end(self, step: int, train_loss: float, train_acc: float) -> None:
+        if self.active and self.met(train_loss, train_acc):
             self.step = step

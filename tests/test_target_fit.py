@@ -79,3 +79,17 @@ def test_a_missed_target_is_kept_and_marked(tracking, fake_data_dir):
     assert run.data.tags["reached_target"] == "true"
     assert run.data.metrics["steps_to_target"] == 0  # the initialisation is below 5.0
     assert list(reached.history["epoch"]) == [0]
+
+
+def test_an_accuracy_target_stops_where_the_accuracy_first_reaches_it(fake_data_dir):
+    free = NullLogger()
+    config = tiny_config(fake_data_dir, epochs=4, lr=0.02)
+    train(config, *prepare(config)[:3], free)
+    accs = [m["train_acc"] for _, m in free.epochs]
+    first = next(e for e, a in enumerate(accs) if a >= 0.5)
+    config = tiny_config(fake_data_dir, epochs=4, lr=0.02, target_train_acc=0.5,
+                         target_check_every=10 ** 6)
+    logger = NullLogger()
+    result = train(config, *prepare(config)[:3], logger)
+    assert [e for e, _ in logger.epochs][-1] == first
+    assert result.steps_to_target == first * math.ceil(200 / 32)
