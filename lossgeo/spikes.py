@@ -1,6 +1,8 @@
 """Curvature-spike detector (the original design's LLM extension): flag epochs where
-lambda_max jumps by more than `factor` over the previous measurement, or where edge_ratio
-crosses 1 from below (the step size just left the stable region of GD on that curvature)."""
+lambda_max jumps by more than `factor` per epoch over the previous measurement, or where
+edge_ratio crosses 1 from below (the step size just left the stable region of GD on that
+curvature). Per epoch, because measurements may be far apart (e.g. only the initialisation
+and the final point): a rise by x6 over 38 epochs is steady sharpening, not a spike."""
 
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ def detect_spikes(history: pd.DataFrame, factor: float = 2.0) -> list[Spike]:
     for _, row in rows.iterrows():
         reasons = []
         if previous is not None:
-            if previous["lambda_max"] > 0 and row["lambda_max"] > factor * previous["lambda_max"]:
-                reasons.append(f"lambda_max x{row['lambda_max'] / previous['lambda_max']:.2f}")
+            gap = max(1, int(row["epoch"]) - int(previous["epoch"]))
+            if (previous["lambda_max"] > 0
+                    and row["lambda_max"] > factor ** gap * previous["lambda_max"]):
+                reasons.append(f"lambda_max x{row['lambda_max'] / previous['lambda_max']:.2f}"
+                               + (f" over {gap} epochs" if gap > 1 else ""))
             if ("edge_ratio" in row and pd.notna(row["edge_ratio"])
                     and pd.notna(previous.get("edge_ratio"))
                     and previous["edge_ratio"] < 1 <= row["edge_ratio"]):

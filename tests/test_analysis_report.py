@@ -64,6 +64,11 @@ def test_spike_detector():
     assert [s.epoch for s in spikes] == [2, 3]
     assert "x2.67" in spikes[0].reason and "edge_ratio crossed 1" in spikes[1].reason
     assert detect_spikes(history, factor=3) == [s for s in spikes if s.epoch == 3]
+    # measured only at the initialisation and the end: steady sharpening is no spike
+    sparse = pd.DataFrame({"epoch": [0, 38], "lambda_max": [2.0, 12.0]})
+    assert detect_spikes(sparse) == []
+    assert [s.reason for s in detect_spikes(pd.DataFrame({"epoch": [0, 2], "lambda_max": [
+        2.0, 9.0]}))] == ["lambda_max x4.50 over 2 epochs"]
     with pytest.raises(ValueError):
         detect_spikes(history, factor=1)
 
