@@ -1,7 +1,7 @@
 """Logged runs back into pandas: one row per run, and a long table of per-epoch metrics.
 
     from lossgeo.analysis import load_runs, load_history
-    runs = load_runs()                 # the default experiment; or experiment=, parent_run=, filter=
+    runs = load_runs()      # the default experiment; or experiment=, parent_run=, filter=
     history = load_history(runs, metrics=["lambda_max", "test_loss"])
     history.pivot_table(index="epoch", columns="label", values="value")
 """

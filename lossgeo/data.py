@@ -138,7 +138,8 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
     errors: list[str] = []
     # A download that fails must not leave the empty folders torchvision made for it.
-    folders = [root, root / IDX_FOLDERS.get(name, ""), root / IDX_FOLDERS.get(name, "") / "raw"]
+    folders = [root] + ([root / IDX_FOLDERS[name], root / IDX_FOLDERS[name] / "raw"]
+                        if name in IDX_FOLDERS else [])
     missing = [f for f in folders if not f.exists()]
     for attempt_download in ([False, True] if download else [False]):
         try:

@@ -283,7 +283,8 @@ def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: st
     inside = (alphas >= 0) & (alphas <= 1)
     loss = result["test"]["loss"]
     barrier = float(loss[inside].max() - 0.5 * (loss[inside][0] + loss[inside][-1]))
-    with TrackedRun(experiment=resolve_experiment(experiment), run_name=f"interpolate-{run_a[:6]}-{run_b[:6]}",
+    with TrackedRun(experiment=resolve_experiment(experiment),
+                    run_name=f"interpolate-{run_a[:6]}-{run_b[:6]}",
                     tags={"kind": "interpolation", "model": config_a.model,
                           "dataset": config_a.dataset}) as run:
         run.log_params({"run_a": run_a, "run_b": run_b, "points": points})

@@ -62,7 +62,7 @@ class TrainResult:
     history: list[dict[str, float]]
     diverged_epoch: int | None
     model: nn.Module
-    # With a target train loss: the optimizer step at which it was reached (None: missed).
+    # Training to a fit: the optimizer step at which the target was reached (None: missed).
     steps_to_target: int | None
     # Artifacts from the last measured epoch, already logged; kept for plots.
     final_artifacts: dict[str, Any]
