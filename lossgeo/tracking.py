@@ -345,21 +345,25 @@ class Heartbeat:
         self.client, self.run_id = c, run_id
         self.interval = interval or heartbeat_interval()
         self._stop = threading.Event()
-        c.log_batch(run_id, tags=[RunTag(HEARTBEAT_INTERVAL_TAG, f"{self.interval:g}")])
-        self._beat()
+        self._beat(RunTag(HEARTBEAT_INTERVAL_TAG, f"{self.interval:g}"))
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name=f"heartbeat-{run_id[:8]}")
         self._thread.start()
 
-    def _beat(self) -> None:
-        self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time() * 1000)))
+    def _beat(self, *extra: RunTag) -> None:
+        try:
+            self.client.log_batch(self.run_id, tags=[
+                RunTag(HEARTBEAT_TAG, str(int(time.time() * 1000))), *extra])
+        except Exception:
+            # A missed beat is retried at the next interval. Several workers beat a study's
+            # parent; MLflow's SQL store inserts a new tag after looking for it, so two first
+            # beats at once can collide (measured: UniqueViolation on PostgreSQL), and the
+            # other worker's beat refreshed the same tag anyway.
+            pass
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self._beat()
-            except Exception:  # a missed beat is retried at the next interval
-                pass
+            self._beat()
 
     def stop(self) -> None:
         self._stop.set()

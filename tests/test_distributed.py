@@ -166,3 +166,26 @@ def test_killed_worker_trial_is_failed_retried_and_study_completes(mlflow_server
     # the killed trial's MLflow run is marked failed, not left running
     assert MlflowClient().get_run(killed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     check_one_child_run_per_trial(study)
+
+
+def test_two_workers_run_every_point_of_a_designed_grid_once(mlflow_server, tmp_path,
+                                                             fake_data_dir):
+    """sampler: grid on PostgreSQL: each of the 6 points enqueued once and run once though
+    two workers start together; never pruned; the parent ends FINISHED."""
+    storage = create_database(f"optuna_{uuid.uuid4().hex[:8]}")
+    path = tmp_path / "design.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "design", "kind": "sweep", "sampler": "grid", "n_trials": 50,
+        "base": {**TINY_BASE, "epochs": 1, "data_dir": str(fake_data_dir)},
+        "search_space": {"lr": {"choices": {"log_space": [0.01, 0.1, 3]}},
+                         "batch_size": {"choices": [16, 32]}}}))
+    workers = [worker(path, storage, tmp_path, f"g{i}") for i in range(2)]
+    for i, w in enumerate(workers):
+        assert w.wait(timeout=600) == 0, (tmp_path / f"g{i}.log").read_text()[-3000:]
+    study = optuna.load_study(study_name="design", storage=storage)
+    points = sorted((t.params["lr"], t.params["batch_size"]) for t in study.trials)
+    assert points == sorted((lr, b) for lr in (0.01, 0.0316228, 0.1) for b in (16, 32))
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    check_one_child_run_per_trial(study)
+    parent = MlflowClient().get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
