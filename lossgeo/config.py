@@ -57,6 +57,9 @@ class TrainConfig:
     target_check_every: int = _param(
         0, "steps between in-epoch target checks on the probe set, each confirmed on the full "
         "train split (0 = ten per epoch)", _non_negative, ">= 0")
+    eval_every: int = _param(1, "evaluate train/val/test every N epochs (the first and last "
+                             "always; with a target, the train split every epoch)", _positive,
+                             ">= 1")
     measure_every: int = _param(1, "measure curvature/sharpness every N epochs (0 and last always)",
                                 _positive, ">= 1")
     data_dir: str = _param("", "data root (default: $LOSSGEO_DATA_DIR, else ./data)")

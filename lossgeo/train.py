@@ -114,7 +114,8 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: floa
 def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: LossFn,
           logger: RunLogger, measurements: list[Measurement] = (),
           on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Trains with SGD; logs evaluation + scheduled measurements after every epoch.
+    """Trains with SGD; logs evaluation (every `eval_every` epochs) and scheduled
+    measurements.
 
     A non-finite training loss stops training; the epoch is returned as `diverged_epoch`
     and everything computed up to then has been logged. `on_epoch_end` may raise (e.g.
@@ -157,16 +158,30 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
             logger.log_epoch(epoch, metrics)
             history.append({"epoch": float(epoch), **metrics})
             break
-        metrics = evaluation_metrics(model, loss_fn, data)
-        if not math.isfinite(metrics["train_loss"]):
+        # train/val/test on their own schedule (eval_every); the first and the last epoch, and
+        # the point where a target was reached, always in full
+        full = (epoch % config.eval_every == 0 or epoch == config.epochs
+                or target.step is not None)
+        if full:
+            metrics = evaluation_metrics(model, loss_fn, data)
+        elif target.active:  # the end-of-epoch target check needs the train split only
+            metrics = dict(zip(("train_loss", "train_acc"),
+                               evaluate(model, loss_fn, data.train)))
+        else:
+            metrics = {}
+        if "train_loss" in metrics and not math.isfinite(metrics["train_loss"]):
             # The last step of the epoch blew the weights up: as diverged as a NaN batch loss.
             diverged_epoch = epoch
             metrics["diverged_epoch"] = float(epoch)
             logger.log_epoch(epoch, metrics)
             history.append({"epoch": float(epoch), **metrics})
             break
-        target.check_epoch_end(step, metrics["train_loss"], metrics["train_acc"])
+        if "train_loss" in metrics:
+            target.check_epoch_end(step, metrics["train_loss"], metrics["train_acc"])
         is_last = epoch == config.epochs or target.step is not None
+        if is_last and not full:  # reached at this epoch's end: the final point in full
+            metrics = evaluation_metrics(model, loss_fn, data)
+            full = True
         if target.step is not None:
             metrics["steps_to_target"] = float(target.step)
             metrics["epochs_to_target"] = target.step / n_batches
@@ -182,15 +197,17 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
                     logger.log_object(path, obj)
                 if state.is_last:
                     final_artifacts.update(result.artifacts)
-        logger.log_epoch(epoch, metrics)
-        history.append({"epoch": float(epoch), **metrics})
-        epoch_bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}",
-                              test_acc=f"{metrics['test_acc']:.4f}")
-        if epoch_bar.disable:  # not a terminal, so no bar: one line per epoch instead
-            print(epoch_line(epoch, config.epochs, metrics, time.perf_counter() - started),
-                  flush=True)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+        if metrics:  # an epoch neither evaluated nor measured logs nothing
+            logger.log_epoch(epoch, metrics)
+            history.append({"epoch": float(epoch), **metrics})
+        if full:
+            epoch_bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}",
+                                  test_acc=f"{metrics['test_acc']:.4f}")
+            if epoch_bar.disable:  # not a terminal, so no bar: one line per evaluated epoch
+                print(epoch_line(epoch, config.epochs, metrics,
+                                 time.perf_counter() - started), flush=True)
+            if on_epoch_end is not None:  # e.g. pruning on val_loss: evaluated epochs only
+                on_epoch_end(epoch, metrics)
         if is_last:
             break
     epoch_bar.close()

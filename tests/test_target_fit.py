@@ -93,3 +93,41 @@ def test_an_accuracy_target_stops_where_the_accuracy_first_reaches_it(fake_data_
     result = train(config, *prepare(config)[:3], logger)
     assert [e for e, _ in logger.epochs][-1] == first
     assert result.steps_to_target == first * math.ceil(200 / 32)
+
+
+def test_evaluation_on_its_own_schedule(fake_data_dir):
+    config = tiny_config(fake_data_dir, epochs=5, eval_every=2, measure_every=3)
+    seen = []
+
+    def measured(state):
+        seen.append((state.epoch, state.is_last))
+        return MeasurementResult(metrics={"probe_metric": float(state.epoch)})
+    measured.name = "probe"
+    logger = NullLogger()
+    train(config, *prepare(config)[:3], logger, [measured])
+    logged = {e: m for e, m in logger.epochs}
+    assert sorted(logged) == [0, 2, 3, 4, 5]  # evaluated 0, 2, 4, 5 (last); measured 3
+    assert "test_loss" in logged[4] and "test_loss" in logged[5]
+    assert logged[3] == {"probe_metric": 3.0}  # measured, not evaluated
+    assert seen == [(0, False), (3, False), (5, True)]
+    # the trajectory is the same as with evaluation every epoch
+    every = NullLogger()
+    train(tiny_config(fake_data_dir, epochs=5), *prepare(config)[:3], every)
+    assert dict(every.epochs)[4]["train_loss"] == logged[4]["train_loss"]
+
+
+def test_a_target_is_checked_every_epoch_and_the_final_point_evaluated_in_full(fake_data_dir):
+    free = NullLogger()
+    config = tiny_config(fake_data_dir, epochs=4, lr=0.02)
+    train(config, *prepare(config)[:3], free)
+    losses = [m["train_loss"] for _, m in free.epochs]
+    target = (losses[2] + losses[3]) / 2  # reached at the end of epoch 3, an odd epoch
+    config = tiny_config(fake_data_dir, epochs=4, lr=0.02, eval_every=2,
+                         target_train_loss=target, target_check_every=10 ** 6)
+    logger = NullLogger()
+    train(config, *prepare(config)[:3], logger)
+    logged = dict(logger.epochs)
+    assert list(logged) == [0, 1, 2, 3]
+    assert set(logged[1]) == {"train_loss", "train_acc"}  # the target check's train split
+    assert logged[1]["train_loss"] == losses[1] and "test_loss" in logged[2]
+    assert logged[3]["test_loss"] == free.epochs[3][1]["test_loss"]  # the final point, in full
