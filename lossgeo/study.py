@@ -27,6 +27,7 @@ import pandas as pd
 from . import analysis, plots
 from .errors import UserInputError
 from .experiment import prepare, run_training
+from .periodic import Periodic
 from .statistics import cell_summary, study_verdicts
 from .studyfile import StudySpec
 from .tracking import (END_REASON_TAG, PARENT_TAG, Heartbeat, TrackedRun, client, experiment_id,
@@ -252,20 +253,11 @@ CLAIMED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval: int):
-    """Records a heartbeat every `interval` s until the returned event is set."""
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(interval):
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception:  # a missed beat is retried at the next interval
-                pass
-
+def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval: int) -> Periodic:
+    """Records the trial's heartbeat now and every `interval` s until `stop()`."""
     storage.record_heartbeat(trial_id)
-    threading.Thread(target=beat, daemon=True).start()
-    return stop
+    return Periodic(lambda: storage.record_heartbeat(trial_id), interval,
+                    name=f"trial-heartbeat-{trial_id}")
 
 
 def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
@@ -318,7 +310,7 @@ def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock:
         else:
             study.tell(trial, value)
         finally:
-            beat.set()
+            beat.stop()
 
 
 def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | None = None,

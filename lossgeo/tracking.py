@@ -12,7 +12,6 @@ import io
 import math
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from .errors import UserInputError
+from .periodic import Periodic
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -344,11 +344,8 @@ class Heartbeat:
     def __init__(self, c: MlflowClient, run_id: str, interval: float | None = None) -> None:
         self.client, self.run_id = c, run_id
         self.interval = interval or heartbeat_interval()
-        self._stop = threading.Event()
         self._beat(RunTag(HEARTBEAT_INTERVAL_TAG, f"{self.interval:g}"))
-        self._thread = threading.Thread(target=self._loop, daemon=True,
-                                        name=f"heartbeat-{run_id[:8]}")
-        self._thread.start()
+        self._periodic = Periodic(self._beat, self.interval, name=f"heartbeat-{run_id[:8]}")
 
     def _beat(self, *extra: RunTag) -> None:
         try:
@@ -361,13 +358,8 @@ class Heartbeat:
             # other worker's beat refreshed the same tag anyway.
             pass
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._beat()
-
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._periodic.stop()
 
 
 def end_stale_runs(experiments: Iterable[str] | None = None,
