@@ -434,12 +434,14 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
         f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
         "and tags.study_kind = 'grid'", order_by=["attributes.start_time ASC"], max_results=1)
     if existing:
+        finished = c.search_runs([experiment_id(experiment, c)],
+                                 f"tags.`{PARENT_TAG}` = '{existing[0].info.run_id}' and "
+                                 "attributes.status = 'FINISHED'", max_results=50000)
+        done = {(r.data.tags.get("model"), r.data.tags.get("regime"), r.data.tags.get("seed"))
+                for r in finished}
+        _check_same_settings(spec.name, finished, configs)
         parent = TrackedRun(run_id=existing[0].info.run_id, tags=tags)
         c.update_run(parent.run_id, status="RUNNING")
-        done = {(r.data.tags.get("model"), r.data.tags.get("regime"), r.data.tags.get("seed"))
-                for r in c.search_runs([experiment_id(experiment, c)],
-                                       f"tags.`{PARENT_TAG}` = '{parent.run_id}' and "
-                                       "attributes.status = 'FINISHED'", max_results=50000)}
         worker = _launcher_as_worker(parent.run_id, spec.name)
     else:
         parent = TrackedRun(experiment=experiment, run_name=f"grid-{spec.name}", tags=tags)
@@ -457,6 +459,33 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
                                "lossgeo_study": spec.name, "lossgeo_role": "cell"})
         summarise(parent.run_id)
     return parent.run_id
+
+
+def _check_same_settings(study: str, finished: list, configs: dict) -> None:
+    """Resuming must not mix settings in one study: a finished (cell, seed) whose logged
+    training parameters differ from what the study file says now is refused, before
+    anything runs."""
+    import dataclasses
+
+    from .experiment import config_from_params
+
+    keyed = [((r.data.tags.get("model"), r.data.tags.get("regime"),
+               int(r.data.tags.get("seed", -1))), r) for r in finished
+             if r.data.tags.get("model") and r.data.tags.get("regime")]
+    keyed.sort(key=lambda pair: pair[0])
+    for key, run in keyed:  # in cell order, so the message names the first cell
+        if key not in configs:
+            continue
+        logged, wanted = config_from_params(run.data.params), configs[key]
+        for f in dataclasses.fields(wanted):
+            if f.name in ("data_dir", "experiment"):
+                continue  # where the data and runs live, not how a run trains
+            if getattr(logged, f.name) != getattr(wanted, f.name):
+                raise UserInputError(
+                    f"study: {study} already has a finished run of {key[0]}/{key[1]} seed "
+                    f"{key[2]} with {f.name}={getattr(logged, f.name)!r}; the file now says "
+                    f"{getattr(wanted, f.name)!r}. Give the study a new name (or use a fresh "
+                    "store), so that one study never mixes settings")
 
 
 # -- after a study ------------------------------------------------------------------------

@@ -357,3 +357,18 @@ def test_a_designed_sweep_grid_is_never_pruned(tmp_path, fake_data_dir):
     with pytest.raises(UserInputError, match="pruner: a designed grid"):
         load_study_file(write_study(tmp_path, fake_data_dir, sampler="grid",
                                     search_space=space, pruner="median"))
+
+
+def test_resuming_a_grid_with_other_settings_is_refused(tmp_path, tracking, fake_data_dir):
+    path = grid_file(tmp_path, fake_data_dir, [0])
+    parent = run_grid(load_study_file(path))
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["epochs"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(cli, ["grid", "--study", str(path)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "already has a finished run of mlp/high-noise seed 0 with epochs=2" in result.stderr
+    client = MlflowClient()
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 2 and client.get_run(parent).info.status == "FINISHED"
