@@ -426,20 +426,22 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
                                                   seed=seed, **values)
                for model in spec.models for regime, values in spec.regimes.items()
                for seed in spec.seeds}
-    prepared = {key: prepare(config) for key, config in configs.items()}  # validate all first
+    for config in configs.values():
+        # validate every cell before anything runs; the data are not kept, since a grid of
+        # cells x seeds would hold one copy per cell (each cell loads its own when it runs)
+        prepare(config)
     c = client()
+    exp_id = experiment_id(experiment, c)
     tags = {"lossgeo_study": spec.name, "lossgeo_role": "parent", "study_kind": "grid"}
     existing = c.search_runs(
-        [experiment_id(experiment, c)],
-        f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
+        [exp_id], f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
         "and tags.study_kind = 'grid'", order_by=["attributes.start_time ASC"], max_results=1)
     if existing:
-        finished = c.search_runs([experiment_id(experiment, c)],
-                                 f"tags.`{PARENT_TAG}` = '{existing[0].info.run_id}' and "
-                                 "attributes.status = 'FINISHED'", max_results=50000)
-        done = {(r.data.tags.get("model"), r.data.tags.get("regime"), r.data.tags.get("seed"))
-                for r in finished}
+        finished = {_cell_key(r): r for r in c.search_runs(
+            [exp_id], f"tags.`{PARENT_TAG}` = '{existing[0].info.run_id}' and "
+            "attributes.status = 'FINISHED'", max_results=50000)}
         _check_same_settings(spec.name, finished, configs)
+        done = set(finished)
         parent = TrackedRun(run_id=existing[0].info.run_id, tags=tags)
         c.update_run(parent.run_id, status="RUNNING")
         worker = _launcher_as_worker(parent.run_id, spec.name)
@@ -451,32 +453,31 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
                            "regimes": ",".join(spec.regimes),
                            "seeds": ",".join(map(str, spec.seeds))})
         for (model, regime, seed), config in configs.items():
-            if (model, regime, str(seed)) in done:
+            if (model, regime, seed) in done:
                 continue
             run_training(config, parent_run_id=parent.run_id,
-                         prepared=prepared[(model, regime, seed)],
                          tags={"regime": regime, "cell": f"{model}/{regime}", "seed": str(seed),
                                "lossgeo_study": spec.name, "lossgeo_role": "cell"})
         summarise(parent.run_id)
     return parent.run_id
 
 
-def _check_same_settings(study: str, finished: list, configs: dict) -> None:
+def _cell_key(run) -> tuple[str | None, str | None, int]:
+    """(model, regime, seed) of a grid's child run, from its tags."""
+    tags = run.data.tags
+    return tags.get("model"), tags.get("regime"), int(tags.get("seed", -1))
+
+
+def _check_same_settings(study: str, finished: dict, configs: dict) -> None:
     """Resuming must not mix settings in one study: a finished (cell, seed) whose logged
     training parameters differ from what the study file says now is refused, before
-    anything runs."""
+    anything runs. `finished`: (model, regime, seed) -> run."""
     import dataclasses
 
     from .experiment import config_from_params
 
-    keyed = [((r.data.tags.get("model"), r.data.tags.get("regime"),
-               int(r.data.tags.get("seed", -1))), r) for r in finished
-             if r.data.tags.get("model") and r.data.tags.get("regime")]
-    keyed.sort(key=lambda pair: pair[0])
-    for key, run in keyed:  # in cell order, so the message names the first cell
-        if key not in configs:
-            continue
-        logged, wanted = config_from_params(run.data.params), configs[key]
+    for key in sorted(k for k in finished if k in configs):  # the message names the first
+        logged, wanted = config_from_params(finished[key].data.params), configs[key]
         for f in dataclasses.fields(wanted):
             if f.name in ("data_dir", "experiment"):
                 continue  # where the data and runs live, not how a run trains
