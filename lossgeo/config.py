@@ -62,6 +62,10 @@ class TrainConfig:
                              ">= 1")
     measure_every: int = _param(1, "measure curvature/sharpness every N epochs (0 and last always)",
                                 _positive, ">= 1")
+    measure_every_steps: int = _param(
+        0, "per-step tracking: every N optimizer steps, lambda_max (warm-started), batch "
+        "sharpness, gradient alignment and edge ratios on the probe set, logged as "
+        "step/<name> at the global step (0 = off)", _non_negative, ">= 0")
     data_dir: str = _param("", "data root (default: $LOSSGEO_DATA_DIR, else ./data)")
     device: str = _param("auto", "compute device", choices=DEVICES)
     loss: str = _param("cross_entropy", "training loss", choices=LOSSES)

@@ -120,6 +120,12 @@ class _Recorder:
         self.run.log_epoch(epoch, metrics)
         self.history.append({"epoch": epoch, **metrics})
 
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.run.log_metrics(metrics, step=step)
+
+    def set_tags(self, tags: dict) -> None:
+        self.run.set_tags(tags)
+
     def log_object(self, path: str, obj) -> None:
         self.run.log_object(path, obj)
 

@@ -42,3 +42,28 @@ def detect_spikes(history: pd.DataFrame, factor: float = 2.0) -> list[Spike]:
             spikes.append(Spike(int(row["epoch"]), "; ".join(reasons)))
         previous = row
     return spikes
+
+
+class OnlineSpikeDetector:
+    """The same rule on a series as it is measured (per-step tracking): `update` returns the
+    reason when this measurement is a spike (lambda_max above `factor` times the previous
+    one, or edge_ratio crossing 1 from below), else None. Per measurement, not per step:
+    measurements a fixed number of steps apart are the unit a fine-tuning user watches."""
+
+    def __init__(self, factor: float = 2.0) -> None:
+        if factor <= 1:
+            raise ValueError(f"factor: must be > 1 (got {factor})")
+        self.factor = factor
+        self._previous: tuple[float, float | None] | None = None
+
+    def update(self, step: int, lambda_max: float, edge_ratio: float | None = None
+               ) -> str | None:
+        reasons = []
+        if self._previous is not None:
+            last_lambda, last_edge = self._previous
+            if last_lambda > 0 and lambda_max > self.factor * last_lambda:
+                reasons.append(f"lambda_max x{lambda_max / last_lambda:.2f}")
+            if edge_ratio is not None and last_edge is not None and last_edge < 1 <= edge_ratio:
+                reasons.append(f"edge_ratio crossed 1 ({edge_ratio:.2f})")
+        self._previous = (lambda_max, edge_ratio)
+        return "; ".join(reasons) or None

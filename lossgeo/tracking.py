@@ -231,6 +231,20 @@ def _stringify(value: Any) -> str:
     return str(value)
 
 
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _log_bytes(c: MlflowClient, run_id: str, path: str, data: bytes) -> None:
+    directory, name = os.path.split(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / name
+        local.write_bytes(data)
+        c.log_artifact(run_id, str(local), artifact_path=directory or None)
+
+
 class TrackedRun:
     """One MLflow run; a context manager that ends it FINISHED, FAILED or KILLED.
 
@@ -316,16 +330,10 @@ class TrackedRun:
 
     def log_object(self, path: str, obj: Any) -> None:
         """Saves a torch-serialisable object (dict of tensors, state_dict) as artifact `path`."""
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        self.log_bytes(path, buffer.getvalue())
+        self.log_bytes(path, _torch_bytes(obj))
 
     def log_bytes(self, path: str, data: bytes) -> None:
-        directory, name = os.path.split(path)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / name
-            local.write_bytes(data)
-            self.client.log_artifact(self.run_id, str(local), artifact_path=directory or None)
+        _log_bytes(self.client, self.run_id, path, data)
 
     def log_text(self, path: str, text: str) -> None:
         self.client.log_text(self.run_id, text, path)
@@ -422,3 +430,45 @@ def search_runs(experiment_names: Iterable[str] | None = None, filter_string: st
                               experiment_ids=list(experiment_ids) if experiment_ids else None,
                               filter_string=filter_string, output_format="pandas",
                               max_results=100000)
+
+
+class ActiveRunLogger:
+    """Logs into the caller's active MLflow run (`with mlflow.start_run():` in their own
+    code), on the tracking URI they set; without an active run nothing is logged (the
+    Tracker still returns its metrics). The run is looked up at every call, so a Tracker
+    made before `mlflow.start_run` logs into it."""
+
+    def _run_id(self) -> str | None:
+        run = mlflow.active_run()
+        return None if run is None else run.info.run_id
+
+    @property
+    def active(self) -> bool:
+        return self._run_id() is not None
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        run_id = self._run_id()
+        if run_id is None:
+            return
+        c = MlflowClient()
+        for batch in _metric_batches(metrics, step, int(time.time() * 1000)):
+            c.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        run_id = self._run_id()
+        if run_id is not None:
+            MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_object(self, path: str, obj: Any) -> None:
+        run_id = self._run_id()
+        if run_id is None:
+            return
+        _log_bytes(MlflowClient(), run_id, path, _torch_bytes(obj))
+
+    def describe(self) -> str:
+        """Where the metrics went, for the user's log."""
+        run = mlflow.active_run()
+        if run is None:
+            return "no active MLflow run: nothing logged"
+        return (f"MLflow run {run.info.run_id} in experiment {run.info.experiment_id} "
+                f"at {mlflow.get_tracking_uri()}")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .data import DataBundle, Split
 from .losses import LossFn
+from .tracker import Tracker
 
 
 @dataclass
@@ -53,6 +54,11 @@ class Measurement(Protocol):
 
 class RunLogger(Protocol):
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Per-step metrics (measure_every_steps), at the global step."""
+
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
 
     def log_object(self, path: str, obj: Any) -> None: ...
 
@@ -131,6 +137,11 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
     diverged_epoch: int | None = None
     n_batches = math.ceil(len(data.train) / config.batch_size)
     target = TargetCheck(config, n_batches, model, loss_fn, data)
+    # one measuring path for every loop: lossgeo's own uses the public Tracker
+    tracker = Tracker(model, loss_fn, (data.probe.x, data.probe.y),
+                      every_steps=config.measure_every_steps, optimizer=optimizer,
+                      batch_size=config.batch_size, epoch_measurements=measurements,
+                      logger=logger, seed=config.seed)
     step = 0
 
     epoch_bar = tqdm(range(config.epochs + 1), desc="epochs", disable=None)
@@ -150,6 +161,8 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
                 loss.backward()
                 optimizer.step()
                 step += 1
+                if tracker.due(step):
+                    tracker.step(step, loss=float(loss))
                 if target.due(step) and target.reached_within_epoch(step):
                     break  # the fit is reached mid-epoch: this (partial) epoch is the last
             batch_bar.close()
@@ -190,13 +203,11 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
             state = EpochState(epoch=epoch, is_last=is_last, model=model,
                                loss_fn=loss_fn, data=data, config=config,
                                trajectory=trajectory, metrics=metrics)
-            for measurement in measurements:
-                result = measurement(state)
-                metrics.update(result.metrics)
-                for path, obj in result.artifacts.items():
-                    logger.log_object(path, obj)
-                if state.is_last:
-                    final_artifacts.update(result.artifacts)
+            _, artifacts = tracker.measure_epoch(state)  # updates `metrics` (state.metrics)
+            for path, obj in artifacts.items():
+                logger.log_object(path, obj)
+            if state.is_last:
+                final_artifacts.update(artifacts)
         if metrics:  # an epoch neither evaluated nor measured logs nothing
             logger.log_epoch(epoch, metrics)
             history.append({"epoch": float(epoch), **metrics})

@@ -12,6 +12,7 @@ from lossgeo.curvature import (EmpiricalFisherOperator, curvature_eigen, GGNOper
                                hessian_trace, layerwise_lambda_max, spectral_density)
 from lossgeo.curvature import HessianBlockOperator
 from lossgeo.curvature.lanczos import lanczos_extremes
+from lossgeo.curvature.linear import MatrixOperator
 from lossgeo.curvature.operators import ParameterSpace
 from lossgeo.curvature.trace import _rademacher, hutchinson
 from lossgeo.losses import cross_entropy, half_squared_error
@@ -153,17 +154,15 @@ def test_deflated_hutchinson_takes_the_ritz_part_exactly():
     model, (x, y) = tiny_mlp(seed=5, hidden=8), toy_data(n=12)
     H = exact_hessian(model, cross_entropy, x, y)
     evals, evecs = torch.linalg.eigh(H)
-    n = H.shape[0]
     exact = float(torch.trace(H))
-    matvec = lambda v: H @ v  # noqa: E731
+    op = MatrixOperator(H)
     # all eigenvectors: nothing is left to sample, the estimate is the exact trace
-    full = hutchinson(matvec, n, 4, dtype=torch.float64, deflation=(evals, evecs.T))
+    full = hutchinson(op, 4, deflation=(evals, evecs.T))
     assert full.value == pytest.approx(exact, rel=1e-10) and full.stderr < 1e-10
     # the top 3 by magnitude: unbiased (within 3 SE) and a smaller standard error
     order = evals.abs().argsort(descending=True)[:3]
-    plain = hutchinson(matvec, n, 200, dtype=torch.float64, seed=3)
-    deflated = hutchinson(matvec, n, 200, dtype=torch.float64, seed=3,
-                          deflation=(evals[order], evecs.T[order]))
+    plain = hutchinson(op, 200, seed=3)
+    deflated = hutchinson(op, 200, seed=3, deflation=(evals[order], evecs.T[order]))
     assert abs(deflated.value - exact) <= 3 * deflated.stderr
     assert deflated.stderr < plain.stderr
     assert deflated.method == "hutchinson-deflated-3" and deflated.n_hvp == 200
@@ -184,9 +183,9 @@ def test_secondary_tolerances_stop_earlier_and_hold():
     H = exact_hessian(model, cross_entropy, x, y)
     exact = torch.linalg.eigvalsh(H)
     op = HessianOperator(model, cross_entropy, (x, y))
-    kw = dict(k_top=3, k_bottom=1, tol=1e-8, dtype=torch.float64)
-    tight_top, tight_bottom = lanczos_extremes(op.matvec, op.dim, **kw)
-    top, bottom = lanczos_extremes(op.matvec, op.dim, rest_tol=1e-2, bottom_tol=1e-3,
+    kw = dict(k_top=3, k_bottom=1, tol=1e-8)
+    tight_top, tight_bottom = lanczos_extremes(op, **kw)
+    top, bottom = lanczos_extremes(op, rest_tol=1e-2, bottom_tol=1e-3,
                                    bottom_scale="spectrum", **kw)
     assert top.n_hvp < tight_top.n_hvp
     assert abs(float(top.values[0]) / float(exact[-1]) - 1) <= 1e-8
@@ -195,7 +194,7 @@ def test_secondary_tolerances_stop_earlier_and_hold():
     assert abs(float(bottom.values[0]) - float(exact[0])) <= 1e-3 * float(exact[-1])
     assert top.all_converged and bottom.all_converged
     with pytest.raises(ValueError, match="bottom_scale"):
-        lanczos_extremes(op.matvec, op.dim, bottom_scale="absolute", **kw)
+        lanczos_extremes(op, bottom_scale="absolute", **kw)
 
 
 def test_hessian_block_shares_the_graph_and_equals_the_exact_block():

@@ -18,13 +18,19 @@ EVAL_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "
 
 class NullLogger:
     def __init__(self):
-        self.epochs, self.objects = [], {}
+        self.epochs, self.objects, self.steps, self.tags = [], {}, [], {}
 
     def log_epoch(self, epoch, metrics):
         self.epochs.append((epoch, dict(metrics)))
 
     def log_object(self, path, obj):
         self.objects[path] = obj
+
+    def log_metrics(self, metrics, step=0):
+        self.steps.append((step, dict(metrics)))
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
 
 
 def test_schedule_always_has_first_and_last():

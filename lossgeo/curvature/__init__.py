@@ -38,10 +38,6 @@ __all__ = [
 ]
 
 
-def _solver_kwargs(op: CurvatureOperator) -> dict:
-    return {"dtype": op.dtype, "device": op.device}
-
-
 def curvature_eigen(model: nn.Module, loss_fn: LossFn, data: DataSource, k: int = 1,
                     which: str = "LA", method: str = "lanczos", tol: float = 1e-4,
                     max_iter: int = 100, *, matrix: str = "hessian", seed: int = 0,
@@ -60,14 +56,12 @@ def curvature_eigen(model: nn.Module, loss_fn: LossFn, data: DataSource, k: int 
         if which != "LA":
             raise ValueError("which: power iteration finds the largest-magnitude eigenvalues "
                              "only; use method='lanczos' for 'SA'")
-        return power_iteration(op.matvec, op.dim, k=k, tol=tol, max_iter=max_iter, seed=seed,
-                               **_solver_kwargs(op))
+        return power_iteration(op, k=k, tol=tol, max_iter=max_iter, seed=seed)
     if method != "lanczos":
         raise ValueError(f"method: must be 'lanczos' or 'power' (got {method!r})")
-    top, bottom = lanczos_extremes(op.matvec, op.dim, k_top=k if which == "LA" else 0,
+    top, bottom = lanczos_extremes(op, k_top=k if which == "LA" else 0,
                                    k_bottom=k if which == "SA" else 0, tol=tol,
-                                   max_iter=max_iter, seed=seed, verify=verify,
-                                   **_solver_kwargs(op))
+                                   max_iter=max_iter, seed=seed, verify=verify)
     return top if which == "LA" else bottom
 
 
@@ -85,8 +79,8 @@ def hessian_extremes(model: nn.Module, loss_fn: LossFn, data: DataSource, k: int
                      ) -> tuple[EigenResult, EigenResult]:
     """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method)
-    top, bottom = lanczos_extremes(op.matvec, op.dim, k_top=k, k_bottom=1, tol=tol,
-                                   max_iter=max_iter, seed=seed, **_solver_kwargs(op))
+    top, bottom = lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter,
+                                   seed=seed)
     return top, bottom
 
 
@@ -97,7 +91,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: DataSource,
     if method not in estimators:
         raise ValueError(f"method: must be 'hutchinson' or 'hutch++' (got {method!r})")
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method)
-    return estimators[method](op.matvec, op.dim, n_samples, seed=seed, **_solver_kwargs(op))
+    return estimators[method](op, n_samples, seed=seed)
 
 
 def spectral_density(model: nn.Module, loss_fn: LossFn, data: DataSource, n_steps: int = 100,
@@ -105,8 +99,8 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: DataSource, n_step
                      seed: int = 0, chunk_size: int | str | None = "auto",
                      hvp_method: str = "graph") -> DensityResult:
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method)
-    return slq_density(op.matvec, op.dim, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma,
-                       grid_size=grid_size, seed=seed, **_solver_kwargs(op))
+    return slq_density(op, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma,
+                       grid_size=grid_size, seed=seed)
 
 
 def layerwise_lambda_max(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
@@ -118,9 +112,8 @@ def layerwise_lambda_max(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
     results = {}
     for layer, names in parameter_blocks(model).items():
         block = HessianBlockOperator(op, names)
-        results[layer], _ = lanczos_extremes(block.matvec, block.dim, k_top=1, tol=tol,
-                                             max_iter=max_iter, seed=seed,
-                                             **_solver_kwargs(block))
+        results[layer], _ = lanczos_extremes(block, k_top=1, tol=tol, max_iter=max_iter,
+                                             seed=seed)
     return results
 
 

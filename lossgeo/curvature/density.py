@@ -10,21 +10,19 @@ For each random unit vector v, m Lanczos steps give nodes :math:`\theta_j` and w
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 
 from .lanczos import lanczos_tridiagonal
+from .linear import LinearOperator
 from .results import DensityResult
 
-MatVec = Callable[[torch.Tensor], torch.Tensor]
 
-
-def slq_density(matvec: MatVec, n: int, *, n_steps: int = 100, n_vectors: int = 1,
-                grid_size: int = 1000, sigma: float | None = None, seed: int = 0,
-                dtype: torch.dtype = torch.float32, device="cpu") -> DensityResult:
+def slq_density(op: LinearOperator, *, n_steps: int = 100, n_vectors: int = 1,
+                grid_size: int = 1000, sigma: float | None = None, seed: int = 0
+                ) -> DensityResult:
     """sigma defaults to 1% of the spectrum's estimated range."""
+    matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
     if n_steps < 1 or n_vectors < 1:
         raise ValueError("n_steps and n_vectors: must be >= 1")
     gen = torch.Generator().manual_seed(seed)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from .linear import LinearOperator
 from .results import EigenResult
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
@@ -65,11 +66,11 @@ def _ritz_converged(beta: float, s: np.ndarray, theta: np.ndarray, idx: np.ndarr
     return (error <= tol * scale) & (residual <= np.sqrt(tol) * scale)
 
 
-def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 0,
+def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
                      tol: float = 1e-4, bottom_tol: float | None = None,
                      rest_tol: float | None = None, bottom_scale: str = "value",
                      max_iter: int = 100, seed: int = 0, verify: bool = False,
-                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+                     start: torch.Tensor | None = None, min_steps: int | None = None
                      ) -> tuple[EigenResult | None, EigenResult | None]:
     """The k_top largest and k_bottom smallest (algebraic) eigenpairs of a symmetric operator
     from one Lanczos run. Returns (top, bottom); either is None when not asked for.
@@ -82,7 +83,13 @@ def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 
     small size costs many products (35 of 52 for a trained MNIST MLP). Residuals are the
     Lanczos ones, beta |s_mi|; verify=True recomputes ||A v - theta v|| with one product
     per pair.
+
+    start: (m, n) or (n,) vectors to start from instead of a random vector (a warm start:
+    their normalised sum, so a Krylov space of m steps spans them when they are nearly
+    invariant); min_steps (default k_top + k_bottom + 1): products before the stopping test
+    may end the run.
     """
+    matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
     bottom_tol = tol if bottom_tol is None else bottom_tol
     rest_tol = tol if rest_tol is None else rest_tol
     if bottom_scale not in ("value", "spectrum"):
@@ -91,7 +98,15 @@ def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 
         raise ValueError("k: ask for at least one eigenpair")
     if k_top + k_bottom > n:
         raise ValueError(f"k: at most the dimension {n} eigenpairs (got {k_top + k_bottom})")
-    steps = _lanczos_steps(matvec, _start_vector(n, dtype, device, seed), min(max_iter, n))
+    if start is None:
+        q0 = _start_vector(n, dtype, device, seed)
+    else:
+        q0 = start.reshape(-1, n).to(dtype=dtype, device=device).sum(dim=0)
+        if not torch.isfinite(q0).all() or float(q0.norm()) == 0.0:
+            raise ValueError("start: the start vectors sum to zero or are not finite")
+        q0 = q0 / q0.norm()
+    min_steps = k_top + k_bottom + 1 if min_steps is None else min_steps
+    steps = _lanczos_steps(matvec, q0, min(max_iter, n))
     def group_flags_now(beta, s, theta, top, bottom):
         floor = float(np.abs(theta).max()) if bottom_scale == "spectrum" else 0.0
         return (np.concatenate([_ritz_converged(beta, s, theta, top[:1], tol),
@@ -103,7 +118,7 @@ def lanczos_extremes(matvec: MatVec, n: int, *, k_top: int = 1, k_bottom: int = 
         top, bottom = _wanted(theta, k_top, k_bottom)
         invariant = _invariant(beta, alphas)
         flags = group_flags_now(beta, s, theta, top, bottom)
-        if len(alphas) >= k_top + k_bottom + 1 and all(f.all() for f in flags):
+        if len(alphas) >= min_steps and all(f.all() for f in flags):
             break
     n_hvp = len(alphas)
     results: list[EigenResult | None] = []
@@ -179,11 +194,11 @@ def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarr
     return eigh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
 
 
-def power_iteration(matvec: MatVec, n: int, *, k: int = 1, tol: float = 1e-3,
-                    max_iter: int = 100, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> EigenResult:
+def power_iteration(op: LinearOperator, *, k: int = 1, tol: float = 1e-3,
+                    max_iter: int = 100, seed: int = 0) -> EigenResult:
     """Power iteration with deflation, as in PyHessian (stops when the eigenvalue estimate
     changes by less than tol relative). Finds the k eigenvalues largest in *magnitude*."""
+    matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
     if not 1 <= k <= n:
         raise ValueError(f"k: must be in [1, {n}] (got {k})")
     values: list[float] = []

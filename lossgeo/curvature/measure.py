@@ -49,18 +49,15 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
     start = time.perf_counter()
     s = settings
     op = HessianOperator(model, loss_fn, data, chunk_size=s.chunk_size)
-    kw = {"dtype": op.dtype, "device": op.device}
     k = min(s.k, op.dim - 1)
     # lambda_max to tol; lambda_2..k and lambda_min (against lambda_max) to secondary_tol
-    top, bottom = lanczos_extremes(op.matvec, op.dim, k_top=k, k_bottom=1, tol=s.tol,
+    top, bottom = lanczos_extremes(op, k_top=k, k_bottom=1, tol=s.tol,
                                    rest_tol=s.secondary_tol, bottom_tol=s.secondary_tol,
-                                   bottom_scale="spectrum", max_iter=s.max_iter, seed=s.seed,
-                                   **kw)
+                                   bottom_scale="spectrum", max_iter=s.max_iter, seed=s.seed)
     if cache is not None:
         cache["hessian_top"] = top
     # the top-k Ritz pairs carry much of Hutchinson's variance: take their part exactly
-    trace = hutchinson(op.matvec, op.dim, s.trace_samples, seed=s.seed,
-                       deflation=(top.values, top.vectors), **kw)
+    trace = hutchinson(op, s.trace_samples, seed=s.seed, deflation=(top.values, top.vectors))
     lambda_max = float(top.values[0])
     metrics: dict[str, float] = {
         "lambda_max": lambda_max,
@@ -80,19 +77,19 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
     n_hvp = top.n_hvp + trace.n_hvp
     for name, cls in (("ggn", GGNOperator), ("fisher", EmpiricalFisherOperator)):
         other = cls(model, loss_fn, data, chunk_size=s.chunk_size)
-        result, _ = lanczos_extremes(other.matvec, other.dim, k_top=1, tol=s.secondary_tol,
-                                     max_iter=s.max_iter, seed=s.seed, **kw)
+        result, _ = lanczos_extremes(other, k_top=1, tol=s.secondary_tol,
+                                     max_iter=s.max_iter, seed=s.seed)
         metrics[f"lambda_max_{name}"] = float(result.values[0])
         n_hvp += result.n_hvp
     for layer, names in parameter_blocks(model).items():
         block = HessianBlockOperator(op, names)
-        result, _ = lanczos_extremes(block.matvec, block.dim, k_top=1, tol=s.secondary_tol,
-                                     max_iter=s.max_iter, seed=s.seed, **kw)
+        result, _ = lanczos_extremes(block, k_top=1, tol=s.secondary_tol,
+                                     max_iter=s.max_iter, seed=s.seed)
         metrics[f"lambda_max/{layer}"] = float(result.values[0])
         n_hvp += result.n_hvp
     artifacts: dict[str, object] = {}
     if final:
-        density = slq_density(op.matvec, op.dim, n_steps=s.density_steps, seed=s.seed, **kw)
+        density = slq_density(op, n_steps=s.density_steps, seed=s.seed)
         n_hvp += density.n_hvp
         artifacts["spectrum/eigen.pt"] = {
             "values": top.values, "vectors": top.vectors.cpu(), "residuals": top.residuals,

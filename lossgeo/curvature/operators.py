@@ -20,129 +20,57 @@ are left exactly as they were.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Batch = tuple[torch.Tensor, torch.Tensor]
-DataSource = Batch | Iterable[Batch]
+from .batches import (AnyLossFn, Batch, DataSource, LossFn, LossForm, Objective,  # noqa: F401
+                      activation_bytes_per_sample, as_batches, auto_chunk_size, eval_mode)
+from .params import ParameterSpace
 
 HVP_METHODS = ("graph", "fwdrev")
 
 
-def activation_bytes_per_sample(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of all leaf-module outputs for one sample (one no-grad eval forward pass)."""
-    total = [0]
-
-    def hook(_module, _inputs, output):
-        if isinstance(output, torch.Tensor):
-            total[0] += output.numel() * output.element_size()
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return max(total[0], 1)
-
-
-def auto_chunk_size(model: nn.Module, x: torch.Tensor, budget_bytes: int = 48 * 2 ** 20) -> int:
-    """Largest power-of-two chunk whose activations fit the budget (at least 64 samples).
-
-    Measured on CPU (benchmarks/bench_curvature.py): one chunk of 2048 is fastest for the
-    MNIST MLP, chunks of 512 for the CNN, whose conv activations otherwise spill the caches.
-    """
-    per_sample = activation_bytes_per_sample(model, x)
-    chunk = 64
-    while chunk * 2 * per_sample <= budget_bytes and chunk < len(x):
-        chunk *= 2
-    return chunk
-
-
-def as_batches(data: DataSource, chunk_size: int | None = None) -> list[Batch]:
-    """One (x, y) tuple or an iterable of them -> a list of batches of at most chunk_size."""
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        batches = [data]
-    else:
-        batches = [(x, y) for x, y in data]
-    if not batches:
-        raise ValueError("data: no batches given")
-    if chunk_size:
-        batches = [(x[i:i + chunk_size], y[i:i + chunk_size])
-                   for x, y in batches for i in range(0, len(y), chunk_size)]
-    return batches
+def _needs_math_attention(error: RuntimeError) -> bool:
+    """Double backward (or forward-over-reverse) through a fused scaled_dot_product_attention
+    kernel (flash / memory-efficient) is not implemented in PyTorch; its math backend is."""
+    text = str(error).lower()
+    return ("attention" in text or "sdpa" in text) and (
+        "not implemented" in text or "derivative" in text)
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then each submodule's own flag restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+def math_attention() -> Iterator[None]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
         yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-class ParameterSpace:
-    """Flattening between a dict of named parameters and one vector."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str] | None = None) -> None:
-        named = dict(model.named_parameters())
-        self.names = list(names) if names is not None else [
-            n for n, p in named.items() if p.requires_grad]
-        unknown = [n for n in self.names if n not in named]
-        if unknown:
-            raise ValueError(f"params: unknown parameter names {unknown}")
-        # Detached copies: measurements never touch the model's tensors or their .grad.
-        self.values = {n: named[n].detach().clone() for n in self.names}
-        self.frozen = {n: p.detach() for n, p in named.items() if n not in self.values}
-        self.shapes = [self.values[n].shape for n in self.names]
-        self.sizes = [self.values[n].numel() for n in self.names]
-        self.dim = sum(self.sizes)
-        first = self.values[self.names[0]]
-        self.dtype, self.device = first.dtype, first.device
-
-    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
-        items = [tensors[n] for n in self.names] if isinstance(tensors, dict) else tensors
-        return torch.cat([t.reshape(-1) for t in items])
-
-    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        chunks = torch.split(vector, self.sizes)
-        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
-
-    def slices(self) -> dict[str, slice]:
-        out, start = {}, 0
-        for n, size in zip(self.names, self.sizes):
-            out[n] = slice(start, start + size)
-            start += size
-        return out
 
 
 class CurvatureOperator:
-    """A symmetric n x n curvature matrix, applied to flat vectors."""
+    """A symmetric n x n curvature matrix, applied to flat vectors (`op @ v` or
+    `op.matvec(v)`); `dim`, `dtype`, `device` describe the space, `n_matvec` counts products.
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource, *,
-                 params: Sequence[str] | None = None,
-                 chunk_size: int | str | None = "auto") -> None:
-        """chunk_size: samples per forward/backward chunk; "auto" sizes chunks by the
-        model's activation memory, None keeps the batches as given."""
+    A model that calls scaled_dot_product_attention gets its products under the math
+    attention backend once a fused kernel refuses double backward (`math_attention` is then
+    True; the product is redone, nothing is lost)."""
+
+    def __init__(self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *,
+                 params: Sequence[str] | str | None = None,
+                 chunk_size: int | str | None = "auto", loss_form: LossForm = "auto",
+                 batch_size: Callable[[Any], int] | None = None) -> None:
+        """chunk_size: samples per forward/backward chunk of (x, y) batches; "auto" sizes
+        chunks by the model's activation memory, None keeps the batches as given.
+        params: a parameter filter (names, module paths or globs; see `params.py`)."""
         self.model, self.loss_fn = model, loss_fn
         self.space = ParameterSpace(model, params)
-        self.batches = as_batches(data, None)
-        if chunk_size == "auto":
-            chunk_size = auto_chunk_size(model, self.batches[0][0])
-        self.batches = as_batches(self.batches, chunk_size)
-        self.n_samples = sum(len(y) for _, y in self.batches)
-        self.weights = [len(y) / self.n_samples for _, y in self.batches]
+        self.objective = Objective(model, loss_fn, data, loss_form=loss_form,
+                                   chunk_size=chunk_size, batch_size=batch_size)
+        self.batches, self.weights = self.objective.batches, self.objective.weights
+        self.n_samples = self.objective.n_samples
         self.n_matvec = 0
+        self.math_attention = False
 
     @property
     def dim(self) -> int:
@@ -156,13 +84,31 @@ class CurvatureOperator:
     def device(self) -> torch.device:
         return self.space.device
 
+    def _all_params(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**self.space.frozen, **params}
+
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, {**self.space.frozen, **params}, (x,))
+        return self.objective.outputs(self._all_params(params), x)
+
+    def _chunk_loss(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return self.objective.loss(self._all_params(params), batch)
+
+    def _attention(self):
+        return math_attention() if self.math_attention else contextlib.nullcontext()
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         vector = vector.to(self.dtype)
         with eval_mode(self.model):
-            out = self._matvec(vector)
+            try:
+                with self._attention():
+                    out = self._matvec(vector)
+            except RuntimeError as error:
+                if self.math_attention or not _needs_math_attention(error):
+                    raise
+                self.math_attention = True
+                self._reset()
+                with self._attention():
+                    out = self._matvec(vector)
         self.n_matvec += 1
         return out
 
@@ -171,6 +117,9 @@ class CurvatureOperator:
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _reset(self) -> None:
+        """Drop graphs retained under a fused attention kernel."""
 
     def to_dense(self) -> torch.Tensor:
         """The full matrix column by column (small models, tests)."""
@@ -189,28 +138,31 @@ class HessianOperator(CurvatureOperator):
     between products (for probe sets whose graphs do not fit in memory).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource, *,
-                 params: Sequence[str] | None = None,
-                 chunk_size: int | str | None = "auto", method: str = "graph") -> None:
+    def __init__(self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *,
+                 method: str = "graph", **options: Any) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"method: must be one of {', '.join(HVP_METHODS)} (got {method!r})")
-        super().__init__(model, loss_fn, data, params=params, chunk_size=chunk_size)
+        super().__init__(model, loss_fn, data, **options)
         self.method = method
         self._graphs: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
+        self._loss_value: float | None = None
 
-    def _chunk_loss(self, params: dict[str, torch.Tensor], x, y) -> torch.Tensor:
-        return self.loss_fn(self._forward(params, x), y)
+    def _reset(self) -> None:
+        self._graphs, self._loss_value = None, None
 
     def _retained_gradients(self):
         if self._graphs is None:
             self._graphs = []
-            with eval_mode(self.model), torch.enable_grad():
-                for (x, y), w in zip(self.batches, self.weights):
+            total = 0.0
+            with eval_mode(self.model), torch.enable_grad(), self._attention():
+                for batch, w in zip(self.batches, self.weights):
                     leaves = {n: v.detach().requires_grad_(True)
                               for n, v in self.space.values.items()}
-                    loss = w * self._chunk_loss(leaves, x, y)
+                    loss = w * self._chunk_loss(leaves, batch)
                     grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
                     self._graphs.append((list(leaves.values()), grads))
+                    total += float(loss.detach())
+            self._loss_value = total
         return self._graphs
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
@@ -218,8 +170,8 @@ class HessianOperator(CurvatureOperator):
             return self.block_product(range(len(self.space.names)), vector, self.space)
         tangent = self.space.unflatten(vector)
         total = torch.zeros_like(vector)
-        for (x, y), w in zip(self.batches, self.weights):
-            gradient = grad(lambda p: self._chunk_loss(p, x, y))
+        for batch, w in zip(self.batches, self.weights):
+            gradient = grad(lambda p: self._chunk_loss(p, batch))
             _, hv = jvp(gradient, (self.space.values,), (tangent,))
             total += w * self.space.flatten(hv)
         return total
@@ -241,18 +193,24 @@ class HessianOperator(CurvatureOperator):
         return total
 
     def gradient(self) -> torch.Tensor:
-        """The full-batch gradient of the mean loss (flat)."""
+        """The full-batch gradient of the mean loss (flat). With method="graph" it is read
+        off the retained graph (no extra pass)."""
+        if self.method == "graph":
+            graphs = self._retained_gradients()
+            return sum(self.space.flatten([g.detach() for g in grads]) for _, grads in graphs)
         total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        with eval_mode(self.model):
-            for (x, y), w in zip(self.batches, self.weights):
-                g = grad(lambda p: self._chunk_loss(p, x, y))(self.space.values)
+        with eval_mode(self.model), self._attention():
+            for batch, w in zip(self.batches, self.weights):
+                g = grad(lambda p: self._chunk_loss(p, batch))(self.space.values)
                 total += w * self.space.flatten(g)
         return total
 
     def loss(self) -> float:
-        with eval_mode(self.model), torch.no_grad():
-            return float(sum(w * self._chunk_loss(self.space.values, x, y)
-                             for (x, y), w in zip(self.batches, self.weights)))
+        if self._loss_value is not None:
+            return self._loss_value
+        with eval_mode(self.model), torch.no_grad(), self._attention():
+            return float(sum(w * self._chunk_loss(self.space.values, batch)
+                             for batch, w in zip(self.batches, self.weights)))
 
 
 class HessianBlockOperator(CurvatureOperator):
@@ -269,11 +227,16 @@ class HessianBlockOperator(CurvatureOperator):
         unknown = [n for n in self.space.names if n not in parent.space.names]
         if unknown:
             raise ValueError(f"params: {unknown} are not parameters of the parent operator")
-        self.batches, self.weights = parent.batches, parent.weights
+        self.objective, self.batches, self.weights = (parent.objective, parent.batches,
+                                                      parent.weights)
         self.n_samples, self.n_matvec = parent.n_samples, 0
+        self.math_attention = parent.math_attention
         self._positions = [parent.space.names.index(n) for n in self.space.names]
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        if not self.parent.math_attention and self.math_attention:
+            self.parent.math_attention = True
+            self.parent._reset()
         return self.parent.block_product(self._positions, vector, self.space)
 
 
@@ -285,11 +248,16 @@ class _RetainedJacobianOperator(CurvatureOperator):
     vjp" trick) and J^T w one backward pass through z's graph. A product needs no forward
     pass: measured 1.5-2x faster than torch.func jvp + vjp, which recompute the forward."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource, *,
-                 params: Sequence[str] | None = None,
-                 chunk_size: int | str | None = "auto") -> None:
-        super().__init__(model, loss_fn, data, params=params, chunk_size=chunk_size)
+    def __init__(self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
+                 **options: Any) -> None:
+        super().__init__(model, loss_fn, data, **options)
+        if self.objective.form != "output_target":
+            raise ValueError(f"matrix: {type(self).__name__} needs the network outputs, i.e. "
+                             "loss_fn(output, target); with loss_fn(model, batch) use the Hessian")
         self._retained: list[dict] | None = None
+
+    def _reset(self) -> None:
+        self._retained = None
 
     def _outputs(self, params: dict[str, torch.Tensor], x, y) -> torch.Tensor:
         raise NotImplementedError
@@ -304,7 +272,7 @@ class _RetainedJacobianOperator(CurvatureOperator):
     def _chunks(self) -> list[dict]:
         if self._retained is None:
             self._retained = []
-            with eval_mode(self.model), torch.enable_grad():
+            with eval_mode(self.model), torch.enable_grad(), self._attention():
                 for (x, y), w in zip(self.batches, self.weights):
                     leaves = [v.detach().requires_grad_(True) for v in self.space.values.values()]
                     z = self._outputs(dict(zip(self.space.names, leaves)), x, y)
@@ -366,7 +334,7 @@ MATRICES: dict[str, type[CurvatureOperator]] = {
     "hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}
 
 
-def make_operator(matrix: str, model: nn.Module, loss_fn: LossFn, data: DataSource,
+def make_operator(matrix: str, model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
                   **options) -> CurvatureOperator:
     if matrix not in MATRICES:
         raise ValueError(f"matrix: must be one of {', '.join(MATRICES)} (got {matrix!r})")

@@ -20,13 +20,12 @@ Hutchinson only estimates the deflated remainder; its standard error is that par
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
+from .linear import LinearOperator
 from .results import TraceResult
-
-MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _rademacher(n: int, m: int, gen: torch.Generator, dtype, device) -> Iterator[torch.Tensor]:
@@ -47,12 +46,12 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
     return mean, stderr
 
 
-def hutchinson(matvec: MatVec, n: int, n_samples: int = 30, *, seed: int = 0,
-               dtype: torch.dtype = torch.float32, device="cpu",
+def hutchinson(op: LinearOperator, n_samples: int = 30, *, seed: int = 0,
                deflation: tuple[torch.Tensor, torch.Tensor] | None = None) -> TraceResult:
     """Hutchinson with n_samples products. deflation=(values, vectors): Ritz values and
     orthonormal (k, n) Ritz vectors of the same operator; their part of the trace is taken
     exactly and only the rest is sampled (see the module docstring)."""
+    matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
     if n_samples < 2:
         raise ValueError(f"n_samples: must be >= 2 for a standard error (got {n_samples})")
     gen = torch.Generator().manual_seed(seed)
@@ -70,10 +69,10 @@ def hutchinson(matvec: MatVec, n: int, n_samples: int = 30, *, seed: int = 0,
     return TraceResult(value=exact_part + value, stderr=stderr, n_hvp=n_samples, method=method)
 
 
-def hutch_plus_plus(matvec: MatVec, n: int, n_samples: int = 30, *, seed: int = 0,
-                    dtype: torch.dtype = torch.float32, device="cpu") -> TraceResult:
+def hutch_plus_plus(op: LinearOperator, n_samples: int = 30, *, seed: int = 0) -> TraceResult:
     """Hutch++ with n_samples products in total (a third each for sketch, projection,
     residual)."""
+    matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
     third = n_samples // 3
     if third < 2:
         raise ValueError(f"n_samples: must be >= 6 for Hutch++ (got {n_samples})")

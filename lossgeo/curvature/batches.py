@@ -1,0 +1,211 @@
+r"""The probe set and the loss every curvature estimator differentiates.
+
+Two loss signatures are accepted:
+
+- ``loss_fn(output, target)``: lossgeo's own (``lossgeo.losses``, ``F.cross_entropy``); the
+  probe set is ``(x, y)`` tensor pairs and the model is called as ``model(x)``.
+- ``loss_fn(model, batch)``: anything else. ``batch`` is whatever the probe set yields (a
+  dict from a tokenizer, a tuple, an object); the function runs the model itself, so
+  Hugging Face models (``model(**batch).loss``) and custom losses work unchanged.
+
+``loss_form="auto"`` picks the second when the function's first parameter is called
+``model`` (or annotated as an ``nn.Module``); pass ``loss_form`` to say it explicitly.
+
+The mean loss over the probe set weights every batch by its size, so a ragged last batch
+carries exactly its share. A batch's size is, unless ``batch_size`` says otherwise: the
+length of ``y`` for an ``(x, y)`` pair, else the first dimension of the first tensor found in
+the batch (a dict's values in order, a tuple's items), e.g. the number of sequences of a
+tokenizer's ``input_ids``. Pass ``batch_size=callable`` for token-weighted means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""loss_fn(output, target) -> mean loss (lossgeo's own signature)."""
+ModelLossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""loss_fn(model, batch) -> mean loss over the batch (any model, any batch)."""
+AnyLossFn = LossFn | ModelLossFn
+Batch = tuple[torch.Tensor, torch.Tensor]
+DataSource = Batch | Iterable[Any]
+LossForm = Literal["auto", "output_target", "model_batch"]
+
+
+def resolve_loss_form(loss_fn: Callable, loss_form: LossForm = "auto"
+                      ) -> Literal["output_target", "model_batch"]:
+    if loss_form in ("output_target", "model_batch"):
+        return loss_form
+    if loss_form != "auto":
+        raise ValueError(f"loss_form: must be 'auto', 'output_target' or 'model_batch' "
+                         f"(got {loss_form!r})")
+    try:
+        first = next(iter(inspect.signature(loss_fn).parameters.values()), None)
+    except (TypeError, ValueError):  # builtins without a signature: lossgeo's form
+        return "output_target"
+    if first is None:
+        return "output_target"
+    annotated_module = (isinstance(first.annotation, type)
+                        and issubclass(first.annotation, nn.Module))
+    is_model = first.name == "model" or annotated_module or first.annotation in (
+        "nn.Module", "torch.nn.Module", "Module")
+    return "model_batch" if is_model else "output_target"
+
+
+def is_tensor_pair(batch: Any) -> bool:
+    return (isinstance(batch, (tuple, list)) and len(batch) == 2
+            and all(isinstance(t, torch.Tensor) for t in batch))
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict) or hasattr(batch, "values") and callable(batch.values):
+        items: Iterable[Any] = batch.values()
+    elif isinstance(batch, (tuple, list)):
+        items = batch
+    else:
+        items = vars(batch).values() if hasattr(batch, "__dict__") else ()
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def batch_size_of(batch: Any, batch_size: Callable[[Any], int] | None = None) -> int:
+    """How many samples a batch holds (the module docstring says how it is found)."""
+    if batch_size is not None:
+        size = int(batch_size(batch))
+    elif is_tensor_pair(batch):
+        size = len(batch[1])
+    else:
+        tensor = first_tensor(batch)
+        if tensor is None or tensor.dim() == 0:
+            raise ValueError("batch_size: no tensor with a batch dimension in the batch; "
+                             "pass batch_size=callable(batch) -> int")
+        size = int(tensor.shape[0])
+    if size <= 0:
+        raise ValueError(f"batch_size: a batch of size {size}")
+    return size
+
+
+def as_batches(data: DataSource, chunk_size: int | None = None) -> list[Any]:
+    """One (x, y) pair, a list of batches or a DataLoader -> a list of batches; (x, y) pairs
+    are split into chunks of at most chunk_size (other batches are kept as given)."""
+    if is_tensor_pair(data) and isinstance(data, tuple):
+        batches: list[Any] = [data]
+    else:
+        batches = [tuple(b) if is_tensor_pair(b) else b for b in data]
+    if not batches:
+        raise ValueError("data: no batches given")
+    if chunk_size:
+        batches = [chunk for b in batches for chunk in (
+            [(b[0][i:i + chunk_size], b[1][i:i + chunk_size])
+             for i in range(0, len(b[1]), chunk_size)] if is_tensor_pair(b) else [b])]
+    return batches
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then each submodule's own flag restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def activation_bytes_per_sample(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of all leaf-module outputs for one sample (one no-grad eval forward pass)."""
+    total = [0]
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total[0], 1)
+
+
+def auto_chunk_size(model: nn.Module, x: torch.Tensor, budget_bytes: int = 48 * 2 ** 20) -> int:
+    """Largest power-of-two chunk whose activations fit the budget (at least 64 samples).
+
+    Measured on CPU (benchmarks/bench_curvature.py): one chunk of 2048 is fastest for the
+    MNIST MLP, chunks of 512 for the CNN, whose conv activations otherwise spill the caches.
+    """
+    per_sample = activation_bytes_per_sample(model, x)
+    chunk = 64
+    while chunk * 2 * per_sample <= budget_bytes and chunk < len(x):
+        chunk *= 2
+    return chunk
+
+
+class _ModelLoss(nn.Module):
+    """loss_fn(model, batch) as a module, so torch.func.functional_call can swap the model's
+    parameters for the tensors being differentiated (its parameters are "model.<name>")."""
+
+    def __init__(self, model: nn.Module, loss_fn: ModelLossFn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class Objective:
+    """The mean loss over a probe set as a function of a dict of parameter tensors.
+
+    batches: the probe set as a list (chunked for (x, y) pairs); weights: each batch's share
+    n_b / N. `loss(params, batch)` evaluates one batch with `params` (any subset of the
+    model's parameters; the rest keep their values) through torch.func.functional_call, so
+    the model's own tensors are never touched."""
+
+    def __init__(self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *,
+                 loss_form: LossForm = "auto", chunk_size: int | str | None = "auto",
+                 batch_size: Callable[[Any], int] | None = None) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.form = resolve_loss_form(loss_fn, loss_form)
+        batches = as_batches(data, None)
+        if self.form == "output_target":
+            bad = next((b for b in batches if not is_tensor_pair(b)), None)
+            if bad is not None:
+                raise ValueError(f"data: loss_fn(output, target) needs (x, y) tensor pairs "
+                                 f"(got a {type(bad).__name__}); for other batches pass "
+                                 "loss_fn(model, batch)")
+            if chunk_size == "auto":
+                chunk_size = auto_chunk_size(model, batches[0][0])
+            batches = as_batches(batches, chunk_size)  # type: ignore[arg-type]
+        self.batches = batches
+        sizes = [batch_size_of(b, batch_size) for b in batches]
+        self.n_samples = sum(sizes)
+        self.weights = [s / self.n_samples for s in sizes]
+        self._wrapper = _ModelLoss(model, loss_fn) if self.form == "model_batch" else None
+
+    def outputs(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self.form != "output_target":
+            raise ValueError("loss_fn: the GGN, the empirical Fisher, the noise scale and "
+                             "landscapes need loss_fn(output, target) and (x, y) batches")
+        return functional_call(self.model, params, (x,))
+
+    def loss(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        if self._wrapper is None:
+            x, y = batch
+            return self.loss_fn(functional_call(self.model, params, (x,)), y)
+        return functional_call(self._wrapper, {f"model.{n}": v for n, v in params.items()},
+                               (batch,))

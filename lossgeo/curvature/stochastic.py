@@ -1,0 +1,102 @@
+r"""Curvature seen by mini-batch SGD, for per-step tracking.
+
+Batch sharpness (Andreyev & Beneventano 2024, "edge of stochastic stability"): the curvature
+of each mini-batch's own loss along its own gradient, averaged over mini-batches,
+
+.. math:: \mathrm{BS} = \mathbb{E}_B\left[\frac{g_B^\top H_B\, g_B}{\lVert g_B\rVert^2}\right],
+
+estimated by Monte Carlo over mini-batches of the probe set until the standard error of the
+mean is below `rel_se` of it (or the probe set is used up). One gradient and one
+Hessian-vector product per mini-batch.
+
+Gradient alignment (Gur-Ari, Roberts & Dyer 2018): the share of the full probe gradient's
+squared norm in the span of the top-k Hessian eigenvectors, ||V^T g||^2 / ||g||^2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .batches import AnyLossFn, DataSource, LossForm, as_batches, is_tensor_pair
+from .operators import HessianOperator
+
+
+@dataclass(frozen=True)
+class BatchSharpnessResult:
+    """value: the mean over the mini-batches used; stderr: its standard error (inf with one
+    batch); n_batches: how many; n_hvp: products (one per batch)."""
+
+    value: float
+    stderr: float
+    n_batches: int
+    n_hvp: int
+
+
+def minibatches(probe: DataSource, batch_size: int | None, generator: torch.Generator
+                ) -> list[Any]:
+    """The probe set as mini-batches in random order: (x, y) pairs shuffled and cut into
+    batches of `batch_size`; a list of batches (any kind) shuffled as given."""
+    batches = as_batches(probe, None)
+    if len(batches) == 1 and is_tensor_pair(batches[0]):
+        x, y = batches[0]
+        if batch_size is None or batch_size < 1:
+            raise ValueError("batch_size: batch sharpness needs the training batch size "
+                             "to cut an (x, y) probe set into mini-batches")
+        batch_size = min(batch_size, len(y))  # a probe smaller than one batch: the whole probe
+        order = torch.randperm(len(y), generator=generator)
+        return [(x[idx], y[idx]) for idx in order.split(batch_size) if len(idx) == batch_size]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]
+
+
+def batch_sharpness(model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
+                    batch_size: int | None = None, rel_se: float = 0.05, min_batches: int = 4,
+                    max_batches: int = 64, seed: int = 0,
+                    params: Sequence[str] | str | None = None, loss_form: LossForm = "auto",
+                    size_fn: Callable[[Any], int] | None = None) -> BatchSharpnessResult:
+    """E_B[g_B^T H_B g_B / ||g_B||^2] over mini-batches of the probe set (module docstring).
+    A batch whose gradient vanishes contributes nothing (its ratio is undefined)."""
+    if rel_se < 0 or min_batches < 1 or max_batches < min_batches:
+        raise ValueError("batch sharpness: need rel_se >= 0 and 1 <= min_batches <= max_batches")
+    gen = torch.Generator().manual_seed(seed)
+    ratios: list[float] = []
+    n_hvp = 0
+    for batch in minibatches(probe, batch_size, gen)[:max_batches]:
+        op = HessianOperator(model, loss_fn, [batch], params=params, chunk_size=None,
+                             loss_form=loss_form, batch_size=size_fn)
+        g = op.gradient()
+        norm_sq = float(g.double().pow(2).sum())
+        if norm_sq == 0.0 or not math.isfinite(norm_sq):
+            continue
+        ratios.append(float(torch.dot(g.double(), (op @ g).double())) / norm_sq)
+        n_hvp += 1
+        if len(ratios) >= max(min_batches, 2):
+            mean, se = _mean_se(ratios)
+            if se <= rel_se * abs(mean):
+                break
+    if not ratios:
+        raise ValueError("batch sharpness: every mini-batch gradient vanished")
+    mean, se = _mean_se(ratios)
+    return BatchSharpnessResult(value=mean, stderr=se, n_batches=len(ratios), n_hvp=n_hvp)
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if len(values) < 2:
+        return float(t.mean()), math.inf
+    return float(t.mean()), float(t.std() / math.sqrt(len(values)))
+
+
+def gradient_alignment(gradient: torch.Tensor, vectors: torch.Tensor) -> float:
+    """||V^T g||^2 / ||g||^2 for orthonormal rows V (k, n): 1 when g lies in their span."""
+    g = gradient.double()
+    norm_sq = float(g.pow(2).sum())
+    if norm_sq == 0.0:
+        return 0.0
+    projected = vectors.double() @ g
+    return float(projected.pow(2).sum()) / norm_sq

@@ -1,0 +1,246 @@
+"""`Tracker`: the loss-landscape geometry of any model, measured inside any training loop.
+
+    tracker = Tracker(model, loss_fn, probe, every_steps=50, optimizer=optimizer)
+    for step, batch in enumerate(loader, start=1):
+        ...; optimizer.step()
+        tracker.step(step, loss=loss.item())   # measures when due, logs with step=step
+    tracker.epoch(epoch)                         # the epoch set, logged with step=epoch
+
+`loss_fn` is `loss_fn(output, target)` with (x, y) probe batches, or `loss_fn(model, batch)`
+with any batches (a list of them or a DataLoader); see `lossgeo.curvature.batches`. Metrics
+go to the active MLflow run if there is one (or to `logger`), and are returned either way.
+Every measurement leaves the model, its train/eval flags, buffers and `.grad` as they were.
+
+The per-step set (prefix `step/`, MLflow step = the optimizer step): `lambda_max`
+(warm-started from the previous Ritz vectors, `lossgeo.curvature.warm`),
+`lambda_max_n_hvp`, `lambda_max_cold_gap` (at every cold check), `batch_sharpness` (+
+`_se`, `_n`), `grad_alignment` (share of the probe gradient in the tracked top-k eigenspace),
+`grad_norm`, `probe_loss`, `edge_ratio` and `batch_edge_ratio` (lambda_max and batch
+sharpness against 2(1 + momentum)/lr, when the learning rate is known), `train_loss` (the
+value passed in), `seconds`. A curvature spike is reported when it happens (`step/spike`,
+tag `lossgeo_last_spike`, a warning).
+
+lossgeo's own training loop (`lossgeo.train`) measures through this class too: the same
+schedule and per-step set, with its epoch measurements passed in as `epoch_measurements`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
+from .curvature.lanczos import lanczos_extremes
+from .curvature.measure import edge_ratio
+from .curvature.operators import HessianBlockOperator, HessianOperator
+from .curvature.params import module_blocks
+from .curvature.stochastic import batch_sharpness, gradient_alignment
+from .curvature.trace import hutchinson
+from .curvature.warm import WarmEigen
+from .spikes import OnlineSpikeDetector
+
+SDPA_TAG = "lossgeo_attention_backend"
+SPIKE_TAG = "lossgeo_last_spike"
+
+
+class MetricLogger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+
+
+class Tracker:
+    """Curvature of `model` on a fixed probe set, every `every_steps` optimizer steps.
+
+    probe: (x, y) tensors, a list of batches or a DataLoader (read once, kept).
+    every_steps: 0 = no per-step measurements (`epoch` only).
+    optimizer / lr, momentum: where the learning rate for edge ratios comes from (the
+    optimizer's first parameter group, read at each measurement, follows schedules).
+    batch_size: the training batch size, to cut an (x, y) probe set into mini-batches for
+    batch sharpness (a list-of-batches probe is used as given).
+    params: a parameter filter (names, module paths, globs) for every measurement.
+    k: Ritz pairs tracked by the warm start; tol: relative accuracy of lambda_max;
+    cold_every: every n-th per-step solve is checked from a random start.
+    batch_sharpness_rse: Monte Carlo stops when the standard error is below this share.
+    epoch_measurements: callables(state) -> result with `.metrics`/`.artifacts` (lossgeo's
+    own loop passes its set); None = lambda_max, lambda_2..k, Hessian trace, and
+    lambda_max per module (`lambda_max/<module path>`) when `layerwise`.
+    logger: where metrics go (default: the active MLflow run, if any).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
+                 every_steps: int = 50, optimizer: torch.optim.Optimizer | None = None,
+                 lr: float | None = None, momentum: float | None = None,
+                 batch_size: int | None = None, params: Sequence[str] | str | None = None,
+                 k: int = 2, tol: float = 1e-3, cold_every: int = 10,
+                 batch_sharpness_rse: float = 0.05, batch_sharpness_max: int = 32,
+                 spike_factor: float = 2.0, loss_form: LossForm = "auto",
+                 size_fn: Callable[[Any], int] | None = None,
+                 epoch_measurements: Sequence[Callable[[Any], Any]] | None = None,
+                 epoch_k: int = 5, trace_samples: int = 20, layerwise: bool = True,
+                 logger: MetricLogger | None = None, seed: int = 0) -> None:
+        if every_steps < 0:
+            raise ValueError(f"every_steps: must be >= 0 (got {every_steps})")
+        self.model, self.loss_fn = model, loss_fn
+        self.probe = as_batches(probe, None)
+        self.every_steps, self.optimizer = every_steps, optimizer
+        self._lr, self._momentum = lr, momentum
+        self.batch_size, self.params = batch_size, params
+        self.loss_form, self.size_fn = loss_form, size_fn
+        self.batch_sharpness_rse, self.batch_sharpness_max = batch_sharpness_rse, batch_sharpness_max
+        self.warm = WarmEigen(k=k, tol=tol, cold_every=cold_every, seed=seed)
+        self.spikes = OnlineSpikeDetector(spike_factor)
+        self.epoch_measurements = epoch_measurements
+        self.epoch_k, self.trace_samples, self.layerwise = epoch_k, trace_samples, layerwise
+        self.seed = seed
+        if logger is None:
+            from .tracking import ActiveRunLogger
+            logger = ActiveRunLogger()
+        self.logger = logger
+        self.n_measurements = 0
+        self._tagged_attention = False
+        self._operator(None)  # bad input (filters, batches, loss form) fails here, not later
+
+    # -- what the optimizer runs at ---------------------------------------------------------
+    @property
+    def lr(self) -> float | None:
+        if self.optimizer is not None:
+            return float(self.optimizer.param_groups[0]["lr"])
+        return self._lr
+
+    @property
+    def momentum(self) -> float:
+        if self._momentum is not None:
+            return self._momentum
+        if self.optimizer is not None:
+            group = self.optimizer.param_groups[0]
+            return float(group.get("momentum", group.get("betas", (0.0,))[0]))
+        return 0.0
+
+    def _operator(self, batches: list[Any] | None) -> HessianOperator:
+        return HessianOperator(self.model, self.loss_fn, batches or self.probe,
+                               params=self.params, loss_form=self.loss_form,
+                               batch_size=self.size_fn)
+
+    def _note_attention(self, op: HessianOperator) -> None:
+        if op.math_attention and not self._tagged_attention:
+            self.logger.set_tags({SDPA_TAG: "math (fused scaled_dot_product_attention has no "
+                                            "double backward; products run under the math "
+                                            "backend)"})
+            self._tagged_attention = True
+
+    # -- per step ---------------------------------------------------------------------------
+    def due(self, global_step: int) -> bool:
+        return self.every_steps > 0 and global_step % self.every_steps == 0
+
+    def step(self, global_step: int, loss: float | None = None) -> dict[str, float] | None:
+        """After the optimizer step `global_step`: measures and logs the per-step set when
+        due (returns it), else returns None."""
+        if not self.due(global_step):
+            return None
+        metrics = self.measure_step()
+        if loss is not None:
+            metrics["step/train_loss"] = float(loss)
+        spike = self.spikes.update(global_step, metrics["step/lambda_max"],
+                                   metrics.get("step/edge_ratio"))
+        metrics["step/spike"] = 0.0 if spike is None else 1.0
+        self.logger.log_metrics(metrics, step=global_step)
+        if spike is not None:
+            message = f"step {global_step}: {spike}"
+            self.logger.set_tags({SPIKE_TAG: message})
+            warnings.warn(f"lossgeo: curvature spike at {message}", stacklevel=2)
+        return metrics
+
+    def measure_step(self) -> dict[str, float]:
+        """The per-step set now (not logged)."""
+        started = time.perf_counter()
+        op = self._operator(None)
+        eig = self.warm.solve(op)
+        self._note_attention(op)
+        gradient = op.gradient()
+        lam = eig.lambda_max
+        metrics = {"step/lambda_max": lam, "step/lambda_max_n_hvp": float(eig.n_hvp),
+                   "step/grad_alignment": gradient_alignment(gradient, eig.vectors),
+                   "step/grad_norm": float(gradient.double().norm()),
+                   "step/probe_loss": op.loss()}
+        if eig.cold_gap is not None:
+            metrics["step/lambda_max_cold_gap"] = eig.cold_gap
+            metrics["step/lambda_max_cold_n_hvp"] = float(eig.cold_n_hvp)
+        bs = batch_sharpness(self.model, self.loss_fn, self.probe, batch_size=self.batch_size,
+                             rel_se=self.batch_sharpness_rse,
+                             max_batches=self.batch_sharpness_max,
+                             seed=self.seed + self.n_measurements, params=self.params,
+                             loss_form=self.loss_form, size_fn=self.size_fn)
+        metrics.update({"step/batch_sharpness": bs.value, "step/batch_sharpness_se": bs.stderr,
+                        "step/batch_sharpness_n": float(bs.n_batches)})
+        lr = self.lr
+        if lr is not None:
+            metrics["step/edge_ratio"] = edge_ratio(lam, lr, self.momentum)
+            metrics["step/batch_edge_ratio"] = edge_ratio(bs.value, lr, self.momentum)
+        self.n_measurements += 1
+        metrics["step/seconds"] = time.perf_counter() - started
+        return metrics
+
+    # -- per epoch --------------------------------------------------------------------------
+    def epoch(self, epoch: int, state: Any = None) -> dict[str, float]:
+        """The epoch set at `epoch`, logged with step=epoch and returned. lossgeo's loop
+        passes its EpochState; user code passes nothing."""
+        metrics, artifacts = self.measure_epoch(state)
+        self.logger.log_metrics(metrics, step=epoch)
+        log_object = getattr(self.logger, "log_object", None)
+        if log_object is not None:
+            for path, obj in artifacts.items():
+                log_object(path, obj)
+        return metrics
+
+    def measure_epoch(self, state: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+        """(metrics, artifacts) of the epoch set, not logged."""
+        if self.epoch_measurements is None:
+            return self._probe_curvature(), {}
+        metrics: dict[str, float] = {}
+        artifacts: dict[str, Any] = {}
+        for measurement in self.epoch_measurements:
+            result = measurement(state)
+            metrics.update(result.metrics)
+            artifacts.update(result.artifacts)
+            if state is not None and hasattr(state, "metrics"):
+                state.metrics.update(result.metrics)
+        return metrics, artifacts
+
+    def _probe_curvature(self) -> dict[str, float]:
+        started = time.perf_counter()
+        op = self._operator(None)
+        k = min(self.epoch_k, op.dim)
+        top, _ = lanczos_extremes(op, k_top=k, tol=self.warm.tol, rest_tol=1e-2,
+                                  seed=self.seed)
+        self._note_attention(op)
+        metrics = {"lambda_max": float(top.values[0])}
+        for i, value in enumerate(top.values.tolist()[1:], start=2):
+            metrics[f"lambda_{i}"] = value
+        n_hvp = top.n_hvp
+        if op.dim > k and self.trace_samples >= 2:
+            trace = hutchinson(op, self.trace_samples, seed=self.seed,
+                               deflation=(top.values, top.vectors))
+            metrics["hessian_trace"], metrics["hessian_trace_se"] = trace.value, trace.stderr
+            n_hvp += trace.n_hvp
+        if self.layerwise:
+            blocks = module_blocks(op.space.names)
+            if len(blocks) > 1:
+                for module, names in blocks.items():
+                    block = HessianBlockOperator(op, names)
+                    result, _ = lanczos_extremes(block, k_top=1, tol=1e-3, seed=self.seed)
+                    metrics[f"lambda_max/{module}"] = float(result.values[0])
+                    n_hvp += result.n_hvp
+        lr = self.lr
+        if lr is not None:
+            metrics["edge_ratio"] = edge_ratio(metrics["lambda_max"], lr, self.momentum)
+        metrics["curvature_n_hvp"] = float(n_hvp)
+        metrics["curvature_seconds"] = time.perf_counter() - started
+        return metrics
+
+
+__all__ = ["Tracker"]
