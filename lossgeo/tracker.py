@@ -58,7 +58,7 @@ class Tracker:
 
     probe: (x, y) tensors, a list of batches or a DataLoader (read once, kept).
     every_steps: 0 = no per-step measurements (`epoch` only).
-    optimizer / lr, momentum: where the learning rate for edge ratios comes from (the
+    optimizer / lr, momentum: where the step size for edge ratios comes from (an SGD
     optimizer's first parameter group, read at each measurement, follows schedules).
     batch_size: the training batch size, to cut an (x, y) probe set into mini-batches for
     batch sharpness (a list-of-batches probe is used as given).
@@ -108,17 +108,22 @@ class Tracker:
     # -- what the optimizer runs at ---------------------------------------------------------
     @property
     def lr(self) -> float | None:
-        if self.optimizer is not None:
+        """The step size of the edge ratios: `lr` if given, else that of an SGD optimizer's
+        first parameter group, read at each measurement (so schedules are followed). None
+        for adaptive optimizers (Adam's stability threshold is on the preconditioned
+        Hessian, not on lambda_max): their runs log no edge ratio."""
+        if self._lr is not None:
+            return self._lr
+        if isinstance(self.optimizer, torch.optim.SGD):
             return float(self.optimizer.param_groups[0]["lr"])
-        return self._lr
+        return None
 
     @property
     def momentum(self) -> float:
         if self._momentum is not None:
             return self._momentum
-        if self.optimizer is not None:
-            group = self.optimizer.param_groups[0]
-            return float(group.get("momentum", group.get("betas", (0.0,))[0]))
+        if isinstance(self.optimizer, torch.optim.SGD):
+            return float(self.optimizer.param_groups[0].get("momentum", 0.0))
         return 0.0
 
     def _operator(self, batches: list[Any] | None) -> HessianOperator:

@@ -1,0 +1,46 @@
+"""The examples run as a user runs them and leave one MLflow run with per-step metrics."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name, *args, cwd):
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def only_run(tracking):
+    client = MlflowClient(f"sqlite:///{tracking}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_own_loop_example(tracking):
+    out = run_example("own_loop.py", "--steps", "64", "--every", "16", cwd=tracking)
+    client, run = only_run(tracking)
+    assert run.info.run_id in out and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/lambda_max")]
+    assert steps == [16, 32, 48, 64]
+    assert "lambda_max" in run.data.metrics and "step/edge_ratio" in run.data.metrics
+
+
+def test_huggingface_trainer_example(tracking):
+    pytest.importorskip("transformers", reason="transformers not installed "
+                        "(pip install -e '.[transformers]')")
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
+    out = run_example("huggingface_trainer.py", "--steps", "20", "--every", "10",
+                      "--output-dir", str(tracking / "out"), cwd=tracking)
+    client, run = only_run(tracking)
+    assert run.info.run_id in out and "Hessian-vector products" in out
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/lambda_max")]
+    assert steps == [10, 20]
+    assert "step/edge_ratio" not in run.data.metrics  # Adam: no lr/2 threshold to compare
