@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from .curvature.batches import LossFn
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -362,10 +362,47 @@ def spectra(densities: Mapping[str, Mapping]) -> Figure:
     return fig
 
 
+def step_curvature_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, float],
+                          momenta: Mapping[str, float] | None = None) -> Figure:
+    """Per-step tracking (measure_every_steps): lambda_max (solid) and batch sharpness
+    (dashed) against the optimizer step, with the stability edge 2(1 + m)/lr (dotted)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    edges: dict[float, str] = {}
+    for colour, (label, df) in zip(_colours(len(histories)), histories.items()):
+        steps = df["epoch"]  # the long table's step column: optimizer steps for step/ metrics
+        if "step/lambda_max" in df:
+            ax.plot(steps, df["step/lambda_max"], "-", color=colour, lw=1.2,
+                    label=f"{label}: lambda_max")
+        if "step/batch_sharpness" in df:
+            ax.plot(steps, df["step/batch_sharpness"], "--", color=colour, lw=1.2,
+                    label=f"{label}: batch sharpness")
+        lr = lrs.get(label)
+        if lr:
+            edges.setdefault(round(2 * (1 + (momenta or {}).get(label, 0.0)) / lr, 10), label)
+    for edge in edges:
+        ax.axhline(edge, color="black", ls=":", lw=1, label=f"2(1+m)/lr = {edge:.3g}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("curvature (probe set)")
+    ax.set_title("lambda_max and batch sharpness over training, against the stability edge")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def split_step_history(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-epoch rows, per-step rows): step/ metrics are logged at the optimizer step."""
+    if history.empty:
+        return history, history
+    per_step = history["metric"].str.startswith("step/")
+    return history[~per_step], history[per_step]
+
+
 def comparison_figures(runs: pd.DataFrame, history: pd.DataFrame,
                        densities: Mapping[str, Mapping] | None = None) -> dict[str, Figure]:
-    """The comparison plots, keyed by file name."""
-    hist = histories_by_label(history)
+    """The comparison plots, keyed by file name (step_curvature.png when runs tracked
+    curvature per step)."""
+    epoch_history, step_history = split_step_history(history)
+    hist = histories_by_label(epoch_history)
     lrs = dict(zip(runs["label"], runs["lr"])) if "lr" in runs else {}
     momenta = dict(zip(runs["label"], runs["momentum"])) if "momentum" in runs else {}
     figures = {"loss_curves.png": loss_curves(hist), "accuracy_curves.png": accuracy_curves(hist),
@@ -374,6 +411,9 @@ def comparison_figures(runs: pd.DataFrame, history: pd.DataFrame,
                "noise_vs_lambda.png": noise_vs_lambda(runs)}
     if densities is not None:
         figures["spectra.png"] = spectra(densities)
+    if not step_history.empty:
+        figures["step_curvature.png"] = step_curvature_curves(
+            histories_by_label(step_history), lrs, momenta)
     return figures
 
 

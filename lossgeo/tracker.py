@@ -77,7 +77,7 @@ class Tracker:
                  lr: float | None = None, momentum: float | None = None,
                  batch_size: int | None = None, params: Sequence[str] | str | None = None,
                  k: int = 2, tol: float = 1e-3, cold_every: int = 10,
-                 batch_sharpness_rse: float = 0.05, batch_sharpness_max: int = 32,
+                 batch_sharpness_rse: float = 0.1, batch_sharpness_max: int = 16,
                  spike_factor: float = 2.0, loss_form: LossForm = "auto",
                  size_fn: Callable[[Any], int] | None = None,
                  epoch_measurements: Sequence[Callable[[Any], Any]] | None = None,
@@ -102,7 +102,7 @@ class Tracker:
             logger = ActiveRunLogger()
         self.logger = logger
         self.n_measurements = 0
-        self._tagged_attention = False
+        self.math_attention = False  # products ran under the math attention backend
         self._operator(None)  # bad input (filters, batches, loss form) fails here, not later
 
     # -- what the optimizer runs at ---------------------------------------------------------
@@ -132,11 +132,11 @@ class Tracker:
                                batch_size=self.size_fn)
 
     def _note_attention(self, op: HessianOperator) -> None:
-        if op.math_attention and not self._tagged_attention:
+        if op.math_attention and not self.math_attention:
             self.logger.set_tags({SDPA_TAG: "math (fused scaled_dot_product_attention has no "
                                             "double backward; products run under the math "
                                             "backend)"})
-            self._tagged_attention = True
+            self.math_attention = True
 
     # -- per step ---------------------------------------------------------------------------
     def due(self, global_step: int) -> bool:

@@ -162,7 +162,7 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
                 optimizer.step()
                 step += 1
                 if tracker.due(step):
-                    tracker.step(step, loss=float(loss))
+                    tracker.step(step, loss=float(loss.detach()))
                 if target.due(step) and target.reached_within_epoch(step):
                     break  # the fit is reached mid-epoch: this (partial) epoch is the last
             batch_bar.close()

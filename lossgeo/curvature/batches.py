@@ -8,8 +8,10 @@ Two loss signatures are accepted:
   dict from a tokenizer, a tuple, an object); the function runs the model itself, so
   Hugging Face models (``model(**batch).loss``) and custom losses work unchanged.
 
-``loss_form="auto"`` picks the second when the function's first parameter is called
-``model`` (or annotated as an ``nn.Module``); pass ``loss_form`` to say it explicitly.
+``loss_form="auto"`` reads the function's first parameter: annotated as an ``nn.Module`` or
+called ``model``/``module``/``net``/``m`` means the second form, ``input``/``output``/
+``logits``/``pred``... the first; otherwise the batches decide ((x, y) tensor pairs: the
+first). Pass ``loss_form`` to say it explicitly.
 
 The mean loss over the probe set weights every batch by its size, so a ragged last batch
 carries exactly its share. A batch's size is, unless ``batch_size`` says otherwise: the
@@ -38,8 +40,17 @@ DataSource = Batch | Iterable[Any]
 LossForm = Literal["auto", "output_target", "model_batch"]
 
 
-def resolve_loss_form(loss_fn: Callable, loss_form: LossForm = "auto"
+_MODEL_NAMES = {"model", "module", "net", "network", "m"}
+_OUTPUT_NAMES = {"input", "inputs", "output", "outputs", "out", "logits", "pred", "preds",
+                 "prediction", "predictions", "y_pred", "y_hat", "scores"}
+
+
+def resolve_loss_form(loss_fn: Callable, loss_form: LossForm = "auto", first_batch: Any = None
                       ) -> Literal["output_target", "model_batch"]:
+    """Which signature `loss_fn` has. "auto": the first parameter's annotation (nn.Module) or
+    name (model, module, net, m / input, output, logits, pred, ...) decides; when neither
+    does, the batches do: (x, y) tensor pairs mean (output, target), anything else
+    (model, batch)."""
     if loss_form in ("output_target", "model_batch"):
         return loss_form
     if loss_form != "auto":
@@ -47,15 +58,19 @@ def resolve_loss_form(loss_fn: Callable, loss_form: LossForm = "auto"
                          f"(got {loss_form!r})")
     try:
         first = next(iter(inspect.signature(loss_fn).parameters.values()), None)
-    except (TypeError, ValueError):  # builtins without a signature: lossgeo's form
-        return "output_target"
-    if first is None:
-        return "output_target"
-    annotated_module = (isinstance(first.annotation, type)
-                        and issubclass(first.annotation, nn.Module))
-    is_model = first.name == "model" or annotated_module or first.annotation in (
-        "nn.Module", "torch.nn.Module", "Module")
-    return "model_batch" if is_model else "output_target"
+    except (TypeError, ValueError):  # builtins without a signature
+        first = None
+    if first is not None:
+        annotation = first.annotation
+        if (isinstance(annotation, type) and issubclass(annotation, nn.Module)) or \
+                annotation in ("nn.Module", "torch.nn.Module", "Module"):
+            return "model_batch"
+        if first.name in _MODEL_NAMES:
+            return "model_batch"
+        if first.name in _OUTPUT_NAMES:
+            return "output_target"
+    return "output_target" if first_batch is None or is_tensor_pair(first_batch) \
+        else "model_batch"
 
 
 def is_tensor_pair(batch: Any) -> bool:
@@ -180,8 +195,8 @@ class Objective:
                  loss_form: LossForm = "auto", chunk_size: int | str | None = "auto",
                  batch_size: Callable[[Any], int] | None = None) -> None:
         self.model, self.loss_fn = model, loss_fn
-        self.form = resolve_loss_form(loss_fn, loss_form)
         batches = as_batches(data, None)
+        self.form = resolve_loss_form(loss_fn, loss_form, batches[0])
         if self.form == "output_target":
             bad = next((b for b in batches if not is_tensor_pair(b)), None)
             if bad is not None:

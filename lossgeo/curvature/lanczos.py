@@ -21,6 +21,7 @@ so lambda_max and lambda_min are read off a single run.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -122,10 +123,9 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
             break
     n_hvp = len(alphas)
     results: list[EigenResult | None] = []
-    pending = []
     for idx, which, group_flags in ((top, "LA", flags[0]), (bottom, "SA", flags[1])):
         if len(idx) == 0:
-            pending.append(None)
+            results.append(None)
             continue
         coeffs = torch.as_tensor(s[:, idx], dtype=dtype, device=device)
         vectors = (basis.T @ coeffs).T.contiguous()
@@ -139,11 +139,11 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
         else:
             residuals = torch.as_tensor(0.0 if invariant else beta * np.abs(s[-1, idx]),
                                         dtype=torch.float64).expand(len(idx)).clone()
-        pending.append((values, vectors, residuals, converged, which))
-    for r in pending:
-        results.append(None if r is None else EigenResult(
-            values=r[0], vectors=r[1], residuals=r[2], converged=r[3], n_hvp=n_hvp,
-            which=r[4], method="lanczos"))
+        results.append(EigenResult(values=values, vectors=vectors, residuals=residuals,
+                                   converged=converged, n_hvp=0, which=which,
+                                   method="lanczos"))
+    # n_hvp counts both groups' verification products, so it is set once both are done
+    results = [None if r is None else replace(r, n_hvp=n_hvp) for r in results]
     return results[0], results[1]
 
 

@@ -16,7 +16,7 @@ from .lanczos import lanczos_extremes
 from .operators import (DataSource, EmpiricalFisherOperator, GGNOperator,
                         HessianBlockOperator, HessianOperator, LossFn)
 from .trace import hutchinson
-from . import effective_dimension
+from .api import effective_dimension
 
 
 @dataclass(frozen=True)

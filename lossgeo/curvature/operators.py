@@ -59,12 +59,15 @@ class CurvatureOperator:
     def __init__(self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *,
                  params: Sequence[str] | str | None = None,
                  chunk_size: int | str | None = "auto", loss_form: LossForm = "auto",
-                 batch_size: Callable[[Any], int] | None = None) -> None:
+                 batch_size: Callable[[Any], int] | None = None,
+                 space: ParameterSpace | None = None) -> None:
         """chunk_size: samples per forward/backward chunk of (x, y) batches; "auto" sizes
         chunks by the model's activation memory, None keeps the batches as given.
-        params: a parameter filter (names, module paths or globs; see `params.py`)."""
+        params: a parameter filter (names, module paths or globs; see `params.py`).
+        space: an existing ParameterSpace of this model to share (its copies of the
+        parameters are read, never written), instead of copying the parameters again."""
         self.model, self.loss_fn = model, loss_fn
-        self.space = ParameterSpace(model, params)
+        self.space = space if space is not None else ParameterSpace(model, params)
         self.objective = Objective(model, loss_fn, data, loss_form=loss_form,
                                    chunk_size=chunk_size, batch_size=batch_size)
         self.batches, self.weights = self.objective.batches, self.objective.weights

@@ -12,9 +12,12 @@ class EigenResult:
     """Eigenpairs of a curvature matrix.
 
     values: sorted largest first for which="LA", smallest first for which="SA".
-    vectors: (k, n), orthonormal rows. residuals: ||A v - lambda v|| per pair, computed with
-    one extra product each. converged: per pair, whether the solver's stopping test passed.
-    n_hvp: matrix-vector products used, residual checks included.
+    vectors: (k, n), orthonormal rows. residuals: ||A v - lambda v|| per pair. From Lanczos
+    they are its own estimates beta_m |s_mi| (no extra product; equal to the true residual up
+    to rounding, since the basis is fully reorthogonalised), recomputed with one product each
+    when verify=True; power iteration always recomputes them. converged: per pair, whether the
+    solver's stopping test passed. n_hvp: matrix-vector products used, residual checks
+    included.
     """
 
     values: torch.Tensor

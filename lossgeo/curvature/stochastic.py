@@ -24,6 +24,7 @@ from torch import nn
 
 from .batches import AnyLossFn, DataSource, LossForm, as_batches, is_tensor_pair
 from .operators import HessianOperator
+from .params import ParameterSpace
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ def minibatches(probe: DataSource, batch_size: int | None, generator: torch.Gene
 
 
 def batch_sharpness(model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
-                    batch_size: int | None = None, rel_se: float = 0.05, min_batches: int = 4,
-                    max_batches: int = 64, seed: int = 0,
+                    batch_size: int | None = None, rel_se: float = 0.1, min_batches: int = 4,
+                    max_batches: int = 16, seed: int = 0,
                     params: Sequence[str] | str | None = None, loss_form: LossForm = "auto",
                     size_fn: Callable[[Any], int] | None = None) -> BatchSharpnessResult:
     """E_B[g_B^T H_B g_B / ||g_B||^2] over mini-batches of the probe set (module docstring).
@@ -66,9 +67,10 @@ def batch_sharpness(model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
     gen = torch.Generator().manual_seed(seed)
     ratios: list[float] = []
     n_hvp = 0
+    space = ParameterSpace(model, params)  # one copy of the parameters for every batch
     for batch in minibatches(probe, batch_size, gen)[:max_batches]:
-        op = HessianOperator(model, loss_fn, [batch], params=params, chunk_size=None,
-                             loss_form=loss_form, batch_size=size_fn)
+        op = HessianOperator(model, loss_fn, [batch], chunk_size=None, loss_form=loss_form,
+                             batch_size=size_fn, space=space)
         g = op.gradient()
         norm_sq = float(g.double().pow(2).sum())
         if norm_sq == 0.0 or not math.isfinite(norm_sq):

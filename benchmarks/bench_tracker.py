@@ -1,0 +1,137 @@
+"""Per-step tracking cost (issue 12 item 2-3 targets; issue 13's "Your own model" figures).
+
+A. The MNIST MLP trained with SGD (lr 0.1, batch 32) on the full training split for 600
+   steps, the Tracker measuring every 10 and every 50 steps on a 1,024-image probe set, a
+   cold solve every 10th measurement: products per warm lambda_max solve (after the first)
+   against the cold solve's, the largest |cold gap| at the cold checks, and the seconds the
+   light set takes against a training step.
+B. A tiny GPT-2 (2 layers, width 32, random weights) trained with AdamW on synthetic tokens,
+   the Tracker on the first block's attention weights every 10 steps: products and seconds
+   per measurement against a training step.
+
+Run: python benchmarks/bench_tracker.py   (prints Markdown tables)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, mnist  # noqa: E402
+
+from lossgeo import Tracker  # noqa: E402
+from lossgeo.losses import cross_entropy  # noqa: E402
+from lossgeo.models import build_model  # noqa: E402
+
+
+class Recorder:
+    def __init__(self):
+        self.rows = []
+
+    def log_metrics(self, metrics, step=0):
+        self.rows.append((step, metrics))
+
+    def set_tags(self, tags):
+        pass
+
+
+def mnist_mlp(every: int, n_steps: int = 600) -> None:
+    data = mnist(probe_size=1024)
+    torch.manual_seed(0)
+    model = build_model("mlp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = Recorder()
+    tracker = Tracker(model, cross_entropy, (data.probe.x, data.probe.y), every_steps=every,
+                      optimizer=optimizer, batch_size=32, cold_every=10, logger=recorder)
+    gen = torch.Generator().manual_seed(1)
+    step, train_seconds, measure_seconds = 0, 0.0, 0.0
+    started = time.perf_counter()
+    for x, y in data.train.batches(32, shuffle=True, generator=gen):
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        loss = cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        t1 = time.perf_counter()
+        train_seconds += t1 - t0
+        if tracker.due(step):
+            tracker.step(step, loss=float(loss.detach()))
+            measure_seconds += time.perf_counter() - t1
+        if step == n_steps:
+            break
+    total = time.perf_counter() - started
+    rows = [m for _, m in recorder.rows]
+    warm = [m["step/lambda_max_n_hvp"] for m in rows[1:]]
+    cold = [m["step/lambda_max_cold_n_hvp"] for m in rows if "step/lambda_max_cold_n_hvp" in m]
+    gaps = [abs(m["step/lambda_max_cold_gap"]) for m in rows if "step/lambda_max_cold_gap" in m]
+    bs_n = [m["step/batch_sharpness_n"] for m in rows]
+    per = [m["step/seconds"] for m in rows[1:]]
+    print(f"\nA. MNIST MLP (535k parameters), full training split, SGD lr 0.1 B 32, the "
+          f"first {step} steps, measured every {every} steps: {len(rows)} measurements "
+          f"({machine()})\n")
+    print("| quantity | value |\n|---|---|")
+    print(f"| products per warm lambda_max solve (after the first), mean / max | "
+          f"{statistics.mean(warm):.2f} / {max(warm):.0f} |")
+    print(f"| products of the first (cold) solve | {rows[0]['step/lambda_max_n_hvp']:.0f} |")
+    print(f"| products per cold check, mean ({len(cold)} checks) | {statistics.mean(cold):.1f} |")
+    print(f"| largest relative gap cold - warm at a cold check | {max(gaps):.1e} |")
+    print(f"| mini-batches per batch-sharpness estimate, mean | {statistics.mean(bs_n):.1f} |")
+    print(f"| seconds per measurement (light set), median | {statistics.median(per):.3f} |")
+    print(f"| seconds per training step, mean | {train_seconds / step:.4f} |")
+    print(f"| tracking share of the wall time | "
+          f"{measure_seconds / total:.0%} ({measure_seconds:.1f} s of {total:.1f} s) |")
+
+
+def tiny_gpt2() -> None:
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        print("\nB. skipped: transformers not installed")
+        return
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (64, 32), generator=gen)
+    probe = [{"input_ids": b, "labels": b} for b in ids[:8].split(4)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    recorder = Recorder()
+    tracker = Tracker(model, lambda m, b: m(**b).loss, probe, every_steps=10,
+                      params="transformer.h.0.attn", logger=recorder)
+    train_seconds, steps = 0.0, 100
+    for step in range(1, steps + 1):
+        batch = ids[torch.randint(0, 64, (4,), generator=gen)]
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        train_seconds += time.perf_counter() - t0
+        tracker.step(step)
+    rows = [m for _, m in recorder.rows]
+    products = [m["step/lambda_max_n_hvp"] + m["step/batch_sharpness_n"]
+                + m.get("step/lambda_max_cold_n_hvp", 0) for m in rows]
+    n_params = sum(p.numel() for n, p in model.named_parameters()
+                   if n.startswith("transformer.h.0.attn"))
+    print(f"\nB. tiny GPT-2 ({sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"the filter keeps {n_params:,}), AdamW, {steps} steps, probe 8 x 32 tokens\n")
+    print("| quantity | value |\n|---|---|")
+    print(f"| products per measurement (lambda_max + batch sharpness), mean after the first | "
+          f"{statistics.mean(products[1:]):.1f} |")
+    print(f"| seconds per measurement, median | "
+          f"{statistics.median(m['step/seconds'] for m in rows[1:]):.3f} |")
+    print(f"| seconds per training step, mean | {train_seconds / steps:.4f} |")
+    print(f"| attention backend of the products | "
+          f"{'math (fallback)' if tracker.math_attention else 'default'} |")
+
+
+if __name__ == "__main__":
+    mnist_mlp(every=10)
+    mnist_mlp(every=50)
+    tiny_gpt2()

@@ -1,0 +1,124 @@
+"""The public curvature functions (re-exported by `lossgeo.curvature`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import nn
+
+from ..models import parameter_blocks
+from .batches import AnyLossFn, DataSource
+from .density import slq_density
+from .lanczos import lanczos_extremes, power_iteration
+from .operators import HessianBlockOperator, HessianOperator, make_operator
+from .params import module_blocks
+from .results import DensityResult, EigenResult, TraceResult
+from .trace import hutch_plus_plus, hutchinson
+
+Which = Literal["LA", "SA"]
+EigenMethod = Literal["lanczos", "power"]
+Matrix = Literal["hessian", "ggn", "fisher"]
+TraceMethod = Literal["hutchinson", "hutch++"]
+
+
+def curvature_eigen(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: int = 1,
+                    which: Which = "LA", method: EigenMethod = "lanczos", tol: float = 1e-4,
+                    max_iter: int = 100, *, matrix: Matrix = "hessian", seed: int = 0,
+                    chunk_size: int | str | None = "auto", hvp_method: str = "graph",
+                    params: Sequence[str] | str | None = None, verify: bool = False,
+                    **batching: Any) -> EigenResult:
+    """Top-k ("LA") or bottom-k ("SA") eigenpairs of the Hessian, GGN or empirical Fisher.
+
+    params: a parameter filter (names, module paths, globs); batching: `loss_form` and
+    `batch_size` for loss_fn(model, batch) and other batches (see `batches.py`).
+
+    tol is the relative eigenvalue accuracy (Lanczos: error bound min(r, r^2/gap); power
+    iteration: relative change, as PyHessian). verify=True recomputes the residuals
+    ||A v - lambda v|| with one extra product per pair instead of the Lanczos estimates."""
+    if which not in ("LA", "SA"):
+        raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
+    op = make_operator(matrix, model, loss_fn, data, params=params, chunk_size=chunk_size,
+                       method=hvp_method, **batching)
+    if method == "power":
+        if which != "LA":
+            raise ValueError("which: power iteration finds the largest-magnitude eigenvalues "
+                             "only; use method='lanczos' for 'SA'")
+        return power_iteration(op, k=k, tol=tol, max_iter=max_iter, seed=seed)
+    if method != "lanczos":
+        raise ValueError(f"method: must be 'lanczos' or 'power' (got {method!r})")
+    top, bottom = lanczos_extremes(op, k_top=k if which == "LA" else 0,
+                                   k_bottom=k if which == "SA" else 0, tol=tol,
+                                   max_iter=max_iter, seed=seed, verify=verify)
+    return top if which == "LA" else bottom
+
+
+def hessian_eigen(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: int = 1,
+                  which: Which = "LA", method: EigenMethod = "lanczos", tol: float = 1e-4,
+                  max_iter: int = 100, **options: Any) -> EigenResult:
+    """Top-k ("LA") or bottom-k ("SA") Hessian eigenpairs; see `curvature_eigen`."""
+    return curvature_eigen(model, loss_fn, data, k, which, method, tol, max_iter,
+                           matrix="hessian", **options)
+
+
+def hessian_extremes(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: int = 1, *,
+                     tol: float = 1e-4, max_iter: int = 100, seed: int = 0,
+                     chunk_size: int | str | None = "auto", hvp_method: str = "graph",
+                     **options: Any) -> tuple[EigenResult, EigenResult]:
+    """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
+    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method,
+                         **options)
+    top, bottom = lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter,
+                                   seed=seed)
+    return top, bottom
+
+
+def hessian_trace(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
+                  method: TraceMethod = "hutchinson", n_samples: int = 30, *, seed: int = 0,
+                  chunk_size: int | str | None = "auto", hvp_method: str = "graph",
+                  **options: Any) -> TraceResult:
+    estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
+    if method not in estimators:
+        raise ValueError(f"method: must be 'hutchinson' or 'hutch++' (got {method!r})")
+    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method,
+                         **options)
+    return estimators[method](op, n_samples, seed=seed)
+
+
+def spectral_density(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
+                     n_steps: int = 100, n_vectors: int = 1, *, sigma: float | None = None,
+                     grid_size: int = 1000, seed: int = 0,
+                     chunk_size: int | str | None = "auto", hvp_method: str = "graph",
+                     **options: Any) -> DensityResult:
+    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method,
+                         **options)
+    return slq_density(op, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma,
+                       grid_size=grid_size, seed=seed)
+
+
+def layerwise_lambda_max(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *,
+                         tol: float = 1e-4, max_iter: int = 100, seed: int = 0,
+                         chunk_size: int | str | None = "auto",
+                         params: Sequence[str] | str | None = None,
+                         **options: Any) -> dict[str, EigenResult]:
+    """Top eigenpair of each layer's diagonal Hessian block (the layer's own parameters
+    varied, all others fixed), keyed by module path (lossgeo's own models: fc1, conv2, ...).
+    With a parameter filter, the blocks are those of the selected parameters. All layers
+    share one gradient graph."""
+    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, params=params, **options)
+    blocks = parameter_blocks(model) if params is None else module_blocks(op.space.names)
+    results = {}
+    for layer, names in blocks.items():
+        block = HessianBlockOperator(op, names)
+        results[layer], _ = lanczos_extremes(block, k_top=1, tol=tol, max_iter=max_iter,
+                                             seed=seed)
+    return results
+
+
+def effective_dimension(eigenvalues: torch.Tensor | Sequence[float], alpha: float) -> float:
+    """N_eff(alpha) = sum_i lambda_i / (lambda_i + alpha) over the (top-k) eigenvalues;
+    non-positive eigenvalues contribute 0 (MacKay 1992; Maddox et al. 2020)."""
+    if alpha <= 0:
+        raise ValueError(f"alpha: must be > 0 (got {alpha})")
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64).clamp(min=0)
+    return float((lam / (lam + alpha)).sum())
