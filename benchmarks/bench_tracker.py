@@ -1,8 +1,9 @@
 """Per-step tracking cost (issue 12 item 2-3 targets; issue 13's "Your own model" figures).
 
-A. The MNIST MLP trained with SGD (lr 0.1, batch 32) on the full training split for 600
-   steps, the Tracker measuring every 10 and every 50 steps on a 1,024-image probe set, a
-   cold solve every 10th measurement: products per warm lambda_max solve (after the first)
+A. Two settings, 600 steps each, the Tracker measuring every 10 steps, a cold solve (to
+   tol / 10) every 10th measurement: the MNIST MLP under SGD (lr 0.1, batch 32, full
+   training split, probe 1024), and the edge-of-stability setting under full-batch GD (MSE,
+   tanh MLP, 2,000 images). Reported: products per warm lambda_max solve (after the first)
    against the cold solve's, the largest |cold gap| at the cold checks, and the seconds the
    light set takes against a training step.
 B. A tiny GPT-2 (2 layers, width 32, random weights) trained with AdamW on synthetic tokens,
@@ -39,31 +40,46 @@ class Recorder:
         pass
 
 
-def mnist_mlp(every: int, n_steps: int = 600) -> None:
-    data = mnist(probe_size=1024)
-    torch.manual_seed(0)
-    model = build_model("mlp")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+def mnist_mlp(setting: str, every: int = 10, n_steps: int = 600) -> None:
+    """setting "sgd": the default MLP, full training split, SGD lr 0.1, batch 32, probe 1024;
+    "gd": the edge-of-stability setting, MSE, tanh MLP 784-200-200-10, full-batch GD with
+    lr 0.04 on 2,000 images (the probe set is those images)."""
+    from lossgeo.losses import half_squared_error
+
+    if setting == "sgd":
+        data = mnist(probe_size=1024)
+        torch.manual_seed(0)
+        model, loss_fn, lr, batch = build_model("mlp"), cross_entropy, 0.1, 32
+        probe = (data.probe.x, data.probe.y)
+    else:
+        data = mnist(train_subset=2000, probe_size=2000)
+        torch.manual_seed(0)
+        model = build_model("mlp", hidden=(200, 200), activation="tanh")
+        loss_fn, lr, batch = half_squared_error, 0.04, 2000
+        probe = (data.train.x, data.train.y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     recorder = Recorder()
-    tracker = Tracker(model, cross_entropy, (data.probe.x, data.probe.y), every_steps=every,
-                      optimizer=optimizer, batch_size=32, cold_every=10, logger=recorder)
+    tracker = Tracker(model, loss_fn, probe, every_steps=every, optimizer=optimizer,
+                      batch_size=32 if setting == "sgd" else 200, cold_every=10,
+                      logger=recorder)
     gen = torch.Generator().manual_seed(1)
     step, train_seconds, measure_seconds = 0, 0.0, 0.0
     started = time.perf_counter()
-    for x, y in data.train.batches(32, shuffle=True, generator=gen):
-        t0 = time.perf_counter()
-        optimizer.zero_grad()
-        loss = cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        t1 = time.perf_counter()
-        train_seconds += t1 - t0
-        if tracker.due(step):
-            tracker.step(step, loss=float(loss.detach()))
-            measure_seconds += time.perf_counter() - t1
-        if step == n_steps:
-            break
+    while step < n_steps:
+        for x, y in data.train.batches(batch, shuffle=True, generator=gen):
+            t0 = time.perf_counter()
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            t1 = time.perf_counter()
+            train_seconds += t1 - t0
+            if tracker.due(step):
+                tracker.step(step, loss=float(loss.detach()))
+                measure_seconds += time.perf_counter() - t1
+            if step == n_steps:
+                break
     total = time.perf_counter() - started
     rows = [m for _, m in recorder.rows]
     warm = [m["step/lambda_max_n_hvp"] for m in rows[1:]]
@@ -71,9 +87,12 @@ def mnist_mlp(every: int, n_steps: int = 600) -> None:
     gaps = [abs(m["step/lambda_max_cold_gap"]) for m in rows if "step/lambda_max_cold_gap" in m]
     bs_n = [m["step/batch_sharpness_n"] for m in rows]
     per = [m["step/seconds"] for m in rows[1:]]
-    print(f"\nA. MNIST MLP (535k parameters), full training split, SGD lr 0.1 B 32, the "
-          f"first {step} steps, measured every {every} steps: {len(rows)} measurements "
-          f"({machine()})\n")
+    what = ("MNIST MLP (535k parameters), full training split, SGD lr 0.1 B 32"
+            if setting == "sgd" else
+            "edge-of-stability setting: MSE, tanh MLP 784-200-200-10, full-batch GD lr 0.04 "
+            "on 2,000 images")
+    print(f"\nA ({setting}). {what}, the first {step} steps, measured every {every} steps: "
+          f"{len(rows)} measurements ({machine()})\n")
     print("| quantity | value |\n|---|---|")
     print(f"| products per warm lambda_max solve (after the first), mean / max | "
           f"{statistics.mean(warm):.2f} / {max(warm):.0f} |")
@@ -132,6 +151,6 @@ def tiny_gpt2() -> None:
 
 
 if __name__ == "__main__":
-    mnist_mlp(every=10)
-    mnist_mlp(every=50)
+    mnist_mlp("sgd")
+    mnist_mlp("gd")
     tiny_gpt2()
