@@ -23,12 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, mnist, timed, trained, write  # noqa: E402
 
 from lossgeo.config import TrainConfig  # noqa: E402
-from lossgeo.curvature import (EmpiricalFisherOperator, GGNOperator, HessianOperator,  # noqa: E402
-                               hessian_eigen, hessian_trace)
+from lossgeo.curvature import (  # noqa: E402
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    hessian_eigen,
+    hessian_trace,
+)
 from lossgeo.curvature.measure import measure_curvature  # noqa: E402
 from lossgeo.losses import cross_entropy  # noqa: E402
 from lossgeo.measurements import curvature_settings  # noqa: E402
-
 
 ROUNDS = 2
 SEEDS = 3
@@ -196,7 +200,8 @@ def bench(model_name: str, full) -> list[str]:
     costs = []
     for method, chunk in (("graph", "auto"), ("graph", 2048), ("graph", 512), ("fwdrev", 2048),
                           ("fwdrev", 512)):
-        costs.append(f"{method}/chunk {chunk}: {hvp_seconds(model, probe, method, chunk) / grad_s:.2f}")
+        cost = hvp_seconds(model, probe, method, chunk) / grad_s
+        costs.append(f"{method}/chunk {chunk}: {cost:.2f}")
     costs.append(f"PyHessian (one 2048 batch, in its trace): {ph_hvp_seconds / grad_s:.2f}")
     for label, cls in (("GGN", GGNOperator), ("empirical Fisher", EmpiricalFisherOperator)):
         costs.append(f"{label} product: "
@@ -239,7 +244,8 @@ def main() -> None:
         frac_lines.append(frac_line)
         print("\n".join(rows), flush=True)
     text = "\n".join([f"# Curvature benchmark ({time.strftime('%Y-%m-%d')}; {machine()})", "",
-                      "Same trained model (1 epoch SGD), same 2048 MNIST probe samples, one process;",
+                      "Same trained model (1 epoch SGD), same 2048 MNIST probe samples, "
+                      "one process;",
                       f"Means over {SEEDS} random seeds; per seed the contenders run alternately,",
                       f"best of {ROUNDS} rounds for lambda_max (one round for the trace).",
                       "", *table, "", "HVP methods (cost of one product / one gradient):",

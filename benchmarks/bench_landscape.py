@@ -1,8 +1,8 @@
 """2D loss slices: lossgeo against the `loss-landscapes` package's random_plane and against
 the floor N^2 x (one forward pass over the probe set), same trained model, same probe
-samples, same resolution, one process, run alternately (best of two rounds). Also per-epoch sharpness cost as a fraction of a
-training epoch at defaults. Run: python benchmarks/bench_landscape.py [samples] [steps]
-(writes results/landscape.md)."""
+samples, same resolution, one process, run alternately (best of two rounds). Also per-epoch
+sharpness cost as a fraction of a training epoch at defaults.
+Run: python benchmarks/bench_landscape.py [samples] [steps] (writes results/landscape.md)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def main() -> None:
     samples = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 11
     data = mnist(probe_size=2048)
-    rows = ["| model | samples | grid | loss-landscapes random_plane s | lossgeo, no factorisation s "
+    rows = ["| model | samples | grid | loss-landscapes random_plane s "
+            "| lossgeo, no factorisation s "
             "| lossgeo s | floor N^2 x forward s | ratio vs random_plane | ratio vs floor |",
             "|---|---|---|---|---|---|---|---|---|"]
     fracs = []

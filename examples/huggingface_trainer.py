@@ -19,8 +19,7 @@ import time
 
 import mlflow
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from lossgeo import Tracker
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from . import analysis, plots
-from .statistics import study_verdicts
 from .errors import UserInputError
+from .statistics import study_verdicts
 from .tracking import TrackedRun, load_artifact_object
 
 
@@ -29,7 +29,8 @@ def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
     except UserInputError:
         raise
     except Exception as exc:
-        raise UserInputError(f"parent_run: cannot read runs ({type(exc).__name__}: {exc})")
+        raise UserInputError(
+            f"parent_run: cannot read runs ({type(exc).__name__}: {exc})") from exc
     if not parent_run and "tags.lossgeo_role" in runs:
         runs = runs[runs["tags.lossgeo_role"].fillna("") != "parent"]
     if "tags.kind" in runs:  # comparison/report/interpolation runs are not training runs

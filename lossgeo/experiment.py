@@ -191,7 +191,8 @@ def load_logged_run(run_id: str, **overrides):
     try:
         run = get_run(run_id)
     except Exception as exc:
-        raise UserInputError(f"run_id: no run {run_id!r} in {_uri()} ({type(exc).__name__})")
+        raise UserInputError(
+            f"run_id: no run {run_id!r} in {_uri()} ({type(exc).__name__})") from exc
     config = config_from_params(run.data.params, **overrides)
     data, model, loss_fn, _ = prepare(config)
     if not has_artifact(run_id, "checkpoint/model.pt"):

@@ -158,7 +158,8 @@ class PerturbedLoss:
             tail = self._split[3]
             tail_params = {local: w + torch.tensordot(c, d, dims=1)
                            for local, (w, d) in self._tail_pieces().items()}
-            outputs = ((functional_call(tail, tail_params, (z0 + torch.tensordot(c, zs, dims=1),)), y)
+            outputs = ((functional_call(tail, tail_params,
+                                        (z0 + torch.tensordot(c, zs, dims=1),)), y)
                        for z0, zs, y in self._cache)
         total, correct = 0.0, 0
         for out, y in outputs:

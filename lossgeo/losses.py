@@ -13,7 +13,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def half_squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cohen et al. (2021)'s MSE: 0.5 * sum over classes of (output - one_hot)^2, mean over samples."""
+    """Cohen et al. (2021)'s MSE: 0.5 * sum over classes of (output - one_hot)^2, mean over
+    samples."""
     # A comparison, not F.one_hot: one_hot reads the labels' values (a data-dependent check),
     # which torch.func.vmap cannot do, and per-sample gradients run this loss under vmap.
     classes = torch.arange(output.shape[-1], device=output.device)

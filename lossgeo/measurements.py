@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from .config import TrainConfig
 from .curvature.measure import CurvatureSettings, measure_curvature
-from .noise import gradient_noise_scale
 from .landscape_measure import LandscapeSettings, measure_landscape
+from .noise import gradient_noise_scale
 from .train import EpochState, Measurement, MeasurementResult
 
 

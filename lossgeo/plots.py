@@ -407,7 +407,8 @@ def comparison_figures(runs: pd.DataFrame, history: pd.DataFrame,
     momenta = dict(zip(runs["label"], runs["momentum"])) if "momentum" in runs else {}
     figures = {"loss_curves.png": loss_curves(hist), "accuracy_curves.png": accuracy_curves(hist),
                "lambda_max.png": lambda_max_curves(hist, lrs, momenta),
-               "sharpness.png": sharpness_curves(hist), "gen_gap_vs_lambda.png": gen_gap_vs_lambda(runs),
+               "sharpness.png": sharpness_curves(hist),
+               "gen_gap_vs_lambda.png": gen_gap_vs_lambda(runs),
                "noise_vs_lambda.png": noise_vs_lambda(runs)}
     if densities is not None:
         figures["spectra.png"] = spectra(densities)

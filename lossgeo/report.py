@@ -14,11 +14,13 @@ from .statistics import cell_summary
 
 REFERENCES = r"""@inproceedings{keskar2017,
   title={On Large-Batch Training for Deep Learning: Generalization Gap and Sharp Minima},
-  author={Keskar, Nitish Shirish and Mudigere, Dheevatsa and Nocedal, Jorge and Smelyanskiy, Mikhail and Tang, Ping Tak Peter},
+  author={Keskar, Nitish Shirish and Mudigere, Dheevatsa and Nocedal, Jorge and
+          Smelyanskiy, Mikhail and Tang, Ping Tak Peter},
   booktitle={International Conference on Learning Representations}, year={2017}}
 @article{jastrzebski2017,
   title={Three Factors Influencing Minima in {SGD}},
-  author={Jastrzebski, Stanis{\l}aw and Kenton, Zachary and Arpit, Devansh and Ballas, Nicolas and Fischer, Asja and Bengio, Yoshua and Storkey, Amos},
+  author={Jastrzebski, Stanis{\l}aw and Kenton, Zachary and Arpit, Devansh and
+          Ballas, Nicolas and Fischer, Asja and Bengio, Yoshua and Storkey, Amos},
   journal={arXiv:1711.04623}, year={2017}}
 @inproceedings{li2018,
   title={Visualizing the Loss Landscape of Neural Nets},
@@ -56,7 +58,8 @@ FIGURES = [("loss_curves.png", "Train (solid) and test (dashed) loss per epoch."
                               r"stability edge $2(1+\mu)/\eta$ of each run."),
            ("sharpness.png", "Random-direction sharpness per epoch."),
            ("gen_gap_vs_lambda.png", r"Final generalisation gap against final $\lambda_{\max}$."),
-           ("noise_vs_lambda.png", r"Final $\lambda_{\max}$ against the noise temperature $\eta/B$."),
+           ("noise_vs_lambda.png",
+            r"Final $\lambda_{\max}$ against the noise temperature $\eta/B$."),
            ("spectra.png", "Hessian spectral densities at the final epoch (SLQ).")]
 
 

@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,16 @@ from .experiment import prepare, run_training
 from .periodic import Periodic
 from .statistics import cell_summary, study_verdicts
 from .studyfile import StudySpec
-from .tracking import (END_REASON_TAG, PARENT_TAG, Heartbeat, TrackedRun, client, experiment_id,
-                       launcher_run_id, resolve_experiment)
+from .tracking import (
+    END_REASON_TAG,
+    PARENT_TAG,
+    Heartbeat,
+    TrackedRun,
+    client,
+    experiment_id,
+    launcher_run_id,
+    resolve_experiment,
+)
 
 DEFAULT_STORAGE = "sqlite:///studies/optuna.db"
 PARENT_ATTR = "mlflow_parent_run_id"

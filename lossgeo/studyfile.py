@@ -172,14 +172,16 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise UserInputError(f"study: {path} is not valid YAML ({str(exc).splitlines()[0]})")
+        raise UserInputError(
+            f"study: {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(raw, dict):
         raise UserInputError(f"study: {path} must be a YAML mapping")
     allowed = {"name", "kind", "base", "models", "regimes", "factors", "search_space",
                "sampler", "objective", "pruner", "n_trials", "seed", "seeds"}
     unknown = set(raw) - allowed
     if unknown:
-        raise _fail(path, sorted(unknown)[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        raise _fail(path, sorted(unknown)[0],
+                    f"unknown field (allowed: {', '.join(sorted(allowed))})")
     name = raw.get("name") or path.stem
     kind = raw.get("kind", "sweep")
     if kind not in ("grid", "sweep"):

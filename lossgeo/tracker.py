@@ -91,7 +91,8 @@ class Tracker:
         self._lr, self._momentum = lr, momentum
         self.batch_size, self.params = batch_size, params
         self.loss_form, self.size_fn = loss_form, size_fn
-        self.batch_sharpness_rse, self.batch_sharpness_max = batch_sharpness_rse, batch_sharpness_max
+        self.batch_sharpness_rse = batch_sharpness_rse
+        self.batch_sharpness_max = batch_sharpness_max
         self.warm = WarmEigen(k=k, tol=tol, cold_every=cold_every, seed=seed)
         self.spikes = OnlineSpikeDetector(spike_factor)
         self.epoch_measurements = epoch_measurements

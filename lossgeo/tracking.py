@@ -289,7 +289,8 @@ class TrackedRun:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             status = "FINISHED"
-        elif issubclass(exc_type, KeyboardInterrupt) or getattr(exc_type, "mlflow_status", "") == "KILLED":
+        elif (issubclass(exc_type, KeyboardInterrupt)
+              or getattr(exc_type, "mlflow_status", "") == "KILLED"):
             status = "KILLED"
             self.set_tags({END_REASON_TAG: str(exc) or "interrupted (SIGINT)"})
         else:

@@ -262,7 +262,10 @@ class TargetCheck:
         losses = torch.tensor([c[0] for c in chunks], dtype=torch.float64)
         accs = torch.tensor([c[1] for c in chunks], dtype=torch.float64)
         n = len(chunks)
-        se = (lambda v: float(v.std() / math.sqrt(n)) if n > 1 else 0.0)
+
+        def se(v: torch.Tensor) -> float:
+            return float(v.std() / math.sqrt(n)) if n > 1 else 0.0
+
         return self.met(float(losses.mean()) - 2 * se(losses),
                         float(accs.mean()) + 2 * se(accs))
 

@@ -7,10 +7,19 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from lossgeo.curvature import (EmpiricalFisherOperator, curvature_eigen, GGNOperator, HessianOperator,
-                               effective_dimension, hessian_eigen, hessian_extremes,
-                               hessian_trace, layerwise_lambda_max, spectral_density)
-from lossgeo.curvature import HessianBlockOperator
+from lossgeo.curvature import (
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianBlockOperator,
+    HessianOperator,
+    curvature_eigen,
+    effective_dimension,
+    hessian_eigen,
+    hessian_extremes,
+    hessian_trace,
+    layerwise_lambda_max,
+    spectral_density,
+)
 from lossgeo.curvature.lanczos import lanczos_extremes
 from lossgeo.curvature.linear import MatrixOperator
 from lossgeo.curvature.operators import ParameterSpace
@@ -144,7 +153,9 @@ def test_hutch_plus_plus_is_exact_for_low_rank():
     model = nn.Sequential(nn.Linear(6, 1, bias=False))
     torch.manual_seed(0)
     x, t = torch.randn(2, 6), torch.randn(2, 1)
-    loss = lambda o, y: 0.5 * ((o - y) ** 2).sum(-1).mean()  # Hessian = X^T X / N, rank 2
+    def loss(o, y):  # Hessian = X^T X / N, rank 2
+        return 0.5 * ((o - y) ** 2).sum(-1).mean()
+
     exact = float(torch.trace(x.T @ x / 2))
     result = hessian_trace(model, loss, (x, t), method="hutch++", n_samples=9)
     assert result.value == pytest.approx(exact, rel=1e-10) and result.stderr < 1e-10

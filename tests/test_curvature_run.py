@@ -68,6 +68,7 @@ def test_remeasure_command_logs_into_the_run(tracking, fake_data_dir):
     assert result.exit_code == 0, result.output
     run = MlflowClient().get_run(outcome.run_id)
     assert "remeasured/lambda_max" in run.data.metrics
-    assert "remeasured/lambda_2" in run.data.metrics and "remeasured/lambda_3" not in run.data.metrics
+    assert "remeasured/lambda_2" in run.data.metrics
+    assert "remeasured/lambda_3" not in run.data.metrics
     bad = CliRunner().invoke(cli, ["curvature", "--run-id", "nope"])
     assert bad.exit_code == 2 and "run_id: no run 'nope'" in bad.stderr

@@ -15,6 +15,7 @@ import uuid
 import optuna
 import pytest
 import yaml
+
 from lossgeo.tracking import client as MlflowClient  # follows MLFLOW_TRACKING_URI
 
 from .test_study import TINY_BASE
@@ -159,7 +160,8 @@ def test_killed_worker_trial_is_failed_retried_and_study_completes(mlflow_server
     by_number = {t.number: t for t in study.trials}
     assert by_number[killed.number].state.name == "FAIL"
     retries = [t for t in study.trials
-               if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed.number]
+               if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+               == killed.number]
     assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
     assert retries[0].params == killed.params
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2

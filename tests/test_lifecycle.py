@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from .conftest import REPO

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -42,7 +41,8 @@ def test_mlflow_run_main_entry_point(tmp_path, e2e_experiment, fake_data_dir):
     run = runs[0]
     assert run.data.params["epochs"] == "1" and run.data.tags["model"] == "mlp"
     for metric in ("train_loss", "test_acc", "lambda_max", "sharp_max", "grad_noise_scale"):
-        assert [m.step for m in e2e_experiment.get_metric_history(run.info.run_id, metric)] == [0, 1]
+        history = e2e_experiment.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == [0, 1]
     paths = {a.path for a in e2e_experiment.list_artifacts(run.info.run_id)}
     assert {"metrics.csv", "config.yaml", "checkpoint", "plots", "spectrum", "landscape"} <= paths
 

@@ -101,8 +101,9 @@ def test_truncated_mnist_file_is_named_corrupt(tmp_path, tracking):
 
 
 def test_missing_data_dir_is_not_created(tmp_path, tracking, monkeypatch):
-    import lossgeo.data as data_mod
     import torchvision.datasets.mnist as tv_mnist
+
+    import lossgeo.data as data_mod
 
     def offline(*args, **kwargs):  # what this machine's network does, without the wait
         raise RuntimeError("offline")
@@ -122,8 +123,8 @@ def test_one_line_per_epoch_when_not_on_a_terminal(tmp_path, fake_data_dir):
                              str(fake_data_dir)], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [l for l in result.stdout.splitlines() if l.startswith("epoch ")]
-    assert [l.split(":")[0] for l in lines] == ["epoch 0/2", "epoch 1/2", "epoch 2/2"]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 0/2", "epoch 1/2", "epoch 2/2"]
     assert "train_loss" in lines[0] and "test_acc" in lines[0] and lines[0].endswith(" s")
 
 

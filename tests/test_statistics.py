@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from lossgeo.statistics import (rank_correlation, stability_edge, study_verdicts, verdict)
+from lossgeo.statistics import rank_correlation, stability_edge, study_verdicts, verdict
 
 
 def test_bootstrap_interval_covers_the_true_rank_correlation_about_95_percent():

@@ -3,12 +3,11 @@ measure there as at the final epoch, mark a run that misses it."""
 
 import math
 
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lossgeo.experiment import prepare, run_training
 from lossgeo.data import Split
+from lossgeo.experiment import prepare, run_training
 from lossgeo.train import MeasurementResult, evaluate, train
 
 from .conftest import tiny_config

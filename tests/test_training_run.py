@@ -1,4 +1,3 @@
-import math
 
 import pandas as pd
 import pytest
@@ -6,9 +5,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lossgeo.experiment import prepare, run_training
-from lossgeo.train import EpochState, MeasurementResult, measured_epochs, train
-from lossgeo.tracking import load_artifact_object
 from lossgeo.models import build_model
+from lossgeo.tracking import load_artifact_object
+from lossgeo.train import EpochState, MeasurementResult, measured_epochs, train
 
 from .conftest import tiny_config
 

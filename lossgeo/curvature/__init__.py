@@ -14,12 +14,24 @@ with batches weighted by size. "LA" = largest algebraic (sorted largest first), 
 smallest algebraic (most negative first). Power iteration finds the largest *magnitude*.
 """
 
-from .api import (curvature_eigen, effective_dimension, hessian_eigen, hessian_extremes,
-                  hessian_trace, layerwise_lambda_max, spectral_density)
+from .api import (
+                  curvature_eigen,
+                  effective_dimension,
+                  hessian_eigen,
+                  hessian_extremes,
+                  hessian_trace,
+                  layerwise_lambda_max,
+                  spectral_density,
+)
 from .batches import as_batches, eval_mode
 from .linear import LambdaOperator, LinearOperator, MatrixOperator
-from .operators import (CurvatureOperator, EmpiricalFisherOperator, GGNOperator,
-                        HessianBlockOperator, HessianOperator)
+from .operators import (
+                  CurvatureOperator,
+                  EmpiricalFisherOperator,
+                  GGNOperator,
+                  HessianBlockOperator,
+                  HessianOperator,
+)
 from .results import DensityResult, EigenResult, TraceResult
 
 __all__ = [

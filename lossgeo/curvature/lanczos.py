@@ -114,7 +114,7 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
                                 _ritz_converged(beta, s, theta, top[1:], rest_tol)]),
                 _ritz_converged(beta, s, theta, bottom, bottom_tol, floor))
 
-    for basis, alphas, betas, beta in steps:
+    for basis, alphas, betas, beta in steps:  # noqa: B007 (the last step's values are used)
         theta, s = _ritz(alphas, betas)
         top, bottom = _wanted(theta, k_top, k_bottom)
         invariant = _invariant(beta, alphas)
@@ -151,7 +151,8 @@ def lanczos_tridiagonal(matvec: MatVec, v0: torch.Tensor, n_steps: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """n_steps of Lanczos (full reorthogonalisation) from v0; returns the Ritz values and the
     squared first components of their eigenvectors (Gauss quadrature nodes and weights)."""
-    for _, alphas, betas, _ in _lanczos_steps(matvec, v0 / v0.norm(), min(n_steps, v0.numel())):
+    steps = _lanczos_steps(matvec, v0 / v0.norm(), min(n_steps, v0.numel()))
+    for _, alphas, betas, _ in steps:  # noqa: B007 (run to the end; the last step is used)
         pass
     theta, s = _ritz(alphas, betas)
     return theta, s[0] ** 2

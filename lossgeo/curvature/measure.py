@@ -7,16 +7,21 @@ import math
 import time
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..models import parameter_blocks
+from .api import effective_dimension
 from .density import slq_density
 from .lanczos import lanczos_extremes
-from .operators import (DataSource, EmpiricalFisherOperator, GGNOperator,
-                        HessianBlockOperator, HessianOperator, LossFn)
+from .operators import (
+    DataSource,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianBlockOperator,
+    HessianOperator,
+    LossFn,
+)
 from .trace import hutchinson
-from .api import effective_dimension
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,18 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from .batches import (AnyLossFn, Batch, DataSource, LossFn, LossForm, Objective,  # noqa: F401
-                      activation_bytes_per_sample, as_batches, auto_chunk_size, eval_mode)
+from .batches import (  # noqa: F401
+    AnyLossFn,
+    Batch,
+    DataSource,
+    LossFn,
+    LossForm,
+    Objective,
+    activation_bytes_per_sample,
+    as_batches,
+    auto_chunk_size,
+    eval_mode,
+)
 from .params import ParameterSpace
 
 HVP_METHODS = ("graph", "fwdrev")
