@@ -78,17 +78,16 @@ def load_history(runs: pd.DataFrame | Iterable[str], metrics: Iterable[str] | No
     else:
         run_ids = list(runs)
         labels = {r: r for r in run_ids}
-    client = tracking.client()
     wanted = list(metrics) if metrics is not None else None
     jobs = []
     for run_id in run_ids:
-        keys = wanted if wanted is not None else list(client.get_run(run_id).data.metrics)
+        keys = wanted if wanted is not None else tracking.run_metric_keys(run_id)
         jobs += [(run_id, key) for key in keys]
 
     def fetch(job):
         run_id, key = job
-        return [(run_id, labels[run_id], m.step, key, m.value)
-                for m in client.get_metric_history(run_id, key)]
+        return [(run_id, labels[run_id], step, key, value)
+                for step, value in tracking.metric_history(run_id, key)]
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         rows = [row for chunk in pool.map(fetch, jobs) for row in chunk]

@@ -16,12 +16,12 @@ from .tracking import TrackedRun, load_artifact_object
 def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
     """The FINISHED training runs of an experiment (default: the default experiment) or of
     a study's parent run; none is bad input (nothing would be compared)."""
-    from .tracking import client, default_experiment, tracking_uri
+    from .tracking import default_experiment, experiment_exists, tracking_uri
 
     experiment, parent_run = experiment or None, parent_run or None
     if not experiment and not parent_run:
         experiment = default_experiment()
-    if experiment and not parent_run and client().get_experiment_by_name(experiment) is None:
+    if experiment and not parent_run and not experiment_exists(experiment):
         raise UserInputError(f"experiment: there is no experiment {experiment!r} in "
                              f"{tracking_uri()}")
     try:
@@ -111,10 +111,10 @@ def report(experiment: str | None = None, parent_run: str | None = None,
 def _output_run(experiment: str | None, parent_run: str | None, kind: str) -> TrackedRun:
     """A run tagged kind=<kind>, a child of the parent run when one is given: under
     `mlflow run` the launcher's run (so no empty run is left), else a new one."""
-    from .tracking import client, default_experiment, get_run
+    from .tracking import default_experiment, run_experiment_name
 
     experiment, parent_run = experiment or None, parent_run or None
     if parent_run:
-        experiment = client().get_experiment(get_run(parent_run).info.experiment_id).name
+        experiment = run_experiment_name(parent_run)
     return TrackedRun(experiment=experiment or default_experiment(), run_name=kind,
                       parent_run_id=parent_run, tags={"kind": kind}, adopt_launcher=True)

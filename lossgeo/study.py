@@ -32,12 +32,16 @@ from .studyfile import StudySpec
 from .tracking import (
     END_REASON_TAG,
     PARENT_TAG,
-    Heartbeat,
     TrackedRun,
-    client,
-    experiment_id,
+    create_run,
+    delete_run,
+    end_run,
+    find_runs,
     launcher_run_id,
+    reopen_run,
     resolve_experiment,
+    run_experiment_name,
+    start_heartbeat,
 )
 
 DEFAULT_STORAGE = "sqlite:///studies/optuna.db"
@@ -63,9 +67,7 @@ class FailRunAndRetry:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             try:
-                c = client()
-                c.set_tag(run_id, "failure", "worker lost: no heartbeat")
-                c.set_terminated(run_id, status="FAILED")
+                end_run(run_id, "FAILED", {"failure": "worker lost: no heartbeat"})
             except Exception:  # the retry matters more than the bookkeeping
                 pass
         self.retry(study, trial)
@@ -103,23 +105,21 @@ def parent_run_for(study: optuna.Study, spec: StudySpec, experiment: str) -> str
     known = study.user_attrs.get(PARENT_ATTR)
     if known:
         return known
-    c = client()
-    exp_id = experiment_id(experiment, c)
     query = (f"tags.lossgeo_study = '{study.study_name}' and tags.lossgeo_role = 'parent'")
 
     def candidates():
-        return sorted(c.search_runs([exp_id], query, max_results=100),
+        return sorted(find_runs(experiment, query, max_results=100),
                       key=lambda r: (r.info.start_time, r.info.run_id))
 
     found = candidates()
     if not found:
-        mine = c.create_run(exp_id, run_name=f"{spec.kind}-{study.study_name}",
-                            tags={"lossgeo_study": study.study_name, "lossgeo_role": "parent",
-                                  "study_kind": spec.kind}).info.run_id
+        mine = create_run(experiment, f"{spec.kind}-{study.study_name}",
+                          {"lossgeo_study": study.study_name, "lossgeo_role": "parent",
+                           "study_kind": spec.kind})
         time.sleep(0.5)  # let a worker racing us land its own, then all pick the oldest
         found = candidates()
         if found[0].info.run_id != mine:
-            c.delete_run(mine)
+            delete_run(mine)
     chosen = found[0].info.run_id
     study.set_user_attr(PARENT_ATTR, chosen)
     return chosen
@@ -348,7 +348,7 @@ def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | No
     experiment = resolve_experiment(experiment)
     with lock:  # one worker creates the parent run, the others find it
         parent = parent_run_for(study, spec, experiment)
-        client().update_run(parent, status="RUNNING")  # a later worker reopens a closed study
+        reopen_run(parent)  # a later worker reopens a closed study
     if spec.sampler == "grid":
         _enqueue_grid(study, spec, lock)
         budget = min(budget, len(grid_points(spec)))
@@ -356,7 +356,7 @@ def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | No
     objective = make_objective(spec, parent, experiment, stop)
     ran: list[int] = []
     args = (study, rdb, lock, budget, objective, heartbeat_interval, stop, ran)
-    beat = Heartbeat(client(), parent)
+    beat = start_heartbeat(parent)
     interrupted = True
     try:
         with _launcher_as_worker(parent, study.study_name) as worker:
@@ -389,13 +389,11 @@ def _close_parent(study: optuna.Study, parent: str, budget: int, interrupted: bo
     once the budget is done; KILLED when the last worker was interrupted before that."""
     if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         return  # another worker is at work; the last one closes the parent
-    c = client()
     if len(study.get_trials(deepcopy=False, states=CLAIMED)) >= budget:
-        c.set_terminated(parent, status="FINISHED")
+        end_run(parent, "FINISHED")
     elif interrupted:
-        c.set_tag(parent, END_REASON_TAG, "interrupted before the budget was done; "
-                                          "a new worker resumes the study")
-        c.set_terminated(parent, status="KILLED")
+        end_run(parent, "KILLED", {END_REASON_TAG: "interrupted before the budget was done; "
+                                                   "a new worker resumes the study"})
 
 
 @contextlib.contextmanager
@@ -407,10 +405,8 @@ def _launcher_as_worker(parent: str, study_name: str):
     if not run_id:
         yield None
         return
-    c = client()
-    parent_experiment = c.get_run(parent).info.experiment_id
-    if c.get_run(run_id).info.experiment_id != parent_experiment:
-        name = c.get_experiment(parent_experiment).name
+    name = run_experiment_name(parent)
+    if run_experiment_name(run_id) != name:
         raise UserInputError(f"experiment: study {study_name!r} lives in experiment {name!r}; "
                              f"join it with `mlflow run --experiment-name {name}`")
     with TrackedRun(run_id=run_id, tags={
@@ -437,20 +433,18 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
         # validate every cell before anything runs; the data are not kept, since a grid of
         # cells x seeds would hold one copy per cell (each cell loads its own when it runs)
         prepare(config)
-    c = client()
-    exp_id = experiment_id(experiment, c)
     tags = {"lossgeo_study": spec.name, "lossgeo_role": "parent", "study_kind": "grid"}
-    existing = c.search_runs(
-        [exp_id], f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
+    existing = find_runs(
+        experiment, f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
         "and tags.study_kind = 'grid'", order_by=["attributes.start_time ASC"], max_results=1)
     if existing:
-        finished = {_cell_key(r): r for r in c.search_runs(
-            [exp_id], f"tags.`{PARENT_TAG}` = '{existing[0].info.run_id}' and "
-            "attributes.status = 'FINISHED'", max_results=50000)}
+        finished = {_cell_key(r): r for r in find_runs(
+            experiment, f"tags.`{PARENT_TAG}` = '{existing[0].info.run_id}' and "
+            "attributes.status = 'FINISHED'")}
         _check_same_settings(spec.name, finished, configs)
         done = set(finished)
         parent = TrackedRun(run_id=existing[0].info.run_id, tags=tags)
-        c.update_run(parent.run_id, status="RUNNING")
+        reopen_run(parent.run_id)
         worker = _launcher_as_worker(parent.run_id, spec.name)
     else:
         parent = TrackedRun(experiment=experiment, run_name=f"grid-{spec.name}", tags=tags)

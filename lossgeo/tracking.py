@@ -50,7 +50,6 @@ def client() -> MlflowClient:
     """A client for `tracking_uri()`; the first call per process and URI opens the store
     safely (see `_open_store`)."""
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
     if uri not in _store_state:
         try:
             _open_store(uri)
@@ -423,14 +422,78 @@ def get_run(run_id: str):
     return client().get_run(run_id)
 
 
+@contextlib.contextmanager
+def _fluent_uri(uri: str):
+    """MLflow's fluent calls read a process-wide URI: set it for the call only, so that
+    lossgeo never changes the URI of the caller's own mlflow code."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def search_runs(experiment_names: Iterable[str] | None = None, filter_string: str = "",
                 experiment_ids: Iterable[str] | None = None):
     """Runs as a pandas DataFrame (mlflow.search_runs)."""
-    client()  # sets the tracking URI
-    return mlflow.search_runs(experiment_names=list(experiment_names) if experiment_names else None,
-                              experiment_ids=list(experiment_ids) if experiment_ids else None,
-                              filter_string=filter_string, output_format="pandas",
-                              max_results=100000)
+    client()  # opens the store safely first
+    with _fluent_uri(tracking_uri()):
+        return mlflow.search_runs(
+            experiment_names=list(experiment_names) if experiment_names else None,
+            experiment_ids=list(experiment_ids) if experiment_ids else None,
+            filter_string=filter_string, output_format="pandas", max_results=100000)
+
+
+def find_runs(experiment: str, filter_string: str, *, order_by: list[str] | None = None,
+              max_results: int = 50000) -> list:
+    """Run entities of `experiment` matching an MLflow filter string."""
+    c = client()
+    return c.search_runs([experiment_id(experiment, c)], filter_string, order_by=order_by,
+                         max_results=max_results)
+
+
+def create_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    c = client()
+    return c.create_run(experiment_id(experiment, c), run_name=run_name, tags=tags).info.run_id
+
+
+def delete_run(run_id: str) -> None:
+    client().delete_run(run_id)
+
+
+def end_run(run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    """Tags (e.g. why), then the terminal status."""
+    c = client()
+    if tags:
+        c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    c.set_terminated(run_id, status=status)
+
+
+def reopen_run(run_id: str) -> None:
+    client().update_run(run_id, status="RUNNING")
+
+
+def run_experiment_name(run_id: str) -> str:
+    c = client()
+    return c.get_experiment(c.get_run(run_id).info.experiment_id).name
+
+
+def experiment_exists(name: str) -> bool:
+    return client().get_experiment_by_name(name) is not None
+
+
+def run_metric_keys(run_id: str) -> list[str]:
+    return list(client().get_run(run_id).data.metrics)
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of one metric."""
+    return [(m.step, m.value) for m in client().get_metric_history(run_id, key)]
+
+
+def start_heartbeat(run_id: str) -> "Heartbeat":
+    return Heartbeat(client(), run_id)
 
 
 class ActiveRunLogger:
