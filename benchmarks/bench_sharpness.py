@@ -30,7 +30,7 @@ def main() -> None:
         config = TrainConfig(model=name)
         model = trained(name, data, epochs=1)
         probe = (data.probe.x, data.probe.y)
-        (_, _, rnd), t_rnd = timed(lambda: random_direction_sharpness(
+        rnd, t_rnd = timed(lambda: random_direction_sharpness(
             model, cross_entropy, probe, n_directions=config.sharpness_directions,
             radius=config.sharpness_radius), repeat=2)
         eps, t_eps = timed(lambda: eps_sharpness(model, cross_entropy, probe,

@@ -309,7 +309,8 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lossgeo`: the help, as click does
             exc.show()
             sys.exit(exc.exit_code)
-        where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        ctx = getattr(exc, "ctx", None)  # UsageError and its kind know their command
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         fail(exc.format_message() + where)
     except (click.Abort, Interrupted):
         if not _received:

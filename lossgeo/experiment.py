@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -91,6 +91,7 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
             # Whatever happened, what was logged also lands in metrics.csv, plots, checkpoint.
             frame = history_frame(history)
             log_run_outputs(run, frame, model, result.final_artifacts if result else {})
+        assert result is not None  # train() returned (an exception would have left the block)
         run.set_tags({"diverged": "true" if result.diverged_epoch is not None else "false"})
         if config.target_train_loss > 0 or config.target_train_acc > 0:  # kept, and marked
             run.set_tags({"reached_target": str(result.steps_to_target is not None).lower()})
@@ -165,14 +166,14 @@ def config_from_params(params: dict[str, str], **overrides) -> TrainConfig:
     """Rebuilds the TrainConfig a run was trained with from its logged params."""
     import dataclasses
 
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name not in params:
             continue
         raw = params[f.name]
         if raw in ("''", '""'):  # how `mlflow run` logs an empty -P value
             raw = ""
-        kind = type(f.default)
+        kind: Any = type(f.default)
         if kind is bool:
             values[f.name] = raw.strip().lower() in ("true", "1", "yes")
         elif kind is int:
@@ -250,10 +251,11 @@ def remeasure_landscape(run_id: str, *, resolution: int | None = None,
         raise UserInputError("landscape_directions: pca needs the trajectory, which only the "
                              "training run has (allowed here: random, eigen)")
     config, data, model, loss_fn = load_logged_run(run_id, data_dir=data_dir)
-    settings = dataclasses.replace(
-        landscape_settings(config), sharpness=False, landscape=True,
-        **{k: v for k, v in (("resolution", resolution), ("half_range", half_range),
-                             ("directions", directions)) if v is not None})
+    changes: dict[str, Any] = {k: v for k, v in (("resolution", resolution),
+                                                  ("half_range", half_range),
+                                                  ("directions", directions)) if v is not None}
+    settings = dataclasses.replace(landscape_settings(config), sharpness=False, landscape=True,
+                                   **changes)
     split = data.test if on_test else data.probe
     _, artifacts = measure_landscape(model, loss_fn, (data.probe.x, data.probe.y),
                                      (split.x, split.y), [], settings, epoch=config.epochs,
@@ -264,7 +266,7 @@ def remeasure_landscape(run_id: str, *, resolution: int | None = None,
     for name, figure in plots.artifact_figures(pd.DataFrame(), artifacts).items():
         run.log_figure(f"remeasured/{name}", figure)
         plt.close(figure)
-    return artifacts["landscape/loss_slice_2d.pt"]
+    return dict(artifacts["landscape/loss_slice_2d.pt"])  # type: ignore[call-overload]
 
 
 def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: str = "",

@@ -43,6 +43,7 @@ def _fan_in(layer: nn.Module) -> int:
     """Multiply-adds per output element."""
     if isinstance(layer, nn.Linear):
         return layer.in_features
+    assert isinstance(layer, nn.Conv2d)
     return layer.in_channels // layer.groups * int(torch.tensor(layer.kernel_size).prod())
 
 
@@ -77,6 +78,11 @@ class PerturbedLoss:
         self._cache: list | None = None
 
     # -- first-layer factorisation ---------------------------------------------------
+    @property
+    def factorized(self) -> bool:
+        """Whether the first layer's output is computed once per slice (see the class)."""
+        return self._split is not None
+
     def _first_layer_split(self):
         seq = _sequence(self.model)
         if seq is None:
@@ -102,11 +108,12 @@ class PerturbedLoss:
 
     def _layer_output(self, layer: nn.Module, x: torch.Tensor,
                       params: dict[str, torch.Tensor]) -> torch.Tensor:
-        weight, bias = params.get("weight"), params.get("bias")
+        weight, bias = params["weight"], params.get("bias")
         if isinstance(layer, nn.Linear):
             return F.linear(x, weight, bias)
-        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation,
-                        layer.groups)
+        assert isinstance(layer, nn.Conv2d)
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding,  # type: ignore[arg-type]
+                        layer.dilation, layer.groups)
 
     def _build_cache(self):
         stem, layer, layer_names, _, _ = self._split
@@ -160,7 +167,7 @@ class PerturbedLoss:
                            for local, (w, d) in self._tail_pieces().items()}
             outputs = ((functional_call(tail, tail_params,
                                         (z0 + torch.tensordot(c, zs, dims=1),)), y)
-                       for z0, zs, y in self._cache)
+                       for z0, zs, y in self._cache or [])
         total, correct = 0.0, 0
         for out, y in outputs:
             # weights n_b / N: one batch gives exactly the plain mean loss

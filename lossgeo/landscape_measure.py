@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,10 +40,10 @@ class LandscapeSettings:
 
 def measure_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource,
                       s: LandscapeSettings) -> dict[str, float]:
-    sharp_mean, sharp_max, _ = random_direction_sharpness(
+    random = random_direction_sharpness(
         model, loss_fn, data, n_directions=s.sharpness_directions, radius=s.sharpness_radius,
         seed=s.seed)
-    return {"sharp_mean": sharp_mean, "sharp_max": sharp_max,
+    return {"sharp_mean": random.value, "sharp_max": random.max,
             "eps_sharpness": eps_sharpness(model, loss_fn, data, eps=s.sharpness_eps).value,
             "adaptive_sharpness": adaptive_sharpness(model, loss_fn, data,
                                                      radius=s.adaptive_radius).value}
@@ -93,7 +94,7 @@ def measure_landscape(model: nn.Module, loss_fn: LossFn, probe: DataSource,
         settings = s if directions == s.directions else _replace(s, directions=directions)
         d1, d2, extent, description = plane(model, loss_fn, probe, settings, traj, cache)
         grid = axis(s.resolution, extent)
-        slice2d = surface_2d(model, loss_fn, slice_data, d1, d2, grid, grid)
+        slice2d: dict[str, Any] = dict(surface_2d(model, loss_fn, slice_data, d1, d2, grid, grid))
         slice2d.update({"directions": description, "d1": d1.cpu(), "d2": d2.cpu(),
                         "plane": directions, "epoch": epoch,
                         "config": {"resolution": s.resolution, "range": extent}})

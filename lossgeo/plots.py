@@ -3,7 +3,7 @@ a Figure; saving and logging is the caller's job."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import matplotlib
 
@@ -64,7 +64,7 @@ def accuracy_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
     return fig
 
 
-def artifact_figures(history: pd.DataFrame, artifacts: Mapping[str, object]) -> dict[str, Figure]:
+def artifact_figures(history: pd.DataFrame, artifacts: Mapping[str, Any]) -> dict[str, Figure]:
     """Figures for the final epoch's measurement artifacts, keyed by artifact path."""
     figures: dict[str, Figure] = {}
     density = artifacts.get("spectrum/density.pt")
@@ -428,7 +428,8 @@ def optuna_figures(study) -> dict[str, Figure]:
     completed = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not completed or len(study.directions) > 1:
         return figures
-    plots_to_make = {"optimization_history.png": lambda: ovm.plot_optimization_history(study)}
+    plots_to_make: dict[str, Callable[[], Any]] = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study)}
     if len(completed) >= 2 and len(completed[0].params) >= 2:
         plots_to_make["param_importances.png"] = lambda: ovm.plot_param_importances(study)
     names = set(completed[0].params)
@@ -444,6 +445,7 @@ def optuna_figures(study) -> dict[str, Figure]:
                 continue
             ax = ax.flat[0] if hasattr(ax, "flat") else ax
             fig = ax.get_figure()
-            fig.set_size_inches(7, 4.5)
-            figures[name] = fig
+            if isinstance(fig, Figure):
+                fig.set_size_inches(7, 4.5)
+                figures[name] = fig
     return figures

@@ -28,33 +28,42 @@ from .landscape import PerturbedLoss
 
 @dataclass(frozen=True)
 class SharpnessResult:
-    value: float  # the headline number (mean for random directions)
-    values: torch.Tensor  # per direction / per step detail
+    """One sharpness measure. value: the headline number (the mean over directions for
+    random directions); values: the detail per direction / per step; base_loss: L(w);
+    n_evaluations: loss(+gradient) evaluations used."""
+
+    value: float
+    values: torch.Tensor
     base_loss: float
     n_evaluations: int
+
+    @property
+    def max(self) -> float:
+        """The largest of `values` (sharp_max for random directions)."""
+        return float(self.values.max())
 
 
 def random_direction_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
                                n_directions: int = 10, radius: float = 0.05, seed: int = 0,
-                               factorize: bool = True) -> tuple[float, float, SharpnessResult]:
-    """(sharp_mean, sharp_max, detail)."""
+                               factorize: bool = True) -> SharpnessResult:
+    """Loss increase L(w + radius d) - L(w) along filter-normalised random directions d:
+    `.value` is sharp_mean, `.max` sharp_max."""
     if n_directions < 1 or radius <= 0:
         raise ValueError("n_directions: must be >= 1 and radius > 0")
     increases = []
-    base_loss = None
+    base_loss = 0.0
     for k in range(n_directions):
         d = random_direction(model, seed=seed + k)
         evaluator = PerturbedLoss(model, loss_fn, data, d, factorize=factorize)
-        if base_loss is None:  # L(w) is the same for every direction: evaluated once
+        if k == 0:  # L(w) is the same for every direction: evaluated once
             loss, _ = evaluator(torch.tensor([[0.0], [radius]]))
             base_loss = float(loss[0])
         else:
             loss, _ = evaluator(torch.tensor([[radius]]))
         increases.append(float(loss[-1]) - base_loss)
     values = torch.tensor(increases, dtype=torch.float64)
-    detail = SharpnessResult(value=float(values.mean()), values=values, base_loss=base_loss,
-                             n_evaluations=n_directions + 1)
-    return float(values.mean()), float(values.max()), detail
+    return SharpnessResult(value=float(values.mean()), values=values, base_loss=base_loss,
+                           n_evaluations=n_directions + 1)
 
 
 class _LossAndGrad:

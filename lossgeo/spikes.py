@@ -27,7 +27,7 @@ def detect_spikes(history: pd.DataFrame, factor: float = 2.0) -> list[Spike]:
     spikes: list[Spike] = []
     previous = None
     for _, row in rows.iterrows():
-        reasons = []
+        reasons: list[str] = []
         if previous is not None:
             gap = max(1, int(row["epoch"]) - int(previous["epoch"]))
             if (previous["lambda_max"] > 0

@@ -132,8 +132,9 @@ def hypothesis_table(runs: pd.DataFrame, hypotheses: list[Hypothesis] = HYPOTHES
         row.update(rank_correlation(data[h.x], data[h.y], control, seed=seed))
         source = "partial_spearman" if h.name == "H2" and "partial_ci_low" in row else "spearman"
         prefix = "partial" if source == "partial_spearman" else "spearman"
-        row["verdict"] = verdict(row.get(f"{prefix}_ci_low", np.nan),
-                                 row.get(f"{prefix}_ci_high", np.nan), h.sign)
+        row["verdict"] = verdict(float(row.get(f"{prefix}_ci_low", np.nan)),  # type: ignore[arg-type]
+                                 float(row.get(f"{prefix}_ci_high", np.nan)),  # type: ignore[arg-type]
+                                 h.sign)
         row["verdict_from"] = source
         rows.append(row)
     return pd.DataFrame(rows)

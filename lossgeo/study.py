@@ -146,7 +146,9 @@ def _suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     for p in spec.search_space:
         if p.choices is not None:
             values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-        elif p.name == "batch_size":
+            continue
+        assert p.low is not None and p.high is not None  # a range when there are no choices
+        if p.name == "batch_size":
             values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
         else:
             values[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
@@ -272,7 +274,7 @@ def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
 
     names = [p.name for p in spec.search_space]
     return [dict(zip(names, values))
-            for values in itertools.product(*(p.choices for p in spec.search_space))]
+            for values in itertools.product(*(p.choices or () for p in spec.search_space))]
 
 
 def _enqueue_grid(study: optuna.Study, spec: StudySpec, lock: BudgetLock) -> None:
@@ -336,7 +338,7 @@ def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | No
                                grace_period=grace_period)
             study = optuna.create_study(
                 study_name=study_name or spec.name, storage=rdb, load_if_exists=True,
-                sampler=_sampler(spec), directions=spec.directions,
+                sampler=_sampler(spec), directions=list(spec.directions),  # type: ignore[arg-type]
                 pruner=(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
                         if spec.pruner == "median" else optuna.pruners.NopPruner()))
     except UserInputError:
@@ -448,7 +450,7 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
         worker = _launcher_as_worker(parent.run_id, spec.name)
     else:
         parent = TrackedRun(experiment=experiment, run_name=f"grid-{spec.name}", tags=tags)
-        done, worker = set(), contextlib.nullcontext()
+        done, worker = set(), contextlib.nullcontext()  # type: ignore[assignment]
     with parent, worker:
         parent.log_params({"study": spec.name, "models": ",".join(spec.models),
                            "regimes": ",".join(spec.regimes),

@@ -154,12 +154,12 @@ def _factorial_regimes(path: Path, factors: Any, fields: set[str]) -> dict[str, 
         if name == "batch_size":
             values = [int(round(v)) for v in values]
         levels[name] = values
-    regimes = {}
+    regimes: dict[str, dict] = {}
     for combo in itertools.product(*levels.values()):
-        values = dict(zip(levels, combo))
+        point = dict(zip(levels, combo))
         label = ",".join(f"{_SHORT.get(k, k)}={v:g}" if isinstance(v, (int, float))
-                         else f"{_SHORT.get(k, k)}={v}" for k, v in values.items())
-        regimes[label] = values
+                         else f"{_SHORT.get(k, k)}={v}" for k, v in point.items())
+        regimes[label] = point
     return regimes
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
-from .curvature.lanczos import lanczos_extremes
+from .curvature.lanczos import lanczos_top
 from .curvature.measure import edge_ratio
 from .curvature.operators import HessianBlockOperator, HessianOperator
 from .curvature.params import module_blocks
@@ -221,8 +221,7 @@ class Tracker:
         started = time.perf_counter()
         op = self._operator(None)
         k = min(self.epoch_k, op.dim)
-        top, _ = lanczos_extremes(op, k_top=k, tol=self.warm.tol, rest_tol=1e-2,
-                                  seed=self.seed)
+        top = lanczos_top(op, k, tol=self.warm.tol, rest_tol=1e-2, seed=self.seed)
         self._note_attention(op)
         metrics = {"lambda_max": float(top.values[0])}
         for i, value in enumerate(top.values.tolist()[1:], start=2):
@@ -238,7 +237,7 @@ class Tracker:
             if len(blocks) > 1:
                 for module, names in blocks.items():
                     block = HessianBlockOperator(op, names)
-                    result, _ = lanczos_extremes(block, k_top=1, tol=1e-3, seed=self.seed)
+                    result = lanczos_top(block, tol=1e-3, seed=self.seed)
                     metrics[f"lambda_max/{module}"] = float(result.values[0])
                     n_hvp += result.n_hvp
         lr = self.lr

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import mlflow
 import torch
@@ -57,8 +57,9 @@ def client() -> MlflowClient:
             _store_state[uri] = exc
             raise
         _store_state[uri] = None
-    if _store_state[uri] is not None:
-        raise _store_state[uri]
+    error = _store_state[uri]
+    if error is not None:
+        raise error
     return MlflowClient(tracking_uri=uri)
 
 
@@ -110,8 +111,9 @@ def default_experiment() -> str:
     the launcher's experiment under `mlflow run`, else $MLFLOW_EXPERIMENT_NAME, else
     MLflow's "Default"."""
     c = client()
-    if launcher_run_id():
-        return c.get_experiment(c.get_run(launcher_run_id()).info.experiment_id).name
+    launcher = launcher_run_id()
+    if launcher:
+        return c.get_experiment(c.get_run(launcher).info.experiment_id).name
     if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         return os.environ["MLFLOW_EXPERIMENT_NAME"]
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -177,7 +179,9 @@ def experiment_id(name: str, c: MlflowClient | None = None) -> str:
         return c.create_experiment(name)
     except mlflow.exceptions.MlflowException:
         # Another worker created it between our lookup and create.
-        return c.get_experiment_by_name(name).experiment_id
+        created = c.get_experiment_by_name(name)
+        assert created is not None
+        return created.experiment_id
 
 
 def launcher_pid() -> int:
@@ -285,7 +289,7 @@ class TrackedRun:
         self._heartbeat = Heartbeat(self.client, self.run_id)
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is None:
             status = "FINISHED"
         elif (issubclass(exc_type, KeyboardInterrupt)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -118,7 +118,7 @@ def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: floa
 
 
 def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: LossFn,
-          logger: RunLogger, measurements: list[Measurement] = (),
+          logger: RunLogger, measurements: Sequence[Measurement] = (),
           on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Trains with SGD; logs evaluation (every `eval_every` epochs) and scheduled
     measurements.

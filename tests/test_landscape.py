@@ -79,7 +79,7 @@ def test_origin_equals_unperturbed_loss_exactly_and_factorisation_agrees(name, f
         model = nn.Sequential(nn.Conv2d(1, 4, 9), nn.ReLU(), nn.Flatten(),
                               nn.Linear(4 * 20 * 20, 10))
         assert PerturbedLoss(model, cross_entropy, toy_image_data(),
-                             random_direction(model))._split is not None
+                             random_direction(model)).factorized
     else:
         model = build_model(name)
     probe = load_data("mnist", fake_data_dir, val_size=100, probe_size=64).probe
@@ -100,12 +100,12 @@ def test_origin_equals_unperturbed_loss_exactly_and_factorisation_agrees(name, f
 
 def test_factorised_path_is_used_where_the_first_layer_is_linear():
     assert PerturbedLoss(build_model("mlp"), cross_entropy, toy_image_data(),
-                         random_direction(build_model("mlp")))._split is not None
+                         random_direction(build_model("mlp"))).factorized
     assert PerturbedLoss(build_model("resnet"), cross_entropy, toy_image_data(),
-                         random_direction(build_model("resnet")))._split is None
+                         random_direction(build_model("resnet"))).factorized is False
     # a 3x3 conv on one channel has fan-in 9: too cheap to be worth caching
     assert PerturbedLoss(build_model("cnn"), cross_entropy, toy_image_data(),
-                         random_direction(build_model("cnn")))._split is None
+                         random_direction(build_model("cnn"))).factorized is False
 
 
 def toy_image_data(n=8):
@@ -178,8 +178,8 @@ def test_sharpness_of_a_constant_loss_is_zero_and_model_unchanged(float64):
     model, (x, y) = tiny_mlp(), toy_data()
     flat = lambda out, target: (out * 0).sum() + 2.0  # noqa: E731
     before = snapshot(model)
-    mean, worst, _ = random_direction_sharpness(model, flat, (x, y), n_directions=3)
-    assert mean == 0 and worst == 0
+    result = random_direction_sharpness(model, flat, (x, y), n_directions=3)
+    assert result.value == 0 and result.max == 0
     assert eps_sharpness(model, flat, (x, y)).value == 0
     assert adaptive_sharpness(model, flat, (x, y)).value == 0
     assert_unchanged(model, before)
@@ -188,9 +188,9 @@ def test_sharpness_of_a_constant_loss_is_zero_and_model_unchanged(float64):
 def test_sharpness_is_positive_near_a_minimum_and_leaves_model_unchanged(float64):
     model, (x, y) = tiny_mlp(seed=5), toy_data()
     before = snapshot(model)
-    mean, worst, detail = random_direction_sharpness(model, cross_entropy, (x, y),
-                                                     n_directions=4, radius=0.1)
-    assert worst >= mean and detail.values.shape == (4,)
+    detail = random_direction_sharpness(model, cross_entropy, (x, y), n_directions=4,
+                                        radius=0.1)
+    assert detail.max >= detail.value and detail.values.shape == (4,)
     eps = eps_sharpness(model, cross_entropy, (x, y), eps=1e-2)
     adaptive = adaptive_sharpness(model, cross_entropy, (x, y), radius=0.5)
     assert eps.value > 0 and adaptive.value > 0
@@ -221,7 +221,7 @@ def test_random_direction_sharpness_is_the_loss_increase_along_each_direction(fl
     from lossgeo.directions import random_direction
 
     model, (x, y) = tiny_mlp(seed=5), toy_data()
-    _, _, detail = random_direction_sharpness(model, cross_entropy, (x, y), n_directions=3,
+    detail = random_direction_sharpness(model, cross_entropy, (x, y), n_directions=3,
                                               radius=0.1, seed=7)
     space = ParameterSpace(model)
     w = space.flatten(space.values)

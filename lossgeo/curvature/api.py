@@ -10,7 +10,7 @@ from torch import nn
 from ..models import parameter_blocks
 from .batches import AnyLossFn, DataSource
 from .density import slq_density
-from .lanczos import lanczos_extremes, power_iteration
+from .lanczos import both, lanczos_extremes, lanczos_top, power_iteration
 from .operators import HessianBlockOperator, HessianOperator, make_operator
 from .params import module_blocks
 from .results import DensityResult, EigenResult, TraceResult
@@ -50,7 +50,9 @@ def curvature_eigen(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: i
     top, bottom = lanczos_extremes(op, k_top=k if which == "LA" else 0,
                                    k_bottom=k if which == "SA" else 0, tol=tol,
                                    max_iter=max_iter, seed=seed, verify=verify)
-    return top if which == "LA" else bottom
+    result = top if which == "LA" else bottom
+    assert result is not None  # the end asked for
+    return result
 
 
 def hessian_eigen(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: int = 1,
@@ -68,9 +70,8 @@ def hessian_extremes(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: 
     """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method,
                          **options)
-    top, bottom = lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter,
-                                   seed=seed)
-    return top, bottom
+    return both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter,
+                                 seed=seed))
 
 
 def hessian_trace(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
@@ -110,8 +111,7 @@ def layerwise_lambda_max(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
     results = {}
     for layer, names in blocks.items():
         block = HessianBlockOperator(op, names)
-        results[layer], _ = lanczos_extremes(block, k_top=1, tol=tol, max_iter=max_iter,
-                                             seed=seed)
+        results[layer] = lanczos_top(block, tol=tol, max_iter=max_iter, seed=seed)
     return results
 
 

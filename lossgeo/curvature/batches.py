@@ -210,7 +210,8 @@ class Objective:
         sizes = [batch_size_of(b, batch_size) for b in batches]
         self.n_samples = sum(sizes)
         self.weights = [s / self.n_samples for s in sizes]
-        self._wrapper = _ModelLoss(model, loss_fn) if self.form == "model_batch" else None
+        self._wrapper = (_ModelLoss(model, loss_fn)  # type: ignore[arg-type]  # form checked
+                         if self.form == "model_batch" else None)
 
     def outputs(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.form != "output_target":

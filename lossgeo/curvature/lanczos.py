@@ -21,6 +21,7 @@ so lambda_max and lambda_min are read off a single run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Callable
 
@@ -147,6 +148,20 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
     return results[0], results[1]
 
 
+def lanczos_top(op: LinearOperator, k: int = 1, **options) -> EigenResult:
+    """The k largest eigenpairs (`lanczos_extremes` with k_top=k and nothing else)."""
+    top, _ = lanczos_extremes(op, k_top=k, k_bottom=0, **options)
+    assert top is not None  # k >= 1 was checked by lanczos_extremes
+    return top
+
+
+def both(pair: tuple[EigenResult | None, EigenResult | None]) -> tuple[EigenResult, EigenResult]:
+    """(top, bottom) of a run that asked for both ends."""
+    top, bottom = pair
+    assert top is not None and bottom is not None
+    return top, bottom
+
+
 def lanczos_tridiagonal(matvec: MatVec, v0: torch.Tensor, n_steps: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """n_steps of Lanczos (full reorthogonalisation) from v0; returns the Ritz values and the
@@ -226,7 +241,7 @@ def power_iteration(op: LinearOperator, *, k: int = 1, tol: float = 1e-3,
         for u in vectors:
             v = v - torch.dot(u, v) * u
         v = v / v.norm()
-        values.append(float(estimate))
+        values.append(float(estimate) if estimate is not None else math.nan)
         vectors.append(v)
         converged.append(done)
     stacked = torch.stack(vectors)

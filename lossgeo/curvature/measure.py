@@ -12,7 +12,7 @@ from torch import nn
 from ..models import parameter_blocks
 from .api import effective_dimension
 from .density import slq_density
-from .lanczos import lanczos_extremes
+from .lanczos import both, lanczos_extremes, lanczos_top
 from .operators import (
     DataSource,
     EmpiricalFisherOperator,
@@ -56,9 +56,9 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
     op = HessianOperator(model, loss_fn, data, chunk_size=s.chunk_size)
     k = min(s.k, op.dim - 1)
     # lambda_max to tol; lambda_2..k and lambda_min (against lambda_max) to secondary_tol
-    top, bottom = lanczos_extremes(op, k_top=k, k_bottom=1, tol=s.tol,
+    top, bottom = both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=s.tol,
                                    rest_tol=s.secondary_tol, bottom_tol=s.secondary_tol,
-                                   bottom_scale="spectrum", max_iter=s.max_iter, seed=s.seed)
+                                   bottom_scale="spectrum", max_iter=s.max_iter, seed=s.seed))
     if cache is not None:
         cache["hessian_top"] = top
     # the top-k Ritz pairs carry much of Hutchinson's variance: take their part exactly
@@ -82,14 +82,12 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
     n_hvp = top.n_hvp + trace.n_hvp
     for name, cls in (("ggn", GGNOperator), ("fisher", EmpiricalFisherOperator)):
         other = cls(model, loss_fn, data, chunk_size=s.chunk_size)
-        result, _ = lanczos_extremes(other, k_top=1, tol=s.secondary_tol,
-                                     max_iter=s.max_iter, seed=s.seed)
+        result = lanczos_top(other, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
         metrics[f"lambda_max_{name}"] = float(result.values[0])
         n_hvp += result.n_hvp
     for layer, names in parameter_blocks(model).items():
         block = HessianBlockOperator(op, names)
-        result, _ = lanczos_extremes(block, k_top=1, tol=s.secondary_tol,
-                                     max_iter=s.max_iter, seed=s.seed)
+        result = lanczos_top(block, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
         metrics[f"lambda_max/{layer}"] = float(result.values[0])
         n_hvp += result.n_hvp
     artifacts: dict[str, object] = {}

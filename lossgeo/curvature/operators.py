@@ -159,6 +159,7 @@ class HessianOperator(CurvatureOperator):
         self.method = method
         self._graphs: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
         self._loss_value: float | None = None
+        self.n_graph_builds = 0  # gradient graphs built (once per operator; blocks share it)
 
     def _reset(self) -> None:
         self._graphs, self._loss_value = None, None
@@ -166,6 +167,7 @@ class HessianOperator(CurvatureOperator):
     def _retained_gradients(self):
         if self._graphs is None:
             self._graphs = []
+            self.n_graph_builds += 1
             total = 0.0
             with eval_mode(self.model), torch.enable_grad(), self._attention():
                 for batch, w in zip(self.batches, self.weights):
@@ -185,7 +187,7 @@ class HessianOperator(CurvatureOperator):
         total = torch.zeros_like(vector)
         for batch, w in zip(self.batches, self.weights):
             gradient = grad(lambda p: self._chunk_loss(p, batch))
-            _, hv = jvp(gradient, (self.space.values,), (tangent,))
+            hv = jvp(gradient, (self.space.values,), (tangent,))[1]
             total += w * self.space.flatten(hv)
         return total
 
@@ -196,21 +198,22 @@ class HessianOperator(CurvatureOperator):
         entries with v, so no extra dot-product graph is built."""
         positions = list(positions)
         vs = list(space.unflatten(vector).values())
-        total = None
+        total = torch.zeros_like(vector)
         with torch.enable_grad():
             for leaves, grads in self._retained_gradients():
-                hv = space.flatten(torch.autograd.grad(
+                total.add_(space.flatten(torch.autograd.grad(
                     [grads[i] for i in positions], [leaves[i] for i in positions],
-                    grad_outputs=vs, retain_graph=True))
-                total = hv if total is None else total.add_(hv)
+                    grad_outputs=vs, retain_graph=True)))
         return total
 
     def gradient(self) -> torch.Tensor:
         """The full-batch gradient of the mean loss (flat). With method="graph" it is read
         off the retained graph (no extra pass)."""
         if self.method == "graph":
-            graphs = self._retained_gradients()
-            return sum(self.space.flatten([g.detach() for g in grads]) for _, grads in graphs)
+            total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+            for _, grads in self._retained_gradients():
+                total.add_(self.space.flatten([g.detach() for g in grads]))
+            return total
         total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         with eval_mode(self.model), self._attention():
             for batch, w in zip(self.batches, self.weights):
@@ -298,7 +301,7 @@ class _RetainedJacobianOperator(CurvatureOperator):
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
         vs = list(self.space.unflatten(vector).values())
-        total = None
+        total = torch.zeros_like(vector)
         with torch.enable_grad():
             for chunk in self._chunks():
                 (jv,) = torch.autograd.grad(chunk["jtu"], chunk["u"], grad_outputs=vs,
@@ -306,8 +309,7 @@ class _RetainedJacobianOperator(CurvatureOperator):
                 pulled = torch.autograd.grad(chunk["z"], chunk["leaves"],
                                              grad_outputs=self._apply_middle(chunk, jv),
                                              retain_graph=True)
-                flat = self.space.flatten(pulled)
-                total = flat if total is None else total.add_(flat)
+                total.add_(self.space.flatten(pulled))
         return total
 
 

@@ -49,8 +49,8 @@ def minibatches(probe: DataSource, batch_size: int | None, generator: torch.Gene
             raise ValueError("batch_size: batch sharpness needs the training batch size "
                              "to cut an (x, y) probe set into mini-batches")
         batch_size = min(batch_size, len(y))  # a probe smaller than one batch: the whole probe
-        order = torch.randperm(len(y), generator=generator)
-        return [(x[idx], y[idx]) for idx in order.split(batch_size) if len(idx) == batch_size]
+        samples = torch.randperm(len(y), generator=generator)
+        return [(x[idx], y[idx]) for idx in samples.split(batch_size) if len(idx) == batch_size]
     order = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in order]
 

@@ -28,7 +28,8 @@ from .linear import LinearOperator
 from .results import TraceResult
 
 
-def _rademacher(n: int, m: int, gen: torch.Generator, dtype, device) -> Iterator[torch.Tensor]:
+def rademacher_vectors(n: int, m: int, gen: torch.Generator, dtype,
+                       device) -> Iterator[torch.Tensor]:
     """m Rademacher vectors, one at a time, in the working dtype. Each is unpacked from
     n/8 random bytes: drawing one random number per entry (bernoulli_, randint) cost a
     quarter of a 0.5M-parameter MLP's Hessian-vector product."""
@@ -61,7 +62,7 @@ def hutchinson(op: LinearOperator, n_samples: int = 30, *, seed: int = 0,
         vectors = vectors.to(dtype=dtype, device=device)
         exact_part, method = float(values.double().sum()), f"hutchinson-deflated-{len(values)}"
     samples = []
-    for z in _rademacher(n, n_samples, gen, dtype, device):
+    for z in rademacher_vectors(n, n_samples, gen, dtype, device):
         if deflation is not None:
             z = z - vectors.T @ (vectors @ z)
         samples.append(float(torch.dot(z, matvec(z))))
@@ -77,12 +78,12 @@ def hutch_plus_plus(op: LinearOperator, n_samples: int = 30, *, seed: int = 0) -
     if third < 2:
         raise ValueError(f"n_samples: must be >= 6 for Hutch++ (got {n_samples})")
     gen = torch.Generator().manual_seed(seed)
-    a_sketch = torch.stack([matvec(s) for s in _rademacher(n, third, gen, dtype, device)],
+    a_sketch = torch.stack([matvec(s) for s in rademacher_vectors(n, third, gen, dtype, device)],
                            dim=1).double()  # (n, third)
     q, _ = torch.linalg.qr(a_sketch)
     aq = torch.stack([matvec(c.to(dtype)) for c in q.T], dim=1).double()
     top = float(torch.trace(q.T @ aq))
-    g = torch.stack(list(_rademacher(n, third, gen, torch.float64, device)))
+    g = torch.stack(list(rademacher_vectors(n, third, gen, torch.float64, device)))
     g_perp = g - (g @ q) @ q.T  # rows projected off span(Q)
     samples = torch.stack([torch.dot(gp, matvec(gp.to(dtype)).double()) for gp in g_perp])
     rest, stderr = _mean_and_stderr(samples)
