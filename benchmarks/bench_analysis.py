@@ -19,7 +19,8 @@ RUNS, METRICS, EPOCHS = 100, 20, 11
 def main() -> None:
     tmp = tempfile.mkdtemp()
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-    from lossgeo import analysis, tracking
+    from lossgeo.analysis import runs as analysis
+    from lossgeo.run import tracking
 
     for r in range(RUNS):
         with tracking.TrackedRun(experiment="bench", run_name=f"r{r}") as run:

@@ -32,7 +32,7 @@ from lossgeo.curvature import (  # noqa: E402
 )
 from lossgeo.curvature.measure import measure_curvature  # noqa: E402
 from lossgeo.losses import cross_entropy  # noqa: E402
-from lossgeo.measurements import curvature_settings  # noqa: E402
+from lossgeo.run.measurements import curvature_settings  # noqa: E402
 
 ROUNDS = 2
 SEEDS = 3

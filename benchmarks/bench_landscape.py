@@ -17,11 +17,11 @@ from bench_curvature import alternating, epoch_seconds  # noqa: E402
 from common import machine, mnist, timed, trained, write  # noqa: E402
 
 from lossgeo.config import TrainConfig  # noqa: E402
-from lossgeo.directions import random_direction  # noqa: E402
-from lossgeo.landscape import axis, surface_2d  # noqa: E402
-from lossgeo.landscape_measure import measure_sharpness  # noqa: E402
+from lossgeo.geometry.directions import random_direction  # noqa: E402
+from lossgeo.geometry.landscape import axis, surface_2d  # noqa: E402
+from lossgeo.geometry.landscape_measure import measure_sharpness  # noqa: E402
 from lossgeo.losses import cross_entropy  # noqa: E402
-from lossgeo.measurements import landscape_settings  # noqa: E402
+from lossgeo.run.measurements import landscape_settings  # noqa: E402
 
 
 def bench(name: str, data, samples: int, steps: int):

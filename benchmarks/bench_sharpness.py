@@ -16,8 +16,8 @@ from bench_curvature import epoch_seconds  # noqa: E402
 from common import mnist, timed, trained  # noqa: E402
 
 from lossgeo.config import TrainConfig  # noqa: E402
+from lossgeo.geometry.sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness  # noqa: E402
 from lossgeo.losses import cross_entropy  # noqa: E402
-from lossgeo.sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness  # noqa: E402
 
 
 def main() -> None:

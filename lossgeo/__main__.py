@@ -1,3 +1,3 @@
-from .cli import main
+from lossgeo.cli import main
 
 main()

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import click
 
-from .config import TrainConfig, config_fields
-from .errors import UserInputError
+from lossgeo.config import TrainConfig, config_fields
+from lossgeo.errors import UserInputError
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL, str: click.STRING}
 
@@ -47,7 +47,7 @@ def fail(message: str) -> None:
     """One line on stderr, exit code 2; a run pre-created by `mlflow run` says why it failed."""
     click.echo(f"lossgeo: error: {message}", err=True)
     try:
-        from .tracking import mark_launcher_run_rejected
+        from lossgeo.run.tracking import mark_launcher_run_rejected
 
         mark_launcher_run_rejected(message)
     except Exception:  # the message above matters more than the cleanup
@@ -81,8 +81,8 @@ def cli() -> None:
 @reports_user_errors
 def train_command(**options: Any) -> None:
     """Train one model as one MLflow run, measuring curvature on a schedule."""
-    from .experiment import prepare, run_training
-    from .tracking import resolve_experiment
+    from lossgeo.run.experiment import prepare, run_training
+    from lossgeo.run.tracking import resolve_experiment
 
     config = build_config(options)
     prepared = prepare(config)  # validates against the data before anything is written
@@ -97,7 +97,7 @@ def train_command(**options: Any) -> None:
 
 def _end_stale_runs(experiment: str) -> None:
     """Runs left RUNNING by a killed process in this experiment end KILLED first."""
-    from .tracking import end_stale_runs
+    from lossgeo.run.tracking import end_stale_runs
 
     for run_id, age in end_stale_runs([experiment]):
         click.echo(f"lossgeo: run {run_id} had no heartbeat for {age:.0f} s: ended KILLED",
@@ -117,7 +117,7 @@ def runs_group() -> None:
 @reports_user_errors
 def runs_cleanup_command(experiments: tuple[str, ...], stale_after: float) -> None:
     """End KILLED the runs whose process died without ending them (SIGKILL, lost machine)."""
-    from .tracking import end_stale_runs
+    from lossgeo.run.tracking import end_stale_runs
 
     ended = end_stale_runs(list(experiments) or None, stale_after=stale_after)
     for run_id, age in ended:
@@ -136,7 +136,7 @@ def runs_cleanup_command(experiments: tuple[str, ...], stale_after: float) -> No
 @reports_user_errors
 def curvature_command(run_id: str, **overrides: Any) -> None:
     """Re-measure a logged run's final checkpoint; results go into that run."""
-    from .experiment import remeasure_curvature
+    from lossgeo.run.experiment import remeasure_curvature
 
     metrics = remeasure_curvature(run_id, **overrides)
     click.echo(f"run {run_id}: lambda_max={metrics['lambda_max']:.6g} "
@@ -157,7 +157,7 @@ def curvature_command(run_id: str, **overrides: Any) -> None:
 @reports_user_errors
 def landscape_command(run_id: str, **options: Any) -> None:
     """Compute a loss slice of a logged run's final checkpoint; logged into that run."""
-    from .experiment import remeasure_landscape
+    from lossgeo.run.experiment import remeasure_landscape
 
     slice2d = remeasure_landscape(run_id, **options)
     click.echo(f"run {run_id}: {tuple(slice2d['loss'].shape)} slice "
@@ -174,7 +174,7 @@ def landscape_command(run_id: str, **options: Any) -> None:
 def interpolate_command(run_a: str, run_b: str, points: int, experiment: str,
                         data_dir: str | None) -> None:
     """Loss along the line between two runs' final weights, logged as a new run."""
-    from .experiment import interpolate_runs
+    from lossgeo.run.experiment import interpolate_runs
 
     new_run, result = interpolate_runs(run_a, run_b, points=points, experiment=experiment,
                                        data_dir=data_dir)
@@ -182,7 +182,7 @@ def interpolate_command(run_a: str, run_b: str, points: int, experiment: str,
 
 
 def _load_spec(path: str, data_dir: str | None, overrides: tuple[str, ...]):
-    from .studyfile import load_study_file, parse_overrides
+    from lossgeo.studies.studyfile import load_study_file, parse_overrides
 
     extra = parse_overrides(overrides)
     if data_dir:
@@ -208,7 +208,7 @@ def set_option(func: Callable) -> Callable:
 def grid_command(study_path: str, experiment: str, data_dir: str | None,
                  overrides: tuple[str, ...]) -> None:
     """Run every model x regime of a grid study as child runs of one parent run."""
-    from .study import run_grid
+    from lossgeo.studies.study import run_grid
 
     spec = _load_spec(study_path, data_dir, overrides)
     if spec.kind != "grid":
@@ -235,7 +235,7 @@ def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str,
                   experiment: str, data_dir: str | None, heartbeat_interval: int,
                   grace_period: int, overrides: tuple[str, ...]) -> None:
     """Run (or join) an Optuna sweep; start the same command on many machines to share it."""
-    from .study import run_sweep
+    from lossgeo.studies.study import run_sweep
 
     if n_trials < 0:
         raise UserInputError(f"n_trials: must be >= 0 (got {n_trials})")
@@ -257,7 +257,7 @@ def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str,
 @reports_user_errors
 def compare_command(experiment: str | None, parent_run: str | None, out_dir: str) -> None:
     """Draw the comparison plots of logged runs into plots/ and log them to MLflow."""
-    from .comparison import compare
+    from lossgeo.analysis.comparison import compare
 
     paths = compare(experiment, parent_run, out_dir)
     click.echo("\n".join(str(p) for p in paths.values()))
@@ -272,7 +272,7 @@ def compare_command(experiment: str | None, parent_run: str | None, out_dir: str
 def report_command(experiment: str | None, parent_run: str | None, out_dir: str,
                    no_pdf: bool) -> None:
     """Write a LaTeX research report from logged runs; compile it where pdflatex exists."""
-    from .comparison import report
+    from lossgeo.analysis.comparison import report
 
     tex, pdf = report(experiment, parent_run, out_dir, compile_pdf=not no_pdf)
     click.echo(f"{tex}" + (f"\n{pdf}" if pdf else "\n(pdflatex not found: sources only)"))

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import UserInputError
+from lossgeo.errors import UserInputError
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn", "resnet", "vit")

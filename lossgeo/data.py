@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import DataUnavailableError
+from lossgeo.errors import DataUnavailableError
 
 # Per-channel (mean, std) of the training images, the usual constants.
 NORMALISATION = {

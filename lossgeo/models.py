@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import UserInputError
+from lossgeo.errors import UserInputError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 

@@ -12,8 +12,8 @@ import sys
 import click
 import numpy as np
 
-from lossgeo import analysis
-from lossgeo.comparison import select_runs
+from lossgeo.analysis import runs as analysis
+from lossgeo.analysis.comparison import select_runs
 from lossgeo.errors import UserInputError
 
 

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from lossgeo.analysis import correlations, load_history, load_runs
+from lossgeo.analysis.runs import correlations, load_history, load_runs
 from lossgeo.cli import cli
-from lossgeo.experiment import run_training
-from lossgeo.spikes import detect_spikes
+from lossgeo.geometry.spikes import detect_spikes
+from lossgeo.run.experiment import run_training
 
 from .conftest import REPO, tiny_config
 

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from lossgeo.cli import cli
 from lossgeo.curvature import hessian_eigen
 from lossgeo.curvature.measure import edge_ratio
-from lossgeo.experiment import load_logged_run, run_training
-from lossgeo.tracking import load_artifact_object
+from lossgeo.run.experiment import load_logged_run, run_training
+from lossgeo.run.tracking import load_artifact_object
 
 from .conftest import tiny_config
 

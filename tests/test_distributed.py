@@ -16,7 +16,7 @@ import optuna
 import pytest
 import yaml
 
-from lossgeo.tracking import client as MlflowClient  # follows MLFLOW_TRACKING_URI
+from lossgeo.run.tracking import client as MlflowClient  # follows MLFLOW_TRACKING_URI
 
 from .test_study import TINY_BASE
 

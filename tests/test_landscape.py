@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from lossgeo.curvature import hessian_eigen
-from lossgeo.directions import random_direction, trajectory_pca, weights_vector
-from lossgeo.landscape import PerturbedLoss, axis, interpolate, slice_1d, surface_2d
+from lossgeo.geometry.directions import random_direction, trajectory_pca, weights_vector
+from lossgeo.geometry.landscape import PerturbedLoss, axis, interpolate, slice_1d, surface_2d
+from lossgeo.geometry.sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness
 from lossgeo.losses import cross_entropy
 from lossgeo.models import MLP, build_model
-from lossgeo.sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness
 
 from .test_curvature import assert_unchanged, snapshot, tiny_mlp, toy_data
 
@@ -218,7 +218,7 @@ def test_random_direction_sharpness_is_the_loss_increase_along_each_direction(fl
     from torch.func import functional_call
 
     from lossgeo.curvature.operators import ParameterSpace
-    from lossgeo.directions import random_direction
+    from lossgeo.geometry.directions import random_direction
 
     model, (x, y) = tiny_mlp(seed=5), toy_data()
     detail = random_direction_sharpness(model, cross_entropy, (x, y), n_directions=3,

@@ -119,7 +119,7 @@ def test_sigkill_leaves_a_stale_heartbeat_that_cleanup_ends(tmp_path, fake_data_
 
 
 def test_a_live_run_keeps_its_heartbeat_fresh(tracking, fake_data_dir):
-    from lossgeo.tracking import HEARTBEAT_TAG, TrackedRun, end_stale_runs
+    from lossgeo.run.tracking import HEARTBEAT_TAG, TrackedRun, end_stale_runs
 
     os.environ["LOSSGEO_HEARTBEAT_INTERVAL"] = "0.2"
     try:

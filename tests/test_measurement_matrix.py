@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from lossgeo.config import LANDSCAPE_DIRECTIONS, LOSSES
-from lossgeo.experiment import prepare
 from lossgeo.losses import LOSSES as LOSS_FNS
-from lossgeo.measurements import build_measurements
-from lossgeo.train import train
+from lossgeo.run.experiment import prepare
+from lossgeo.run.measurements import build_measurements
+from lossgeo.run.train import train
 
 from .conftest import tiny_config
 from .test_training_run import NullLogger

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from lossgeo.cli import cli
-from lossgeo.experiment import run_training
+from lossgeo.run.experiment import run_training
 
 from .conftest import make_fake_mnist, tiny_config
 

@@ -11,9 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from lossgeo.cli import cli
 from lossgeo.errors import UserInputError
-from lossgeo.noise import gradient_noise_scale
-from lossgeo.study import PARENT_ATTR, run_grid, run_sweep
-from lossgeo.studyfile import load_study_file
+from lossgeo.geometry.noise import gradient_noise_scale
+from lossgeo.studies.study import PARENT_ATTR, run_grid, run_sweep
+from lossgeo.studies.studyfile import load_study_file
 
 from .conftest import REPO
 
@@ -177,7 +177,7 @@ def test_unreachable_storage_is_one_line_exit_2(tmp_path, tracking, fake_data_di
 
 def test_sweep_parent_is_running_while_a_worker_works_then_finished(tmp_path, tracking,
                                                                     fake_data_dir, monkeypatch):
-    import lossgeo.study as study_mod
+    import lossgeo.studies.study as study_mod
 
     seen = []
     real = study_mod.run_training
@@ -199,7 +199,7 @@ def test_sweep_parent_is_running_while_a_worker_works_then_finished(tmp_path, tr
 
 def test_interrupted_last_worker_ends_the_parent_killed(tmp_path, tracking, fake_data_dir,
                                                         monkeypatch):
-    import lossgeo.study as study_mod
+    import lossgeo.studies.study as study_mod
 
     def interrupted(config, **kwargs):
         raise KeyboardInterrupt("interrupted (SIGTERM)")
@@ -218,7 +218,7 @@ def test_interrupted_last_worker_ends_the_parent_killed(tmp_path, tracking, fake
 
 def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, tracking,
                                                                fake_data_dir):
-    from lossgeo.studyfile import parse_overrides
+    from lossgeo.studies.studyfile import parse_overrides
 
     path = write_study(tmp_path, fake_data_dir)
     assert parse_overrides(["epochs=1 train_subset=150", "landscape=false"]) == {
@@ -242,7 +242,7 @@ def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, trackin
 
 
 def test_an_unreachable_storage_does_not_hold_the_process_lock(tmp_path, tracking):
-    from lossgeo.study import BudgetLock
+    from lossgeo.studies.study import BudgetLock
 
     sqlalchemy = pytest.importorskip("sqlalchemy")
     pytest.importorskip("psycopg", reason="the postgres extra is not installed")
@@ -313,7 +313,7 @@ def test_grid_runs_every_cell_once_per_seed_and_resumes(tmp_path, tracking, fake
 def test_cell_summary_t_interval_by_hand():
     import pandas as pd
 
-    from lossgeo.statistics import cell_summary
+    from lossgeo.studies.statistics import cell_summary
 
     runs = pd.DataFrame({
         "label": ["a", "a", "a", "b", "b", "c"],

@@ -7,8 +7,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lossgeo.data import Split
-from lossgeo.experiment import prepare, run_training
-from lossgeo.train import MeasurementResult, evaluate, train
+from lossgeo.run.experiment import prepare, run_training
+from lossgeo.run.train import MeasurementResult, evaluate, train
 
 from .conftest import tiny_config
 from .test_training_run import NullLogger

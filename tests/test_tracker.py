@@ -15,7 +15,7 @@ from lossgeo import Tracker
 from lossgeo.curvature.linear import MatrixOperator
 from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment
 from lossgeo.curvature.warm import WarmEigen
-from lossgeo.spikes import OnlineSpikeDetector
+from lossgeo.geometry.spikes import OnlineSpikeDetector
 
 from .conftest import tiny_config
 
@@ -211,8 +211,8 @@ def test_tracker_logs_into_the_callers_active_mlflow_run(tracking):
 
 
 def test_builtin_loop_tracks_per_step_through_the_tracker(fake_data_dir):
-    from lossgeo.experiment import prepare
-    from lossgeo.train import train
+    from lossgeo.run.experiment import prepare
+    from lossgeo.run.train import train
 
     from .test_training_run import NullLogger as LoopLogger
 

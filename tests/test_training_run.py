@@ -4,10 +4,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lossgeo.experiment import prepare, run_training
 from lossgeo.models import build_model
-from lossgeo.tracking import load_artifact_object
-from lossgeo.train import EpochState, MeasurementResult, measured_epochs, train
+from lossgeo.run.experiment import prepare, run_training
+from lossgeo.run.tracking import load_artifact_object
+from lossgeo.run.train import EpochState, MeasurementResult, measured_epochs, train
 
 from .conftest import tiny_config
 

@@ -290,7 +290,7 @@ def _spearman_legend(ax, x: pd.Series, y: pd.Series) -> None:
 def _cell_error_bars(ax, runs: pd.DataFrame, x: str, y: str) -> None:
     """Where cells have replicates (seeds): each cell's mean with its 95% t-interval over
     seeds, drawn over the runs' points."""
-    from .statistics import cell_summary
+    from lossgeo.studies.statistics import cell_summary
 
     if "tags.cell" not in runs or not {x, y} <= set(runs):
         return

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import TrainConfig
-from .curvature.measure import CurvatureSettings, measure_curvature
-from .landscape_measure import LandscapeSettings, measure_landscape
-from .noise import gradient_noise_scale
-from .train import EpochState, Measurement, MeasurementResult
+from lossgeo.config import TrainConfig
+from lossgeo.curvature.measure import CurvatureSettings, measure_curvature
+from lossgeo.geometry.landscape_measure import LandscapeSettings, measure_landscape
+from lossgeo.geometry.noise import gradient_noise_scale
+from lossgeo.run.train import EpochState, Measurement, MeasurementResult
 
 
 @dataclass

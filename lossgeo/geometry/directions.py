@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .curvature.operators import ParameterSpace
+from lossgeo.curvature.operators import ParameterSpace
 
 
 def random_direction(model: nn.Module, *, seed: int = 0, filter_normalize: bool = True,

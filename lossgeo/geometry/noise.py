@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
+from lossgeo.curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
-from .data import DataBundle, Split
-from .losses import LossFn
-from .tracker import Tracker
+from lossgeo.config import TrainConfig
+from lossgeo.data import DataBundle, Split
+from lossgeo.losses import LossFn
+from lossgeo.run.tracker import Tracker
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from .config import TrainConfig
-from .errors import UserInputError
+from lossgeo.config import TrainConfig
+from lossgeo.errors import UserInputError
 
 SAMPLERS = ("tpe", "random", "grid", "qmc")
 OBJECTIVES = {"val_loss": "minimize", "gen_gap": "minimize", "test_acc": "maximize",

@@ -21,9 +21,9 @@ from scipy.optimize import Bounds, minimize
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
-from .curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
-from .directions import random_direction
-from .landscape import PerturbedLoss
+from lossgeo.curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
+from lossgeo.geometry.directions import random_direction
+from lossgeo.geometry.landscape import PerturbedLoss
 
 
 @dataclass(frozen=True)

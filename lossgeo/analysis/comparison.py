@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import analysis, plots
-from .errors import UserInputError
-from .statistics import study_verdicts
-from .tracking import TrackedRun, load_artifact_object
+from lossgeo.analysis import plots
+from lossgeo.analysis import runs as analysis
+from lossgeo.errors import UserInputError
+from lossgeo.run.tracking import TrackedRun, load_artifact_object
+from lossgeo.studies.statistics import study_verdicts
 
 
 def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
     """The FINISHED training runs of an experiment (default: the default experiment) or of
     a study's parent run; none is bad input (nothing would be compared)."""
-    from .tracking import default_experiment, experiment_exists, tracking_uri
+    from lossgeo.run.tracking import default_experiment, experiment_exists, tracking_uri
 
     experiment, parent_run = experiment or None, parent_run or None
     if not experiment and not parent_run:
@@ -89,7 +90,7 @@ def report(experiment: str | None = None, parent_run: str | None = None,
            log: bool = True) -> tuple[Path, Path | None]:
     """Writes latex/main.tex (+ figures, references.bib), compiles it where pdflatex exists,
     and logs the sources and PDF to MLflow."""
-    from .report import write_report
+    from lossgeo.analysis.report import write_report
 
     out = Path(out_dir)
     figure_dir = out / "figures-src"
@@ -111,7 +112,7 @@ def report(experiment: str | None = None, parent_run: str | None = None,
 def _output_run(experiment: str | None, parent_run: str | None, kind: str) -> TrackedRun:
     """A run tagged kind=<kind>, a child of the parent run when one is given: under
     `mlflow run` the launcher's run (so no empty run is left), else a new one."""
-    from .tracking import default_experiment, run_experiment_name
+    from lossgeo.run.tracking import default_experiment, run_experiment_name
 
     experiment, parent_run = experiment or None, parent_run or None
     if parent_run:

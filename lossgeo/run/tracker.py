@@ -33,15 +33,15 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from .curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
-from .curvature.lanczos import lanczos_top
-from .curvature.measure import edge_ratio
-from .curvature.operators import HessianBlockOperator, HessianOperator
-from .curvature.params import module_blocks
-from .curvature.stochastic import batch_sharpness, gradient_alignment
-from .curvature.trace import hutchinson
-from .curvature.warm import WarmEigen
-from .spikes import OnlineSpikeDetector
+from lossgeo.curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
+from lossgeo.curvature.lanczos import lanczos_top
+from lossgeo.curvature.measure import edge_ratio
+from lossgeo.curvature.operators import HessianBlockOperator, HessianOperator
+from lossgeo.curvature.params import module_blocks
+from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment
+from lossgeo.curvature.trace import hutchinson
+from lossgeo.curvature.warm import WarmEigen
+from lossgeo.geometry.spikes import OnlineSpikeDetector
 
 SDPA_TAG = "lossgeo_attention_backend"
 SPIKE_TAG = "lossgeo_last_spike"
@@ -99,7 +99,7 @@ class Tracker:
         self.epoch_k, self.trace_samples, self.layerwise = epoch_k, trace_samples, layerwise
         self.seed = seed
         if logger is None:
-            from .tracking import ActiveRunLogger
+            from lossgeo.run.tracking import ActiveRunLogger
             logger = ActiveRunLogger()
         self.logger = logger
         self.n_measurements = 0

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature import hessian_eigen
-from .curvature.operators import DataSource, LossFn
-from .directions import random_direction, trajectory_pca
-from .landscape import axis, interpolate, slice_1d, surface_2d
-from .sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness
+from lossgeo.curvature import hessian_eigen
+from lossgeo.curvature.operators import DataSource, LossFn
+from lossgeo.geometry.directions import random_direction, trajectory_pca
+from lossgeo.geometry.landscape import axis, interpolate, slice_1d, surface_2d
+from lossgeo.geometry.sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
+from lossgeo.curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
 
 
 def axis(resolution: int, half_range: float) -> torch.Tensor:

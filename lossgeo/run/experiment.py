@@ -11,14 +11,15 @@ import torch
 import yaml
 from torch import nn
 
-from . import __version__, plots
-from .config import TrainConfig
-from .data import DataBundle, load_data
-from .errors import UserInputError
-from .losses import LOSSES, LossFn
-from .models import build_model
-from .tracking import TrackedRun, resolve_experiment
-from .train import Measurement, train
+from lossgeo import __version__
+from lossgeo.analysis import plots
+from lossgeo.config import TrainConfig
+from lossgeo.data import DataBundle, load_data
+from lossgeo.errors import UserInputError
+from lossgeo.losses import LOSSES, LossFn
+from lossgeo.models import build_model
+from lossgeo.run.tracking import TrackedRun, resolve_experiment
+from lossgeo.run.train import Measurement, train
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def prepare(config: TrainConfig) -> tuple[DataBundle, nn.Module, LossFn, torch.d
 
 
 def default_measurements(config: TrainConfig) -> list[Measurement]:
-    from .measurements import build_measurements
+    from lossgeo.run.measurements import build_measurements
 
     return build_measurements(config)
 
@@ -101,7 +102,7 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
 
 def log_spikes(run: TrackedRun, frame: pd.DataFrame) -> None:
     """Curvature spikes as a tag (epochs and reasons) and a count metric."""
-    from .spikes import detect_spikes
+    from lossgeo.geometry.spikes import detect_spikes
 
     spikes = detect_spikes(frame)
     if "lambda_max" in frame:
@@ -187,7 +188,7 @@ def config_from_params(params: dict[str, str], **overrides) -> TrainConfig:
 def load_logged_run(run_id: str, **overrides):
     """(config, data, model with the final checkpoint, loss_fn) of a logged run; the probe
     set is the one the run measured on (same seed, same data)."""
-    from .tracking import get_run, has_artifact, load_artifact_object
+    from lossgeo.run.tracking import get_run, has_artifact, load_artifact_object
 
     try:
         run = get_run(run_id)
@@ -206,7 +207,7 @@ def load_logged_run(run_id: str, **overrides):
 
 
 def _uri() -> str:
-    from .tracking import tracking_uri
+    from lossgeo.run.tracking import tracking_uri
 
     return tracking_uri()
 
@@ -214,8 +215,8 @@ def _uri() -> str:
 def remeasure_curvature(run_id: str, **overrides) -> dict[str, float]:
     """Measures the final checkpoint of a logged run again (e.g. with other settings) and
     logs the results into that run under `remeasured/`."""
-    from .curvature.measure import measure_curvature
-    from .measurements import curvature_settings
+    from lossgeo.curvature.measure import measure_curvature
+    from lossgeo.run.measurements import curvature_settings
 
     config, data, model, loss_fn = load_logged_run(run_id, **overrides)
     metrics, artifacts = measure_curvature(model, loss_fn, (data.probe.x, data.probe.y),
@@ -244,8 +245,8 @@ def remeasure_landscape(run_id: str, *, resolution: int | None = None,
 
     import matplotlib.pyplot as plt
 
-    from .landscape_measure import measure_landscape
-    from .measurements import landscape_settings
+    from lossgeo.geometry.landscape_measure import measure_landscape
+    from lossgeo.run.measurements import landscape_settings
 
     if directions == "pca":
         raise UserInputError("landscape_directions: pca needs the trajectory, which only the "
@@ -275,8 +276,8 @@ def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: st
     logged as a new run. Both runs must share model, data set and seed (same probe set)."""
     import matplotlib.pyplot as plt
 
-    from .directions import weights_vector
-    from .landscape import interpolate
+    from lossgeo.geometry.directions import weights_vector
+    from lossgeo.geometry.landscape import interpolate
 
     config_a, data, model_a, loss_fn = load_logged_run(run_a, data_dir=data_dir)
     config_b, _, model_b, _ = load_logged_run(run_b, data_dir=data_dir)

@@ -21,8 +21,8 @@ import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from .errors import UserInputError
-from .periodic import Periodic
+from lossgeo.errors import UserInputError
+from lossgeo.run.periodic import Periodic
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -205,7 +205,7 @@ def settle_launcher_status(run_id: str, status: str) -> None:
     import subprocess
     import sys
 
-    subprocess.Popen([sys.executable, "-m", "lossgeo.settle", run_id, status,
+    subprocess.Popen([sys.executable, "-m", "lossgeo.run.settle", run_id, status,
                       str(launcher_pid())], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL)

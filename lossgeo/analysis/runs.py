@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from . import tracking
+from lossgeo.run import tracking
 
 
 def run_label(row: pd.Series) -> str:

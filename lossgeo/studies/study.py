@@ -23,13 +23,12 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from . import analysis, plots
-from .errors import UserInputError
-from .experiment import prepare, run_training
-from .periodic import Periodic
-from .statistics import cell_summary, study_verdicts
-from .studyfile import StudySpec
-from .tracking import (
+from lossgeo.analysis import plots
+from lossgeo.analysis import runs as analysis
+from lossgeo.errors import UserInputError
+from lossgeo.run.experiment import prepare, run_training
+from lossgeo.run.periodic import Periodic
+from lossgeo.run.tracking import (
     END_REASON_TAG,
     PARENT_TAG,
     TrackedRun,
@@ -43,6 +42,8 @@ from .tracking import (
     run_experiment_name,
     start_heartbeat,
 )
+from lossgeo.studies.statistics import cell_summary, study_verdicts
+from lossgeo.studies.studyfile import StudySpec
 
 DEFAULT_STORAGE = "sqlite:///studies/optuna.db"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -477,7 +478,7 @@ def _check_same_settings(study: str, finished: dict, configs: dict) -> None:
     anything runs. `finished`: (model, regime, seed) -> run."""
     import dataclasses
 
-    from .experiment import config_from_params
+    from lossgeo.run.experiment import config_from_params
 
     for key in sorted(k for k in finished if k in configs):  # the message names the first
         logged, wanted = config_from_params(finished[key].data.params), configs[key]

@@ -1,0 +1,1 @@
+"""Studies: study files, grids and Optuna sweeps, and their statistics."""
