@@ -101,12 +101,17 @@ VERDICT_WORDS = {"held": "held", "contradicted": "was contradicted",
                  "inconclusive": "was inconclusive"}
 
 
-def _ci(row: pd.Series, value: str, low: str, high: str) -> str:
+def _ci(row: pd.Series, value: str, low: str, high: str, fmt: str = ".2f") -> str:
     if pd.isna(row.get(value)):
         return "--"
     if pd.isna(row.get(low)):
-        return f"{row[value]:.2f}"
-    return f"{row[value]:.2f} [{row[low]:.2f}, {row[high]:.2f}]"
+        return f"{row[value]:{fmt}}"
+    return f"{row[value]:{fmt}} [{row[low]:{fmt}}, {row[high]:{fmt}}]"
+
+
+# per-cell columns and their precision: accuracies and gaps differ in the third decimal
+CELL_METRICS = {"train_loss": ".4f", "test_acc": ".4f", "gen_gap": ".4f",
+                "gen_gap_acc": ".4f", "lambda_max": ".2f", "epochs_to_target": ".1f"}
 
 
 def verdict_table(table: pd.DataFrame) -> str:
@@ -181,20 +186,21 @@ def cells_paragraph(runs: pd.DataFrame) -> str:
     """Per-cell means over seeds with 95\\% t-intervals for a few headline metrics; nothing
     where no cell has replicates (the per-run table says it all)."""
     summary = cell_summary(runs)
-    metrics = [m for m in ("test_acc", "gen_gap", "lambda_max", "epochs_to_target")
-               if f"{m}_mean" in summary]
+    metrics = [m for m in CELL_METRICS if f"{m}_mean" in summary]
     if summary.empty or not metrics or summary["n_seeds"].max() < 2:
         return ""
     head = " & ".join(tex_escape(m) for m in metrics)
     lines = [r"\begin{tabular}{lr" + "l" * len(metrics) + "}", r"\hline",
              f"cell & seeds & {head} \\\\", r"\hline"]
     for _, row in summary.iterrows():
-        cells = [_ci(row, f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high") for m in metrics]
+        cells = [_ci(row, f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high", CELL_METRICS[m])
+                 for m in metrics]
         lines.append(f"{tex_escape(str(row['cell']))} & {int(row['n_seeds'])} & "
                      + " & ".join(cells) + " \\\\")
     lines += [r"\hline", r"\end{tabular}"]
     return ("Per cell, means over seeds with 95\\% Student-$t$ intervals (runs that missed "
-            "their target train loss left out):\n\n\\begin{center}\n" + "\n".join(lines)
+            "their target train loss left out):\n\n\\begin{center}\n\\scriptsize\n"
+            + "\n".join(lines)
             + "\n\\end{center}\n")
 
 
