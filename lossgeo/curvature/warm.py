@@ -8,7 +8,7 @@ with full reorthogonalisation, and the Kato-Temple gap bound; see lanczos.py) pa
 2-3 products instead of 20-40 from a random vector. The small weight on the other tracked
 vectors keeps them in the Krylov space (two vectors' 2-step Krylov space is their span)
 without costing products: an equal-weight start needed 4-7 products a solve in
-tests/test_tracker.py's drifting operator, mix = 0.03 about 2.2.
+tests/run/test_tracker.py's drifting operator, mix = 0.03 about 2.2.
 
 What a warm start cannot see is a direction outside the tracked space overtaking the top
 one: a residual test proves that theta is *an* eigenvalue, not the largest. Two guards:

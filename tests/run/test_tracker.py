@@ -17,7 +17,7 @@ from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment
 from lossgeo.curvature.warm import WarmEigen
 from lossgeo.geometry.spikes import OnlineSpikeDetector
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 
 @pytest.fixture

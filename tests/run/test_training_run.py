@@ -9,7 +9,7 @@ from lossgeo.run.experiment import prepare, run_training
 from lossgeo.run.tracking import load_artifact_object
 from lossgeo.run.train import EpochState, MeasurementResult, measured_epochs, train
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 EVAL_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
                 "gen_gap", "gen_gap_acc"]

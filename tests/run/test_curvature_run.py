@@ -14,7 +14,7 @@ from lossgeo.curvature.measure import edge_ratio
 from lossgeo.run.experiment import load_logged_run, run_training
 from lossgeo.run.tracking import load_artifact_object
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 PER_EPOCH = ["lambda_max", "lambda_min", "hessian_trace", "hessian_trace_se", "lambda_max_ggn",
              "lambda_max_fisher", "effective_dim", "edge_ratio", "curvature_seconds",

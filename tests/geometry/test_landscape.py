@@ -11,7 +11,7 @@ from lossgeo.geometry.sharpness import adaptive_sharpness, eps_sharpness, random
 from lossgeo.losses import cross_entropy
 from lossgeo.models import MLP, build_model
 
-from .test_curvature import assert_unchanged, snapshot, tiny_mlp, toy_data
+from ..curvature.test_curvature import assert_unchanged, snapshot, tiny_mlp, toy_data
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import REPO
+from ..conftest import REPO
 
 
 def mlflow_run(tmp_path, *params, entry="main", experiment="e2e"):
@@ -74,7 +74,7 @@ def test_mlflow_run_sweep_is_one_tree_and_finishes(tmp_path, fake_data_dir):
     """No experiment named: the launcher's run (Default), the study's parent, its trials and
     the CLI's runs all land in one experiment; the launcher's run is a worker under the
     parent, never an empty top-level run; the parent ends FINISHED."""
-    from .test_study import write_study
+    from ..studies.test_study import write_study
 
     study = write_study(tmp_path, fake_data_dir, n_trials=2)
     result = mlflow_run(tmp_path, f"study={study}", "set=epochs=1 landscape=false",

@@ -15,7 +15,7 @@ from lossgeo.cli import cli
 from lossgeo.geometry.spikes import detect_spikes
 from lossgeo.run.experiment import run_training
 
-from .conftest import REPO, tiny_config
+from ..conftest import REPO, tiny_config
 
 
 @pytest.fixture

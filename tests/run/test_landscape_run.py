@@ -12,7 +12,7 @@ from lossgeo.cli import cli
 from lossgeo.run.experiment import load_logged_run, run_training
 from lossgeo.run.tracking import load_artifact_object
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 SHARPNESS = ["sharp_mean", "sharp_max", "eps_sharpness", "adaptive_sharpness",
              "landscape_seconds"]

@@ -15,7 +15,7 @@ from lossgeo.geometry.noise import gradient_noise_scale
 from lossgeo.studies.study import PARENT_ATTR, run_grid, run_sweep
 from lossgeo.studies.studyfile import load_study_file
 
-from .conftest import REPO
+from ..conftest import REPO
 
 TINY_BASE = {"model": "mlp", "hidden": "8", "epochs": 2, "train_subset": 200, "val_size": 100,
              "probe_size": 32, "batch_size": 32, "curvature_k": 1, "trace_samples": 2,
@@ -151,7 +151,7 @@ def test_gradient_noise_scale_matches_per_sample_loop():
     from lossgeo.curvature.operators import ParameterSpace
     from lossgeo.losses import cross_entropy
 
-    from .test_curvature import tiny_mlp, toy_data
+    from ..curvature.test_curvature import tiny_mlp, toy_data
     torch.set_default_dtype(torch.float64)
     try:
         model, (x, y) = tiny_mlp(), toy_data(n=9)

@@ -10,7 +10,7 @@ from lossgeo.data import Split
 from lossgeo.run.experiment import prepare, run_training
 from lossgeo.run.train import MeasurementResult, evaluate, train
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 from .test_training_run import NullLogger
 
 

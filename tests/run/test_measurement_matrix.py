@@ -12,7 +12,7 @@ from lossgeo.run.experiment import prepare
 from lossgeo.run.measurements import build_measurements
 from lossgeo.run.train import train
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 from .test_training_run import NullLogger
 
 EVERY_MEASUREMENT = dict(curvature=True, noise_scale=True, sharpness=True, landscape=True,

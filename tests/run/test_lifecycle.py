@@ -9,7 +9,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from .conftest import REPO
+from ..conftest import REPO
 
 TINY = ["--train-subset", "400", "--val-size", "100", "--probe-size", "32", "--hidden", "16",
         "--curvature-k", "2", "--trace-samples", "2", "--density-steps", "5",
