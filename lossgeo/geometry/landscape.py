@@ -13,6 +13,7 @@ the network. On the MNIST MLP the first layer is most of the work.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -176,28 +177,66 @@ class PerturbedLoss:
         return total, correct / self.n
 
 
+@dataclass(frozen=True)
+class Surface2D:
+    """loss[i, j] and acc[i, j] at w + x[i] d1 + y[j] d2."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    loss: torch.Tensor
+    acc: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The artifact form (plain tensors: `torch.load(..., weights_only=True)` reads it)."""
+        return {"x": self.x, "y": self.y, "loss": self.loss, "acc": self.acc}
+
+
+@dataclass(frozen=True)
+class Slice1D:
+    """loss[i] and acc[i] at base + t[i] * direction."""
+
+    t: torch.Tensor
+    loss: torch.Tensor
+    acc: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"t": self.t, "loss": self.loss, "acc": self.acc}
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    """loss[i] and acc[i] at (1 - alpha[i]) w_a + alpha[i] w_b."""
+
+    alpha: torch.Tensor
+    loss: torch.Tensor
+    acc: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"alpha": self.alpha, "loss": self.loss, "acc": self.acc}
+
+
 def surface_2d(model: nn.Module, loss_fn: LossFn, data: DataSource, d1: torch.Tensor,
                d2: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, *,
-               factorize: bool = True) -> dict[str, torch.Tensor]:
+               factorize: bool = True) -> Surface2D:
     """loss[i, j] and acc[i, j] at w + xs[i] d1 + ys[j] d2."""
     evaluator = PerturbedLoss(model, loss_fn, data, torch.stack([d1, d2]), factorize=factorize)
     grid = torch.cartesian_prod(xs.double(), ys.double())
     loss, acc = evaluator(grid)
     shape = (len(xs), len(ys))
-    return {"x": xs, "y": ys, "loss": loss.view(shape), "acc": acc.view(shape)}
+    return Surface2D(x=xs, y=ys, loss=loss.view(shape), acc=acc.view(shape))
 
 
 def slice_1d(model: nn.Module, loss_fn: LossFn, data: DataSource, direction: torch.Tensor,
              ts: torch.Tensor, *, base: torch.Tensor | None = None,
-             factorize: bool = True) -> dict[str, torch.Tensor]:
+             factorize: bool = True) -> Slice1D:
     """loss[i] and acc[i] at base + ts[i] * direction."""
     evaluator = PerturbedLoss(model, loss_fn, data, direction, base=base, factorize=factorize)
     loss, acc = evaluator(ts.double().view(-1, 1))
-    return {"t": ts, "loss": loss, "acc": acc}
+    return Slice1D(t=ts, loss=loss, acc=acc)
 
 
 def interpolate(model: nn.Module, loss_fn: LossFn, data: DataSource, w_a: torch.Tensor,
-                w_b: torch.Tensor, alphas: torch.Tensor) -> dict[str, torch.Tensor]:
+                w_b: torch.Tensor, alphas: torch.Tensor) -> Interpolation:
     """Linear interpolation (1 - alpha) w_a + alpha w_b (Goodfellow et al. 2015)."""
     out = slice_1d(model, loss_fn, data, w_b - w_a, alphas, base=w_a)
-    return {"alpha": alphas, "loss": out["loss"], "acc": out["acc"]}
+    return Interpolation(alpha=alphas, loss=out.loss, acc=out.acc)

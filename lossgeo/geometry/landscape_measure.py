@@ -94,15 +94,16 @@ def measure_landscape(model: nn.Module, loss_fn: LossFn, probe: DataSource,
         settings = s if directions == s.directions else _replace(s, directions=directions)
         d1, d2, extent, description = plane(model, loss_fn, probe, settings, traj, cache)
         grid = axis(s.resolution, extent)
-        slice2d: dict[str, Any] = dict(surface_2d(model, loss_fn, slice_data, d1, d2, grid, grid))
-        slice2d.update({"directions": description, "d1": d1.cpu(), "d2": d2.cpu(),
-                        "plane": directions, "epoch": epoch,
-                        "config": {"resolution": s.resolution, "range": extent}})
+        surface = surface_2d(model, loss_fn, slice_data, d1, d2, grid, grid)
+        slice2d: dict[str, Any] = {
+            **surface.as_dict(), "directions": description, "d1": d1.cpu(), "d2": d2.cpu(),
+            "plane": directions, "epoch": epoch,
+            "config": {"resolution": s.resolution, "range": extent}}
         prefix = "landscape/" if final else f"landscape/epoch_{epoch:03d}/"
         artifacts[prefix + "loss_slice_2d.pt"] = slice2d
         if final:
             artifacts.update(_final_only(model, loss_fn, probe, slice_data, traj, s, cache,
-                                         slice2d if directions == "pca" else None))
+                                         surface if directions == "pca" else None))
     metrics["landscape_seconds"] = time.perf_counter() - start
     return metrics, artifacts
 
@@ -118,12 +119,12 @@ def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice):
     ts = axis(2 * s.resolution - 1, s.half_range)
     v = top_eigenvectors(model, loss_fn, probe, cache, k=1)[0]
     one_d = {"random": slice_1d(model, loss_fn, slice_data, random_direction(model, seed=s.seed),
-                                ts),
-             "eigen": slice_1d(model, loss_fn, slice_data, v, ts)}
+                                ts).as_dict(),
+             "eigen": slice_1d(model, loss_fn, slice_data, v, ts).as_dict()}
     if len(traj) >= 2:
         alphas = torch.linspace(-0.25, 1.25, 2 * s.resolution - 1, dtype=torch.float64)
         one_d["interpolation"] = interpolate(model, loss_fn, slice_data, traj[0], traj[-1],
-                                             alphas)
+                                             alphas).as_dict()
     artifacts["landscape/loss_slice_1d.pt"] = one_d
     if len(traj) >= 3:
         pca = trajectory_pca(traj)
@@ -135,5 +136,5 @@ def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice):
         artifacts["landscape/trajectory.pt"] = {
             "coordinates": pca.coordinates, "explained_variance_ratio":
             pca.explained_variance_ratio, "directions": pca.directions.float().cpu(),
-            "slice": {k: pca_slice[k] for k in ("x", "y", "loss", "acc")}}
+            "slice": pca_slice.as_dict()}
     return artifacts

@@ -286,10 +286,9 @@ def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: st
             raise UserInputError(f"run_b: {field} differs from run_a's "
                                  f"({getattr(config_b, field)!r} vs {getattr(config_a, field)!r})")
     alphas = torch.linspace(-0.25, 1.25, points, dtype=torch.float64)
-    result = {"test": interpolate(model_a, loss_fn, (data.test.x, data.test.y),
-                                  weights_vector(model_a), weights_vector(model_b), alphas),
-              "probe": interpolate(model_a, loss_fn, (data.probe.x, data.probe.y),
-                                   weights_vector(model_a), weights_vector(model_b), alphas)}
+    result = {split: interpolate(model_a, loss_fn, (part.x, part.y), weights_vector(model_a),
+                                 weights_vector(model_b), alphas).as_dict()
+              for split, part in (("test", data.test), ("probe", data.probe))}
     inside = (alphas >= 0) & (alphas <= 1)
     loss = result["test"]["loss"]
     barrier = float(loss[inside].max() - 0.5 * (loss[inside][0] + loss[inside][-1]))

@@ -57,10 +57,10 @@ def test_grid_layout_on_non_square_grid_against_quadratic(float64, factorize):
     d1, d2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     xs, ys = axis(3, 1.0), axis(5, 0.5)
     out = surface_2d(model, loss, data, d1, d2, xs, ys, factorize=factorize)
-    assert out["loss"].shape == (3, 5)
+    assert out.loss.shape == (3, 5)
     for i, a in enumerate(xs.tolist()):
         for j, b in enumerate(ys.tolist()):
-            assert float(out["loss"][i, j]) == pytest.approx(closed(a, b), rel=1e-12)
+            assert float(out.loss[i, j]) == pytest.approx(closed(a, b), rel=1e-12)
 
 
 def test_axis_always_contains_zero():
@@ -92,9 +92,9 @@ def test_origin_equals_unperturbed_loss_exactly_and_factorisation_agrees(name, f
     fast = surface_2d(model, cross_entropy, data, d1, d2, axis(3, 1.0), axis(4, 1.0))
     slow = surface_2d(model, cross_entropy, data, d1, d2, axis(3, 1.0), axis(4, 1.0),
                       factorize=False)
-    assert float(fast["loss"][1, 2]) == direct and float(slow["loss"][1, 2]) == direct
-    assert torch.allclose(fast["loss"], slow["loss"], rtol=1e-5)
-    assert torch.allclose(fast["acc"], slow["acc"], atol=1 / 64 + 1e-9)
+    assert float(fast.loss[1, 2]) == direct and float(slow.loss[1, 2]) == direct
+    assert torch.allclose(fast.loss, slow.loss, rtol=1e-5)
+    assert torch.allclose(fast.acc, slow.acc, atol=1 / 64 + 1e-9)
     assert_unchanged(model, before)
 
 
@@ -120,7 +120,7 @@ def test_second_difference_along_top_eigenvector_equals_lambda_max(float64):
     errors = []
     for h in (1e-2, 5e-3):
         out = slice_1d(model, cross_entropy, (x, y), v, torch.tensor([-h, 0.0, h]))
-        second = (out["loss"][0] - 2 * out["loss"][1] + out["loss"][2]) / h ** 2
+        second = (out.loss[0] - 2 * out.loss[1] + out.loss[2]) / h ** 2
         errors.append(abs(float(second) - float(top.values[0])))
     assert errors[1] < 1e-4 * abs(float(top.values[0]))
     assert errors[1] < errors[0] / 3  # O(h^2): halving h quarters the error
@@ -132,8 +132,8 @@ def test_interpolation_endpoints_reproduce_both_models(float64):
     out = interpolate(a, cross_entropy, (x, y), weights_vector(a), weights_vector(b),
                       torch.tensor([0.0, 0.5, 1.0]))
     with torch.no_grad():
-        assert float(out["loss"][0]) == pytest.approx(float(cross_entropy(a(x), y)), rel=1e-12)
-        assert float(out["loss"][2]) == pytest.approx(float(cross_entropy(b(x), y)), rel=1e-12)
+        assert float(out.loss[0]) == pytest.approx(float(cross_entropy(a(x), y)), rel=1e-12)
+        assert float(out.loss[2]) == pytest.approx(float(cross_entropy(b(x), y)), rel=1e-12)
 
 
 def test_relu_rescaling_keeps_function_and_filter_normalised_slice_but_not_lambda_max(float64):
@@ -153,7 +153,7 @@ def test_relu_rescaling_keeps_function_and_filter_normalised_slice_but_not_lambd
     ts = torch.linspace(-1, 1, 7)
     s1 = slice_1d(model, cross_entropy, (x, y), random_direction(model, seed=4), ts)
     s2 = slice_1d(rescaled, cross_entropy, (x, y), random_direction(rescaled, seed=4), ts)
-    assert torch.allclose(s1["loss"], s2["loss"], rtol=1e-10)
+    assert torch.allclose(s1.loss, s2.loss, rtol=1e-10)
     lam1 = float(hessian_eigen(model, cross_entropy, (x, y), tol=1e-10).values[0])
     lam2 = float(hessian_eigen(rescaled, cross_entropy, (x, y), tol=1e-10).values[0])
     assert abs(lam2 / lam1 - 1) > 0.5
