@@ -193,26 +193,16 @@ class Surface2D:
 
 @dataclass(frozen=True)
 class Slice1D:
-    """loss[i] and acc[i] at base + t[i] * direction."""
+    """loss[i] and acc[i] at base + t[i] * direction; `axis` names t in the artifact ("t",
+    or "alpha" for an interpolation (1 - alpha) w_a + alpha w_b)."""
 
     t: torch.Tensor
     loss: torch.Tensor
     acc: torch.Tensor
+    axis: str = "t"
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"t": self.t, "loss": self.loss, "acc": self.acc}
-
-
-@dataclass(frozen=True)
-class Interpolation:
-    """loss[i] and acc[i] at (1 - alpha[i]) w_a + alpha[i] w_b."""
-
-    alpha: torch.Tensor
-    loss: torch.Tensor
-    acc: torch.Tensor
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"alpha": self.alpha, "loss": self.loss, "acc": self.acc}
+        return {self.axis: self.t, "loss": self.loss, "acc": self.acc}
 
 
 def surface_2d(model: nn.Module, loss_fn: LossFn, data: DataSource, d1: torch.Tensor,
@@ -236,7 +226,7 @@ def slice_1d(model: nn.Module, loss_fn: LossFn, data: DataSource, direction: tor
 
 
 def interpolate(model: nn.Module, loss_fn: LossFn, data: DataSource, w_a: torch.Tensor,
-                w_b: torch.Tensor, alphas: torch.Tensor) -> Interpolation:
+                w_b: torch.Tensor, alphas: torch.Tensor) -> Slice1D:
     """Linear interpolation (1 - alpha) w_a + alpha w_b (Goodfellow et al. 2015)."""
     out = slice_1d(model, loss_fn, data, w_b - w_a, alphas, base=w_a)
-    return Interpolation(alpha=alphas, loss=out.loss, acc=out.acc)
+    return Slice1D(t=alphas, loss=out.loss, acc=out.acc, axis="alpha")
