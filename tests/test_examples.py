@@ -33,6 +33,18 @@ def test_own_loop_example(tracking):
     assert "lambda_max" in run.data.metrics and "step/edge_ratio" in run.data.metrics
 
 
+def test_lightning_callback_example(tracking):
+    pytest.importorskip("lightning", reason="lightning not installed "
+                        "(pip install -e '.[lightning]')")
+    out = run_example("lightning_callback.py", "--epochs", "2", "--every", "16", cwd=tracking)
+    client, run = only_run(tracking)
+    assert run.info.run_id in out and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/lambda_max")]
+    assert steps == [16, 32, 48, 64]  # 32 steps an epoch
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "lambda_max")]
+    assert epochs == [1, 2]
+
+
 def test_huggingface_trainer_example(tracking):
     pytest.importorskip("transformers", reason="transformers not installed "
                         "(pip install -e '.[transformers]')")
