@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -65,6 +66,24 @@ def tiny_config(data_dir, **overrides):
                 batch_size=32, epochs=2, lr=0.05, data_dir=str(data_dir), curvature=False)
     base.update(overrides)
     return TrainConfig(**base)
+
+
+@contextlib.contextmanager
+def float64_default():
+    """The one way tests switch to float64 (exact references need it); float32 after."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype for one test (`pytestmark = usefixtures("float64")` for a
+    whole module)."""
+    with float64_default():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -5,12 +5,11 @@ loss over all samples with respect to the trainable parameters, by reverse-over-
 autograd (torch.autograd.functional.hessian: torch.func.hessian is wrong on LayerNorm in
 PyTorch 2.14, see test_any_model.py). Cases cover: uneven batches, both losses, BatchNorm and
 dropout (measured in eval mode), frozen parameters, dict batches with loss_fn(model, batch).
-Use `float64()` as the one way to switch the default dtype.
+Build them under float64 (the `float64` fixture, or conftest's `float64_default()`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,15 +21,6 @@ from torch.func import functional_call
 from lossgeo.curvature.batches import eval_mode
 from lossgeo.curvature.params import ParameterSpace
 from lossgeo.losses import cross_entropy, half_squared_error
-
-
-@contextlib.contextmanager
-def float64():
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(torch.float32)
 
 
 @dataclass

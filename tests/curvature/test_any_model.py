@@ -17,12 +17,7 @@ from lossgeo.curvature.batches import batch_size_of, resolve_loss_form
 from lossgeo.curvature.operators import GGNOperator
 from lossgeo.curvature.params import ParameterSpace
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class DictModel(nn.Module):

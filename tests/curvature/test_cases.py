@@ -15,12 +15,13 @@ from lossgeo.curvature import (
 )
 from lossgeo.curvature.params import ParameterSpace, module_blocks
 
-from .cases import CASE_NAMES, case, float64
+from ..conftest import float64_default
+from .cases import CASE_NAMES, case
 
 
 @pytest.fixture(params=CASE_NAMES)
 def shared(request):
-    with float64():
+    with float64_default():
         c = case(request.param)
         before = {k: v.clone() for k, v in c.model.state_dict().items()}
         modes = [m.training for m in c.model.modules()]

@@ -26,12 +26,7 @@ from lossgeo.curvature.operators import ParameterSpace
 from lossgeo.curvature.trace import hutchinson, rademacher_vectors
 from lossgeo.losses import cross_entropy, half_squared_error
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def tiny_mlp(seed=0, d_in=4, hidden=5, d_out=3):

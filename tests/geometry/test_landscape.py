@@ -14,13 +14,6 @@ from lossgeo.models import MLP, build_model
 from ..curvature.test_curvature import assert_unchanged, snapshot, tiny_mlp, toy_data
 
 
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
 def test_filter_normalisation_is_exact_and_zeroes_biases_and_batchnorm():
     model = build_model("resnet", 1, 28, 10)
     d = random_direction(model, seed=3)

@@ -20,13 +20,6 @@ from lossgeo.geometry.spikes import OnlineSpikeDetector
 from ..conftest import tiny_config
 
 
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
 def rotated(eigenvalues, seed=0):
     n = len(eigenvalues)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed),
