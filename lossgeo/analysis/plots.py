@@ -246,6 +246,13 @@ def histories_by_label(history: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _stability_edge(label: str, lrs: Mapping[str, float],
+                    momenta: Mapping[str, float] | None) -> float | None:
+    """2(1 + momentum)/lr of the run `label` (rounded, so equal edges compare equal)."""
+    lr = lrs.get(label)
+    return round(2 * (1 + (momenta or {}).get(label, 0.0)) / lr, 10) if lr else None
+
+
 def lambda_max_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, float],
                       momenta: Mapping[str, float] | None = None) -> Figure:
     """lambda_max per epoch; the stability edge 2(1 + momentum)/lr dashed in the same colour."""
@@ -255,9 +262,8 @@ def lambda_max_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, f
         if "lambda_max" not in df:
             continue
         ax.plot(df["epoch"], df["lambda_max"], "-o", color=colour, markersize=3, label=label)
-        lr = lrs.get(label)
-        if lr:
-            edge = round(2 * (1 + (momenta or {}).get(label, 0.0)) / lr, 10)
+        edge = _stability_edge(label, lrs, momenta)
+        if edge is not None:
             edges.setdefault(edge, []).append((label, colour))
     for edge, owners in edges.items():  # one dashed line per distinct edge, shared colours
         colour = owners[0][1] if len(owners) == 1 else "grey"
@@ -376,9 +382,9 @@ def step_curvature_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[st
         if "step/batch_sharpness" in df:
             ax.plot(steps, df["step/batch_sharpness"], "--", color=colour, lw=1.2,
                     label=f"{label}: batch sharpness")
-        lr = lrs.get(label)
-        if lr:
-            edges.setdefault(round(2 * (1 + (momenta or {}).get(label, 0.0)) / lr, 10), label)
+        edge = _stability_edge(label, lrs, momenta)
+        if edge is not None:
+            edges.setdefault(edge, label)
     for edge in edges:
         ax.axhline(edge, color="black", ls=":", lw=1, label=f"2(1+m)/lr = {edge:.3g}")
     ax.set_xlabel("optimizer step")
