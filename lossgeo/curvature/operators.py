@@ -70,12 +70,14 @@ class CurvatureOperator:
                  params: Sequence[str] | str | None = None,
                  chunk_size: int | str | None = "auto", loss_form: LossForm = "auto",
                  batch_size: Callable[[Any], int] | None = None,
-                 space: ParameterSpace | None = None) -> None:
+                 space: ParameterSpace | None = None, math_attention: bool = False) -> None:
         """chunk_size: samples per forward/backward chunk of (x, y) batches; "auto" sizes
         chunks by the model's activation memory, None keeps the batches as given.
         params: a parameter filter (names, module paths or globs; see `params.py`).
         space: an existing ParameterSpace of this model to share (its copies of the
-        parameters are read, never written), instead of copying the parameters again."""
+        parameters are read, never written), instead of copying the parameters again.
+        math_attention: start under the math attention backend (an earlier operator on this
+        model found the fused kernel refusing double backward: no need to fail again)."""
         self.model, self.loss_fn = model, loss_fn
         self.space = space if space is not None else ParameterSpace(model, params)
         self.objective = Objective(model, loss_fn, data, loss_form=loss_form,
@@ -83,7 +85,7 @@ class CurvatureOperator:
         self.batches, self.weights = self.objective.batches, self.objective.weights
         self.n_samples = self.objective.n_samples
         self.n_matvec = 0
-        self.math_attention = False
+        self.math_attention = math_attention
 
     @property
     def dim(self) -> int:

@@ -59,9 +59,12 @@ def batch_sharpness(model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
                     batch_size: int | None = None, rel_se: float = 0.1, min_batches: int = 4,
                     max_batches: int = 16, seed: int = 0,
                     params: Sequence[str] | str | None = None, loss_form: LossForm = "auto",
-                    size_fn: Callable[[Any], int] | None = None) -> BatchSharpnessResult:
+                    size_fn: Callable[[Any], int] | None = None,
+                    math_attention: bool = False) -> BatchSharpnessResult:
     """E_B[g_B^T H_B g_B / ||g_B||^2] over mini-batches of the probe set (module docstring).
-    A batch whose gradient vanishes contributes nothing (its ratio is undefined)."""
+    A batch whose gradient vanishes contributes nothing (its ratio is undefined).
+    math_attention: start under the math attention backend; once one batch's operator falls
+    back to it, the later batches start there too."""
     if rel_se < 0 or min_batches < 1 or max_batches < min_batches:
         raise ValueError("batch sharpness: need rel_se >= 0 and 1 <= min_batches <= max_batches")
     gen = torch.Generator().manual_seed(seed)
@@ -70,13 +73,14 @@ def batch_sharpness(model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
     space = ParameterSpace(model, params)  # one copy of the parameters for every batch
     for batch in minibatches(probe, batch_size, gen)[:max_batches]:
         op = HessianOperator(model, loss_fn, [batch], chunk_size=None, loss_form=loss_form,
-                             batch_size=size_fn, space=space)
+                             batch_size=size_fn, space=space, math_attention=math_attention)
         g = op.gradient()
         norm_sq = float(g.double().pow(2).sum())
         if norm_sq == 0.0 or not math.isfinite(norm_sq):
             continue
         ratios.append(float(torch.dot(g.double(), (op @ g).double())) / norm_sq)
         n_hvp += 1
+        math_attention = op.math_attention
         if len(ratios) >= max(min_batches, 2):
             mean, se = _mean_se(ratios)
             if se <= rel_se * abs(mean):

@@ -104,7 +104,7 @@ class Tracker:
         self.logger = logger
         self.n_measurements = 0
         self.math_attention = False  # products ran under the math attention backend
-        self._operator(None)  # bad input (filters, batches, loss form) fails here, not later
+        self._operator()  # bad input (filters, batches, loss form) fails here, not later
 
     # -- what the optimizer runs at ---------------------------------------------------------
     @property
@@ -127,10 +127,12 @@ class Tracker:
             return float(self.optimizer.param_groups[0].get("momentum", 0.0))
         return 0.0
 
-    def _operator(self, batches: list[Any] | None) -> HessianOperator:
-        return HessianOperator(self.model, self.loss_fn, batches or self.probe,
-                               params=self.params, loss_form=self.loss_form,
-                               batch_size=self.size_fn)
+    def _operator(self) -> HessianOperator:
+        """A Hessian operator on the probe set, under the math attention backend from the
+        start once an earlier measurement needed it."""
+        return HessianOperator(self.model, self.loss_fn, self.probe, params=self.params,
+                               loss_form=self.loss_form, batch_size=self.size_fn,
+                               math_attention=self.math_attention)
 
     def _note_attention(self, op: HessianOperator) -> None:
         if op.math_attention and not self.math_attention:
@@ -164,7 +166,7 @@ class Tracker:
     def measure_step(self) -> dict[str, float]:
         """The per-step set now (not logged)."""
         started = time.perf_counter()
-        op = self._operator(None)
+        op = self._operator()
         eig = self.warm.solve(op)
         self._note_attention(op)
         gradient = op.gradient()
@@ -180,7 +182,8 @@ class Tracker:
                              rel_se=self.batch_sharpness_rse,
                              max_batches=self.batch_sharpness_max,
                              seed=self.seed + self.n_measurements, params=self.params,
-                             loss_form=self.loss_form, size_fn=self.size_fn)
+                             loss_form=self.loss_form, size_fn=self.size_fn,
+                             math_attention=op.math_attention)
         metrics.update({"step/batch_sharpness": bs.value, "step/batch_sharpness_se": bs.stderr,
                         "step/batch_sharpness_n": float(bs.n_batches)})
         lr = self.lr
@@ -219,7 +222,7 @@ class Tracker:
 
     def _probe_curvature(self) -> dict[str, float]:
         started = time.perf_counter()
-        op = self._operator(None)
+        op = self._operator()
         k = min(self.epoch_k, op.dim)
         top = lanczos_top(op, k, tol=self.warm.tol, rest_tol=1e-2, seed=self.seed)
         self._note_attention(op)
