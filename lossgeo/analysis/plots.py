@@ -32,6 +32,15 @@ def _log_axis(ax, which: str) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def _decorate(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, a light grid and a small legend: how the comparison plots end."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _curves(histories: Mapping[str, pd.DataFrame], metrics: list[tuple[str, str]],
             ylabel: str, title: str, log_y: bool = False) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
@@ -270,11 +279,8 @@ def lambda_max_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, f
         names = ", ".join(name for name, _ in owners)
         ax.axhline(edge, color=colour, ls="--", lw=1, label=f"2(1+m)/lr = {edge:.3g} ({names})")
     _log_axis(ax, "y")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("lambda_max of the Hessian (probe set, log scale)")
-    ax.set_title("Sharpness lambda_max and the stability edge of (momentum) GD")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _decorate(ax, "epoch", "lambda_max of the Hessian (probe set, log scale)",
+              "Sharpness lambda_max and the stability edge of (momentum) GD")
     return fig
 
 
@@ -326,11 +332,8 @@ def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
     _spearman_legend(ax, data["lambda_max"], data["gen_gap"])
     _cell_error_bars(ax, runs, "lambda_max", "gen_gap")
     _log_axis(ax, "x")
-    ax.set_xlabel("final lambda_max (log scale)")
-    ax.set_ylabel("final gen_gap = test_loss - train_loss")
-    ax.set_title("Generalisation gap vs sharpness")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _decorate(ax, "final lambda_max (log scale)", "final gen_gap = test_loss - train_loss",
+              "Generalisation gap vs sharpness")
     return fig
 
 
@@ -387,11 +390,8 @@ def step_curvature_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[st
             edges.setdefault(edge, label)
     for edge in edges:
         ax.axhline(edge, color="black", ls=":", lw=1, label=f"2(1+m)/lr = {edge:.3g}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("curvature (probe set)")
-    ax.set_title("lambda_max and batch sharpness over training, against the stability edge")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _decorate(ax, "optimizer step", "curvature (probe set)",
+              "lambda_max and batch sharpness over training, against the stability edge")
     return fig
 
 
