@@ -37,20 +37,32 @@ def gradient_noise_scale(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
         return loss_fn(out, y.unsqueeze(0))
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    total = torch.zeros(space.dim, dtype=torch.float64, device=space.device)
-    sum_sq = 0.0
+    # Chunks are merged by Chan et al.'s pairwise update of (count, mean, sum of squared
+    # deviations), so the large sum ||g_i||^2 never meets the large n ||G||^2 (cancellation).
+    # Within a chunk: row dot products and a column sum per tensor, no concatenated copy
+    # (measured: 1.6 s against 3.9 s for cat + double + pow on the MLP, probe 1024).
+    mean = {name: torch.zeros(v.shape, dtype=torch.float64, device=space.device)
+            for name, v in space.values.items()}
+    m2 = 0.0
     n = 0
     with eval_mode(model):
         for x, y in batches:
             g = per_sample(space.values, x, y)
-            flat = torch.cat([g[name].reshape(len(y), -1) for name in space.names], dim=1).double()
-            total += flat.sum(dim=0)
-            sum_sq += float(flat.pow(2).sum())
-            n += len(y)
+            b = len(y)
+            total = n + b
+            for name in space.names:
+                t = g[name].reshape(b, -1)
+                chunk_mean = t.mean(dim=0).double().view_as(mean[name])
+                # (t * t).sum: torch's cascade summation (a float32 einsum was off by 6e-5)
+                row_sq = float((t * t).sum(dim=1).double().sum())
+                m2 += row_sq - b * float(chunk_mean.pow(2).sum())
+                delta = chunk_mean - mean[name]
+                m2 += float(delta.pow(2).sum()) * n * b / total
+                mean[name] += delta * (b / total)
+            n = total
     if n < 2:
         raise ValueError("data: the noise scale needs at least 2 samples")
-    mean = total / n
-    g_sq = float(mean.pow(2).sum())
-    trace = (sum_sq - n * g_sq) / (n - 1)
+    g_sq = float(sum(m.pow(2).sum() for m in mean.values()))
+    trace = m2 / (n - 1)
     return NoiseScale(b_simple=trace / g_sq if g_sq > 0 else float("inf"),
                       trace_covariance=trace, gradient_norm_sq=g_sq, n_samples=n)
