@@ -1,0 +1,104 @@
+"""What one measured epoch costs at the defaults, part by part, in full-MNIST training epochs.
+
+The default full set is what `lossgeo train` runs at a measured epoch that is not the last:
+curvature (lambda_1..5 and lambda_min, Hutchinson trace, GGN and Fisher lambda_max,
+layer-wise lambda_max), the gradient noise scale and sharpness (random directions,
+eps-sharpness, adaptive), built by `build_measurements` from the default `TrainConfig`, on
+the default probe set (1,024 training images). Models: the default MLP and CNN after one
+epoch of SGD on full MNIST. One training epoch: full MNIST (55,000 images) at batch 32.
+Measurement sets and training epochs alternate, best of ROUNDS each (the machine is noisy).
+
+Run: python benchmarks/bench_epoch_cost.py   (writes benchmarks/results/epoch_cost.md)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_curvature import epoch_seconds  # noqa: E402
+from common import machine, mnist, trained, write  # noqa: E402
+
+import lossgeo.curvature.measure as curvature_measure  # noqa: E402
+import lossgeo.geometry.landscape_measure as landscape_measure  # noqa: E402
+from lossgeo.config import TrainConfig  # noqa: E402
+from lossgeo.losses import cross_entropy  # noqa: E402
+from lossgeo.run.measurements import build_measurements  # noqa: E402
+from lossgeo.run.train import EpochState  # noqa: E402
+
+ROUNDS = 2
+# the solver and sharpness calls inside the measurements, timed where they are looked up
+PARTS = {
+    curvature_measure: {"lanczos_extremes": "curvature: top-5 and lambda_min (Lanczos)",
+                        "hutchinson": "curvature: trace (Hutchinson, 20 vectors)",
+                        "lanczos_top": "curvature: GGN, Fisher and layer-wise lambda_max"},
+    landscape_measure: {"random_direction_sharpness": "sharpness: random directions (K = 10)",
+                        "eps_sharpness": "sharpness: eps-sharpness (L-BFGS-B)",
+                        "adaptive_sharpness": "sharpness: adaptive"},
+}
+
+
+def instrument(seconds: dict[str, float]) -> None:
+    for module, names in PARTS.items():
+        for attr, label in names.items():
+            real = getattr(module, attr)
+
+            def timed_call(*args, _real=real, _label=label, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _real(*args, **kwargs)
+                finally:
+                    seconds[_label] += time.perf_counter() - start
+
+            setattr(module, attr, timed_call)
+
+
+def measure_once(name: str, model, data, seconds: dict[str, float]) -> dict[str, float]:
+    config = TrainConfig(model=name)
+    state = EpochState(epoch=1, is_last=False, model=model, loss_fn=cross_entropy, data=data,
+                       config=config, trajectory=[], metrics={})
+    metrics: dict[str, float] = {}
+    for measurement in build_measurements(config):
+        start = time.perf_counter()
+        metrics.update(measurement(state).metrics)
+        seconds[f"total: {measurement.name}"] += time.perf_counter() - start
+    return metrics
+
+
+def main() -> None:
+    data = mnist(probe_size=TrainConfig().probe_size)
+    lines = [f"# Cost of one measured epoch ({time.strftime('%Y-%m-%d')}; {machine()})", "",
+             "`python benchmarks/bench_epoch_cost.py`: the default full set at a measured "
+             "epoch (not the last), part by part, in seconds and in full-MNIST training "
+             f"epochs at batch 32; best of {ROUNDS} alternating rounds.", ""]
+    calls: dict[str, float] = defaultdict(float)
+    instrument(calls)
+    for name in ("mlp", "cnn"):
+        model = trained(name, data, epochs=1)
+        best: dict[str, float] = {}
+        epoch_best = float("inf")
+        metrics: dict[str, float] = {}
+        for _ in range(ROUNDS):
+            calls.clear()
+            metrics = measure_once(name, model, data, calls)
+            for part, s in calls.items():
+                best[part] = min(best.get(part, float("inf")), s)
+            epoch_best = min(epoch_best, epoch_seconds(name, data))
+        total = sum(s for part, s in best.items() if part.startswith("total:"))
+        lines += [f"## {name}: one training epoch {epoch_best:.2f} s; the full set "
+                  f"{total:.2f} s = **{total / epoch_best:.2f} training epochs**", "",
+                  "| part | seconds | training epochs |", "|---|---|---|"]
+        for part in sorted(best):
+            lines.append(f"| {part} | {best[part]:.2f} | {best[part] / epoch_best:.2f} |")
+        lines += ["", f"Hessian-vector products (curvature): {metrics['curvature_n_hvp']:.0f}; "
+                  f"lambda_max {metrics['lambda_max']:.3f}, trace {metrics['hessian_trace']:.1f}"
+                  f" +- {metrics['hessian_trace_se']:.1f}, eps-sharpness "
+                  f"{metrics['eps_sharpness']:.3f}, B_simple {metrics['grad_noise_scale']:.1f}", ""]
+    write("epoch_cost.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
