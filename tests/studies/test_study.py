@@ -11,7 +11,6 @@ from mlflow.tracking import MlflowClient
 
 from lossgeo.cli import cli
 from lossgeo.errors import UserInputError
-from lossgeo.geometry.noise import gradient_noise_scale
 from lossgeo.studies.study import PARENT_ATTR, run_grid, run_sweep
 from lossgeo.studies.studyfile import load_study_file
 
@@ -142,25 +141,6 @@ def test_grid_runs_every_cell_and_summarises(tmp_path, tracking, fake_data_dir):
     outputs = client.search_runs([client.get_run(parent).info.experiment_id],
                                  "tags.kind = 'comparison'")
     assert [r.data.tags["mlflow.parentRunId"] for r in outputs] == [parent]
-
-
-def test_gradient_noise_scale_matches_per_sample_loop(float64):
-    import torch
-    from torch.func import functional_call
-
-    from lossgeo.curvature.operators import ParameterSpace
-    from lossgeo.losses import cross_entropy
-
-    from ..curvature.test_curvature import tiny_mlp, toy_data
-    model, (x, y) = tiny_mlp(), toy_data(n=9)
-    space = ParameterSpace(model)
-    grads = torch.stack([space.flatten(torch.func.grad(lambda p: cross_entropy(
-        functional_call(model, p, (x[i:i + 1],)), y[i:i + 1]))(space.values))
-        for i in range(9)])
-    mean = grads.mean(0)
-    trace = ((grads - mean) ** 2).sum() / 8
-    result = gradient_noise_scale(model, cross_entropy, (x, y), chunk_size=4)
-    assert result.b_simple == pytest.approx(float(trace / mean.pow(2).sum()), rel=1e-10)
 
 
 def test_unreachable_storage_is_one_line_exit_2(tmp_path, tracking, fake_data_dir):
