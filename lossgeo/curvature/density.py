@@ -13,25 +13,40 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .lanczos import lanczos_tridiagonal
+from .lanczos import LanczosRun, _ritz, lanczos_tridiagonal
 from .linear import LinearOperator
 from .results import DensityResult
 
 
 def slq_density(op: LinearOperator, *, n_steps: int = 100, n_vectors: int = 1,
-                grid_size: int = 1000, sigma: float | None = None, seed: int = 0
-                ) -> DensityResult:
-    """sigma defaults to 1% of the spectrum's estimated range."""
+                grid_size: int = 1000, sigma: float | None = None, seed: int = 0,
+                run: LanczosRun | None = None) -> DensityResult:
+    """sigma defaults to 1% of the spectrum's estimated range. run: a LanczosRun of the same
+    operator and seed (e.g. the one `lanczos_extremes` took the top eigenpairs from): the
+    first vector's quadrature continues it, and only the steps it has not taken yet cost
+    products; the result is the same as without it."""
     matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
     if n_steps < 1 or n_vectors < 1:
         raise ValueError("n_steps and n_vectors: must be >= 1")
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
     n_hvp = 0
-    for _ in range(n_vectors):
+    if run is not None and run.seed != seed:
+        raise ValueError(f"run: started from seed {run.seed}, not this density's seed {seed}")
+    for i in range(n_vectors):
         v = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-        theta, w = lanczos_tridiagonal(matvec, v, n_steps)
-        n_hvp += len(theta)
+        if i == 0 and run is not None:  # v is the run's start vector: continue the run
+            taken = run.n_steps
+            run.extend(n_steps)
+            assert run.state is not None
+            _, alphas, betas, _ = run.state
+            m = min(n_steps, len(alphas))
+            theta, s = _ritz(alphas[:m], betas[: m - 1])
+            w = s[0] ** 2
+            n_hvp += max(run.n_steps - taken, 0)
+        else:
+            theta, w = lanczos_tridiagonal(matvec, v, n_steps)
+            n_hvp += len(theta)
         pad = n_steps - len(theta)  # early exit (invariant subspace): zero-weight padding
         nodes.append(np.pad(theta, (0, pad), constant_values=theta[-1]))
         weights.append(np.pad(w, (0, pad)))

@@ -72,7 +72,8 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
                      tol: float = 1e-4, bottom_tol: float | None = None,
                      rest_tol: float | None = None, bottom_scale: str = "value",
                      max_iter: int = 100, seed: int = 0, verify: bool = False,
-                     start: torch.Tensor | None = None, min_steps: int | None = None
+                     start: torch.Tensor | None = None, min_steps: int | None = None,
+                     run: LanczosRun | None = None
                      ) -> tuple[EigenResult | None, EigenResult | None]:
     """The k_top largest and k_bottom smallest (algebraic) eigenpairs of a symmetric operator
     from one Lanczos run. Returns (top, bottom); either is None when not asked for.
@@ -89,7 +90,8 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
     start: (m, n) or (n,) vectors to start from instead of a random vector (a warm start:
     their normalised sum, so a Krylov space of m steps spans them when they are nearly
     invariant); min_steps (default k_top + k_bottom + 1): products before the stopping test
-    may end the run.
+    may end the run. run: a fresh `LanczosRun` to take the steps from (instead of seed or
+    start), so that a later reader, e.g. `slq_density`, continues the same Krylov space.
     """
     matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
     bottom_tol = tol if bottom_tol is None else bottom_tol
@@ -100,7 +102,10 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
         raise ValueError("k: ask for at least one eigenpair")
     if k_top + k_bottom > n:
         raise ValueError(f"k: at most the dimension {n} eigenpairs (got {k_top + k_bottom})")
-    if start is None:
+    if run is not None:
+        if start is not None or run.state is not None:
+            raise ValueError("run: must be a fresh LanczosRun, and not given with start")
+    elif start is None:
         q0 = _start_vector(n, dtype, device, seed)
     else:
         q0 = start.reshape(-1, n).to(dtype=dtype, device=device).sum(dim=0)
@@ -108,7 +113,8 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
             raise ValueError("start: the start vectors sum to zero or are not finite")
         q0 = q0 / q0.norm()
     min_steps = k_top + k_bottom + 1 if min_steps is None else min_steps
-    steps = _lanczos_steps(matvec, q0, min(max_iter, n))
+    steps = (iter(run) if run is not None
+             else _lanczos_steps(matvec, q0, min(max_iter, n)))
     def group_flags_now(beta, s, theta, top, bottom):
         floor = float(np.abs(theta).max()) if bottom_scale == "spectrum" else 0.0
         return (np.concatenate([_ritz_converged(beta, s, theta, top[:1], tol),
@@ -120,7 +126,7 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
         top, bottom = _wanted(theta, k_top, k_bottom)
         invariant = _invariant(beta, alphas)
         flags = group_flags_now(beta, s, theta, top, bottom)
-        if len(alphas) >= min_steps and all(f.all() for f in flags):
+        if len(alphas) >= min_steps and all(f.all() for f in flags) or len(alphas) >= max_iter:
             break
     n_hvp = len(alphas)
     results: list[EigenResult | None] = []
@@ -171,6 +177,37 @@ def lanczos_tridiagonal(matvec: MatVec, v0: torch.Tensor, n_steps: int
         pass
     theta, s = _ritz(alphas, betas)
     return theta, s[0] ** 2
+
+
+class LanczosRun:
+    """One Lanczos recurrence (full reorthogonalisation) from the start vector of `seed`,
+    shared by several readers: each iteration over it resumes where the last reader stopped,
+    and `extend` runs it further. The last epoch's spectral density thereby continues the
+    Krylov space of the top-k eigen solve (same start vector, same steps) instead of
+    repeating its products."""
+
+    def __init__(self, op: LinearOperator, *, seed: int = 0, max_steps: int = 100) -> None:
+        self.seed = seed
+        q0 = _start_vector(op.dim, op.dtype, op.device, seed)
+        self._steps = _lanczos_steps(op.__matmul__, q0, min(max_steps, op.dim))
+        # (basis, alphas, betas, beta) after the last step taken; None before the first
+        self.state: tuple[torch.Tensor, list[float], list[float], float] | None = None
+
+    def __iter__(self):
+        for state in self._steps:
+            self.state = state
+            yield state
+
+    @property
+    def n_steps(self) -> int:
+        return 0 if self.state is None else len(self.state[1])
+
+    def extend(self, n_steps: int) -> None:
+        """Run on to n_steps steps (fewer when the Krylov space turns invariant or the run's
+        max_steps is reached)."""
+        for _ in (iter(self) if self.n_steps < n_steps else ()):
+            if self.n_steps >= n_steps:
+                break
 
 
 def _lanczos_steps(matvec: MatVec, q: torch.Tensor, max_steps: int):

@@ -12,7 +12,7 @@ from torch import nn
 from ..models import parameter_blocks
 from .api import effective_dimension
 from .density import slq_density
-from .lanczos import both, lanczos_extremes, lanczos_top
+from .lanczos import LanczosRun, both, lanczos_extremes, lanczos_top
 from .operators import (
     DataSource,
     EmpiricalFisherOperator,
@@ -55,10 +55,15 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
     s = settings
     op = HessianOperator(model, loss_fn, data, chunk_size=s.chunk_size)
     k = min(s.k, op.dim - 1)
+    # at the last epoch the spectral density continues the eigen solve's Lanczos run (same
+    # start vector) rather than repeating its first steps
+    run = LanczosRun(op, seed=s.seed, max_steps=max(s.max_iter, s.density_steps)) if final \
+        else None
     # lambda_max to tol; lambda_2..k and lambda_min (against lambda_max) to secondary_tol
     top, bottom = both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=s.tol,
                                    rest_tol=s.secondary_tol, bottom_tol=s.secondary_tol,
-                                   bottom_scale="spectrum", max_iter=s.max_iter, seed=s.seed))
+                                   bottom_scale="spectrum", max_iter=s.max_iter, seed=s.seed,
+                                   run=run))
     if cache is not None:
         cache["hessian_top"] = top
     # the top-k Ritz pairs carry much of Hutchinson's variance: take their part exactly
@@ -92,7 +97,7 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
         n_hvp += result.n_hvp
     artifacts: dict[str, object] = {}
     if final:
-        density = slq_density(op, n_steps=s.density_steps, seed=s.seed)
+        density = slq_density(op, n_steps=s.density_steps, seed=s.seed, run=run)
         n_hvp += density.n_hvp
         artifacts["spectrum/eigen.pt"] = {
             "values": top.values, "vectors": top.vectors.cpu(), "residuals": top.residuals,

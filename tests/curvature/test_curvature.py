@@ -345,3 +345,44 @@ def test_bad_arguments():
         hessian_trace(model, cross_entropy, data, method="exact")
     with pytest.raises(ValueError, match="no batches"):
         hessian_eigen(model, cross_entropy, [])
+
+
+@pytest.mark.parametrize("density_steps", [6, 60])
+def test_density_continuing_the_eigen_solve_is_the_same_density_for_fewer_products(
+        float64, density_steps):
+    """The last epoch's density continues the top-k solve's Lanczos run: the same nodes,
+    weights and density as a density of its own, and only the steps the solve did not take
+    cost products (none when the solve went further than the density needs)."""
+    from lossgeo.curvature.density import slq_density
+    from lossgeo.curvature.lanczos import LanczosRun
+
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(200, 200, generator=gen, dtype=torch.float64)
+    op = MatrixOperator(a + a.T)
+    alone_top, alone_bottom = lanczos_extremes(op, k_top=3, k_bottom=1, tol=1e-4, seed=2)
+    alone = slq_density(op, n_steps=density_steps, n_vectors=2, seed=2)
+    run = LanczosRun(op, seed=2, max_steps=100)
+    top, bottom = lanczos_extremes(op, k_top=3, k_bottom=1, tol=1e-4, run=run)
+    solve_steps = top.n_hvp
+    assert 6 < solve_steps < 60
+    assert torch.equal(top.values, alone_top.values)
+    assert torch.equal(bottom.values, alone_bottom.values)
+    shared = slq_density(op, n_steps=density_steps, n_vectors=2, seed=2, run=run)
+    for field in ("nodes", "weights", "density", "grid"):
+        assert torch.equal(getattr(shared, field), getattr(alone, field)), field
+    second_vector = density_steps
+    assert shared.n_hvp == max(density_steps - solve_steps, 0) + second_vector
+    assert alone.n_hvp == 2 * density_steps
+
+
+def test_a_shared_lanczos_run_is_refused_when_used_or_from_another_seed(float64):
+    from lossgeo.curvature.density import slq_density
+    from lossgeo.curvature.lanczos import LanczosRun
+
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)))
+    run = LanczosRun(op, seed=0)
+    lanczos_extremes(op, k_top=1, run=run)
+    with pytest.raises(ValueError, match="fresh LanczosRun"):
+        lanczos_extremes(op, k_top=1, run=run)
+    with pytest.raises(ValueError, match="seed 0, not this density's seed 1"):
+        slq_density(op, n_steps=5, seed=1, run=run)
