@@ -80,10 +80,13 @@ class WarmEigen:
                                  device=start.device)
             weights[0] = 1.0
             start = start * weights
-        # only lambda_max has to meet tol; the other tracked pairs just follow it
+        # only lambda_max has to meet tol; the other tracked pairs just follow it. A warm
+        # solve has its own guards (k >= 2 and the cold checks), so no guard pair: it would
+        # cost every solve a product
         top, _ = lanczos_extremes(op, k_top=k, tol=tol or self.tol, rest_tol=1.0,
                                   max_iter=self.max_iter, seed=seed, start=start,
-                                  min_steps=k if start is not None else None)
+                                  min_steps=k if start is not None else None,
+                                  guard=0 if start is not None else 1)
         return top
 
     def solve(self, op: LinearOperator) -> TrackedEigen:

@@ -410,3 +410,23 @@ def test_float32_lanczos_basis_stays_orthogonal_and_has_no_ghost_eigenvalues():
     theta = eigh_tridiagonal(np.array(alphas), np.array(betas[:149]), eigvals_only=True)
     for outlier in (50.0, 20.0, 10.0):
         assert int((np.abs(theta - outlier) < 1e-3 * outlier).sum()) == 1
+
+
+def test_guard_pair_keeps_a_cold_start_from_stopping_on_lambda_2():
+    """lambda_1 = 5.86 and lambda_2 = 5.55 close together above a bulk (the shape of an
+    MNIST MLP layer block where this was seen): at tol 1e-3 an unguarded k=1 solve often
+    resolves lambda_2 to tol and stops before lambda_1 shows; requiring one more Ritz pair
+    to converge finds lambda_1 from every start."""
+    from lossgeo.curvature.linear import LambdaOperator
+    from lossgeo.curvature.lanczos import lanczos_top
+
+    n = 3000
+    spectrum = torch.cat([torch.tensor([5.86, 5.55, 3.79], dtype=torch.float64),
+                          3.5 * torch.exp(-torch.arange(n - 3, dtype=torch.float64) / 40) - 0.05])
+    op = LambdaOperator(lambda v: spectrum * v, n, dtype=torch.float64)
+    found = {guard: [float(lanczos_top(op, tol=1e-3, seed=seed, guard=guard).values[0])
+                     for seed in range(40)] for guard in (0, 1)}
+    assert sum(v < 5.86 * (1 - 1e-3) for v in found[0]) >= 5  # the failure is real
+    assert all(abs(v - 5.86) <= 1e-3 * 5.86 for v in found[1])
+    with pytest.raises(ValueError, match="guard"):
+        lanczos_top(op, guard=-1)
