@@ -34,7 +34,9 @@ ROUNDS = 2
 PARTS = {
     curvature_measure: {"lanczos_extremes": "curvature: top-5 and lambda_min (Lanczos)",
                         "hutchinson": "curvature: trace (Hutchinson, 20 vectors)",
-                        "lanczos_top": "curvature: GGN, Fisher and layer-wise lambda_max"},
+                        "lanczos_top": "curvature: GGN, layer-wise (and, off Linear chains, "
+                                       "Fisher) lambda_max (Lanczos)",
+                        "fisher_gram": "curvature: Fisher Gram matrix (Linear chains)"},
     landscape_measure: {"random_direction_sharpness": "sharpness: random directions (K = 10)",
                         "eps_sharpness": "sharpness: eps-sharpness (L-BFGS-B)",
                         "adaptive_sharpness": "sharpness: adaptive"},
@@ -93,6 +95,10 @@ def main() -> None:
                   "| part | seconds | training epochs |", "|---|---|---|"]
         for part in sorted(best):
             lines.append(f"| {part} | {best[part]:.2f} | {best[part] / epoch_best:.2f} |")
+        parts = sum(s for part, s in best.items() if part.startswith("curvature:"))
+        lines.insert(len(lines), f"| curvature: the rest (graphs, Ritz vectors, bookkeeping) | "
+                     f"{best['total: curvature'] - parts:.2f} | "
+                     f"{(best['total: curvature'] - parts) / epoch_best:.2f} |")
         lines += ["", f"Hessian-vector products (curvature): {metrics['curvature_n_hvp']:.0f}; "
                   f"lambda_max {metrics['lambda_max']:.3f}, trace {metrics['hessian_trace']:.1f}"
                   f" +- {metrics['hessian_trace_se']:.1f}, eps-sharpness "
