@@ -6,13 +6,15 @@ layer-wise lambda_max), the gradient noise scale and sharpness (random direction
 eps-sharpness, adaptive), built by `build_measurements` from the default `TrainConfig`, on
 the default probe set (1,024 training images). Models: the default MLP and CNN after one
 epoch of SGD on full MNIST. One training epoch: full MNIST (55,000 images) at batch 32.
-Measurement sets and training epochs alternate, best of ROUNDS each (the machine is noisy).
+Measurement sets and training epochs alternate; the headline is the median over rounds of
+set / epoch, each pair measured back to back (the machine's speed drifts by up to 2x).
 
 Run: python benchmarks/bench_epoch_cost.py   (writes benchmarks/results/epoch_cost.md)
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -29,7 +31,7 @@ from lossgeo.losses import cross_entropy  # noqa: E402
 from lossgeo.run.measurements import build_measurements  # noqa: E402
 from lossgeo.run.train import EpochState  # noqa: E402
 
-ROUNDS = 2
+ROUNDS = 3
 # the solver and sharpness calls inside the measurements, timed where they are looked up
 PARTS = {
     curvature_measure: {"lanczos_extremes": "curvature: top-5 and lambda_min (Lanczos)",
@@ -75,28 +77,37 @@ def main() -> None:
     lines = [f"# Cost of one measured epoch ({time.strftime('%Y-%m-%d')}; {machine()})", "",
              "`python benchmarks/bench_epoch_cost.py`: the default full set at a measured "
              "epoch (not the last), part by part, in seconds and in full-MNIST training "
-             f"epochs at batch 32; best of {ROUNDS} alternating rounds.", ""]
+             f"epochs at batch 32; {ROUNDS} rounds, each the set then a training epoch.", ""]
     calls: dict[str, float] = defaultdict(float)
     instrument(calls)
     for name in ("mlp", "cnn"):
         model = trained(name, data, epochs=1)
         best: dict[str, float] = {}
-        epoch_best = float("inf")
+        epochs: list[float] = []
+        ratios: list[float] = []
         metrics: dict[str, float] = {}
         for _ in range(ROUNDS):
             calls.clear()
             metrics = measure_once(name, model, data, calls)
             for part, s in calls.items():
                 best[part] = min(best.get(part, float("inf")), s)
-            epoch_best = min(epoch_best, epoch_seconds(name, data))
+            epochs.append(epoch_seconds(name, data))
+            # the set and the epoch right after it: their ratio is robust to the machine's
+            # drift, which moves both (training epochs of 1.8-3.4 s were seen in one hour)
+            ratios.append(sum(s for part, s in calls.items() if part.startswith("total:"))
+                          / epochs[-1])
+        epoch_best = min(epochs)
         total = sum(s for part, s in best.items() if part.startswith("total:"))
-        lines += [f"## {name}: one training epoch {epoch_best:.2f} s; the full set "
-                  f"{total:.2f} s = **{total / epoch_best:.2f} training epochs**", "",
-                  "| part | seconds | training epochs |", "|---|---|---|"]
+        lines += [f"## {name}: the full set {total:.2f} s (best of {ROUNDS}); a training epoch "
+                  f"{min(epochs):.2f}-{max(epochs):.2f} s; set / epoch per round "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)}: median "
+                  f"**{statistics.median(ratios):.2f} training epochs**", "",
+                  "| part | seconds (best) | training epochs (of the fastest epoch) |",
+                  "|---|---|---|"]
         for part in sorted(best):
             lines.append(f"| {part} | {best[part]:.2f} | {best[part] / epoch_best:.2f} |")
         parts = sum(s for part, s in best.items() if part.startswith("curvature:"))
-        lines.insert(len(lines), f"| curvature: the rest (graphs, Ritz vectors, bookkeeping) | "
+        lines.append(f"| curvature: the rest (graphs, Ritz vectors, bookkeeping) | "
                      f"{best['total: curvature'] - parts:.2f} | "
                      f"{(best['total: curvature'] - parts) / epoch_best:.2f} |")
         lines += ["", f"Hessian-vector products (curvature): {metrics['curvature_n_hvp']:.0f}; "
