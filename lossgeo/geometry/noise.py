@@ -67,7 +67,8 @@ def gradient_noise_scale(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
         return row_sq, means
 
     # Chunks are merged by Chan et al.'s pairwise update of (count, mean, sum of squared
-    # deviations), so the large sum ||g_i||^2 never meets the large n ||G||^2 (cancellation)
+    # deviations): sum ||g_i||^2 - b ||mean||^2 cancels only within a chunk of b samples,
+    # never over the whole probe set, where n ||G||^2 can be most of sum ||g_i||^2
     mean = {name: torch.zeros(v.shape, dtype=torch.float64, device=space.device)
             for name, v in space.values.items()}
     m2 = 0.0
