@@ -417,8 +417,8 @@ def test_guard_pair_keeps_a_cold_start_from_stopping_on_lambda_2():
     MNIST MLP layer block where this was seen): at tol 1e-3 an unguarded k=1 solve often
     resolves lambda_2 to tol and stops before lambda_1 shows; requiring one more Ritz pair
     to converge finds lambda_1 from every start."""
-    from lossgeo.curvature.linear import LambdaOperator
     from lossgeo.curvature.lanczos import lanczos_top
+    from lossgeo.curvature.linear import LambdaOperator
 
     n = 3000
     spectrum = torch.cat([torch.tensor([5.86, 5.55, 3.79], dtype=torch.float64),
