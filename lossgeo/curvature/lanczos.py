@@ -43,9 +43,11 @@ _TINY = np.finfo(np.float64).tiny
 # components: on an MNIST MLP's Hessian ||w'|| / ||w|| was 0.40-1.0 over 100 steps, and the
 # 1/sqrt(2) test asked for a second pass, which read the whole basis again, at 60 of them.
 _REORTHOGONALISE_BELOW = 0.1
-# The guard pair of a top solve (see lanczos_extremes) converges to ten times the wanted
-# pairs' tolerance: enough to show the Krylov space has reached past lambda_2, for about one
-# product a solve instead of three (no failures either way in the measurements there).
+# The guard pair of a top solve (see lanczos_extremes) converges to ten times the other
+# pairs' tolerance, and never looser than sqrt(tol): enough to show the Krylov space has
+# reached past lambda_2, for about one product a solve instead of three (no failures either
+# way in the measurements there). The sqrt(tol) cap keeps the guard alive in solves whose
+# other pairs are not wanted to any accuracy (rest_tol = 1, the Tracker's cold checks).
 _GUARD_TOL_FACTOR = 10.0
 
 
@@ -103,7 +105,8 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
     start), so that a later reader, e.g. `slq_density`, continues the same Krylov space.
 
     guard: top Ritz pairs beyond the k_top wanted that must also converge, to ten times
-    rest_tol, before the run may stop; they are not reported. A residual test proves a Ritz
+    rest_tol but never looser than sqrt(tol), before the run may stop; they are not
+    reported. A residual test proves a Ritz
     value is *an* eigenvalue, not the largest: from a random start whose component along
     v_1 happens to be small, a short run can resolve lambda_2 to tol while lambda_1 is still
     hidden. Making the Krylov space resolve one more pair closes that window (measured on
@@ -137,6 +140,7 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
     if guard < 0:
         raise ValueError(f"guard: must be >= 0 (got {guard})")
     guard_top = min(guard, n - k_top - k_bottom) if k_top else 0
+    guard_tol = min(rest_tol * _GUARD_TOL_FACTOR, math.sqrt(tol))
     if min_steps is None:
         min_steps = min(k_top + guard_top + k_bottom + 1, n)
     steps = (iter(run) if run is not None
@@ -151,8 +155,7 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
                                  _ritz_converged(beta, s, theta, top[1:], rest_tol)]),
                  _ritz_converged(beta, s, theta, bottom, bottom_tol, floor))
         guards_met = invariant or bool(
-            _ritz_converged(beta, s, theta, guarded_top[k_top:],
-                            rest_tol * _GUARD_TOL_FACTOR).all())
+            _ritz_converged(beta, s, theta, guarded_top[k_top:], guard_tol).all())
         done = guards_met and all(f.all() for f in flags)
         if len(alphas) >= min_steps and done or len(alphas) >= max_iter:
             break

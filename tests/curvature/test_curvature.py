@@ -428,5 +428,12 @@ def test_guard_pair_keeps_a_cold_start_from_stopping_on_lambda_2():
                      for seed in range(40)] for guard in (0, 1)}
     assert sum(v < 5.86 * (1 - 1e-3) for v in found[0]) >= 5  # the failure is real
     assert all(abs(v - 5.86) <= 1e-3 * 5.86 for v in found[1])
+    # a solve that wants its second pair to no accuracy (the Tracker's cold check: k = 2,
+    # rest_tol = 1, tol 1e-4) keeps a guard held to sqrt(tol)
+    cold_checks = {guard: [float(lanczos_extremes(op, k_top=2, tol=1e-4, rest_tol=1.0,
+                                                  seed=seed, guard=guard)[0].values[0])
+                           for seed in range(60)] for guard in (0, 1)}
+    assert sum(v < 5.86 * (1 - 1e-4) for v in cold_checks[0]) >= 2
+    assert all(abs(v - 5.86) <= 1e-4 * 5.86 for v in cold_checks[1])
     with pytest.raises(ValueError, match="guard"):
         lanczos_top(op, guard=-1)
