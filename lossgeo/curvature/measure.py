@@ -35,8 +35,8 @@ class CurvatureSettings:
     trace_samples: int = 20
     density_steps: int = 100
     alpha: float = 1.0
-    # Secondary quantities to 1e-3 relative accuracy: lambda_2..k, GGN, Fisher and layer
-    # lambda_max; lambda_min to 1e-3 of lambda_max.
+    # Secondary quantities to 1e-3 relative accuracy: lambda_2..k, GGN, Fisher (exact on
+    # Linear chains) and layer lambda_max; lambda_min to 1e-3 of lambda_max.
     secondary_tol: float = 1e-3
     chunk_size: int | str = "auto"
     seed: int = 0
