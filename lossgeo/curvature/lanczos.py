@@ -110,9 +110,9 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
     value is *an* eigenvalue, not the largest: from a random start whose component along
     v_1 happens to be small, a short run can resolve lambda_2 to tol while lambda_1 is still
     hidden. Making the Krylov space resolve one more pair closes that window (measured on
-    MNIST MLP layer blocks at tol 1e-3: without it 3 of 120 cold solves stopped on
-    lambda_2, up to 26% low; with guard=1 none of 180 did, for about one more product a
-    solve: 8.2 against 7.2 on the layer blocks, 9.9 with the guard held to rest_tol itself).
+    MNIST MLP layer blocks and GGN at tol 1e-3, benchmarks/bench_lanczos_guard.py: without
+    it 2 of 96 cold solves stopped on lambda_2, 26% low; with guard=1 none did, for 8.3
+    products a solve against 7.1; 9.9 with the guard held to rest_tol itself).
     The bottom end is not guarded: there the per-epoch tolerance is relative to lambda_max,
     a guard pair cost 16 more products (about half) on the MNIST MLP, and the unguarded
     lambda_min was within that tolerance at every start tried. min_steps defaults to the
