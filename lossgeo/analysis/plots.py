@@ -32,13 +32,13 @@ def _log_axis(ax, which: str) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _decorate(ax, xlabel: str, ylabel: str, title: str) -> None:
-    """Axis labels, title, a light grid and a small legend: how the comparison plots end."""
+def _decorate(ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7) -> None:
+    """Axis labels, title, a light grid and a small legend: how the line plots end."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
 
 
 def _curves(histories: Mapping[str, pd.DataFrame], metrics: list[tuple[str, str]],
@@ -166,12 +166,9 @@ def landscape_1d(slices: Mapping) -> Figure:
                        ("eigen", "top Hessian eigenvector (unit; t = distance)")):
         if key in slices:
             ax.plot(_np(slices[key]["t"]), _np(slices[key]["loss"]), label=label)
-    ax.set_xlabel("step t along the direction (0 = final weights)")
-    ax.set_ylabel("loss (probe set)")
     ax.set_yscale("log")
-    ax.set_title("1D loss slices through the final weights")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _decorate(ax, "step t along the direction (0 = final weights)", "loss (probe set)",
+              "1D loss slices through the final weights", legend_size=8)
     ax = axes[1]
     if "interpolation" in slices:
         inter = slices["interpolation"]
@@ -195,12 +192,9 @@ def interpolation(result: Mapping) -> Figure:
         ax.plot(_np(curve["alpha"]), _np(curve["loss"]), marker=".", label=f"{split} set")
     for a in (0, 1):
         ax.axvline(a, color="grey", ls=":", lw=1)
-    ax.set_xlabel("alpha: (1 - alpha) w_a + alpha w_b")
-    ax.set_ylabel("loss (log scale)")
     ax.set_yscale("log")
-    ax.set_title("Linear interpolation between two runs' final weights")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _decorate(ax, "alpha: (1 - alpha) w_a + alpha w_b", "loss (log scale)",
+              "Linear interpolation between two runs' final weights", legend_size=8)
     return fig
 
 
