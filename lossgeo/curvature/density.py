@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .lanczos import LanczosRun, _ritz, lanczos_tridiagonal
+from .lanczos import LanczosRun, lanczos_tridiagonal
 from .linear import LinearOperator
 from .results import DensityResult
 
@@ -37,12 +37,7 @@ def slq_density(op: LinearOperator, *, n_steps: int = 100, n_vectors: int = 1,
         v = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
         if i == 0 and run is not None:  # v is the run's start vector: continue the run
             taken = run.n_steps
-            run.extend(n_steps)
-            assert run.state is not None
-            _, alphas, betas, _ = run.state
-            m = min(n_steps, len(alphas))
-            theta, s = _ritz(alphas[:m], betas[: m - 1])
-            w = s[0] ** 2
+            theta, w = run.quadrature(n_steps)
             n_hvp += max(run.n_steps - taken, 0)
         else:
             theta, w = lanczos_tridiagonal(matvec, v, n_steps)

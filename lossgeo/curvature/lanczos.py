@@ -233,6 +233,16 @@ class LanczosRun:
     def n_steps(self) -> int:
         return 0 if self.state is None else len(self.state[1])
 
+    def quadrature(self, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """Gauss quadrature nodes and weights (Ritz values, squared first components) of the
+        first n_steps steps, running the recurrence on as far as needed."""
+        self.extend(n_steps)
+        assert self.state is not None
+        _, alphas, betas, _ = self.state
+        m = min(n_steps, len(alphas))
+        theta, s = _ritz(alphas[:m], betas[: m - 1])
+        return theta, s[0] ** 2
+
     def extend(self, n_steps: int) -> None:
         """Run on to n_steps steps (fewer when the Krylov space turns invariant or the run's
         max_steps is reached)."""
