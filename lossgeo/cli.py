@@ -17,7 +17,29 @@ import click
 from lossgeo.config import TrainConfig, config_fields
 from lossgeo.errors import UserInputError
 
-_CLICK_TYPES = {int: click.INT, float: click.FLOAT, bool: click.BOOL, str: click.STRING}
+
+class IntegralNumber(click.ParamType):
+    """An integer, also written as an integral float: `mlflow run` passes MLproject
+    parameters of type float as given (`-P batch_size=32.0`), and 32.0 means 32. Anything
+    else is passed on as read, for the config to reject in its own words."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() else number
+
+
+_CLICK_TYPES = {int: IntegralNumber(), float: click.FLOAT, bool: click.BOOL, str: click.STRING}
 
 
 def _field_type(field: dataclasses.Field) -> type:

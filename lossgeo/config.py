@@ -4,6 +4,7 @@ MLproject parameters, the CLI options and what gets logged as MLflow params."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,6 +16,8 @@ DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("cross_entropy", "mse")
 ACTIVATIONS = ("relu", "tanh")
 LANDSCAPE_DIRECTIONS = ("random", "eigen", "pca")
+# torch and numpy seed generators take unsigned 64-bit seeds, and the loop derives seed + 1
+MAX_SEED = 2 ** 63 - 1
 
 
 def _param(default: Any, help: str, check: Callable[[Any], bool] | None = None,
@@ -41,7 +44,8 @@ class TrainConfig:
                          _non_negative, ">= 0")
     momentum: float = _param(0.0, "SGD momentum", lambda m: 0 <= m < 1, "in [0, 1)")
     weight_decay: float = _param(0.0, "L2 weight decay", _non_negative, ">= 0")
-    seed: int = _param(0, "random seed (data split, probe set, init, batches)")
+    seed: int = _param(0, "random seed (data split, probe set, init, batches)",
+                       lambda s: 0 <= s <= MAX_SEED, f"in [0, {MAX_SEED}]")
     train_subset: int = _param(10000, "training samples used (0 = the whole training split)",
                                _non_negative, ">= 0")
     val_size: int = _param(5000, "validation samples carved from the training set",
@@ -107,7 +111,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+            value = coerce(f.name, type(f.default), getattr(self, f.name))
+            object.__setattr__(self, f.name, value)  # frozen: the checked, typed value
             choices = f.metadata["choices"]
             if choices is not None and value not in choices:
                 raise UserInputError(
@@ -116,6 +121,10 @@ class TrainConfig:
             if check is not None and not check(value):
                 raise UserInputError(
                     f"{f.name}: must be {f.metadata['allowed']} (got {value!r})")
+        if self.noise_scale and self.probe_size < 2:
+            raise UserInputError(f"probe_size: must be >= 2 for the gradient noise scale (a "
+                                 f"variance over samples; got {self.probe_size}); or set "
+                                 "noise_scale false")
 
     @property
     def hidden_widths(self) -> tuple[int, ...]:
@@ -138,6 +147,33 @@ class TrainConfig:
 
     def to_params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def coerce(name: str, kind: type, value: Any) -> Any:
+    """`value` as a `kind` field holds it, or a one-line UserInputError: integral floats
+    (32.0, as MLflow passes float parameters) become ints; numbers must be finite; a string
+    is never read as a flag or a number here (the CLI and YAML parse those)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserInputError(f"{name}: must be true or false (got {value!r})")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise UserInputError(f"{name}: must be an integer (got {value!r})")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+            raise UserInputError(f"{name}: must be a finite number (got {value!r})")
+        raise UserInputError(f"{name}: must be a number (got {value!r})")
+    if kind is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # `hidden: 64` in YAML
+    if kind is str and not isinstance(value, str):
+        raise UserInputError(f"{name}: must be a string (got {value!r})")
+    return value
 
 
 def _parse_widths(text: str) -> tuple[int, ...] | None:

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -22,6 +23,15 @@ BAD_INPUTS = [
     (["--momentum", "1"], "momentum: must be in [0, 1)"),
     (["--momentum", "-0.5"], "momentum: must be in [0, 1)"),
     (["--device", "tpu"], "device: must be one of auto, cpu, cuda"),
+    # the reliability pass: non-finite numbers ran (lr=inf "diverged", a NaN slice), a huge
+    # seed and a one-sample noise scale were tracebacks
+    (["--lr", "inf"], "lr: must be a finite number (got inf)"),
+    (["--lr", "nan"], "lr: must be a finite number (got nan)"),
+    (["--landscape-range", "inf"], "landscape_range: must be a finite number (got inf)"),
+    (["--seed", "1180591620717411303424"], "seed: must be in [0, 9223372036854775807]"),
+    (["--epochs", "1.5"], "epochs: must be an integer (got 1.5)"),
+    (["--epochs", "abc"], "epochs: must be an integer (got 'abc')"),
+    (["--probe-size", "1"], "probe_size: must be >= 2 for the gradient noise scale"),
 ]
 
 
@@ -55,6 +65,24 @@ def test_store_made_by_an_mlflow_server_needs_its_uri(tracking, fake_data_dir):
     assert store.search_runs([exp_id]) == []
 
 
+def test_integral_floats_are_integers_as_mlflow_passes_them(tracking, fake_data_dir):
+    """MLproject declares every number a float, so `-P batch_size=32.0` reaches the CLI as
+    "32.0"; it was refused. 32.0 means 32, 32.5 is refused, and the config holds ints."""
+    from lossgeo.cli import IntegralNumber
+
+    assert IntegralNumber().convert("32.0", None, None) == 32
+    assert IntegralNumber().convert("1e3", None, None) == 1000
+    config = TrainConfig(batch_size=32.0, epochs=1.0)  # type: ignore[arg-type]
+    assert config.batch_size == 32 and type(config.batch_size) is int
+    assert type(config.epochs) is int and type(TrainConfig(lr=1).lr) is float
+    for bad, message in (({"batch_size": 16.5}, "batch_size: must be an integer (got 16.5)"),
+                         ({"epochs": "1"}, "epochs: must be an integer (got '1')"),
+                         ({"curvature": "no"}, "curvature: must be true or false"),
+                         ({"lr": True}, "lr: must be a number (got True)")):
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            TrainConfig(**bad)
+
+
 def test_config_rejects_in_python_too():
     with pytest.raises(UserInputError, match="lr: must be > 0"):
         TrainConfig(lr=0)
@@ -82,3 +110,16 @@ def test_cli_help_lists_every_config_option():
     out = CliRunner().invoke(cli, ["train", "--help"]).output
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name.replace('_', '-')}" in out
+
+
+def test_a_run_rejected_for_its_parameters_is_not_a_traceback_when_reread():
+    """`lossgeo curvature --run-id` on a launcher run left FAILED by `-P lr=abc` crashed on
+    float('abc')."""
+    from lossgeo.run.experiment import config_from_params
+
+    with pytest.raises(UserInputError, match=re.escape(
+            "run: its logged parameter lr='abc' is not a valid setting")):
+        config_from_params({"lr": "abc", "batch_size": "32"})
+    with pytest.raises(UserInputError, match="run: its logged parameters are not valid"):
+        config_from_params({"lr": "inf"})
+    assert config_from_params({"batch_size": "32.0", "lr": "0.5"}).batch_size == 32

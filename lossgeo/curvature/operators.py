@@ -176,7 +176,10 @@ class HessianOperator(CurvatureOperator):
                     leaves = {n: v.detach().requires_grad_(True)
                               for n, v in self.space.values.items()}
                     loss = w * self._chunk_loss(leaves, batch)
-                    grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+                    # a parameter the forward never uses has zero gradient and curvature,
+                    # as a frozen one has, instead of failing the measurement
+                    grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                                allow_unused=True, materialize_grads=True)
                     self._graphs.append((list(leaves.values()), grads))
                     total += float(loss.detach())
             self._loss_value = total
@@ -203,9 +206,22 @@ class HessianOperator(CurvatureOperator):
         total = torch.zeros_like(vector)
         with torch.enable_grad():
             for leaves, grads in self._retained_gradients():
-                total.add_(space.flatten(torch.autograd.grad(
-                    [grads[i] for i in positions], [leaves[i] for i in positions],
-                    grad_outputs=vs, retain_graph=True)))
+                # an unused parameter's (materialised, zero) gradient is no graph: its rows
+                # of H are zero
+                live = [j for j, i in enumerate(positions) if grads[i].requires_grad]
+                if not live:
+                    continue
+                pulled = torch.autograd.grad(
+                    [grads[positions[j]] for j in live], [leaves[positions[j]] for j in live],
+                    grad_outputs=[vs[j] for j in live], retain_graph=True, allow_unused=True,
+                    materialize_grads=True)
+                if len(live) == len(positions):
+                    total.add_(space.flatten(pulled))
+                    continue
+                rows = [torch.zeros_like(v) for v in vs]
+                for j, product in zip(live, pulled):
+                    rows[j] = product
+                total.add_(space.flatten(rows))
         return total
 
     def gradient(self) -> torch.Tensor:

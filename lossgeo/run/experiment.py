@@ -175,14 +175,22 @@ def config_from_params(params: dict[str, str], **overrides) -> TrainConfig:
         if raw in ("''", '""'):  # how `mlflow run` logs an empty -P value
             raw = ""
         kind: Any = type(f.default)
-        if kind is bool:
-            values[f.name] = raw.strip().lower() in ("true", "1", "yes")
-        elif kind is int:
-            values[f.name] = int(float(raw))
-        else:
-            values[f.name] = kind(raw)
+        try:
+            if kind is bool:
+                values[f.name] = raw.strip().lower() in ("true", "1", "yes")
+            elif kind is int:
+                values[f.name] = int(float(raw))
+            else:
+                values[f.name] = kind(raw)
+        except ValueError:  # e.g. a launcher run rejected for `-P lr=abc`
+            raise UserInputError(f"run: its logged parameter {f.name}={raw!r} is not a valid "
+                                 "setting; the run was never trained from it") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    try:
+        return TrainConfig(**values)
+    except UserInputError as exc:
+        raise UserInputError(f"run: its logged parameters are not valid settings ({exc})") \
+            from None
 
 
 def load_logged_run(run_id: str, **overrides):

@@ -67,11 +67,7 @@ def _parameter(path: Path, name: str, raw: Any) -> Parameter:
     if unknown:
         raise _fail(path, f"{where}.{sorted(unknown)[0]}", "unknown key")
     if "choices" in raw:
-        choices = _value_list(path, f"{where}.choices", raw["choices"])
-        if name == "batch_size":
-            choices = [int(round(c)) for c in choices]
-        for c in choices:  # each value must make a valid config
-            _check_value(path, where, name, c)
+        choices = _levels(path, f"{where}.choices", name, raw["choices"])
         return Parameter(name, choices=tuple(choices))
     try:
         low, high = float(raw["low"]), float(raw["high"])
@@ -79,12 +75,34 @@ def _parameter(path: Path, name: str, raw: Any) -> Parameter:
         raise _fail(path, where, "needs numeric low and high (or choices)") from None
     if not low < high:
         raise _fail(path, where, f"low must be < high (got {low}, {high})")
-    log = bool(raw.get("log", False))
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise _fail(path, f"{where}.log", f"must be true or false (got {log!r})")
     if log and low <= 0:
         raise _fail(path, f"{where}.low", "must be > 0 on a log scale")
     for value in (low, high):
-        _check_value(path, where, name, value if name != "batch_size" else int(value))
+        _check_value(path, where, name, value if name != "batch_size" else round(value))
     return Parameter(name, low=low, high=high, log=log)
+
+
+def _levels(path: Path, where: str, name: str, raw: Any) -> list:
+    """The distinct, validated values of one factor or choice list, typed as the training
+    parameter holds them. A helper's batch sizes are rounded to integers; a written list
+    must hold integers already (16.5 is an error, not 16)."""
+    helper = isinstance(raw, dict)
+    values = _value_list(path, where, raw)
+    if helper and name == "batch_size":
+        values = [int(round(v)) for v in values]
+    typed = []
+    for value in values:
+        try:
+            typed.append(getattr(TrainConfig(**{name: value}), name))
+        except UserInputError as exc:
+            raise _fail(path, where, str(exc)) from None
+    duplicates = sorted({str(v) for v in typed if typed.count(v) > 1})
+    if duplicates:
+        raise _fail(path, where, f"duplicate level {duplicates[0]} (levels must differ)")
+    return typed
 
 
 def _value_list(path: Path, where: str, raw: Any) -> list:
@@ -113,7 +131,7 @@ def _value_list(path: Path, where: str, raw: Any) -> list:
 def _check_value(path: Path, where: str, name: str, value: Any) -> None:
     try:
         TrainConfig(**{name: value})
-    except (UserInputError, TypeError) as exc:
+    except UserInputError as exc:
         raise _fail(path, where, str(exc)) from None
 
 
@@ -136,6 +154,19 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return overrides
 
 
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """`--set` values, checked on their own so that a typo is reported as the user's
+    `--set`, not as the study file's."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise UserInputError(f"set: {key}: not a training parameter")
+        try:
+            TrainConfig(**{key: value})
+        except UserInputError as exc:
+            raise UserInputError(f"set: {exc}") from None
+
+
 _SHORT = {"batch_size": "B", "weight_decay": "wd", "momentum": "m"}
 
 
@@ -150,10 +181,7 @@ def _factorial_regimes(path: Path, factors: Any, fields: set[str]) -> dict[str, 
     for name, raw in factors.items():
         if name not in fields:
             raise _fail(path, f"factors.{name}", "not a training parameter")
-        values = _value_list(path, f"factors.{name}", raw)
-        if name == "batch_size":
-            values = [int(round(v)) for v in values]
-        levels[name] = values
+        levels[name] = _levels(path, f"factors.{name}", name, raw)
     regimes: dict[str, dict] = {}
     for combo in itertools.product(*levels.values()):
         point = dict(zip(levels, combo))
@@ -172,8 +200,10 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise UserInputError(
-            f"study: {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserInputError(f"study: {path} is not valid YAML{where} ({problem})") from None
     if not isinstance(raw, dict):
         raise UserInputError(f"study: {path} must be a YAML mapping")
     allowed = {"name", "kind", "base", "models", "regimes", "factors", "search_space",
@@ -189,8 +219,8 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise _fail(path, "base", "must be a mapping of training parameters")
-    base = {**base, **(overrides or {})}
     config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    check_overrides(overrides or {})
     for key in base:
         if key not in config_fields:
             raise _fail(path, f"base.{key}", "not a training parameter")
@@ -198,17 +228,27 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
         TrainConfig(**base)
     except UserInputError as exc:
         raise _fail(path, "base", str(exc)) from None
+    base = {**base, **(overrides or {})}
+    try:
+        TrainConfig(**base)
+    except UserInputError as exc:
+        raise UserInputError(f"set: {exc} (with the study's base)") from None
     models = raw.get("models") or [base.get("model", "mlp")]
     if isinstance(models, str):
         models = [models]
     for m in models:
         _check_value(path, "models", "model", m)
+    study_seed = raw.get("seed", 0)
+    if not isinstance(study_seed, int) or isinstance(study_seed, bool) or study_seed < 0:
+        raise _fail(path, "seed", f"must be an integer >= 0 (got {study_seed!r})")
     seeds = raw.get("seeds", [base.get("seed", 0)])
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
         raise _fail(path, "seeds", f"must be a list of distinct integers (got {seeds!r})")
+    for seed in seeds:
+        _check_value(path, "seeds", "seed", seed)
     spec: dict[str, Any] = {"name": str(name), "kind": kind, "base": base,
-                            "models": tuple(models), "seed": int(raw.get("seed", 0)),
+                            "models": tuple(models), "seed": study_seed,
                             "seeds": tuple(seeds)}
     if kind == "grid":
         regimes = raw.get("regimes")

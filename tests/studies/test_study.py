@@ -1,6 +1,7 @@
 """Study files, grids and Optuna sweeps on the SQLite default (PostgreSQL: test_distributed)."""
 
 import math
+import re
 import threading
 
 import optuna
@@ -55,11 +56,25 @@ def test_shipped_study_files_are_valid():
     ({"n_trials": 0}, "n_trials: must be an integer >= 1"),
     ({"flavour": "x"}, "flavour: unknown field"),
     ({"kind": "grid"}, "regimes: a grid needs named regimes"),
+    # the reliability pass: each of these was a traceback (exit 1) or a silent misreading
+    ({"seed": "a"}, "seed: must be an integer >= 0 (got 'a')"),
+    ({"base": {"lr": "abc"}}, "base: lr: must be a number (got 'abc')"),
+    ({"base": {"seed": "a"}}, "base: seed: must be an integer (got 'a')"),
+    ({"base": {"landscape": "no"}}, "base: landscape: must be true or false (got 'no')"),
+    ({"search_space": {"batch_size": {"choices": ["a", "b"]}}},
+     "search_space.batch_size.choices: batch_size: must be an integer (got 'a')"),
+    ({"search_space": {"lr": {"low": 0.01, "high": 0.1, "log": "no"}}},
+     "search_space.lr.log: must be true or false (got 'no')"),
+    ({"search_space": {"lr": {"choices": {"log_space": [0.01, float("inf"), 3]}}}},
+     "search_space.lr.choices: lr: must be a finite number"),
+    ({"kind": "grid", "regimes": {"a": {"batch_size": 16.5}}},
+     "regimes.a: batch_size: must be an integer (got 16.5)"),
+    ({"kind": "grid", "regimes": {"a": {"lr": "abc"}}}, "regimes.a: lr: must be a number"),
 ])
 def test_bad_study_file_one_line_exit_2_nothing_started(tmp_path, tracking, fake_data_dir,
                                                         fields, message):
     path = write_study(tmp_path, fake_data_dir, **fields)
-    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserInputError, match=re.escape(message)):
         load_study_file(path)
     result = CliRunner().invoke(cli, ["sweep", "--study", str(path)])
     assert result.exit_code == 2
@@ -201,8 +216,12 @@ def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, trackin
         "epochs": 1, "train_subset": 150, "landscape": False}
     spec = load_study_file(path, parse_overrides(["epochs=1 train_subset=150"]))
     assert spec.base["epochs"] == 1 and spec.config(lr=0.1).train_subset == 150
-    for bad, message in ((["lr=-1"], "base: lr: must be > 0"),
-                         (["colour=1"], "base.colour: not a training parameter"),
+    # a typo in --set is the user's --set, never the study file's (it once said
+    # "studies/x.yaml: base.epoch: not a training parameter")
+    for bad, message in ((["lr=-1"], "error: set: lr: must be > 0"),
+                         (["colour=1"], "error: set: colour: not a training parameter"),
+                         (["epochs=abc"], "error: set: epochs: must be an integer (got 'abc')"),
+                         (["epochs=1.5"], "error: set: epochs: must be an integer (got 1.5)"),
                          (["epochs"], "set: 'epochs' is not key=value")):
         result = CliRunner().invoke(cli, ["sweep", "--study", str(path), "--set", *bad])
         assert result.exit_code == 2 and message in result.stderr, result.stderr
@@ -329,9 +348,18 @@ def test_a_factorial_grid_is_one_short_yaml(tmp_path, fake_data_dir):
     assert spec.regimes["lr=0.05,B=64"] == {"lr": 0.05, "batch_size": 64}
     for factors, message in (({"lr": {"log_space": [0, 1, 3]}}, "factors.lr.log_space"),
                              ({"colour": [1]}, "factors.colour: not a training parameter"),
-                             ({"lr": [-1.0]}, "regimes.lr=-1: lr: must be > 0")):
+                             ({"lr": [-1.0]}, "factors.lr: lr: must be > 0"),
+                             # once rounded to 16 and collapsed silently
+                             ({"batch_size": [16, 16.2, 32]},
+                              "factors.batch_size: batch_size: must be an integer (got 16.2)"),
+                             ({"batch_size": [16, 16.0, 32]},
+                              "factors.batch_size: duplicate level 16"),
+                             ({"batch_size": ["a", "b"]},
+                              "factors.batch_size: batch_size: must be an integer (got 'a')"),
+                             ({"lr": {"log_space": [0.01, float("inf"), 3]}},
+                              "factors.lr: lr: must be a finite number")):
         path.write_text(yaml.safe_dump({**body, "factors": factors}, sort_keys=False))
-        with pytest.raises(UserInputError, match=message.replace(".", r"\.")):
+        with pytest.raises(UserInputError, match=re.escape(message)):
             load_study_file(path)
 
 
@@ -359,3 +387,10 @@ def test_resuming_a_grid_with_other_settings_is_refused(tmp_path, tracking, fake
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 2 and client.get_run(parent).info.status == "FINISHED"
+
+
+def test_invalid_yaml_names_its_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nkind: grid\nbase:\n  lr: [0.1\n  epochs: 1\n")
+    with pytest.raises(UserInputError, match=r"broken\.yaml is not valid YAML at line 5"):
+        load_study_file(path)
