@@ -281,7 +281,7 @@ def compare_command(experiment: str | None, parent_run: str | None, out_dir: str
     """Draw the comparison plots of logged runs into plots/ and log them to MLflow."""
     from lossgeo.analysis.comparison import compare
 
-    paths = compare(experiment, parent_run, out_dir)
+    paths = compare(experiment, parent_run, out_dir, say=_note)
     click.echo("\n".join(str(p) for p in paths.values()))
 
 
@@ -296,8 +296,12 @@ def report_command(experiment: str | None, parent_run: str | None, out_dir: str,
     """Write a LaTeX research report from logged runs; compile it where pdflatex exists."""
     from lossgeo.analysis.comparison import report
 
-    tex, pdf = report(experiment, parent_run, out_dir, compile_pdf=not no_pdf)
+    tex, pdf = report(experiment, parent_run, out_dir, compile_pdf=not no_pdf, say=_note)
     click.echo(f"{tex}" + (f"\n{pdf}" if pdf else "\n(pdflatex not found: sources only)"))
+
+
+def _note(message: str) -> None:
+    click.echo(f"lossgeo: {message}", err=True)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -4,6 +4,7 @@ both also logged to MLflow."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -25,30 +26,42 @@ def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
     if experiment and not parent_run and not experiment_exists(experiment):
         raise UserInputError(f"experiment: there is no experiment {experiment!r} in "
                              f"{tracking_uri()}")
+    where = f"parent run {parent_run}" if parent_run else f"experiment {experiment!r}"
     try:
         runs = analysis.load_runs(experiment=experiment, parent_run=parent_run)
     except UserInputError:
         raise
     except Exception as exc:
-        raise UserInputError(
-            f"parent_run: cannot read runs ({type(exc).__name__}: {exc})") from exc
+        option = "parent_run" if parent_run else "experiment"
+        raise UserInputError(f"{option}: cannot read the runs of {where} "
+                             f"({type(exc).__name__}: {exc})") from exc
     if not parent_run and "tags.lossgeo_role" in runs:
         runs = runs[runs["tags.lossgeo_role"].fillna("") != "parent"]
     if "tags.kind" in runs:  # comparison/report/interpolation runs are not training runs
         runs = runs[runs["tags.kind"].isna()]
-    if "train_loss" in runs:
-        runs = runs[runs["train_loss"].notna()]
-    finished = runs[runs["status"] == "FINISHED"] if "status" in runs else runs
-    if finished.empty:
-        states = runs["status"].value_counts().to_dict() if "status" in runs else {}
-        seen = ", ".join(f"{n} {s}" for s, n in states.items()) or "none at all"
-        where = f"parent run {parent_run}" if parent_run else f"experiment {experiment!r}"
+    status = runs["status"] if "status" in runs else pd.Series("FINISHED", index=runs.index)
+    unparsable = (runs["unparsable_params"].fillna("") != "") if "unparsable_params" in runs \
+        else pd.Series(False, index=runs.index)
+    no_metrics = runs["train_loss"].isna() if "train_loss" in runs \
+        else pd.Series(True, index=runs.index)
+    keep = (status == "FINISHED") & ~unparsable & ~no_metrics
+    left_out = {f"{n} {s}": n for s, n in status[status != "FINISHED"].value_counts().items()}
+    for count, why in ((int((unparsable & (status == "FINISHED")).sum()),
+                        "with unparsable parameters"),
+                       (int((no_metrics & ~unparsable & (status == "FINISHED")).sum()),
+                        "without metrics")):
+        if count:
+            left_out[f"{count} {why}"] = count
+    if not keep.any():
+        seen = ", ".join(left_out) or "none at all"
         raise UserInputError(f"experiment: no finished training runs in {where} ({seen}); "
                              "nothing written")
-    runs = finished
+    runs = runs[keep]
     if "noise_temperature" not in runs and {"lr", "batch_size"} <= set(runs):
         runs = runs.assign(noise_temperature=runs["lr"] / runs["batch_size"])
-    return runs.reset_index(drop=True)
+    runs = runs.reset_index(drop=True)
+    runs.attrs["left_out"] = ", ".join(left_out)  # said by compare/report, never fatal
+    return runs
 
 
 def final_densities(runs: pd.DataFrame) -> dict[str, dict]:
@@ -62,40 +75,58 @@ def final_densities(runs: pd.DataFrame) -> dict[str, dict]:
 
 
 def compare(experiment: str | None = None, parent_run: str | None = None,
-            out_dir: str | Path = "plots", log: bool = True) -> dict[str, Path]:
-    """Writes the seven comparison plots to out_dir and logs them to MLflow."""
-    import matplotlib.pyplot as plt
-
+            out_dir: str | Path = "plots", log: bool = True,
+            say: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Writes the seven comparison plots to out_dir and logs them to MLflow. `say` hears
+    which runs were left out (unfinished, unparsable), if any."""
     finished = select_runs(experiment, parent_run)
-    history = analysis.load_history(finished)
-    figures = plots.comparison_figures(finished, history, final_densities(finished))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    _say_left_out(finished, say)
     tracked = _output_run(experiment, parent_run, "comparison") if log else None
-    for name, figure in figures.items():
-        paths[name] = out / name
-        figure.savefig(paths[name], dpi=130)
-        if tracked is not None:
-            tracked.log_file(paths[name], "plots")
-        plt.close(figure)
+    paths = draw_comparison(finished, out_dir, tracked)
     if tracked is not None:
         tracked.log_text("comparison_runs.csv", finished.to_csv(index=False))
         tracked.finish()
     return paths
 
 
+def draw_comparison(finished: pd.DataFrame, out_dir: str | Path,
+                    tracked: TrackedRun | None = None) -> dict[str, Path]:
+    """The comparison plots of these runs as PNG files in out_dir (and logged to `tracked`)."""
+    import matplotlib.pyplot as plt
+
+    history = analysis.load_history(finished)
+    figures = plots.comparison_figures(finished, history, final_densities(finished))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, figure in figures.items():
+        paths[name] = out / name
+        figure.savefig(paths[name], dpi=130)
+        if tracked is not None:
+            tracked.log_file(paths[name], "plots")
+        plt.close(figure)
+    return paths
+
+
+def _say_left_out(runs: pd.DataFrame, say: Callable[[str], None] | None) -> None:
+    if say is not None and runs.attrs.get("left_out"):
+        say(f"left out: {runs.attrs['left_out']} (not finished, or not valid training runs); "
+            f"{len(runs)} finished run(s) used")
+
+
 def report(experiment: str | None = None, parent_run: str | None = None,
            out_dir: str | Path = "latex", compile_pdf: bool = True,
-           log: bool = True) -> tuple[Path, Path | None]:
+           log: bool = True, say: Callable[[str], None] | None = None
+           ) -> tuple[Path, Path | None]:
     """Writes latex/main.tex (+ figures, references.bib), compiles it where pdflatex exists,
     and logs the sources and PDF to MLflow."""
     from lossgeo.analysis.report import write_report
 
     out = Path(out_dir)
     figure_dir = out / "figures-src"
-    compare(experiment, parent_run, figure_dir, log=False)
     runs = select_runs(experiment, parent_run)
+    _say_left_out(runs, say)
+    draw_comparison(runs, figure_dir)
     tex, pdf = write_report(runs, study_verdicts(runs), figure_dir, out,
                             compile_pdf=compile_pdf)
     if log:
@@ -109,13 +140,25 @@ def report(experiment: str | None = None, parent_run: str | None = None,
     return tex, pdf
 
 
+ANALYSIS_RUN = "analysis"
+
+
 def _output_run(experiment: str | None, parent_run: str | None, kind: str) -> TrackedRun:
-    """A run tagged kind=<kind>, a child of the parent run when one is given: under
-    `mlflow run` the launcher's run (so no empty run is left), else a new one."""
-    from lossgeo.run.tracking import default_experiment, run_experiment_name
+    """A run tagged kind=<kind>, the child of the analysed parent run when one is given,
+    else of the experiment's one "analysis" run, so that comparisons and reports fold
+    under one row of the run list instead of cluttering it. Under `mlflow run` the
+    launcher's run is adopted (so no empty run is left)."""
+    from lossgeo.run.tracking import (
+        default_experiment,
+        find_or_create_run,
+        run_experiment_name,
+    )
 
     experiment, parent_run = experiment or None, parent_run or None
     if parent_run:
         experiment = run_experiment_name(parent_run)
-    return TrackedRun(experiment=experiment or default_experiment(), run_name=kind,
-                      parent_run_id=parent_run, tags={"kind": kind}, adopt_launcher=True)
+    experiment = experiment or default_experiment()
+    parent = parent_run or find_or_create_run(
+        experiment, ANALYSIS_RUN, {"kind": ANALYSIS_RUN, "lossgeo_role": ANALYSIS_RUN})
+    return TrackedRun(experiment=experiment, run_name=kind, parent_run_id=parent,
+                      tags={"kind": kind}, adopt_launcher=True)

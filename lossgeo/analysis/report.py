@@ -64,11 +64,17 @@ FIGURES = [("loss_curves.png", "Train (solid) and test (dashed) loss per epoch."
 
 
 def tex_escape(text: str) -> str:
+    """Plain text for LaTeX: its special characters escaped, and the arrows and comparisons
+    of claims ("low noise -> sharper", "<= 2(1+m)/lr") as maths symbols, never as the
+    glyphs a text font puts at those code points."""
     out = str(text)
     for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"),
                        ("#", r"\#"), ("_", r"\_"), ("{", r"\{"), ("}", r"\}"),
                        ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")):
         out = out.replace(char, repl)
+    for text_form, maths in (("->", r"$\rightarrow$"), ("<=", r"$\le$"), (">=", r"$\ge$"),
+                             ("<", r"$<$"), (">", r"$>$")):
+        out = out.replace(text_form, maths)
     return out
 
 
@@ -155,9 +161,7 @@ def interpretation(table: pd.DataFrame) -> str:
                       f"$\\beta_{{lr}}+\\beta_B = {row['beta_sum']:.2f}$ "
                       f"[{row['beta_sum_ci_low']:.2f}, {row['beta_sum_ci_high']:.2f}] "
                       f"(0 if lr/B alone matters; held needs the interval inside "
-                      f"$\\pm 0.25$); spread of log lambda\\_max within diagonals of "
-                      f"constant lr/B {row['within_diagonal_sd']:.2f}, across them "
-                      f"{row['across_diagonal_sd']:.2f}; $n = {int(row['n'])}$"
+                      f"$\\pm 0.25$){_diagonal_spread(row)}; $n = {int(row['n'])}$"
                       if pd.notna(row.get("beta_sum")) else " (lr and B did not both vary)")
             sentences.append(f"\\item {name} ({claim}) {VERDICT_WORDS[row['verdict']]}{detail}.")
             continue
@@ -167,6 +171,12 @@ def interpretation(table: pd.DataFrame) -> str:
                       if row["n"] else " (no runs measured)")
             sentences.append(f"\\item {name} ({claim}) {VERDICT_WORDS[row['verdict']]}{detail}.")
             continue
+        reasons = [r for r in rows.get("verdict_from", pd.Series(dtype=str)).dropna()
+                   if str(r).startswith("no verdict")]
+        if reasons:  # e.g. H2 on runs never trained to a common fit
+            sentences.append(f"\\item {name} ({claim}): {tex_escape(reasons[0])}.")
+            continue
+        partial = (name == "H2" and "equal_fit" in rows and not bool(rows["equal_fit"].iloc[0]))
         if set(counts.index) == {"held"}:
             summary = "held for every measure"
         elif set(counts.index) == {"contradicted"}:
@@ -176,10 +186,24 @@ def interpretation(table: pd.DataFrame) -> str:
         else:
             summary = "was mixed"
         n = int(rows["n"].max())
+        basis = (" The runs were not trained to a common fit, so this rests on the partial "
+                 "Spearman correlation given the train loss, not on runs at equal fit."
+                 if partial else "")
         sentences.append(f"\\item {name} ({claim}) {summary}: {parts}, over at most $n = {n}$ "
                          "runs. A verdict is held or contradicted only when the 95\\% bootstrap "
-                         "interval excludes zero.")
+                         f"interval excludes zero.{basis}")
     return "\\begin{itemize}\n" + "\n".join(sentences) + "\n\\end{itemize}"
+
+
+def _diagonal_spread(row: pd.Series) -> str:
+    """The H3 clause on log lambda_max within and across diagonals of constant lr/B, or
+    why it has no number (no diagonal holds two runs)."""
+    within, across = row.get("within_diagonal_sd"), row.get("across_diagonal_sd")
+    if pd.isna(within) or pd.isna(across):
+        return ("; no diagonal of constant lr/B holds two runs, so the spread within "
+                "diagonals is not measured")
+    return (f"; spread of log lambda\\_max within diagonals of constant lr/B {within:.2f}, "
+            f"across them {across:.2f}")
 
 
 def cells_paragraph(runs: pd.DataFrame) -> str:
@@ -200,16 +224,31 @@ def cells_paragraph(runs: pd.DataFrame) -> str:
     lines += [r"\hline", r"\end{tabular}"]
     return ("Per cell, means over seeds with 95\\% Student-$t$ intervals (runs that missed "
             "their target train loss left out):\n\n\\begin{center}\n\\scriptsize\n"
-            + "\n".join(lines)
-            + "\n\\end{center}\n")
+            "\\fitwidth{" + "\n".join(lines) + "}\n\\end{center}\n")
+
+
+def setting_text(value) -> str:
+    """A logged setting as a reader writes it: 2 (not 2.0), 0.003148 (not
+    0.0031475740228905443), words as they are."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4g}"
+    return str(value)
+
+
+MAX_LISTED = 6  # more distinct values than this are given as their range
 
 
 def settings_paragraph(runs: pd.DataFrame) -> str:
     def values(column):
         if column not in runs:
             return "--"
-        uniq = sorted({str(v) for v in runs[column].dropna()})
-        return tex_escape(", ".join(uniq)) if uniq else "--"
+        uniq = sorted(set(runs[column].dropna()), key=lambda v: (isinstance(v, str), v))
+        if not uniq:
+            return "--"
+        if len(uniq) > MAX_LISTED and all(isinstance(v, (int, float)) for v in uniq):
+            return tex_escape(f"{setting_text(uniq[0])} to {setting_text(uniq[-1])} "
+                              f"({len(uniq)} values)")
+        return tex_escape(", ".join(setting_text(v) for v in uniq))
 
     return (f"Models: {values('model')}; data set: {values('dataset')}; epochs: "
             f"{values('epochs')}; learning rates: {values('lr')}; batch sizes: "
@@ -233,12 +272,16 @@ def spikes_paragraph(runs: pd.DataFrame) -> str:
 
 def render(runs: pd.DataFrame, verdicts: pd.DataFrame, figures: list[str], title: str) -> str:
     figure_tex = "\n".join(
-        "\\begin{figure}[ht]\\centering\\includegraphics[width=0.8\\linewidth]{figures/"
+        "\\begin{figure}[!htbp]\\centering\\includegraphics[width=0.7\\linewidth]{figures/"
         f"{name}}}\\caption{{{caption}}}\\end{{figure}}"
         for name, caption in FIGURES if name in figures)
     return rf"""\documentclass[11pt]{{article}}
 \usepackage[margin=2.5cm]{{geometry}}
 \usepackage{{amsmath,amssymb,graphicx,hyperref}}
+% a table wider than the text is scaled to the text width, never run off the page
+\newsavebox{{\fitbox}}
+\newcommand{{\fitwidth}}[1]{{\sbox{{\fitbox}}{{#1}}\ifdim\wd\fitbox>\linewidth
+  \resizebox{{\linewidth}}{{!}}{{\usebox{{\fitbox}}}}\else\usebox{{\fitbox}}\fi}}
 \title{{{tex_escape(title)}}}
 \author{{Generated by lossgeo from MLflow runs}}
 \date{{\today}}
@@ -275,7 +318,7 @@ zeroed). Settings of these runs: {settings_paragraph(runs)}
 Final metrics per run ({len(runs)} runs):
 
 \begin{{center}}
-{results_table(runs)}
+\fitwidth{{{results_table(runs)}}}
 \end{{center}}
 
 {cells_paragraph(runs)}
@@ -284,7 +327,7 @@ Hypotheses, with Spearman's $\rho$ and the partial Spearman correlation given th
 each with a 95\% percentile-bootstrap interval (runs resampled):
 
 \begin{{center}}
-{verdict_table(verdicts)}
+\fitwidth{{{verdict_table(verdicts)}}}
 \end{{center}}
 
 {figure_tex}
@@ -306,10 +349,8 @@ a smaller learning rate or gradient clipping is the usual response.
 \paragraph{{Sharp layers.}} Layer-wise $\lambda_{{\max}}$ (logged as
 \texttt{{lambda\_max/<layer>}}) points at the blocks, e.g. attention layers, whose curvature
 dominates, to target with lower learning rates or LoRA ranks.
-\paragraph{{Robust OCR encoders.}} Comparing the curvature and sharpness profiles of candidate
-encoders (CNN vs vision transformer) on the same probe set gives one more criterion for choosing
-an encoder that does not overfit noisy scans.
 
+\clearpage  % the figures that floated this far come before the references, not among them
 \bibliographystyle{{plain}}
 \bibliography{{references}}
 \end{{document}}

@@ -24,16 +24,27 @@ def run_label(row: pd.Series) -> str:
     regime = row.get("tags.regime")
     if isinstance(regime, str) and regime:
         return f"{model} / {regime}"
-    lr, batch = row.get("lr"), row.get("batch_size")
-    if pd.notna(lr) and pd.notna(batch):
-        return f"{model} / lr={float(lr):g}, B={int(float(batch))}"
-    return f"{model} / {str(row.get('run_id', ''))[:8]}"
+    try:
+        return f"{model} / lr={float(row['lr']):g}, B={int(float(row['batch_size']))}"
+    except (KeyError, TypeError, ValueError, OverflowError):  # missing, NaN or unparsable
+        return f"{model} / {str(row.get('run_id', ''))[:8]}"
+
+
+def _numeric_params() -> set[str]:
+    """The training parameters that are numbers: read as numbers even when some run logged
+    a value that does not parse (a launcher run rejected for `-P lr=abc`)."""
+    from lossgeo.config import config_fields
+
+    return {f.name for f in config_fields()
+            if type(f.default) in (int, float)}
 
 
 def load_runs(experiment: str | Iterable[str] | None = None, parent_run: str | None = None,
               filter: str | None = None, include_parent: bool = False) -> pd.DataFrame:
     """One row per run: run_id, status, params (numeric where they parse, under their own
-    names), final metrics (their names), tags (``tags.*``), and a ``label``."""
+    names), final metrics (their names), tags (``tags.*``), and a ``label``. A numeric
+    training parameter that a run logged unparsable (``-P lr=abc``) reads NaN there, and
+    ``unparsable_params`` names it (empty for every sound run)."""
     clauses = [filter] if filter else []
     experiment_ids = None
     if parent_run:
@@ -58,10 +69,18 @@ def load_runs(experiment: str | Iterable[str] | None = None, parent_run: str | N
         elif column.startswith("metrics."):
             renamed[column] = column[len("metrics."):]
     frame = frame.rename(columns=renamed)
+    numeric = _numeric_params()
+    unparsable = pd.Series("", index=frame.index)
+    columns = {}
     for column in renamed.values():
         converted = pd.to_numeric(frame[column], errors="coerce")
-        if converted.notna().sum() == frame[column].notna().sum():
-            frame[column] = converted
+        bad = converted.isna() & frame[column].notna()
+        if column in numeric and bad.any():
+            unparsable[bad] += column + " "
+        if column in numeric or not bad.any():
+            columns[column] = converted
+    # one assignment (column by column fragments the frame: pandas' PerformanceWarning)
+    frame = frame.assign(**columns, unparsable_params=unparsable.str.strip())
     frame["label"] = frame.apply(run_label, axis=1)
     return frame.sort_values("start_time").reset_index(drop=True)
 

@@ -462,6 +462,21 @@ def create_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
     return c.create_run(experiment_id(experiment, c), run_name=run_name, tags=tags).info.run_id
 
 
+def find_or_create_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """The id of the experiment's run carrying all of `tags` (the oldest, if several
+    workers raced), else of a new FINISHED one named `run_name`: a folder of runs."""
+    c = client()
+    exp_id = experiment_id(experiment, c)
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = c.search_runs([exp_id], query, order_by=["attributes.start_time ASC"],
+                          max_results=1)
+    if found:
+        return found[0].info.run_id
+    run_id = c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    c.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
 def delete_run(run_id: str) -> None:
     client().delete_run(run_id)
 

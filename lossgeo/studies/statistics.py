@@ -44,6 +44,9 @@ HYPOTHESES = [
     Hypothesis("H2", "sharp_max", "gen_gap", 1, "sharper -> larger gap at equal fit"),
 ]
 CONTROL = "train_loss"  # the partial correlation holds the fit fixed
+# Below this many runs a partial rank correlation over three variables is not read: its
+# bootstrap resamples of 4-9 runs hit +-1 so often that the interval looks sure when it is not.
+MIN_PARTIAL_N = 10
 
 
 def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -113,10 +116,13 @@ def verdict(low: float, high: float, sign: int) -> str:
 
 
 def hypothesis_table(runs: pd.DataFrame, hypotheses: list[Hypothesis] = HYPOTHESES, *,
-                     seed: int = 0) -> pd.DataFrame:
+                     seed: int = 0, equal_fit: bool = True) -> pd.DataFrame:
     """One row per hypothesis and pair of metrics, over the runs where x, y (and train loss)
     are finite: the correlations with CIs and the verdict. H2 is about equal fit, so its
-    verdict comes from the partial Spearman given train loss; H1's from Spearman."""
+    verdict comes from the partial Spearman given train loss (Spearman where the train loss
+    is exactly equal); H1's from Spearman. Runs not trained to a common fit
+    (`equal_fit=False`) give H2 a verdict only through the partial correlation, and only
+    from MIN_PARTIAL_N runs on; `verdict_from` says which, or why there is none."""
     rows = []
     for h in hypotheses:
         columns = [h.x, h.y] + ([CONTROL] if CONTROL in runs else [])
@@ -136,6 +142,15 @@ def hypothesis_table(runs: pd.DataFrame, hypotheses: list[Hypothesis] = HYPOTHES
                                  float(row.get(f"{prefix}_ci_high", np.nan)),  # type: ignore[arg-type]
                                  h.sign)
         row["verdict_from"] = source
+        if h.name == "H2" and not equal_fit:
+            reason = ("no verdict: the runs were not trained to a common fit and their "
+                      "train loss was not logged" if control is None else
+                      f"no verdict: the runs were not trained to a common fit, and {len(data)} "
+                      f"runs are too few for a partial correlation (needs {MIN_PARTIAL_N})"
+                      if len(data) < MIN_PARTIAL_N else None)
+            if reason is not None:
+                row.update(verdict="inconclusive", verdict_from=reason)
+        row["equal_fit"] = equal_fit
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -208,6 +223,19 @@ def temperature_alone(runs: pd.DataFrame, *, confidence: float = CONFIDENCE,
     return row
 
 
+def trained_to_equal_fit(runs: pd.DataFrame) -> bool:
+    """Whether every run trained to one target fit (the same target_train_loss or
+    target_train_acc, reached): only then do its gaps compare at equal fit."""
+    targets = [c for c in ("target_train_loss", "target_train_acc") if c in runs]
+    if runs.empty or not targets:
+        return False
+    values = runs[targets].apply(pd.to_numeric, errors="coerce").fillna(0)
+    one_target = (values.nunique() == 1).all() and bool((values.iloc[0] > 0).any())
+    reached = "tags.reached_target" not in runs or bool(
+        (runs["tags.reached_target"] == "true").all())
+    return one_target and reached
+
+
 def study_verdicts(runs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     """H1-H4 over a study's finished runs: diverged runs and runs that missed their target
     train loss are left out (they would compare regimes at unequal fit)."""
@@ -218,7 +246,7 @@ def study_verdicts(runs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     if "noise_temperature" not in keep and {"lr", "batch_size"} <= set(keep):
         keep = keep.assign(noise_temperature=pd.to_numeric(keep["lr"]) /
                            pd.to_numeric(keep["batch_size"]))
-    table = hypothesis_table(keep, seed=seed)
+    table = hypothesis_table(keep, seed=seed, equal_fit=trained_to_equal_fit(keep))
     extra = pd.DataFrame([temperature_alone(keep), stability_edge(keep)])
     return pd.concat([table, extra], ignore_index=True)
 

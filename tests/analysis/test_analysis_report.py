@@ -119,3 +119,48 @@ def test_scripts_have_help():
         out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "--parent-run" in out.stdout
+
+
+def add_rejected_launcher_run(experiment: str) -> str:
+    """What `mlflow run . -P lr=abc` leaves: a FAILED run whose lr does not parse."""
+    c = MlflowClient()
+    run = c.create_run(c.get_experiment_by_name(experiment).experiment_id, run_name="main")
+    c.log_param(run.info.run_id, "lr", "abc")
+    c.log_param(run.info.run_id, "batch_size", "32")
+    c.set_terminated(run.info.run_id, "FAILED")
+    return run.info.run_id
+
+
+RAW_FLOAT = re.compile(r"\d\.\d{7,}|\b\d+\.0\b")  # 0.0031475740228905443, "epochs: 2.0"
+
+
+def test_report_reads_right_on_the_page_beside_a_rejected_run(small_experiment, tracking):
+    """One FAILED run with unparsable parameters once broke compare and report for the whole
+    experiment; the pages printed wrong glyphs, "nan", raw floats, a canned OCR paragraph,
+    and an H2 verdict from three runs never trained to equal fit."""
+    add_rejected_launcher_run("small")
+    for command in (["compare", "--experiment", "small", "--out", "plots"],
+                    ["report", "--experiment", "small", "--out", "latex"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 0, result.output
+        assert "left out: 1 FAILED" in result.stderr and "parent_run" not in result.stderr
+    tex = (tracking / "latex" / "main.tex").read_text()
+    assert "OCR" not in tex and "nan" not in tex.lower().replace("nanmean", "")
+    assert "low noise $\\rightarrow$ sharper" in tex and "$\\le$ 2(1+m)/lr" in tex
+    assert "not trained to a common fit, and 3 runs are too few" in tex
+    methods = tex.split("\\section{Methods}")[1].split("\\section{Results}")[0]
+    assert not RAW_FLOAT.search(methods), methods
+    assert "epochs: 2;" in methods and "learning rates: 0.02, 0.05, 0.2;" in methods
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed: the LaTeX sources were checked, not compiled")
+    log = (tracking / "latex" / "main.log").read_text(errors="replace")
+    assert "Overfull \\hbox" not in log
+    if shutil.which("pdftotext") is None:
+        pytest.skip("pdftotext (poppler-utils) not installed: the log was checked, not the text")
+    text = subprocess.run(["pdftotext", "-layout", str(tracking / "latex" / "main.pdf"), "-"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "¡" not in text and "¿" not in text and "→" in text
+    assert not re.search(r"\bnan\b", text) and not RAW_FLOAT.search(text.split("Results")[0])
+    pages = text.split("\f")
+    last = [p for p in pages if p.strip()][-1]
+    assert "References" in last and len(re.findall(r"^\s*\[\d+\]", last, re.M)) > 1, last
