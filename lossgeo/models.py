@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -142,9 +142,11 @@ _LAYER_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
 
 
 def layer_names(model: nn.Module) -> dict[str, str]:
-    """Module path -> the name a reader knows the layer by. A layer of a top-level Sequential
-    ("net.1") says nothing by its path: it is named by kind and order in the model ("fc1",
-    "conv2"); every other path ("stages.0.conv1", "stages.1.shortcut.0") is kept."""
+    """Module path -> the name a reader knows the layer by. A layer of a Sequential that is
+    the model or one of its children ("0", "net.1") says nothing by its path: it is named
+    by kind and order in the model ("fc1", "conv2", "bn1"), or by index and type where its
+    kind has no short name ("0.Embedding"). Every other path ("stages.0.conv1",
+    "stages.1.shortcut.0") is kept."""
     names: dict[str, str] = {}
     counts: dict[str, int] = {}
     for path, module in model.named_modules():
@@ -152,20 +154,24 @@ def layer_names(model: nn.Module) -> dict[str, str]:
         if kind is not None:
             counts[kind] = counts.get(kind, 0) + 1
         last = path.rsplit(".", 1)[-1]
-        if path.count(".") == 1 and last.isdigit() and kind is not None:
-            names[path] = f"{kind}{counts[kind]}"
+        if path.count(".") <= 1 and last.isdigit():
+            names[path] = (f"{kind}{counts[kind]}" if kind is not None
+                           else f"{path}.{type(module).__name__}")
         else:
             names[path] = path
     return names
 
 
-def parameter_blocks(model: nn.Module) -> dict[str, list[str]]:
-    """Groups trainable parameter names by the layer that owns them, keyed by the layer's
-    readable name (`layer_names`)."""
+def parameter_blocks(model: nn.Module, names: Sequence[str] | None = None
+                     ) -> dict[str, list[str]]:
+    """Groups parameter names (default: every trainable one) by the layer that owns them,
+    keyed by the layer's readable name (`layer_names`): the one naming of
+    `lambda_max/<layer>` in lossgeo's loop, the Tracker and `layerwise_lambda_max`."""
     readable = layer_names(model)
+    if names is None:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
     blocks: dict[str, list[str]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            owner = name.rsplit(".", 1)[0] if "." in name else ""
-            blocks.setdefault(readable.get(owner, owner) or name, []).append(name)
+    for name in names:
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        blocks.setdefault(readable.get(owner, owner) or name, []).append(name)
     return blocks

@@ -12,7 +12,6 @@ from .batches import AnyLossFn, DataSource
 from .density import slq_density
 from .lanczos import both, lanczos_extremes, lanczos_top, power_iteration
 from .operators import HessianBlockOperator, HessianOperator, make_operator
-from .params import module_blocks
 from .results import DensityResult, EigenResult, TraceResult
 from .trace import hutch_plus_plus, hutchinson
 
@@ -103,11 +102,12 @@ def layerwise_lambda_max(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
                          params: Sequence[str] | str | None = None,
                          **options: Any) -> dict[str, EigenResult]:
     """Top eigenpair of each layer's diagonal Hessian block (the layer's own parameters
-    varied, all others fixed), keyed by module path (lossgeo's own models: fc1, conv2, ...).
-    With a parameter filter, the blocks are those of the selected parameters. All layers
+    varied, all others fixed), keyed by layer name (`models.layer_names`: fc1, conv2, ...,
+    or the module path). With a parameter filter, the blocks are those of the selected
+    parameters. All layers
     share one gradient graph."""
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, params=params, **options)
-    blocks = parameter_blocks(model) if params is None else module_blocks(op.space.names)
+    blocks = parameter_blocks(model, op.space.names)
     results = {}
     for layer, names in blocks.items():
         block = HessianBlockOperator(op, names)

@@ -39,15 +39,6 @@ def select_parameters(model: nn.Module, params: Sequence[str] | str | None = Non
     return [n for n in trainable if any(matches(n, p) for p in patterns)]
 
 
-def module_blocks(names: Sequence[str]) -> dict[str, list[str]]:
-    """Parameter names grouped by the module path that owns them ("" for top-level ones)."""
-    blocks: dict[str, list[str]] = {}
-    for name in names:
-        owner = name.rsplit(".", 1)[0] if "." in name else name
-        blocks.setdefault(owner, []).append(name)
-    return blocks
-
-
 class ParameterSpace:
     """Flattening between a dict of named parameters and one vector.
 

@@ -1,10 +1,13 @@
 """`Tracker`: the loss-landscape geometry of any model, measured inside any training loop.
 
-    tracker = Tracker(model, loss_fn, probe, every_steps=50, optimizer=optimizer)
-    for step, batch in enumerate(loader, start=1):
-        ...; optimizer.step()
-        tracker.step(step, loss=loss.item())   # measures when due, logs with step=step
-    tracker.epoch(epoch)                         # the epoch set, logged with step=epoch
+    tracker = Tracker(model, loss_fn, probe, every_steps=50, optimizer=optimizer,
+                      batch_size=32)             # the training batch size (batch sharpness)
+    step = 0                                     # global: never restarted by an epoch
+    for epoch in range(1, epochs + 1):
+        for batch in loader:
+            ...; optimizer.step(); step += 1
+            tracker.step(step, loss=loss.item())  # measures when due, logs with step=step
+        tracker.epoch(epoch)                      # the epoch set, logged with step=epoch
 
 `loss_fn` is `loss_fn(output, target)` with (x, y) probe batches, or `loss_fn(model, batch)`
 with any batches (a list of them or a DataLoader); see `lossgeo.curvature.batches`. Metrics
@@ -26,6 +29,8 @@ schedule and per-step set, with its epoch measurements passed in as `epoch_measu
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 import warnings
 from typing import Any, Callable, Protocol, Sequence
@@ -37,12 +42,13 @@ from lossgeo.curvature.batches import AnyLossFn, DataSource, LossForm, as_batche
 from lossgeo.curvature.lanczos import lanczos_top
 from lossgeo.curvature.measure import edge_ratio
 from lossgeo.curvature.operators import HessianBlockOperator, HessianOperator
-from lossgeo.curvature.params import module_blocks
-from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment
+from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment, minibatches
 from lossgeo.curvature.trace import hutchinson
 from lossgeo.curvature.warm import WarmEigen
 from lossgeo.geometry.spikes import OnlineSpikeDetector
+from lossgeo.models import parameter_blocks
 
+log = logging.getLogger("lossgeo")
 SDPA_TAG = "lossgeo_attention_backend"
 SPIKE_TAG = "lossgeo_last_spike"
 
@@ -83,8 +89,8 @@ class Tracker:
                  epoch_measurements: Sequence[Callable[[Any], Any]] | None = None,
                  epoch_k: int = 5, trace_samples: int = 20, layerwise: bool = True,
                  logger: MetricLogger | None = None, seed: int = 0) -> None:
-        if every_steps < 0:
-            raise ValueError(f"every_steps: must be >= 0 (got {every_steps})")
+        if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 0:
+            raise ValueError(f"every_steps: must be an integer >= 0 (got {every_steps!r})")
         self.model, self.loss_fn = model, loss_fn
         self.probe = as_batches(probe, None)
         self.every_steps, self.optimizer = every_steps, optimizer
@@ -105,6 +111,10 @@ class Tracker:
         self.n_measurements = 0
         self.math_attention = False  # products ran under the math attention backend
         self._operator()  # bad input (filters, batches, loss form) fails here, not later
+        if every_steps:
+            minibatches(self.probe, batch_size, torch.Generator())  # batch sharpness can cut
+        self._last_step: int | None = None
+        self._warned_backwards = False
 
     # -- what the optimizer runs at ---------------------------------------------------------
     @property
@@ -146,27 +156,45 @@ class Tracker:
         return self.every_steps > 0 and global_step % self.every_steps == 0
 
     def step(self, global_step: int, loss: float | None = None) -> dict[str, float] | None:
-        """After the optimizer step `global_step`: measures and logs the per-step set when
-        due (returns it), else returns None."""
+        """After the optimizer step `global_step` (counted over the whole run, not restarted
+        every epoch): measures and logs the per-step set when due (returns it), else returns
+        None. A step not after the last one is skipped, with one warning: logged at a step
+        that went back, it would fold the curves onto each other."""
+        if self._last_step is not None and global_step <= self._last_step:
+            if not self._warned_backwards:
+                warnings.warn(
+                    f"lossgeo: Tracker.step({global_step}) after step {self._last_step}: steps "
+                    "must grow over the whole run (count a global step, not "
+                    "enumerate(loader) inside each epoch); such steps are not measured",
+                    stacklevel=2)
+                self._warned_backwards = True
+            return None
+        self._last_step = global_step
         if not self.due(global_step):
             return None
         metrics = self.measure_step()
         if loss is not None:
             metrics["step/train_loss"] = float(loss)
-        spike = self.spikes.update(global_step, metrics["step/lambda_max"],
-                                   metrics.get("step/edge_ratio"))
+        spike = None
+        if math.isfinite(metrics["step/lambda_max"]):
+            spike = self.spikes.update(global_step, metrics["step/lambda_max"],
+                                       metrics.get("step/edge_ratio"))
         metrics["step/spike"] = 0.0 if spike is None else 1.0
         self.logger.log_metrics(metrics, step=global_step)
         if spike is not None:
             message = f"step {global_step}: {spike}"
             self.logger.set_tags({SPIKE_TAG: message})
-            warnings.warn(f"lossgeo: curvature spike at {message}", stacklevel=2)
+            log.warning("lossgeo: curvature spike at %s", message)
         return metrics
 
     def measure_step(self) -> dict[str, float]:
-        """The per-step set now (not logged)."""
+        """The per-step set now (not logged). A model whose probe loss or gradient is not
+        finite gets NaN curvature and one warning, never an exception in the user's loop."""
         started = time.perf_counter()
         op = self._operator()
+        if not self._finite(op):
+            return {"step/lambda_max": math.nan, "step/probe_loss": op.loss(),
+                    "step/seconds": time.perf_counter() - started}
         eig = self.warm.solve(op)
         self._note_attention(op)
         gradient = op.gradient()
@@ -220,9 +248,25 @@ class Tracker:
                 state.metrics.update(result.metrics)
         return metrics, artifacts
 
+    def _finite(self, op: HessianOperator) -> bool:
+        """Whether the probe loss and gradient are finite; warns once per Tracker when not."""
+        loss = op.loss()
+        if math.isfinite(loss) and bool(torch.isfinite(op.gradient()).all()):
+            return True
+        if not self._warned_nonfinite:
+            log.warning("lossgeo: the probe loss (%s) or its gradient is not finite: curvature "
+                        "is recorded as NaN until it is finite again", loss)
+            self._warned_nonfinite = True
+        return False
+
+    _warned_nonfinite = False
+
     def _probe_curvature(self) -> dict[str, float]:
         started = time.perf_counter()
         op = self._operator()
+        if not self._finite(op):
+            return {"lambda_max": math.nan, "probe_loss": op.loss(),
+                    "curvature_seconds": time.perf_counter() - started}
         k = min(self.epoch_k, op.dim)
         top = lanczos_top(op, k, tol=self.warm.tol, rest_tol=1e-2, seed=self.seed)
         self._note_attention(op)
@@ -236,7 +280,7 @@ class Tracker:
             metrics["hessian_trace"], metrics["hessian_trace_se"] = trace.value, trace.stderr
             n_hvp += trace.n_hvp
         if self.layerwise:
-            blocks = module_blocks(op.space.names)
+            blocks = parameter_blocks(self.model, op.space.names)
             if len(blocks) > 1:
                 for module, names in blocks.items():
                     block = HessianBlockOperator(op, names)

@@ -13,7 +13,8 @@ from lossgeo.curvature import (
     layerwise_lambda_max,
     spectral_density,
 )
-from lossgeo.curvature.params import ParameterSpace, module_blocks
+from lossgeo.curvature.params import ParameterSpace
+from lossgeo.models import parameter_blocks
 
 from ..conftest import float64_default
 from .cases import CASE_NAMES, case
@@ -59,10 +60,10 @@ def test_layerwise_blocks_and_tracker(shared):
     slices = space.slices()
     blocks = layerwise_lambda_max(shared.model, shared.loss_fn, shared.data, tol=1e-10,
                                   params=space.names)
-    assert set(blocks) == set(module_blocks(space.names))
+    assert set(blocks) == set(parameter_blocks(shared.model, space.names))
     for module, result in blocks.items():
         idx = torch.cat([torch.arange(slices[n].start, slices[n].stop)
-                         for n in module_blocks(space.names)[module]])
+                         for n in parameter_blocks(shared.model, space.names)[module]])
         want = float(torch.linalg.eigvalsh(exact[idx][:, idx])[-1])
         assert float(result.values[0]) == pytest.approx(want, rel=1e-8, abs=1e-10)
     tracker = Tracker(shared.model, shared.loss_fn, shared.data, every_steps=1, tol=1e-8,

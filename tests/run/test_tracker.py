@@ -199,8 +199,9 @@ def test_tracker_logs_into_the_callers_active_mlflow_run(tracking):
     assert [m.step for m in history] == [2]
     lam = MlflowClient().get_metric_history(run.info.run_id, "lambda_max")
     assert [m.step for m in lam] == [1] and lam[0].value == pytest.approx(epoch["lambda_max"])
-    # the epoch set names each module's block by its path
-    assert {"lambda_max/0", "lambda_max/1", "lambda_max/4"} <= set(epoch)
+    # layers of a Sequential are named as lossgeo's loop names them (once "lambda_max/0")
+    assert {"lambda_max/fc1", "lambda_max/bn1", "lambda_max/fc2"} == {
+        k for k in epoch if k.startswith("lambda_max/")}
 
 
 def test_builtin_loop_tracks_per_step_through_the_tracker(fake_data_dir):
@@ -225,3 +226,70 @@ def test_online_spike_detector_fires_when_it_happens():
     assert "edge_ratio crossed 1" in detector.update(40, 4.1, 1.2)
     with pytest.raises(ValueError, match="factor"):
         OnlineSpikeDetector(1.0)
+
+
+def test_steps_that_go_back_are_skipped_with_one_warning():
+    """`enumerate(loader, start=1)` inside an epoch loop restarts the count every epoch: it
+    once logged step/lambda_max at 10, 20, 10, 20, ... and the chart folded the epochs."""
+    model, x, y = small_problem()
+    logger = NullLogger()
+    tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=2, lr=0.1, batch_size=32,
+                      logger=logger)
+    with pytest.warns(UserWarning, match=r"Tracker.step\(1\) after step 4: steps must grow"
+                                         ) as caught:
+        for _ in range(2):  # two "epochs" of an enumerate that restarts
+            for step in range(1, 5):
+                tracker.step(step)
+    assert len(caught) == 1  # once, not at every step
+    assert [s for s, _ in logger.metrics] == [2, 4]
+    assert tracker.step(6) is not None and [s for s, _ in logger.metrics] == [2, 4, 6]
+
+
+def test_bad_tracker_arguments_fail_at_construction():
+    model, x, y = small_problem()
+    with pytest.raises(ValueError, match="batch_size: batch sharpness needs the training"):
+        Tracker(model, F.cross_entropy, (x, y), every_steps=2)  # once: at the first due step
+    with pytest.raises(ValueError, match=r"every_steps: must be an integer >= 0 \(got 2.5\)"):
+        Tracker(model, F.cross_entropy, (x, y), every_steps=2.5, batch_size=32)
+    Tracker(model, F.cross_entropy, (x, y), every_steps=0)  # epoch only: no batches cut
+
+
+def test_a_non_finite_loss_is_recorded_not_raised(caplog):
+    """NaN or inf made .step()/.epoch() raise numpy's "array must not contain infs or NaNs"
+    into the user's training loop."""
+    model, x, y = small_problem()
+    logger = NullLogger()
+    tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32,
+                      logger=logger)
+    assert math.isfinite(tracker.step(1)["step/lambda_max"])
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with caplog.at_level("WARNING", logger="lossgeo"):
+        metrics = tracker.step(2)
+        epoch = tracker.epoch(1)
+    assert math.isnan(metrics["step/lambda_max"]) and math.isnan(epoch["lambda_max"])
+    assert [s for s, m in logger.metrics if "step/lambda_max" in m] == [1, 2]
+    warned = [r for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_a_parameter_the_forward_never_uses_has_zero_curvature():
+    """It raised "appears to not have been used in the graph"; frozen ones never did."""
+    class WithUnused(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.unused = net, nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.net(x)
+
+    net, x, y = small_problem()
+    model = WithUnused(net)
+    tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32,
+                      logger=NullLogger())
+    frozen = small_problem()[0]
+    reference = Tracker(frozen, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32,
+                        logger=NullLogger())
+    assert tracker.epoch(1)["lambda_max"] == pytest.approx(reference.epoch(1)["lambda_max"],
+                                                           rel=1e-4)
+    assert math.isfinite(tracker.step(1)["step/lambda_max"])
