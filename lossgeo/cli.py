@@ -89,6 +89,18 @@ def reports_user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def reads_store(command: Callable) -> Callable:
+    """A command that only reads logged runs: no store here is one line, never a new one."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from lossgeo.run.tracking import require_store
+
+        require_store()
+        return command(*args, **kwargs)
+    return wrapper
+
+
 EXPERIMENT_HELP = ("MLflow experiment (default: the launcher's under `mlflow run`, else "
                    "$MLFLOW_EXPERIMENT_NAME, else Default)")
 
@@ -121,7 +133,7 @@ def _end_stale_runs(experiment: str) -> None:
     """Runs left RUNNING by a killed process in this experiment end KILLED first."""
     from lossgeo.run.tracking import end_stale_runs
 
-    for run_id, age in end_stale_runs([experiment]):
+    for run_id, age in end_stale_runs([experiment], ended_by="lossgeo train, before its run"):
         click.echo(f"lossgeo: run {run_id} had no heartbeat for {age:.0f} s: ended KILLED",
                    err=True)
 
@@ -135,13 +147,17 @@ def runs_group() -> None:
 @click.option("--experiment", "experiments", multiple=True,
               help="experiment name, repeatable (default: every experiment)")
 @click.option("--stale-after", type=click.FloatRange(min=0), default=300, show_default=True,
-              help="seconds without a heartbeat after which a RUNNING run counts as dead")
+              help="seconds without a heartbeat after which a RUNNING run counts as dead, "
+                   "taken as given: below three heartbeat intervals (3 x 30 s) a live run "
+                   "can be ended too")
 @reports_user_errors
+@reads_store
 def runs_cleanup_command(experiments: tuple[str, ...], stale_after: float) -> None:
     """End KILLED the runs whose process died without ending them (SIGKILL, lost machine)."""
     from lossgeo.run.tracking import end_stale_runs
 
-    ended = end_stale_runs(list(experiments) or None, stale_after=stale_after)
+    ended = end_stale_runs(list(experiments) or None, stale_after=stale_after,
+                           min_intervals=0)
     for run_id, age in ended:
         click.echo(f"run {run_id}: no heartbeat for {age:.0f} s, ended KILLED")
     click.echo(f"{len(ended)} stale run(s) ended")
@@ -156,6 +172,7 @@ def runs_cleanup_command(experiments: tuple[str, ...], stale_after: float) -> No
 @click.option("--probe-size", type=int, default=None, help="probe samples (default: the run's)")
 @click.option("--data-dir", default=None, help="data root (default: the run's)")
 @reports_user_errors
+@reads_store
 def curvature_command(run_id: str, **overrides: Any) -> None:
     """Re-measure a logged run's final checkpoint; results go into that run."""
     from lossgeo.run.experiment import remeasure_curvature
@@ -177,6 +194,7 @@ def curvature_command(run_id: str, **overrides: Any) -> None:
 @click.option("--on-test", is_flag=True, help="slice on the test set instead of the probe set")
 @click.option("--data-dir", default=None, help="data root (default: the run's)")
 @reports_user_errors
+@reads_store
 def landscape_command(run_id: str, **options: Any) -> None:
     """Compute a loss slice of a logged run's final checkpoint; logged into that run."""
     from lossgeo.run.experiment import remeasure_landscape
@@ -193,6 +211,7 @@ def landscape_command(run_id: str, **options: Any) -> None:
 @click.option("--experiment", default="", help=EXPERIMENT_HELP)
 @click.option("--data-dir", default=None, help="data root (default: the runs')")
 @reports_user_errors
+@reads_store
 def interpolate_command(run_a: str, run_b: str, points: int, experiment: str,
                         data_dir: str | None) -> None:
     """Loss along the line between two runs' final weights, logged as a new run."""
@@ -277,6 +296,7 @@ def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str,
 @click.option("--parent-run", default=None, help="a grid's or sweep's parent run id")
 @click.option("--out", "out_dir", default="plots", show_default=True)
 @reports_user_errors
+@reads_store
 def compare_command(experiment: str | None, parent_run: str | None, out_dir: str) -> None:
     """Draw the comparison plots of logged runs into plots/ and log them to MLflow."""
     from lossgeo.analysis.comparison import compare
@@ -291,6 +311,7 @@ def compare_command(experiment: str | None, parent_run: str | None, out_dir: str
 @click.option("--out", "out_dir", default="latex", show_default=True)
 @click.option("--no-pdf", is_flag=True, help="write the LaTeX sources only")
 @reports_user_errors
+@reads_store
 def report_command(experiment: str | None, parent_run: str | None, out_dir: str,
                    no_pdf: bool) -> None:
     """Write a LaTeX research report from logged runs; compile it where pdflatex exists."""

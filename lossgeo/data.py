@@ -138,9 +138,13 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
     errors: list[str] = []
     # A download that fails must not leave the empty folders torchvision made for it.
-    folders = [root] + ([root / IDX_FOLDERS[name], root / IDX_FOLDERS[name] / "raw"]
-                        if name in IDX_FOLDERS else [])
+    top = root.absolute()
+    folders = [top] + ([top / IDX_FOLDERS[name], top / IDX_FOLDERS[name] / "raw"]
+                       if name in IDX_FOLDERS else [])
+    # ... and above them: torchvision makes every missing ancestor (/nonexistent of
+    # /nonexistent/dd)
     missing = [f for f in folders if not f.exists()]
+    missing += [a for a in top.parents if not a.exists()]
     for attempt_download in ([False, True] if download else [False]):
         try:
             ds = cls(root=str(root), train=train, download=attempt_download)

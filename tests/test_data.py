@@ -90,3 +90,19 @@ def test_real_fashion_mnist_from_debian_package():
                        download=False)
     assert (len(bundle.train), len(bundle.test)) == (55000, 10000)
     assert abs(float(bundle.train.x.mean())) < 0.05
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
+    """--data-dir /nonexistent/dd once left /nonexistent behind (torchvision makes every
+    missing ancestor)."""
+    import torchvision.datasets.mnist as tv_mnist
+
+    from lossgeo.errors import DataUnavailableError
+
+    def offline(*args, **kwargs):  # what the test machines' network does, without the wait
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(DataUnavailableError, match="download failed"):
+        load_data("mnist", tmp_path / "nonexistent" / "dd", val_size=10, probe_size=4)
+    assert list(tmp_path.iterdir()) == []

@@ -133,3 +133,44 @@ def test_default_install_logs_the_interactive_landscape(tracking, fake_data_dir)
                                        sharpness=False, landscape_resolution=3))
     paths = {a.path for a in MlflowClient().list_artifacts(outcome.run_id, "plots")}
     assert "plots/landscape_3d.html" in paths
+
+
+@pytest.mark.parametrize("command", [["compare"], ["report", "--no-pdf"],
+                                     ["curvature", "--run-id", "abc"], ["runs", "cleanup"]])
+def test_read_only_commands_never_create_a_store(tracking, command):
+    """`lossgeo report` in an empty folder took 48 s, made a 954 KB mlflow.db, then said
+    there was nothing."""
+    result = CliRunner().invoke(cli, command)
+    one_line(result, f"MLflow: no store here ({tracking}/mlflow.db does not exist)")
+    assert list(tracking.iterdir()) == []
+
+
+def test_broken_stores_are_one_line(tracking, monkeypatch):
+    (tracking / "mlflow.db").write_text("garbage")
+    one_line(CliRunner().invoke(cli, ["compare"]),
+             f"cannot open the MLflow store sqlite:///{tracking}/mlflow.db (DatabaseError")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tracking}/mlruns")
+    one_line(CliRunner().invoke(cli, ["compare"]), "MLflow 3 refuses the file store")
+
+
+def test_unknown_run_and_unreachable_server_are_told_apart(tracking, monkeypatch):
+    MlflowClient().search_experiments()  # the store exists
+    one_line(CliRunner().invoke(cli, ["curvature", "--run-id", "abc"]),
+             f"run_id: no run 'abc' in sqlite:///{tracking}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    one_line(CliRunner().invoke(cli, ["curvature", "--run-id", "abc"]),
+             "no MLflow tracking server answers at http://127.0.0.1:9")
+
+
+def test_lossgeo_tags_its_experiments_as_model_training(tracking, fake_data_dir):
+    """MLflow 3's UI opened them in its GenAI view (an empty Traces page); the tag makes it
+    show the runs. A kind the user set is left alone."""
+    c = MlflowClient()
+    mine = c.create_experiment("mine", tags={"mlflow.experimentKind": "genai_development"})
+    run_training(tiny_config(fake_data_dir, epochs=0))  # Default, which MLflow made
+    run_training(tiny_config(fake_data_dir, epochs=0, experiment="new"))
+    run_training(tiny_config(fake_data_dir, epochs=0, experiment="mine"))
+    kinds = {e.name: e.tags.get("mlflow.experimentKind") for e in c.search_experiments()}
+    assert kinds == {"Default": "custom_model_development", "new": "custom_model_development",
+                     "mine": "genai_development"}
+    assert mine

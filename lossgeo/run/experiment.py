@@ -198,11 +198,7 @@ def load_logged_run(run_id: str, **overrides):
     set is the one the run measured on (same seed, same data)."""
     from lossgeo.run.tracking import get_run, has_artifact, load_artifact_object
 
-    try:
-        run = get_run(run_id)
-    except Exception as exc:
-        raise UserInputError(
-            f"run_id: no run {run_id!r} in {_uri()} ({type(exc).__name__})") from exc
+    run = get_run(run_id)
     config = config_from_params(run.data.params, **overrides)
     data, model, loss_fn, _ = prepare(config)
     if not has_artifact(run_id, "checkpoint/model.pt"):
@@ -212,12 +208,6 @@ def load_logged_run(run_id: str, **overrides):
     state = load_artifact_object(run_id, "checkpoint/model.pt", weights_only=True)
     model.load_state_dict(state)
     return config, data, model, loss_fn
-
-
-def _uri() -> str:
-    from lossgeo.run.tracking import tracking_uri
-
-    return tracking_uri()
 
 
 def remeasure_curvature(run_id: str, **overrides) -> dict[str, float]:

@@ -98,12 +98,39 @@ def _open_store(uri: str) -> None:
                 f"({type(exc).__name__}); start it or point MLFLOW_TRACKING_URI elsewhere"
             ) from None
         return
+    try:
+        if uri.startswith("sqlite:///"):
+            folder = Path(uri[len("sqlite:///"):]).resolve().parent
+            if not folder.is_dir():
+                raise UserInputError(
+                    f"MLFLOW_TRACKING_URI: folder {folder} of {uri} does not exist")
+            with _folder_lock(folder):
+                MlflowClient(tracking_uri=uri)  # creates and migrates the store if it is new
+        else:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except UserInputError:
+        raise
+    except Exception as exc:  # a file that is no database, a refused file store, ...
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "filesystem tracking backend" in text:
+            text = ("MLflow 3 refuses the file store; migrate it with `mlflow migrate-filestore` "
+                    "or set MLFLOW_ALLOW_FILE_STORE=true")
+        raise UserInputError(f"MLFLOW_TRACKING_URI: cannot open the MLflow store {uri} "
+                             f"({type(exc).__name__}: {text[:200]})") from None
+
+
+def require_store() -> None:
+    """For commands that only read runs: a store that does not exist is said in one line
+    instead of created empty (a 1 MB mlflow.db and a minute of migrations, to find nothing)."""
+    uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).resolve().parent
-        if not folder.is_dir():
-            raise UserInputError(f"MLFLOW_TRACKING_URI: folder {folder} of {uri} does not exist")
-        with _folder_lock(folder):
-            MlflowClient(tracking_uri=uri)  # creates and migrates the store if it is new
+        path = Path(uri[len("sqlite:///"):]).resolve()
+        if not path.exists():
+            raise UserInputError(
+                f"MLflow: no store here ({path} does not exist); run where your mlflow.db is, "
+                "or point MLFLOW_TRACKING_URI at it (sqlite:////abs/path/mlflow.db or "
+                "http://host:5000)")
+    client()
 
 
 def default_experiment() -> str:
@@ -170,18 +197,30 @@ def launcher_run_id() -> str | None:
     return os.environ.get("MLFLOW_RUN_ID") or None
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (an empty "Traces"
+# page; the runs hide behind a "Model training" toggle); with it, on the runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(name: str, c: MlflowClient | None = None) -> str:
+    """The id of experiment `name`, created if need be, and tagged as a model-training
+    experiment where it has no kind yet (a user's own kind is left alone)."""
     c = c or client()
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name)
-    except mlflow.exceptions.MlflowException:
-        # Another worker created it between our lookup and create.
-        created = c.get_experiment_by_name(name)
-        assert created is not None
-        return created.experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:
+            # Another worker created it between our lookup and create.
+            exp = c.get_experiment_by_name(name)
+            assert exp is not None
+    mark_training_experiment(exp, c)
+    return exp.experiment_id
+
+
+def mark_training_experiment(exp: Any, c: MlflowClient) -> None:
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def launcher_pid() -> int:
@@ -199,14 +238,15 @@ def launcher_pid() -> int:
     return os.getppid()
 
 
-def settle_launcher_status(run_id: str, status: str) -> None:
-    """The launcher overwrites our final status after we exit (see lossgeo/settle.py); a
-    detached helper sets it again once the launcher has gone."""
+def settle_launcher_status(run_id: str, status: str, pid: int | None = None) -> None:
+    """The launcher (process `pid`, found if not given) overwrites our final status after we
+    exit (see lossgeo/settle.py); a detached helper sets it again once the launcher has
+    gone."""
     import subprocess
     import sys
 
     subprocess.Popen([sys.executable, "-m", "lossgeo.run.settle", run_id, status,
-                      str(launcher_pid())], start_new_session=True,
+                      str(pid or launcher_pid())], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL)
 
@@ -268,8 +308,10 @@ class TrackedRun:
             self._tags[PARENT_TAG] = parent_run_id
         if adopted:
             self.run_id = adopted
-            check_artifact_access(self.client.get_run(adopted).info.artifact_uri,
-                                  f"run {adopted}")
+            info = self.client.get_run(adopted).info
+            check_artifact_access(info.artifact_uri, f"run {adopted}")
+            mark_training_experiment(self.client.get_experiment(info.experiment_id),
+                                     self.client)
             if run_name and run_id is None:  # `mlflow run` names its run after the entry point
                 self.client.set_tag(adopted, "mlflow.runName", run_name)
         else:
@@ -287,6 +329,8 @@ class TrackedRun:
         if self._tags:
             self.set_tags(self._tags)
         self._heartbeat = Heartbeat(self.client, self.run_id)
+        if self.run_id == launcher_run_id():
+            self._launcher_watch = LauncherWatch()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
@@ -295,22 +339,28 @@ class TrackedRun:
         elif (issubclass(exc_type, KeyboardInterrupt)
               or getattr(exc_type, "mlflow_status", "") == "KILLED"):
             status = "KILLED"
-            self.set_tags({END_REASON_TAG: str(exc) or "interrupted (SIGINT)"})
+            gone = self._launcher_watch.gone if self._launcher_watch is not None else None
+            self.set_tags({END_REASON_TAG: gone or str(exc) or "interrupted (SIGINT)"})
         else:
             status = "FAILED"
         self.finish(status)
         return False
 
     _heartbeat: "Heartbeat | None" = None
+    _launcher_watch: "LauncherWatch | None" = None
 
     def finish(self, status: str = "FINISHED") -> None:
         if self._heartbeat is not None:
             self._heartbeat.stop()
+        if self._launcher_watch is not None:
+            self._launcher_watch.stop()
         if self.status is None:
             self.client.set_terminated(self.run_id, status=status)
             self.status = status
             if status == "KILLED" and self.run_id == launcher_run_id():
-                settle_launcher_status(self.run_id, status)
+                # once the launcher is gone, our parent is no longer it: name it
+                watch = self._launcher_watch
+                settle_launcher_status(self.run_id, status, watch.pid if watch else None)
 
     # -- logging ---------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -349,6 +399,42 @@ class TrackedRun:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path=directory)
 
 
+class LauncherWatch:
+    """Under `mlflow run`: once the launcher process is gone (`kill <its pid>` ends it at
+    once and leaves us running, reparented), this process is sent SIGTERM, so that its run
+    ends KILLED as if the launcher had passed the signal on, not FINISHED hours later."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        import signal
+
+        self.pid = launcher_pid()
+        self.gone: str | None = None
+        self._signal = signal.SIGTERM
+        self._periodic = Periodic(self._check, interval, name="launcher-watch")
+
+    def _alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's
+            return True
+        try:  # a launcher that exited but was not yet reaped by its parent is a zombie
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):  # no /proc (not Linux): signal 0 said enough
+            return True
+        return state not in ("Z", "X")
+
+    def _check(self) -> None:
+        if self.gone is None and not self._alive():
+            self.gone = (f"interrupted: the `mlflow run` launcher (pid {self.pid}) ended "
+                         "before this run")
+            os.kill(os.getpid(), self._signal)
+
+    def stop(self) -> None:
+        self._periodic.stop()
+
+
 class Heartbeat:
     """Refreshes a run's heartbeat tag from a daemon thread until `stop()`: the run is alive
     while the tag is recent. `runs cleanup` ends runs whose heartbeat went stale."""
@@ -375,10 +461,12 @@ class Heartbeat:
 
 
 def end_stale_runs(experiments: Iterable[str] | None = None,
-                   stale_after: float = DEFAULT_STALE_AFTER) -> list[tuple[str, float]]:
+                   stale_after: float = DEFAULT_STALE_AFTER, *, min_intervals: float = 3,
+                   ended_by: str = "lossgeo runs cleanup") -> list[tuple[str, float]]:
     """Ends KILLED every RUNNING run whose heartbeat is older than `stale_after` seconds (and
-    three of its own intervals), with a tag saying why; returns (run_id, age in s) of each.
-    Runs without a heartbeat (not started by lossgeo) are left alone."""
+    `min_intervals` of its own heartbeat intervals: 0 honours `stale_after` alone), with a
+    tag saying why and who (`ended_by`); returns (run_id, age in s) of each. Runs without a
+    heartbeat (not started by lossgeo) are left alone."""
     c = client()
     if experiments:
         ids = [e.experiment_id for name in experiments
@@ -395,11 +483,11 @@ def end_stale_runs(experiments: Iterable[str] | None = None,
             continue
         interval = float(run.data.tags.get(HEARTBEAT_INTERVAL_TAG) or heartbeat_interval())
         age = now - int(beat) / 1000
-        if age > max(stale_after, 3 * interval):
+        if age > max(stale_after, min_intervals * interval):
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(beat) / 1000))
             c.set_tag(run.info.run_id, END_REASON_TAG,
                       f"stale: no heartbeat since {since} ({age:.0f} s); the process was "
-                      "killed or its machine lost; ended by lossgeo runs cleanup")
+                      f"killed or its machine lost; ended by {ended_by}")
             c.set_terminated(run.info.run_id, status="KILLED")
             ended.append((run.info.run_id, age))
     return ended
@@ -423,7 +511,15 @@ def load_artifact_object(run_id: str, path: str, weights_only: bool = True) -> A
 
 
 def get_run(run_id: str):
-    return client().get_run(run_id)
+    """The run, or a one-line UserInputError when the store has no such run (a store that
+    cannot be reached says so itself, in `client()`)."""
+    c = client()
+    try:
+        return c.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise UserInputError(f"run_id: no run {run_id!r} in {tracking_uri()}") from None
+        raise
 
 
 @contextlib.contextmanager
@@ -490,7 +586,11 @@ def end_run(run_id: str, status: str, tags: dict[str, str] | None = None) -> Non
 
 
 def reopen_run(run_id: str) -> None:
-    client().update_run(run_id, status="RUNNING")
+    """RUNNING again (a study resumed), without the end reason of its earlier stop."""
+    c = client()
+    c.update_run(run_id, status="RUNNING")
+    if END_REASON_TAG in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, END_REASON_TAG)
 
 
 def run_experiment_name(run_id: str) -> str:
@@ -529,13 +629,18 @@ class ActiveRunLogger:
     def active(self) -> bool:
         return self._run_id() is not None
 
+    _marked: set[str] = set()  # experiments already tagged as model training
+
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        run_id = self._run_id()
-        if run_id is None:
+        run = mlflow.active_run()
+        if run is None:
             return
         c = MlflowClient()
+        if run.info.experiment_id not in self._marked:
+            mark_training_experiment(c.get_experiment(run.info.experiment_id), c)
+            self._marked.add(run.info.experiment_id)
         for batch in _metric_batches(metrics, step, int(time.time() * 1000)):
-            c.log_batch(run_id, metrics=batch)
+            c.log_batch(run.info.run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         run_id = self._run_id()

@@ -85,7 +85,10 @@ def test_ctrl_c_under_mlflow_run_ends_killed_with_the_same_outputs(tmp_path, fak
     proc = start(args, tmp_path)
     c, run_id = wait_for_first_epoch(tmp_path, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
-    proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
+    # lossgeo's child exits 130; MLflow's launcher then prints "Aborted!" and exits 1 itself
+    # (the README says so)
+    assert proc.returncode == 1, err[-2000:]
     deadline = time.time() + 60  # the launcher's own FAILED is corrected once it has gone
     while c.get_run(run_id).info.status != "KILLED" and time.time() < deadline:
         time.sleep(0.5)
@@ -108,14 +111,62 @@ def test_sigkill_leaves_a_stale_heartbeat_that_cleanup_ends(tmp_path, fake_data_
                            env=env_for(tmp_path), capture_output=True, text=True)
     assert fresh.returncode == 0 and "0 stale run(s) ended" in fresh.stdout
     assert c.get_run(run_id).info.status == "RUNNING"  # not stale yet: left alone
-    time.sleep(2.5)
-    stale = subprocess.run(cleanup + ["--stale-after", "2"], cwd=tmp_path,
+    # the user's value is honoured: once a hidden floor of three heartbeat intervals (90 s
+    # by default) made `--stale-after 0` right after a SIGKILL end nothing
+    stale = subprocess.run(cleanup + ["--stale-after", "0"], cwd=tmp_path,
                            env=env_for(tmp_path), capture_output=True, text=True)
     assert stale.returncode == 0, stale.stderr[-2000:]
     assert f"run {run_id}: no heartbeat" in stale.stdout
     run = c.get_run(run_id)
     assert run.info.status == "KILLED"
     assert run.data.tags["lossgeo_end_reason"].startswith("stale: no heartbeat since")
+    assert run.data.tags["lossgeo_end_reason"].endswith("ended by lossgeo runs cleanup")
+
+
+def test_killing_the_launcher_ends_its_run_killed(tmp_path, fake_data_dir):
+    """`kill <pid of mlflow run>` ended the launcher at once; its `lossgeo train` child,
+    reparented, trained on and ended FINISHED. The child now notices and ends KILLED."""
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
+    for p in ["epochs=500", "train_subset=400", "val_size=100", "probe_size=32", "hidden=16",
+              "curvature=false", "sharpness=false", "landscape=false",
+              f"data_dir={fake_data_dir}"]:
+        args += ["-P", p]
+    proc = start(args, tmp_path)
+    try:
+        c, run_id = wait_for_first_epoch(tmp_path, proc)
+        proc.send_signal(signal.SIGTERM)  # the launcher alone, not its process group
+        proc.communicate(timeout=60)
+        deadline = time.time() + 90
+        while c.get_run(run_id).info.status != "KILLED" and time.time() < deadline:
+            time.sleep(0.5)
+        run = c.get_run(run_id)
+        assert run.info.status == "KILLED"
+        assert "the `mlflow run` launcher" in run.data.tags["lossgeo_end_reason"]
+        assert OUTPUTS <= artifacts(c, run_id)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the group may outlive the test
+        except ProcessLookupError:
+            pass
+
+
+def test_stale_runs_say_who_ended_them_and_a_resumed_run_forgets_its_old_end(tracking):
+    from lossgeo.run.tracking import (
+        END_REASON_TAG,
+        HEARTBEAT_TAG,
+        end_stale_runs,
+        experiment_id,
+        reopen_run,
+    )
+
+    c = MlflowClient()
+    run = c.create_run(experiment_id("stale"), tags={HEARTBEAT_TAG: "1000"})
+    ended = end_stale_runs(["stale"], ended_by="lossgeo train, before its run")
+    assert [r for r, _ in ended] == [run.info.run_id]
+    tags = c.get_run(run.info.run_id).data.tags
+    assert tags[END_REASON_TAG].endswith("ended by lossgeo train, before its run")
+    reopen_run(run.info.run_id)
+    assert END_REASON_TAG not in c.get_run(run.info.run_id).data.tags
 
 
 def test_a_live_run_keeps_its_heartbeat_fresh(tracking, fake_data_dir):
