@@ -349,6 +349,15 @@ class TrackedRun:
     _heartbeat: "Heartbeat | None" = None
     _launcher_watch: "LauncherWatch | None" = None
 
+    def keep_running(self) -> None:
+        """Leave the run RUNNING when this process is done with it (a study's parent that
+        another worker still works under): heartbeat stopped, no end status set."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        if self._launcher_watch is not None:
+            self._launcher_watch.stop()
+        self.status = "RUNNING"
+
     def finish(self, status: str = "FINISHED") -> None:
         if self._heartbeat is not None:
             self._heartbeat.stop()

@@ -424,9 +424,11 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
     """Every model x regime x seed as a child run of one parent run; then the summary.
 
     Re-running the same study resumes it: the parent is found by the study's name, and every
-    (cell, seed) that already has a FINISHED run is skipped, never run twice. A new grid's
-    parent is the launcher's run under `mlflow run`; a resumed one gets the launcher's run as
-    a worker nested under it."""
+    (cell, seed) that already has a FINISHED run is skipped, never run twice. Workers started
+    on the same study at once share it: each (cell, seed) is claimed through the store before
+    it runs (`_claim`), so none runs twice, and the parent stays RUNNING until the last
+    worker's cell has ended. A new grid's parent is the launcher's run under `mlflow run`; a
+    joining or resumed worker's launcher run is nested under it."""
     experiment = resolve_experiment(experiment)
     configs = {(model, regime, seed): spec.config(model=model, experiment=experiment,
                                                   seed=seed, **values)
@@ -437,33 +439,117 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
         # cells x seeds would hold one copy per cell (each cell loads its own when it runs)
         prepare(config)
     tags = {"lossgeo_study": spec.name, "lossgeo_role": "parent", "study_kind": "grid"}
-    existing = find_runs(
-        experiment, f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
-        "and tags.study_kind = 'grid'", order_by=["attributes.start_time ASC"], max_results=1)
+    parent_query = (f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
+                    "and tags.study_kind = 'grid'")
+    existing = find_runs(experiment, parent_query, order_by=["attributes.start_time ASC"],
+                         max_results=1)
+    worker: Any = contextlib.nullcontext()
     if existing:
-        finished = {_cell_key(r): r for r in find_runs(
-            experiment, f"tags.`{PARENT_TAG}` = '{existing[0].info.run_id}' and "
-            "attributes.status = 'FINISHED'")}
-        _check_same_settings(spec.name, finished, configs)
-        done = set(finished)
         parent = TrackedRun(run_id=existing[0].info.run_id, tags=tags)
-        reopen_run(parent.run_id)
-        worker = _launcher_as_worker(parent.run_id, spec.name)
     else:
         parent = TrackedRun(experiment=experiment, run_name=f"grid-{spec.name}", tags=tags)
-        done, worker = set(), contextlib.nullcontext()  # type: ignore[assignment]
+        winner = _first_claim(experiment, parent_query, parent.run_id)
+        if winner != parent.run_id:  # another worker made the parent at the same moment
+            _withdraw(parent.run_id, winner, spec.name)
+            parent, existing = TrackedRun(run_id=winner, tags=tags), [winner]
+    if existing:
+        finished = {_cell_key(r): r for r in find_runs(
+            experiment, f"tags.`{PARENT_TAG}` = '{parent.run_id}' and "
+            "attributes.status = 'FINISHED'")}
+        _check_same_settings(spec.name, finished, configs)
+        reopen_run(parent.run_id)
+        worker = _launcher_as_worker(parent.run_id, spec.name)
     with parent, worker:
         parent.log_params({"study": spec.name, "models": ",".join(spec.models),
                            "regimes": ",".join(spec.regimes),
                            "seeds": ",".join(map(str, spec.seeds))})
-        for (model, regime, seed), config in configs.items():
-            if (model, regime, seed) in done:
-                continue
-            run_training(config, parent_run_id=parent.run_id,
-                         tags={"regime": regime, "cell": f"{model}/{regime}", "seed": str(seed),
-                               "lossgeo_study": spec.name, "lossgeo_role": "cell"})
+        try:
+            for (model, regime, seed), config in configs.items():
+                cell = f"{model}/{regime}"
+                try:
+                    run_training(config, parent_run_id=parent.run_id,
+                                 tags={"regime": regime, "cell": cell, "seed": str(seed),
+                                       "lossgeo_study": spec.name, "lossgeo_role": "cell"},
+                                 on_run_created=lambda run_id: _claim(
+                                     experiment, parent.run_id, cell, seed, run_id))
+                except CellTaken as taken:  # another worker has run or runs this cell
+                    _discard(taken.run_id, f"{cell} seed {seed} is another worker's")
+        except BaseException:
+            if _live_cells(experiment, parent.run_id):
+                parent.keep_running()  # another worker is at work: it ends the parent
+            raise
+        if _live_cells(experiment, parent.run_id):
+            parent.keep_running()
+            return parent.run_id
         summarise(parent.run_id)
     return parent.run_id
+
+
+class CellTaken(Exception):
+    """A (cell, seed) is finished or being run by another worker: our new run withdraws."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+
+# Runs created within this many seconds of each other may not yet see each other in the
+# store; a claim looks again after it, and the earliest run (then the lowest id) wins.
+CLAIM_SETTLE = 0.3
+
+
+def _first_claim(experiment: str, query: str, mine: str) -> str:
+    """The run that holds a claim: a FINISHED one if any, else the earliest live RUNNING
+    one, among the runs matching `query` (ours, `mine`, among them)."""
+    time.sleep(CLAIM_SETTLE)
+    rivals = find_runs(experiment, query)
+    finished = [r for r in rivals if r.info.status == "FINISHED"]
+    if finished:
+        return finished[0].info.run_id
+    live = [r for r in rivals if r.info.run_id == mine or _is_live(r)]
+    return min(live, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+
+
+def _claim(experiment: str, parent: str, cell: str, seed: int, mine: str) -> None:
+    """Raises CellTaken unless our new run `mine` holds (cell, seed)."""
+    query = (f"tags.`{PARENT_TAG}` = '{parent}' and tags.cell = '{cell}' and "
+             f"tags.seed = '{seed}'")
+    if _first_claim(experiment, query, mine) != mine:
+        raise CellTaken(mine)
+
+
+def _is_live(run) -> bool:
+    """RUNNING with a fresh heartbeat, or too new to have one yet."""
+    from lossgeo.run.tracking import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, heartbeat_interval
+
+    if run.info.status != "RUNNING":
+        return False
+    now_ms = time.time() * 1000
+    beat = run.data.tags.get(HEARTBEAT_TAG)
+    interval = float(run.data.tags.get(HEARTBEAT_INTERVAL_TAG) or heartbeat_interval())
+    last = int(beat) if beat else run.info.start_time
+    return now_ms - last < 1000 * max(3 * interval, 60)
+
+
+def _live_cells(experiment: str, parent: str) -> list:
+    return [r for r in find_runs(experiment, f"tags.`{PARENT_TAG}` = '{parent}' and "
+                                             "attributes.status = 'RUNNING'")
+            if r.data.tags.get("lossgeo_role") == "cell" and _is_live(r)]
+
+
+def _withdraw(mine: str, winner: str, study: str) -> None:
+    """Our new parent lost to `winner`: deleted, or, if it is the `mlflow run` launcher's
+    own run (which MLflow ends itself), turned into a worker under the winner."""
+    if mine == launcher_run_id():
+        TrackedRun(run_id=mine).set_tags({"lossgeo_role": "worker", PARENT_TAG: winner})
+        return
+    _discard(mine, f"another worker made study {study}'s parent {winner} at the same moment")
+
+
+def _discard(run_id: str, why: str) -> None:
+    """A run that lost a claim before it started: ended, said why, and deleted."""
+    end_run(run_id, "KILLED", {END_REASON_TAG: why})
+    delete_run(run_id)
 
 
 def _cell_key(run) -> tuple[str | None, str | None, int]:

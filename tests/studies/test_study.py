@@ -1,6 +1,7 @@
 """Study files, grids and Optuna sweeps on the SQLite default (PostgreSQL: test_distributed)."""
 
 import math
+import os
 import re
 import threading
 
@@ -12,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from lossgeo.cli import cli
 from lossgeo.errors import UserInputError
+from lossgeo.run.tracking import PARENT_TAG
 from lossgeo.studies.study import PARENT_ATTR, run_grid, run_sweep
 from lossgeo.studies.studyfile import load_study_file
 
@@ -394,3 +396,33 @@ def test_invalid_yaml_names_its_line(tmp_path):
     path.write_text("name: x\nkind: grid\nbase:\n  lr: [0.1\n  epochs: 1\n")
     with pytest.raises(UserInputError, match=r"broken\.yaml is not valid YAML at line 5"):
         load_study_file(path)
+
+
+def test_two_grid_workers_started_together_run_each_cell_once(tmp_path, fake_data_dir):
+    """Two `lossgeo grid` on one study ran every cell twice (8 FINISHED runs for 4 (cell,
+    seed) pairs), and the parent was FINISHED while the other worker's cell still ran.
+    Real processes on one SQLite store, started together."""
+    import subprocess
+    import sys
+
+    path = grid_file(tmp_path, fake_data_dir, [0, 1])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(key, None)
+    MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()  # the store, made once
+    workers = [subprocess.Popen([sys.executable, "-m", "lossgeo", "grid", "--study", str(path)],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for w in workers:
+        out, _ = w.communicate(timeout=600)
+        assert w.returncode == 0, out[-3000:]
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = c.search_runs([c.get_experiment_by_name("Default").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("lossgeo_role") == "parent"]
+    cells = [r for r in runs if r.data.tags.get("lossgeo_role") == "cell"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted((r.data.tags["cell"], r.data.tags["seed"]) for r in cells) == [
+        ("mlp/high-noise", "0"), ("mlp/high-noise", "1"), ("mlp/low-noise", "0"),
+        ("mlp/low-noise", "1")]
+    assert {r.info.status for r in cells} == {"FINISHED"}
+    assert all(r.data.tags[PARENT_TAG] == parents[0].info.run_id for r in cells)
