@@ -279,20 +279,25 @@ def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
 
 
 def _enqueue_grid(study: optuna.Study, spec: StudySpec, lock: BudgetLock) -> None:
-    """Grid sampler: every point enqueued exactly once, by whichever worker comes first."""
+    """Grid sampler: every point that no trial has finished, runs or waits for is enqueued,
+    by whichever worker comes first; so a point whose trial an interrupt (or a lost worker)
+    failed is run again when the study resumes, and no point is enqueued twice."""
+    states = (*CLAIMED, optuna.trial.TrialState.WAITING)
     with lock:
-        if study.user_attrs.get("grid_enqueued"):
-            return
+        taken = [t.params or t.system_attrs.get("fixed_params", {})
+                 for t in study.get_trials(deepcopy=False, states=states)]
         for point in grid_points(spec):
-            study.enqueue_trial(point)
+            if point not in taken:
+                study.enqueue_trial(point)
         study.set_user_attr("grid_enqueued", True)
 
 
 def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock: BudgetLock,
                  budget: int, objective, interval: int, stop: threading.Event,
-                 ran: list[int]) -> None:
+                 ran: list[int], grid: bool = False) -> None:
     """Claims and runs trials until the budget is claimed or `stop` is set; appends the
-    number of each trial it ran to `ran`."""
+    number of each trial it ran to `ran`. A designed grid (`grid`) runs only its enqueued
+    points."""
     while not stop.is_set():
         with warnings.catch_warnings():
             # heartbeats are ours (see _heartbeat), not Study.optimize's
@@ -302,6 +307,9 @@ def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock:
                 claimed = len(study.get_trials(deepcopy=False, states=CLAIMED))
                 if claimed >= budget:
                     return
+                if grid and not study.get_trials(deepcopy=False,
+                                                 states=(optuna.trial.TrialState.WAITING,)):
+                    return  # every point is done or taken; ask() would repeat one
                 trial = study.ask()  # takes a waiting (retried or grid) trial first
         beat = _heartbeat(storage, trial._trial_id, interval)
         ran.append(trial.number)
@@ -358,7 +366,8 @@ def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | No
     stop = threading.Event()
     objective = make_objective(spec, parent, experiment, stop)
     ran: list[int] = []
-    args = (study, rdb, lock, budget, objective, heartbeat_interval, stop, ran)
+    args = (study, rdb, lock, budget, objective, heartbeat_interval, stop, ran,
+            spec.sampler == "grid")
     beat = start_heartbeat(parent)
     interrupted = True
     try:

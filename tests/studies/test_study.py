@@ -426,3 +426,30 @@ def test_two_grid_workers_started_together_run_each_cell_once(tmp_path, fake_dat
         ("mlp/low-noise", "1")]
     assert {r.info.status for r in cells} == {"FINISHED"}
     assert all(r.data.tags[PARENT_TAG] == parents[0].info.run_id for r in cells)
+
+
+def test_resuming_a_designed_grid_runs_the_interrupted_point(tmp_path, tracking, fake_data_dir,
+                                                             monkeypatch):
+    """After an interrupt during the first point (lr 0.05), a re-run ran lr 0.1 twice and
+    never lr 0.05, and the parent ended FINISHED."""
+    import lossgeo.studies.study as study_mod
+
+    real = study_mod.run_training
+
+    def interrupted(config, **kwargs):
+        raise KeyboardInterrupt("interrupted (SIGINT)")
+
+    space = {"lr": {"choices": [0.05, 0.1]}, "batch_size": {"choices": [32]}}
+    spec = load_study_file(write_study(tmp_path, fake_data_dir, sampler="grid",
+                                       search_space=space))
+    monkeypatch.setattr(study_mod, "run_training", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec)
+    monkeypatch.setattr(study_mod, "run_training", real)
+    study = run_sweep(spec)
+    done = sorted(t.params["lr"] for t in study.trials if t.state.name == "COMPLETE")
+    assert done == [0.05, 0.1]
+    assert [t.params["lr"] for t in study.trials if t.state.name == "FAIL"] == [0.05]
+    parent = MlflowClient().get_run(study.user_attrs[PARENT_ATTR])
+    assert parent.info.status == "FINISHED"
+    assert "lossgeo_end_reason" not in parent.data.tags  # the old interrupt's, forgotten
