@@ -255,7 +255,7 @@ def grid_command(study_path: str, experiment: str, data_dir: str | None,
     if spec.kind != "grid":
         raise UserInputError(f"study: {study_path} is a {spec.kind}, not a grid")
     parent = run_grid(spec, experiment=experiment)
-    click.echo(f"grid {spec.name}: parent run {parent}")
+    click.echo(f"grid {spec.name}: parent run {parent}\n{_next_steps(parent)}")
 
 
 @cli.command("sweep")
@@ -286,9 +286,35 @@ def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str,
     study = run_sweep(spec, storage=storage or None, n_trials=n_trials or None,
                       n_jobs=n_jobs, study_name=study_name or None, experiment=experiment,
                       heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    from lossgeo.studies.study import PARENT_ATTR
+
     states = [t.state.name for t in study.trials]
+    parent = study.user_attrs.get(PARENT_ATTR, "")
     click.echo(f"study {study.study_name}: " + ", ".join(
-        f"{states.count(s)} {s.lower()}" for s in sorted(set(states))))
+        f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
+        + f"; parent run {parent}")
+    best = _best_trial(study)
+    if best:
+        click.echo(best)
+    click.echo(_next_steps(parent))
+
+
+def _best_trial(study: Any) -> str:
+    """The best trial in a line (one objective), or the Pareto front's size (several)."""
+    try:
+        if len(study.directions) > 1:
+            return f"Pareto front: {len(study.best_trials)} trial(s)"
+        best = study.best_trial
+    except ValueError:  # no complete trial yet
+        return ""
+    params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in best.params.items())
+    return f"best: trial {best.number} ({params}), objective {best.value:.4g}"
+
+
+def _next_steps(parent: str) -> str:
+    return (f"next: lossgeo compare --parent-run {parent}   (plots)\n"
+            f"      lossgeo report --parent-run {parent}    (LaTeX report with verdicts)")
 
 
 @cli.command("compare")

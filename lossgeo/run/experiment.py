@@ -67,8 +67,9 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
                  on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
                  on_run_created: Callable[[str], None] | None = None,
                  prepared: tuple[DataBundle, nn.Module, LossFn, torch.device] | None = None,
-                 ) -> RunOutcome:
-    """Trains `config` as one MLflow run and returns its id and per-epoch history."""
+                 label: str = "") -> RunOutcome:
+    """Trains `config` as one MLflow run and returns its id and per-epoch history. `label`
+    (a grid cell, a sweep trial) starts every line the run prints."""
     data, model, loss_fn, device = prepared or prepare(config)
     if measurements is None:
         measurements = default_measurements(config)
@@ -87,7 +88,7 @@ def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
         result = None
         try:
             result = train(config, data, model, loss_fn, logger=_Recorder(run, history),
-                           measurements=measurements, on_epoch_end=on_epoch_end)
+                           measurements=measurements, on_epoch_end=on_epoch_end, label=label)
         finally:
             # Whatever happened, what was logged also lands in metrics.csv, plots, checkpoint.
             frame = history_frame(history)

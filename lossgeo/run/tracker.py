@@ -109,6 +109,8 @@ class Tracker:
             logger = ActiveRunLogger()
         self.logger = logger
         self.n_measurements = 0
+        # seconds each epoch measurement took at the last epoch (for the loop's epoch line)
+        self.epoch_seconds: dict[str, float] = {}
         self.math_attention = False  # products ran under the math attention backend
         self._operator()  # bad input (filters, batches, loss form) fails here, not later
         if every_steps:
@@ -240,8 +242,12 @@ class Tracker:
             return self._probe_curvature(), {}
         metrics: dict[str, float] = {}
         artifacts: dict[str, Any] = {}
+        self.epoch_seconds = {}
         for measurement in self.epoch_measurements:
+            started = time.perf_counter()
             result = measurement(state)
+            name = getattr(measurement, "name", type(measurement).__name__)
+            self.epoch_seconds[name] = time.perf_counter() - started
             metrics.update(result.metrics)
             artifacts.update(result.artifacts)
             if state is not None and hasattr(state, "metrics"):

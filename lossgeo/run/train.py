@@ -110,18 +110,24 @@ def flat_weights(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to("cpu", copy=True)
 
 
-def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: float) -> str:
-    """`epoch 2/3: train_loss 0.1234, test_loss 0.1301, test_acc 0.9612, lambda_max 14.2, 5.1 s`"""
+def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: float,
+               split: dict[str, float] | None = None, label: str = "") -> str:
+    """`[cell] epoch 2/3: train_loss 0.1234, test_loss 0.1301, test_acc 0.9612, lambda_max
+    14.2, 5.1 s (train 2.0, eval 0.4, curvature 1.9, landscape 0.8)`: where the time went."""
     parts = [f"{key} {metrics[key]:.4g}" for key in ("train_loss", "test_loss", "test_acc",
                                                       "lambda_max") if key in metrics]
-    return f"epoch {epoch}/{epochs}: " + ", ".join(parts + [f"{seconds:.1f} s"])
+    where = (" (" + ", ".join(f"{name} {secs:.1f}" for name, secs in split.items()) + ")"
+             if split else "")
+    prefix = f"[{label}] " if label else ""
+    return f"{prefix}epoch {epoch}/{epochs}: " + ", ".join(parts + [f"{seconds:.1f} s{where}"])
 
 
 def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: LossFn,
           logger: RunLogger, measurements: Sequence[Measurement] = (),
-          on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+          label: str = "") -> TrainResult:
     """Trains with SGD; logs evaluation (every `eval_every` epochs) and scheduled
-    measurements.
+    measurements. `label` (a grid cell, a sweep trial) starts every printed line.
 
     A non-finite training loss stops training; the epoch is returned as `diverged_epoch`
     and everything computed up to then has been logged. `on_epoch_end` may raise (e.g.
@@ -144,9 +150,12 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
                       logger=logger, seed=config.seed)
     step = 0
 
-    epoch_bar = tqdm(range(config.epochs + 1), desc="epochs", disable=None)
+    epoch_bar = tqdm(range(config.epochs + 1), desc=f"[{label}] epochs" if label else "epochs",
+                     disable=None)
+    prefix = f"[{label}] " if label else ""
     for epoch in epoch_bar:
         started = time.perf_counter()
+        split: dict[str, float] = {}
         if epoch > 0:
             model.train()
             batch_bar = tqdm(data.train.batches(config.batch_size, shuffle=True,
@@ -166,6 +175,7 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
                 if target.due(step) and target.reached_within_epoch(step):
                     break  # the fit is reached mid-epoch: this (partial) epoch is the last
             batch_bar.close()
+            split["train"] = time.perf_counter() - started
         if diverged_epoch is not None:
             metrics = {"diverged_epoch": float(diverged_epoch)}
             logger.log_epoch(epoch, metrics)
@@ -175,6 +185,7 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
         # the point where a target was reached, always in full
         full = (epoch % config.eval_every == 0 or epoch == config.epochs
                 or target.step is not None)
+        evaluated = time.perf_counter()
         if full:
             metrics = evaluation_metrics(model, loss_fn, data)
         elif target.active:  # the end-of-epoch target check needs the train split only
@@ -195,6 +206,7 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
         if is_last and not full:  # reached at this epoch's end: the final point in full
             metrics = evaluation_metrics(model, loss_fn, data)
             full = True
+        split["eval"] = time.perf_counter() - evaluated
         if target.step is not None:
             metrics["steps_to_target"] = float(target.step)
             metrics["epochs_to_target"] = target.step / n_batches
@@ -203,7 +215,15 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
             state = EpochState(epoch=epoch, is_last=is_last, model=model,
                                loss_fn=loss_fn, data=data, config=config,
                                trajectory=trajectory, metrics=metrics)
+            names = ", ".join(getattr(m, "name", "measurement") for m in measurements)
+            if names:  # minutes on a large probe set: say so before, not only after
+                epoch_bar.set_description_str(f"{prefix}epoch {epoch}: measuring {names}")
+                if epoch_bar.disable:
+                    print(f"{prefix}epoch {epoch}/{config.epochs}: measuring {names}"
+                          f"{' (last epoch: with the final-epoch extras)' if is_last else ''}"
+                          " ...", flush=True)
             _, artifacts = tracker.measure_epoch(state)  # updates `metrics` (state.metrics)
+            split.update(tracker.epoch_seconds)
             for path, obj in artifacts.items():
                 logger.log_object(path, obj)
             if state.is_last:
@@ -215,8 +235,8 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
             epoch_bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}",
                                   test_acc=f"{metrics['test_acc']:.4f}")
             if epoch_bar.disable:  # not a terminal, so no bar: one line per evaluated epoch
-                print(epoch_line(epoch, config.epochs, metrics,
-                                 time.perf_counter() - started), flush=True)
+                print(epoch_line(epoch, config.epochs, metrics, time.perf_counter() - started,
+                                 split, label), flush=True)
             if on_epoch_end is not None:  # e.g. pruning on val_loss: evaluated epochs only
                 on_epoch_end(epoch, metrics)
         if is_last:

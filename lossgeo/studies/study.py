@@ -183,7 +183,8 @@ def make_objective(spec: StudySpec, parent_run_id: str, experiment: str,
             config, parent_run_id=parent_run_id, prepared=prepared, on_epoch_end=report,
             tags={"lossgeo_study": trial.study.study_name, "trial_number": str(trial.number),
                   "lossgeo_role": "trial"},
-            on_run_created=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+            on_run_created=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+            label=f"trial {trial.number}")
         final = outcome.history.iloc[-1].to_dict()
         for key in ("lambda_max", "gen_gap", "sharp_max", "test_acc"):
             if key in final and math.isfinite(final[key]):
@@ -480,7 +481,8 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
                                  tags={"regime": regime, "cell": cell, "seed": str(seed),
                                        "lossgeo_study": spec.name, "lossgeo_role": "cell"},
                                  on_run_created=lambda run_id: _claim(
-                                     experiment, parent.run_id, cell, seed, run_id))
+                                     experiment, parent.run_id, cell, seed, run_id),
+                                 label=f"{cell} seed {seed}")
                 except CellTaken as taken:  # another worker has run or runs this cell
                     _discard(taken.run_id, f"{cell} seed {seed} is another worker's")
         except BaseException:

@@ -130,3 +130,24 @@ def test_run_status_on_exceptions_keeps_what_was_logged(tracking, fake_data_dir,
     assert client.get_run(created[0]).info.status == status
     assert [m.step for m in client.get_metric_history(created[0], "train_loss")] == [0, 1]
     assert "metrics.csv" in {a.path for a in client.list_artifacts(created[0])}
+
+
+def test_printed_lines_say_whose_epoch_and_where_the_time_went(fake_data_dir, capsys):
+    """A 115-s last epoch printed nothing until it ended, the epoch line gave a total only,
+    and a sweep's or grid's lines did not say which trial or cell they were."""
+    config = tiny_config(fake_data_dir, epochs=1, curvature=True, curvature_k=1,
+                         trace_samples=2, density_steps=4, sharpness=False, landscape=False)
+    data, model, loss_fn, _ = prepare(config)
+    from lossgeo.run.measurements import build_measurements
+
+    train(config, data, model, loss_fn, NullLogger(), measurements=build_measurements(config),
+          label="mlp/low-noise seed 1")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "[mlp/low-noise seed 1] epoch 0/1: measuring curvature, noise_scale ..."
+    assert lines[2].startswith("[mlp/low-noise seed 1] epoch 1/1: measuring curvature")
+    assert "(last epoch" in lines[2]
+    last = lines[3]
+    assert last.startswith("[mlp/low-noise seed 1] epoch 1/1: train_loss")
+    split = last.split(" s (", 1)[1].rstrip(")")
+    assert [part.split()[0] for part in split.split(", ")] == ["train", "eval", "curvature",
+                                                                "noise_scale"]

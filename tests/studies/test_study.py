@@ -232,6 +232,13 @@ def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, trackin
     result = CliRunner().invoke(cli, ["sweep", "--study", str(path), "--n-trials", "1",
                                       "--set", "epochs=1", "--set", "landscape=false"])
     assert result.exit_code == 0, result.output
+    # the end says where the results are and what to run next (once only "1 complete")
+    parent = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tracking}/studies/"
+                               "optuna.db").user_attrs[PARENT_ATTR]
+    assert f"study tiny: 1 complete; parent run {parent}" in result.stdout
+    assert "best: trial 0 (batch_size=" in result.stdout and "), objective " in result.stdout
+    assert f"next: lossgeo compare --parent-run {parent}" in result.stdout
+    assert "[trial 0] epoch 1/1: train_loss" in result.stdout
     run = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("Default").experiment_id],
         "tags.lossgeo_role = 'trial'")[0]
