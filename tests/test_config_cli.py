@@ -123,3 +123,19 @@ def test_a_run_rejected_for_its_parameters_is_not_a_traceback_when_reread():
     with pytest.raises(UserInputError, match="run: its logged parameters are not valid"):
         config_from_params({"lr": "inf"})
     assert config_from_params({"batch_size": "32.0", "lr": "0.5"}).batch_size == 32
+
+
+def test_runs_with_other_settings_get_other_names():
+    """Two runs, one with measure_every_steps=20, were both `mlp-mnist-lr0.1-b32`."""
+    from lossgeo.run.experiment import run_name
+
+    assert run_name(TrainConfig()) == "mlp-mnist-lr0.1-b32"
+    assert run_name(TrainConfig(data_dir="/x", experiment="e")) == "mlp-mnist-lr0.1-b32"
+    assert run_name(TrainConfig(measure_every_steps=20)) == \
+        "mlp-mnist-lr0.1-b32-measure_every_steps=20"
+    assert run_name(TrainConfig(epochs=5, landscape=False)) == \
+        "mlp-mnist-lr0.1-b32-epochs=5-landscape=false"
+    many = TrainConfig(epochs=5, train_subset=400, val_size=100, probe_size=32, hidden="16")
+    other = TrainConfig(epochs=5, train_subset=400, val_size=100, probe_size=32, hidden="32")
+    assert len(run_name(many)) == len("mlp-mnist-lr0.1-b32-") + 6
+    assert run_name(many) != run_name(other)

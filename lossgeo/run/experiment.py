@@ -57,8 +57,31 @@ def default_measurements(config: TrainConfig) -> list[Measurement]:
     return build_measurements(config)
 
 
+# settings a run name never carries: where data and runs live, and what the name leads with
+_UNNAMED = {"model", "dataset", "lr", "batch_size", "data_dir", "experiment", "device"}
+MAX_RUN_NAME = 64
+
+
 def run_name(config: TrainConfig) -> str:
-    return f"{config.model}-{config.dataset}-lr{config.lr:g}-b{config.batch_size}"
+    """`mlp-mnist-lr0.1-b32`, then every other setting that differs from the defaults
+    (`-epochs=5-measure_every_steps=20`), so that two runs with other settings are told
+    apart in the run list; past MAX_RUN_NAME characters those are a 6-digit digest."""
+    import hashlib
+
+    base = f"{config.model}-{config.dataset}-lr{config.lr:g}-b{config.batch_size}"
+    default = TrainConfig()
+    changed = [f"{name}={_setting(value)}" for name, value in config.to_params().items()
+               if name not in _UNNAMED and value != getattr(default, name)]
+    name = "-".join([base, *changed])
+    if len(name) <= MAX_RUN_NAME:
+        return name
+    return f"{base}-{hashlib.sha1('-'.join(changed).encode()).hexdigest()[:6]}"
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
