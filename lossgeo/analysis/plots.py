@@ -41,14 +41,26 @@ def _decorate(ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7) ->
     ax.legend(fontsize=legend_size)
 
 
+# one marker shape per run: runs whose points coincide stay told apart
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
+
+
+def _measured(df: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series]:
+    """(epochs, values) where the metric was measured: the epochs in between (measured
+    every few epochs, evaluated every one) would break the line into isolated dots."""
+    rows = df[["epoch", metric]].dropna()
+    return rows["epoch"], rows[metric]
+
+
 def _curves(histories: Mapping[str, pd.DataFrame], metrics: list[tuple[str, str]],
             ylabel: str, title: str, log_y: bool = False) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     styles = ["-", "--", ":", "-."]
-    for colour, (label, df) in zip(_colours(len(histories)), histories.items()):
+    for i, (colour, (label, df)) in enumerate(zip(_colours(len(histories)), histories.items())):
         for style, (metric, name) in zip(styles, metrics):
             if metric in df and df[metric].notna().any():
-                ax.plot(df["epoch"], df[metric], style, color=colour, marker="o", markersize=3,
+                ax.plot(*_measured(df, metric), style, color=colour,
+                        marker=MARKERS[i % len(MARKERS)], markersize=5, fillstyle="none",
                         label=f"{label}: {name}")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
@@ -261,10 +273,11 @@ def lambda_max_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, f
     """lambda_max per epoch; the stability edge 2(1 + momentum)/lr dashed in the same colour."""
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     edges: dict[float, list[tuple[str, object]]] = {}
-    for colour, (label, df) in zip(_colours(len(histories)), histories.items()):
+    for i, (colour, (label, df)) in enumerate(zip(_colours(len(histories)), histories.items())):
         if "lambda_max" not in df:
             continue
-        ax.plot(df["epoch"], df["lambda_max"], "-o", color=colour, markersize=3, label=label)
+        ax.plot(*_measured(df, "lambda_max"), "-", color=colour,
+                marker=MARKERS[i % len(MARKERS)], markersize=5, fillstyle="none", label=label)
         edge = _stability_edge(label, lrs, momenta)
         if edge is not None:
             edges.setdefault(edge, []).append((label, colour))

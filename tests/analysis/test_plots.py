@@ -33,3 +33,26 @@ def test_step_metrics_get_their_own_figure_with_the_edge():
     assert max(max(line.get_xdata(), default=0) for line in epoch_lines) <= 2
     for figure in figures.values():
         plt.close(figure)
+
+
+def test_sparse_measurements_draw_joined_lines_and_runs_are_told_apart():
+    """measure_every 4 over 2 epochs: lambda_max at epochs 0 and 2 only, losses every epoch.
+    The plots showed isolated dots at 0 and 2 (the NaN at epoch 1 broke the line) and two
+    runs' points on top of each other looked like one."""
+    rows = []
+    for run in ("r1", "r2"):
+        for epoch in range(3):
+            rows.append((run, f"run {run}", epoch, "train_loss", 1.0 / (epoch + 1)))
+            rows.append((run, f"run {run}", epoch, "sharp_max", 0.1))
+        for epoch in (0, 2):
+            rows.append((run, f"run {run}", epoch, "lambda_max", 5.0))
+    history = pd.DataFrame(rows, columns=["run_id", "label", "epoch", "metric", "value"])
+    runs = pd.DataFrame({"run_id": ["r1", "r2"], "label": ["run r1", "run r2"],
+                         "lr": [0.1, 0.1], "momentum": [0.0, 0.0]})
+    figures = comparison_figures(runs, history)
+    lines = {line.get_label(): line for line in figures["lambda_max.png"].axes[0].get_lines()}
+    assert list(lines["run r1"].get_xdata()) == [0, 2]  # one joined line, no NaN gap
+    assert lines["run r1"].get_linestyle() == "-"
+    assert lines["run r1"].get_marker() != lines["run r2"].get_marker()
+    for figure in figures.values():
+        plt.close(figure)
