@@ -79,9 +79,12 @@ def load_runs(experiment: str | Iterable[str] | None = None, parent_run: str | N
             unparsable[bad] += column + " "
         if column in numeric or not bad.any():
             columns[column] = converted
-    # one assignment (column by column fragments the frame: pandas' PerformanceWarning)
-    frame = frame.assign(**columns, unparsable_params=unparsable.str.strip())
-    frame["label"] = frame.apply(run_label, axis=1)
+    # built in one piece (column by column fragments the frame: pandas' PerformanceWarning)
+    order = list(frame.columns)
+    frame = pd.concat([frame.drop(columns=list(columns)), pd.DataFrame(columns),
+                       unparsable.str.strip().rename("unparsable_params")], axis=1)
+    frame = frame[order + ["unparsable_params"]]
+    frame = pd.concat([frame, frame.apply(run_label, axis=1).rename("label")], axis=1)
     return frame.sort_values("start_time").reset_index(drop=True)
 
 

@@ -164,3 +164,21 @@ def test_report_reads_right_on_the_page_beside_a_rejected_run(small_experiment, 
     pages = text.split("\f")
     last = [p for p in pages if p.strip()][-1]
     assert "References" in last and len(re.findall(r"^\s*\[\d+\]", last, re.M)) > 1, last
+
+
+def test_many_logged_metrics_read_back_without_a_fragmented_frame(tracking):
+    """`report` printed pandas' "DataFrame is highly fragmented" twice: load_runs assigned
+    its converted columns one by one."""
+    import warnings
+
+    from mlflow.entities import Metric, Param
+
+    c = MlflowClient()
+    run = c.create_run(c.create_experiment("wide")).info.run_id
+    c.log_batch(run, metrics=[Metric(f"m{i}", float(i), 0, 0) for i in range(150)],
+                params=[Param(f"p{i}", str(i)) for i in range(100)])
+    c.set_terminated(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        runs = load_runs(experiment="wide")
+    assert runs.loc[0, "m149"] == 149 and runs.loc[0, "p99"] == 99
