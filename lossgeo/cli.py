@@ -127,6 +127,10 @@ def train_command(**options: Any) -> None:
                                                         "lambda_max") if k in last)
     state = f"diverged at epoch {outcome.diverged_epoch}" if outcome.diverged_epoch else "finished"
     click.echo(f"run {outcome.run_id} {state}: {summary}")
+    from lossgeo.run.tracking import tracking_uri, ui_link
+
+    where = "" if tracking_uri().startswith("http") else "`mlflow ui`, then "
+    click.echo(f"see it: {where}{ui_link(outcome.run_id)}")
 
 
 def _end_stale_runs(experiment: str) -> None:

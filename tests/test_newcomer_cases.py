@@ -174,3 +174,10 @@ def test_lossgeo_tags_its_experiments_as_model_training(tracking, fake_data_dir)
     assert kinds == {"Default": "custom_model_development", "new": "custom_model_development",
                      "mine": "genai_development"}
     assert mine
+
+
+def test_train_ends_with_a_link_that_opens_the_runs(tracking, fake_data_dir):
+    result = CliRunner().invoke(cli, TINY_TRAIN + ["--data-dir", str(fake_data_dir)])
+    assert result.exit_code == 0, result.output
+    assert ("see it: `mlflow ui`, then http://127.0.0.1:5000/#/experiments/0"
+            "?workflowType=machine_learning") in result.stdout

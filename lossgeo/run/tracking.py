@@ -218,6 +218,17 @@ def experiment_id(name: str, c: MlflowClient | None = None) -> str:
     return exp.experiment_id
 
 
+def ui_link(run_id: str) -> str:
+    """Where the run's experiment opens on its runs in the MLflow UI: the tracking server's
+    address, else `mlflow ui`'s default. MLflow 3.17's UI picks its view from a global
+    GenAI / Model training switch (its experimentKind tag no longer decides), which
+    `workflowType=machine_learning` in the address sets."""
+    run = get_run(run_id)
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return (f"{base}/#/experiments/{run.info.experiment_id}?workflowType=machine_learning")
+
+
 def mark_training_experiment(exp: Any, c: MlflowClient) -> None:
     if EXPERIMENT_KIND_TAG not in exp.tags:
         c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
