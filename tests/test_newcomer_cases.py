@@ -2,6 +2,7 @@
 file in the right place), and nothing written where nothing should be."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -125,7 +126,10 @@ def test_one_line_per_epoch_when_not_on_a_terminal(tmp_path, fake_data_dir):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 0/2", "epoch 1/2", "epoch 2/2"]
-    assert "train_loss" in lines[0] and "test_acc" in lines[0] and lines[0].endswith(" s")
+    assert "train_loss" in lines[0] and "test_acc" in lines[0]
+    # the total, then where it went (once the total only)
+    assert re.search(r", \d+\.\d s \(eval \d+\.\d\)$", lines[0]), lines[0]
+    assert re.search(r", \d+\.\d s \(train \d+\.\d, eval \d+\.\d\)$", lines[1]), lines[1]
 
 
 def test_default_install_logs_the_interactive_landscape(tracking, fake_data_dir):

@@ -59,7 +59,7 @@ def test_mlflow_run_bad_input_says_why(tmp_path, e2e_experiment):
 
 @pytest.mark.parametrize("param,message", [
     ("lr=abc", "Invalid value for '--lr': 'abc' is not a valid float"),
-    ("batch_size=2.5", "Invalid value for '--batch-size': '2.5' is not a valid integer"),
+    ("batch_size=2.5", "batch_size: must be an integer (got 2.5)"),
 ])
 def test_mlflow_run_click_parse_errors_are_tagged_too(tmp_path, e2e_experiment, param,
                                                       message):
