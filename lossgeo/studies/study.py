@@ -454,15 +454,16 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
     existing = find_runs(experiment, parent_query, order_by=["attributes.start_time ASC"],
                          max_results=1)
     worker: Any = contextlib.nullcontext()
+    joined = bool(existing)  # a parent exists: this worker resumes or joins the study
     if existing:
         parent = TrackedRun(run_id=existing[0].info.run_id, tags=tags)
     else:
         parent = TrackedRun(experiment=experiment, run_name=f"grid-{spec.name}", tags=tags)
-        winner = _first_claim(experiment, parent_query, parent.run_id)
+        winner = _first_claim(experiment, parent_query, parent.run_id) or parent.run_id
         if winner != parent.run_id:  # another worker made the parent at the same moment
             _withdraw(parent.run_id, winner, spec.name)
-            parent, existing = TrackedRun(run_id=winner, tags=tags), [winner]
-    if existing:
+            parent, joined = TrackedRun(run_id=winner, tags=tags), True
+    if joined:
         finished = {_cell_key(r): r for r in find_runs(
             experiment, f"tags.`{PARENT_TAG}` = '{parent.run_id}' and "
             "attributes.status = 'FINISHED'")}
@@ -476,6 +477,8 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
         try:
             for (model, regime, seed), config in configs.items():
                 cell = f"{model}/{regime}"
+                if _holder(experiment, parent.run_id, cell, seed) is not None:
+                    continue  # finished, or another worker runs it: not even a new run
                 try:
                     run_training(config, parent_run_id=parent.run_id,
                                  tags={"regime": regime, "cell": cell, "seed": str(seed),
@@ -509,23 +512,34 @@ class CellTaken(Exception):
 CLAIM_SETTLE = 0.3
 
 
-def _first_claim(experiment: str, query: str, mine: str) -> str:
+def _first_claim(experiment: str, query: str, mine: str | None) -> str | None:
     """The run that holds a claim: a FINISHED one if any, else the earliest live RUNNING
-    one, among the runs matching `query` (ours, `mine`, among them)."""
-    time.sleep(CLAIM_SETTLE)
+    one, among the runs matching `query` (ours, `mine`, among them after a settling pause;
+    None: no claim yet, when we have none)."""
+    if mine is not None:
+        time.sleep(CLAIM_SETTLE)
     rivals = find_runs(experiment, query)
     finished = [r for r in rivals if r.info.status == "FINISHED"]
     if finished:
         return finished[0].info.run_id
     live = [r for r in rivals if r.info.run_id == mine or _is_live(r)]
-    return min(live, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    return min(live, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id \
+        if live else None
+
+
+def _cell_query(parent: str, cell: str, seed: int) -> str:
+    return (f"tags.`{PARENT_TAG}` = '{parent}' and tags.cell = '{cell}' and "
+            f"tags.seed = '{seed}'")
+
+
+def _holder(experiment: str, parent: str, cell: str, seed: int) -> str | None:
+    """The run that has finished or is running (cell, seed), if any."""
+    return _first_claim(experiment, _cell_query(parent, cell, seed), None)
 
 
 def _claim(experiment: str, parent: str, cell: str, seed: int, mine: str) -> None:
     """Raises CellTaken unless our new run `mine` holds (cell, seed)."""
-    query = (f"tags.`{PARENT_TAG}` = '{parent}' and tags.cell = '{cell}' and "
-             f"tags.seed = '{seed}'")
-    if _first_claim(experiment, query, mine) != mine:
+    if _first_claim(experiment, _cell_query(parent, cell, seed), mine) != mine:
         raise CellTaken(mine)
 
 
