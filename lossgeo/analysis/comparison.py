@@ -45,13 +45,13 @@ def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
     no_metrics = runs["train_loss"].isna() if "train_loss" in runs \
         else pd.Series(True, index=runs.index)
     keep = (status == "FINISHED") & ~unparsable & ~no_metrics
-    left_out = {f"{n} {s}": n for s, n in status[status != "FINISHED"].value_counts().items()}
+    left_out = [f"{n} {s}" for s, n in status[status != "FINISHED"].value_counts().items()]
     for count, why in ((int((unparsable & (status == "FINISHED")).sum()),
                         "with unparsable parameters"),
                        (int((no_metrics & ~unparsable & (status == "FINISHED")).sum()),
                         "without metrics")):
         if count:
-            left_out[f"{count} {why}"] = count
+            left_out.append(f"{count} {why}")
     if not keep.any():
         seen = ", ".join(left_out) or "none at all"
         raise UserInputError(f"experiment: no finished training runs in {where} ({seen}); "

@@ -116,7 +116,7 @@ class Tracker:
         if every_steps:
             minibatches(self.probe, batch_size, torch.Generator())  # batch sharpness can cut
         self._last_step: int | None = None
-        self._warned_backwards = False
+        self._warned_backwards = self._warned_nonfinite = False
 
     # -- what the optimizer runs at ---------------------------------------------------------
     @property
@@ -264,8 +264,6 @@ class Tracker:
                         "is recorded as NaN until it is finite again", loss)
             self._warned_nonfinite = True
         return False
-
-    _warned_nonfinite = False
 
     def _probe_curvature(self) -> dict[str, float]:
         started = time.perf_counter()
