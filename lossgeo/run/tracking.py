@@ -197,8 +197,8 @@ def launcher_run_id() -> str | None:
     return os.environ.get("MLFLOW_RUN_ID") or None
 
 
-# MLflow 3's UI opens an experiment without this tag in its GenAI view (an empty "Traces"
-# page; the runs hide behind a "Model training" toggle); with it, on the runs.
+# MLflow 3 UIs that read this tag open an experiment without it in their GenAI view (an empty
+# "Traces" page); with it, on its runs. 3.17 decides by a global switch instead (`ui_link`).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
