@@ -33,8 +33,13 @@ def main(run_id: str, status: str, pid: int, timeout: float = 600.0) -> None:
 
     # not lossgeo.tracking: it imports torch, seconds this helper need not spend
     c = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
-    if c.get_run(run_id).info.status != status:
-        c.set_terminated(run_id, status=status)
+    for attempt in range(20):  # a store busy with the launcher's last write: try again
+        try:
+            if c.get_run(run_id).info.status != status:
+                c.set_terminated(run_id, status=status)
+            return
+        except Exception:
+            time.sleep(0.5 * (attempt + 1))
 
 
 if __name__ == "__main__":

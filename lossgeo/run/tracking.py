@@ -351,7 +351,8 @@ class TrackedRun:
               or getattr(exc_type, "mlflow_status", "") == "KILLED"):
             status = "KILLED"
             gone = self._launcher_watch.gone if self._launcher_watch is not None else None
-            self.set_tags({END_REASON_TAG: gone or str(exc) or "interrupted (SIGINT)"})
+            reason = {END_REASON_TAG: gone or str(exc) or "interrupted (SIGINT)"}
+            _retrying(lambda: self.set_tags(reason))
         else:
             status = "FAILED"
         self.finish(status)
@@ -375,7 +376,7 @@ class TrackedRun:
         if self._launcher_watch is not None:
             self._launcher_watch.stop()
         if self.status is None:
-            self.client.set_terminated(self.run_id, status=status)
+            _retrying(lambda: self.client.set_terminated(self.run_id, status=status))
             self.status = status
             if status == "KILLED" and self.run_id == launcher_run_id():
                 # once the launcher is gone, our parent is no longer it: name it
@@ -417,6 +418,18 @@ class TrackedRun:
 
     def log_file(self, local_path: str | os.PathLike, directory: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path=directory)
+
+
+def _retrying(call: Any, attempts: int = 5) -> Any:
+    """`call()`, tried again after a pause when the store refuses it (a SQLite store that
+    another process holds locked: the end of a run must not be lost to it)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 class LauncherWatch:

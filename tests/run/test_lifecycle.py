@@ -93,7 +93,7 @@ def test_ctrl_c_under_mlflow_run_ends_killed_with_the_same_outputs(tmp_path, fak
     while c.get_run(run_id).info.status != "KILLED" and time.time() < deadline:
         time.sleep(0.5)
     run = c.get_run(run_id)
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED", err[-3000:]
     assert run.data.tags["lossgeo_end_reason"] == "interrupted (SIGINT)"
     assert run.info.run_name.startswith("mlp-mnist-lr0.1-b32-")  # + its other settings
     assert OUTPUTS <= artifacts(c, run_id)
@@ -135,12 +135,12 @@ def test_killing_the_launcher_ends_its_run_killed(tmp_path, fake_data_dir):
     try:
         c, run_id = wait_for_first_epoch(tmp_path, proc)
         proc.send_signal(signal.SIGTERM)  # the launcher alone, not its process group
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
         deadline = time.time() + 90
         while c.get_run(run_id).info.status != "KILLED" and time.time() < deadline:
             time.sleep(0.5)
         run = c.get_run(run_id)
-        assert run.info.status == "KILLED"
+        assert run.info.status == "KILLED", err[-3000:]
         assert "the `mlflow run` launcher" in run.data.tags["lossgeo_end_reason"]
         assert OUTPUTS <= artifacts(c, run_id)
     finally:
