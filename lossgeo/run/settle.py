@@ -15,19 +15,25 @@ import sys
 import time
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs: one that exited but was not yet reaped by its
+    parent (a zombie) has done all it will do, and counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # another user's: alive
         return True
-    return True
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (not Linux): signal 0 said enough
+        return True
+    return state not in ("Z", "X")
 
 
 def main(run_id: str, status: str, pid: int, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     from mlflow.tracking import MlflowClient
 

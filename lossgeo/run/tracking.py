@@ -445,21 +445,10 @@ class LauncherWatch:
         self._signal = signal.SIGTERM
         self._periodic = Periodic(self._check, interval, name="launcher-watch")
 
-    def _alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # alive, another user's
-            return True
-        try:  # a launcher that exited but was not yet reaped by its parent is a zombie
-            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):  # no /proc (not Linux): signal 0 said enough
-            return True
-        return state not in ("Z", "X")
-
     def _check(self) -> None:
-        if self.gone is None and not self._alive():
+        from lossgeo.run.settle import alive
+
+        if self.gone is None and not alive(self.pid):
             self.gone = (f"interrupted: the `mlflow run` launcher (pid {self.pid}) ended "
                          "before this run")
             os.kill(os.getpid(), self._signal)
