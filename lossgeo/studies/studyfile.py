@@ -93,12 +93,7 @@ def _levels(path: Path, where: str, name: str, raw: Any) -> list:
     values = _value_list(path, where, raw)
     if helper and name == "batch_size":
         values = [int(round(v)) for v in values]
-    typed = []
-    for value in values:
-        try:
-            typed.append(getattr(TrainConfig(**{name: value}), name))
-        except UserInputError as exc:
-            raise _fail(path, where, str(exc)) from None
+    typed = [_check_value(path, where, name, value) for value in values]
     duplicates = sorted({str(v) for v in typed if typed.count(v) > 1})
     if duplicates:
         raise _fail(path, where, f"duplicate level {duplicates[0]} (levels must differ)")
@@ -128,9 +123,10 @@ def _value_list(path: Path, where: str, raw: Any) -> list:
                              "or {lin_space: [low, high, n]}")
 
 
-def _check_value(path: Path, where: str, name: str, value: Any) -> None:
+def _check_value(path: Path, where: str, name: str, value: Any) -> Any:
+    """`value` as the training parameter `name` holds it (32.0 -> 32), or the file's error."""
     try:
-        TrainConfig(**{name: value})
+        return getattr(TrainConfig(**{name: value}), name)
     except UserInputError as exc:
         raise _fail(path, where, str(exc)) from None
 
