@@ -33,6 +33,7 @@ from lossgeo.curvature import (  # noqa: E402
 from lossgeo.curvature.measure import measure_curvature  # noqa: E402
 from lossgeo.losses import cross_entropy  # noqa: E402
 from lossgeo.run.measurements import curvature_settings  # noqa: E402
+from lossgeo.run.names import curvature_metrics  # noqa: E402
 
 ROUNDS = 2
 SEEDS = 3
@@ -217,9 +218,9 @@ def per_epoch_cost(model_name: str, model, full) -> str:
     config = TrainConfig(model=model_name)
     probe = (full.probe.x[:config.probe_size], full.probe.y[:config.probe_size])
     settings = curvature_settings(config)
-    (metrics, _), curv_s = timed(
-        lambda: measure_curvature(model, cross_entropy, probe, settings, lr=config.lr),
-        repeat=2)
+    measures, curv_s = timed(lambda: measure_curvature(model, cross_entropy, probe, settings),
+                             repeat=2)
+    metrics = curvature_metrics(measures, lr=config.lr)
     full_epoch = epoch_seconds(model_name, full)
     subset_epoch = epoch_seconds(model_name, mnist(train_subset=config.train_subset,
                                                    probe_size=config.probe_size))

@@ -28,8 +28,9 @@ import lossgeo.curvature.measure as curvature_measure  # noqa: E402
 import lossgeo.geometry.landscape_measure as landscape_measure  # noqa: E402
 from lossgeo.config import TrainConfig  # noqa: E402
 from lossgeo.losses import cross_entropy  # noqa: E402
-from lossgeo.run.measurements import build_measurements  # noqa: E402
-from lossgeo.run.train import EpochState  # noqa: E402
+from lossgeo.run.measurements import build_measurements, curvature_settings  # noqa: E402
+from lossgeo.run.protocols import EpochState  # noqa: E402
+from lossgeo.run.tracker import Tracker  # noqa: E402
 
 ROUNDS = 3
 # the solver and sharpness calls inside the measurements, timed where they are looked up
@@ -60,15 +61,27 @@ def instrument(seconds: dict[str, float]) -> None:
             setattr(module, attr, timed_call)
 
 
+class _NoLogger:
+    def log_metrics(self, metrics, step=0):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+
 def measure_once(name: str, model, data, seconds: dict[str, float]) -> dict[str, float]:
+    """The default epoch set as lossgeo's loop runs it: the Tracker's curvature, then the
+    measurements `build_measurements` gives."""
     config = TrainConfig(model=name)
     state = EpochState(epoch=1, is_last=False, model=model, loss_fn=cross_entropy, data=data,
                        config=config, trajectory=[], metrics={})
-    metrics: dict[str, float] = {}
-    for measurement in build_measurements(config):
-        start = time.perf_counter()
-        metrics.update(measurement(state).metrics)
-        seconds[f"total: {measurement.name}"] += time.perf_counter() - start
+    tracker = Tracker(model, cross_entropy, (data.probe.x, data.probe.y), every_steps=0,
+                      lr=config.lr, momentum=config.momentum,
+                      curvature=curvature_settings(config),
+                      epoch_measurements=build_measurements(config), logger=_NoLogger())
+    metrics, _ = tracker.measure_epoch(state)
+    for part, spent in tracker.epoch_seconds.items():
+        seconds[f"total: {part}"] += spent
     return metrics
 
 

@@ -60,7 +60,7 @@ def mnist_mlp(setting: str, every: int = 10, n_steps: int = 600) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     recorder = Recorder()
     tracker = Tracker(model, loss_fn, probe, every_steps=every, optimizer=optimizer,
-                      batch_size=32 if setting == "sgd" else 200, cold_every=10,
+                      batch_size=32 if setting == "sgd" else 200,
                       logger=recorder)
     gen = torch.Generator().manual_seed(1)
     step, train_seconds, measure_seconds = 0, 0.0, 0.0

@@ -1,14 +1,18 @@
 """lossgeo: loss-landscape geometry of neural networks, tracked in MLflow."""
 
-__version__ = "0.1.0"
+from lossgeo.version import __version__
 
-__all__ = ["Tracker", "__version__"]
+__all__ = ["CurvatureSettings", "StepSettings", "Tracker", "__version__"]
 
 
 def __getattr__(name: str):
     # `lossgeo.Tracker` without importing torch for every `import lossgeo` (the CLI's --help)
-    if name == "Tracker":
-        from lossgeo.run.tracker import Tracker
+    if name in ("Tracker", "StepSettings"):
+        from lossgeo.run import tracker
 
-        return Tracker
+        return getattr(tracker, name)
+    if name == "CurvatureSettings":
+        from lossgeo.curvature.measure import CurvatureSettings
+
+        return CurvatureSettings
     raise AttributeError(f"module 'lossgeo' has no attribute {name!r}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from lossgeo.curvature.batches import LossFn
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""loss_fn(output, target) -> mean loss (lossgeo's own signature)."""
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

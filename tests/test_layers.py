@@ -1,12 +1,23 @@
-"""The package's layers hold: measurement code (curvature/, geometry/) imports no MLflow,
-Optuna, click or matplotlib, and only run/tracking.py imports MLflow (settle.py, the
-detached helper, excepted)."""
+"""The package's layers hold.
+
+Every `lossgeo` import (top-level, lazy inside functions, relative) goes down the order
+errors/version < config/losses < data/models < curvature < geometry < figures < run <
+analysis < studies < cli, or stays inside its own layer; measurement code imports no MLflow,
+Optuna, click or matplotlib; only run/tracking.py (and the detached settle helper) imports
+MLflow."""
 
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "lossgeo"
 FORBIDDEN_IN_MEASUREMENT = {"mlflow", "optuna", "click", "matplotlib"}
+# lowest first; a module may import its own layer and any layer below it
+LAYERS = [("errors", "version"), ("config", "losses"), ("data", "models"), ("curvature",),
+          ("geometry",), ("figures",), ("run",), ("analysis",), ("studies",),
+          ("cli", "__main__"), ("__init__",)]
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -17,6 +28,84 @@ def imported_roots(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             roots.add(node.module.split(".")[0])
     return roots
+
+
+def layer_of(parts: tuple[str, ...]) -> str:
+    """The layer of a module given as its path inside the package: ("run", "tracker") ->
+    "run", ("losses",) -> "losses", () (the package root) -> "__init__"."""
+    return parts[0] if parts and parts[0] != "__init__" else "__init__"
+
+
+def is_module(parts: list[str]) -> bool:
+    path = PACKAGE.joinpath(*parts) if parts else PACKAGE
+    return bool(parts) and (path.with_suffix(".py").is_file() or path.is_dir())
+
+
+def lossgeo_imports(source: str, module: tuple[str, ...], is_package: bool
+                    ) -> list[tuple[str, ...]]:
+    """Every module of lossgeo that `source` imports, anywhere in it (function bodies
+    included), as a path inside the package; `module` is where the source lives."""
+    package = module if is_package else module[:-1]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name.split(".") for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the package, up level - 1
+                base = list(package[:len(package) - node.level + 1])
+                origin = ["lossgeo", *base, *(node.module.split(".") if node.module else [])]
+            else:
+                origin = node.module.split(".") if node.module else []
+            # `from lossgeo import figures` imports the module lossgeo.figures, not the root
+            names = [origin + [alias.name] if is_module(origin[1:] + [alias.name]) else origin
+                     for alias in node.names]
+        else:
+            continue
+        found += [tuple(name[1:]) for name in names if name[0] == "lossgeo"]
+    return found
+
+
+def upward_imports(source: str, module: tuple[str, ...], is_package: bool = False
+                   ) -> list[str]:
+    mine = layer_of(module)
+    return [f"{'.'.join(module)} -> {'.'.join(target) or 'lossgeo'}"
+            for target in lossgeo_imports(source, module, is_package)
+            if RANK[layer_of(target)] > RANK[mine]]
+
+
+def package_modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        yield path, (parts[:-1] if is_package and len(parts) > 1 else parts), is_package
+
+
+def test_every_module_belongs_to_a_layer():
+    assert {layer_of(parts) for _, parts, _ in package_modules()} <= set(RANK)
+
+
+def test_no_import_runs_up_a_layer():
+    offenders = [line for path, parts, is_package in package_modules()
+                 for line in upward_imports(path.read_text(), parts, is_package)]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("source,module", [
+    ("def f():\n    from lossgeo.analysis import plots\n", ("run", "experiment")),  # lazy
+    ("from ..analysis.statistics import cell_summary\n", ("run", "experiment")),  # relative
+    ("import lossgeo.studies.study\n", ("analysis", "report")),
+    ("from lossgeo import __version__\n", ("run", "experiment")),  # the root reaches up
+    ("from lossgeo import cli\n", ("studies", "study")),
+    ("from lossgeo.run.tracking import open_store\n", ("curvature", "measure")),
+])
+def test_the_checker_sees_an_upward_import(source, module):
+    assert upward_imports(source, module) != []
+
+
+def test_the_checker_allows_imports_down_and_within_a_layer():
+    source = ("from lossgeo.curvature import hessian_eigen\nfrom .tracking import TrackedRun\n"
+              "from lossgeo.version import __version__\nfrom lossgeo import figures\n")
+    assert upward_imports(source, ("run", "experiment")) == []
 
 
 def test_measurement_code_imports_no_tracking_sweeps_cli_or_plots():

@@ -10,9 +10,9 @@ import pandas as pd
 
 from lossgeo.analysis import plots
 from lossgeo.analysis import runs as analysis
+from lossgeo.analysis.statistics import study_verdicts
 from lossgeo.errors import UserInputError
 from lossgeo.run.tracking import TrackedRun, load_artifact_object
-from lossgeo.studies.statistics import study_verdicts
 
 
 def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lossgeo.studies.statistics import cell_summary
+from lossgeo.analysis.statistics import cell_summary
 
 REFERENCES = r"""@inproceedings{keskar2017,
   title={On Large-Batch Training for Deep Learning: Generalization Gap and Sharp Minima},

@@ -11,9 +11,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 
 from lossgeo.run import tracking
 
@@ -116,28 +114,3 @@ def load_history(runs: pd.DataFrame | Iterable[str], metrics: Iterable[str] | No
     frame = pd.DataFrame(rows, columns=["run_id", "label", "epoch", "metric", "value"])
     return frame.sort_values(["run_id", "metric", "epoch"]).reset_index(drop=True)
 
-
-def correlations(frame: pd.DataFrame, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
-    """Spearman and Kendall rank correlations with n and two-sided p-values, for each pair
-    of columns, over the rows where both are finite."""
-    rows = []
-    for x, y in pairs:
-        if x not in frame or y not in frame:
-            rows.append({"x": x, "y": y, "n": 0})
-            continue
-        both = frame[[x, y]].apply(pd.to_numeric, errors="coerce")
-        both = both[np.isfinite(both).all(axis=1)]
-        n = len(both)
-        row = {"x": x, "y": y, "n": n}
-        if n >= 3:
-            rho, p_rho = stats.spearmanr(both[x], both[y])
-            tau, p_tau = stats.kendalltau(both[x], both[y])
-            row.update({"spearman": rho, "spearman_p": p_rho, "kendall": tau,
-                        "kendall_p": p_tau})
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["x", "y", "n", "spearman", "spearman_p", "kendall",
-                                       "kendall_p"])
-
-
-STUDY_PAIRS = [("noise_temperature", "lambda_max"), ("lambda_max", "gen_gap"),
-               ("sharp_max", "gen_gap")]

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""loss_fn(output, target) -> mean loss (lossgeo's own signature)."""
+from ..losses import LossFn
+
 ModelLossFn = Callable[[nn.Module, Any], torch.Tensor]
 """loss_fn(model, batch) -> mean loss over the batch (any model, any batch)."""
 AnyLossFn = LossFn | ModelLossFn

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -199,6 +199,47 @@ def both(pair: tuple[EigenResult | None, EigenResult | None]) -> tuple[EigenResu
     return top, bottom
 
 
+def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1e-4,
+            max_iter: int = 100, seed: int = 0) -> EigenResult:
+    """The k extreme eigenpairs of a symmetric operator (Lanczos with full
+    reorthogonalisation; the public form of `lanczos_extremes`).
+
+    Args:
+        op: a symmetric `LinearOperator` (`op @ v`, `dim`, `dtype`, `device`): any of
+            lossgeo's curvature operators, or a `LambdaOperator` around your own product.
+        k: eigenpairs wanted.
+        which: "LA", the largest algebraic (sorted largest first), or "SA", the smallest
+            algebraic (most negative first).
+        tol: relative accuracy of each eigenvalue (residual and gap bound; see the module
+            docstring).
+        max_iter: Lanczos steps (operator products) at most.
+        seed: the random start vector.
+
+    Returns:
+        An `EigenResult`: values, orthonormal vectors (k, n), residuals, per-pair
+        convergence and the products used.
+    """
+    if which not in ("LA", "SA"):
+        raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
+    top, bottom = lanczos_extremes(op, k_top=k if which == "LA" else 0,
+                                   k_bottom=k if which == "SA" else 0, tol=tol,
+                                   max_iter=max_iter, seed=seed)
+    result = top if which == "LA" else bottom
+    assert result is not None  # k >= 1 was checked by lanczos_extremes
+    return result
+
+
+class KrylovState(NamedTuple):
+    """A Lanczos run after its last step: the orthonormal basis (m, n), the tridiagonal's
+    diagonal (alphas, m) and off-diagonal (betas, m - 1), and beta, the norm of the next
+    residual (zero when the Krylov space is invariant)."""
+
+    basis: torch.Tensor
+    alphas: list[float]
+    betas: list[float]
+    beta: float
+
+
 def lanczos_tridiagonal(matvec: MatVec, v0: torch.Tensor, n_steps: int
                         ) -> tuple[np.ndarray, np.ndarray]:
     """n_steps of Lanczos (full reorthogonalisation) from v0; returns the Ritz values and the
@@ -221,8 +262,8 @@ class LanczosRun:
         self.seed = seed
         q0 = _start_vector(op.dim, op.dtype, op.device, seed)
         self._steps = _lanczos_steps(op.__matmul__, q0, min(max_steps, op.dim))
-        # (basis, alphas, betas, beta) after the last step taken; None before the first
-        self.state: tuple[torch.Tensor, list[float], list[float], float] | None = None
+        # after the last step taken; None before the first
+        self.state: KrylovState | None = None
 
     def __iter__(self):
         for state in self._steps:
@@ -270,7 +311,7 @@ def _lanczos_steps(matvec: MatVec, q: torch.Tensor, max_steps: int):
         if beta < _REORTHOGONALISE_BELOW * before:  # heavy cancellation: a second pass
             w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
             beta = float(w.double().norm())
-        yield basis[: j + 1], alphas, betas, beta
+        yield KrylovState(basis[: j + 1], alphas, betas, beta)
         if _invariant(beta, alphas):
             return
         betas.append(beta)

@@ -1,45 +1,104 @@
-"""Per-epoch curvature of a training run: one Hessian operator on the probe set shared by
-every estimator, so the probe set's gradient graph is built once per measured epoch."""
+"""The per-epoch curvature of a model on a probe set: one Hessian operator shared by every
+estimator, so the probe set's gradient graph is built once per measurement.
+
+This is the only per-epoch curvature path: lossgeo's training loop and `Tracker.epoch()` in a
+user's loop both call `measure_curvature` with one `CurvatureSettings`. It returns numbers in
+a `CurvatureMeasures` record; the metric names and artifact paths they are logged under are
+given in `lossgeo.run.names`.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from ..models import parameter_blocks
 from .api import effective_dimension
-from .batches import eval_mode
+from .batches import AnyLossFn, DataSource, LossForm, eval_mode
 from .density import slq_density
 from .lanczos import LanczosRun, both, lanczos_extremes, lanczos_top
 from .linear import MatrixOperator
 from .operators import (
-    DataSource,
     EmpiricalFisherOperator,
     GGNOperator,
     HessianBlockOperator,
     HessianOperator,
-    LossFn,
 )
 from .persample import fisher_gram
+from .results import DensityResult, EigenResult, TraceResult
 from .trace import hutchinson
 
 
 @dataclass(frozen=True)
 class CurvatureSettings:
+    """What a per-epoch curvature measurement computes, and how accurately.
+
+    Attributes:
+        k: eigenpairs at the top of the spectrum (lambda_1..k).
+        tol: relative accuracy of lambda_max.
+        max_iter: Lanczos steps at most per solve.
+        trace_samples: Hutchinson probe vectors for the trace (fewer than 2: no trace).
+        density_steps: Lanczos steps of the spectral density (final measurement only).
+        alpha: the effective dimension's scale, sum of lambda / (lambda + alpha).
+        secondary_tol: relative accuracy of lambda_2..k, of the GGN, Fisher and per-layer
+            lambda_max (the Fisher is exact on Linear chains), and of lambda_min against
+            lambda_max.
+        layerwise: lambda_max of each layer's diagonal Hessian block (when there are two or
+            more layers).
+        ggn: lambda_max of the GGN and of the empirical Fisher (with loss_fn(output, target)
+            only: they need the network outputs).
+        chunk_size: samples per forward pass ("auto": by the model's activation memory).
+        seed: start vectors and probe vectors.
+    """
+
     k: int = 5
     tol: float = 1e-4
     max_iter: int = 100
     trace_samples: int = 20
     density_steps: int = 100
     alpha: float = 1.0
-    # Secondary quantities to 1e-3 relative accuracy: lambda_2..k, GGN, Fisher (exact on
-    # Linear chains) and layer lambda_max; lambda_min to 1e-3 of lambda_max.
     secondary_tol: float = 1e-3
+    layerwise: bool = True
+    ggn: bool = True
     chunk_size: int | str = "auto"
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class CurvatureMeasures:
+    """What one curvature measurement found (numbers and result records, no names).
+
+    `top` is None when the probe loss or its gradient was not finite: then nothing else was
+    measured, and `probe_loss` says what the loss was.
+    """
+
+    probe_loss: float
+    top: EigenResult | None = None
+    bottom: EigenResult | None = None
+    trace: TraceResult | None = None
+    effective_dim: float | None = None
+    ggn_lambda_max: float | None = None
+    fisher_lambda_max: float | None = None
+    layers: dict[str, float] = field(default_factory=dict)
+    density: DensityResult | None = None
+    parameter_names: tuple[str, ...] = ()
+    n_hvp: int = 0
+    seconds: float = 0.0
+    # products ran under the math attention backend (fused attention has no double backward)
+    math_attention: bool = False
+
+    @property
+    def finite(self) -> bool:
+        return self.top is not None
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.top.values[0]) if self.top is not None else math.nan
 
 
 def edge_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> float:
@@ -48,85 +107,107 @@ def edge_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> float:
     return lambda_max * lr / (2.0 * (1.0 + momentum))
 
 
-def measure_curvature(model: nn.Module, loss_fn: LossFn, data: DataSource,
-                      settings: CurvatureSettings, *, lr: float, momentum: float = 0.0,
-                      final: bool = False, cache: dict | None = None
-                      ) -> tuple[dict[str, float], dict[str, object]]:
-    """Metrics (named as logged) and, when `final`, the spectrum artifacts. The top
-    eigenpairs are left in `cache["hessian_top"]` for landscapes along eigenvectors."""
+def probe_is_finite(op: HessianOperator) -> bool:
+    """Whether the probe loss and its gradient are finite (no curvature is read otherwise)."""
+    return math.isfinite(op.loss()) and bool(torch.isfinite(op.gradient()).all())
+
+
+def measure_curvature(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
+                      settings: CurvatureSettings = CurvatureSettings(), *,
+                      params: Sequence[str] | str | None = None, loss_form: LossForm = "auto",
+                      size_fn: Callable[[Any], int] | None = None,
+                      math_attention: bool = False, final: bool = False) -> CurvatureMeasures:
+    """The per-epoch curvature of the mean loss of `model` on `data`.
+
+    Args:
+        model: any nn.Module; left as it was (weights, flags, buffers, `.grad`).
+        loss_fn: loss_fn(output, target) with (x, y) batches, or loss_fn(model, batch).
+        data: one (x, y) pair, a list of batches or a DataLoader.
+        settings: what to compute and to which accuracy.
+        params: a parameter filter (names, module paths, globs); None = all trainable.
+        loss_form: "output_target", "model_batch", or "auto" (guessed from loss_fn).
+        size_fn: the number of samples in a batch, for batches lossgeo cannot count.
+        math_attention: run products under the math attention backend from the start.
+        final: also the spectral density (continuing the eigen solve's Krylov space).
+
+    Returns:
+        A `CurvatureMeasures`: lambda_max..lambda_k and lambda_min with residuals, the trace
+        (deflated by the top-k pairs), the effective dimension, GGN and Fisher lambda_max,
+        lambda_max per layer and, when final, the density; all None/empty if the probe loss
+        is not finite.
+    """
     start = time.perf_counter()
     s = settings
-    op = HessianOperator(model, loss_fn, data, chunk_size=s.chunk_size)
-    k = min(s.k, op.dim - 1)
+    op = HessianOperator(model, loss_fn, data, params=params, loss_form=loss_form,
+                         batch_size=size_fn, chunk_size=s.chunk_size,
+                         math_attention=math_attention)
+    if not probe_is_finite(op):
+        return CurvatureMeasures(probe_loss=op.loss(), seconds=time.perf_counter() - start,
+                                 math_attention=op.math_attention)
+    k = max(1, min(s.k, op.dim - 1))
     # at the last epoch the spectral density continues the eigen solve's Lanczos run (same
     # start vector) rather than repeating its first steps
     run = LanczosRun(op, seed=s.seed, max_steps=max(s.max_iter, s.density_steps)) if final \
         else None
     # lambda_max to tol; lambda_2..k and lambda_min (against lambda_max) to secondary_tol
     top, bottom = both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=s.tol,
-                                   rest_tol=s.secondary_tol, bottom_tol=s.secondary_tol,
-                                   bottom_scale="spectrum", max_iter=s.max_iter, seed=s.seed,
-                                   run=run))
-    if cache is not None:
-        cache["hessian_top"] = top
-    # the top-k Ritz pairs carry much of Hutchinson's variance: take their part exactly
-    trace = hutchinson(op, s.trace_samples, seed=s.seed, deflation=(top.values, top.vectors))
-    lambda_max = float(top.values[0])
-    metrics: dict[str, float] = {
-        "lambda_max": lambda_max,
-        "lambda_min": float(bottom.values[0]),
-        # log10 of ||Hv - lambda v|| / |lambda|: the raw residual spans 1e-9..1e-26, which a
-        # linear chart draws as a row of zeros
-        "lambda_max_residual_log10": math.log10(
-            max(float(top.residuals[0]) / max(abs(lambda_max), 1e-300), 1e-300)),
-        "lambda_max_converged": float(top.all_converged),
-        "hessian_trace": trace.value,
-        "hessian_trace_se": trace.stderr,
-        "effective_dim": effective_dimension(top.values, s.alpha),
-        "edge_ratio": edge_ratio(lambda_max, lr, momentum),
-    }
-    for i, value in enumerate(top.values.tolist()[1:], start=2):
-        metrics[f"lambda_{i}"] = value
-    n_hvp = top.n_hvp + trace.n_hvp
-    ggn = GGNOperator(model, loss_fn, data, chunk_size=s.chunk_size)
-    result = lanczos_top(ggn, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
-    metrics["lambda_max_ggn"] = float(result.values[0])
-    n_hvp += result.n_hvp
-    metrics["lambda_max_fisher"], fisher_products = _fisher_lambda_max(model, loss_fn, data, s)
-    n_hvp += fisher_products
-    for layer, names in parameter_blocks(model).items():
-        block = HessianBlockOperator(op, names)
-        result = lanczos_top(block, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
-        metrics[f"lambda_max/{layer}"] = float(result.values[0])
-        n_hvp += result.n_hvp
-    artifacts: dict[str, object] = {}
+                                        rest_tol=s.secondary_tol, bottom_tol=s.secondary_tol,
+                                        bottom_scale="spectrum", max_iter=s.max_iter,
+                                        seed=s.seed, run=run))
+    n_hvp = top.n_hvp
+    trace = None
+    if s.trace_samples >= 2 and op.dim > k:
+        # the top-k Ritz pairs carry much of Hutchinson's variance: take their part exactly
+        trace = hutchinson(op, s.trace_samples, seed=s.seed,
+                           deflation=(top.values, top.vectors))
+        n_hvp += trace.n_hvp
+    ggn = fisher = None
+    if s.ggn and op.objective.form == "output_target":
+        ggn_result = lanczos_top(GGNOperator(model, loss_fn, data, params=params,
+                                             loss_form="output_target", batch_size=size_fn,
+                                             chunk_size=s.chunk_size),
+                                 tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
+        ggn = float(ggn_result.values[0])
+        fisher, fisher_products = _fisher_lambda_max(model, loss_fn, data, s, params=params,
+                                                     size_fn=size_fn)
+        n_hvp += ggn_result.n_hvp + fisher_products
+    layers: dict[str, float] = {}
+    blocks = parameter_blocks(model, op.space.names) if s.layerwise else {}
+    if len(blocks) > 1:
+        for layer, names in blocks.items():
+            result = lanczos_top(HessianBlockOperator(op, names), tol=s.secondary_tol,
+                                 max_iter=s.max_iter, seed=s.seed)
+            layers[layer] = float(result.values[0])
+            n_hvp += result.n_hvp
+    density = None
     if final:
         density = slq_density(op, n_steps=s.density_steps, seed=s.seed, run=run)
         n_hvp += density.n_hvp
-        artifacts["spectrum/eigen.pt"] = {
-            "values": top.values, "vectors": top.vectors.cpu(), "residuals": top.residuals,
-            "converged": top.converged, "lambda_min": bottom.values, "n_hvp": top.n_hvp,
-            "tol": s.tol, "parameter_names": op.space.names}
-        artifacts["spectrum/density.pt"] = {
-            "grid": density.grid, "density": density.density, "nodes": density.nodes,
-            "weights": density.weights, "sigma": density.sigma, "n_steps": s.density_steps}
-    metrics["curvature_n_hvp"] = float(n_hvp)
-    metrics["curvature_seconds"] = time.perf_counter() - start
-    return metrics, artifacts
+    return CurvatureMeasures(
+        probe_loss=op.loss(), top=top, bottom=bottom, trace=trace,
+        effective_dim=effective_dimension(top.values, s.alpha), ggn_lambda_max=ggn,
+        fisher_lambda_max=fisher, layers=layers, density=density,
+        parameter_names=tuple(op.space.names), n_hvp=n_hvp,
+        seconds=time.perf_counter() - start, math_attention=op.math_attention)
 
 
-def _fisher_lambda_max(model: nn.Module, loss_fn: LossFn, data: DataSource,
-                       s: CurvatureSettings) -> tuple[float, int]:
+def _fisher_lambda_max(model: nn.Module, loss_fn: Any, data: DataSource,
+                       s: CurvatureSettings, *, params: Sequence[str] | str | None,
+                       size_fn: Callable[[Any], int] | None) -> tuple[float, int]:
     """(lambda_max of the empirical Fisher, products in parameter space). For a chain of
     Linear layers (the MLP) it is the top eigenvalue of the n x n Gram matrix of per-sample
     gradients, exact to rounding and cheaper than Lanczos in parameter space (MLP, probe
-    1024: 0.1 s against 0.22 s for 1e-3); any other model gets Lanczos on the operator."""
-    with eval_mode(model):
-        gram = fisher_gram(model, loss_fn, data)
+    1024: 0.1 s against 0.22 s for 1e-3); any other model, or a parameter filter, gets
+    Lanczos on the operator."""
+    gram = None
+    if params is None and size_fn is None:  # the Gram path reads every parameter
+        with eval_mode(model):
+            gram = fisher_gram(model, loss_fn, data)
     if gram is not None:
         top = lanczos_top(MatrixOperator(gram), tol=1e-12, max_iter=gram.shape[0],
                           seed=s.seed)
         return float(top.values[0]), 0
-    fisher = EmpiricalFisherOperator(model, loss_fn, data, chunk_size=s.chunk_size)
+    fisher = EmpiricalFisherOperator(model, loss_fn, data, params=params, batch_size=size_fn,
+                                     loss_form="output_target", chunk_size=s.chunk_size)
     result = lanczos_top(fisher, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
     return float(result.values[0]), result.n_hvp

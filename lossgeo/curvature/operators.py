@@ -311,8 +311,12 @@ class _RetainedJacobianOperator(CurvatureOperator):
                     leaves = [v.detach().requires_grad_(True) for v in self.space.values.values()]
                     z = self._outputs(dict(zip(self.space.names, leaves)), x, y)
                     u = torch.zeros_like(z, requires_grad=True)
-                    jtu = torch.autograd.grad(z, leaves, grad_outputs=u, create_graph=True)
-                    chunk = {"leaves": leaves, "z": z, "u": u, "jtu": jtu, "y": y, "w": w}
+                    # a parameter the forward never uses has a zero row in J: left out
+                    jtu = torch.autograd.grad(z, leaves, grad_outputs=u, create_graph=True,
+                                              allow_unused=True)
+                    live = [i for i, g in enumerate(jtu) if g is not None]
+                    chunk = {"leaves": leaves, "z": z, "u": u, "jtu": [jtu[i] for i in live],
+                             "live": live, "y": y, "w": w}
                     self._prepare(chunk)
                     self._retained.append(chunk)
         return self._retained
@@ -322,11 +326,13 @@ class _RetainedJacobianOperator(CurvatureOperator):
         total = torch.zeros_like(vector)
         with torch.enable_grad():
             for chunk in self._chunks():
-                (jv,) = torch.autograd.grad(chunk["jtu"], chunk["u"], grad_outputs=vs,
+                (jv,) = torch.autograd.grad(chunk["jtu"], chunk["u"],
+                                            grad_outputs=[vs[i] for i in chunk["live"]],
                                             retain_graph=True)
                 pulled = torch.autograd.grad(chunk["z"], chunk["leaves"],
                                              grad_outputs=self._apply_middle(chunk, jv),
-                                             retain_graph=True)
+                                             retain_graph=True, allow_unused=True,
+                                             materialize_grads=True)
                 total.add_(self.space.flatten(pulled))
         return total
 

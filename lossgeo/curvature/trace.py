@@ -88,3 +88,7 @@ def hutch_plus_plus(op: LinearOperator, n_samples: int = 30, *, seed: int = 0) -
     samples = torch.stack([torch.dot(gp, matvec(gp.to(dtype)).double()) for gp in g_perp])
     rest, stderr = _mean_and_stderr(samples)
     return TraceResult(value=top + rest, stderr=stderr, n_hvp=3 * third, method="hutch++")
+
+
+# the name the literature and other libraries use (Meyer et al. 2021, "Hutch++")
+hutchpp = hutch_plus_plus

@@ -26,7 +26,7 @@ apart, and a warm solve costs nearly what a cold one does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,6 +54,15 @@ class TrackedEigen:
         return float(self.values[0])
 
 
+@dataclass(frozen=True)
+class WarmState:
+    """What a warm start carries from one solve to the next: the last solve's Ritz vectors
+    (None before the first) and the number of solves so far (it seeds the cold checks)."""
+
+    vectors: torch.Tensor | None = None
+    n_solves: int = 0
+
+
 class WarmEigen:
     """Top-k eigenpairs of a sequence of operators, each solve warm-started from the last.
 
@@ -69,8 +78,7 @@ class WarmEigen:
             raise ValueError(f"cold_every: must be >= 0 (got {cold_every})")
         self.k, self.tol, self.cold_every = k, tol, cold_every
         self.max_iter, self.seed, self.mix = max_iter, seed, mix
-        self.vectors: torch.Tensor | None = None
-        self.n_solves = 0
+        self.state = WarmState()
 
     def _solve(self, op: LinearOperator, start: torch.Tensor | None, seed: int,
                tol: float | None = None):
@@ -90,15 +98,16 @@ class WarmEigen:
         return top
 
     def solve(self, op: LinearOperator) -> TrackedEigen:
-        self.n_solves += 1
-        usable = self.vectors is not None and self.vectors.shape[-1] == op.dim
-        result = self._solve(op, self.vectors if usable else None, self.seed + self.n_solves)
+        n_solves = self.state.n_solves + 1
+        vectors = self.state.vectors
+        usable = vectors is not None and vectors.shape[-1] == op.dim
+        result = self._solve(op, vectors if usable else None, self.seed + n_solves)
         tracked = TrackedEigen(values=result.values, vectors=result.vectors,
                                converged=bool(result.converged[0]), n_hvp=result.n_hvp,
                                warm=usable)
-        if usable and self.cold_every and self.n_solves % self.cold_every == 0:
+        if usable and self.cold_every and n_solves % self.cold_every == 0:
             # ten times tighter, so that the gap measures the warm solve's error
-            cold = self._solve(op, None, self.seed + 10_000 + self.n_solves, self.tol / 10)
+            cold = self._solve(op, None, self.seed + 10_000 + n_solves, self.tol / 10)
             cold_max = float(cold.values[0])
             gap = (cold_max - tracked.lambda_max) / max(abs(cold_max), 1e-300)
             restart = gap > self.tol
@@ -108,5 +117,5 @@ class WarmEigen:
                 converged=bool(cold.converged[0]) if restart else tracked.converged,
                 n_hvp=tracked.n_hvp, warm=True, cold_gap=gap, cold_n_hvp=cold.n_hvp,
                 restarted=restart)
-        self.vectors = tracked.vectors
+        self.state = replace(self.state, vectors=tracked.vectors, n_solves=n_solves)
         return tracked

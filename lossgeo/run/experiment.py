@@ -11,8 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from lossgeo import __version__
-from lossgeo.analysis import plots
+from lossgeo import figures as plots
 from lossgeo.config import TrainConfig
 from lossgeo.data import DataBundle, load_data
 from lossgeo.errors import UserInputError
@@ -20,6 +19,7 @@ from lossgeo.losses import LOSSES, LossFn
 from lossgeo.models import build_model
 from lossgeo.run.tracking import TrackedRun, resolve_experiment
 from lossgeo.run.train import Measurement, train
+from lossgeo.version import __version__
 
 
 @dataclass(frozen=True)
@@ -237,13 +237,17 @@ def load_logged_run(run_id: str, **overrides):
 def remeasure_curvature(run_id: str, **overrides) -> dict[str, float]:
     """Measures the final checkpoint of a logged run again (e.g. with other settings) and
     logs the results into that run under `remeasured/`."""
-    from lossgeo.curvature.measure import measure_curvature
+    from lossgeo.curvature.measure import CurvatureSettings, measure_curvature
     from lossgeo.run.measurements import curvature_settings
+    from lossgeo.run.names import curvature_artifacts, curvature_metrics
 
     config, data, model, loss_fn = load_logged_run(run_id, **overrides)
-    metrics, artifacts = measure_curvature(model, loss_fn, (data.probe.x, data.probe.y),
-                                           curvature_settings(config), lr=config.lr,
-                                           momentum=config.momentum, final=True)
+    # a run trained with `curvature: false` is measured at the curvature defaults
+    settings = curvature_settings(config) or CurvatureSettings(seed=config.seed)
+    measures = measure_curvature(model, loss_fn, (data.probe.x, data.probe.y), settings,
+                                 final=True)
+    metrics = curvature_metrics(measures, lr=config.lr, momentum=config.momentum)
+    artifacts = curvature_artifacts(measures, settings)
     run = TrackedRun(run_id=run_id)
     run.log_metrics({f"remeasured/{k}": v for k, v in metrics.items()}, step=config.epochs)
     run.set_tags({"remeasured_settings": yaml.safe_dump(

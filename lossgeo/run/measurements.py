@@ -1,6 +1,8 @@
 """Builds the per-epoch measurements a training run performs from its config.
 
-Glue between the pure measurement modules and the training loop; no MLflow here.
+Glue between the pure measurement modules and the training loop; no MLflow here. The
+curvature is not among them: the `Tracker` measures it, in lossgeo's loop and in any other,
+with the settings `curvature_settings(config)` gives.
 """
 
 from __future__ import annotations
@@ -8,26 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lossgeo.config import TrainConfig
-from lossgeo.curvature.measure import CurvatureSettings, measure_curvature
+from lossgeo.curvature.measure import CurvatureSettings
 from lossgeo.geometry.landscape_measure import LandscapeSettings, measure_landscape
 from lossgeo.geometry.noise import gradient_noise_scale
-from lossgeo.run.train import EpochState, Measurement, MeasurementResult
-
-
-@dataclass
-class CurvatureMeasurement:
-    settings: CurvatureSettings
-    lr: float
-    momentum: float
-    name: str = "curvature"
-
-    def __call__(self, state: EpochState) -> MeasurementResult:
-        probe = (state.data.probe.x, state.data.probe.y)
-        metrics, artifacts = measure_curvature(state.model, state.loss_fn, probe,
-                                               self.settings, lr=self.lr,
-                                               momentum=self.momentum, final=state.is_last,
-                                               cache=state.cache)
-        return MeasurementResult(metrics=metrics, artifacts=artifacts)
+from lossgeo.run.protocols import EpochState, Measurement, MeasurementResult
 
 
 @dataclass
@@ -66,7 +52,10 @@ def landscape_settings(config: TrainConfig) -> LandscapeSettings:
         seed=config.seed)
 
 
-def curvature_settings(config: TrainConfig) -> CurvatureSettings:
+def curvature_settings(config: TrainConfig) -> CurvatureSettings | None:
+    """The per-epoch curvature settings of a run (None: `curvature: false`)."""
+    if not config.curvature:
+        return None
     return CurvatureSettings(k=config.curvature_k, tol=config.curvature_tol,
                              max_iter=config.curvature_max_iter,
                              trace_samples=config.trace_samples,
@@ -75,10 +64,8 @@ def curvature_settings(config: TrainConfig) -> CurvatureSettings:
 
 
 def build_measurements(config: TrainConfig) -> list[Measurement]:
+    """The epoch measurements besides the curvature (which the Tracker takes first)."""
     measurements: list[Measurement] = []
-    if config.curvature:
-        measurements.append(CurvatureMeasurement(curvature_settings(config), config.lr,
-                                                 config.momentum))
     if config.noise_scale:
         measurements.append(NoiseScaleMeasurement())
     if config.sharpness or config.landscape:

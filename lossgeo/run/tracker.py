@@ -23,8 +23,11 @@ sharpness against 2(1 + momentum)/lr, when the learning rate is known), `train_l
 value passed in), `seconds`. A curvature spike is reported when it happens (`step/spike`,
 tag `lossgeo_last_spike`, a warning).
 
-lossgeo's own training loop (`lossgeo.train`) measures through this class too: the same
-schedule and per-step set, with its epoch measurements passed in as `epoch_measurements`.
+The epoch set is `lossgeo.curvature.measure_curvature` with `CurvatureSettings` (metric
+names from `lossgeo.run.names`): lambda_max .. lambda_k, lambda_min, the trace, the effective
+dimension, GGN and Fisher lambda_max, lambda_max per layer and the edge ratio. lossgeo's own
+training loop (`lossgeo.run.train`) measures through this class too, with the same function,
+settings and layer names; its noise scale and landscapes come in as `epoch_measurements`.
 """
 
 from __future__ import annotations
@@ -33,62 +36,92 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from lossgeo.curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
-from lossgeo.curvature.lanczos import lanczos_top
-from lossgeo.curvature.measure import edge_ratio
-from lossgeo.curvature.operators import HessianBlockOperator, HessianOperator
+from lossgeo.curvature.measure import (
+    CurvatureMeasures,
+    CurvatureSettings,
+    edge_ratio,
+    measure_curvature,
+    probe_is_finite,
+)
+from lossgeo.curvature.operators import HessianOperator
 from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment, minibatches
-from lossgeo.curvature.trace import hutchinson
 from lossgeo.curvature.warm import WarmEigen
 from lossgeo.geometry.spikes import OnlineSpikeDetector
-from lossgeo.models import parameter_blocks
+from lossgeo.run.names import curvature_artifacts, curvature_metrics
+from lossgeo.run.protocols import Measurement, MetricLogger
 
 log = logging.getLogger("lossgeo")
 SDPA_TAG = "lossgeo_attention_backend"
 SPIKE_TAG = "lossgeo_last_spike"
 
 
-class MetricLogger(Protocol):
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+@dataclass(frozen=True)
+class StepSettings:
+    """The per-step set's accuracy and cost.
 
-    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    Attributes:
+        k: Ritz pairs the warm start tracks (and the gradient alignment is measured on).
+        tol: relative accuracy of step/lambda_max.
+        cold_every: every n-th solve is checked from a random start (0: never).
+        batch_sharpness_rse: Monte Carlo over mini-batches stops when the standard error is
+            below this share of the mean.
+        batch_sharpness_max: mini-batches at most per batch-sharpness measurement.
+        spike_factor: a jump of lambda_max by this factor is reported as a spike.
+        seed: random starts and mini-batch draws.
+    """
+
+    k: int = 2
+    tol: float = 1e-3
+    cold_every: int = 10
+    batch_sharpness_rse: float = 0.1
+    batch_sharpness_max: int = 16
+    spike_factor: float = 2.0
+    seed: int = 0
+
+
+# the per-epoch curvature of lossgeo's own loop at its defaults
+DEFAULT_CURVATURE = CurvatureSettings()
 
 
 class Tracker:
     """Curvature of `model` on a fixed probe set, every `every_steps` optimizer steps.
 
-    probe: (x, y) tensors, a list of batches or a DataLoader (read once, kept).
-    every_steps: 0 = no per-step measurements (`epoch` only).
-    optimizer / lr, momentum: where the step size for edge ratios comes from (an SGD
-    optimizer's first parameter group, read at each measurement, follows schedules).
-    batch_size: the training batch size, to cut an (x, y) probe set into mini-batches for
-    batch sharpness (a list-of-batches probe is used as given).
-    params: a parameter filter (names, module paths, globs) for every measurement.
-    k: Ritz pairs tracked by the warm start; tol: relative accuracy of lambda_max;
-    cold_every: every n-th per-step solve is checked from a random start.
-    batch_sharpness_rse: Monte Carlo stops when the standard error is below this share.
-    epoch_measurements: callables(state) -> result with `.metrics`/`.artifacts` (lossgeo's
-    own loop passes its set); None = lambda_max, lambda_2..k, Hessian trace, and
-    lambda_max per module (`lambda_max/<module path>`) when `layerwise`.
-    logger: where metrics go (default: the active MLflow run, if any).
+    Args:
+        model, loss_fn, probe: what is measured; probe is (x, y) tensors, a list of batches
+            or a DataLoader (read once, kept).
+        every_steps: 0 = no per-step measurements (`epoch` only).
+        optimizer / lr, momentum: where the step size for edge ratios comes from (an SGD
+            optimizer's first parameter group, read at each measurement, follows schedules).
+        batch_size: the training batch size, to cut an (x, y) probe set into mini-batches for
+            batch sharpness (a list-of-batches probe is used as given).
+        params: a parameter filter (names, module paths, globs) for every measurement.
+        loss_form: "output_target", "model_batch" or "auto" (guessed from loss_fn).
+        size_fn: samples in a batch, for batches lossgeo cannot count.
+        steps: the per-step set's accuracy and cost (`StepSettings`).
+        curvature: the epoch set's curvature (`lossgeo.curvature.CurvatureSettings`, the same
+            settings and the same function as lossgeo's own loop); None = no curvature.
+        epoch_measurements: further callables(state) -> result with `.metrics`/`.artifacts`
+            run after the curvature at each epoch (lossgeo's loop passes its noise scale and
+            landscapes).
+        logger: where metrics go (default: the active MLflow run, if any).
     """
 
     def __init__(self, model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
                  every_steps: int = 50, optimizer: torch.optim.Optimizer | None = None,
                  lr: float | None = None, momentum: float | None = None,
                  batch_size: int | None = None, params: Sequence[str] | str | None = None,
-                 k: int = 2, tol: float = 1e-3, cold_every: int = 10,
-                 batch_sharpness_rse: float = 0.1, batch_sharpness_max: int = 16,
-                 spike_factor: float = 2.0, loss_form: LossForm = "auto",
-                 size_fn: Callable[[Any], int] | None = None,
-                 epoch_measurements: Sequence[Callable[[Any], Any]] | None = None,
-                 epoch_k: int = 5, trace_samples: int = 20, layerwise: bool = True,
-                 logger: MetricLogger | None = None, seed: int = 0) -> None:
+                 loss_form: LossForm = "auto", size_fn: Callable[[Any], int] | None = None,
+                 steps: StepSettings = StepSettings(),
+                 curvature: CurvatureSettings | None = DEFAULT_CURVATURE,
+                 epoch_measurements: Sequence[Measurement] = (),
+                 logger: MetricLogger | None = None) -> None:
         if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 0:
             raise ValueError(f"every_steps: must be an integer >= 0 (got {every_steps!r})")
         self.model, self.loss_fn = model, loss_fn
@@ -97,13 +130,11 @@ class Tracker:
         self._lr, self._momentum = lr, momentum
         self.batch_size, self.params = batch_size, params
         self.loss_form, self.size_fn = loss_form, size_fn
-        self.batch_sharpness_rse = batch_sharpness_rse
-        self.batch_sharpness_max = batch_sharpness_max
-        self.warm = WarmEigen(k=k, tol=tol, cold_every=cold_every, seed=seed)
-        self.spikes = OnlineSpikeDetector(spike_factor)
-        self.epoch_measurements = epoch_measurements
-        self.epoch_k, self.trace_samples, self.layerwise = epoch_k, trace_samples, layerwise
-        self.seed = seed
+        self.settings, self.curvature = steps, curvature
+        self.warm = WarmEigen(k=steps.k, tol=steps.tol, cold_every=steps.cold_every,
+                              seed=steps.seed)
+        self.spikes = OnlineSpikeDetector(steps.spike_factor)
+        self.epoch_measurements = list(epoch_measurements)
         if logger is None:
             from lossgeo.run.tracking import ActiveRunLogger
             logger = ActiveRunLogger()
@@ -147,7 +178,11 @@ class Tracker:
                                math_attention=self.math_attention)
 
     def _note_attention(self, op: HessianOperator) -> None:
-        if op.math_attention and not self.math_attention:
+        if op.math_attention:
+            self._note_attention_backend()
+
+    def _note_attention_backend(self) -> None:
+        if not self.math_attention:
             self.logger.set_tags({SDPA_TAG: "math (fused scaled_dot_product_attention has no "
                                             "double backward; products run under the math "
                                             "backend)"})
@@ -209,9 +244,9 @@ class Tracker:
             metrics["step/lambda_max_cold_gap"] = eig.cold_gap
             metrics["step/lambda_max_cold_n_hvp"] = float(eig.cold_n_hvp)
         bs = batch_sharpness(self.model, self.loss_fn, self.probe, batch_size=self.batch_size,
-                             rel_se=self.batch_sharpness_rse,
-                             max_batches=self.batch_sharpness_max,
-                             seed=self.seed + self.n_measurements, params=self.params,
+                             rel_se=self.settings.batch_sharpness_rse,
+                             max_batches=self.settings.batch_sharpness_max,
+                             seed=self.settings.seed + self.n_measurements, params=self.params,
                              loss_form=self.loss_form, size_fn=self.size_fn,
                              math_attention=op.math_attention)
         metrics.update({"step/batch_sharpness": bs.value, "step/batch_sharpness_se": bs.stderr,
@@ -225,10 +260,12 @@ class Tracker:
         return metrics
 
     # -- per epoch --------------------------------------------------------------------------
-    def epoch(self, epoch: int, state: Any = None) -> dict[str, float]:
+    def epoch(self, epoch: int, state: Any = None, *, final: bool = False) -> dict[str, float]:
         """The epoch set at `epoch`, logged with step=epoch and returned. lossgeo's loop
-        passes its EpochState; user code passes nothing."""
-        metrics, artifacts = self.measure_epoch(state)
+        passes its EpochState; user code passes nothing. final=True adds the spectral
+        density (artifacts `spectrum/eigen.pt` and `spectrum/density.pt`, sent to the
+        logger's `log_object` if it has one)."""
+        metrics, artifacts = self.measure_epoch(state, final=final)
         self.logger.log_metrics(metrics, step=epoch)
         log_object = getattr(self.logger, "log_object", None)
         if log_object is not None:
@@ -236,13 +273,25 @@ class Tracker:
                 log_object(path, obj)
         return metrics
 
-    def measure_epoch(self, state: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
-        """(metrics, artifacts) of the epoch set, not logged."""
-        if self.epoch_measurements is None:
-            return self._probe_curvature(), {}
+    def measure_epoch(self, state: Any = None, *, final: bool = False
+                      ) -> tuple[dict[str, float], dict[str, Any]]:
+        """(metrics, artifacts) of the epoch set, not logged: the curvature, then the
+        `epoch_measurements`. With lossgeo's EpochState, `state.is_last` means final, the
+        top eigenpairs are left in `state.cache["hessian_top"]` (landscapes along them) and
+        `state.metrics` receives every metric."""
         metrics: dict[str, float] = {}
         artifacts: dict[str, Any] = {}
         self.epoch_seconds = {}
+        if self.curvature is not None:
+            final = final or bool(getattr(state, "is_last", False))
+            measures = self.measure_curvature(final=final)
+            if state is not None and measures.top is not None and hasattr(state, "cache"):
+                state.cache["hessian_top"] = measures.top
+            metrics.update(curvature_metrics(measures, lr=self.lr, momentum=self.momentum))
+            artifacts.update(curvature_artifacts(measures, self.curvature))
+            self.epoch_seconds["curvature"] = measures.seconds
+            if state is not None and hasattr(state, "metrics"):
+                state.metrics.update(metrics)
         for measurement in self.epoch_measurements:
             started = time.perf_counter()
             result = measurement(state)
@@ -254,49 +303,32 @@ class Tracker:
                 state.metrics.update(result.metrics)
         return metrics, artifacts
 
+    def measure_curvature(self, *, final: bool = False) -> CurvatureMeasures:
+        """The epoch set's curvature (`lossgeo.curvature.measure_curvature` with this
+        Tracker's probe, filter and settings); a non-finite probe loss warns once."""
+        assert self.curvature is not None
+        measures = measure_curvature(self.model, self.loss_fn, self.probe, self.curvature,
+                                     params=self.params, loss_form=self.loss_form,
+                                     size_fn=self.size_fn,
+                                     math_attention=self.math_attention, final=final)
+        if not measures.finite:
+            self._warn_nonfinite(measures.probe_loss)
+        elif measures.math_attention:
+            self._note_attention_backend()
+        return measures
+
     def _finite(self, op: HessianOperator) -> bool:
         """Whether the probe loss and gradient are finite; warns once per Tracker when not."""
-        loss = op.loss()
-        if math.isfinite(loss) and bool(torch.isfinite(op.gradient()).all()):
+        if probe_is_finite(op):
             return True
+        self._warn_nonfinite(op.loss())
+        return False
+
+    def _warn_nonfinite(self, loss: float) -> None:
         if not self._warned_nonfinite:
             log.warning("lossgeo: the probe loss (%s) or its gradient is not finite: curvature "
                         "is recorded as NaN until it is finite again", loss)
             self._warned_nonfinite = True
-        return False
-
-    def _probe_curvature(self) -> dict[str, float]:
-        started = time.perf_counter()
-        op = self._operator()
-        if not self._finite(op):
-            return {"lambda_max": math.nan, "probe_loss": op.loss(),
-                    "curvature_seconds": time.perf_counter() - started}
-        k = min(self.epoch_k, op.dim)
-        top = lanczos_top(op, k, tol=self.warm.tol, rest_tol=1e-2, seed=self.seed)
-        self._note_attention(op)
-        metrics = {"lambda_max": float(top.values[0])}
-        for i, value in enumerate(top.values.tolist()[1:], start=2):
-            metrics[f"lambda_{i}"] = value
-        n_hvp = top.n_hvp
-        if op.dim > k and self.trace_samples >= 2:
-            trace = hutchinson(op, self.trace_samples, seed=self.seed,
-                               deflation=(top.values, top.vectors))
-            metrics["hessian_trace"], metrics["hessian_trace_se"] = trace.value, trace.stderr
-            n_hvp += trace.n_hvp
-        if self.layerwise:
-            blocks = parameter_blocks(self.model, op.space.names)
-            if len(blocks) > 1:
-                for module, names in blocks.items():
-                    block = HessianBlockOperator(op, names)
-                    result = lanczos_top(block, tol=1e-3, seed=self.seed)
-                    metrics[f"lambda_max/{module}"] = float(result.values[0])
-                    n_hvp += result.n_hvp
-        lr = self.lr
-        if lr is not None:
-            metrics["edge_ratio"] = edge_ratio(metrics["lambda_max"], lr, self.momentum)
-        metrics["curvature_n_hvp"] = float(n_hvp)
-        metrics["curvature_seconds"] = time.perf_counter() - started
-        return metrics
 
 
-__all__ = ["Tracker"]
+__all__ = ["CurvatureSettings", "StepSettings", "Tracker"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,49 +18,14 @@ from tqdm.auto import tqdm
 from lossgeo.config import TrainConfig
 from lossgeo.data import DataBundle, Split
 from lossgeo.losses import LossFn
-from lossgeo.run.tracker import Tracker
-
-
-@dataclass
-class EpochState:
-    """What a measurement sees: the model at the end of `epoch` (0 = initialisation)."""
-
-    epoch: int
-    is_last: bool
-    model: nn.Module
-    loss_fn: LossFn
-    data: DataBundle
-    config: TrainConfig
-    # Flattened CPU copies of the weights after every epoch so far (for trajectory PCA).
-    trajectory: list[torch.Tensor]
-    # Metrics already computed this epoch (evaluation and earlier measurements).
-    metrics: dict[str, float]
-    # Results one measurement leaves for a later one this epoch (e.g. Hessian eigenvectors).
-    cache: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class MeasurementResult:
-    metrics: dict[str, float] = field(default_factory=dict)
-    # artifact path inside the run (e.g. "spectrum/eigen.pt") -> torch-saveable object
-    artifacts: dict[str, Any] = field(default_factory=dict)
-
-
-class Measurement(Protocol):
-    name: str
-
-    def __call__(self, state: EpochState) -> MeasurementResult: ...
-
-
-class RunLogger(Protocol):
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        """Per-step metrics (measure_every_steps), at the global step."""
-
-    def set_tags(self, tags: dict[str, Any]) -> None: ...
-
-    def log_object(self, path: str, obj: Any) -> None: ...
+from lossgeo.run.measurements import curvature_settings
+from lossgeo.run.protocols import (  # noqa: F401  (the old import path of these names)
+    EpochState,
+    Measurement,
+    MeasurementResult,
+    RunLogger,
+)
+from lossgeo.run.tracker import StepSettings, Tracker
 
 
 @dataclass
@@ -146,8 +111,9 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
     # one measuring path for every loop: lossgeo's own uses the public Tracker
     tracker = Tracker(model, loss_fn, (data.probe.x, data.probe.y),
                       every_steps=config.measure_every_steps, optimizer=optimizer,
-                      batch_size=config.batch_size, epoch_measurements=measurements,
-                      logger=logger, seed=config.seed)
+                      batch_size=config.batch_size, steps=StepSettings(seed=config.seed),
+                      curvature=curvature_settings(config), epoch_measurements=measurements,
+                      logger=logger)
     step = 0
 
     epoch_bar = tqdm(range(config.epochs + 1), desc=f"[{label}] epochs" if label else "epochs",
@@ -215,7 +181,8 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
             state = EpochState(epoch=epoch, is_last=is_last, model=model,
                                loss_fn=loss_fn, data=data, config=config,
                                trajectory=trajectory, metrics=metrics)
-            names = ", ".join(getattr(m, "name", "measurement") for m in measurements)
+            names = ", ".join((["curvature"] if tracker.curvature is not None else [])
+                              + [getattr(m, "name", "measurement") for m in measurements])
             if names:  # minutes on a large probe set: say so before, not only after
                 epoch_bar.set_description_str(f"{prefix}epoch {epoch}: measuring {names}")
                 if epoch_bar.disable:

@@ -25,6 +25,7 @@ import pandas as pd
 
 from lossgeo.analysis import plots
 from lossgeo.analysis import runs as analysis
+from lossgeo.analysis.statistics import cell_summary, study_verdicts
 from lossgeo.errors import UserInputError
 from lossgeo.run.experiment import prepare, run_training
 from lossgeo.run.periodic import Periodic
@@ -42,7 +43,6 @@ from lossgeo.run.tracking import (
     run_experiment_name,
     start_heartbeat,
 )
-from lossgeo.studies.statistics import cell_summary, study_verdicts
 from lossgeo.studies.studyfile import StudySpec
 
 DEFAULT_STORAGE = "sqlite:///studies/optuna.db"

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from lossgeo.analysis.runs import correlations, load_history, load_runs
+from lossgeo.analysis.runs import load_history, load_runs
+from lossgeo.analysis.statistics import correlations
 from lossgeo.cli import cli
 from lossgeo.geometry.spikes import detect_spikes
 from lossgeo.run.experiment import run_training

@@ -5,7 +5,7 @@ Tracker's per-step lambda_max; and the model left exactly as it was."""
 import pytest
 import torch
 
-from lossgeo import Tracker
+from lossgeo import StepSettings, Tracker
 from lossgeo.curvature import (
     HessianOperator,
     hessian_eigen,
@@ -66,7 +66,8 @@ def test_layerwise_blocks_and_tracker(shared):
                          for n in parameter_blocks(shared.model, space.names)[module]])
         want = float(torch.linalg.eigvalsh(exact[idx][:, idx])[-1])
         assert float(result.values[0]) == pytest.approx(want, rel=1e-8, abs=1e-10)
-    tracker = Tracker(shared.model, shared.loss_fn, shared.data, every_steps=1, tol=1e-8,
+    tracker = Tracker(shared.model, shared.loss_fn, shared.data, every_steps=1,
+                      steps=StepSettings(tol=1e-8),
                       batch_size=3, logger=_Silent())
     lam = float(torch.linalg.eigvalsh(exact)[-1])
     for step in (1, 2):  # a cold solve, then a warm one on the same Hessian

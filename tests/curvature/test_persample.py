@@ -57,9 +57,8 @@ def test_per_epoch_fisher_lambda_max_is_exact_for_a_chain_and_matches_the_operat
     model, (x, y) = tiny_mlp(seed=3, hidden=7), toy_data(n=11)
     grads = per_sample_gradients(model, cross_entropy, x, y)
     exact = float(torch.linalg.eigvalsh(grads.T @ grads / 11)[-1])
-    metrics, _ = measure_curvature(model, cross_entropy, (x, y), CurvatureSettings(k=2),
-                                   lr=0.1)
-    assert metrics["lambda_max_fisher"] == pytest.approx(exact, rel=1e-10)
+    measures = measure_curvature(model, cross_entropy, (x, y), CurvatureSettings(k=2))
+    assert measures.fisher_lambda_max == pytest.approx(exact, rel=1e-10)
     from lossgeo.curvature.lanczos import lanczos_top
     operator = lanczos_top(EmpiricalFisherOperator(model, cross_entropy, (x, y)), tol=1e-3)
     assert float(operator.values[0]) == pytest.approx(exact, rel=1e-3)

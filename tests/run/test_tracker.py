@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from lossgeo import Tracker
+from lossgeo import StepSettings, Tracker
 from lossgeo.curvature.linear import MatrixOperator
 from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment
 from lossgeo.curvature.warm import WarmEigen
@@ -127,7 +127,8 @@ def quadratic_loss(model, batch):
                                               ([1.0, 0.0, 1.0, 0.0], 25 / 26)])
 def test_gradient_alignment_with_a_known_eigenspace(float64, offset, alignment):
     model = Quadratic(offset)
-    tracker = Tracker(model, quadratic_loss, [torch.zeros(1)], every_steps=1, k=2, tol=1e-10,
+    tracker = Tracker(model, quadratic_loss, [torch.zeros(1)], every_steps=1,
+                      steps=StepSettings(k=2, tol=1e-10),
                       logger=NullLogger())
     metrics = tracker.step(1)
     assert metrics["step/lambda_max"] == pytest.approx(5.0, rel=1e-6)
@@ -293,3 +294,40 @@ def test_a_parameter_the_forward_never_uses_has_zero_curvature():
     assert tracker.epoch(1)["lambda_max"] == pytest.approx(reference.epoch(1)["lambda_max"],
                                                            rel=1e-4)
     assert math.isfinite(tracker.step(1)["step/lambda_max"])
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_the_tracker_and_the_builtin_loop_log_the_same_epoch_set(fake_data_dir, model_name):
+    """One measurement path: on the same model, state and probe, `Tracker.epoch()` in a
+    user's loop logs exactly the metric names and values lossgeo's own loop logs (they once
+    ran two functions, with tolerances 1e-3 against 1e-4 and other layer names)."""
+    import copy
+
+    from lossgeo.run.experiment import prepare
+    from lossgeo.run.measurements import curvature_settings
+    from lossgeo.run.train import train
+
+    from .test_training_run import NullLogger as LoopLogger
+
+    config = tiny_config(fake_data_dir, model=model_name, epochs=1, curvature=True,
+                         curvature_k=3, trace_samples=4, noise_scale=False, sharpness=False,
+                         landscape=False, momentum=0.9)
+    data, model, loss_fn, _ = prepare(config)
+    at_init = copy.deepcopy(model)
+    loop = LoopLogger()
+    train(config, data, model, loss_fn, loop)
+    loop_row = dict(loop.epochs[0][1])  # epoch 0: the initialisation, before any step
+    assert loop.epochs[0][0] == 0
+    own = NullLogger()
+    tracker = Tracker(at_init, loss_fn, (data.probe.x, data.probe.y), every_steps=0,
+                      lr=config.lr, momentum=config.momentum,
+                      curvature=curvature_settings(config), logger=own)
+    mine = tracker.epoch(0)
+    assert own.metrics == [(0, mine)]
+    evaluation = {k for k in loop_row if k.split("_")[0] in ("train", "val", "test", "gen")}
+    assert set(mine) == set(loop_row) - evaluation
+    assert {k: v for k, v in mine.items() if k != "curvature_seconds"} == {
+        k: loop_row[k] for k in mine if k != "curvature_seconds"}
+    layers = {k for k in mine if k.startswith("lambda_max/")}
+    assert len(layers) >= 2 and {"lambda_min", "lambda_max_ggn", "lambda_max_fisher",
+                                 "hessian_trace", "edge_ratio", "lambda_3"} <= set(mine)

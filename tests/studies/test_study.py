@@ -317,7 +317,7 @@ def test_grid_runs_every_cell_once_per_seed_and_resumes(tmp_path, tracking, fake
 def test_cell_summary_t_interval_by_hand():
     import pandas as pd
 
-    from lossgeo.studies.statistics import cell_summary
+    from lossgeo.analysis.statistics import cell_summary
 
     runs = pd.DataFrame({
         "label": ["a", "a", "a", "b", "b", "c"],

@@ -13,7 +13,7 @@ interval would turn NaN. Spearman is computed for all resamples at once (ranks b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -286,3 +286,31 @@ def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
                         f"{metric}_ci_high": mean + half})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# Plain (unbootstrapped) rank correlations with p-values: the diagnostic table of the
+# `noise_vs_curvature` script; the verdicts above use the intervals instead.
+def correlations(frame: pd.DataFrame, pairs: Iterable[tuple[str, str]]) -> pd.DataFrame:
+    """Spearman and Kendall rank correlations with n and two-sided p-values, for each pair
+    of columns, over the rows where both are finite."""
+    rows = []
+    for x, y in pairs:
+        if x not in frame or y not in frame:
+            rows.append({"x": x, "y": y, "n": 0})
+            continue
+        both = frame[[x, y]].apply(pd.to_numeric, errors="coerce")
+        both = both[np.isfinite(both).all(axis=1)]
+        n = len(both)
+        row = {"x": x, "y": y, "n": n}
+        if n >= 3:
+            rho, p_rho = stats.spearmanr(both[x], both[y])
+            tau, p_tau = stats.kendalltau(both[x], both[y])
+            row.update({"spearman": rho, "spearman_p": p_rho, "kendall": tau,
+                        "kendall_p": p_tau})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["x", "y", "n", "spearman", "spearman_p", "kendall",
+                                       "kendall_p"])
+
+
+STUDY_PAIRS = [("noise_temperature", "lambda_max"), ("lambda_max", "gen_gap"),
+               ("sharp_max", "gen_gap")]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from lossgeo.studies.statistics import rank_correlation, stability_edge, study_verdicts, verdict
+from lossgeo.analysis.statistics import rank_correlation, stability_edge, study_verdicts, verdict
 
 
 def test_bootstrap_interval_covers_the_true_rank_correlation_about_95_percent():
@@ -89,7 +89,7 @@ def designed_grid(exponent_lr, exponent_b, noise=0.02, seed=0):
 
 
 def test_lambda_max_of_lr_over_b_alone_is_held_and_of_lr_alone_contradicted():
-    from lossgeo.studies.statistics import temperature_alone
+    from lossgeo.analysis.statistics import temperature_alone
 
     alone = temperature_alone(designed_grid(-1.0, 1.0))  # lambda ~ (lr/B)^-1
     assert alone["verdict"] == "held" and alone["n"] == 32 and alone["n_diagonals"] == 7
