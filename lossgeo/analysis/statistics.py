@@ -25,6 +25,8 @@ N_RESAMPLES = 2000
 
 @dataclass(frozen=True)
 class Hypothesis:
+    """One hypothesised rank relation: `x` and `y` rise together (sign +1) or not (-1)."""
+
     name: str  # H1 .. H4
     x: str
     y: str

@@ -77,6 +77,22 @@ def hessian_trace(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
                   method: TraceMethod = "hutchinson", n_samples: int = 30, *, seed: int = 0,
                   chunk_size: int | str | None = "auto", hvp_method: str = "graph",
                   **options: Any) -> TraceResult:
+    """The trace of the Hessian of the mean loss, estimated stochastically.
+
+    Args:
+        model: any nn.Module.
+        loss_fn: loss_fn(output, target) with (x, y) batches, or loss_fn(model, batch).
+        data: one (x, y) pair, a list of batches or a DataLoader.
+        method: "hutchinson" (Rademacher probes) or "hutch++" (Meyer et al. 2021).
+        n_samples: Hessian-vector products to spend.
+        seed: the probe vectors.
+        chunk_size: samples per forward pass ("auto": by activation memory).
+        hvp_method: "graph" (double backward) or "fwdrev" (forward-over-reverse).
+        **options: passed to `HessianOperator` (params=, loss_form=, ...).
+
+    Returns:
+        A `TraceResult` with the estimate, its standard error and the products used.
+    """
     estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
     if method not in estimators:
         raise ValueError(f"method: must be 'hutchinson' or 'hutch++' (got {method!r})")
@@ -90,6 +106,24 @@ def spectral_density(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
                      grid_size: int = 1000, seed: int = 0,
                      chunk_size: int | str | None = "auto", hvp_method: str = "graph",
                      **options: Any) -> DensityResult:
+    """The Hessian's spectral density by stochastic Lanczos quadrature.
+
+    Args:
+        model: any nn.Module.
+        loss_fn: loss_fn(output, target) with (x, y) batches, or loss_fn(model, batch).
+        data: one (x, y) pair, a list of batches or a DataLoader.
+        n_steps: Lanczos steps per start vector (PyHessian uses 100).
+        n_vectors: random start vectors averaged.
+        sigma: width of the Gaussian smoothing (default from the spectrum's range).
+        grid_size: points of the returned density grid.
+        seed: the start vectors.
+        chunk_size: samples per forward pass ("auto": by activation memory).
+        hvp_method: "graph" (double backward) or "fwdrev" (forward-over-reverse).
+        **options: passed to `HessianOperator` (params=, loss_form=, ...).
+
+    Returns:
+        A `DensityResult`: the smoothed density on its grid, the quadrature nodes and weights.
+    """
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method,
                          **options)
     return slq_density(op, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma,

@@ -259,6 +259,7 @@ class LanczosRun:
     repeating its products."""
 
     def __init__(self, op: LinearOperator, *, seed: int = 0, max_steps: int = 100) -> None:
+        """A run on `op` from the random start vector of `seed`, of at most max_steps."""
         self.seed = seed
         q0 = _start_vector(op.dim, op.dtype, op.device, seed)
         self._steps = _lanczos_steps(op.__matmul__, q0, min(max_steps, op.dim))
@@ -266,12 +267,14 @@ class LanczosRun:
         self.state: KrylovState | None = None
 
     def __iter__(self):
+        """The steps from where the last reader stopped, each as a `KrylovState`."""
         for state in self._steps:
             self.state = state
             yield state
 
     @property
     def n_steps(self) -> int:
+        """Steps taken so far."""
         return 0 if self.state is None else len(self.state[1])
 
     def quadrature(self, n_steps: int) -> tuple[np.ndarray, np.ndarray]:

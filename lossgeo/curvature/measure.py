@@ -94,10 +94,12 @@ class CurvatureMeasures:
 
     @property
     def finite(self) -> bool:
+        """Whether the probe loss was finite (and so anything was measured)."""
         return self.top is not None
 
     @property
     def lambda_max(self) -> float:
+        """The largest eigenvalue (NaN when the probe loss was not finite)."""
         return float(self.top.values[0]) if self.top is not None else math.nan
 
 

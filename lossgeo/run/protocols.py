@@ -24,17 +24,21 @@ from lossgeo.losses import LossFn
 class MetricLogger(Protocol):
     """Receives metrics (at a step: an optimizer step, or an epoch) and run tags."""
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Record `metrics` at `step` (an optimizer step or an epoch)."""
 
-    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Set run tags (spikes, the attention backend)."""
 
 
 class RunLogger(MetricLogger, Protocol):
     """A `MetricLogger` that also takes one epoch's row and torch-saveable artifacts."""
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Record one epoch's row (evaluation and measurements) at step=epoch."""
 
-    def log_object(self, path: str, obj: Any) -> None: ...
+    def log_object(self, path: str, obj: Any) -> None:
+        """Store a torch-saveable object as the artifact `path` (e.g. spectrum/eigen.pt)."""
 
 
 @dataclass
@@ -57,6 +61,8 @@ class EpochState:
 
 @dataclass
 class MeasurementResult:
+    """What one epoch measurement returns: metrics named as logged, and artifacts."""
+
     metrics: dict[str, float] = field(default_factory=dict)
     # artifact path inside the run (e.g. "spectrum/eigen.pt") -> torch-saveable object
     artifacts: dict[str, Any] = field(default_factory=dict)
@@ -68,4 +74,5 @@ class Measurement(Protocol):
 
     name: str
 
-    def __call__(self, state: EpochState) -> MeasurementResult: ...
+    def __call__(self, state: EpochState) -> MeasurementResult:
+        """Measure the model in `state`."""

@@ -94,11 +94,15 @@ class Tracker:
     """Curvature of `model` on a fixed probe set, every `every_steps` optimizer steps.
 
     Args:
-        model, loss_fn, probe: what is measured; probe is (x, y) tensors, a list of batches
-            or a DataLoader (read once, kept).
+        model: any nn.Module; measurements leave it as they found it.
+        loss_fn: loss_fn(output, target) with (x, y) batches, or loss_fn(model, batch).
+        probe: the fixed probe set: (x, y) tensors, a list of batches or a DataLoader (read
+            once, kept).
         every_steps: 0 = no per-step measurements (`epoch` only).
-        optimizer / lr, momentum: where the step size for edge ratios comes from (an SGD
-            optimizer's first parameter group, read at each measurement, follows schedules).
+        optimizer: where the step size for edge ratios comes from (an SGD optimizer's first
+            parameter group, read at each measurement, follows schedules).
+        lr: the step size, instead of reading it from the optimizer.
+        momentum: the heavy-ball momentum, likewise.
         batch_size: the training batch size, to cut an (x, y) probe set into mini-batches for
             batch sharpness (a list-of-batches probe is used as given).
         params: a parameter filter (names, module paths, globs) for every measurement.
@@ -122,6 +126,8 @@ class Tracker:
                  curvature: CurvatureSettings | None = DEFAULT_CURVATURE,
                  epoch_measurements: Sequence[Measurement] = (),
                  logger: MetricLogger | None = None) -> None:
+        """See the class docstring; bad input (filters, batches, loss form, every_steps,
+        batch_size) fails here, not at the first measurement."""
         if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 0:
             raise ValueError(f"every_steps: must be an integer >= 0 (got {every_steps!r})")
         self.model, self.loss_fn = model, loss_fn
@@ -164,6 +170,8 @@ class Tracker:
 
     @property
     def momentum(self) -> float:
+        """The heavy-ball momentum of the edge ratios (`momentum` if given, else that of an
+        SGD optimizer's first parameter group, else 0)."""
         if self._momentum is not None:
             return self._momentum
         if isinstance(self.optimizer, torch.optim.SGD):
@@ -190,6 +198,7 @@ class Tracker:
 
     # -- per step ---------------------------------------------------------------------------
     def due(self, global_step: int) -> bool:
+        """Whether the per-step set is measured at `global_step`."""
         return self.every_steps > 0 and global_step % self.every_steps == 0
 
     def step(self, global_step: int, loss: float | None = None) -> dict[str, float] | None:
