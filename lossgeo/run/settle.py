@@ -1,4 +1,4 @@
-"""`python -m lossgeo.settle RUN_ID STATUS PID`: once process PID has exited, set the run's
+"""`python -m lossgeo.run.settle RUN_ID STATUS PID`: once process PID has exited, set the run's
 status to STATUS again.
 
 Why: under `mlflow run`, the launcher sets its run FAILED (non-zero exit) or FINISHED after
@@ -37,7 +37,7 @@ def main(run_id: str, status: str, pid: int, timeout: float = 600.0) -> None:
         time.sleep(0.2)
     from mlflow.tracking import MlflowClient
 
-    # not lossgeo.tracking: it imports torch, seconds this helper need not spend
+    # not lossgeo.run.tracking: it imports torch, seconds this helper need not spend
     c = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
     for attempt in range(20):  # a store busy with the launcher's last write: try again
         try:

@@ -251,7 +251,7 @@ def launcher_pid() -> int:
 
 def settle_launcher_status(run_id: str, status: str, pid: int | None = None) -> None:
     """The launcher (process `pid`, found if not given) overwrites our final status after we
-    exit (see lossgeo/settle.py); a detached helper sets it again once the launcher has
+    exit (see lossgeo/run/settle.py); a detached helper sets it again once the launcher has
     gone."""
     import subprocess
     import sys
