@@ -3,8 +3,8 @@
 Every `lossgeo` import (top-level, lazy inside functions, relative) goes down the order
 errors/version < config/losses < data/models < curvature < geometry < figures < run <
 analysis < studies < cli, or stays inside its own layer; measurement code imports no MLflow,
-Optuna, click or matplotlib; only run/tracking.py (and the detached settle helper) imports
-MLflow."""
+Optuna, click or matplotlib; only the run/tracking/ package (and the detached settle helper)
+imports MLflow."""
 
 import ast
 from pathlib import Path
@@ -119,4 +119,6 @@ def test_measurement_code_imports_no_tracking_sweeps_cli_or_plots():
 def test_only_the_tracking_module_imports_mlflow():
     importers = {str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py")
                  if "mlflow" in imported_roots(f)}
-    assert importers == {"run/tracking.py", "run/settle.py"}
+    assert {path for path in importers if not path.startswith("run/tracking/")} == {
+        "run/settle.py"}
+    assert len(importers) > 3  # the package's modules (store, logging, ...) do import it

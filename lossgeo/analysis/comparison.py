@@ -81,11 +81,13 @@ def compare(experiment: str | None = None, parent_run: str | None = None,
     which runs were left out (unfinished, unparsable), if any."""
     finished = select_runs(experiment, parent_run)
     _say_left_out(finished, say)
-    tracked = _output_run(experiment, parent_run, "comparison") if log else None
-    paths = draw_comparison(finished, out_dir, tracked)
-    if tracked is not None:
+    if not log:
+        return draw_comparison(finished, out_dir)
+    # entered, so the run has a heartbeat while the figures are drawn, and ends FAILED or
+    # KILLED (not RUNNING) if drawing them fails or is interrupted
+    with _output_run(experiment, parent_run, "comparison") as tracked:
+        paths = draw_comparison(finished, out_dir, tracked)
         tracked.log_text("comparison_runs.csv", finished.to_csv(index=False))
-        tracked.finish()
     return paths
 
 
@@ -130,13 +132,12 @@ def report(experiment: str | None = None, parent_run: str | None = None,
     tex, pdf = write_report(runs, study_verdicts(runs), figure_dir, out,
                             compile_pdf=compile_pdf)
     if log:
-        tracked = _output_run(experiment, parent_run, "report")
-        tracked.log_file(tex, "latex")
-        tracked.log_file(out / "references.bib", "latex")
-        if pdf is not None and pdf.exists():
-            tracked.log_file(pdf, "latex")
-        tracked.log_text("latex/table_runs.csv", runs.to_csv(index=False))
-        tracked.finish()
+        with _output_run(experiment, parent_run, "report") as tracked:
+            tracked.log_file(tex, "latex")
+            tracked.log_file(out / "references.bib", "latex")
+            if pdf is not None and pdf.exists():
+                tracked.log_file(pdf, "latex")
+            tracked.log_text("latex/table_runs.csv", runs.to_csv(index=False))
     return tex, pdf
 
 

@@ -165,7 +165,6 @@ def history_frame(history: list[dict[str, float]]) -> pd.DataFrame:
 
 def log_run_outputs(run: TrackedRun, frame: pd.DataFrame, model: nn.Module,
                     final_artifacts: dict) -> None:
-    import matplotlib.pyplot as plt
 
     run.log_text("metrics.csv", frame.to_csv(index=False))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -175,13 +174,9 @@ def log_run_outputs(run: TrackedRun, frame: pd.DataFrame, model: nn.Module,
     if frame.empty:
         return
     label = {"run": frame}
-    for name, figure in (("plots/loss_curves.png", plots.loss_curves(label)),
-                         ("plots/accuracy_curves.png", plots.accuracy_curves(label))):
-        run.log_figure(name, figure)
-        plt.close(figure)
-    for name, figure in plots.artifact_figures(frame, final_artifacts).items():
-        run.log_figure(name, figure)
-        plt.close(figure)
+    run.log_figures({"plots/loss_curves.png": plots.loss_curves(label),
+                     "plots/accuracy_curves.png": plots.accuracy_curves(label)})
+    run.log_figures(plots.artifact_figures(frame, final_artifacts))
     slice2d = final_artifacts.get("landscape/loss_slice_2d.pt")
     if slice2d is not None:
         run.log_text("plots/landscape_3d.html", plots.landscape_html(slice2d))
@@ -254,11 +249,7 @@ def remeasure_curvature(run_id: str, **overrides) -> dict[str, float]:
         {k: v for k, v in overrides.items() if v is not None}, default_flow_style=True).strip()})
     for path, obj in artifacts.items():
         run.log_object(f"remeasured/{path}", obj)
-    import matplotlib.pyplot as plt
-
-    for name, figure in plots.artifact_figures(pd.DataFrame(), artifacts).items():
-        run.log_figure(f"remeasured/{name}", figure)
-        plt.close(figure)
+    run.log_figures(plots.artifact_figures(pd.DataFrame(), artifacts), prefix="remeasured/")
     return metrics
 
 
@@ -268,8 +259,6 @@ def remeasure_landscape(run_id: str, *, resolution: int | None = None,
     """A 2D/1D slice of a logged run's final checkpoint with other settings, logged into
     that run under `remeasured/` (trajectory-PCA planes need the training run itself)."""
     import dataclasses
-
-    import matplotlib.pyplot as plt
 
     from lossgeo.geometry.landscape_measure import measure_landscape
     from lossgeo.run.measurements import landscape_settings
@@ -290,9 +279,7 @@ def remeasure_landscape(run_id: str, *, resolution: int | None = None,
     run = TrackedRun(run_id=run_id)
     for path, obj in artifacts.items():
         run.log_object(f"remeasured/{path}", obj)
-    for name, figure in plots.artifact_figures(pd.DataFrame(), artifacts).items():
-        run.log_figure(f"remeasured/{name}", figure)
-        plt.close(figure)
+    run.log_figures(plots.artifact_figures(pd.DataFrame(), artifacts), prefix="remeasured/")
     return dict(artifacts["landscape/loss_slice_2d.pt"])  # type: ignore[call-overload]
 
 
@@ -300,7 +287,6 @@ def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: st
                      data_dir: str | None = None) -> tuple[str, dict]:
     """Loss along (1 - alpha) w_a + alpha w_b between two logged runs' final checkpoints,
     logged as a new run. Both runs must share model, data set and seed (same probe set)."""
-    import matplotlib.pyplot as plt
 
     from lossgeo.geometry.directions import weights_vector
     from lossgeo.geometry.landscape import interpolate
@@ -326,7 +312,5 @@ def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: st
         run.log_metrics({"loss_barrier": barrier, "loss_a": float(loss[alphas == 0][0]),
                          "loss_b": float(loss[alphas == 1][0])})
         run.log_object("landscape/interpolation.pt", result)
-        figure = plots.interpolation(result)
-        run.log_figure("plots/interpolation.png", figure)
-        plt.close(figure)
+        run.log_figures({"plots/interpolation.png": plots.interpolation(result)})
     return run.run_id, result

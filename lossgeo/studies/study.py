@@ -610,7 +610,6 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
     """On the parent run: runs.csv (one row per run), summary.csv (one row per cell: means
     and 95% t-intervals over seeds, see `analysis.cell_summary`), correlations.csv and the
     comparison plots."""
-    import matplotlib.pyplot as plt
 
     runs = analysis.load_runs(parent_run=parent_run_id)
     run = TrackedRun(run_id=parent_run_id)
@@ -646,11 +645,7 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
                 metrics[f"{column}/{pair}"] = float(row[column])
         run.log_metrics(metrics)
     history = analysis.load_history(finished) if len(finished) else pd.DataFrame()
-    for name, figure in plots.comparison_figures(finished, history).items():
-        run.log_figure(f"plots/{name}", figure)
-        plt.close(figure)
+    run.log_figures(plots.comparison_figures(finished, history), prefix="plots/")
     if study is not None:
-        for name, figure in plots.optuna_figures(study).items():
-            run.log_figure(f"optuna/{name}", figure)
-            plt.close(figure)
+        run.log_figures(plots.optuna_figures(study), prefix="optuna/")
     return table
