@@ -253,7 +253,7 @@ def set_option(func: Callable) -> Callable:
 def grid_command(study_path: str, experiment: str, data_dir: str | None,
                  overrides: tuple[str, ...]) -> None:
     """Run every model x regime of a grid study as child runs of one parent run."""
-    from lossgeo.studies.study import run_grid
+    from lossgeo.studies.grid import run_grid
 
     spec = _load_spec(study_path, data_dir, overrides)
     if spec.kind != "grid":
@@ -280,7 +280,7 @@ def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str,
                   experiment: str, data_dir: str | None, heartbeat_interval: int,
                   grace_period: int, overrides: tuple[str, ...]) -> None:
     """Run (or join) an Optuna sweep; start the same command on many machines to share it."""
-    from lossgeo.studies.study import run_sweep
+    from lossgeo.studies.sweep import run_sweep
 
     if n_trials < 0:
         raise UserInputError(f"n_trials: must be >= 0 (got {n_trials})")
@@ -290,7 +290,7 @@ def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str,
     study = run_sweep(spec, storage=storage or None, n_trials=n_trials or None,
                       n_jobs=n_jobs, study_name=study_name or None, experiment=experiment,
                       heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-    from lossgeo.studies.study import PARENT_ATTR
+    from lossgeo.studies.sweep import PARENT_ATTR
 
     states = [t.state.name for t in study.trials]
     parent = study.user_attrs.get(PARENT_ATTR, "")

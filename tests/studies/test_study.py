@@ -170,7 +170,7 @@ def test_unreachable_storage_is_one_line_exit_2(tmp_path, tracking, fake_data_di
 
 def test_sweep_parent_is_running_while_a_worker_works_then_finished(tmp_path, tracking,
                                                                     fake_data_dir, monkeypatch):
-    import lossgeo.studies.study as study_mod
+    import lossgeo.studies.sweep as study_mod
 
     seen = []
     real = study_mod.run_training
@@ -192,7 +192,7 @@ def test_sweep_parent_is_running_while_a_worker_works_then_finished(tmp_path, tr
 
 def test_interrupted_last_worker_ends_the_parent_killed(tmp_path, tracking, fake_data_dir,
                                                         monkeypatch):
-    import lossgeo.studies.study as study_mod
+    import lossgeo.studies.sweep as study_mod
 
     def interrupted(config, **kwargs):
         raise KeyboardInterrupt("interrupted (SIGTERM)")
@@ -439,7 +439,7 @@ def test_resuming_a_designed_grid_runs_the_interrupted_point(tmp_path, tracking,
                                                              monkeypatch):
     """After an interrupt during the first point (lr 0.05), a re-run ran lr 0.1 twice and
     never lr 0.05, and the parent ended FINISHED."""
-    import lossgeo.studies.study as study_mod
+    import lossgeo.studies.sweep as study_mod
 
     real = study_mod.run_training
 
