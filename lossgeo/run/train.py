@@ -98,119 +98,163 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
     and everything computed up to then has been logged. `on_epoch_end` may raise (e.g.
     Optuna pruning) to stop early; what was logged stays logged.
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
-    schedule = measured_epochs(config.epochs, config.measure_every)
-    history: list[dict[str, float]] = []
-    trajectory: list[torch.Tensor] = []
-    final_artifacts: dict[str, Any] = {}
-    diverged_epoch: int | None = None
-    n_batches = math.ceil(len(data.train) / config.batch_size)
-    target = TargetCheck(config, n_batches, model, loss_fn, data)
-    # one measuring path for every loop: lossgeo's own uses the public Tracker
-    tracker = Tracker(model, loss_fn, (data.probe.x, data.probe.y),
-                      every_steps=config.measure_every_steps, optimizer=optimizer,
-                      batch_size=config.batch_size, steps=StepSettings(seed=config.seed),
-                      curvature=curvature_settings(config), epoch_measurements=measurements,
-                      logger=logger)
-    step = 0
-
-    epoch_bar = tqdm(range(config.epochs + 1), desc=f"[{label}] epochs" if label else "epochs",
-                     disable=None)
-    prefix = f"[{label}] " if label else ""
-    for epoch in epoch_bar:
+    loop = _Loop(config, data, model, loss_fn, logger, measurements, label)
+    for epoch in loop.epoch_bar:
         started = time.perf_counter()
         split: dict[str, float] = {}
-        if epoch > 0:
-            model.train()
-            batch_bar = tqdm(data.train.batches(config.batch_size, shuffle=True,
-                                                generator=shuffle_gen),
-                             total=n_batches, desc=f"epoch {epoch}", leave=False, disable=None)
-            for x, y in batch_bar:
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                if not torch.isfinite(loss):
-                    diverged_epoch = epoch
-                    break
-                loss.backward()
-                optimizer.step()
-                step += 1
-                if tracker.due(step):
-                    tracker.step(step, loss=float(loss.detach()))
-                if target.due(step) and target.reached_within_epoch(step):
-                    break  # the fit is reached mid-epoch: this (partial) epoch is the last
-            batch_bar.close()
-            split["train"] = time.perf_counter() - started
-        if diverged_epoch is not None:
-            metrics = {"diverged_epoch": float(diverged_epoch)}
-            logger.log_epoch(epoch, metrics)
-            history.append({"epoch": float(epoch), **metrics})
+        if epoch > 0 and not loop.train_epoch(epoch, split):
+            loop.record_divergence(epoch, {})
             break
-        # train/val/test on their own schedule (eval_every); the first and the last epoch, and
-        # the point where a target was reached, always in full
-        full = (epoch % config.eval_every == 0 or epoch == config.epochs
-                or target.step is not None)
-        evaluated = time.perf_counter()
-        if full:
-            metrics = evaluation_metrics(model, loss_fn, data)
-        elif target.active:  # the end-of-epoch target check needs the train split only
-            metrics = dict(zip(("train_loss", "train_acc"),
-                               evaluate(model, loss_fn, data.train)))
-        else:
-            metrics = {}
+        metrics, full, is_last = loop.evaluate(epoch, split)
         if "train_loss" in metrics and not math.isfinite(metrics["train_loss"]):
             # The last step of the epoch blew the weights up: as diverged as a NaN batch loss.
-            diverged_epoch = epoch
-            metrics["diverged_epoch"] = float(epoch)
-            logger.log_epoch(epoch, metrics)
-            history.append({"epoch": float(epoch), **metrics})
+            loop.record_divergence(epoch, metrics)
             break
-        if "train_loss" in metrics:
-            target.check_epoch_end(step, metrics["train_loss"], metrics["train_acc"])
-        is_last = epoch == config.epochs or target.step is not None
-        if is_last and not full:  # reached at this epoch's end: the final point in full
-            metrics = evaluation_metrics(model, loss_fn, data)
-            full = True
-        split["eval"] = time.perf_counter() - evaluated
-        if target.step is not None:
-            metrics["steps_to_target"] = float(target.step)
-            metrics["epochs_to_target"] = target.step / n_batches
-        trajectory.append(flat_weights(model))
-        if epoch in schedule or is_last:
-            state = EpochState(epoch=epoch, is_last=is_last, model=model,
-                               loss_fn=loss_fn, data=data, config=config,
-                               trajectory=trajectory, metrics=metrics)
-            names = ", ".join((["curvature"] if tracker.curvature is not None else [])
-                              + [getattr(m, "name", "measurement") for m in measurements])
-            if names:  # minutes on a large probe set: say so before, not only after
-                epoch_bar.set_description_str(f"{prefix}epoch {epoch}: measuring {names}")
-                if epoch_bar.disable:
-                    print(f"{prefix}epoch {epoch}/{config.epochs}: measuring {names}"
-                          f"{' (last epoch: with the final-epoch extras)' if is_last else ''}"
-                          " ...", flush=True)
-            _, artifacts = tracker.measure_epoch(state)  # updates `metrics` (state.metrics)
-            split.update(tracker.epoch_seconds)
-            for path, obj in artifacts.items():
-                logger.log_object(path, obj)
-            if state.is_last:
-                final_artifacts.update(artifacts)
+        loop.trajectory.append(flat_weights(model))
+        if epoch in loop.schedule or is_last:
+            loop.measure(epoch, is_last, metrics, split)
         if metrics:  # an epoch neither evaluated nor measured logs nothing
-            logger.log_epoch(epoch, metrics)
-            history.append({"epoch": float(epoch), **metrics})
+            loop.record(epoch, metrics)
         if full:
-            epoch_bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}",
-                                  test_acc=f"{metrics['test_acc']:.4f}")
-            if epoch_bar.disable:  # not a terminal, so no bar: one line per evaluated epoch
-                print(epoch_line(epoch, config.epochs, metrics, time.perf_counter() - started,
-                                 split, label), flush=True)
+            loop.report(epoch, metrics, time.perf_counter() - started, split)
             if on_epoch_end is not None:  # e.g. pruning on val_loss: evaluated epochs only
                 on_epoch_end(epoch, metrics)
         if is_last:
             break
-    epoch_bar.close()
-    return TrainResult(history=history, diverged_epoch=diverged_epoch, model=model,
-                       steps_to_target=target.step, final_artifacts=final_artifacts)
+    loop.epoch_bar.close()
+    return TrainResult(history=loop.history, diverged_epoch=loop.diverged_epoch, model=model,
+                       steps_to_target=loop.target.step, final_artifacts=loop.final_artifacts)
+
+
+class _Loop:
+    """The state of one training run and its steps, one method each: train an epoch,
+    evaluate, measure, record, report. `train` reads as the order they run in."""
+
+    def __init__(self, config: TrainConfig, data: DataBundle, model: nn.Module,
+                 loss_fn: LossFn, logger: RunLogger, measurements: Sequence[Measurement],
+                 label: str) -> None:
+        self.config, self.data, self.model, self.loss_fn = config, data, model, loss_fn
+        self.logger, self.measurements = logger, measurements
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
+                                         momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.schedule = measured_epochs(config.epochs, config.measure_every)
+        self.history: list[dict[str, float]] = []
+        self.trajectory: list[torch.Tensor] = []
+        self.final_artifacts: dict[str, Any] = {}
+        self.diverged_epoch: int | None = None
+        self.n_batches = math.ceil(len(data.train) / config.batch_size)
+        self.target = TargetCheck(config, self.n_batches, model, loss_fn, data)
+        # one measuring path for every loop: lossgeo's own uses the public Tracker
+        self.tracker = Tracker(model, loss_fn, (data.probe.x, data.probe.y),
+                               every_steps=config.measure_every_steps,
+                               optimizer=self.optimizer, batch_size=config.batch_size,
+                               steps=StepSettings(seed=config.seed),
+                               curvature=curvature_settings(config),
+                               epoch_measurements=measurements, logger=logger)
+        self.step = 0
+        self.label = label
+        self.prefix = f"[{label}] " if label else ""
+        self.epoch_bar = tqdm(range(config.epochs + 1),
+                              desc=f"[{label}] epochs" if label else "epochs", disable=None)
+
+    def train_epoch(self, epoch: int, split: dict[str, float]) -> bool:
+        """One epoch of SGD (shorter when the target fit is reached within it), with the
+        per-step measurements when due; False when a batch loss was not finite."""
+        started = time.perf_counter()
+        self.model.train()
+        batches = self.data.train.batches(self.config.batch_size, shuffle=True,
+                                          generator=self.shuffle_gen)
+        batch_bar = tqdm(batches, total=self.n_batches, desc=f"epoch {epoch}", leave=False,
+                         disable=None)
+        finite = True
+        for x, y in batch_bar:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(x), y)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            if self.tracker.due(self.step):
+                self.tracker.step(self.step, loss=float(loss.detach()))
+            if self.target.due(self.step) and self.target.reached_within_epoch(self.step):
+                break  # the fit is reached mid-epoch: this (partial) epoch is the last
+        batch_bar.close()
+        split["train"] = time.perf_counter() - started
+        return finite
+
+    def evaluate(self, epoch: int, split: dict[str, float]
+                 ) -> tuple[dict[str, float], bool, bool]:
+        """(metrics, whether train/val/test were all evaluated, whether this is the last
+        epoch). train/val/test run on their own schedule (eval_every); the first and the
+        last epoch, and the point where a target was reached, always in full. A non-finite
+        train loss is returned as it is, for the caller to record the divergence."""
+        started = time.perf_counter()
+        c = self.config
+        full = epoch % c.eval_every == 0 or epoch == c.epochs or self.target.step is not None
+        if full:
+            metrics = evaluation_metrics(self.model, self.loss_fn, self.data)
+        elif self.target.active:  # the end-of-epoch target check needs the train split only
+            metrics = dict(zip(("train_loss", "train_acc"),
+                               evaluate(self.model, self.loss_fn, self.data.train)))
+        else:
+            metrics = {}
+        if "train_loss" in metrics:
+            if not math.isfinite(metrics["train_loss"]):
+                return metrics, full, True
+            self.target.check_epoch_end(self.step, metrics["train_loss"], metrics["train_acc"])
+        is_last = epoch == c.epochs or self.target.step is not None
+        if is_last and not full:  # the target was reached at this epoch's end: in full
+            metrics = evaluation_metrics(self.model, self.loss_fn, self.data)
+            full = True
+        split["eval"] = time.perf_counter() - started
+        if self.target.step is not None:
+            metrics["steps_to_target"] = float(self.target.step)
+            metrics["epochs_to_target"] = self.target.step / self.n_batches
+        return metrics, full, is_last
+
+    def measure(self, epoch: int, is_last: bool, metrics: dict[str, float],
+                split: dict[str, float]) -> None:
+        """The epoch set through the Tracker (curvature, then the loop's measurements);
+        `metrics` receives every measured value and the artifacts are logged."""
+        state = EpochState(epoch=epoch, is_last=is_last, model=self.model,
+                           loss_fn=self.loss_fn, data=self.data, config=self.config,
+                           trajectory=self.trajectory, metrics=metrics)
+        names = ", ".join((["curvature"] if self.tracker.curvature is not None else [])
+                          + [getattr(m, "name", "measurement") for m in self.measurements])
+        if names:  # minutes on a large probe set: say so before, not only after
+            self.epoch_bar.set_description_str(f"{self.prefix}epoch {epoch}: measuring {names}")
+            if self.epoch_bar.disable:
+                print(f"{self.prefix}epoch {epoch}/{self.config.epochs}: measuring {names}"
+                      f"{' (last epoch: with the final-epoch extras)' if is_last else ''}"
+                      " ...", flush=True)
+        _, artifacts = self.tracker.measure_epoch(state)  # updates `metrics` (state.metrics)
+        split.update(self.tracker.epoch_seconds)
+        for path, obj in artifacts.items():
+            self.logger.log_object(path, obj)
+        if is_last:
+            self.final_artifacts.update(artifacts)
+
+    def record(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.logger.log_epoch(epoch, metrics)
+        self.history.append({"epoch": float(epoch), **metrics})
+
+    def record_divergence(self, epoch: int, metrics: dict[str, float]) -> None:
+        """A non-finite loss at `epoch`: recorded (with what was evaluated), not raised."""
+        self.diverged_epoch = epoch
+        self.record(epoch, {**metrics, "diverged_epoch": float(epoch)})
+
+    def report(self, epoch: int, metrics: dict[str, float], seconds: float,
+               split: dict[str, float]) -> None:
+        """The progress bar's figures, or one line per evaluated epoch off a terminal."""
+        self.epoch_bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}",
+                                   test_acc=f"{metrics['test_acc']:.4f}")
+        if self.epoch_bar.disable:  # not a terminal, so no bar
+            print(epoch_line(epoch, self.config.epochs, metrics, seconds, split, self.label),
+                  flush=True)
 
 
 class TargetCheck:
