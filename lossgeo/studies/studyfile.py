@@ -187,10 +187,31 @@ def _factorial_regimes(path: Path, factors: Any, fields: set[str]) -> dict[str, 
     return regimes
 
 
+_FIELDS = ("name", "kind", "base", "models", "regimes", "factors", "search_space", "sampler",
+           "objective", "pruner", "n_trials", "seed", "seeds")
+
+
 def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
     """The validated study; `overrides` replace keys of its `base` (training parameters)
     and are checked exactly as if the file held them."""
     path = Path(path)
+    raw = _read_yaml(path)
+    kind = raw.get("kind", "sweep")
+    if kind not in ("grid", "sweep"):
+        raise _fail(path, "kind", f"must be grid or sweep (got {kind!r})")
+    base = _base(path, raw.get("base") or {}, overrides or {})
+    spec: dict[str, Any] = {"name": str(raw.get("name") or path.stem), "kind": kind,
+                            "base": base, "models": _models(path, raw, base),
+                            "seed": _study_seed(path, raw), "seeds": _seeds(path, raw, base)}
+    if kind == "grid":
+        spec["regimes"] = _grid_regimes(path, raw, base)
+    else:
+        spec.update(_sweep_settings(path, raw))
+    return StudySpec(**spec)
+
+
+def _read_yaml(path: Path) -> dict:
+    """The file's mapping, with no field outside `_FIELDS`."""
     if not path.is_file():
         raise UserInputError(f"study: file {path} not found")
     try:
@@ -202,77 +223,99 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise UserInputError(f"study: {path} is not valid YAML{where} ({problem})") from None
     if not isinstance(raw, dict):
         raise UserInputError(f"study: {path} must be a YAML mapping")
-    allowed = {"name", "kind", "base", "models", "regimes", "factors", "search_space",
-               "sampler", "objective", "pruner", "n_trials", "seed", "seeds"}
-    unknown = set(raw) - allowed
+    unknown = set(raw) - set(_FIELDS)
     if unknown:
         raise _fail(path, sorted(unknown)[0],
-                    f"unknown field (allowed: {', '.join(sorted(allowed))})")
-    name = raw.get("name") or path.stem
-    kind = raw.get("kind", "sweep")
-    if kind not in ("grid", "sweep"):
-        raise _fail(path, "kind", f"must be grid or sweep (got {kind!r})")
-    base = raw.get("base") or {}
+                    f"unknown field (allowed: {', '.join(sorted(_FIELDS))})")
+    return raw
+
+
+def _base(path: Path, base: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The training parameters every run shares, with `overrides` applied; the file's base
+    and the overrides are each checked, so that an error names the one that is wrong."""
     if not isinstance(base, dict):
         raise _fail(path, "base", "must be a mapping of training parameters")
-    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    check_overrides(overrides or {})
+    check_overrides(overrides)
+    fields = _config_fields()
     for key in base:
-        if key not in config_fields:
+        if key not in fields:
             raise _fail(path, f"base.{key}", "not a training parameter")
     try:
         TrainConfig(**base)
     except UserInputError as exc:
         raise _fail(path, "base", str(exc)) from None
-    base = {**base, **(overrides or {})}
+    base = {**base, **overrides}
     try:
         TrainConfig(**base)
     except UserInputError as exc:
         raise UserInputError(f"set: {exc} (with the study's base)") from None
+    return base
+
+
+def _config_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _models(path: Path, raw: dict, base: dict) -> tuple[str, ...]:
     models = raw.get("models") or [base.get("model", "mlp")]
     if isinstance(models, str):
         models = [models]
     for m in models:
         _check_value(path, "models", "model", m)
+    return tuple(models)
+
+
+def _study_seed(path: Path, raw: dict) -> int:
     study_seed = raw.get("seed", 0)
     if not isinstance(study_seed, int) or isinstance(study_seed, bool) or study_seed < 0:
         raise _fail(path, "seed", f"must be an integer >= 0 (got {study_seed!r})")
+    return study_seed
+
+
+def _seeds(path: Path, raw: dict, base: dict) -> tuple[int, ...]:
     seeds = raw.get("seeds", [base.get("seed", 0)])
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
         raise _fail(path, "seeds", f"must be a list of distinct integers (got {seeds!r})")
     for seed in seeds:
         _check_value(path, "seeds", "seed", seed)
-    spec: dict[str, Any] = {"name": str(name), "kind": kind, "base": base,
-                            "models": tuple(models), "seed": study_seed,
-                            "seeds": tuple(seeds)}
-    if kind == "grid":
-        regimes = raw.get("regimes")
-        if "factors" in raw:
-            if regimes:
-                raise _fail(path, "factors", "give factors or regimes, not both")
-            regimes = _factorial_regimes(path, raw["factors"], config_fields)
-        if not isinstance(regimes, dict) or not regimes:
-            raise _fail(path, "regimes", "a grid needs named regimes, e.g. "
-                                         "{high-noise: {lr: 0.1, batch_size: 32}}, or factors, "
-                                         "e.g. {lr: {log_space: [0.01, 0.2, 4]}, "
-                                         "batch_size: [16, 64]}")
-        for regime, values in regimes.items():
-            if not isinstance(values, dict):
-                raise _fail(path, f"regimes.{regime}", "must be a mapping")
-            for key in values:
-                if key not in config_fields:
-                    raise _fail(path, f"regimes.{regime}.{key}", "not a training parameter")
-            try:
-                TrainConfig(**{**base, **values})
-            except UserInputError as exc:
-                raise _fail(path, f"regimes.{regime}", str(exc)) from None
-        spec["regimes"] = {str(k): dict(v) for k, v in regimes.items()}
-        return StudySpec(**spec)
+    return tuple(seeds)
+
+
+def _grid_regimes(path: Path, raw: dict, base: dict) -> dict[str, dict]:
+    """Named regimes as written, or the full-factorial design of `factors`; each checked
+    against the base."""
+    fields = _config_fields()
+    regimes = raw.get("regimes")
+    if "factors" in raw:
+        if regimes:
+            raise _fail(path, "factors", "give factors or regimes, not both")
+        regimes = _factorial_regimes(path, raw["factors"], fields)
+    if not isinstance(regimes, dict) or not regimes:
+        raise _fail(path, "regimes", "a grid needs named regimes, e.g. "
+                                     "{high-noise: {lr: 0.1, batch_size: 32}}, or factors, "
+                                     "e.g. {lr: {log_space: [0.01, 0.2, 4]}, "
+                                     "batch_size: [16, 64]}")
+    for regime, values in regimes.items():
+        if not isinstance(values, dict):
+            raise _fail(path, f"regimes.{regime}", "must be a mapping")
+        for key in values:
+            if key not in fields:
+                raise _fail(path, f"regimes.{regime}.{key}", "not a training parameter")
+        try:
+            TrainConfig(**{**base, **values})
+        except UserInputError as exc:
+            raise _fail(path, f"regimes.{regime}", str(exc)) from None
+    return {str(k): dict(v) for k, v in regimes.items()}
+
+
+def _sweep_settings(path: Path, raw: dict) -> dict[str, Any]:
+    """search_space, sampler, objectives, pruner and n_trials of a sweep, checked together
+    (a grid sampler is never pruned; pruning needs one objective)."""
     space = raw.get("search_space")
     if not isinstance(space, dict) or not space:
         raise _fail(path, "search_space", "a sweep needs a search space (lr, batch_size, ...)")
-    spec["search_space"] = tuple(_parameter(path, k, v) for k, v in space.items())
+    search_space = tuple(_parameter(path, k, v) for k, v in space.items())
     sampler = raw.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise _fail(path, "sampler", f"must be one of {', '.join(SAMPLERS)} (got {sampler!r})")
@@ -292,7 +335,7 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
     n_trials = raw.get("n_trials", 20)
     if not isinstance(n_trials, int) or n_trials < 1:
         raise _fail(path, "n_trials", f"must be an integer >= 1 (got {n_trials!r})")
-    if sampler == "grid" and any(p.choices is None for p in spec["search_space"]):
+    if sampler == "grid" and any(p.choices is None for p in search_space):
         raise _fail(path, "sampler", "grid needs choices for every search_space parameter")
-    spec.update(sampler=sampler, objectives=tuple(objectives), pruner=pruner, n_trials=n_trials)
-    return StudySpec(**spec)
+    return {"search_space": search_space, "sampler": sampler,
+            "objectives": tuple(objectives), "pruner": pruner, "n_trials": n_trials}
