@@ -39,12 +39,23 @@ def main() -> None:
             rows += len(client.get_metric_history(run_id, key))
     serial = time.perf_counter() - start
     assert rows == len(frame) == RUNS * METRICS * EPOCHS
-    write("analysis.md", "\n".join([
-        f"# load_history benchmark ({time.strftime('%Y-%m-%d')}; {machine()})", "",
-        f"{RUNS} runs x {METRICS} metrics x {EPOCHS} epochs ({rows} values), local SQLite store.",
-        "", "| method | seconds |", "|---|---|",
-        f"| lossgeo load_history (8 threads) | {ours:.2f} |",
-        f"| one get_metric_history after another | {serial:.2f} |", ""]))
+    write(
+        "analysis.md",
+        "\n".join(
+            [
+                f"# load_history benchmark ({time.strftime('%Y-%m-%d')}; {machine()})",
+                "",
+                f"{RUNS} runs x {METRICS} metrics x {EPOCHS} epochs ({rows} values), "
+                "local SQLite store.",
+                "",
+                "| method | seconds |",
+                "|---|---|",
+                f"| lossgeo load_history (8 threads) | {ours:.2f} |",
+                f"| one get_metric_history after another | {serial:.2f} |",
+                "",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

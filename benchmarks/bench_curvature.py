@@ -43,8 +43,11 @@ def summary(runs: list[tuple[float, int, float]]) -> tuple[float, str, str]:
     """Mean seconds, mean products, and the largest relative error over seeds."""
     mean_s = sum(r[0] for r in runs) / len(runs)
     mean_n = sum(r[1] for r in runs) / len(runs)
-    return mean_s, f"{mean_n:.1f} ({', '.join(str(r[1]) for r in runs)})", \
-        f"max {max(r[2] for r in runs):.1e}"
+    return (
+        mean_s,
+        f"{mean_n:.1f} ({', '.join(str(r[1]) for r in runs)})",
+        f"max {max(r[2] for r in runs):.1e}",
+    )
 
 
 def alternating(fns: dict, rounds: int = ROUNDS) -> dict:
@@ -79,6 +82,7 @@ def gradient_seconds(model, x, y) -> float:
     def step():
         model.zero_grad(set_to_none=True)
         cross_entropy(model(x), y).backward()
+
     step()
     return timed(step, repeat=3)[1]
 
@@ -90,8 +94,9 @@ def product_seconds(op) -> float:
 
 
 def hvp_seconds(model, data, method, chunk) -> float:
-    return product_seconds(HessianOperator(model, cross_entropy, data, method=method,
-                                           chunk_size=chunk))
+    return product_seconds(
+        HessianOperator(model, cross_entropy, data, method=method, chunk_size=chunk)
+    )
 
 
 def epoch_seconds(model_name: str, data) -> float:
@@ -130,9 +135,12 @@ def bench(model_name: str, full) -> list[str]:
 
     ph_runs, our_runs, ph_tight_runs = [], [], []
     for seed in range(SEEDS):
-        timings = alternating({
-            "pyhessian": lambda: run_pyhessian(seed),
-            "lossgeo": lambda: hessian_eigen(model, cross_entropy, probe, seed=seed)})  # tol 1e-4
+        timings = alternating(
+            {
+                "pyhessian": lambda: run_pyhessian(seed),
+                "lossgeo": lambda: hessian_eigen(model, cross_entropy, probe, seed=seed),
+            }
+        )  # tol 1e-4
         (value, n_hvp), seconds = timings["pyhessian"]
         ph_runs.append((seconds, n_hvp, rel(value)))
         ours, seconds = timings["lossgeo"]
@@ -145,17 +153,27 @@ def bench(model_name: str, full) -> list[str]:
     ph_time, ph_hvp, ph_err = summary(ph_runs)
     our_time, our_hvp, our_err = summary(our_runs)
     tight_time, tight_hvp, tight_err = summary(ph_tight_runs)
-    rows.append(f"| {model_name} | lambda_max | PyHessian power (tol 1e-3) | {ph_time:.2f} | "
-                f"{ph_hvp} | {ph_err} |")
-    rows.append(f"| {model_name} | lambda_max | lossgeo Lanczos (tol 1e-4) | {our_time:.2f} | "
-                f"{our_hvp} | {our_err} (residual "
-                f"{float(verified.residuals[0]) / lam_ref:.1e}) |")
-    rows.append(f"| {model_name} | lambda_max | **ratio PyHessian/lossgeo** | "
-                f"**{ph_time / our_time:.1f}x** | | |")
-    rows.append(f"| {model_name} | lambda_max | PyHessian power (tol 1e-5, one round) | "
-                f"{tight_time:.2f} | {tight_hvp} | {tight_err} |")
-    rows.append(f"| {model_name} | lambda_max | **ratio at comparable accuracy** | "
-                f"**{tight_time / our_time:.1f}x** | | |")
+    rows.append(
+        f"| {model_name} | lambda_max | PyHessian power (tol 1e-3) | {ph_time:.2f} | "
+        f"{ph_hvp} | {ph_err} |"
+    )
+    rows.append(
+        f"| {model_name} | lambda_max | lossgeo Lanczos (tol 1e-4) | {our_time:.2f} | "
+        f"{our_hvp} | {our_err} (residual "
+        f"{float(verified.residuals[0]) / lam_ref:.1e}) |"
+    )
+    rows.append(
+        f"| {model_name} | lambda_max | **ratio PyHessian/lossgeo** | "
+        f"**{ph_time / our_time:.1f}x** | | |"
+    )
+    rows.append(
+        f"| {model_name} | lambda_max | PyHessian power (tol 1e-5, one round) | "
+        f"{tight_time:.2f} | {tight_hvp} | {tight_err} |"
+    )
+    rows.append(
+        f"| {model_name} | lambda_max | **ratio at comparable accuracy** | "
+        f"**{tight_time / our_time:.1f}x** | | |"
+    )
 
     def run_pyhessian_trace(seed):
         counter["n"] = 0
@@ -172,43 +190,63 @@ def bench(model_name: str, full) -> list[str]:
         (ph_samples, _), _ = timed(lambda: run_pyhessian_trace(seed))
         n = len(ph_samples)
         budget = max(6, 3 * (n // 3))
-        timings = alternating({
-            "pyhessian": lambda: run_pyhessian_trace(seed),
-            "hutchinson": lambda: hessian_trace(model, cross_entropy, probe, n_samples=n,
-                                                seed=seed),
-            "hutch++": lambda: hessian_trace(model, cross_entropy, probe, method="hutch++",
-                                             n_samples=budget, seed=seed)}, rounds=1)
+        timings = alternating(
+            {
+                "pyhessian": lambda: run_pyhessian_trace(seed),
+                "hutchinson": lambda: hessian_trace(
+                    model, cross_entropy, probe, n_samples=n, seed=seed
+                ),
+                "hutch++": lambda: hessian_trace(
+                    model, cross_entropy, probe, method="hutch++", n_samples=budget, seed=seed
+                ),
+            },
+            rounds=1,
+        )
         ph_se = float(torch.tensor(ph_samples).std()) / math.sqrt(n)
         traces["pyhessian"].append((timings["pyhessian"][1], n, sum(ph_samples) / n, ph_se))
         for name in ("hutchinson", "hutch++"):
             result, seconds = timings[name]
             traces[name].append((seconds, result.n_hvp, result.value, result.stderr))
-    labels = {"pyhessian": "PyHessian Hutchinson (its own stop)",
-              "hutchinson": "lossgeo Hutchinson (as many vectors)",
-              "hutch++": "lossgeo Hutch++ (as many products, rounded to 3)"}
+    labels = {
+        "pyhessian": "PyHessian Hutchinson (its own stop)",
+        "hutchinson": "lossgeo Hutchinson (as many vectors)",
+        "hutch++": "lossgeo Hutch++ (as many products, rounded to 3)",
+    }
     mean_time = {}
     for name, runs in traces.items():
         mean_time[name] = sum(r[0] for r in runs) / len(runs)
         estimates = ", ".join(f"{r[2]:.1f} +- {r[3]:.1f}" for r in runs)
-        rows.append(f"| {model_name} | trace | {labels[name]} | {mean_time[name]:.2f} | "
-                    f"{sum(r[1] for r in runs) / len(runs):.1f} | {estimates} |")
+        rows.append(
+            f"| {model_name} | trace | {labels[name]} | {mean_time[name]:.2f} | "
+            f"{sum(r[1] for r in runs) / len(runs):.1f} | {estimates} |"
+        )
         if name == "hutchinson":
-            rows.append(f"| {model_name} | trace | **ratio PyHessian/lossgeo** | "
-                        f"**{mean_time['pyhessian'] / mean_time['hutchinson']:.1f}x** | | |")
+            rows.append(
+                f"| {model_name} | trace | **ratio PyHessian/lossgeo** | "
+                f"**{mean_time['pyhessian'] / mean_time['hutchinson']:.1f}x** | | |"
+            )
     ph_hvp_seconds = mean_time["pyhessian"] / (sum(r[1] for r in traces["pyhessian"]) / SEEDS)
 
     grad_s = gradient_seconds(model, *probe)
     costs = []
-    for method, chunk in (("graph", "auto"), ("graph", 2048), ("graph", 512), ("fwdrev", 2048),
-                          ("fwdrev", 512)):
+    for method, chunk in (
+        ("graph", "auto"),
+        ("graph", 2048),
+        ("graph", 512),
+        ("fwdrev", 2048),
+        ("fwdrev", 512),
+    ):
         cost = hvp_seconds(model, probe, method, chunk) / grad_s
         costs.append(f"{method}/chunk {chunk}: {cost:.2f}")
     costs.append(f"PyHessian (one 2048 batch, in its trace): {ph_hvp_seconds / grad_s:.2f}")
     for label, cls in (("GGN", GGNOperator), ("empirical Fisher", EmpiricalFisherOperator)):
-        costs.append(f"{label} product: "
-                     f"{product_seconds(cls(model, cross_entropy, probe)) / grad_s:.2f}")
-    hvp_line = (f"- {model_name}: one gradient on 2048 samples {grad_s * 1e3:.0f} ms; product "
-                "cost in gradients: " + ", ".join(costs))
+        costs.append(
+            f"{label} product: {product_seconds(cls(model, cross_entropy, probe)) / grad_s:.2f}"
+        )
+    hvp_line = (
+        f"- {model_name}: one gradient on 2048 samples {grad_s * 1e3:.0f} ms; product "
+        "cost in gradients: " + ", ".join(costs)
+    )
     return rows, hvp_line, per_epoch_cost(model_name, model, full)
 
 
@@ -216,27 +254,33 @@ def per_epoch_cost(model_name: str, model, full) -> str:
     """Curvature at default settings (default probe size) against one training epoch, on full
     MNIST and on the default run's training subset."""
     config = TrainConfig(model=model_name)
-    probe = (full.probe.x[:config.probe_size], full.probe.y[:config.probe_size])
+    probe = (full.probe.x[: config.probe_size], full.probe.y[: config.probe_size])
     settings = curvature_settings(config)
-    measures, curv_s = timed(lambda: measure_curvature(model, cross_entropy, probe, settings),
-                             repeat=2)
+    measures, curv_s = timed(
+        lambda: measure_curvature(model, cross_entropy, probe, settings), repeat=2
+    )
     metrics = curvature_metrics(measures, lr=config.lr)
     full_epoch = epoch_seconds(model_name, full)
-    subset_epoch = epoch_seconds(model_name, mnist(train_subset=config.train_subset,
-                                                   probe_size=config.probe_size))
-    return (f"- {model_name}: per-epoch curvature at defaults (probe {config.probe_size}, "
-            f"k {config.curvature_k}, tol {config.curvature_tol:g}, {config.trace_samples} trace "
-            f"vectors) {curv_s:.1f} s ({int(metrics['curvature_n_hvp'])} products, trace "
-            f"{metrics['hessian_trace']:.1f} +- {metrics['hessian_trace_se']:.1f}) vs one "
-            f"training epoch at batch {config.batch_size}: full MNIST (55k) {full_epoch:.1f} s, "
-            f"**{curv_s / full_epoch:.2f} epochs**; default subset ({config.train_subset}) "
-            f"{subset_epoch:.1f} s, **{curv_s / subset_epoch:.2f} epochs**")
+    subset_epoch = epoch_seconds(
+        model_name, mnist(train_subset=config.train_subset, probe_size=config.probe_size)
+    )
+    return (
+        f"- {model_name}: per-epoch curvature at defaults (probe {config.probe_size}, "
+        f"k {config.curvature_k}, tol {config.curvature_tol:g}, {config.trace_samples} trace "
+        f"vectors) {curv_s:.1f} s ({int(metrics['curvature_n_hvp'])} products, trace "
+        f"{metrics['hessian_trace']:.1f} +- {metrics['hessian_trace_se']:.1f}) vs one "
+        f"training epoch at batch {config.batch_size}: full MNIST (55k) {full_epoch:.1f} s, "
+        f"**{curv_s / full_epoch:.2f} epochs**; default subset ({config.train_subset}) "
+        f"{subset_epoch:.1f} s, **{curv_s / subset_epoch:.2f} epochs**"
+    )
 
 
 def main() -> None:
     full = mnist(train_subset=0, probe_size=2048)
-    table = ["| model | quantity | method | seconds | HVPs | rel. error / estimate |",
-             "|---|---|---|---|---|---|"]
+    table = [
+        "| model | quantity | method | seconds | HVPs | rel. error / estimate |",
+        "|---|---|---|---|---|---|",
+    ]
     hvp_lines, frac_lines = [], []
     for name in sys.argv[1:] or ["mlp", "cnn"]:
         rows, hvp_line, frac_line = bench(name, full)
@@ -244,13 +288,24 @@ def main() -> None:
         hvp_lines.append(hvp_line)
         frac_lines.append(frac_line)
         print("\n".join(rows), flush=True)
-    text = "\n".join([f"# Curvature benchmark ({time.strftime('%Y-%m-%d')}; {machine()})", "",
-                      "Same trained model (1 epoch SGD), same 2048 MNIST probe samples, "
-                      "one process;",
-                      f"Means over {SEEDS} random seeds; per seed the contenders run alternately,",
-                      f"best of {ROUNDS} rounds for lambda_max (one round for the trace).",
-                      "", *table, "", "HVP methods (cost of one product / one gradient):",
-                      *hvp_lines, "", "Per-epoch curvature cost:", *frac_lines, ""])
+    text = "\n".join(
+        [
+            f"# Curvature benchmark ({time.strftime('%Y-%m-%d')}; {machine()})",
+            "",
+            "Same trained model (1 epoch SGD), same 2048 MNIST probe samples, one process;",
+            f"Means over {SEEDS} random seeds; per seed the contenders run alternately,",
+            f"best of {ROUNDS} rounds for lambda_max (one round for the trace).",
+            "",
+            *table,
+            "",
+            "HVP methods (cost of one product / one gradient):",
+            *hvp_lines,
+            "",
+            "Per-epoch curvature cost:",
+            *frac_lines,
+            "",
+        ]
+    )
     write("curvature.md", text)
 
 

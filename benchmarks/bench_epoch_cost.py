@@ -35,14 +35,18 @@ from lossgeo.run.tracker import Tracker  # noqa: E402
 ROUNDS = 3
 # the solver and sharpness calls inside the measurements, timed where they are looked up
 PARTS = {
-    curvature_measure: {"lanczos_extremes": "curvature: top-5 and lambda_min (Lanczos)",
-                        "hutchinson": "curvature: trace (Hutchinson, 20 vectors)",
-                        "lanczos_top": "curvature: GGN, layer-wise (and, off Linear chains, "
-                                       "Fisher) lambda_max (Lanczos)",
-                        "fisher_gram": "curvature: Fisher Gram matrix (Linear chains)"},
-    landscape_measure: {"random_direction_sharpness": "sharpness: random directions (K = 10)",
-                        "eps_sharpness": "sharpness: eps-sharpness (L-BFGS-B)",
-                        "adaptive_sharpness": "sharpness: adaptive"},
+    curvature_measure: {
+        "lanczos_extremes": "curvature: top-5 and lambda_min (Lanczos)",
+        "hutchinson": "curvature: trace (Hutchinson, 20 vectors)",
+        "lanczos_top": "curvature: GGN, layer-wise (and, off Linear chains, "
+        "Fisher) lambda_max (Lanczos)",
+        "fisher_gram": "curvature: Fisher Gram matrix (Linear chains)",
+    },
+    landscape_measure: {
+        "random_direction_sharpness": "sharpness: random directions (K = 10)",
+        "eps_sharpness": "sharpness: eps-sharpness (L-BFGS-B)",
+        "adaptive_sharpness": "sharpness: adaptive",
+    },
 }
 
 
@@ -73,12 +77,27 @@ def measure_once(name: str, model, data, seconds: dict[str, float]) -> dict[str,
     """The default epoch set as lossgeo's loop runs it: the Tracker's curvature, then the
     measurements `build_measurements` gives."""
     config = TrainConfig(model=name)
-    state = EpochState(epoch=1, is_last=False, model=model, loss_fn=cross_entropy, data=data,
-                       config=config, trajectory=[], metrics={})
-    tracker = Tracker(model, cross_entropy, (data.probe.x, data.probe.y), every_steps=0,
-                      lr=config.lr, momentum=config.momentum,
-                      curvature=curvature_settings(config),
-                      epoch_measurements=build_measurements(config), logger=_NoLogger())
+    state = EpochState(
+        epoch=1,
+        is_last=False,
+        model=model,
+        loss_fn=cross_entropy,
+        data=data,
+        config=config,
+        trajectory=[],
+        metrics={},
+    )
+    tracker = Tracker(
+        model,
+        cross_entropy,
+        (data.probe.x, data.probe.y),
+        every_steps=0,
+        lr=config.lr,
+        momentum=config.momentum,
+        curvature=curvature_settings(config),
+        epoch_measurements=build_measurements(config),
+        logger=_NoLogger(),
+    )
     metrics, _ = tracker.measure_epoch(state)
     for part, spent in tracker.epoch_seconds.items():
         seconds[f"total: {part}"] += spent
@@ -87,10 +106,14 @@ def measure_once(name: str, model, data, seconds: dict[str, float]) -> dict[str,
 
 def main() -> None:
     data = mnist(probe_size=TrainConfig().probe_size)
-    lines = [f"# Cost of one measured epoch ({time.strftime('%Y-%m-%d')}; {machine()})", "",
-             "`python benchmarks/bench_epoch_cost.py`: the default full set at a measured "
-             "epoch (not the last), part by part, in seconds and in full-MNIST training "
-             f"epochs at batch 32; {ROUNDS} rounds, each the set then a training epoch.", ""]
+    lines = [
+        f"# Cost of one measured epoch ({time.strftime('%Y-%m-%d')}; {machine()})",
+        "",
+        "`python benchmarks/bench_epoch_cost.py`: the default full set at a measured "
+        "epoch (not the last), part by part, in seconds and in full-MNIST training "
+        f"epochs at batch 32; {ROUNDS} rounds, each the set then a training epoch.",
+        "",
+    ]
     calls: dict[str, float] = defaultdict(float)
     instrument(calls)
     for name in ("mlp", "cnn"):
@@ -107,26 +130,36 @@ def main() -> None:
             epochs.append(epoch_seconds(name, data))
             # the set and the epoch right after it: their ratio is robust to the machine's
             # drift, which moves both (training epochs of 1.8-3.4 s were seen in one hour)
-            ratios.append(sum(s for part, s in calls.items() if part.startswith("total:"))
-                          / epochs[-1])
+            ratios.append(
+                sum(s for part, s in calls.items() if part.startswith("total:")) / epochs[-1]
+            )
         epoch_best = min(epochs)
         total = sum(s for part, s in best.items() if part.startswith("total:"))
-        lines += [f"## {name}: the full set {total:.2f} s (best of {ROUNDS}); a training epoch "
-                  f"{min(epochs):.2f}-{max(epochs):.2f} s; set / epoch per round "
-                  f"{', '.join(f'{r:.2f}' for r in ratios)}: median "
-                  f"**{statistics.median(ratios):.2f} training epochs**", "",
-                  "| part | seconds (best) | training epochs (of the fastest epoch) |",
-                  "|---|---|---|"]
+        lines += [
+            f"## {name}: the full set {total:.2f} s (best of {ROUNDS}); a training epoch "
+            f"{min(epochs):.2f}-{max(epochs):.2f} s; set / epoch per round "
+            f"{', '.join(f'{r:.2f}' for r in ratios)}: median "
+            f"**{statistics.median(ratios):.2f} training epochs**",
+            "",
+            "| part | seconds (best) | training epochs (of the fastest epoch) |",
+            "|---|---|---|",
+        ]
         for part in sorted(best):
             lines.append(f"| {part} | {best[part]:.2f} | {best[part] / epoch_best:.2f} |")
         parts = sum(s for part, s in best.items() if part.startswith("curvature:"))
-        lines.append(f"| curvature: the rest (graphs, Ritz vectors, bookkeeping) | "
-                     f"{best['total: curvature'] - parts:.2f} | "
-                     f"{(best['total: curvature'] - parts) / epoch_best:.2f} |")
-        lines += ["", f"Hessian-vector products (curvature): {metrics['curvature_n_hvp']:.0f}; "
-                  f"lambda_max {metrics['lambda_max']:.3f}, trace {metrics['hessian_trace']:.1f}"
-                  f" +- {metrics['hessian_trace_se']:.1f}, eps-sharpness "
-                  f"{metrics['eps_sharpness']:.3f}, B_simple {metrics['grad_noise_scale']:.1f}", ""]
+        lines.append(
+            f"| curvature: the rest (graphs, Ritz vectors, bookkeeping) | "
+            f"{best['total: curvature'] - parts:.2f} | "
+            f"{(best['total: curvature'] - parts) / epoch_best:.2f} |"
+        )
+        lines += [
+            "",
+            f"Hessian-vector products (curvature): {metrics['curvature_n_hvp']:.0f}; "
+            f"lambda_max {metrics['lambda_max']:.3f}, trace {metrics['hessian_trace']:.1f}"
+            f" +- {metrics['hessian_trace_se']:.1f}, eps-sharpness "
+            f"{metrics['eps_sharpness']:.3f}, B_simple {metrics['grad_noise_scale']:.1f}",
+            "",
+        ]
     write("epoch_cost.md", "\n".join(lines) + "\n")
 
 

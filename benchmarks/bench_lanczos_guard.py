@@ -31,13 +31,14 @@ TOL = 1e-3
 def main() -> None:
     data = load_data("mnist", data_dir(), seed=0, train_subset=10000, probe_size=1024)
     probe = (data.probe.x, data.probe.y)
-    counts = {guard: {"solves": 0, "failures": 0, "products": 0, "worst": 0.0}
-              for guard in (0, 1)}
+    counts = {guard: {"solves": 0, "failures": 0, "products": 0, "worst": 0.0} for guard in (0, 1)}
     for epochs in (1, 3):
         model = trained("mlp", data, epochs=epochs)
         hessian = HessianOperator(model, cross_entropy, probe)
-        operators = {layer: HessianBlockOperator(hessian, names)
-                     for layer, names in parameter_blocks(model).items()}
+        operators = {
+            layer: HessianBlockOperator(hessian, names)
+            for layer, names in parameter_blocks(model).items()
+        }
         operators["ggn"] = GGNOperator(model, cross_entropy, probe)
         for op in operators.values():
             reference = float(lanczos_top(op, tol=1e-10, max_iter=300).values[0])
@@ -50,14 +51,21 @@ def main() -> None:
                     c["failures"] += error > TOL
                     c["products"] += result.n_hvp
                     c["worst"] = max(c["worst"], error)
-    lines = [f"# Lanczos guard pair ({time.strftime('%Y-%m-%d')}; {machine()})", "",
-             "`python benchmarks/bench_lanczos_guard.py`: cold k = 1 solves at tol 1e-3 of the "
-             "MLP's layer blocks and GGN after 1 and 3 epochs, 12 starts each.", "",
-             "| guard | solves | below lambda_max by more than tol | worst relative error | "
-             "products per solve |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Lanczos guard pair ({time.strftime('%Y-%m-%d')}; {machine()})",
+        "",
+        "`python benchmarks/bench_lanczos_guard.py`: cold k = 1 solves at tol 1e-3 of the "
+        "MLP's layer blocks and GGN after 1 and 3 epochs, 12 starts each.",
+        "",
+        "| guard | solves | below lambda_max by more than tol | worst relative error | "
+        "products per solve |",
+        "|---|---|---|---|---|",
+    ]
     for guard, c in counts.items():
-        lines.append(f"| {guard} | {c['solves']} | {c['failures']} | {c['worst']:.1e} | "
-                     f"{c['products'] / c['solves']:.1f} |")
+        lines.append(
+            f"| {guard} | {c['solves']} | {c['failures']} | {c['worst']:.1e} | "
+            f"{c['products'] / c['solves']:.1f} |"
+        )
     write("lanczos_guard.md", "\n".join(lines) + "\n")
 
 

@@ -38,26 +38,34 @@ def bench(name: str, data, samples: int, steps: int):
     d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
     grid = axis(steps, 1.0)
     # alternately, best of two rounds each: this machine's speed drifts within seconds
-    timings = alternating({
-        "theirs": lambda: loss_landscapes.random_plane(
-            model, metric, distance=1, steps=steps, normalization="filter",
-            deepcopy_model=True),
-        "plain": lambda: surface_2d(model, cross_entropy, (x, y), d1, d2, grid, grid,
-                                    factorize=False),
-        "ours": lambda: surface_2d(model, cross_entropy, (x, y), d1, d2, grid, grid)},
-        rounds=2)
+    timings = alternating(
+        {
+            "theirs": lambda: loss_landscapes.random_plane(
+                model, metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True
+            ),
+            "plain": lambda: surface_2d(
+                model, cross_entropy, (x, y), d1, d2, grid, grid, factorize=False
+            ),
+            "ours": lambda: surface_2d(model, cross_entropy, (x, y), d1, d2, grid, grid),
+        },
+        rounds=2,
+    )
     t_theirs, t_plain, t_ours = (timings[k][1] for k in ("theirs", "plain", "ours"))
-    row = (f"| {name} | {samples} | {steps}x{steps} | {t_theirs:.2f} | {t_plain:.2f} | "
-           f"{t_ours:.2f} | {floor:.2f} | {t_theirs / t_ours:.1f}x | {floor / t_ours:.1f}x |")
+    row = (
+        f"| {name} | {samples} | {steps}x{steps} | {t_theirs:.2f} | {t_plain:.2f} | "
+        f"{t_ours:.2f} | {floor:.2f} | {t_theirs / t_ours:.1f}x | {floor / t_ours:.1f}x |"
+    )
     config = TrainConfig(model=name)
     settings = landscape_settings(config)
-    probe = (data.probe.x[:config.probe_size], data.probe.y[:config.probe_size])
+    probe = (data.probe.x[: config.probe_size], data.probe.y[: config.probe_size])
     _, sharp_s = timed(lambda: measure_sharpness(model, cross_entropy, probe, settings))
     ep = epoch_seconds(name, data)
-    frac = (f"- {name}: per-epoch sharpness at defaults (K={settings.sharpness_directions} "
-            f"random directions, eps-sharpness, adaptive sharpness; {config.probe_size} probe "
-            f"samples) {sharp_s:.1f} s vs one training epoch on full MNIST at batch "
-            f"{config.batch_size} {ep:.1f} s: **{sharp_s / ep:.2f} epochs**")
+    frac = (
+        f"- {name}: per-epoch sharpness at defaults (K={settings.sharpness_directions} "
+        f"random directions, eps-sharpness, adaptive sharpness; {config.probe_size} probe "
+        f"samples) {sharp_s:.1f} s vs one training epoch on full MNIST at batch "
+        f"{config.batch_size} {ep:.1f} s: **{sharp_s / ep:.2f} epochs**"
+    )
     return row, frac
 
 
@@ -65,20 +73,35 @@ def main() -> None:
     samples = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 11
     data = mnist(probe_size=2048)
-    rows = ["| model | samples | grid | loss-landscapes random_plane s "
-            "| lossgeo, no factorisation s "
-            "| lossgeo s | floor N^2 x forward s | ratio vs random_plane | ratio vs floor |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | samples | grid | loss-landscapes random_plane s "
+        "| lossgeo, no factorisation s "
+        "| lossgeo s | floor N^2 x forward s | ratio vs random_plane | ratio vs floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     fracs = []
     for name in ("mlp", "cnn"):
         row, frac = bench(name, data, samples, steps)
         rows.append(row)
         fracs.append(frac)
         print(row, flush=True)
-    write("landscape.md", "\n".join([
-        f"# Landscape benchmark ({time.strftime('%Y-%m-%d')}; {machine()})", "",
-        "Same trained model (1 epoch SGD), same probe samples, same grid; ratios > 1 mean "
-        "lossgeo is faster.", "", *rows, "", "Per-epoch sharpness cost:", *fracs, ""]))
+    write(
+        "landscape.md",
+        "\n".join(
+            [
+                f"# Landscape benchmark ({time.strftime('%Y-%m-%d')}; {machine()})",
+                "",
+                "Same trained model (1 epoch SGD), same probe samples, same grid; ratios > 1 mean "
+                "lossgeo is faster.",
+                "",
+                *rows,
+                "",
+                "Per-epoch sharpness cost:",
+                *fracs,
+                "",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -59,9 +59,15 @@ def mnist_mlp(setting: str, every: int = 10, n_steps: int = 600) -> None:
         probe = (data.train.x, data.train.y)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     recorder = Recorder()
-    tracker = Tracker(model, loss_fn, probe, every_steps=every, optimizer=optimizer,
-                      batch_size=32 if setting == "sgd" else 200,
-                      logger=recorder)
+    tracker = Tracker(
+        model,
+        loss_fn,
+        probe,
+        every_steps=every,
+        optimizer=optimizer,
+        batch_size=32 if setting == "sgd" else 200,
+        logger=recorder,
+    )
     gen = torch.Generator().manual_seed(1)
     step, train_seconds, measure_seconds = 0, 0.0, 0.0
     started = time.perf_counter()
@@ -87,23 +93,31 @@ def mnist_mlp(setting: str, every: int = 10, n_steps: int = 600) -> None:
     gaps = [abs(m["step/lambda_max_cold_gap"]) for m in rows if "step/lambda_max_cold_gap" in m]
     bs_n = [m["step/batch_sharpness_n"] for m in rows]
     per = [m["step/seconds"] for m in rows[1:]]
-    what = ("MNIST MLP (535k parameters), full training split, SGD lr 0.1 B 32"
-            if setting == "sgd" else
-            "edge-of-stability setting: MSE, tanh MLP 784-200-200-10, full-batch GD lr 0.04 "
-            "on 2,000 images")
-    print(f"\nA ({setting}). {what}, the first {step} steps, measured every {every} steps: "
-          f"{len(rows)} measurements ({machine()})\n")
+    what = (
+        "MNIST MLP (535k parameters), full training split, SGD lr 0.1 B 32"
+        if setting == "sgd"
+        else "edge-of-stability setting: MSE, tanh MLP 784-200-200-10, full-batch GD lr 0.04 "
+        "on 2,000 images"
+    )
+    print(
+        f"\nA ({setting}). {what}, the first {step} steps, measured every {every} steps: "
+        f"{len(rows)} measurements ({machine()})\n"
+    )
     print("| quantity | value |\n|---|---|")
-    print(f"| products per warm lambda_max solve (after the first), mean / max | "
-          f"{statistics.mean(warm):.2f} / {max(warm):.0f} |")
+    print(
+        f"| products per warm lambda_max solve (after the first), mean / max | "
+        f"{statistics.mean(warm):.2f} / {max(warm):.0f} |"
+    )
     print(f"| products of the first (cold) solve | {rows[0]['step/lambda_max_n_hvp']:.0f} |")
     print(f"| products per cold check, mean ({len(cold)} checks) | {statistics.mean(cold):.1f} |")
     print(f"| largest relative gap cold - warm at a cold check | {max(gaps):.1e} |")
     print(f"| mini-batches per batch-sharpness estimate, mean | {statistics.mean(bs_n):.1f} |")
     print(f"| seconds per measurement (light set), median | {statistics.median(per):.3f} |")
     print(f"| seconds per training step, mean | {train_seconds / step:.4f} |")
-    print(f"| tracking share of the wall time | "
-          f"{measure_seconds / total:.0%} ({measure_seconds:.1f} s of {total:.1f} s) |")
+    print(
+        f"| tracking share of the wall time | "
+        f"{measure_seconds / total:.0%} ({measure_seconds:.1f} s of {total:.1f} s) |"
+    )
 
 
 def tiny_gpt2() -> None:
@@ -113,16 +127,29 @@ def tiny_gpt2() -> None:
         print("\nB. skipped: transformers not installed")
         return
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (64, 32), generator=gen)
     probe = [{"input_ids": b, "labels": b} for b in ids[:8].split(4)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     recorder = Recorder()
-    tracker = Tracker(model, lambda m, b: m(**b).loss, probe, every_steps=10,
-                      params="transformer.h.0.attn", logger=recorder)
+    tracker = Tracker(
+        model,
+        lambda m, b: m(**b).loss,
+        probe,
+        every_steps=10,
+        params="transformer.h.0.attn",
+        logger=recorder,
+    )
     train_seconds, steps = 0.0, 100
     for step in range(1, steps + 1):
         batch = ids[torch.randint(0, 64, (4,), generator=gen)]
@@ -134,20 +161,33 @@ def tiny_gpt2() -> None:
         train_seconds += time.perf_counter() - t0
         tracker.step(step)
     rows = [m for _, m in recorder.rows]
-    products = [m["step/lambda_max_n_hvp"] + m["step/batch_sharpness_n"]
-                + m.get("step/lambda_max_cold_n_hvp", 0) for m in rows]
-    n_params = sum(p.numel() for n, p in model.named_parameters()
-                   if n.startswith("transformer.h.0.attn"))
-    print(f"\nB. tiny GPT-2 ({sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"the filter keeps {n_params:,}), AdamW, {steps} steps, probe 8 x 32 tokens\n")
+    products = [
+        m["step/lambda_max_n_hvp"]
+        + m["step/batch_sharpness_n"]
+        + m.get("step/lambda_max_cold_n_hvp", 0)
+        for m in rows
+    ]
+    n_params = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h.0.attn")
+    )
+    print(
+        f"\nB. tiny GPT-2 ({sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"the filter keeps {n_params:,}), AdamW, {steps} steps, probe 8 x 32 tokens\n"
+    )
     print("| quantity | value |\n|---|---|")
-    print(f"| products per measurement (lambda_max + batch sharpness), mean after the first | "
-          f"{statistics.mean(products[1:]):.1f} |")
-    print(f"| seconds per measurement, median | "
-          f"{statistics.median(m['step/seconds'] for m in rows[1:]):.3f} |")
+    print(
+        f"| products per measurement (lambda_max + batch sharpness), mean after the first | "
+        f"{statistics.mean(products[1:]):.1f} |"
+    )
+    print(
+        f"| seconds per measurement, median | "
+        f"{statistics.median(m['step/seconds'] for m in rows[1:]):.3f} |"
+    )
     print(f"| seconds per training step, mean | {train_seconds / steps:.4f} |")
-    print(f"| attention backend of the products | "
-          f"{'math (fallback)' if tracker.math_attention else 'default'} |")
+    print(
+        f"| attention backend of the products | "
+        f"{'math (fallback)' if tracker.math_attention else 'default'} |"
+    )
 
 
 if __name__ == "__main__":

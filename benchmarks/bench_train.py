@@ -38,8 +38,9 @@ def torchvision_loader(train_indices: torch.Tensor):
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     dataset = torchvision.datasets.MNIST(data_dir(), train=True, transform=tf, download=False)
     subset = torch.utils.data.Subset(dataset, train_indices.tolist())
-    return torch.utils.data.DataLoader(subset, batch_size=BATCH, shuffle=True,
-                                       generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(
+        subset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def main() -> None:
@@ -47,18 +48,31 @@ def main() -> None:
     # the same 55,000 training images for both pipelines
     order = torch.randperm(60000, generator=torch.Generator().manual_seed(0))
     loader = torchvision_loader(order[5000:])
-    rows = ["| model | in-memory (lossgeo) s/epoch | DataLoader+ToTensor s/epoch | ratio |",
-            "|---|---|---|---|"]
+    rows = [
+        "| model | in-memory (lossgeo) s/epoch | DataLoader+ToTensor s/epoch | ratio |",
+        "|---|---|---|---|",
+    ]
     for name in ("mlp", "cnn"):
         torch.manual_seed(0)
-        ours = epoch(build_model(name), data.train.batches(
-            BATCH, shuffle=True, generator=torch.Generator().manual_seed(0)))
+        ours = epoch(
+            build_model(name),
+            data.train.batches(BATCH, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        )
         torch.manual_seed(0)
         theirs = epoch(build_model(name), loader)
         rows.append(f"| {name} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.1f}x |")
         print(rows[-1], flush=True)
-    write("train.md", "\n".join([f"# Training-epoch benchmark ({time.strftime('%Y-%m-%d')}; "
-                                 f"{machine()})", "", *rows, ""]))
+    write(
+        "train.md",
+        "\n".join(
+            [
+                f"# Training-epoch benchmark ({time.strftime('%Y-%m-%d')}; {machine()})",
+                "",
+                *rows,
+                "",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -17,20 +17,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def data_dir() -> str:
-    for candidate in (os.environ.get("LOSSGEO_DATA_DIR"),
-                      str(Path(__file__).resolve().parents[2] / "shared" / "data"), "data"):
+    for candidate in (
+        os.environ.get("LOSSGEO_DATA_DIR"),
+        str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+        "data",
+    ):
         if candidate and (Path(candidate) / "MNIST" / "raw").exists():
             return candidate
     raise SystemExit("MNIST not found: set LOSSGEO_DATA_DIR")
 
 
 def mnist(train_subset: int = 0, probe_size: int = 2048) -> DataBundle:
-    return load_data("mnist", data_dir(), seed=0, train_subset=train_subset,
-                     probe_size=probe_size)
+    return load_data("mnist", data_dir(), seed=0, train_subset=train_subset, probe_size=probe_size)
 
 
-def trained(name: str, data: DataBundle, epochs: int = 1, lr: float = 0.1,
-            batch_size: int = 64) -> torch.nn.Module:
+def trained(
+    name: str, data: DataBundle, epochs: int = 1, lr: float = 0.1, batch_size: int = 64
+) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(name)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -54,8 +57,10 @@ def timed(fn, repeat: int = 1):
 
 
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
 
 def write(name: str, text: str) -> None:

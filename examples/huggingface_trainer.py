@@ -38,11 +38,15 @@ class LossgeoCallback(TrainerCallback):
         metrics = self.tracker.step(state.global_step)
         if metrics:
             self.seconds += time.perf_counter() - started
-            self.products += int(metrics["step/lambda_max_n_hvp"]
-                                 + metrics.get("step/lambda_max_cold_n_hvp", 0)
-                                 + metrics["step/batch_sharpness_n"])
-            print(f"step {state.global_step}: lambda_max {metrics['step/lambda_max']:.4g}, "
-                  f"batch_sharpness {metrics['step/batch_sharpness']:.4g}")
+            self.products += int(
+                metrics["step/lambda_max_n_hvp"]
+                + metrics.get("step/lambda_max_cold_n_hvp", 0)
+                + metrics["step/batch_sharpness_n"]
+            )
+            print(
+                f"step {state.global_step}: lambda_max {metrics['step/lambda_max']:.4g}, "
+                f"batch_sharpness {metrics['step/batch_sharpness']:.4g}"
+            )
 
 
 def token_batches(n_sequences: int, length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -72,28 +76,52 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config)
     train_ids = token_batches(24, 32, config.vocab_size, seed=1)  # 768 tokens
     probe_ids = train_ids[:8]
     probe = [{"input_ids": ids, "labels": ids} for ids in probe_ids.split(4)]
-    tracker = Tracker(model, lambda model, batch: model(**batch).loss, probe,
-                      every_steps=args.every, params="transformer.h.0.attn")
+    tracker = Tracker(
+        model,
+        lambda model, batch: model(**batch).loss,
+        probe,
+        every_steps=args.every,
+        params="transformer.h.0.attn",
+    )
     callback = LossgeoCallback(tracker)
-    training = TrainingArguments(output_dir=args.output_dir, max_steps=args.steps,
-                                 per_device_train_batch_size=4, learning_rate=1e-3,
-                                 logging_steps=10, report_to="none", save_strategy="no",
-                                 use_cpu=True, disable_tqdm=True)
+    training = TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=10,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     started = time.perf_counter()
     with mlflow.start_run(run_name="huggingface-trainer") as run:
-        Trainer(model=model, args=training, train_dataset=TokenDataset(train_ids),
-                callbacks=[callback]).train()
+        Trainer(
+            model=model, args=training, train_dataset=TokenDataset(train_ids), callbacks=[callback]
+        ).train()
     total = time.perf_counter() - started
-    print(f"tracking: {tracker.n_measurements} measurements, {callback.products} "
-          f"Hessian-vector products, {callback.seconds:.2f} s of {total:.2f} s in all")
-    print(f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}) at "
-          f"{mlflow.get_tracking_uri()}")
+    print(
+        f"tracking: {tracker.n_measurements} measurements, {callback.products} "
+        f"Hessian-vector products, {callback.seconds:.2f} s of {total:.2f} s in all"
+    )
+    print(
+        f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}) at "
+        f"{mlflow.get_tracking_uri()}"
+    )
 
 
 if __name__ == "__main__":

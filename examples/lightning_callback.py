@@ -31,15 +31,22 @@ class LossgeoCallback(L.Callback):
         self.tracker: Tracker | None = None
 
     def on_train_start(self, trainer, pl_module):
-        self.tracker = Tracker(pl_module.net, F.cross_entropy, self.probe,
-                               every_steps=self.every_steps,
-                               optimizer=trainer.optimizers[0], batch_size=self.batch_size)
+        self.tracker = Tracker(
+            pl_module.net,
+            F.cross_entropy,
+            self.probe,
+            every_steps=self.every_steps,
+            optimizer=trainer.optimizers[0],
+            batch_size=self.batch_size,
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         measured = self.tracker.step(trainer.global_step, loss=float(outputs["loss"]))
         if measured:
-            print(f"step {trainer.global_step}: lambda_max {measured['step/lambda_max']:.3f}, "
-                  f"batch_sharpness {measured['step/batch_sharpness']:.3f}")
+            print(
+                f"step {trainer.global_step}: lambda_max {measured['step/lambda_max']:.3f}, "
+                f"batch_sharpness {measured['step/batch_sharpness']:.3f}"
+            )
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = self.tracker.epoch(trainer.current_epoch + 1)
@@ -72,13 +79,21 @@ def main() -> None:
     y = ((x[:, :5].sum(dim=1) + 0.5 * torch.randn(1024)) > 0).long()
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True)
     callback = LossgeoCallback((x[:256], y[:256]), args.every, args.batch_size)
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[callback])
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
     with mlflow.start_run(run_name="lightning") as run:
         trainer.fit(Classifier(lr=0.2), loader)
-    print(f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}) at "
-          f"{mlflow.get_tracking_uri()}")
+    print(
+        f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}) at "
+        f"{mlflow.get_tracking_uri()}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,14 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     probe = (x[:512], y[:512])  # a fixed training subset
-    tracker = Tracker(model, F.cross_entropy, probe, every_steps=args.every,
-                      optimizer=optimizer, batch_size=args.batch_size)
+    tracker = Tracker(
+        model,
+        F.cross_entropy,
+        probe,
+        every_steps=args.every,
+        optimizer=optimizer,
+        batch_size=args.batch_size,
+    )
     steps_per_epoch = len(y) // args.batch_size
 
     with mlflow.start_run(run_name="own-loop") as run:
@@ -52,18 +58,24 @@ def main() -> None:
                 step += 1
                 measured = tracker.step(step, loss=loss.item())
                 if measured:
-                    print(f"step {step}: lambda_max {measured['step/lambda_max']:.3f}, "
-                          f"batch_sharpness {measured['step/batch_sharpness']:.3f}, "
-                          f"2/lr {2 / args.lr:.1f}, "
-                          f"{measured['step/lambda_max_n_hvp']:.0f} products")
+                    print(
+                        f"step {step}: lambda_max {measured['step/lambda_max']:.3f}, "
+                        f"batch_sharpness {measured['step/batch_sharpness']:.3f}, "
+                        f"2/lr {2 / args.lr:.1f}, "
+                        f"{measured['step/lambda_max_n_hvp']:.0f} products"
+                    )
                 if step % steps_per_epoch == 0:
                     epoch = tracker.epoch(step // steps_per_epoch)
-                    print(f"epoch {step // steps_per_epoch}: lambda_max "
-                          f"{epoch['lambda_max']:.3f}, trace {epoch['hessian_trace']:.2f}")
+                    print(
+                        f"epoch {step // steps_per_epoch}: lambda_max "
+                        f"{epoch['lambda_max']:.3f}, trace {epoch['hessian_trace']:.2f}"
+                    )
                 if step >= args.steps:
                     break
-    print(f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}) at "
-          f"{mlflow.get_tracking_uri()}: `mlflow ui` shows step/lambda_max against steps")
+    print(
+        f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}) at "
+        f"{mlflow.get_tracking_uri()}: `mlflow ui` shows step/lambda_max against steps"
+    )
 
 
 if __name__ == "__main__":

@@ -54,9 +54,14 @@ def config_options(func: Callable) -> Callable:
         help_text = field.metadata["help"]
         if choices:
             help_text += f" ({'|'.join(choices)})"
-        func = click.option(f"--{field.name.replace('_', '-')}", field.name,
-                            type=_CLICK_TYPES[ftype], default=field.default,
-                            show_default=True, help=help_text)(func)
+        func = click.option(
+            f"--{field.name.replace('_', '-')}",
+            field.name,
+            type=_CLICK_TYPES[ftype],
+            default=field.default,
+            show_default=True,
+            help=help_text,
+        )(func)
     return func
 
 
@@ -86,6 +91,7 @@ def reports_user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except UserInputError as exc:
             fail(str(exc))
+
     return wrapper
 
 
@@ -98,11 +104,14 @@ def reads_store(command: Callable) -> Callable:
 
         require_store()
         return command(*args, **kwargs)
+
     return wrapper
 
 
-EXPERIMENT_HELP = ("MLflow experiment (default: the launcher's under `mlflow run`, else "
-                   "$MLFLOW_EXPERIMENT_NAME, else Default)")
+EXPERIMENT_HELP = (
+    "MLflow experiment (default: the launcher's under `mlflow run`, else "
+    "$MLFLOW_EXPERIMENT_NAME, else Default)"
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,8 +132,11 @@ def train_command(**options: Any) -> None:
     _end_stale_runs(resolve_experiment(config.experiment))
     outcome = run_training(config, prepared=prepared)
     last = outcome.history.iloc[-1].to_dict() if not outcome.history.empty else {}
-    summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("train_loss", "test_loss", "test_acc",
-                                                        "lambda_max") if k in last)
+    summary = ", ".join(
+        f"{k}={last[k]:.4f}"
+        for k in ("train_loss", "test_loss", "test_acc", "lambda_max")
+        if k in last
+    )
     state = f"diverged at epoch {outcome.diverged_epoch}" if outcome.diverged_epoch else "finished"
     click.echo(f"run {outcome.run_id} {state}: {summary}")
     from lossgeo.run.tracking import tracking_uri, ui_link
@@ -138,8 +150,9 @@ def _end_stale_runs(experiment: str) -> None:
     from lossgeo.run.tracking import end_stale_runs
 
     for run_id, age in end_stale_runs([experiment], ended_by="lossgeo train, before its run"):
-        click.echo(f"lossgeo: run {run_id} had no heartbeat for {age:.0f} s: ended KILLED",
-                   err=True)
+        click.echo(
+            f"lossgeo: run {run_id} had no heartbeat for {age:.0f} s: ended KILLED", err=True
+        )
 
 
 @cli.group("runs")
@@ -148,20 +161,28 @@ def runs_group() -> None:
 
 
 @runs_group.command("cleanup")
-@click.option("--experiment", "experiments", multiple=True,
-              help="experiment name, repeatable (default: every experiment)")
-@click.option("--stale-after", type=click.FloatRange(min=0), default=300, show_default=True,
-              help="seconds without a heartbeat after which a RUNNING run counts as dead, "
-                   "taken as given: below three heartbeat intervals (3 x 30 s) a live run "
-                   "can be ended too")
+@click.option(
+    "--experiment",
+    "experiments",
+    multiple=True,
+    help="experiment name, repeatable (default: every experiment)",
+)
+@click.option(
+    "--stale-after",
+    type=click.FloatRange(min=0),
+    default=300,
+    show_default=True,
+    help="seconds without a heartbeat after which a RUNNING run counts as dead, "
+    "taken as given: below three heartbeat intervals (3 x 30 s) a live run "
+    "can be ended too",
+)
 @reports_user_errors
 @reads_store
 def runs_cleanup_command(experiments: tuple[str, ...], stale_after: float) -> None:
     """End KILLED the runs whose process died without ending them (SIGKILL, lost machine)."""
     from lossgeo.run.tracking import end_stale_runs
 
-    ended = end_stale_runs(list(experiments) or None, stale_after=stale_after,
-                           min_intervals=0)
+    ended = end_stale_runs(list(experiments) or None, stale_after=stale_after, min_intervals=0)
     for run_id, age in ended:
         click.echo(f"run {run_id}: no heartbeat for {age:.0f} s, ended KILLED")
     click.echo(f"{len(ended)} stale run(s) ended")
@@ -182,19 +203,36 @@ def curvature_command(run_id: str, **overrides: Any) -> None:
     from lossgeo.run.experiment import remeasure_curvature
 
     metrics = remeasure_curvature(run_id, **overrides)
-    click.echo(f"run {run_id}: lambda_max={metrics['lambda_max']:.6g} "
-               f"lambda_min={metrics['lambda_min']:.6g} trace={metrics['hessian_trace']:.6g} "
-               f"({metrics['curvature_seconds']:.1f}s) logged under remeasured/")
+    click.echo(
+        f"run {run_id}: lambda_max={metrics['lambda_max']:.6g} "
+        f"lambda_min={metrics['lambda_min']:.6g} trace={metrics['hessian_trace']:.6g} "
+        f"({metrics['curvature_seconds']:.1f}s) logged under remeasured/"
+    )
 
 
 @cli.command("landscape")
 @click.option("--run-id", required=True, help="MLflow run whose final checkpoint to slice")
-@click.option("--landscape-resolution", "resolution", type=int, default=None,
-              help="grid points per axis (default: the run's)")
-@click.option("--landscape-range", "half_range", type=float, default=None,
-              help="half-width r of [-r, r]^2 (default: the run's)")
-@click.option("--landscape-directions", "directions", type=click.Choice(["random", "eigen"]),
-              default=None, help="plane (default: the run's)")
+@click.option(
+    "--landscape-resolution",
+    "resolution",
+    type=int,
+    default=None,
+    help="grid points per axis (default: the run's)",
+)
+@click.option(
+    "--landscape-range",
+    "half_range",
+    type=float,
+    default=None,
+    help="half-width r of [-r, r]^2 (default: the run's)",
+)
+@click.option(
+    "--landscape-directions",
+    "directions",
+    type=click.Choice(["random", "eigen"]),
+    default=None,
+    help="plane (default: the run's)",
+)
 @click.option("--on-test", is_flag=True, help="slice on the test set instead of the probe set")
 @click.option("--data-dir", default=None, help="data root (default: the run's)")
 @reports_user_errors
@@ -204,8 +242,10 @@ def landscape_command(run_id: str, **options: Any) -> None:
     from lossgeo.run.experiment import remeasure_landscape
 
     slice2d = remeasure_landscape(run_id, **options)
-    click.echo(f"run {run_id}: {tuple(slice2d['loss'].shape)} slice "
-               f"({slice2d['directions']}) logged under remeasured/landscape/")
+    click.echo(
+        f"run {run_id}: {tuple(slice2d['loss'].shape)} slice "
+        f"({slice2d['directions']}) logged under remeasured/landscape/"
+    )
 
 
 @cli.command("interpolate")
@@ -216,13 +256,15 @@ def landscape_command(run_id: str, **options: Any) -> None:
 @click.option("--data-dir", default=None, help="data root (default: the runs')")
 @reports_user_errors
 @reads_store
-def interpolate_command(run_a: str, run_b: str, points: int, experiment: str,
-                        data_dir: str | None) -> None:
+def interpolate_command(
+    run_a: str, run_b: str, points: int, experiment: str, data_dir: str | None
+) -> None:
     """Loss along the line between two runs' final weights, logged as a new run."""
     from lossgeo.run.experiment import interpolate_runs
 
-    new_run, result = interpolate_runs(run_a, run_b, points=points, experiment=experiment,
-                                       data_dir=data_dir)
+    new_run, result = interpolate_runs(
+        run_a, run_b, points=points, experiment=experiment, data_dir=data_dir
+    )
     click.echo(f"run {new_run}: interpolation logged")
 
 
@@ -237,21 +279,30 @@ def _load_spec(path: str, data_dir: str | None, overrides: tuple[str, ...]):
 
 def set_option(func: Callable) -> Callable:
     return click.option(
-        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
         help="override a training parameter of the study's base, validated like the file "
-             "(repeatable; one value may hold several: --set 'epochs=1 train_subset=2000')"
+        "(repeatable; one value may hold several: --set 'epochs=1 train_subset=2000')",
     )(func)
 
 
 @cli.command("grid")
-@click.option("--study", "study_path", default="studies/mnist_grid.yaml", show_default=True,
-              help="grid study file (YAML)")
+@click.option(
+    "--study",
+    "study_path",
+    default="studies/mnist_grid.yaml",
+    show_default=True,
+    help="grid study file (YAML)",
+)
 @click.option("--experiment", default="", help=EXPERIMENT_HELP)
 @click.option("--data-dir", default=None, help="data root for every cell")
 @set_option
 @reports_user_errors
-def grid_command(study_path: str, experiment: str, data_dir: str | None,
-                 overrides: tuple[str, ...]) -> None:
+def grid_command(
+    study_path: str, experiment: str, data_dir: str | None, overrides: tuple[str, ...]
+) -> None:
     """Run every model x regime of a grid study as child runs of one parent run."""
     from lossgeo.studies.grid import run_grid
 
@@ -263,22 +314,43 @@ def grid_command(study_path: str, experiment: str, data_dir: str | None,
 
 
 @cli.command("sweep")
-@click.option("--study", "study_path", default="studies/noise_temperature.yaml",
-              show_default=True, help="sweep study file (YAML)")
+@click.option(
+    "--study",
+    "study_path",
+    default="studies/noise_temperature.yaml",
+    show_default=True,
+    help="sweep study file (YAML)",
+)
 @click.option("--n-trials", type=int, default=0, help="global trial budget (0: the file's)")
-@click.option("--storage", default="", help="Optuna storage URL (default sqlite:///studies/optuna.db)")
+@click.option(
+    "--storage", default="", help="Optuna storage URL (default sqlite:///studies/optuna.db)"
+)
 @click.option("--study-name", default="", help="study name (default: the file's)")
-@click.option("--n-jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="trials in parallel threads in this worker")
+@click.option(
+    "--n-jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="trials in parallel threads in this worker",
+)
 @click.option("--experiment", default="", help=EXPERIMENT_HELP)
 @click.option("--data-dir", default=None, help="data root for every trial")
 @click.option("--heartbeat-interval", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--grace-period", type=click.IntRange(min=2), default=30, show_default=True)
 @set_option
 @reports_user_errors
-def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str, n_jobs: int,
-                  experiment: str, data_dir: str | None, heartbeat_interval: int,
-                  grace_period: int, overrides: tuple[str, ...]) -> None:
+def sweep_command(
+    study_path: str,
+    n_trials: int,
+    storage: str,
+    study_name: str,
+    n_jobs: int,
+    experiment: str,
+    data_dir: str | None,
+    heartbeat_interval: int,
+    grace_period: int,
+    overrides: tuple[str, ...],
+) -> None:
     """Run (or join) an Optuna sweep; start the same command on many machines to share it."""
     from lossgeo.studies.sweep import run_sweep
 
@@ -287,16 +359,25 @@ def sweep_command(study_path: str, n_trials: int, storage: str, study_name: str,
     spec = _load_spec(study_path, data_dir, overrides)
     if spec.kind != "sweep":
         raise UserInputError(f"study: {study_path} is a {spec.kind}, not a sweep")
-    study = run_sweep(spec, storage=storage or None, n_trials=n_trials or None,
-                      n_jobs=n_jobs, study_name=study_name or None, experiment=experiment,
-                      heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    study = run_sweep(
+        spec,
+        storage=storage or None,
+        n_trials=n_trials or None,
+        n_jobs=n_jobs,
+        study_name=study_name or None,
+        experiment=experiment,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+    )
     from lossgeo.studies.sweep import PARENT_ATTR
 
     states = [t.state.name for t in study.trials]
     parent = study.user_attrs.get(PARENT_ATTR, "")
-    click.echo(f"study {study.study_name}: " + ", ".join(
-        f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
-        + f"; parent run {parent}")
+    click.echo(
+        f"study {study.study_name}: "
+        + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
+        + f"; parent run {parent}"
+    )
     best = _best_trial(study)
     if best:
         click.echo(best)
@@ -311,14 +392,17 @@ def _best_trial(study: Any) -> str:
         best = study.best_trial
     except ValueError:  # no complete trial yet
         return ""
-    params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in best.params.items())
+    params = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()
+    )
     return f"best: trial {best.number} ({params}), objective {best.value:.4g}"
 
 
 def _next_steps(parent: str) -> str:
-    return (f"next: lossgeo compare --parent-run {parent}   (plots)\n"
-            f"      lossgeo report --parent-run {parent}    (LaTeX report with verdicts)")
+    return (
+        f"next: lossgeo compare --parent-run {parent}   (plots)\n"
+        f"      lossgeo report --parent-run {parent}    (LaTeX report with verdicts)"
+    )
 
 
 @cli.command("compare")
@@ -342,8 +426,9 @@ def compare_command(experiment: str | None, parent_run: str | None, out_dir: str
 @click.option("--no-pdf", is_flag=True, help="write the LaTeX sources only")
 @reports_user_errors
 @reads_store
-def report_command(experiment: str | None, parent_run: str | None, out_dir: str,
-                   no_pdf: bool) -> None:
+def report_command(
+    experiment: str | None, parent_run: str | None, out_dir: str, no_pdf: bool
+) -> None:
     """Write a LaTeX research report from logged runs; compile it where pdflatex exists."""
     from lossgeo.analysis.comparison import report
 
@@ -393,8 +478,10 @@ def main() -> None:
         if not _received:
             click.echo("lossgeo: aborted", err=True)
             sys.exit(1)
-        click.echo(f"lossgeo: {Interrupted(_received[0])}; what was logged is kept, runs "
-                   "ended KILLED", err=True)
+        click.echo(
+            f"lossgeo: {Interrupted(_received[0])}; what was logged is kept, runs ended KILLED",
+            err=True,
+        )
         sys.exit(128 + _received[0])
     sys.exit(code if isinstance(code, int) else 0)
 

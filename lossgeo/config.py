@@ -17,13 +17,20 @@ LOSSES = ("cross_entropy", "mse")
 ACTIVATIONS = ("relu", "tanh")
 LANDSCAPE_DIRECTIONS = ("random", "eigen", "pca")
 # torch and numpy seed generators take unsigned 64-bit seeds, and the loop derives seed + 1
-MAX_SEED = 2 ** 63 - 1
+MAX_SEED = 2**63 - 1
 
 
-def _param(default: Any, help: str, check: Callable[[Any], bool] | None = None,
-           allowed: str = "", choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={
-        "help": help, "check": check, "allowed": allowed, "choices": choices})
+def _param(
+    default: Any,
+    help: str,
+    check: Callable[[Any], bool] | None = None,
+    allowed: str = "",
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    return field(
+        default=default,
+        metadata={"help": help, "check": check, "allowed": allowed, "choices": choices},
+    )
 
 
 def _positive(x: float) -> bool:
@@ -40,74 +47,127 @@ class TrainConfig:
     model: str = _param("mlp", "model architecture", choices=MODELS)
     lr: float = _param(0.1, "SGD learning rate", _positive, "> 0")
     batch_size: int = _param(32, "mini-batch size", _positive, ">= 1 and <= training-set size")
-    epochs: int = _param(3, "training epochs (0 = measure the initialisation only)",
-                         _non_negative, ">= 0")
+    epochs: int = _param(
+        3, "training epochs (0 = measure the initialisation only)", _non_negative, ">= 0"
+    )
     momentum: float = _param(0.0, "SGD momentum", lambda m: 0 <= m < 1, "in [0, 1)")
     weight_decay: float = _param(0.0, "L2 weight decay", _non_negative, ">= 0")
-    seed: int = _param(0, "random seed (data split, probe set, init, batches)",
-                       lambda s: 0 <= s <= MAX_SEED, f"in [0, {MAX_SEED}]")
-    train_subset: int = _param(10000, "training samples used (0 = the whole training split)",
-                               _non_negative, ">= 0")
-    val_size: int = _param(5000, "validation samples carved from the training set",
-                           _positive, ">= 1")
-    probe_size: int = _param(1024, "fixed training subset for curvature/landscape measurements",
-                             _positive, ">= 1 and <= training-set size")
+    seed: int = _param(
+        0,
+        "random seed (data split, probe set, init, batches)",
+        lambda s: 0 <= s <= MAX_SEED,
+        f"in [0, {MAX_SEED}]",
+    )
+    train_subset: int = _param(
+        10000, "training samples used (0 = the whole training split)", _non_negative, ">= 0"
+    )
+    val_size: int = _param(
+        5000, "validation samples carved from the training set", _positive, ">= 1"
+    )
+    probe_size: int = _param(
+        1024,
+        "fixed training subset for curvature/landscape measurements",
+        _positive,
+        ">= 1 and <= training-set size",
+    )
     target_train_loss: float = _param(
-        0.0, "train to a fit: stop at the first check whose full-train-split loss is <= this "
-        "(0 = off; epochs is then the budget)", _non_negative, ">= 0")
+        0.0,
+        "train to a fit: stop at the first check whose full-train-split loss is <= this "
+        "(0 = off; epochs is then the budget)",
+        _non_negative,
+        ">= 0",
+    )
     target_train_acc: float = _param(
-        0.0, "train to a fit: stop at the first check whose full-train-split accuracy is >= this "
-        "(0 = off; with target_train_loss, both must hold)", lambda a: 0 <= a <= 1, "in [0, 1]")
+        0.0,
+        "train to a fit: stop at the first check whose full-train-split accuracy is >= this "
+        "(0 = off; with target_train_loss, both must hold)",
+        lambda a: 0 <= a <= 1,
+        "in [0, 1]",
+    )
     target_check_every: int = _param(
-        0, "steps between in-epoch target checks on the probe set, each confirmed on the full "
-        "train split (0 = ten per epoch)", _non_negative, ">= 0")
-    eval_every: int = _param(1, "evaluate train/val/test every N epochs (the first and last "
-                             "always; with a target, the train split every epoch)", _positive,
-                             ">= 1")
-    measure_every: int = _param(1, "measure curvature/sharpness every N epochs (0 and last always)",
-                                _positive, ">= 1")
+        0,
+        "steps between in-epoch target checks on the probe set, each confirmed on the full "
+        "train split (0 = ten per epoch)",
+        _non_negative,
+        ">= 0",
+    )
+    eval_every: int = _param(
+        1,
+        "evaluate train/val/test every N epochs (the first and last "
+        "always; with a target, the train split every epoch)",
+        _positive,
+        ">= 1",
+    )
+    measure_every: int = _param(
+        1, "measure curvature/sharpness every N epochs (0 and last always)", _positive, ">= 1"
+    )
     measure_every_steps: int = _param(
-        0, "per-step tracking: every N optimizer steps, lambda_max (warm-started), batch "
+        0,
+        "per-step tracking: every N optimizer steps, lambda_max (warm-started), batch "
         "sharpness, gradient alignment and edge ratios on the probe set, logged as "
-        "step/<name> at the global step (0 = off)", _non_negative, ">= 0")
+        "step/<name> at the global step (0 = off)",
+        _non_negative,
+        ">= 0",
+    )
     data_dir: str = _param("", "data root (default: $LOSSGEO_DATA_DIR, else ./data)")
     device: str = _param("auto", "compute device", choices=DEVICES)
     loss: str = _param("cross_entropy", "training loss", choices=LOSSES)
     activation: str = _param("relu", "MLP activation", choices=ACTIVATIONS)
-    hidden: str = _param("512,256", "MLP hidden widths, comma-separated",
-                         lambda s: _parse_widths(s) is not None, "comma-separated positive ints")
+    hidden: str = _param(
+        "512,256",
+        "MLP hidden widths, comma-separated",
+        lambda s: _parse_widths(s) is not None,
+        "comma-separated positive ints",
+    )
     curvature: bool = _param(True, "measure Hessian curvature on the probe set")
     curvature_k: int = _param(5, "number of top Hessian eigenvalues (Lanczos)", _positive, ">= 1")
-    curvature_tol: float = _param(1e-4, "relative eigenvalue accuracy of the Lanczos solver",
-                                  _positive, "> 0")
+    curvature_tol: float = _param(
+        1e-4, "relative eigenvalue accuracy of the Lanczos solver", _positive, "> 0"
+    )
     curvature_max_iter: int = _param(100, "maximum Lanczos steps", lambda n: n >= 2, ">= 2")
-    trace_samples: int = _param(20, "Hutchinson vectors for the Hessian trace (deflated by "
-                                "the top-k eigenpairs)", lambda n: n >= 2, ">= 2")
-    density_steps: int = _param(100, "Lanczos steps of the final spectral density (SLQ)",
-                                lambda n: n >= 2, ">= 2")
-    effective_dim_alpha: float = _param(1.0, "alpha of N_eff = sum lambda/(lambda+alpha)",
-                                        _positive, "> 0")
+    trace_samples: int = _param(
+        20,
+        "Hutchinson vectors for the Hessian trace (deflated by the top-k eigenpairs)",
+        lambda n: n >= 2,
+        ">= 2",
+    )
+    density_steps: int = _param(
+        100, "Lanczos steps of the final spectral density (SLQ)", lambda n: n >= 2, ">= 2"
+    )
+    effective_dim_alpha: float = _param(
+        1.0, "alpha of N_eff = sum lambda/(lambda+alpha)", _positive, "> 0"
+    )
     noise_scale: bool = _param(True, "gradient noise scale B_simple on the probe set")
     sharpness: bool = _param(True, "measure sharpness every measured epoch")
-    sharpness_directions: int = _param(10, "random directions K for sharp_mean/sharp_max",
-                                       _positive, ">= 1")
-    sharpness_radius: float = _param(0.05, "radius rho along filter-normalised directions",
-                                     _positive, "> 0")
-    sharpness_eps: float = _param(1e-3, "box size eps of Keskar's epsilon-sharpness",
-                                  _positive, "> 0")
-    adaptive_radius: float = _param(0.5, "radius rho of adaptive sharpness ||delta/|w|||_2",
-                                    _positive, "> 0")
+    sharpness_directions: int = _param(
+        10, "random directions K for sharp_mean/sharp_max", _positive, ">= 1"
+    )
+    sharpness_radius: float = _param(
+        0.05, "radius rho along filter-normalised directions", _positive, "> 0"
+    )
+    sharpness_eps: float = _param(
+        1e-3, "box size eps of Keskar's epsilon-sharpness", _positive, "> 0"
+    )
+    adaptive_radius: float = _param(
+        0.5, "radius rho of adaptive sharpness ||delta/|w|||_2", _positive, "> 0"
+    )
     landscape: bool = _param(True, "2D/1D loss slices and trajectory at the final epoch")
-    landscape_resolution: int = _param(21, "grid points per axis of 2D slices (51 = Li et al.)",
-                                       lambda n: n >= 3, ">= 3")
-    landscape_range: float = _param(1.0, "half-width r of the slice grid [-r, r]^2",
-                                    _positive, "> 0")
-    landscape_directions: str = _param("random", "plane of the 2D slice",
-                                       choices=LANDSCAPE_DIRECTIONS)
+    landscape_resolution: int = _param(
+        21, "grid points per axis of 2D slices (51 = Li et al.)", lambda n: n >= 3, ">= 3"
+    )
+    landscape_range: float = _param(
+        1.0, "half-width r of the slice grid [-r, r]^2", _positive, "> 0"
+    )
+    landscape_directions: str = _param(
+        "random", "plane of the 2D slice", choices=LANDSCAPE_DIRECTIONS
+    )
     landscape_every_epoch: bool = _param(False, "also store 2D slices at every measured epoch")
     landscape_on_test: bool = _param(False, "slices on the test set instead of the probe set")
-    experiment: str = _param("", "MLflow experiment (default: the launcher's under `mlflow run`, "
-                             "else $MLFLOW_EXPERIMENT_NAME, else Default)")
+    experiment: str = _param(
+        "",
+        "MLflow experiment (default: the launcher's under `mlflow run`, "
+        "else $MLFLOW_EXPERIMENT_NAME, else Default)",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -116,15 +176,17 @@ class TrainConfig:
             choices = f.metadata["choices"]
             if choices is not None and value not in choices:
                 raise UserInputError(
-                    f"{f.name}: must be one of {', '.join(choices)} (got {value!r})")
+                    f"{f.name}: must be one of {', '.join(choices)} (got {value!r})"
+                )
             check = f.metadata["check"]
             if check is not None and not check(value):
-                raise UserInputError(
-                    f"{f.name}: must be {f.metadata['allowed']} (got {value!r})")
+                raise UserInputError(f"{f.name}: must be {f.metadata['allowed']} (got {value!r})")
         if self.noise_scale and self.probe_size < 2:
-            raise UserInputError(f"probe_size: must be >= 2 for the gradient noise scale (a "
-                                 f"variance over samples; got {self.probe_size}); or set "
-                                 "noise_scale false")
+            raise UserInputError(
+                f"probe_size: must be >= 2 for the gradient noise scale (a "
+                f"variance over samples; got {self.probe_size}); or set "
+                "noise_scale false"
+            )
 
     @property
     def hidden_widths(self) -> tuple[int, ...]:
@@ -139,11 +201,13 @@ class TrainConfig:
         if self.batch_size > n_train:
             raise UserInputError(
                 f"batch_size: must be >= 1 and <= training-set size {n_train} "
-                f"(got {self.batch_size})")
+                f"(got {self.batch_size})"
+            )
         if self.probe_size > n_train:
             raise UserInputError(
                 f"probe_size: must be >= 1 and <= training-set size {n_train} "
-                f"(got {self.probe_size})")
+                f"(got {self.probe_size})"
+            )
 
     def to_params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

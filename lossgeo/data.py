@@ -40,16 +40,16 @@ class Split:
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.x.to(device), self.y.to(device))
 
-    def batches(self, batch_size: int, *, shuffle: bool = False,
-                generator: torch.Generator | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else None
         for start in range(0, n, batch_size):
             if order is None:
-                yield self.x[start:start + batch_size], self.y[start:start + batch_size]
+                yield self.x[start : start + batch_size], self.y[start : start + batch_size]
             else:
-                idx = order[start:start + batch_size].to(self.x.device)
+                idx = order[start : start + batch_size].to(self.x.device)
                 yield self.x[idx], self.y[idx]
 
 
@@ -65,9 +65,16 @@ class DataBundle:
     n_classes: int
 
     def to(self, device: torch.device | str) -> "DataBundle":
-        return DataBundle(self.name, self.train.to(device), self.val.to(device),
-                          self.test.to(device), self.probe.to(device), self.in_channels,
-                          self.image_size, self.n_classes)
+        return DataBundle(
+            self.name,
+            self.train.to(device),
+            self.val.to(device),
+            self.test.to(device),
+            self.probe.to(device),
+            self.in_channels,
+            self.image_size,
+            self.n_classes,
+        )
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -94,15 +101,18 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as fh:
             raw = fh.read()
     except (OSError, EOFError) as exc:  # gzip: truncated stream or not gzip at all
-        raise DataUnavailableError(f"dataset: file {path} is corrupt ({type(exc).__name__}: "
-                                   f"{exc}); delete it and download it again") from None
+        raise DataUnavailableError(
+            f"dataset: file {path} is corrupt ({type(exc).__name__}: "
+            f"{exc}); delete it and download it again"
+        ) from None
     ndim = raw[3] if len(raw) >= 4 else 0
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = 4 + 4 * ndim + int(np.prod(shape))
     if len(raw) < 4 or raw[:3] != b"\0\0\x08" or len(raw) != expected:
         raise DataUnavailableError(
             f"dataset: file {path} is corrupt ({len(raw)} bytes, its header says {expected}); "
-            "delete it and download it again")
+            "delete it and download it again"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -131,21 +141,23 @@ def _debian_fashion_mnist(train: bool) -> tuple[torch.Tensor, torch.Tensor] | No
     return _idx_split(DEBIAN_FASHION_MNIST, train)
 
 
-def _torchvision_split(name: str, root: Path, train: bool, download: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def _torchvision_split(
+    name: str, root: Path, train: bool, download: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
     errors: list[str] = []
     # A download that fails must not leave the empty folders torchvision made for it.
     top = root.absolute()
-    folders = [top] + ([top / IDX_FOLDERS[name], top / IDX_FOLDERS[name] / "raw"]
-                       if name in IDX_FOLDERS else [])
+    folders = [top] + (
+        [top / IDX_FOLDERS[name], top / IDX_FOLDERS[name] / "raw"] if name in IDX_FOLDERS else []
+    )
     # ... and above them: torchvision makes every missing ancestor (/nonexistent of
     # /nonexistent/dd)
     missing = [f for f in folders if not f.exists()]
     missing += [a for a in top.parents if not a.exists()]
-    for attempt_download in ([False, True] if download else [False]):
+    for attempt_download in [False, True] if download else [False]:
         try:
             ds = cls(root=str(root), train=train, download=attempt_download)
             break
@@ -155,13 +167,17 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool
         for folder in sorted(set(missing), key=lambda f: len(f.parts), reverse=True):
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-        hint = {"mnist": "MNIST/raw/", "fashion-mnist": "FashionMNIST/raw/",
-                "cifar10": "cifar-10-batches-py/"}[name]
-        extra = (" or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else "")
+        hint = {
+            "mnist": "MNIST/raw/",
+            "fashion-mnist": "FashionMNIST/raw/",
+            "cifar10": "cifar-10-batches-py/",
+        }[name]
+        extra = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
         raise DataUnavailableError(
             f"dataset {name}: files not found under {root.resolve()}/{hint} and download failed "
             f"({errors[-1]}); put torchvision's files there, pass --data-dir or set "
-            f"LOSSGEO_DATA_DIR{extra}")
+            f"LOSSGEO_DATA_DIR{extra}"
+        )
     data = ds.data
     if isinstance(data, np.ndarray):  # CIFAR-10: (N, H, W, C) uint8
         x = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
@@ -171,12 +187,14 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool
     return x, y
 
 
-def load_split_raw(name: str, root: Path, train: bool, download: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split_raw(
+    name: str, root: Path, train: bool, download: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, C, H, W) and int64 labels of one official split."""
     if name not in NORMALISATION:
         raise DataUnavailableError(
-            f"dataset: must be one of {', '.join(NORMALISATION)} (got {name!r})")
+            f"dataset: must be one of {', '.join(NORMALISATION)} (got {name!r})"
+        )
     if name in IDX_FOLDERS:
         found = _idx_split(root / IDX_FOLDERS[name] / "raw", train)
         if found is None and name == "fashion-mnist":
@@ -186,9 +204,16 @@ def load_split_raw(name: str, root: Path, train: bool, download: bool = True
     return _torchvision_split(name, root, train, download)
 
 
-def load_data(name: str, data_dir: str | os.PathLike | None = None, *, seed: int = 0,
-              val_size: int = 5000, train_subset: int = 0, probe_size: int = 2048,
-              download: bool = True) -> DataBundle:
+def load_data(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    val_size: int = 5000,
+    train_subset: int = 0,
+    probe_size: int = 2048,
+    download: bool = True,
+) -> DataBundle:
     """Loads a data set once into normalised tensors with deterministic splits.
 
     val is carved from the official training set by a seeded permutation; train_subset
@@ -201,7 +226,8 @@ def load_data(name: str, data_dir: str | os.PathLike | None = None, *, seed: int
     n_all = int(y_all.shape[0])
     if val_size >= n_all:
         raise DataUnavailableError(
-            f"val_size: must be >= 1 and < {n_all} for {name} (got {val_size})")
+            f"val_size: must be >= 1 and < {n_all} for {name} (got {val_size})"
+        )
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_all, generator=gen)
     val_idx, train_idx = order[:val_size], order[val_size:]
@@ -211,8 +237,15 @@ def load_data(name: str, data_dir: str | os.PathLike | None = None, *, seed: int
     train = Split(x_all[train_idx], y_all[train_idx])
     val = Split(x_all[val_idx], y_all[val_idx])
     test = Split(_normalise(x_test, name), y_test)
-    probe_order = torch.randperm(len(train), generator=gen)[:min(probe_size, len(train))]
+    probe_order = torch.randperm(len(train), generator=gen)[: min(probe_size, len(train))]
     probe = train.subset(probe_order)
-    return DataBundle(name=name, train=train, val=val, test=test, probe=probe,
-                      in_channels=int(x_all.shape[1]), image_size=int(x_all.shape[-1]),
-                      n_classes=10)
+    return DataBundle(
+        name=name,
+        train=train,
+        val=val,
+        test=test,
+        probe=probe,
+        in_channels=int(x_all.shape[1]),
+        image_size=int(x_all.shape[-1]),
+        n_classes=10,
+    )

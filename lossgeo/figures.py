@@ -55,16 +55,27 @@ def _measured(df: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series]:
     return rows["epoch"], rows[metric]
 
 
-def _curves(histories: Mapping[str, pd.DataFrame], metrics: list[tuple[str, str]],
-            ylabel: str, title: str, log_y: bool = False) -> Figure:
+def _curves(
+    histories: Mapping[str, pd.DataFrame],
+    metrics: list[tuple[str, str]],
+    ylabel: str,
+    title: str,
+    log_y: bool = False,
+) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     styles = ["-", "--", ":", "-."]
     for i, (colour, (label, df)) in enumerate(zip(_colours(len(histories)), histories.items())):
         for style, (metric, name) in zip(styles, metrics):
             if metric in df and df[metric].notna().any():
-                ax.plot(*_measured(df, metric), style, color=colour,
-                        marker=MARKERS[i % len(MARKERS)], markersize=5, fillstyle="none",
-                        label=f"{label}: {name}")
+                ax.plot(
+                    *_measured(df, metric),
+                    style,
+                    color=colour,
+                    marker=MARKERS[i % len(MARKERS)],
+                    markersize=5,
+                    fillstyle="none",
+                    label=f"{label}: {name}",
+                )
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -77,14 +88,23 @@ def _curves(histories: Mapping[str, pd.DataFrame], metrics: list[tuple[str, str]
 
 def loss_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
     """Train (solid) and test (dashed) loss per epoch, one colour per run."""
-    return _curves(histories, [("train_loss", "train"), ("test_loss", "test")],
-                   "loss (mean over samples)", "Loss curves", log_y=True)
+    return _curves(
+        histories,
+        [("train_loss", "train"), ("test_loss", "test")],
+        "loss (mean over samples)",
+        "Loss curves",
+        log_y=True,
+    )
 
 
 def accuracy_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
     """Train (solid) and test (dashed) accuracy per epoch, one colour per run."""
-    fig = _curves(histories, [("train_acc", "train"), ("test_acc", "test")],
-                  "accuracy (fraction correct)", "Accuracy curves")
+    fig = _curves(
+        histories,
+        [("train_acc", "train"), ("test_acc", "test")],
+        "accuracy (fraction correct)",
+        "Accuracy curves",
+    )
     return fig
 
 
@@ -117,15 +137,31 @@ def _contour(ax, x, y, loss, title: str):
     lo, hi = (positive.min(), positive.max()) if positive.size else (1e-3, 1.0)
     hi = max(hi, lo * 1.0001)
     levels = np.geomspace(lo, hi, 30)
-    filled = ax.contourf(_np(x), _np(y), np.clip(z, lo, hi), levels=levels,
-                         norm=LogNorm(lo, hi), cmap="viridis")
-    ax.contour(_np(x), _np(y), np.clip(z, lo, hi), levels=levels[::3], colors="white",
-               linewidths=0.4, alpha=0.6)
+    filled = ax.contourf(
+        _np(x), _np(y), np.clip(z, lo, hi), levels=levels, norm=LogNorm(lo, hi), cmap="viridis"
+    )
+    ax.contour(
+        _np(x),
+        _np(y),
+        np.clip(z, lo, hi),
+        levels=levels[::3],
+        colors="white",
+        linewidths=0.4,
+        alpha=0.6,
+    )
     i, j = np.unravel_index(np.nanargmin(_np(loss)), _np(loss).shape)
-    ax.plot(_np(x)[i], _np(y)[j], marker="*", color="red", markersize=12, ls="none",
-            label=f"grid minimum ({z[j, i]:.3g})")
-    ax.plot(0, 0, marker="o", color="white", markeredgecolor="black", ls="none",
-            label="final weights")
+    ax.plot(
+        _np(x)[i],
+        _np(y)[j],
+        marker="*",
+        color="red",
+        markersize=12,
+        ls="none",
+        label=f"grid minimum ({z[j, i]:.3g})",
+    )
+    ax.plot(
+        0, 0, marker="o", color="white", markeredgecolor="black", ls="none", label="final weights"
+    )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("coordinate along direction 1")
     ax.set_ylabel("coordinate along direction 2")
@@ -136,23 +172,35 @@ def landscape_2d(slice2d: Mapping, trajectory: Mapping | None = None) -> Figure:
     """The 2D loss slice; with a trajectory, a second panel shows the optimisation path on
     the slice in its PCA plane (Li et al. 2018, Fig. 9)."""
     panels = 2 if trajectory is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.2), layout="constrained",
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, panels, figsize=(6.5 * panels, 5.2), layout="constrained", squeeze=False
+    )
     plane = slice2d.get("plane", "random")
-    filled = _contour(axes[0, 0], slice2d["x"], slice2d["y"], slice2d["loss"],
-                      f"loss slice, {plane} plane")
+    filled = _contour(
+        axes[0, 0], slice2d["x"], slice2d["y"], slice2d["loss"], f"loss slice, {plane} plane"
+    )
     fig.colorbar(filled, ax=axes[0, 0], label="loss (log scale)", format="%.3g")
     if trajectory is not None:
         sl = trajectory["slice"]
         ratio = _np(trajectory["explained_variance_ratio"])
         ax = axes[0, 1]
-        filled = _contour(ax, sl["x"], sl["y"], sl["loss"],
-                          f"trajectory on the PCA plane ({100 * ratio.sum():.0f}% of variance)")
+        filled = _contour(
+            ax,
+            sl["x"],
+            sl["y"],
+            sl["loss"],
+            f"trajectory on the PCA plane ({100 * ratio.sum():.0f}% of variance)",
+        )
         coords = _np(trajectory["coordinates"])
-        ax.plot(coords[:, 0], coords[:, 1], "-o", color="orange", markersize=4,
-                label="SGD path (one point per epoch)")
-        ax.annotate("init", coords[0], color="orange", xytext=(4, 4),
-                    textcoords="offset points")
+        ax.plot(
+            coords[:, 0],
+            coords[:, 1],
+            "-o",
+            color="orange",
+            markersize=4,
+            label="SGD path (one point per epoch)",
+        )
+        ax.annotate("init", coords[0], color="orange", xytext=(4, 4), textcoords="offset points")
         ax.set_xlabel(f"PC1 ({100 * ratio[0]:.0f}%)")
         ax.set_ylabel(f"PC2 ({100 * ratio[1]:.0f}%)")
         fig.colorbar(filled, ax=ax, label="loss (log scale)", format="%.3g")
@@ -165,8 +213,7 @@ def landscape_3d(slice2d: Mapping) -> Figure:
     fig = plt.figure(figsize=(7, 5.5), layout="constrained")
     ax = fig.add_subplot(projection="3d")
     xx, yy = np.meshgrid(_np(slice2d["x"]), _np(slice2d["y"]), indexing="ij")
-    ax.plot_surface(xx, yy, _np(slice2d["loss"]), cmap="viridis", linewidth=0,
-                    antialiased=True)
+    ax.plot_surface(xx, yy, _np(slice2d["loss"]), cmap="viridis", linewidth=0, antialiased=True)
     ax.set_xlabel("direction 1")
     ax.set_ylabel("direction 2")
     ax.set_zlabel("loss")
@@ -177,13 +224,20 @@ def landscape_3d(slice2d: Mapping) -> Figure:
 def landscape_1d(slices: Mapping) -> Figure:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     ax = axes[0]
-    for key, label in (("random", "filter-normalised random direction"),
-                       ("eigen", "top Hessian eigenvector (unit; t = distance)")):
+    for key, label in (
+        ("random", "filter-normalised random direction"),
+        ("eigen", "top Hessian eigenvector (unit; t = distance)"),
+    ):
         if key in slices:
             ax.plot(_np(slices[key]["t"]), _np(slices[key]["loss"]), label=label)
     ax.set_yscale("log")
-    _decorate(ax, "step t along the direction (0 = final weights)", "loss (probe set)",
-              "1D loss slices through the final weights", legend_size=8)
+    _decorate(
+        ax,
+        "step t along the direction (0 = final weights)",
+        "loss (probe set)",
+        "1D loss slices through the final weights",
+        legend_size=8,
+    )
     ax = axes[1]
     if "interpolation" in slices:
         inter = slices["interpolation"]
@@ -208,8 +262,13 @@ def interpolation(result: Mapping) -> Figure:
     for a in (0, 1):
         ax.axvline(a, color="grey", ls=":", lw=1)
     ax.set_yscale("log")
-    _decorate(ax, "alpha: (1 - alpha) w_a + alpha w_b", "loss (log scale)",
-              "Linear interpolation between two runs' final weights", legend_size=8)
+    _decorate(
+        ax,
+        "alpha: (1 - alpha) w_a + alpha w_b",
+        "loss (log scale)",
+        "Linear interpolation between two runs' final weights",
+        legend_size=8,
+    )
     return fig
 
 
@@ -217,12 +276,14 @@ def landscape_html(slice2d: Mapping) -> str:
     """An interactive 3D surface (plotly, a dependency: the MLflow UI renders the page)."""
     import plotly.graph_objects as go
 
-    surface = go.Surface(x=_np(slice2d["x"]), y=_np(slice2d["y"]), z=_np(slice2d["loss"]).T,
-                         colorscale="Viridis")
+    surface = go.Surface(
+        x=_np(slice2d["x"]), y=_np(slice2d["y"]), z=_np(slice2d["loss"]).T, colorscale="Viridis"
+    )
     fig = go.Figure(surface)
-    fig.update_layout(title=f"loss surface, {slice2d.get('plane', 'random')} plane",
-                      scene={"xaxis_title": "direction 1", "yaxis_title": "direction 2",
-                             "zaxis_title": "loss"})
+    fig.update_layout(
+        title=f"loss surface, {slice2d.get('plane', 'random')} plane",
+        scene={"xaxis_title": "direction 1", "yaxis_title": "direction 2", "zaxis_title": "loss"},
+    )
     return fig.to_html(include_plotlyjs=True, full_html=True)
 
 
@@ -232,8 +293,13 @@ def esd(density: Mapping, top_values=None, label: str = "") -> Figure:
     _draw_density(ax, density, label or "SLQ density")
     if top_values is not None:
         for i, value in enumerate(list(top_values)):
-            ax.axvline(float(value), color="crimson", ls="--", lw=1,
-                       label="top-k Lanczos eigenvalues" if i == 0 else None)
+            ax.axvline(
+                float(value),
+                color="crimson",
+                ls="--",
+                lw=1,
+                label="top-k Lanczos eigenvalues" if i == 0 else None,
+            )
     ax.set_title("Hessian eigenvalue spectral density (probe set)")
     ax.legend(fontsize=8)
     return fig

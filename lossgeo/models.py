@@ -15,8 +15,13 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 class MLP(nn.Module):
     """Flatten -> [Linear -> activation] * len(hidden) -> Linear."""
 
-    def __init__(self, in_features: int, n_classes: int = 10,
-                 hidden: tuple[int, ...] = (512, 256), activation: str = "relu") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        n_classes: int = 10,
+        hidden: tuple[int, ...] = (512, 256),
+        activation: str = "relu",
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
@@ -37,18 +42,31 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Two conv blocks (conv-ReLU-maxpool) and a two-layer classifier head."""
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, n_classes: int = 10,
-                 channels: tuple[int, int] = (16, 32), hidden: int = 128) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        n_classes: int = 10,
+        channels: tuple[int, int] = (16, 32),
+        hidden: int = 128,
+    ) -> None:
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         side = image_size // 4
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c2 * side * side, hidden), nn.ReLU(),
-            nn.Linear(hidden, n_classes))
+            nn.Flatten(),
+            nn.Linear(c2 * side * side, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, n_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -67,8 +85,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -79,16 +98,23 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """A small CIFAR-style ResNet (3 stages of one BasicBlock each) with BatchNorm."""
 
-    def __init__(self, in_channels: int = 3, n_classes: int = 10,
-                 widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+    def __init__(
+        self, in_channels: int = 3, n_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
-        self.stages = nn.Sequential(BasicBlock(widths[0], widths[0], 1),
-                                    BasicBlock(widths[0], widths[1], 2),
-                                    BasicBlock(widths[1], widths[2], 2))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(widths[2], n_classes))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
+        )
+        self.stages = nn.Sequential(
+            BasicBlock(widths[0], widths[0], 1),
+            BasicBlock(widths[0], widths[1], 2),
+            BasicBlock(widths[1], widths[2], 2),
+        )
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[2], n_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
@@ -97,8 +123,16 @@ class ResNet(nn.Module):
 class ViT(nn.Module):
     """A tiny vision transformer: patch embedding, 2 pre-norm encoder layers, CLS head."""
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, n_classes: int = 10,
-                 patch: int = 7, dim: int = 64, depth: int = 2, heads: int = 4) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        n_classes: int = 10,
+        patch: int = 7,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+    ) -> None:
         super().__init__()
         if image_size % patch:
             patch = 4 if image_size % 4 == 0 else 1
@@ -106,8 +140,9 @@ class ViT(nn.Module):
         self.embed = nn.Conv2d(in_channels, dim, patch, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, n_patches + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0,
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim * 2, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
@@ -120,16 +155,18 @@ class ViT(nn.Module):
 
 Builder = Callable[..., nn.Module]
 REGISTRY: dict[str, Builder] = {
-    "mlp": lambda c, s, k, hidden=(512, 256), activation="relu": MLP(c * s * s, k, hidden,
-                                                                      activation),
+    "mlp": lambda c, s, k, hidden=(512, 256), activation="relu": MLP(
+        c * s * s, k, hidden, activation
+    ),
     "cnn": lambda c, s, k, **_: CNN(c, s, k),
     "resnet": lambda c, s, k, **_: ResNet(c, k),
     "vit": lambda c, s, k, **_: ViT(c, s, k),
 }
 
 
-def build_model(name: str, in_channels: int = 1, image_size: int = 28, n_classes: int = 10,
-                **options) -> nn.Module:
+def build_model(
+    name: str, in_channels: int = 1, image_size: int = 28, n_classes: int = 10, **options
+) -> nn.Module:
     """Builds a registered model; `options` (hidden, activation) apply to the MLP."""
     if name not in REGISTRY:
         raise UserInputError(f"model: must be one of {', '.join(REGISTRY)} (got {name!r})")
@@ -137,8 +174,14 @@ def build_model(name: str, in_channels: int = 1, image_size: int = 28, n_classes
 
 
 _LAYER_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.Linear, "fc"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"), (nn.Conv3d, "conv"),
-    (nn.BatchNorm1d, "bn"), (nn.BatchNorm2d, "bn"), (nn.LayerNorm, "ln"))
+    (nn.Linear, "fc"),
+    (nn.Conv1d, "conv"),
+    (nn.Conv2d, "conv"),
+    (nn.Conv3d, "conv"),
+    (nn.BatchNorm1d, "bn"),
+    (nn.BatchNorm2d, "bn"),
+    (nn.LayerNorm, "ln"),
+)
 
 
 def layer_names(model: nn.Module) -> dict[str, str]:
@@ -155,15 +198,15 @@ def layer_names(model: nn.Module) -> dict[str, str]:
             counts[kind] = counts.get(kind, 0) + 1
         last = path.rsplit(".", 1)[-1]
         if path.count(".") <= 1 and last.isdigit():
-            names[path] = (f"{kind}{counts[kind]}" if kind is not None
-                           else f"{path}.{type(module).__name__}")
+            names[path] = (
+                f"{kind}{counts[kind]}" if kind is not None else f"{path}.{type(module).__name__}"
+            )
         else:
             names[path] = path
     return names
 
 
-def parameter_blocks(model: nn.Module, names: Sequence[str] | None = None
-                     ) -> dict[str, list[str]]:
+def parameter_blocks(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Groups parameter names (default: every trainable one) by the layer that owns them,
     keyed by the layer's readable name (`layer_names`): the one naming of
     `lambda_max/<layer>` in lossgeo's loop, the Tracker and `layerwise_lambda_max`."""

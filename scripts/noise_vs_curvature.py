@@ -34,10 +34,12 @@ def main(experiment, parent_run, csv_path):
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     data = runs[["noise_temperature", "lambda_max"]].dropna() if "lambda_max" in runs else []
     if len(data) >= 2:
-        slope, intercept = np.polyfit(np.log10(data["noise_temperature"]),
-                                      np.log10(data["lambda_max"]), 1)
-        click.echo(f"fit: log10 lambda_max = {slope:.3f} * log10(lr/B) + {intercept:.3f} "
-                   f"(n = {len(data)})")
+        slope, intercept = np.polyfit(
+            np.log10(data["noise_temperature"]), np.log10(data["lambda_max"]), 1
+        )
+        click.echo(
+            f"fit: log10 lambda_max = {slope:.3f} * log10(lr/B) + {intercept:.3f} (n = {len(data)})"
+        )
     if csv_path:
         table.to_csv(csv_path, index=False)
 

@@ -25,7 +25,7 @@ def make_fake_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: int
         labels = rng.integers(0, 10, n)
         images = rng.integers(0, 60, (n, 28, 28))
         for i, k in enumerate(labels):
-            images[i, 2 * k + 4: 2 * k + 6, 4:24] = 255
+            images[i, 2 * k + 4 : 2 * k + 6, 4:24] = 255
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return root
@@ -62,8 +62,18 @@ def tracking(tmp_path, monkeypatch) -> Path:
 def tiny_config(data_dir, **overrides):
     from lossgeo.config import TrainConfig
 
-    base = dict(model="mlp", hidden="16", train_subset=200, val_size=100, probe_size=64,
-                batch_size=32, epochs=2, lr=0.05, data_dir=str(data_dir), curvature=False)
+    base = dict(
+        model="mlp",
+        hidden="16",
+        train_subset=200,
+        val_size=100,
+        probe_size=64,
+        batch_size=32,
+        epochs=2,
+        lr=0.05,
+        data_dir=str(data_dir),
+        curvature=False,
+    )
     base.update(overrides)
     return TrainConfig(**base)
 

@@ -36,10 +36,18 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS)
-def test_bad_input_exits_2_with_one_line_and_creates_no_run(args, message, tracking,
-                                                            fake_data_dir):
-    base = ["train", "--data-dir", str(fake_data_dir), "--train-subset", "200",
-            "--val-size", "100", "--probe-size", "64"]
+def test_bad_input_exits_2_with_one_line_and_creates_no_run(args, message, tracking, fake_data_dir):
+    base = [
+        "train",
+        "--data-dir",
+        str(fake_data_dir),
+        "--train-subset",
+        "200",
+        "--val-size",
+        "100",
+        "--probe-size",
+        "64",
+    ]
     result = CliRunner().invoke(cli, base + args)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
@@ -55,9 +63,22 @@ def test_store_made_by_an_mlflow_server_needs_its_uri(tracking, fake_data_dir):
 
     store = MlflowClient(f"sqlite:///{tracking}/mlflow.db")
     exp_id = store.create_experiment("served", artifact_location="mlflow-artifacts:/served")
-    result = CliRunner().invoke(cli, ["train", "--data-dir", str(fake_data_dir),
-                                      "--train-subset", "200", "--val-size", "100",
-                                      "--probe-size", "64", "--experiment", "served"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--data-dir",
+            str(fake_data_dir),
+            "--train-subset",
+            "200",
+            "--val-size",
+            "100",
+            "--probe-size",
+            "64",
+            "--experiment",
+            "served",
+        ],
+    )
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "set MLFLOW_TRACKING_URI to that server" in lines[0], result.stderr
@@ -75,10 +96,12 @@ def test_integral_floats_are_integers_as_mlflow_passes_them(tracking, fake_data_
     config = TrainConfig(batch_size=32.0, epochs=1.0)  # type: ignore[arg-type]
     assert config.batch_size == 32 and type(config.batch_size) is int
     assert type(config.epochs) is int and type(TrainConfig(lr=1).lr) is float
-    for bad, message in (({"batch_size": 16.5}, "batch_size: must be an integer (got 16.5)"),
-                         ({"epochs": "1"}, "epochs: must be an integer (got '1')"),
-                         ({"curvature": "no"}, "curvature: must be true or false"),
-                         ({"lr": True}, "lr: must be a number (got True)")):
+    for bad, message in (
+        ({"batch_size": 16.5}, "batch_size: must be an integer (got 16.5)"),
+        ({"epochs": "1"}, "epochs: must be an integer (got '1')"),
+        ({"curvature": "no"}, "curvature: must be true or false"),
+        ({"lr": True}, "lr: must be a number (got True)"),
+    ):
         with pytest.raises(UserInputError, match=re.escape(message)):
             TrainConfig(**bad)
 
@@ -117,8 +140,9 @@ def test_a_run_rejected_for_its_parameters_is_not_a_traceback_when_reread():
     float('abc')."""
     from lossgeo.run.experiment import config_from_params
 
-    with pytest.raises(UserInputError, match=re.escape(
-            "run: its logged parameter lr='abc' is not a valid setting")):
+    with pytest.raises(
+        UserInputError, match=re.escape("run: its logged parameter lr='abc' is not a valid setting")
+    ):
         config_from_params({"lr": "abc", "batch_size": "32"})
     with pytest.raises(UserInputError, match="run: its logged parameters are not valid"):
         config_from_params({"lr": "inf"})
@@ -131,10 +155,14 @@ def test_runs_with_other_settings_get_other_names():
 
     assert run_name(TrainConfig()) == "mlp-mnist-lr0.1-b32"
     assert run_name(TrainConfig(data_dir="/x", experiment="e")) == "mlp-mnist-lr0.1-b32"
-    assert run_name(TrainConfig(measure_every_steps=20)) == \
-        "mlp-mnist-lr0.1-b32-measure_every_steps=20"
-    assert run_name(TrainConfig(epochs=5, landscape=False)) == \
-        "mlp-mnist-lr0.1-b32-epochs=5-landscape=false"
+    assert (
+        run_name(TrainConfig(measure_every_steps=20))
+        == "mlp-mnist-lr0.1-b32-measure_every_steps=20"
+    )
+    assert (
+        run_name(TrainConfig(epochs=5, landscape=False))
+        == "mlp-mnist-lr0.1-b32-epochs=5-landscape=false"
+    )
     many = TrainConfig(epochs=5, train_subset=400, val_size=100, probe_size=32, hidden="16")
     other = TrainConfig(epochs=5, train_subset=400, val_size=100, probe_size=32, hidden="32")
     assert len(run_name(many)) == len("mlp-mnist-lr0.1-b32-") + 6

@@ -70,24 +70,28 @@ def test_fashion_mnist_from_debian_layout(tmp_path, monkeypatch):
     debian.mkdir()
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 120), ("t10k", 30)):
-        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28))),
-                          ("labels-idx1", rng.integers(0, 10, n))):
+        for kind, arr in (
+            ("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+            ("labels-idx1", rng.integers(0, 10, n)),
+        ):
             plain = tmp_path / "plain"
             write_idx(plain, arr)
             with gzip.open(debian / f"{prefix}-{kind}-ubyte.gz", "wb") as fh:
                 fh.write(plain.read_bytes())
             assert np.array_equal(read_idx(debian / f"{prefix}-{kind}-ubyte.gz"), arr)
     monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", debian)
-    bundle = load_data("fashion-mnist", tmp_path / "nothing-here", val_size=20, probe_size=10,
-                       download=False)
+    bundle = load_data(
+        "fashion-mnist", tmp_path / "nothing-here", val_size=20, probe_size=10, download=False
+    )
     assert (len(bundle.train), len(bundle.test)) == (100, 30)
 
 
 def test_real_fashion_mnist_from_debian_package():
     if not data_mod.DEBIAN_FASHION_MNIST.exists():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
-    bundle = load_data("fashion-mnist", "/nonexistent", val_size=5000, probe_size=16,
-                       download=False)
+    bundle = load_data(
+        "fashion-mnist", "/nonexistent", val_size=5000, probe_size=16, download=False
+    )
     assert (len(bundle.train), len(bundle.test)) == (55000, 10000)
     assert abs(float(bundle.train.x.mean())) < 0.05
 

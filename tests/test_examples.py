@@ -11,8 +11,13 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def run_example(name, *args, cwd):
-    done = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -34,8 +39,9 @@ def test_own_loop_example(tracking):
 
 
 def test_lightning_callback_example(tracking):
-    pytest.importorskip("lightning", reason="lightning not installed "
-                        "(pip install -e '.[lightning]')")
+    pytest.importorskip(
+        "lightning", reason="lightning not installed (pip install -e '.[lightning]')"
+    )
     out = run_example("lightning_callback.py", "--epochs", "2", "--every", "16", cwd=tracking)
     client, run = only_run(tracking)
     assert run.info.run_id in out and run.info.status == "FINISHED"
@@ -46,11 +52,20 @@ def test_lightning_callback_example(tracking):
 
 
 def test_huggingface_trainer_example(tracking):
-    pytest.importorskip("transformers", reason="transformers not installed "
-                        "(pip install -e '.[transformers]')")
+    pytest.importorskip(
+        "transformers", reason="transformers not installed (pip install -e '.[transformers]')"
+    )
     pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
-    out = run_example("huggingface_trainer.py", "--steps", "20", "--every", "10",
-                      "--output-dir", str(tracking / "out"), cwd=tracking)
+    out = run_example(
+        "huggingface_trainer.py",
+        "--steps",
+        "20",
+        "--every",
+        "10",
+        "--output-dir",
+        str(tracking / "out"),
+        cwd=tracking,
+    )
     client, run = only_run(tracking)
     assert run.info.run_id in out and "Hessian-vector products" in out
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/lambda_max")]

@@ -14,9 +14,19 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lossgeo"
 FORBIDDEN_IN_MEASUREMENT = {"mlflow", "optuna", "click", "matplotlib"}
 # lowest first; a module may import its own layer and any layer below it
-LAYERS = [("errors", "version"), ("config", "losses"), ("data", "models"), ("curvature",),
-          ("geometry",), ("figures",), ("run",), ("analysis",), ("studies",),
-          ("cli", "__main__"), ("__init__",)]
+LAYERS = [
+    ("errors", "version"),
+    ("config", "losses"),
+    ("data", "models"),
+    ("curvature",),
+    ("geometry",),
+    ("figures",),
+    ("run",),
+    ("analysis",),
+    ("studies",),
+    ("cli", "__main__"),
+    ("__init__",),
+]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 
@@ -41,8 +51,9 @@ def is_module(parts: list[str]) -> bool:
     return bool(parts) and (path.with_suffix(".py").is_file() or path.is_dir())
 
 
-def lossgeo_imports(source: str, module: tuple[str, ...], is_package: bool
-                    ) -> list[tuple[str, ...]]:
+def lossgeo_imports(
+    source: str, module: tuple[str, ...], is_package: bool
+) -> list[tuple[str, ...]]:
     """Every module of lossgeo that `source` imports, anywhere in it (function bodies
     included), as a path inside the package; `module` is where the source lives."""
     package = module if is_package else module[:-1]
@@ -52,25 +63,28 @@ def lossgeo_imports(source: str, module: tuple[str, ...], is_package: bool
             names = [alias.name.split(".") for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: from the package, up level - 1
-                base = list(package[:len(package) - node.level + 1])
+                base = list(package[: len(package) - node.level + 1])
                 origin = ["lossgeo", *base, *(node.module.split(".") if node.module else [])]
             else:
                 origin = node.module.split(".") if node.module else []
             # `from lossgeo import figures` imports the module lossgeo.figures, not the root
-            names = [origin + [alias.name] if is_module(origin[1:] + [alias.name]) else origin
-                     for alias in node.names]
+            names = [
+                origin + [alias.name] if is_module(origin[1:] + [alias.name]) else origin
+                for alias in node.names
+            ]
         else:
             continue
         found += [tuple(name[1:]) for name in names if name[0] == "lossgeo"]
     return found
 
 
-def upward_imports(source: str, module: tuple[str, ...], is_package: bool = False
-                   ) -> list[str]:
+def upward_imports(source: str, module: tuple[str, ...], is_package: bool = False) -> list[str]:
     mine = layer_of(module)
-    return [f"{'.'.join(module)} -> {'.'.join(target) or 'lossgeo'}"
-            for target in lossgeo_imports(source, module, is_package)
-            if RANK[layer_of(target)] > RANK[mine]]
+    return [
+        f"{'.'.join(module)} -> {'.'.join(target) or 'lossgeo'}"
+        for target in lossgeo_imports(source, module, is_package)
+        if RANK[layer_of(target)] > RANK[mine]
+    ]
 
 
 def package_modules():
@@ -85,40 +99,49 @@ def test_every_module_belongs_to_a_layer():
 
 
 def test_no_import_runs_up_a_layer():
-    offenders = [line for path, parts, is_package in package_modules()
-                 for line in upward_imports(path.read_text(), parts, is_package)]
+    offenders = [
+        line
+        for path, parts, is_package in package_modules()
+        for line in upward_imports(path.read_text(), parts, is_package)
+    ]
     assert offenders == []
 
 
-@pytest.mark.parametrize("source,module", [
-    ("def f():\n    from lossgeo.analysis import plots\n", ("run", "experiment")),  # lazy
-    ("from ..analysis.statistics import cell_summary\n", ("run", "experiment")),  # relative
-    ("import lossgeo.studies.study\n", ("analysis", "report")),
-    ("from lossgeo import __version__\n", ("run", "experiment")),  # the root reaches up
-    ("from lossgeo import cli\n", ("studies", "study")),
-    ("from lossgeo.run.tracking import open_store\n", ("curvature", "measure")),
-])
+@pytest.mark.parametrize(
+    "source,module",
+    [
+        ("def f():\n    from lossgeo.analysis import plots\n", ("run", "experiment")),  # lazy
+        ("from ..analysis.statistics import cell_summary\n", ("run", "experiment")),  # relative
+        ("import lossgeo.studies.study\n", ("analysis", "report")),
+        ("from lossgeo import __version__\n", ("run", "experiment")),  # the root reaches up
+        ("from lossgeo import cli\n", ("studies", "study")),
+        ("from lossgeo.run.tracking import open_store\n", ("curvature", "measure")),
+    ],
+)
 def test_the_checker_sees_an_upward_import(source, module):
     assert upward_imports(source, module) != []
 
 
 def test_the_checker_allows_imports_down_and_within_a_layer():
-    source = ("from lossgeo.curvature import hessian_eigen\nfrom .tracking import TrackedRun\n"
-              "from lossgeo.version import __version__\nfrom lossgeo import figures\n")
+    source = (
+        "from lossgeo.curvature import hessian_eigen\nfrom .tracking import TrackedRun\n"
+        "from lossgeo.version import __version__\nfrom lossgeo import figures\n"
+    )
     assert upward_imports(source, ("run", "experiment")) == []
 
 
 def test_measurement_code_imports_no_tracking_sweeps_cli_or_plots():
     files = sorted((PACKAGE / "curvature").glob("*.py")) + sorted(
-        (PACKAGE / "geometry").glob("*.py"))
+        (PACKAGE / "geometry").glob("*.py")
+    )
     assert len(files) > 10
     offenders = {f.name: imported_roots(f) & FORBIDDEN_IN_MEASUREMENT for f in files}
     assert {name: bad for name, bad in offenders.items() if bad} == {}
 
 
 def test_only_the_tracking_module_imports_mlflow():
-    importers = {str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py")
-                 if "mlflow" in imported_roots(f)}
-    assert {path for path in importers if not path.startswith("run/tracking/")} == {
-        "run/settle.py"}
+    importers = {
+        str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py") if "mlflow" in imported_roots(f)
+    }
+    assert {path for path in importers if not path.startswith("run/tracking/")} == {"run/settle.py"}
     assert len(importers) > 3  # the package's modules (store, logging, ...) do import it

@@ -17,9 +17,27 @@ from lossgeo.run.experiment import run_training
 
 from .conftest import make_fake_mnist, tiny_config
 
-TINY_TRAIN = ["train", "--train-subset", "200", "--val-size", "100", "--probe-size", "32",
-              "--hidden", "8", "--epochs", "1", "--curvature", "false", "--sharpness", "false",
-              "--landscape", "false", "--noise-scale", "false"]
+TINY_TRAIN = [
+    "train",
+    "--train-subset",
+    "200",
+    "--val-size",
+    "100",
+    "--probe-size",
+    "32",
+    "--hidden",
+    "8",
+    "--epochs",
+    "1",
+    "--curvature",
+    "false",
+    "--sharpness",
+    "false",
+    "--landscape",
+    "false",
+    "--noise-scale",
+    "false",
+]
 
 
 def one_line(result, message):
@@ -27,8 +45,7 @@ def one_line(result, message):
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.stderr
 
 
-def test_unreachable_tracking_server_fails_fast_in_one_line(tracking, fake_data_dir,
-                                                            monkeypatch):
+def test_unreachable_tracking_server_fails_fast_in_one_line(tracking, fake_data_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     started = time.time()
     result = CliRunner().invoke(cli, TINY_TRAIN + ["--data-dir", str(fake_data_dir)])
@@ -50,8 +67,10 @@ def test_compare_and_report_without_finished_runs_write_nothing(tracking, fake_d
     c = MlflowClient()
     exp = c.create_experiment("unfinished")
     c.create_run(exp)  # RUNNING, no metrics
-    for command in (["compare", "--experiment", "unfinished", "--out", "cmp"],
-                    ["report", "--experiment", "unfinished", "--out", "tex"]):
+    for command in (
+        ["compare", "--experiment", "unfinished", "--out", "cmp"],
+        ["report", "--experiment", "unfinished", "--out", "tex"],
+    ):
         result = CliRunner().invoke(cli, command)
         one_line(result, "no finished training runs in experiment 'unfinished' (1 RUNNING)")
     assert not (tracking / "cmp").exists() and not (tracking / "tex").exists()
@@ -85,8 +104,9 @@ def test_read_only_artifact_location_is_refused_before_the_run(tracking, fake_da
     location = read_only_folder(tracking) / "lossgeo-artifacts"
     c = MlflowClient()
     exp = c.create_experiment("ro", artifact_location=str(location))
-    result = CliRunner().invoke(cli, TINY_TRAIN + ["--data-dir", str(fake_data_dir),
-                                                   "--experiment", "ro"])
+    result = CliRunner().invoke(
+        cli, TINY_TRAIN + ["--data-dir", str(fake_data_dir), "--experiment", "ro"]
+    )
     one_line(result, f"stores artifacts under {location}, which is not writable")
     assert c.search_runs([exp]) == []
 
@@ -95,8 +115,9 @@ def test_truncated_mnist_file_is_named_corrupt(tmp_path, tracking):
     root = make_fake_mnist(tmp_path / "data", n_train=200, n_test=50)
     images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
-    result = CliRunner().invoke(cli, TINY_TRAIN + ["--data-dir", str(root),
-                                                   "--train-subset", "50", "--val-size", "20"])
+    result = CliRunner().invoke(
+        cli, TINY_TRAIN + ["--data-dir", str(root), "--train-subset", "50", "--val-size", "20"]
+    )
     one_line(result, f"file {images} is corrupt (5000 bytes, its header says 156816)")
     assert not (tracking / "mlflow.db").exists()
 
@@ -120,9 +141,14 @@ def test_one_line_per_epoch_when_not_on_a_terminal(tmp_path, fake_data_dir):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("MLFLOW_RUN_ID", None)
     args = [a if a != "1" else "2" for a in TINY_TRAIN]  # two epochs
-    result = subprocess.run([sys.executable, "-m", "lossgeo", *args, "--data-dir",
-                             str(fake_data_dir)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lossgeo", *args, "--data-dir", str(fake_data_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 0/2", "epoch 1/2", "epoch 2/2"]
@@ -133,14 +159,19 @@ def test_one_line_per_epoch_when_not_on_a_terminal(tmp_path, fake_data_dir):
 
 
 def test_default_install_logs_the_interactive_landscape(tracking, fake_data_dir):
-    outcome = run_training(tiny_config(fake_data_dir, epochs=1, landscape=True,
-                                       sharpness=False, landscape_resolution=3))
+    outcome = run_training(
+        tiny_config(
+            fake_data_dir, epochs=1, landscape=True, sharpness=False, landscape_resolution=3
+        )
+    )
     paths = {a.path for a in MlflowClient().list_artifacts(outcome.run_id, "plots")}
     assert "plots/landscape_3d.html" in paths
 
 
-@pytest.mark.parametrize("command", [["compare"], ["report", "--no-pdf"],
-                                     ["curvature", "--run-id", "abc"], ["runs", "cleanup"]])
+@pytest.mark.parametrize(
+    "command",
+    [["compare"], ["report", "--no-pdf"], ["curvature", "--run-id", "abc"], ["runs", "cleanup"]],
+)
 def test_read_only_commands_never_create_a_store(tracking, command):
     """`lossgeo report` in an empty folder took 48 s, made a 954 KB mlflow.db, then said
     there was nothing."""
@@ -151,19 +182,25 @@ def test_read_only_commands_never_create_a_store(tracking, command):
 
 def test_broken_stores_are_one_line(tracking, monkeypatch):
     (tracking / "mlflow.db").write_text("garbage")
-    one_line(CliRunner().invoke(cli, ["compare"]),
-             f"cannot open the MLflow store sqlite:///{tracking}/mlflow.db (DatabaseError")
+    one_line(
+        CliRunner().invoke(cli, ["compare"]),
+        f"cannot open the MLflow store sqlite:///{tracking}/mlflow.db (DatabaseError",
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tracking}/mlruns")
     one_line(CliRunner().invoke(cli, ["compare"]), "MLflow 3 refuses the file store")
 
 
 def test_unknown_run_and_unreachable_server_are_told_apart(tracking, monkeypatch):
     MlflowClient().search_experiments()  # the store exists
-    one_line(CliRunner().invoke(cli, ["curvature", "--run-id", "abc"]),
-             f"run_id: no run 'abc' in sqlite:///{tracking}/mlflow.db")
+    one_line(
+        CliRunner().invoke(cli, ["curvature", "--run-id", "abc"]),
+        f"run_id: no run 'abc' in sqlite:///{tracking}/mlflow.db",
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    one_line(CliRunner().invoke(cli, ["curvature", "--run-id", "abc"]),
-             "no MLflow tracking server answers at http://127.0.0.1:9")
+    one_line(
+        CliRunner().invoke(cli, ["curvature", "--run-id", "abc"]),
+        "no MLflow tracking server answers at http://127.0.0.1:9",
+    )
 
 
 def test_lossgeo_tags_its_experiments_as_model_training(tracking, fake_data_dir):
@@ -175,13 +212,18 @@ def test_lossgeo_tags_its_experiments_as_model_training(tracking, fake_data_dir)
     run_training(tiny_config(fake_data_dir, epochs=0, experiment="new"))
     run_training(tiny_config(fake_data_dir, epochs=0, experiment="mine"))
     kinds = {e.name: e.tags.get("mlflow.experimentKind") for e in c.search_experiments()}
-    assert kinds == {"Default": "custom_model_development", "new": "custom_model_development",
-                     "mine": "genai_development"}
+    assert kinds == {
+        "Default": "custom_model_development",
+        "new": "custom_model_development",
+        "mine": "genai_development",
+    }
     assert mine
 
 
 def test_train_ends_with_a_link_that_opens_the_runs(tracking, fake_data_dir):
     result = CliRunner().invoke(cli, TINY_TRAIN + ["--data-dir", str(fake_data_dir)])
     assert result.exit_code == 0, result.output
-    assert ("see it: `mlflow ui`, then http://127.0.0.1:5000/#/experiments/0"
-            "?workflowType=machine_learning") in result.stdout
+    assert (
+        "see it: `mlflow ui`, then http://127.0.0.1:5000/#/experiments/0"
+        "?workflowType=machine_learning"
+    ) in result.stdout

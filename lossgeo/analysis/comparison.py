@@ -24,8 +24,9 @@ def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
     if not experiment and not parent_run:
         experiment = default_experiment()
     if experiment and not parent_run and not experiment_exists(experiment):
-        raise UserInputError(f"experiment: there is no experiment {experiment!r} in "
-                             f"{tracking_uri()}")
+        raise UserInputError(
+            f"experiment: there is no experiment {experiment!r} in {tracking_uri()}"
+        )
     where = f"parent run {parent_run}" if parent_run else f"experiment {experiment!r}"
     try:
         runs = analysis.load_runs(experiment=experiment, parent_run=parent_run)
@@ -33,29 +34,35 @@ def select_runs(experiment: str | None, parent_run: str | None) -> pd.DataFrame:
         raise
     except Exception as exc:
         option = "parent_run" if parent_run else "experiment"
-        raise UserInputError(f"{option}: cannot read the runs of {where} "
-                             f"({type(exc).__name__}: {exc})") from exc
+        raise UserInputError(
+            f"{option}: cannot read the runs of {where} ({type(exc).__name__}: {exc})"
+        ) from exc
     if not parent_run and "tags.lossgeo_role" in runs:
         runs = runs[runs["tags.lossgeo_role"].fillna("") != "parent"]
     if "tags.kind" in runs:  # comparison/report/interpolation runs are not training runs
         runs = runs[runs["tags.kind"].isna()]
     status = runs["status"] if "status" in runs else pd.Series("FINISHED", index=runs.index)
-    unparsable = (runs["unparsable_params"].fillna("") != "") if "unparsable_params" in runs \
+    unparsable = (
+        (runs["unparsable_params"].fillna("") != "")
+        if "unparsable_params" in runs
         else pd.Series(False, index=runs.index)
-    no_metrics = runs["train_loss"].isna() if "train_loss" in runs \
-        else pd.Series(True, index=runs.index)
+    )
+    no_metrics = (
+        runs["train_loss"].isna() if "train_loss" in runs else pd.Series(True, index=runs.index)
+    )
     keep = (status == "FINISHED") & ~unparsable & ~no_metrics
     left_out = [f"{n} {s}" for s, n in status[status != "FINISHED"].value_counts().items()]
-    for count, why in ((int((unparsable & (status == "FINISHED")).sum()),
-                        "with unparsable parameters"),
-                       (int((no_metrics & ~unparsable & (status == "FINISHED")).sum()),
-                        "without metrics")):
+    for count, why in (
+        (int((unparsable & (status == "FINISHED")).sum()), "with unparsable parameters"),
+        (int((no_metrics & ~unparsable & (status == "FINISHED")).sum()), "without metrics"),
+    ):
         if count:
             left_out.append(f"{count} {why}")
     if not keep.any():
         seen = ", ".join(left_out) or "none at all"
-        raise UserInputError(f"experiment: no finished training runs in {where} ({seen}); "
-                             "nothing written")
+        raise UserInputError(
+            f"experiment: no finished training runs in {where} ({seen}); nothing written"
+        )
     runs = runs[keep]
     if "noise_temperature" not in runs and {"lr", "batch_size"} <= set(runs):
         runs = runs.assign(noise_temperature=runs["lr"] / runs["batch_size"])
@@ -74,9 +81,13 @@ def final_densities(runs: pd.DataFrame) -> dict[str, dict]:
     return densities
 
 
-def compare(experiment: str | None = None, parent_run: str | None = None,
-            out_dir: str | Path = "plots", log: bool = True,
-            say: Callable[[str], None] | None = None) -> dict[str, Path]:
+def compare(
+    experiment: str | None = None,
+    parent_run: str | None = None,
+    out_dir: str | Path = "plots",
+    log: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
     """Writes the seven comparison plots to out_dir and logs them to MLflow. `say` hears
     which runs were left out (unfinished, unparsable), if any."""
     finished = select_runs(experiment, parent_run)
@@ -91,8 +102,9 @@ def compare(experiment: str | None = None, parent_run: str | None = None,
     return paths
 
 
-def draw_comparison(finished: pd.DataFrame, out_dir: str | Path,
-                    tracked: TrackedRun | None = None) -> dict[str, Path]:
+def draw_comparison(
+    finished: pd.DataFrame, out_dir: str | Path, tracked: TrackedRun | None = None
+) -> dict[str, Path]:
     """The comparison plots of these runs as PNG files in out_dir (and logged to `tracked`)."""
     import matplotlib.pyplot as plt
 
@@ -112,14 +124,20 @@ def draw_comparison(finished: pd.DataFrame, out_dir: str | Path,
 
 def _say_left_out(runs: pd.DataFrame, say: Callable[[str], None] | None) -> None:
     if say is not None and runs.attrs.get("left_out"):
-        say(f"left out: {runs.attrs['left_out']} (not finished, or not valid training runs); "
-            f"{len(runs)} finished run(s) used")
+        say(
+            f"left out: {runs.attrs['left_out']} (not finished, or not valid training runs); "
+            f"{len(runs)} finished run(s) used"
+        )
 
 
-def report(experiment: str | None = None, parent_run: str | None = None,
-           out_dir: str | Path = "latex", compile_pdf: bool = True,
-           log: bool = True, say: Callable[[str], None] | None = None
-           ) -> tuple[Path, Path | None]:
+def report(
+    experiment: str | None = None,
+    parent_run: str | None = None,
+    out_dir: str | Path = "latex",
+    compile_pdf: bool = True,
+    log: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> tuple[Path, Path | None]:
     """Writes latex/main.tex (+ figures, references.bib), compiles it where pdflatex exists,
     and logs the sources and PDF to MLflow."""
     from lossgeo.analysis.report import write_report
@@ -129,8 +147,7 @@ def report(experiment: str | None = None, parent_run: str | None = None,
     runs = select_runs(experiment, parent_run)
     _say_left_out(runs, say)
     draw_comparison(runs, figure_dir)
-    tex, pdf = write_report(runs, study_verdicts(runs), figure_dir, out,
-                            compile_pdf=compile_pdf)
+    tex, pdf = write_report(runs, study_verdicts(runs), figure_dir, out, compile_pdf=compile_pdf)
     if log:
         with _output_run(experiment, parent_run, "report") as tracked:
             tracked.log_file(tex, "latex")
@@ -160,6 +177,12 @@ def _output_run(experiment: str | None, parent_run: str | None, kind: str) -> Tr
         experiment = run_experiment_name(parent_run)
     experiment = experiment or default_experiment()
     parent = parent_run or find_or_create_run(
-        experiment, ANALYSIS_RUN, {"kind": ANALYSIS_RUN, "lossgeo_role": ANALYSIS_RUN})
-    return TrackedRun(experiment=experiment, run_name=kind, parent_run_id=parent,
-                      tags={"kind": kind}, adopt_launcher=True)
+        experiment, ANALYSIS_RUN, {"kind": ANALYSIS_RUN, "lossgeo_role": ANALYSIS_RUN}
+    )
+    return TrackedRun(
+        experiment=experiment,
+        run_name=kind,
+        parent_run_id=parent,
+        tags={"kind": kind},
+        adopt_launcher=True,
+    )

@@ -31,6 +31,7 @@ from lossgeo.figures import (  # noqa: F401  (re-exported: one-run figures by th
 
 # -- comparisons across runs (analysis, grid and sweep parents) -----------------------------
 
+
 def histories_by_label(history: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Long (run_id, label, epoch, metric, value) -> {label: wide frame with an epoch column}."""
     out: dict[str, pd.DataFrame] = {}
@@ -43,23 +44,34 @@ def histories_by_label(history: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def _stability_edge(label: str, lrs: Mapping[str, float],
-                    momenta: Mapping[str, float] | None) -> float | None:
+def _stability_edge(
+    label: str, lrs: Mapping[str, float], momenta: Mapping[str, float] | None
+) -> float | None:
     """2(1 + momentum)/lr of the run `label` (rounded, so equal edges compare equal)."""
     lr = lrs.get(label)
     return round(2 * (1 + (momenta or {}).get(label, 0.0)) / lr, 10) if lr else None
 
 
-def lambda_max_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, float],
-                      momenta: Mapping[str, float] | None = None) -> Figure:
+def lambda_max_curves(
+    histories: Mapping[str, pd.DataFrame],
+    lrs: Mapping[str, float],
+    momenta: Mapping[str, float] | None = None,
+) -> Figure:
     """lambda_max per epoch; the stability edge 2(1 + momentum)/lr dashed in the same colour."""
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     edges: dict[float, list[tuple[str, object]]] = {}
     for i, (colour, (label, df)) in enumerate(zip(_colours(len(histories)), histories.items())):
         if "lambda_max" not in df:
             continue
-        ax.plot(*_measured(df, "lambda_max"), "-", color=colour,
-                marker=MARKERS[i % len(MARKERS)], markersize=5, fillstyle="none", label=label)
+        ax.plot(
+            *_measured(df, "lambda_max"),
+            "-",
+            color=colour,
+            marker=MARKERS[i % len(MARKERS)],
+            markersize=5,
+            fillstyle="none",
+            label=label,
+        )
         edge = _stability_edge(label, lrs, momenta)
         if edge is not None:
             edges.setdefault(edge, []).append((label, colour))
@@ -68,14 +80,22 @@ def lambda_max_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, f
         names = ", ".join(name for name, _ in owners)
         ax.axhline(edge, color=colour, ls="--", lw=1, label=f"2(1+m)/lr = {edge:.3g} ({names})")
     _log_axis(ax, "y")
-    _decorate(ax, "epoch", "lambda_max of the Hessian (probe set, log scale)",
-              "Sharpness lambda_max and the stability edge of (momentum) GD")
+    _decorate(
+        ax,
+        "epoch",
+        "lambda_max of the Hessian (probe set, log scale)",
+        "Sharpness lambda_max and the stability edge of (momentum) GD",
+    )
     return fig
 
 
 def sharpness_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
-    fig = _curves(histories, [("sharp_mean", "sharp_mean"), ("sharp_max", "sharp_max")],
-                  "loss increase L(w + rho d) - L(w)", "Random-direction sharpness")
+    fig = _curves(
+        histories,
+        [("sharp_mean", "sharp_mean"), ("sharp_max", "sharp_max")],
+        "loss increase L(w + rho d) - L(w)",
+        "Random-direction sharpness",
+    )
     return fig
 
 
@@ -104,9 +124,18 @@ def _cell_error_bars(ax, runs: pd.DataFrame, x: str, y: str) -> None:
         mean = summary[f"{metric}_mean"]
         return [mean - summary[f"{metric}_ci_low"], summary[f"{metric}_ci_high"] - mean]
 
-    ax.errorbar(summary[f"{x}_mean"], summary[f"{y}_mean"], xerr=errors(x), yerr=errors(y),
-                fmt="s", color="black", markersize=4, capsize=3, lw=1,
-                label="cell mean, 95% t-interval over seeds")
+    ax.errorbar(
+        summary[f"{x}_mean"],
+        summary[f"{y}_mean"],
+        xerr=errors(x),
+        yerr=errors(y),
+        fmt="s",
+        color="black",
+        markersize=4,
+        capsize=3,
+        lw=1,
+        label="cell mean, 95% t-interval over seeds",
+    )
 
 
 def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
@@ -114,15 +143,18 @@ def gen_gap_vs_lambda(runs: pd.DataFrame) -> Figure:
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     columns = ["lambda_max", "gen_gap", "label"]
     # runs measured without curvature have no lambda_max column: an empty plot, not a crash
-    data = (runs[columns].dropna() if set(columns) <= set(runs)
-            else pd.DataFrame(columns=columns))
+    data = runs[columns].dropna() if set(columns) <= set(runs) else pd.DataFrame(columns=columns)
     for colour, (_, row) in zip(_colours(len(data)), data.iterrows()):
         ax.scatter(row["lambda_max"], row["gen_gap"], color=colour, s=40, label=row["label"])
     _spearman_legend(ax, data["lambda_max"], data["gen_gap"])
     _cell_error_bars(ax, runs, "lambda_max", "gen_gap")
     _log_axis(ax, "x")
-    _decorate(ax, "final lambda_max (log scale)", "final gen_gap = test_loss - train_loss",
-              "Generalisation gap vs sharpness")
+    _decorate(
+        ax,
+        "final lambda_max (log scale)",
+        "final gen_gap = test_loss - train_loss",
+        "Generalisation gap vs sharpness",
+    )
     return fig
 
 
@@ -135,8 +167,9 @@ def noise_vs_lambda(runs: pd.DataFrame) -> Figure:
         models = runs.loc[data.index, "model"] if "model" in runs else pd.Series("run", data.index)
         for colour, model in zip(_colours(models.nunique()), models.unique()):
             part = data[models == model]
-            ax.scatter(part["noise_temperature"], part["lambda_max"], color=colour, s=30,
-                       label=str(model))
+            ax.scatter(
+                part["noise_temperature"], part["lambda_max"], color=colour, s=30, label=str(model)
+            )
         _spearman_legend(ax, data["noise_temperature"], data["lambda_max"])
         _cell_error_bars(ax, runs, "noise_temperature", "lambda_max")
     _log_axis(ax, "x")
@@ -160,8 +193,11 @@ def spectra(densities: Mapping[str, Mapping]) -> Figure:
     return fig
 
 
-def step_curvature_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[str, float],
-                          momenta: Mapping[str, float] | None = None) -> Figure:
+def step_curvature_curves(
+    histories: Mapping[str, pd.DataFrame],
+    lrs: Mapping[str, float],
+    momenta: Mapping[str, float] | None = None,
+) -> Figure:
     """Per-step tracking (measure_every_steps): lambda_max (solid) and batch sharpness
     (dashed) against the optimizer step, with the stability edge 2(1 + m)/lr (dotted)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
@@ -169,18 +205,34 @@ def step_curvature_curves(histories: Mapping[str, pd.DataFrame], lrs: Mapping[st
     for colour, (label, df) in zip(_colours(len(histories)), histories.items()):
         steps = df["epoch"]  # the long table's step column: optimizer steps for step/ metrics
         if "step/lambda_max" in df:
-            ax.plot(steps, df["step/lambda_max"], "-", color=colour, lw=1.2,
-                    label=f"{label}: lambda_max")
+            ax.plot(
+                steps,
+                df["step/lambda_max"],
+                "-",
+                color=colour,
+                lw=1.2,
+                label=f"{label}: lambda_max",
+            )
         if "step/batch_sharpness" in df:
-            ax.plot(steps, df["step/batch_sharpness"], "--", color=colour, lw=1.2,
-                    label=f"{label}: batch sharpness")
+            ax.plot(
+                steps,
+                df["step/batch_sharpness"],
+                "--",
+                color=colour,
+                lw=1.2,
+                label=f"{label}: batch sharpness",
+            )
         edge = _stability_edge(label, lrs, momenta)
         if edge is not None:
             edges.setdefault(edge, label)
     for edge in edges:
         ax.axhline(edge, color="black", ls=":", lw=1, label=f"2(1+m)/lr = {edge:.3g}")
-    _decorate(ax, "optimizer step", "curvature (probe set)",
-              "lambda_max and batch sharpness over training, against the stability edge")
+    _decorate(
+        ax,
+        "optimizer step",
+        "curvature (probe set)",
+        "lambda_max and batch sharpness over training, against the stability edge",
+    )
     return fig
 
 
@@ -192,24 +244,29 @@ def split_step_history(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFram
     return history[~per_step], history[per_step]
 
 
-def comparison_figures(runs: pd.DataFrame, history: pd.DataFrame,
-                       densities: Mapping[str, Mapping] | None = None) -> dict[str, Figure]:
+def comparison_figures(
+    runs: pd.DataFrame, history: pd.DataFrame, densities: Mapping[str, Mapping] | None = None
+) -> dict[str, Figure]:
     """The comparison plots, keyed by file name (step_curvature.png when runs tracked
     curvature per step)."""
     epoch_history, step_history = split_step_history(history)
     hist = histories_by_label(epoch_history)
     lrs = dict(zip(runs["label"], runs["lr"])) if "lr" in runs else {}
     momenta = dict(zip(runs["label"], runs["momentum"])) if "momentum" in runs else {}
-    figures = {"loss_curves.png": loss_curves(hist), "accuracy_curves.png": accuracy_curves(hist),
-               "lambda_max.png": lambda_max_curves(hist, lrs, momenta),
-               "sharpness.png": sharpness_curves(hist),
-               "gen_gap_vs_lambda.png": gen_gap_vs_lambda(runs),
-               "noise_vs_lambda.png": noise_vs_lambda(runs)}
+    figures = {
+        "loss_curves.png": loss_curves(hist),
+        "accuracy_curves.png": accuracy_curves(hist),
+        "lambda_max.png": lambda_max_curves(hist, lrs, momenta),
+        "sharpness.png": sharpness_curves(hist),
+        "gen_gap_vs_lambda.png": gen_gap_vs_lambda(runs),
+        "noise_vs_lambda.png": noise_vs_lambda(runs),
+    }
     if densities is not None:
         figures["spectra.png"] = spectra(densities)
     if not step_history.empty:
         figures["step_curvature.png"] = step_curvature_curves(
-            histories_by_label(step_history), lrs, momenta)
+            histories_by_label(step_history), lrs, momenta
+        )
     return figures
 
 
@@ -224,13 +281,15 @@ def optuna_figures(study) -> dict[str, Figure]:
     if not completed or len(study.directions) > 1:
         return figures
     plots_to_make: dict[str, Callable[[], Any]] = {
-        "optimization_history.png": lambda: ovm.plot_optimization_history(study)}
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study)
+    }
     if len(completed) >= 2 and len(completed[0].params) >= 2:
         plots_to_make["param_importances.png"] = lambda: ovm.plot_param_importances(study)
     names = set(completed[0].params)
     if {"lr", "batch_size"} <= names and len(completed) >= 3:
         plots_to_make["contour_lr_batch_size.png"] = lambda: ovm.plot_contour(
-            study, params=["lr", "batch_size"])
+            study, params=["lr", "batch_size"]
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
         for name, make in plots_to_make.items():

@@ -48,19 +48,29 @@ REFERENCES = r"""@inproceedings{keskar2017,
   journal={arXiv:1812.06162}, year={2018}}
 """
 
-TABLE_COLUMNS = [("train_acc", "train acc"), ("test_acc", "test acc"), ("gen_gap", "gen gap"),
-                 ("lambda_max", r"$\lambda_{\max}$"), ("sharp_mean", "sharp mean"),
-                 ("sharp_max", "sharp max"), ("noise_temperature", r"$\eta/B$")]
+TABLE_COLUMNS = [
+    ("train_acc", "train acc"),
+    ("test_acc", "test acc"),
+    ("gen_gap", "gen gap"),
+    ("lambda_max", r"$\lambda_{\max}$"),
+    ("sharp_mean", "sharp mean"),
+    ("sharp_max", "sharp max"),
+    ("noise_temperature", r"$\eta/B$"),
+]
 
-FIGURES = [("loss_curves.png", "Train (solid) and test (dashed) loss per epoch."),
-           ("accuracy_curves.png", "Train (solid) and test (dashed) accuracy per epoch."),
-           ("lambda_max.png", r"$\lambda_{\max}$ per epoch on the probe set; dashed: the "
-                              r"stability edge $2(1+\mu)/\eta$ of each run."),
-           ("sharpness.png", "Random-direction sharpness per epoch."),
-           ("gen_gap_vs_lambda.png", r"Final generalisation gap against final $\lambda_{\max}$."),
-           ("noise_vs_lambda.png",
-            r"Final $\lambda_{\max}$ against the noise temperature $\eta/B$."),
-           ("spectra.png", "Hessian spectral densities at the final epoch (SLQ).")]
+FIGURES = [
+    ("loss_curves.png", "Train (solid) and test (dashed) loss per epoch."),
+    ("accuracy_curves.png", "Train (solid) and test (dashed) accuracy per epoch."),
+    (
+        "lambda_max.png",
+        r"$\lambda_{\max}$ per epoch on the probe set; dashed: the "
+        r"stability edge $2(1+\mu)/\eta$ of each run.",
+    ),
+    ("sharpness.png", "Random-direction sharpness per epoch."),
+    ("gen_gap_vs_lambda.png", r"Final generalisation gap against final $\lambda_{\max}$."),
+    ("noise_vs_lambda.png", r"Final $\lambda_{\max}$ against the noise temperature $\eta/B$."),
+    ("spectra.png", "Hessian spectral densities at the final epoch (SLQ)."),
+]
 
 
 def tex_escape(text: str) -> str:
@@ -68,12 +78,26 @@ def tex_escape(text: str) -> str:
     of claims ("low noise -> sharper", "<= 2(1+m)/lr") as maths symbols, never as the
     glyphs a text font puts at those code points."""
     out = str(text)
-    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"),
-                       ("#", r"\#"), ("_", r"\_"), ("{", r"\{"), ("}", r"\}"),
-                       ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")):
+    for char, repl in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("$", r"\$"),
+        ("#", r"\#"),
+        ("_", r"\_"),
+        ("{", r"\{"),
+        ("}", r"\}"),
+        ("~", r"\textasciitilde{}"),
+        ("^", r"\textasciicircum{}"),
+    ):
         out = out.replace(char, repl)
-    for text_form, maths in (("->", r"$\rightarrow$"), ("<=", r"$\le$"), (">=", r"$\ge$"),
-                             ("<", r"$<$"), (">", r"$>$")):
+    for text_form, maths in (
+        ("->", r"$\rightarrow$"),
+        ("<=", r"$\le$"),
+        (">=", r"$\ge$"),
+        ("<", r"$<$"),
+        (">", r"$>$"),
+    ):
         out = out.replace(text_form, maths)
     return out
 
@@ -94,17 +118,25 @@ def fmt(value) -> str:
 def results_table(runs: pd.DataFrame) -> str:
     """The final-metric table, one row per run, straight from `load_runs`."""
     cols = [(c, h) for c, h in TABLE_COLUMNS if c in runs]
-    lines = [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\hline",
-             "run & " + " & ".join(h for _, h in cols) + r" \\", r"\hline"]
+    lines = [
+        r"\begin{tabular}{l" + "r" * len(cols) + "}",
+        r"\hline",
+        "run & " + " & ".join(h for _, h in cols) + r" \\",
+        r"\hline",
+    ]
     for _, row in runs.iterrows():
-        lines.append(tex_escape(row["label"]) + " & " +
-                     " & ".join(fmt(row[c]) for c, _ in cols) + r" \\")
+        lines.append(
+            tex_escape(row["label"]) + " & " + " & ".join(fmt(row[c]) for c, _ in cols) + r" \\"
+        )
     lines += [r"\hline", r"\end{tabular}"]
     return "\n".join(lines)
 
 
-VERDICT_WORDS = {"held": "held", "contradicted": "was contradicted",
-                 "inconclusive": "was inconclusive"}
+VERDICT_WORDS = {
+    "held": "held",
+    "contradicted": "was contradicted",
+    "inconclusive": "was inconclusive",
+}
 
 
 def _ci(row: pd.Series, value: str, low: str, high: str, fmt: str = ".2f") -> str:
@@ -116,33 +148,47 @@ def _ci(row: pd.Series, value: str, low: str, high: str, fmt: str = ".2f") -> st
 
 
 # per-cell columns and their precision: accuracies and gaps differ in the third decimal
-CELL_METRICS = {"train_loss": ".4f", "test_acc": ".4f", "gen_gap": ".4f",
-                "gen_gap_acc": ".4f", "lambda_max": ".2f", "epochs_to_target": ".1f"}
+CELL_METRICS = {
+    "train_loss": ".4f",
+    "test_acc": ".4f",
+    "gen_gap": ".4f",
+    "gen_gap_acc": ".4f",
+    "lambda_max": ".2f",
+    "epochs_to_target": ".1f",
+}
 
 
 def verdict_table(table: pd.DataFrame) -> str:
     """The hypotheses with n, Spearman and partial Spearman (95\\% bootstrap CIs) and the
     verdict; H4 (the stability edge) with the share of runs below it."""
-    lines = [r"\begin{tabular}{llrlll}", r"\hline",
-             r"hyp. & pair & $n$ & Spearman [95\% CI] & partial (train loss) & verdict \\",
-             r"\hline"]
+    lines = [
+        r"\begin{tabular}{llrlll}",
+        r"\hline",
+        r"hyp. & pair & $n$ & Spearman [95\% CI] & partial (train loss) & verdict \\",
+        r"\hline",
+    ]
     for _, row in table.iterrows():
         if row["hypothesis"] == "H3":
             stat = _ci(row, "beta_sum", "beta_sum_ci_low", "beta_sum_ci_high")
-            lines.append(f"H3 & lambda\\_max on lr, B & {int(row['n'])} & "
-                         f"$\\beta_{{lr}}+\\beta_B$ {stat} & -- & {row['verdict']} \\\\")
+            lines.append(
+                f"H3 & lambda\\_max on lr, B & {int(row['n'])} & "
+                f"$\\beta_{{lr}}+\\beta_B$ {stat} & -- & {row['verdict']} \\\\"
+            )
             continue
         if row["hypothesis"] == "H4":
             pair = "edge ratio $\\le 1$"
             stat = _ci(row, "share_below_edge", "share_ci_low", "share_ci_high")
-            lines.append(f"H4 & {pair} & {int(row['n'])} & share {stat} & -- & "
-                         f"{row['verdict']} \\\\")
+            lines.append(
+                f"H4 & {pair} & {int(row['n'])} & share {stat} & -- & {row['verdict']} \\\\"
+            )
             continue
         pair = f"{tex_escape(row['x'])} vs {tex_escape(row['y'])}"
-        lines.append(f"{row['hypothesis']} & {pair} & {int(row['n'])} & "
-                     f"{_ci(row, 'spearman', 'spearman_ci_low', 'spearman_ci_high')} & "
-                     f"{_ci(row, 'partial_spearman', 'partial_ci_low', 'partial_ci_high')} & "
-                     f"{row['verdict']} \\\\")
+        lines.append(
+            f"{row['hypothesis']} & {pair} & {int(row['n'])} & "
+            f"{_ci(row, 'spearman', 'spearman_ci_low', 'spearman_ci_high')} & "
+            f"{_ci(row, 'partial_spearman', 'partial_ci_low', 'partial_ci_high')} & "
+            f"{row['verdict']} \\\\"
+        )
     lines += [r"\hline", r"\end{tabular}"]
     return "\n".join(lines)
 
@@ -151,32 +197,42 @@ def interpretation(table: pd.DataFrame) -> str:
     """Sentences generated from the verdicts, one per hypothesis, never typed by hand."""
     sentences = []
     for name, rows in table.groupby("hypothesis", sort=True):
-        claim = tex_escape(str(rows["claim"].dropna().iloc[0])) if rows["claim"].notna().any() \
-            else name
+        claim = (
+            tex_escape(str(rows["claim"].dropna().iloc[0])) if rows["claim"].notna().any() else name
+        )
         counts = rows["verdict"].value_counts()
         parts = ", ".join(f"{n} {v}" for v, n in counts.items())
         if name == "H3":
             row = rows.iloc[0]
-            detail = (f": in log lambda\\_max = a + $\\beta_{{lr}}$ log lr + $\\beta_B$ log B, "
-                      f"$\\beta_{{lr}}+\\beta_B = {row['beta_sum']:.2f}$ "
-                      f"[{row['beta_sum_ci_low']:.2f}, {row['beta_sum_ci_high']:.2f}] "
-                      f"(0 if lr/B alone matters; held needs the interval inside "
-                      f"$\\pm 0.25$){_diagonal_spread(row)}; $n = {int(row['n'])}$"
-                      if pd.notna(row.get("beta_sum")) else " (lr and B did not both vary)")
+            detail = (
+                f": in log lambda\\_max = a + $\\beta_{{lr}}$ log lr + $\\beta_B$ log B, "
+                f"$\\beta_{{lr}}+\\beta_B = {row['beta_sum']:.2f}$ "
+                f"[{row['beta_sum_ci_low']:.2f}, {row['beta_sum_ci_high']:.2f}] "
+                f"(0 if lr/B alone matters; held needs the interval inside "
+                f"$\\pm 0.25$){_diagonal_spread(row)}; $n = {int(row['n'])}$"
+                if pd.notna(row.get("beta_sum"))
+                else " (lr and B did not both vary)"
+            )
             sentences.append(f"\\item {name} ({claim}) {VERDICT_WORDS[row['verdict']]}{detail}.")
             continue
         if name == "H4":
             row = rows.iloc[0]
-            detail = (f" ({int(row['n'])} runs; largest edge ratio {row['max_edge_ratio']:.2f})"
-                      if row["n"] else " (no runs measured)")
+            detail = (
+                f" ({int(row['n'])} runs; largest edge ratio {row['max_edge_ratio']:.2f})"
+                if row["n"]
+                else " (no runs measured)"
+            )
             sentences.append(f"\\item {name} ({claim}) {VERDICT_WORDS[row['verdict']]}{detail}.")
             continue
-        reasons = [r for r in rows.get("verdict_from", pd.Series(dtype=str)).dropna()
-                   if str(r).startswith("no verdict")]
+        reasons = [
+            r
+            for r in rows.get("verdict_from", pd.Series(dtype=str)).dropna()
+            if str(r).startswith("no verdict")
+        ]
         if reasons:  # e.g. H2 on runs never trained to a common fit
             sentences.append(f"\\item {name} ({claim}): {tex_escape(reasons[0])}.")
             continue
-        partial = (name == "H2" and "equal_fit" in rows and not bool(rows["equal_fit"].iloc[0]))
+        partial = name == "H2" and "equal_fit" in rows and not bool(rows["equal_fit"].iloc[0])
         if set(counts.index) == {"held"}:
             summary = "held for every measure"
         elif set(counts.index) == {"contradicted"}:
@@ -186,12 +242,17 @@ def interpretation(table: pd.DataFrame) -> str:
         else:
             summary = "was mixed"
         n = int(rows["n"].max())
-        basis = (" The runs were not trained to a common fit, so this rests on the partial "
-                 "Spearman correlation given the train loss, not on runs at equal fit."
-                 if partial else "")
-        sentences.append(f"\\item {name} ({claim}) {summary}: {parts}, over at most $n = {n}$ "
-                         "runs. A verdict is held or contradicted only when the 95\\% bootstrap "
-                         f"interval excludes zero.{basis}")
+        basis = (
+            " The runs were not trained to a common fit, so this rests on the partial "
+            "Spearman correlation given the train loss, not on runs at equal fit."
+            if partial
+            else ""
+        )
+        sentences.append(
+            f"\\item {name} ({claim}) {summary}: {parts}, over at most $n = {n}$ "
+            "runs. A verdict is held or contradicted only when the 95\\% bootstrap "
+            f"interval excludes zero.{basis}"
+        )
     return "\\begin{itemize}\n" + "\n".join(sentences) + "\n\\end{itemize}"
 
 
@@ -200,10 +261,14 @@ def _diagonal_spread(row: pd.Series) -> str:
     why it has no number (no diagonal holds two runs)."""
     within, across = row.get("within_diagonal_sd"), row.get("across_diagonal_sd")
     if pd.isna(within) or pd.isna(across):
-        return ("; no diagonal of constant lr/B holds two runs, so the spread within "
-                "diagonals is not measured")
-    return (f"; spread of log lambda\\_max within diagonals of constant lr/B {within:.2f}, "
-            f"across them {across:.2f}")
+        return (
+            "; no diagonal of constant lr/B holds two runs, so the spread within "
+            "diagonals is not measured"
+        )
+    return (
+        f"; spread of log lambda\\_max within diagonals of constant lr/B {within:.2f}, "
+        f"across them {across:.2f}"
+    )
 
 
 def cells_paragraph(runs: pd.DataFrame) -> str:
@@ -214,17 +279,27 @@ def cells_paragraph(runs: pd.DataFrame) -> str:
     if summary.empty or not metrics or summary["n_seeds"].max() < 2:
         return ""
     head = " & ".join(tex_escape(m) for m in metrics)
-    lines = [r"\begin{tabular}{lr" + "l" * len(metrics) + "}", r"\hline",
-             f"cell & seeds & {head} \\\\", r"\hline"]
+    lines = [
+        r"\begin{tabular}{lr" + "l" * len(metrics) + "}",
+        r"\hline",
+        f"cell & seeds & {head} \\\\",
+        r"\hline",
+    ]
     for _, row in summary.iterrows():
-        cells = [_ci(row, f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high", CELL_METRICS[m])
-                 for m in metrics]
-        lines.append(f"{tex_escape(str(row['cell']))} & {int(row['n_seeds'])} & "
-                     + " & ".join(cells) + " \\\\")
+        cells = [
+            _ci(row, f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high", CELL_METRICS[m]) for m in metrics
+        ]
+        lines.append(
+            f"{tex_escape(str(row['cell']))} & {int(row['n_seeds'])} & "
+            + " & ".join(cells)
+            + " \\\\"
+        )
     lines += [r"\hline", r"\end{tabular}"]
-    return ("Per cell, means over seeds with 95\\% Student-$t$ intervals (runs that missed "
-            "their target train loss left out):\n\n\\begin{center}\n\\scriptsize\n"
-            "\\fitwidth{" + "\n".join(lines) + "}\n\\end{center}\n")
+    return (
+        "Per cell, means over seeds with 95\\% Student-$t$ intervals (runs that missed "
+        "their target train loss left out):\n\n\\begin{center}\n\\scriptsize\n"
+        "\\fitwidth{" + "\n".join(lines) + "}\n\\end{center}\n"
+    )
 
 
 def setting_text(value) -> str:
@@ -246,17 +321,20 @@ def settings_paragraph(runs: pd.DataFrame) -> str:
         if not uniq:
             return "--"
         if len(uniq) > MAX_LISTED and all(isinstance(v, (int, float)) for v in uniq):
-            return tex_escape(f"{setting_text(uniq[0])} to {setting_text(uniq[-1])} "
-                              f"({len(uniq)} values)")
+            return tex_escape(
+                f"{setting_text(uniq[0])} to {setting_text(uniq[-1])} ({len(uniq)} values)"
+            )
         return tex_escape(", ".join(setting_text(v) for v in uniq))
 
-    return (f"Models: {values('model')}; data set: {values('dataset')}; epochs: "
-            f"{values('epochs')}; learning rates: {values('lr')}; batch sizes: "
-            f"{values('batch_size')}; momentum: {values('momentum')}; probe set size: "
-            f"{values('probe_size')}; training subset (0 = all): {values('train_subset')}; "
-            f"Lanczos tolerance: {values('curvature_tol')}; Hutchinson vectors: "
-            f"{values('trace_samples')}; sharpness radius: {values('sharpness_radius')} "
-            f"over {values('sharpness_directions')} directions; seeds: {values('seed')}.")
+    return (
+        f"Models: {values('model')}; data set: {values('dataset')}; epochs: "
+        f"{values('epochs')}; learning rates: {values('lr')}; batch sizes: "
+        f"{values('batch_size')}; momentum: {values('momentum')}; probe set size: "
+        f"{values('probe_size')}; training subset (0 = all): {values('train_subset')}; "
+        f"Lanczos tolerance: {values('curvature_tol')}; Hutchinson vectors: "
+        f"{values('trace_samples')}; sharpness radius: {values('sharpness_radius')} "
+        f"over {values('sharpness_directions')} directions; seeds: {values('seed')}."
+    )
 
 
 def spikes_paragraph(runs: pd.DataFrame) -> str:
@@ -265,8 +343,10 @@ def spikes_paragraph(runs: pd.DataFrame) -> str:
     flagged = runs.dropna(subset=["tags.curvature_spikes"])
     if flagged.empty:
         return "No curvature spikes were flagged in these runs."
-    items = [f"\\item {tex_escape(r['label'])}: {tex_escape(r['tags.curvature_spikes'])}"
-             for _, r in flagged.iterrows()]
+    items = [
+        f"\\item {tex_escape(r['label'])}: {tex_escape(r['tags.curvature_spikes'])}"
+        for _, r in flagged.iterrows()
+    ]
     return "Flagged curvature spikes:\n\\begin{itemize}\n" + "\n".join(items) + "\n\\end{itemize}"
 
 
@@ -274,7 +354,9 @@ def render(runs: pd.DataFrame, verdicts: pd.DataFrame, figures: list[str], title
     figure_tex = "\n".join(
         "\\begin{figure}[!htbp]\\centering\\includegraphics[width=0.7\\linewidth]{figures/"
         f"{name}}}\\caption{{{caption}}}\\end{{figure}}"
-        for name, caption in FIGURES if name in figures)
+        for name, caption in FIGURES
+        if name in figures
+    )
     return rf"""\documentclass[11pt]{{article}}
 \usepackage[margin=2.5cm]{{geometry}}
 \usepackage{{amsmath,amssymb,graphicx,hyperref}}
@@ -357,9 +439,14 @@ dominates, to target with lower learning rates or LoRA ranks.
 """
 
 
-def write_report(runs: pd.DataFrame, verdicts: pd.DataFrame, figure_dir: Path, out_dir: Path,
-                 title: str = "Loss landscape geometry, SGD noise and generalisation",
-                 compile_pdf: bool = True) -> tuple[Path, Path | None]:
+def write_report(
+    runs: pd.DataFrame,
+    verdicts: pd.DataFrame,
+    figure_dir: Path,
+    out_dir: Path,
+    title: str = "Loss landscape geometry, SGD noise and generalisation",
+    compile_pdf: bool = True,
+) -> tuple[Path, Path | None]:
     """Writes out_dir/main.tex, references.bib and figures/; compiles main.pdf with pdflatex
     when it is on PATH. Returns (tex path, pdf path or None)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -380,15 +467,16 @@ def write_report(runs: pd.DataFrame, verdicts: pd.DataFrame, figure_dir: Path, o
 
 def compile_latex(tex: Path) -> Path:
     """pdflatex, bibtex, pdflatex twice; raises RuntimeError with the log's tail on failure."""
-    steps = [["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name],
-             ["bibtex", tex.stem],
-             ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name],
-             ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name]]
+    steps = [
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name],
+        ["bibtex", tex.stem],
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name],
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", tex.name],
+    ]
     for step in steps:
         if shutil.which(step[0]) is None:
             continue
-        result = subprocess.run(step, cwd=tex.parent, capture_output=True, text=True,
-                                timeout=300)
+        result = subprocess.run(step, cwd=tex.parent, capture_output=True, text=True, timeout=300)
         if result.returncode != 0 and step[0] == "pdflatex":
             raise RuntimeError(f"pdflatex failed: {result.stdout[-1500:]}")
     return tex.with_suffix(".pdf")

@@ -1,9 +1,9 @@
 """Logged runs back into pandas: one row per run, and a long table of per-epoch metrics.
 
-    from lossgeo.analysis import load_runs, load_history
-    runs = load_runs()      # the default experiment; or experiment=, parent_run=, filter=
-    history = load_history(runs, metrics=["lambda_max", "test_loss"])
-    history.pivot_table(index="epoch", columns="label", values="value")
+from lossgeo.analysis import load_runs, load_history
+runs = load_runs()      # the default experiment; or experiment=, parent_run=, filter=
+history = load_history(runs, metrics=["lambda_max", "test_loss"])
+history.pivot_table(index="epoch", columns="label", values="value")
 """
 
 from __future__ import annotations
@@ -33,12 +33,15 @@ def _numeric_params() -> set[str]:
     a value that does not parse (a launcher run rejected for `-P lr=abc`)."""
     from lossgeo.config import config_fields
 
-    return {f.name for f in config_fields()
-            if type(f.default) in (int, float)}
+    return {f.name for f in config_fields() if type(f.default) in (int, float)}
 
 
-def load_runs(experiment: str | Iterable[str] | None = None, parent_run: str | None = None,
-              filter: str | None = None, include_parent: bool = False) -> pd.DataFrame:
+def load_runs(
+    experiment: str | Iterable[str] | None = None,
+    parent_run: str | None = None,
+    filter: str | None = None,
+    include_parent: bool = False,
+) -> pd.DataFrame:
     """One row per run: run_id, status, params (numeric where they parse, under their own
     names), final metrics (their names), tags (``tags.*``), and a ``label``. A numeric
     training parameter that a run logged unparsable (``-P lr=abc``) reads NaN there, and
@@ -49,13 +52,16 @@ def load_runs(experiment: str | Iterable[str] | None = None, parent_run: str | N
         parent = tracking.get_run(parent_run)
         experiment_ids = [parent.info.experiment_id]
         clauses.append(f"tags.`{tracking.PARENT_TAG}` = '{parent_run}'")
-    names = [experiment] if isinstance(experiment, str) else (list(experiment) if experiment
-                                                             else None)
+    names = (
+        [experiment] if isinstance(experiment, str) else (list(experiment) if experiment else None)
+    )
     if names is None and experiment_ids is None:
         names = [tracking.default_experiment()]
-    frame = tracking.search_runs(experiment_names=names if experiment_ids is None else None,
-                                 experiment_ids=experiment_ids,
-                                 filter_string=" and ".join(clauses))
+    frame = tracking.search_runs(
+        experiment_names=names if experiment_ids is None else None,
+        experiment_ids=experiment_ids,
+        filter_string=" and ".join(clauses),
+    )
     if frame.empty:
         return pd.DataFrame(columns=["run_id", "status", "label"])
     if parent_run and not include_parent:
@@ -63,9 +69,9 @@ def load_runs(experiment: str | Iterable[str] | None = None, parent_run: str | N
     renamed = {}
     for column in frame.columns:
         if column.startswith("params."):
-            renamed[column] = column[len("params."):]
+            renamed[column] = column[len("params.") :]
         elif column.startswith("metrics."):
-            renamed[column] = column[len("metrics."):]
+            renamed[column] = column[len("metrics.") :]
     frame = frame.rename(columns=renamed)
     numeric = _numeric_params()
     unparsable = pd.Series("", index=frame.index)
@@ -79,15 +85,22 @@ def load_runs(experiment: str | Iterable[str] | None = None, parent_run: str | N
             columns[column] = converted
     # built in one piece (column by column fragments the frame: pandas' PerformanceWarning)
     order = list(frame.columns)
-    frame = pd.concat([frame.drop(columns=list(columns)), pd.DataFrame(columns),
-                       unparsable.str.strip().rename("unparsable_params")], axis=1)
+    frame = pd.concat(
+        [
+            frame.drop(columns=list(columns)),
+            pd.DataFrame(columns),
+            unparsable.str.strip().rename("unparsable_params"),
+        ],
+        axis=1,
+    )
     frame = frame[order + ["unparsable_params"]]
     frame = pd.concat([frame, frame.apply(run_label, axis=1).rename("label")], axis=1)
     return frame.sort_values("start_time").reset_index(drop=True)
 
 
-def load_history(runs: pd.DataFrame | Iterable[str], metrics: Iterable[str] | None = None,
-                 max_workers: int = 8) -> pd.DataFrame:
+def load_history(
+    runs: pd.DataFrame | Iterable[str], metrics: Iterable[str] | None = None, max_workers: int = 8
+) -> pd.DataFrame:
     """Long table (run_id, label, epoch, metric, value) of every per-epoch metric.
 
     Histories are fetched concurrently (one request per run and metric, in a thread pool),
@@ -106,11 +119,12 @@ def load_history(runs: pd.DataFrame | Iterable[str], metrics: Iterable[str] | No
 
     def fetch(job):
         run_id, key = job
-        return [(run_id, labels[run_id], step, key, value)
-                for step, value in tracking.metric_history(run_id, key)]
+        return [
+            (run_id, labels[run_id], step, key, value)
+            for step, value in tracking.metric_history(run_id, key)
+        ]
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         rows = [row for chunk in pool.map(fetch, jobs) for row in chunk]
     frame = pd.DataFrame(rows, columns=["run_id", "label", "epoch", "metric", "value"])
     return frame.sort_values(["run_id", "metric", "epoch"]).reset_index(drop=True)
-

@@ -56,7 +56,7 @@ def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     rx, ry = stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)
     rx = rx - rx.mean(axis=1, keepdims=True)
     ry = ry - ry.mean(axis=1, keepdims=True)
-    denom = np.sqrt((rx ** 2).sum(axis=1) * (ry ** 2).sum(axis=1))
+    denom = np.sqrt((rx**2).sum(axis=1) * (ry**2).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return (rx * ry).sum(axis=1) / denom
 
@@ -66,7 +66,7 @@ def _partial_rows(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     formula applied to the rank correlations."""
     r_xy, r_xz, r_yz = _spearman_rows(x, y), _spearman_rows(x, z), _spearman_rows(y, z)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz ** 2) * (1 - r_yz ** 2))
+        return (r_xy - r_xz * r_yz) / np.sqrt((1 - r_xz**2) * (1 - r_yz**2))
 
 
 def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -78,8 +78,15 @@ def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def rank_correlation(x, y, control=None, *, confidence: float = CONFIDENCE,
-                     n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict[str, float]:
+def rank_correlation(
+    x,
+    y,
+    control=None,
+    *,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, float]:
     """Spearman and Kendall with percentile-bootstrap CIs (runs resampled), and, given a
     control variable, the partial Spearman with its CI. Keys: n, spearman, spearman_ci_low,
     spearman_ci_high, kendall, kendall_ci_low, kendall_ci_high[, partial_spearman,
@@ -95,8 +102,9 @@ def rank_correlation(x, y, control=None, *, confidence: float = CONFIDENCE,
     out.update(spearman=rho, spearman_ci_low=low, spearman_ci_high=high)
     taus = np.array([stats.kendalltau(x[i], y[i]).statistic for i in index])
     low, high = _interval(taus, confidence)
-    out.update(kendall=float(stats.kendalltau(x, y).statistic), kendall_ci_low=low,
-               kendall_ci_high=high)
+    out.update(
+        kendall=float(stats.kendalltau(x, y).statistic), kendall_ci_low=low, kendall_ci_high=high
+    )
     if control is not None:
         z = np.asarray(control, dtype=float)
         partial = float(_partial_rows(x[None], y[None], z[None])[0])
@@ -117,8 +125,13 @@ def verdict(low: float, high: float, sign: int) -> str:
     return "inconclusive"
 
 
-def hypothesis_table(runs: pd.DataFrame, hypotheses: list[Hypothesis] = HYPOTHESES, *,
-                     seed: int = 0, equal_fit: bool = True) -> pd.DataFrame:
+def hypothesis_table(
+    runs: pd.DataFrame,
+    hypotheses: list[Hypothesis] = HYPOTHESES,
+    *,
+    seed: int = 0,
+    equal_fit: bool = True,
+) -> pd.DataFrame:
     """One row per hypothesis and pair of metrics, over the runs where x, y (and train loss)
     are finite: the correlations with CIs and the verdict. H2 is about equal fit, so its
     verdict comes from the partial Spearman given train loss (Spearman where the train loss
@@ -128,8 +141,14 @@ def hypothesis_table(runs: pd.DataFrame, hypotheses: list[Hypothesis] = HYPOTHES
     rows = []
     for h in hypotheses:
         columns = [h.x, h.y] + ([CONTROL] if CONTROL in runs else [])
-        row: dict[str, object] = {"hypothesis": h.name, "claim": h.claim, "x": h.x, "y": h.y,
-                                  "expected_sign": h.sign, "n": 0}
+        row: dict[str, object] = {
+            "hypothesis": h.name,
+            "claim": h.claim,
+            "x": h.x,
+            "y": h.y,
+            "expected_sign": h.sign,
+            "n": 0,
+        }
         if not {h.x, h.y} <= set(runs):
             rows.append({**row, "verdict": "inconclusive", "verdict_from": "no data"})
             continue
@@ -140,16 +159,22 @@ def hypothesis_table(runs: pd.DataFrame, hypotheses: list[Hypothesis] = HYPOTHES
         row.update(rank_correlation(data[h.x], data[h.y], control, seed=seed))
         source = "partial_spearman" if h.name == "H2" and "partial_ci_low" in row else "spearman"
         prefix = "partial" if source == "partial_spearman" else "spearman"
-        row["verdict"] = verdict(float(row.get(f"{prefix}_ci_low", np.nan)),  # type: ignore[arg-type]
-                                 float(row.get(f"{prefix}_ci_high", np.nan)),  # type: ignore[arg-type]
-                                 h.sign)
+        row["verdict"] = verdict(
+            float(row.get(f"{prefix}_ci_low", np.nan)),  # type: ignore[arg-type]
+            float(row.get(f"{prefix}_ci_high", np.nan)),  # type: ignore[arg-type]
+            h.sign,
+        )
         row["verdict_from"] = source
         if h.name == "H2" and not equal_fit:
-            reason = ("no verdict: the runs were not trained to a common fit and their "
-                      "train loss was not logged" if control is None else
-                      f"no verdict: the runs were not trained to a common fit, and {len(data)} "
-                      f"runs are too few for a partial correlation (needs {MIN_PARTIAL_N})"
-                      if len(data) < MIN_PARTIAL_N else None)
+            reason = (
+                "no verdict: the runs were not trained to a common fit and their "
+                "train loss was not logged"
+                if control is None
+                else f"no verdict: the runs were not trained to a common fit, and {len(data)} "
+                f"runs are too few for a partial correlation (needs {MIN_PARTIAL_N})"
+                if len(data) < MIN_PARTIAL_N
+                else None
+            )
             if reason is not None:
                 row.update(verdict="inconclusive", verdict_from=reason)
         row["equal_fit"] = equal_fit
@@ -169,17 +194,24 @@ def stability_edge(runs: pd.DataFrame, *, confidence: float = CONFIDENCE) -> dic
     ci = stats.binomtest(below, n).proportion_ci(confidence, method="exact")
     held = below == n
     contradicted = ci.high < 0.5
-    return {"hypothesis": "H4", "claim": "SGD keeps lambda_max <= 2(1+m)/lr", "n": n,
-            "share_below_edge": below / n, "share_ci_low": ci.low, "share_ci_high": ci.high,
-            "max_edge_ratio": float(ratios.max()),
-            "verdict": "held" if held else ("contradicted" if contradicted else "inconclusive")}
+    return {
+        "hypothesis": "H4",
+        "claim": "SGD keeps lambda_max <= 2(1+m)/lr",
+        "n": n,
+        "share_below_edge": below / n,
+        "share_ci_low": ci.low,
+        "share_ci_high": ci.high,
+        "max_edge_ratio": float(ratios.max()),
+        "verdict": "held" if held else ("contradicted" if contradicted else "inconclusive"),
+    }
 
 
 H3_TOLERANCE = 0.25  # |beta_lr + beta_B| below this: doubling lr and B changes lambda_max < 19%
 
 
-def temperature_alone(runs: pd.DataFrame, *, confidence: float = CONFIDENCE,
-                      metric: str = "lambda_max") -> dict[str, object]:
+def temperature_alone(
+    runs: pd.DataFrame, *, confidence: float = CONFIDENCE, metric: str = "lambda_max"
+) -> dict[str, object]:
     """H3, lambda_max depends on lr/B alone (Jastrzebski et al. 2017; Kaur et al. 2022 say
     not alone). Fits log lambda = a + b_lr log lr + b_B log B by least squares: lr/B alone
     means b_lr + b_B = 0. held: the t-interval of b_lr + b_B lies inside +-H3_TOLERANCE;
@@ -187,9 +219,14 @@ def temperature_alone(runs: pd.DataFrame, *, confidence: float = CONFIDENCE,
     diagonals of constant lr/B (pooled standard deviation) against the spread of the diagonal
     means across them."""
     columns = [metric, "lr", "batch_size"]
-    row: dict[str, object] = {"hypothesis": "H3", "claim": "lambda_max is a function of lr/B "
-                              "alone", "x": "lr, batch_size", "y": metric, "n": 0,
-                              "verdict": "inconclusive"}
+    row: dict[str, object] = {
+        "hypothesis": "H3",
+        "claim": "lambda_max is a function of lr/B alone",
+        "x": "lr, batch_size",
+        "y": metric,
+        "n": 0,
+        "verdict": "inconclusive",
+    }
     if not set(columns) <= set(runs):
         return row
     data = runs[columns].apply(pd.to_numeric, errors="coerce")
@@ -213,11 +250,16 @@ def temperature_alone(runs: pd.DataFrame, *, confidence: float = CONFIDENCE,
     groups = pd.Series(y).groupby(temperature)
     within = groups.apply(lambda g: ((g - g.mean()) ** 2).sum()).sum()
     within_dof = n - groups.ngroups
-    row.update(beta_lr=float(coef[1]), beta_b=float(coef[2]), beta_sum=value,
-               beta_sum_ci_low=low, beta_sum_ci_high=high, n_diagonals=groups.ngroups,
-               within_diagonal_sd=float(np.sqrt(within / within_dof)) if within_dof else np.nan,
-               across_diagonal_sd=float(groups.mean().std(ddof=1)) if groups.ngroups > 1
-               else np.nan)
+    row.update(
+        beta_lr=float(coef[1]),
+        beta_b=float(coef[2]),
+        beta_sum=value,
+        beta_sum_ci_low=low,
+        beta_sum_ci_high=high,
+        n_diagonals=groups.ngroups,
+        within_diagonal_sd=float(np.sqrt(within / within_dof)) if within_dof else np.nan,
+        across_diagonal_sd=float(groups.mean().std(ddof=1)) if groups.ngroups > 1 else np.nan,
+    )
     if low > 0 or high < 0:
         row["verdict"] = "contradicted"
     elif -H3_TOLERANCE < low and high < H3_TOLERANCE:
@@ -234,7 +276,8 @@ def trained_to_equal_fit(runs: pd.DataFrame) -> bool:
     values = runs[targets].apply(pd.to_numeric, errors="coerce").fillna(0)
     one_target = (values.nunique() == 1).all() and bool((values.iloc[0] > 0).any())
     reached = "tags.reached_target" not in runs or bool(
-        (runs["tags.reached_target"] == "true").all())
+        (runs["tags.reached_target"] == "true").all()
+    )
     return one_target and reached
 
 
@@ -246,21 +289,37 @@ def study_verdicts(runs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
         if tag in keep:
             keep = keep[keep[tag] != bad]
     if "noise_temperature" not in keep and {"lr", "batch_size"} <= set(keep):
-        keep = keep.assign(noise_temperature=pd.to_numeric(keep["lr"]) /
-                           pd.to_numeric(keep["batch_size"]))
+        keep = keep.assign(
+            noise_temperature=pd.to_numeric(keep["lr"]) / pd.to_numeric(keep["batch_size"])
+        )
     table = hypothesis_table(keep, seed=seed, equal_fit=trained_to_equal_fit(keep))
     extra = pd.DataFrame([temperature_alone(keep), stability_edge(keep)])
     return pd.concat([table, extra], ignore_index=True)
 
 
-SUMMARY_METRICS = ["train_loss", "test_loss", "train_acc", "test_acc", "gen_gap", "gen_gap_acc",
-                   "lambda_max", "lambda_min", "hessian_trace", "sharp_mean", "sharp_max",
-                   "eps_sharpness", "adaptive_sharpness", "edge_ratio", "grad_noise_scale",
-                   "epochs_to_target"]
+SUMMARY_METRICS = [
+    "train_loss",
+    "test_loss",
+    "train_acc",
+    "test_acc",
+    "gen_gap",
+    "gen_gap_acc",
+    "lambda_max",
+    "lambda_min",
+    "hessian_trace",
+    "sharp_mean",
+    "sharp_max",
+    "eps_sharpness",
+    "adaptive_sharpness",
+    "edge_ratio",
+    "grad_noise_scale",
+    "epochs_to_target",
+]
 
 
-def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
-                 confidence: float = 0.95) -> pd.DataFrame:
+def cell_summary(
+    runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS, confidence: float = 0.95
+) -> pd.DataFrame:
     """One row per cell (tag ``cell``, else the run's label) over its seeds: for each metric
     ``<metric>_mean`` and a two-sided Student-t interval ``<metric>_ci_low``/``_ci_high``
     (mean +- t_{(1+c)/2, n-1} s / sqrt(n), s the sample standard deviation; NaN for one
@@ -269,23 +328,37 @@ def cell_summary(runs: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS,
     frame = runs.copy()
     frame["cell"] = frame["tags.cell"] if "tags.cell" in frame else frame["label"]
     frame["cell"] = frame["cell"].fillna(frame["label"])
-    missed = (frame["tags.reached_target"] == "false") if "tags.reached_target" in frame \
+    missed = (
+        (frame["tags.reached_target"] == "false")
+        if "tags.reached_target" in frame
         else pd.Series(False, index=frame.index)
+    )
     rows = []
     for cell, group in frame.groupby("cell", sort=True):
         fitted = group[~missed.loc[group.index]]
-        row: dict[str, object] = {"cell": cell, "n_seeds": len(fitted),
-                                  "n_missed_target": int(missed.loc[group.index].sum())}
+        row: dict[str, object] = {
+            "cell": cell,
+            "n_seeds": len(fitted),
+            "n_missed_target": int(missed.loc[group.index].sum()),
+        }
         for metric in metrics:
             if metric not in fitted:
                 continue
             values = pd.to_numeric(fitted[metric], errors="coerce").dropna()
             n = len(values)
             mean = float(values.mean()) if n else float("nan")
-            half = (float(stats.t.ppf((1 + confidence) / 2, n - 1) * values.std(ddof=1)
-                          / np.sqrt(n)) if n >= 2 else float("nan"))
-            row.update({f"{metric}_mean": mean, f"{metric}_ci_low": mean - half,
-                        f"{metric}_ci_high": mean + half})
+            half = (
+                float(stats.t.ppf((1 + confidence) / 2, n - 1) * values.std(ddof=1) / np.sqrt(n))
+                if n >= 2
+                else float("nan")
+            )
+            row.update(
+                {
+                    f"{metric}_mean": mean,
+                    f"{metric}_ci_low": mean - half,
+                    f"{metric}_ci_high": mean + half,
+                }
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -307,12 +380,15 @@ def correlations(frame: pd.DataFrame, pairs: Iterable[tuple[str, str]]) -> pd.Da
         if n >= 3:
             rho, p_rho = stats.spearmanr(both[x], both[y])
             tau, p_tau = stats.kendalltau(both[x], both[y])
-            row.update({"spearman": rho, "spearman_p": p_rho, "kendall": tau,
-                        "kendall_p": p_tau})
+            row.update({"spearman": rho, "spearman_p": p_rho, "kendall": tau, "kendall_p": p_tau})
         rows.append(row)
-    return pd.DataFrame(rows, columns=["x", "y", "n", "spearman", "spearman_p", "kendall",
-                                       "kendall_p"])
+    return pd.DataFrame(
+        rows, columns=["x", "y", "n", "spearman", "spearman_p", "kendall", "kendall_p"]
+    )
 
 
-STUDY_PAIRS = [("noise_temperature", "lambda_max"), ("lambda_max", "gen_gap"),
-               ("sharp_max", "gen_gap")]
+STUDY_PAIRS = [
+    ("noise_temperature", "lambda_max"),
+    ("lambda_max", "gen_gap"),
+    ("sharp_max", "gen_gap"),
+]

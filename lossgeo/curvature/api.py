@@ -21,12 +21,24 @@ Matrix = Literal["hessian", "ggn", "fisher"]
 TraceMethod = Literal["hutchinson", "hutch++"]
 
 
-def curvature_eigen(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: int = 1,
-                    which: Which = "LA", method: EigenMethod = "lanczos", tol: float = 1e-4,
-                    max_iter: int = 100, *, matrix: Matrix = "hessian", seed: int = 0,
-                    chunk_size: int | str | None = "auto", hvp_method: str = "graph",
-                    params: Sequence[str] | str | None = None, verify: bool = False,
-                    **batching: Any) -> EigenResult:
+def curvature_eigen(
+    model: nn.Module,
+    loss_fn: AnyLossFn,
+    data: DataSource,
+    k: int = 1,
+    which: Which = "LA",
+    method: EigenMethod = "lanczos",
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    *,
+    matrix: Matrix = "hessian",
+    seed: int = 0,
+    chunk_size: int | str | None = "auto",
+    hvp_method: str = "graph",
+    params: Sequence[str] | str | None = None,
+    verify: bool = False,
+    **batching: Any,
+) -> EigenResult:
     """Top-k ("LA") or bottom-k ("SA") eigenpairs of the Hessian, GGN or empirical Fisher.
 
     params: a parameter filter (names, module paths, globs); batching: `loss_form` and
@@ -37,46 +49,86 @@ def curvature_eigen(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: i
     ||A v - lambda v|| with one extra product per pair instead of the Lanczos estimates."""
     if which not in ("LA", "SA"):
         raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
-    op = make_operator(matrix, model, loss_fn, data, params=params, chunk_size=chunk_size,
-                       method=hvp_method, **batching)
+    op = make_operator(
+        matrix,
+        model,
+        loss_fn,
+        data,
+        params=params,
+        chunk_size=chunk_size,
+        method=hvp_method,
+        **batching,
+    )
     if method == "power":
         if which != "LA":
-            raise ValueError("which: power iteration finds the largest-magnitude eigenvalues "
-                             "only; use method='lanczos' for 'SA'")
+            raise ValueError(
+                "which: power iteration finds the largest-magnitude eigenvalues "
+                "only; use method='lanczos' for 'SA'"
+            )
         return power_iteration(op, k=k, tol=tol, max_iter=max_iter, seed=seed)
     if method != "lanczos":
         raise ValueError(f"method: must be 'lanczos' or 'power' (got {method!r})")
-    top, bottom = lanczos_extremes(op, k_top=k if which == "LA" else 0,
-                                   k_bottom=k if which == "SA" else 0, tol=tol,
-                                   max_iter=max_iter, seed=seed, verify=verify)
+    top, bottom = lanczos_extremes(
+        op,
+        k_top=k if which == "LA" else 0,
+        k_bottom=k if which == "SA" else 0,
+        tol=tol,
+        max_iter=max_iter,
+        seed=seed,
+        verify=verify,
+    )
     result = top if which == "LA" else bottom
     assert result is not None  # the end asked for
     return result
 
 
-def hessian_eigen(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: int = 1,
-                  which: Which = "LA", method: EigenMethod = "lanczos", tol: float = 1e-4,
-                  max_iter: int = 100, **options: Any) -> EigenResult:
+def hessian_eigen(
+    model: nn.Module,
+    loss_fn: AnyLossFn,
+    data: DataSource,
+    k: int = 1,
+    which: Which = "LA",
+    method: EigenMethod = "lanczos",
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    **options: Any,
+) -> EigenResult:
     """Top-k ("LA") or bottom-k ("SA") Hessian eigenpairs; see `curvature_eigen`."""
-    return curvature_eigen(model, loss_fn, data, k, which, method, tol, max_iter,
-                           matrix="hessian", **options)
+    return curvature_eigen(
+        model, loss_fn, data, k, which, method, tol, max_iter, matrix="hessian", **options
+    )
 
 
-def hessian_extremes(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, k: int = 1, *,
-                     tol: float = 1e-4, max_iter: int = 100, seed: int = 0,
-                     chunk_size: int | str | None = "auto", hvp_method: str = "graph",
-                     **options: Any) -> tuple[EigenResult, EigenResult]:
+def hessian_extremes(
+    model: nn.Module,
+    loss_fn: AnyLossFn,
+    data: DataSource,
+    k: int = 1,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    seed: int = 0,
+    chunk_size: int | str | None = "auto",
+    hvp_method: str = "graph",
+    **options: Any,
+) -> tuple[EigenResult, EigenResult]:
     """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
-    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method,
-                         **options)
-    return both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter,
-                                 seed=seed))
+    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
+    return both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter, seed=seed))
 
 
-def hessian_trace(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
-                  method: TraceMethod = "hutchinson", n_samples: int = 30, *, seed: int = 0,
-                  chunk_size: int | str | None = "auto", hvp_method: str = "graph",
-                  **options: Any) -> TraceResult:
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: AnyLossFn,
+    data: DataSource,
+    method: TraceMethod = "hutchinson",
+    n_samples: int = 30,
+    *,
+    seed: int = 0,
+    chunk_size: int | str | None = "auto",
+    hvp_method: str = "graph",
+    **options: Any,
+) -> TraceResult:
     """The trace of the Hessian of the mean loss, estimated stochastically.
 
     Args:
@@ -96,16 +148,24 @@ def hessian_trace(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
     estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
     if method not in estimators:
         raise ValueError(f"method: must be 'hutchinson' or 'hutch++' (got {method!r})")
-    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method,
-                         **options)
+    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
     return estimators[method](op, n_samples, seed=seed)
 
 
-def spectral_density(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
-                     n_steps: int = 100, n_vectors: int = 1, *, sigma: float | None = None,
-                     grid_size: int = 1000, seed: int = 0,
-                     chunk_size: int | str | None = "auto", hvp_method: str = "graph",
-                     **options: Any) -> DensityResult:
+def spectral_density(
+    model: nn.Module,
+    loss_fn: AnyLossFn,
+    data: DataSource,
+    n_steps: int = 100,
+    n_vectors: int = 1,
+    *,
+    sigma: float | None = None,
+    grid_size: int = 1000,
+    seed: int = 0,
+    chunk_size: int | str | None = "auto",
+    hvp_method: str = "graph",
+    **options: Any,
+) -> DensityResult:
     """The Hessian's spectral density by stochastic Lanczos quadrature.
 
     Args:
@@ -124,17 +184,24 @@ def spectral_density(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
     Returns:
         A `DensityResult`: the smoothed density on its grid, the quadrature nodes and weights.
     """
-    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method,
-                         **options)
-    return slq_density(op, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma,
-                       grid_size=grid_size, seed=seed)
+    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
+    return slq_density(
+        op, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma, grid_size=grid_size, seed=seed
+    )
 
 
-def layerwise_lambda_max(model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *,
-                         tol: float = 1e-4, max_iter: int = 100, seed: int = 0,
-                         chunk_size: int | str | None = "auto",
-                         params: Sequence[str] | str | None = None,
-                         **options: Any) -> dict[str, EigenResult]:
+def layerwise_lambda_max(
+    model: nn.Module,
+    loss_fn: AnyLossFn,
+    data: DataSource,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    seed: int = 0,
+    chunk_size: int | str | None = "auto",
+    params: Sequence[str] | str | None = None,
+    **options: Any,
+) -> dict[str, EigenResult]:
     """Top eigenpair of each layer's diagonal Hessian block (the layer's own parameters
     varied, all others fixed), keyed by layer name (`models.layer_names`: fc1, conv2, ...,
     or the module path). With a parameter filter, the blocks are those of the selected

@@ -41,12 +41,26 @@ LossForm = Literal["auto", "output_target", "model_batch"]
 
 
 _MODEL_NAMES = {"model", "module", "net", "network", "m"}
-_OUTPUT_NAMES = {"input", "inputs", "output", "outputs", "out", "logits", "pred", "preds",
-                 "prediction", "predictions", "y_pred", "y_hat", "scores"}
+_OUTPUT_NAMES = {
+    "input",
+    "inputs",
+    "output",
+    "outputs",
+    "out",
+    "logits",
+    "pred",
+    "preds",
+    "prediction",
+    "predictions",
+    "y_pred",
+    "y_hat",
+    "scores",
+}
 
 
-def resolve_loss_form(loss_fn: Callable, loss_form: LossForm = "auto", first_batch: Any = None
-                      ) -> Literal["output_target", "model_batch"]:
+def resolve_loss_form(
+    loss_fn: Callable, loss_form: LossForm = "auto", first_batch: Any = None
+) -> Literal["output_target", "model_batch"]:
     """Which signature `loss_fn` has. "auto": the first parameter's annotation (nn.Module) or
     name (model, module, net, m / input, output, logits, pred, ...) decides; when neither
     does, the batches do: (x, y) tensor pairs mean (output, target), anything else
@@ -54,28 +68,34 @@ def resolve_loss_form(loss_fn: Callable, loss_form: LossForm = "auto", first_bat
     if loss_form in ("output_target", "model_batch"):
         return loss_form
     if loss_form != "auto":
-        raise ValueError(f"loss_form: must be 'auto', 'output_target' or 'model_batch' "
-                         f"(got {loss_form!r})")
+        raise ValueError(
+            f"loss_form: must be 'auto', 'output_target' or 'model_batch' (got {loss_form!r})"
+        )
     try:
         first = next(iter(inspect.signature(loss_fn).parameters.values()), None)
     except (TypeError, ValueError):  # builtins without a signature
         first = None
     if first is not None:
         annotation = first.annotation
-        if (isinstance(annotation, type) and issubclass(annotation, nn.Module)) or \
-                annotation in ("nn.Module", "torch.nn.Module", "Module"):
+        if (isinstance(annotation, type) and issubclass(annotation, nn.Module)) or annotation in (
+            "nn.Module",
+            "torch.nn.Module",
+            "Module",
+        ):
             return "model_batch"
         if first.name in _MODEL_NAMES:
             return "model_batch"
         if first.name in _OUTPUT_NAMES:
             return "output_target"
-    return "output_target" if first_batch is None or is_tensor_pair(first_batch) \
-        else "model_batch"
+    return "output_target" if first_batch is None or is_tensor_pair(first_batch) else "model_batch"
 
 
 def is_tensor_pair(batch: Any) -> bool:
-    return (isinstance(batch, (tuple, list)) and len(batch) == 2
-            and all(isinstance(t, torch.Tensor) for t in batch))
+    return (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and all(isinstance(t, torch.Tensor) for t in batch)
+    )
 
 
 def first_tensor(batch: Any) -> torch.Tensor | None:
@@ -103,8 +123,10 @@ def batch_size_of(batch: Any, batch_size: Callable[[Any], int] | None = None) ->
     else:
         tensor = first_tensor(batch)
         if tensor is None or tensor.dim() == 0:
-            raise ValueError("batch_size: no tensor with a batch dimension in the batch; "
-                             "pass batch_size=callable(batch) -> int")
+            raise ValueError(
+                "batch_size: no tensor with a batch dimension in the batch; "
+                "pass batch_size=callable(batch) -> int"
+            )
         size = int(tensor.shape[0])
     if size <= 0:
         raise ValueError(f"batch_size: a batch of size {size}")
@@ -121,9 +143,18 @@ def as_batches(data: DataSource, chunk_size: int | None = None) -> list[Any]:
     if not batches:
         raise ValueError("data: no batches given")
     if chunk_size:
-        batches = [chunk for b in batches for chunk in (
-            [(b[0][i:i + chunk_size], b[1][i:i + chunk_size])
-             for i in range(0, len(b[1]), chunk_size)] if is_tensor_pair(b) else [b])]
+        batches = [
+            chunk
+            for b in batches
+            for chunk in (
+                [
+                    (b[0][i : i + chunk_size], b[1][i : i + chunk_size])
+                    for i in range(0, len(b[1]), chunk_size)
+                ]
+                if is_tensor_pair(b)
+                else [b]
+            )
+        ]
     return batches
 
 
@@ -158,7 +189,7 @@ def activation_bytes_per_sample(model: nn.Module, x: torch.Tensor) -> int:
     return max(total[0], 1)
 
 
-def auto_chunk_size(model: nn.Module, x: torch.Tensor, budget_bytes: int = 48 * 2 ** 20) -> int:
+def auto_chunk_size(model: nn.Module, x: torch.Tensor, budget_bytes: int = 48 * 2**20) -> int:
     """Largest power-of-two chunk whose activations fit the budget (at least 64 samples).
 
     Measured on CPU (benchmarks/bench_curvature.py): one chunk of 2048 is fastest for the
@@ -192,18 +223,27 @@ class Objective:
     model's parameters; the rest keep their values) through torch.func.functional_call, so
     the model's own tensors are never touched."""
 
-    def __init__(self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *,
-                 loss_form: LossForm = "auto", chunk_size: int | str | None = "auto",
-                 batch_size: Callable[[Any], int] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: AnyLossFn,
+        data: DataSource,
+        *,
+        loss_form: LossForm = "auto",
+        chunk_size: int | str | None = "auto",
+        batch_size: Callable[[Any], int] | None = None,
+    ) -> None:
         self.model, self.loss_fn = model, loss_fn
         batches = as_batches(data, None)
         self.form = resolve_loss_form(loss_fn, loss_form, batches[0])
         if self.form == "output_target":
             bad = next((b for b in batches if not is_tensor_pair(b)), None)
             if bad is not None:
-                raise ValueError(f"data: loss_fn(output, target) needs (x, y) tensor pairs "
-                                 f"(got a {type(bad).__name__}); for other batches pass "
-                                 "loss_fn(model, batch)")
+                raise ValueError(
+                    f"data: loss_fn(output, target) needs (x, y) tensor pairs "
+                    f"(got a {type(bad).__name__}); for other batches pass "
+                    "loss_fn(model, batch)"
+                )
             if chunk_size == "auto":
                 chunk_size = auto_chunk_size(model, batches[0][0])
             batches = as_batches(batches, chunk_size)  # type: ignore[arg-type]
@@ -211,18 +251,24 @@ class Objective:
         sizes = [batch_size_of(b, batch_size) for b in batches]
         self.n_samples = sum(sizes)
         self.weights = [s / self.n_samples for s in sizes]
-        self._wrapper = (_ModelLoss(model, loss_fn)  # type: ignore[arg-type]  # form checked
-                         if self.form == "model_batch" else None)
+        self._wrapper = (
+            _ModelLoss(model, loss_fn)  # type: ignore[arg-type]  # form checked
+            if self.form == "model_batch"
+            else None
+        )
 
     def outputs(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.form != "output_target":
-            raise ValueError("loss_fn: the GGN, the empirical Fisher, the noise scale and "
-                             "landscapes need loss_fn(output, target) and (x, y) batches")
+            raise ValueError(
+                "loss_fn: the GGN, the empirical Fisher, the noise scale and "
+                "landscapes need loss_fn(output, target) and (x, y) batches"
+            )
         return functional_call(self.model, params, (x,))
 
     def loss(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         if self._wrapper is None:
             x, y = batch
             return self.loss_fn(functional_call(self.model, params, (x,)), y)
-        return functional_call(self._wrapper, {f"model.{n}": v for n, v in params.items()},
-                               (batch,))
+        return functional_call(
+            self._wrapper, {f"model.{n}": v for n, v in params.items()}, (batch,)
+        )

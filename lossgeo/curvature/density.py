@@ -18,9 +18,16 @@ from .linear import LinearOperator
 from .results import DensityResult
 
 
-def slq_density(op: LinearOperator, *, n_steps: int = 100, n_vectors: int = 1,
-                grid_size: int = 1000, sigma: float | None = None, seed: int = 0,
-                run: LanczosRun | None = None) -> DensityResult:
+def slq_density(
+    op: LinearOperator,
+    *,
+    n_steps: int = 100,
+    n_vectors: int = 1,
+    grid_size: int = 1000,
+    sigma: float | None = None,
+    seed: int = 0,
+    run: LanczosRun | None = None,
+) -> DensityResult:
     """sigma defaults to 1% of the spectrum's estimated range. run: a LanczosRun of the same
     operator and seed (e.g. the one `lanczos_extremes` took the top eigenpairs from): the
     first vector's quadrature continues it, and only the steps it has not taken yet cost
@@ -53,6 +60,11 @@ def slq_density(op: LinearOperator, *, n_steps: int = 100, n_vectors: int = 1,
     gauss = np.exp(-0.5 * ((grid[None, None, :] - nodes_a[:, :, None]) / sigma) ** 2)
     gauss /= sigma * np.sqrt(2 * np.pi)
     density = (weights_a[:, :, None] * gauss).sum(axis=(0, 1)) / n_vectors
-    return DensityResult(grid=torch.from_numpy(grid), density=torch.from_numpy(density),
-                         nodes=torch.from_numpy(nodes_a), weights=torch.from_numpy(weights_a),
-                         sigma=sigma, n_hvp=n_hvp)
+    return DensityResult(
+        grid=torch.from_numpy(grid),
+        density=torch.from_numpy(density),
+        nodes=torch.from_numpy(nodes_a),
+        weights=torch.from_numpy(weights_a),
+        sigma=sigma,
+        n_hvp=n_hvp,
+    )

@@ -62,8 +62,9 @@ def _wanted(theta: np.ndarray, k_top: int, k_bottom: int) -> tuple[np.ndarray, n
     return order[::-1][:k_top], order[:k_bottom]
 
 
-def _ritz_converged(beta: float, s: np.ndarray, theta: np.ndarray, idx: np.ndarray,
-                    tol: float, floor: float = 0.0) -> np.ndarray:
+def _ritz_converged(
+    beta: float, s: np.ndarray, theta: np.ndarray, idx: np.ndarray, tol: float, floor: float = 0.0
+) -> np.ndarray:
     """Per wanted Ritz pair: the stopping test of the module docstring, with the error
     measured against max(|theta_i|, floor)."""
     residual = beta * np.abs(s[-1, idx])
@@ -75,17 +76,27 @@ def _ritz_converged(beta: float, s: np.ndarray, theta: np.ndarray, idx: np.ndarr
     else:
         gap = np.full(len(idx), _TINY)
     with np.errstate(over="ignore"):
-        error = np.minimum(residual, residual ** 2 / gap)
+        error = np.minimum(residual, residual**2 / gap)
     return (error <= tol * scale) & (residual <= np.sqrt(tol) * scale)
 
 
-def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
-                     tol: float = 1e-4, bottom_tol: float | None = None,
-                     rest_tol: float | None = None, bottom_scale: str = "value",
-                     max_iter: int = 100, seed: int = 0, verify: bool = False,
-                     start: torch.Tensor | None = None, min_steps: int | None = None,
-                     run: LanczosRun | None = None, guard: int = 1
-                     ) -> tuple[EigenResult | None, EigenResult | None]:
+def lanczos_extremes(
+    op: LinearOperator,
+    *,
+    k_top: int = 1,
+    k_bottom: int = 0,
+    tol: float = 1e-4,
+    bottom_tol: float | None = None,
+    rest_tol: float | None = None,
+    bottom_scale: str = "value",
+    max_iter: int = 100,
+    seed: int = 0,
+    verify: bool = False,
+    start: torch.Tensor | None = None,
+    min_steps: int | None = None,
+    run: LanczosRun | None = None,
+    guard: int = 1,
+) -> tuple[EigenResult | None, EigenResult | None]:
     """The k_top largest and k_bottom smallest (algebraic) eigenpairs of a symmetric operator
     from one Lanczos run. Returns (top, bottom); either is None when not asked for.
 
@@ -143,19 +154,25 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
     guard_tol = min(rest_tol * _GUARD_TOL_FACTOR, math.sqrt(tol))
     if min_steps is None:
         min_steps = min(k_top + guard_top + k_bottom + 1, n)
-    steps = (iter(run) if run is not None
-             else _lanczos_steps(matvec, q0, min(max_iter, n)))
+    steps = iter(run) if run is not None else _lanczos_steps(matvec, q0, min(max_iter, n))
     for basis, alphas, betas, beta in steps:  # noqa: B007 (the last step's values are used)
         theta, s = _ritz(alphas, betas)
         guarded_top, bottom = _wanted(theta, k_top + guard_top, k_bottom)
         top = guarded_top[:k_top]
         invariant = _invariant(beta, alphas)
         floor = float(np.abs(theta).max()) if bottom_scale == "spectrum" else 0.0
-        flags = (np.concatenate([_ritz_converged(beta, s, theta, top[:1], tol),
-                                 _ritz_converged(beta, s, theta, top[1:], rest_tol)]),
-                 _ritz_converged(beta, s, theta, bottom, bottom_tol, floor))
+        flags = (
+            np.concatenate(
+                [
+                    _ritz_converged(beta, s, theta, top[:1], tol),
+                    _ritz_converged(beta, s, theta, top[1:], rest_tol),
+                ]
+            ),
+            _ritz_converged(beta, s, theta, bottom, bottom_tol, floor),
+        )
         guards_met = invariant or bool(
-            _ritz_converged(beta, s, theta, guarded_top[k_top:], guard_tol).all())
+            _ritz_converged(beta, s, theta, guarded_top[k_top:], guard_tol).all()
+        )
         done = guards_met and all(f.all() for f in flags)
         if len(alphas) >= min_steps and done or len(alphas) >= max_iter:
             break
@@ -171,15 +188,32 @@ def lanczos_extremes(op: LinearOperator, *, k_top: int = 1, k_bottom: int = 0,
         values = torch.as_tensor(theta[idx], dtype=torch.float64)
         converged = torch.as_tensor(group_flags | invariant)
         if verify:
-            residuals = torch.stack([(matvec(v).double() - values[i] * v.double()).norm()
-                                     for i, v in enumerate(vectors)])
+            residuals = torch.stack(
+                [
+                    (matvec(v).double() - values[i] * v.double()).norm()
+                    for i, v in enumerate(vectors)
+                ]
+            )
             n_hvp += len(idx)
         else:
-            residuals = torch.as_tensor(0.0 if invariant else beta * np.abs(s[-1, idx]),
-                                        dtype=torch.float64).expand(len(idx)).clone()
-        results.append(EigenResult(values=values, vectors=vectors, residuals=residuals,
-                                   converged=converged, n_hvp=0, which=which,
-                                   method="lanczos"))
+            residuals = (
+                torch.as_tensor(
+                    0.0 if invariant else beta * np.abs(s[-1, idx]), dtype=torch.float64
+                )
+                .expand(len(idx))
+                .clone()
+            )
+        results.append(
+            EigenResult(
+                values=values,
+                vectors=vectors,
+                residuals=residuals,
+                converged=converged,
+                n_hvp=0,
+                which=which,
+                method="lanczos",
+            )
+        )
     # n_hvp counts both groups' verification products, so it is set once both are done
     results = [None if r is None else replace(r, n_hvp=n_hvp) for r in results]
     return results[0], results[1]
@@ -199,8 +233,15 @@ def both(pair: tuple[EigenResult | None, EigenResult | None]) -> tuple[EigenResu
     return top, bottom
 
 
-def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1e-4,
-            max_iter: int = 100, seed: int = 0) -> EigenResult:
+def lanczos(
+    op: LinearOperator,
+    k: int = 1,
+    *,
+    which: str = "LA",
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> EigenResult:
     """The k extreme eigenpairs of a symmetric operator (Lanczos with full
     reorthogonalisation; the public form of `lanczos_extremes`).
 
@@ -221,9 +262,14 @@ def lanczos(op: LinearOperator, k: int = 1, *, which: str = "LA", tol: float = 1
     """
     if which not in ("LA", "SA"):
         raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
-    top, bottom = lanczos_extremes(op, k_top=k if which == "LA" else 0,
-                                   k_bottom=k if which == "SA" else 0, tol=tol,
-                                   max_iter=max_iter, seed=seed)
+    top, bottom = lanczos_extremes(
+        op,
+        k_top=k if which == "LA" else 0,
+        k_bottom=k if which == "SA" else 0,
+        tol=tol,
+        max_iter=max_iter,
+        seed=seed,
+    )
     result = top if which == "LA" else bottom
     assert result is not None  # k >= 1 was checked by lanczos_extremes
     return result
@@ -240,8 +286,9 @@ class KrylovState(NamedTuple):
     beta: float
 
 
-def lanczos_tridiagonal(matvec: MatVec, v0: torch.Tensor, n_steps: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def lanczos_tridiagonal(
+    matvec: MatVec, v0: torch.Tensor, n_steps: int
+) -> tuple[np.ndarray, np.ndarray]:
     """n_steps of Lanczos (full reorthogonalisation) from v0; returns the Ritz values and the
     squared first components of their eigenvectors (Gauss quadrature nodes and weights)."""
     steps = _lanczos_steps(matvec, v0 / v0.norm(), min(n_steps, v0.numel()))
@@ -290,7 +337,7 @@ class LanczosRun:
     def extend(self, n_steps: int) -> None:
         """Run on to n_steps steps (fewer when the Krylov space turns invariant or the run's
         max_steps is reached)."""
-        for _ in (iter(self) if self.n_steps < n_steps else ()):
+        for _ in iter(self) if self.n_steps < n_steps else ():
             if self.n_steps >= n_steps:
                 break
 
@@ -333,8 +380,9 @@ def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarr
     return eigh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
 
 
-def power_iteration(op: LinearOperator, *, k: int = 1, tol: float = 1e-3,
-                    max_iter: int = 100, seed: int = 0) -> EigenResult:
+def power_iteration(
+    op: LinearOperator, *, k: int = 1, tol: float = 1e-3, max_iter: int = 100, seed: int = 0
+) -> EigenResult:
     """Power iteration with deflation, as in PyHessian (stops when the eigenvalue estimate
     changes by less than tol relative). Finds the k eigenvalues largest in *magnitude*."""
     matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
@@ -369,10 +417,17 @@ def power_iteration(op: LinearOperator, *, k: int = 1, tol: float = 1e-3,
         converged.append(done)
     stacked = torch.stack(vectors)
     vals = torch.tensor(values, dtype=torch.float64)
-    residuals = torch.stack([(matvec(v).double() - vals[i] * v.double()).norm()
-                             for i, v in enumerate(stacked)])
+    residuals = torch.stack(
+        [(matvec(v).double() - vals[i] * v.double()).norm() for i, v in enumerate(stacked)]
+    )
     n_hvp += k
     order = torch.argsort(vals.abs(), descending=True)
-    return EigenResult(values=vals[order], vectors=stacked[order], residuals=residuals[order],
-                       converged=torch.tensor(converged)[order], n_hvp=n_hvp, which="LM",
-                       method="power")
+    return EigenResult(
+        values=vals[order],
+        vectors=stacked[order],
+        residuals=residuals[order],
+        converged=torch.tensor(converged)[order],
+        n_hvp=n_hvp,
+        which="LM",
+        method="power",
+    )

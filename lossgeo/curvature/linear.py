@@ -26,9 +26,14 @@ class LinearOperator(Protocol):
 class LambdaOperator:
     """A symmetric operator from a function v -> A v; counts its products in `n_matvec`."""
 
-    def __init__(self, matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, *,
-                 dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        matvec: Callable[[torch.Tensor], torch.Tensor],
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if dim < 1:
             raise ValueError(f"dim: must be >= 1 (got {dim})")
         self._matvec, self.dim = matvec, dim
@@ -46,6 +51,10 @@ class MatrixOperator(LambdaOperator):
     def __init__(self, matrix: torch.Tensor) -> None:
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"matrix: must be square (got shape {tuple(matrix.shape)})")
-        super().__init__(lambda v: matrix @ v.to(matrix.dtype), matrix.shape[0],
-                         dtype=matrix.dtype, device=matrix.device)
+        super().__init__(
+            lambda v: matrix @ v.to(matrix.dtype),
+            matrix.shape[0],
+            dtype=matrix.dtype,
+            device=matrix.device,
+        )
         self.matrix = matrix

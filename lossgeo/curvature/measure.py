@@ -114,11 +114,18 @@ def probe_is_finite(op: HessianOperator) -> bool:
     return math.isfinite(op.loss()) and bool(torch.isfinite(op.gradient()).all())
 
 
-def measure_curvature(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
-                      settings: CurvatureSettings = CurvatureSettings(), *,
-                      params: Sequence[str] | str | None = None, loss_form: LossForm = "auto",
-                      size_fn: Callable[[Any], int] | None = None,
-                      math_attention: bool = False, final: bool = False) -> CurvatureMeasures:
+def measure_curvature(
+    model: nn.Module,
+    loss_fn: AnyLossFn,
+    data: DataSource,
+    settings: CurvatureSettings = CurvatureSettings(),
+    *,
+    params: Sequence[str] | str | None = None,
+    loss_form: LossForm = "auto",
+    size_fn: Callable[[Any], int] | None = None,
+    math_attention: bool = False,
+    final: bool = False,
+) -> CurvatureMeasures:
     """The per-epoch curvature of the mean loss of `model` on `data`.
 
     Args:
@@ -140,45 +147,78 @@ def measure_curvature(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
     """
     start = time.perf_counter()
     s = settings
-    op = HessianOperator(model, loss_fn, data, params=params, loss_form=loss_form,
-                         batch_size=size_fn, chunk_size=s.chunk_size,
-                         math_attention=math_attention)
+    op = HessianOperator(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        loss_form=loss_form,
+        batch_size=size_fn,
+        chunk_size=s.chunk_size,
+        math_attention=math_attention,
+    )
     if not probe_is_finite(op):
-        return CurvatureMeasures(probe_loss=op.loss(), seconds=time.perf_counter() - start,
-                                 math_attention=op.math_attention)
+        return CurvatureMeasures(
+            probe_loss=op.loss(),
+            seconds=time.perf_counter() - start,
+            math_attention=op.math_attention,
+        )
     k = max(1, min(s.k, op.dim - 1))
     # at the last epoch the spectral density continues the eigen solve's Lanczos run (same
     # start vector) rather than repeating its first steps
-    run = LanczosRun(op, seed=s.seed, max_steps=max(s.max_iter, s.density_steps)) if final \
-        else None
+    run = LanczosRun(op, seed=s.seed, max_steps=max(s.max_iter, s.density_steps)) if final else None
     # lambda_max to tol; lambda_2..k and lambda_min (against lambda_max) to secondary_tol
-    top, bottom = both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=s.tol,
-                                        rest_tol=s.secondary_tol, bottom_tol=s.secondary_tol,
-                                        bottom_scale="spectrum", max_iter=s.max_iter,
-                                        seed=s.seed, run=run))
+    top, bottom = both(
+        lanczos_extremes(
+            op,
+            k_top=k,
+            k_bottom=1,
+            tol=s.tol,
+            rest_tol=s.secondary_tol,
+            bottom_tol=s.secondary_tol,
+            bottom_scale="spectrum",
+            max_iter=s.max_iter,
+            seed=s.seed,
+            run=run,
+        )
+    )
     n_hvp = top.n_hvp
     trace = None
     if s.trace_samples >= 2 and op.dim > k:
         # the top-k Ritz pairs carry much of Hutchinson's variance: take their part exactly
-        trace = hutchinson(op, s.trace_samples, seed=s.seed,
-                           deflation=(top.values, top.vectors))
+        trace = hutchinson(op, s.trace_samples, seed=s.seed, deflation=(top.values, top.vectors))
         n_hvp += trace.n_hvp
     ggn = fisher = None
     if s.ggn and op.objective.form == "output_target":
-        ggn_result = lanczos_top(GGNOperator(model, loss_fn, data, params=params,
-                                             loss_form="output_target", batch_size=size_fn,
-                                             chunk_size=s.chunk_size),
-                                 tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
+        ggn_result = lanczos_top(
+            GGNOperator(
+                model,
+                loss_fn,
+                data,
+                params=params,
+                loss_form="output_target",
+                batch_size=size_fn,
+                chunk_size=s.chunk_size,
+            ),
+            tol=s.secondary_tol,
+            max_iter=s.max_iter,
+            seed=s.seed,
+        )
         ggn = float(ggn_result.values[0])
-        fisher, fisher_products = _fisher_lambda_max(model, loss_fn, data, s, params=params,
-                                                     size_fn=size_fn)
+        fisher, fisher_products = _fisher_lambda_max(
+            model, loss_fn, data, s, params=params, size_fn=size_fn
+        )
         n_hvp += ggn_result.n_hvp + fisher_products
     layers: dict[str, float] = {}
     blocks = parameter_blocks(model, op.space.names) if s.layerwise else {}
     if len(blocks) > 1:
         for layer, names in blocks.items():
-            result = lanczos_top(HessianBlockOperator(op, names), tol=s.secondary_tol,
-                                 max_iter=s.max_iter, seed=s.seed)
+            result = lanczos_top(
+                HessianBlockOperator(op, names),
+                tol=s.secondary_tol,
+                max_iter=s.max_iter,
+                seed=s.seed,
+            )
             layers[layer] = float(result.values[0])
             n_hvp += result.n_hvp
     density = None
@@ -186,16 +226,31 @@ def measure_curvature(model: nn.Module, loss_fn: AnyLossFn, data: DataSource,
         density = slq_density(op, n_steps=s.density_steps, seed=s.seed, run=run)
         n_hvp += density.n_hvp
     return CurvatureMeasures(
-        probe_loss=op.loss(), top=top, bottom=bottom, trace=trace,
-        effective_dim=effective_dimension(top.values, s.alpha), ggn_lambda_max=ggn,
-        fisher_lambda_max=fisher, layers=layers, density=density,
-        parameter_names=tuple(op.space.names), n_hvp=n_hvp,
-        seconds=time.perf_counter() - start, math_attention=op.math_attention)
+        probe_loss=op.loss(),
+        top=top,
+        bottom=bottom,
+        trace=trace,
+        effective_dim=effective_dimension(top.values, s.alpha),
+        ggn_lambda_max=ggn,
+        fisher_lambda_max=fisher,
+        layers=layers,
+        density=density,
+        parameter_names=tuple(op.space.names),
+        n_hvp=n_hvp,
+        seconds=time.perf_counter() - start,
+        math_attention=op.math_attention,
+    )
 
 
-def _fisher_lambda_max(model: nn.Module, loss_fn: Any, data: DataSource,
-                       s: CurvatureSettings, *, params: Sequence[str] | str | None,
-                       size_fn: Callable[[Any], int] | None) -> tuple[float, int]:
+def _fisher_lambda_max(
+    model: nn.Module,
+    loss_fn: Any,
+    data: DataSource,
+    s: CurvatureSettings,
+    *,
+    params: Sequence[str] | str | None,
+    size_fn: Callable[[Any], int] | None,
+) -> tuple[float, int]:
     """(lambda_max of the empirical Fisher, products in parameter space). For a chain of
     Linear layers (the MLP) it is the top eigenvalue of the n x n Gram matrix of per-sample
     gradients, exact to rounding and cheaper than Lanczos in parameter space (MLP, probe
@@ -206,10 +261,16 @@ def _fisher_lambda_max(model: nn.Module, loss_fn: Any, data: DataSource,
         with eval_mode(model):
             gram = fisher_gram(model, loss_fn, data)
     if gram is not None:
-        top = lanczos_top(MatrixOperator(gram), tol=1e-12, max_iter=gram.shape[0],
-                          seed=s.seed)
+        top = lanczos_top(MatrixOperator(gram), tol=1e-12, max_iter=gram.shape[0], seed=s.seed)
         return float(top.values[0]), 0
-    fisher = EmpiricalFisherOperator(model, loss_fn, data, params=params, batch_size=size_fn,
-                                     loss_form="output_target", chunk_size=s.chunk_size)
+    fisher = EmpiricalFisherOperator(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        batch_size=size_fn,
+        loss_form="output_target",
+        chunk_size=s.chunk_size,
+    )
     result = lanczos_top(fisher, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
     return float(result.values[0]), result.n_hvp

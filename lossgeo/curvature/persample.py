@@ -34,8 +34,19 @@ from .batches import LossFn, as_batches
 from .params import ParameterSpace
 
 # modules that act on each sample alone and hold no parameters (Dropout: eval mode)
-PER_SAMPLE_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU, nn.LeakyReLU, nn.ELU,
-                      nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus)
+PER_SAMPLE_MODULES = (
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+)
 
 
 @dataclass(frozen=True)
@@ -83,8 +94,9 @@ def linear_chain(model: nn.Module, space: ParameterSpace) -> list[ChainLayer] | 
     return chain if seen == trainable else None
 
 
-def chain_factors(chain: list[ChainLayer], loss_fn: LossFn, x: torch.Tensor,
-                  y: torch.Tensor) -> list[LayerFactors]:
+def chain_factors(
+    chain: list[ChainLayer], loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
+) -> list[LayerFactors]:
     """Each Linear layer's inputs and per-sample loss gradients at its output, from one
     forward and one backward of sum_i loss_i (row i of the gradient at a layer's output is
     d loss_i / d z_i, as no module mixes samples). Call it in eval mode."""
@@ -108,12 +120,15 @@ def chain_factors(chain: list[ChainLayer], loss_fn: LossFn, x: torch.Tensor,
         losses = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(h, y)
         deltas = torch.autograd.grad(losses.sum(), outputs)
     linears = [layer for layer in chain if isinstance(layer.module, nn.Linear)]
-    return [LayerFactors(layer.weight, layer.bias, a, d.detach())
-            for layer, a, d in zip(linears, inputs, deltas)]
+    return [
+        LayerFactors(layer.weight, layer.bias, a, d.detach())
+        for layer, a, d in zip(linears, inputs, deltas)
+    ]
 
 
-def fisher_gram(model: nn.Module, loss_fn: LossFn, data, *, chunk_size: int = 1024
-                ) -> torch.Tensor | None:
+def fisher_gram(
+    model: nn.Module, loss_fn: LossFn, data, *, chunk_size: int = 1024
+) -> torch.Tensor | None:
     """(1/n) K, K_ij = g_i . g_j of the per-sample loss gradients on `data` (float64), for a
     Linear chain; None for other models. Its nonzero eigenvalues are the empirical
     Fisher's. Call it in eval mode."""

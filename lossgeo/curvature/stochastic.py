@@ -38,16 +38,17 @@ class BatchSharpnessResult:
     n_hvp: int
 
 
-def minibatches(probe: DataSource, batch_size: int | None, generator: torch.Generator
-                ) -> list[Any]:
+def minibatches(probe: DataSource, batch_size: int | None, generator: torch.Generator) -> list[Any]:
     """The probe set as mini-batches in random order: (x, y) pairs shuffled and cut into
     batches of `batch_size`; a list of batches (any kind) shuffled as given."""
     batches = as_batches(probe, None)
     if len(batches) == 1 and is_tensor_pair(batches[0]):
         x, y = batches[0]
         if batch_size is None or batch_size < 1:
-            raise ValueError("batch_size: batch sharpness needs the training batch size "
-                             "to cut an (x, y) probe set into mini-batches")
+            raise ValueError(
+                "batch_size: batch sharpness needs the training batch size "
+                "to cut an (x, y) probe set into mini-batches"
+            )
         batch_size = min(batch_size, len(y))  # a probe smaller than one batch: the whole probe
         samples = torch.randperm(len(y), generator=generator)
         return [(x[idx], y[idx]) for idx in samples.split(batch_size) if len(idx) == batch_size]
@@ -55,12 +56,21 @@ def minibatches(probe: DataSource, batch_size: int | None, generator: torch.Gene
     return [batches[i] for i in order]
 
 
-def batch_sharpness(model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
-                    batch_size: int | None = None, rel_se: float = 0.1, min_batches: int = 4,
-                    max_batches: int = 16, seed: int = 0,
-                    params: Sequence[str] | str | None = None, loss_form: LossForm = "auto",
-                    size_fn: Callable[[Any], int] | None = None,
-                    math_attention: bool = False) -> BatchSharpnessResult:
+def batch_sharpness(
+    model: nn.Module,
+    loss_fn: AnyLossFn,
+    probe: DataSource,
+    *,
+    batch_size: int | None = None,
+    rel_se: float = 0.1,
+    min_batches: int = 4,
+    max_batches: int = 16,
+    seed: int = 0,
+    params: Sequence[str] | str | None = None,
+    loss_form: LossForm = "auto",
+    size_fn: Callable[[Any], int] | None = None,
+    math_attention: bool = False,
+) -> BatchSharpnessResult:
     """E_B[g_B^T H_B g_B / ||g_B||^2] over mini-batches of the probe set (module docstring).
     A batch whose gradient vanishes contributes nothing (its ratio is undefined).
     math_attention: start under the math attention backend; once one batch's operator falls
@@ -72,8 +82,16 @@ def batch_sharpness(model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
     n_hvp = 0
     space = ParameterSpace(model, params)  # one copy of the parameters for every batch
     for batch in minibatches(probe, batch_size, gen)[:max_batches]:
-        op = HessianOperator(model, loss_fn, [batch], chunk_size=None, loss_form=loss_form,
-                             batch_size=size_fn, space=space, math_attention=math_attention)
+        op = HessianOperator(
+            model,
+            loss_fn,
+            [batch],
+            chunk_size=None,
+            loss_form=loss_form,
+            batch_size=size_fn,
+            space=space,
+            math_attention=math_attention,
+        )
         g = op.gradient()
         norm_sq = float(g.double().pow(2).sum())
         if norm_sq == 0.0 or not math.isfinite(norm_sq):

@@ -28,8 +28,9 @@ from .linear import LinearOperator
 from .results import TraceResult
 
 
-def rademacher_vectors(n: int, m: int, gen: torch.Generator, dtype,
-                       device) -> Iterator[torch.Tensor]:
+def rademacher_vectors(
+    n: int, m: int, gen: torch.Generator, dtype, device
+) -> Iterator[torch.Tensor]:
     """m Rademacher vectors, one at a time, in the working dtype. Each is unpacked from
     n/8 random bytes: drawing one random number per entry (bernoulli_, randint) cost a
     quarter of a 0.5M-parameter MLP's Hessian-vector product."""
@@ -47,8 +48,13 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
     return mean, stderr
 
 
-def hutchinson(op: LinearOperator, n_samples: int = 30, *, seed: int = 0,
-               deflation: tuple[torch.Tensor, torch.Tensor] | None = None) -> TraceResult:
+def hutchinson(
+    op: LinearOperator,
+    n_samples: int = 30,
+    *,
+    seed: int = 0,
+    deflation: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> TraceResult:
     """Hutchinson with n_samples products. deflation=(values, vectors): Ritz values and
     orthonormal (k, n) Ritz vectors of the same operator; their part of the trace is taken
     exactly and only the rest is sampled (see the module docstring)."""
@@ -78,8 +84,9 @@ def hutch_plus_plus(op: LinearOperator, n_samples: int = 30, *, seed: int = 0) -
     if third < 2:
         raise ValueError(f"n_samples: must be >= 6 for Hutch++ (got {n_samples})")
     gen = torch.Generator().manual_seed(seed)
-    a_sketch = torch.stack([matvec(s) for s in rademacher_vectors(n, third, gen, dtype, device)],
-                           dim=1).double()  # (n, third)
+    a_sketch = torch.stack(
+        [matvec(s) for s in rademacher_vectors(n, third, gen, dtype, device)], dim=1
+    ).double()  # (n, third)
     q, _ = torch.linalg.qr(a_sketch)
     aq = torch.stack([matvec(c.to(dtype)) for c in q.T], dim=1).double()
     top = float(torch.trace(q.T @ aq))

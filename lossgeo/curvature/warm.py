@@ -70,8 +70,15 @@ class WarmEigen:
     lambda_max; cold_every: every n-th solve is checked from a random start (0: never);
     mix: weight of the other tracked vectors in the start vector."""
 
-    def __init__(self, k: int = 2, tol: float = 1e-3, cold_every: int = 10,
-                 max_iter: int = 100, seed: int = 0, mix: float = 0.03) -> None:
+    def __init__(
+        self,
+        k: int = 2,
+        tol: float = 1e-3,
+        cold_every: int = 10,
+        max_iter: int = 100,
+        seed: int = 0,
+        mix: float = 0.03,
+    ) -> None:
         if k < 1:
             raise ValueError(f"k: must be >= 1 (got {k})")
         if cold_every < 0:
@@ -80,21 +87,30 @@ class WarmEigen:
         self.max_iter, self.seed, self.mix = max_iter, seed, mix
         self.state = WarmState()
 
-    def _solve(self, op: LinearOperator, start: torch.Tensor | None, seed: int,
-               tol: float | None = None):
+    def _solve(
+        self, op: LinearOperator, start: torch.Tensor | None, seed: int, tol: float | None = None
+    ):
         k = min(self.k, op.dim)
         if start is not None:
-            weights = torch.full((start.shape[0], 1), self.mix, dtype=start.dtype,
-                                 device=start.device)
+            weights = torch.full(
+                (start.shape[0], 1), self.mix, dtype=start.dtype, device=start.device
+            )
             weights[0] = 1.0
             start = start * weights
         # only lambda_max has to meet tol; the other tracked pairs just follow it. A warm
         # solve has its own guards (k >= 2 and the cold checks), so no guard pair: it would
         # cost every solve a product
-        top, _ = lanczos_extremes(op, k_top=k, tol=tol or self.tol, rest_tol=1.0,
-                                  max_iter=self.max_iter, seed=seed, start=start,
-                                  min_steps=k if start is not None else None,
-                                  guard=0 if start is not None else 1)
+        top, _ = lanczos_extremes(
+            op,
+            k_top=k,
+            tol=tol or self.tol,
+            rest_tol=1.0,
+            max_iter=self.max_iter,
+            seed=seed,
+            start=start,
+            min_steps=k if start is not None else None,
+            guard=0 if start is not None else 1,
+        )
         return top
 
     def solve(self, op: LinearOperator) -> TrackedEigen:
@@ -102,9 +118,13 @@ class WarmEigen:
         vectors = self.state.vectors
         usable = vectors is not None and vectors.shape[-1] == op.dim
         result = self._solve(op, vectors if usable else None, self.seed + n_solves)
-        tracked = TrackedEigen(values=result.values, vectors=result.vectors,
-                               converged=bool(result.converged[0]), n_hvp=result.n_hvp,
-                               warm=usable)
+        tracked = TrackedEigen(
+            values=result.values,
+            vectors=result.vectors,
+            converged=bool(result.converged[0]),
+            n_hvp=result.n_hvp,
+            warm=usable,
+        )
         if usable and self.cold_every and n_solves % self.cold_every == 0:
             # ten times tighter, so that the gap measures the warm solve's error
             cold = self._solve(op, None, self.seed + 10_000 + n_solves, self.tol / 10)
@@ -115,7 +135,11 @@ class WarmEigen:
                 values=cold.values if restart else tracked.values,
                 vectors=cold.vectors if restart else tracked.vectors,
                 converged=bool(cold.converged[0]) if restart else tracked.converged,
-                n_hvp=tracked.n_hvp, warm=True, cold_gap=gap, cold_n_hvp=cold.n_hvp,
-                restarted=restart)
+                n_hvp=tracked.n_hvp,
+                warm=True,
+                cold_gap=gap,
+                cold_n_hvp=cold.n_hvp,
+                restarted=restart,
+            )
         self.state = replace(self.state, vectors=tracked.vectors, n_solves=n_solves)
         return tracked

@@ -18,8 +18,9 @@ from torch import nn
 from lossgeo.curvature.operators import ParameterSpace
 
 
-def random_direction(model: nn.Module, *, seed: int = 0, filter_normalize: bool = True,
-                     include_bias_bn: bool = False) -> torch.Tensor:
+def random_direction(
+    model: nn.Module, *, seed: int = 0, filter_normalize: bool = True, include_bias_bn: bool = False
+) -> torch.Tensor:
     space = ParameterSpace(model)
     gen = torch.Generator().manual_seed(seed)
     pieces = []
@@ -57,11 +58,15 @@ class TrajectoryPCA:
         return coordinates @ self.directions
 
 
-def trajectory_pca(trajectory: list[torch.Tensor] | torch.Tensor,
-                   final: torch.Tensor | None = None) -> TrajectoryPCA:
+def trajectory_pca(
+    trajectory: list[torch.Tensor] | torch.Tensor, final: torch.Tensor | None = None
+) -> TrajectoryPCA:
     """trajectory: flat weights per epoch; `final` defaults to the last of them."""
-    path = torch.stack(list(trajectory)).double() if isinstance(trajectory, list) else \
-        trajectory.double()
+    path = (
+        torch.stack(list(trajectory)).double()
+        if isinstance(trajectory, list)
+        else trajectory.double()
+    )
     end = path[-1] if final is None else final.double()
     offsets = path - end
     if offsets.shape[0] < 2:
@@ -74,5 +79,8 @@ def trajectory_pca(trajectory: list[torch.Tensor] | torch.Tensor,
         raise ValueError("trajectory: the path spans fewer than two directions")
     energy = singular.pow(2)
     ratio = energy[:2] / energy.sum().clamp(min=1e-300)
-    return TrajectoryPCA(directions=directions.to(path.dtype), explained_variance_ratio=ratio,
-                         coordinates=offsets @ directions.T)
+    return TrajectoryPCA(
+        directions=directions.to(path.dtype),
+        explained_variance_ratio=ratio,
+        coordinates=offsets @ directions.T,
+    )

@@ -62,19 +62,30 @@ class PerturbedLoss:
     the model's). factorize: use the first-layer factorisation where the model allows it.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource,
-                 directions: torch.Tensor, *, base: torch.Tensor | None = None,
-                 chunk_size: int | None = 2048, factorize: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: DataSource,
+        directions: torch.Tensor,
+        *,
+        base: torch.Tensor | None = None,
+        chunk_size: int | None = 2048,
+        factorize: bool = True,
+    ) -> None:
         self.model, self.loss_fn = model, loss_fn
         self.space = ParameterSpace(model)
         self.batches = as_batches(data, chunk_size)
         self.n = sum(len(y) for _, y in self.batches)
         self.directions = torch.atleast_2d(directions).to(self.space.dtype)
         if self.directions.shape[1] != self.space.dim:
-            raise ValueError(f"directions: need {self.space.dim} entries per direction "
-                             f"(got {self.directions.shape[1]})")
-        self.base = (self.space.flatten(self.space.values) if base is None
-                     else base.to(self.space.dtype))
+            raise ValueError(
+                f"directions: need {self.space.dim} entries per direction "
+                f"(got {self.directions.shape[1]})"
+            )
+        self.base = (
+            self.space.flatten(self.space.values) if base is None else base.to(self.space.dtype)
+        )
         self._split = self._first_layer_split() if factorize else None
         self._cache: list | None = None
 
@@ -102,19 +113,27 @@ class PerturbedLoss:
                     return None
                 names = {id(p): n for n, p in self.model.named_parameters()}
                 layer_names = [names[id(p)] for _, p in module.named_parameters()]
-                tail = nn.Sequential(*modules[i + 1:])
+                tail = nn.Sequential(*modules[i + 1 :])
                 tail_names = {local: names[id(p)] for local, p in tail.named_parameters()}
                 return nn.Sequential(*modules[:i]), module, layer_names, tail, tail_names
         return None
 
-    def _layer_output(self, layer: nn.Module, x: torch.Tensor,
-                      params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _layer_output(
+        self, layer: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         weight, bias = params["weight"], params.get("bias")
         if isinstance(layer, nn.Linear):
             return F.linear(x, weight, bias)
         assert isinstance(layer, nn.Conv2d)
-        return F.conv2d(x, weight, bias, layer.stride, layer.padding,  # type: ignore[arg-type]
-                        layer.dilation, layer.groups)
+        return F.conv2d(
+            x,
+            weight,
+            bias,
+            layer.stride,
+            layer.padding,  # type: ignore[arg-type]
+            layer.dilation,
+            layer.groups,
+        )
 
     def _build_cache(self):
         stem, layer, layer_names, _, _ = self._split
@@ -132,8 +151,9 @@ class PerturbedLoss:
 
     # -- evaluation --------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, coeffs: torch.Tensor | Sequence[Sequence[float]]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, coeffs: torch.Tensor | Sequence[Sequence[float]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """coeffs: (P, m). Returns (loss, accuracy), each (P,), float64."""
         coeffs = torch.atleast_2d(torch.as_tensor(coeffs, dtype=torch.float64))
         losses = torch.empty(len(coeffs), dtype=torch.float64)
@@ -153,8 +173,10 @@ class PerturbedLoss:
             _, _, _, _, tail_names = self._split
             base = self.space.unflatten(self.base)
             dirs = [self.space.unflatten(d) for d in self.directions]
-            self._tail = {local: (base[name], torch.stack([d[name] for d in dirs]))
-                          for local, name in tail_names.items()}
+            self._tail = {
+                local: (base[name], torch.stack([d[name] for d in dirs]))
+                for local, name in tail_names.items()
+            }
         return self._tail
 
     def _evaluate(self, c: torch.Tensor) -> tuple[float, float]:
@@ -164,11 +186,14 @@ class PerturbedLoss:
             outputs = ((functional_call(self.model, full, (x,)), y) for x, y in self.batches)
         else:
             tail = self._split[3]
-            tail_params = {local: w + torch.tensordot(c, d, dims=1)
-                           for local, (w, d) in self._tail_pieces().items()}
-            outputs = ((functional_call(tail, tail_params,
-                                        (z0 + torch.tensordot(c, zs, dims=1),)), y)
-                       for z0, zs, y in self._cache or [])
+            tail_params = {
+                local: w + torch.tensordot(c, d, dims=1)
+                for local, (w, d) in self._tail_pieces().items()
+            }
+            outputs = (
+                (functional_call(tail, tail_params, (z0 + torch.tensordot(c, zs, dims=1),)), y)
+                for z0, zs, y in self._cache or []
+            )
         total, correct = 0.0, 0
         for out, y in outputs:
             # weights n_b / N: one batch gives exactly the plain mean loss
@@ -205,9 +230,17 @@ class Slice1D:
         return {self.axis: self.t, "loss": self.loss, "acc": self.acc}
 
 
-def surface_2d(model: nn.Module, loss_fn: LossFn, data: DataSource, d1: torch.Tensor,
-               d2: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, *,
-               factorize: bool = True) -> Surface2D:
+def surface_2d(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSource,
+    d1: torch.Tensor,
+    d2: torch.Tensor,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    factorize: bool = True,
+) -> Surface2D:
     """loss[i, j] and acc[i, j] at w + xs[i] d1 + ys[j] d2."""
     evaluator = PerturbedLoss(model, loss_fn, data, torch.stack([d1, d2]), factorize=factorize)
     grid = torch.cartesian_prod(xs.double(), ys.double())
@@ -216,17 +249,30 @@ def surface_2d(model: nn.Module, loss_fn: LossFn, data: DataSource, d1: torch.Te
     return Surface2D(x=xs, y=ys, loss=loss.view(shape), acc=acc.view(shape))
 
 
-def slice_1d(model: nn.Module, loss_fn: LossFn, data: DataSource, direction: torch.Tensor,
-             ts: torch.Tensor, *, base: torch.Tensor | None = None,
-             factorize: bool = True) -> Slice1D:
+def slice_1d(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSource,
+    direction: torch.Tensor,
+    ts: torch.Tensor,
+    *,
+    base: torch.Tensor | None = None,
+    factorize: bool = True,
+) -> Slice1D:
     """loss[i] and acc[i] at base + ts[i] * direction."""
     evaluator = PerturbedLoss(model, loss_fn, data, direction, base=base, factorize=factorize)
     loss, acc = evaluator(ts.double().view(-1, 1))
     return Slice1D(t=ts, loss=loss, acc=acc)
 
 
-def interpolate(model: nn.Module, loss_fn: LossFn, data: DataSource, w_a: torch.Tensor,
-                w_b: torch.Tensor, alphas: torch.Tensor) -> Slice1D:
+def interpolate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSource,
+    w_a: torch.Tensor,
+    w_b: torch.Tensor,
+    alphas: torch.Tensor,
+) -> Slice1D:
     """Linear interpolation (1 - alpha) w_a + alpha w_b (Goodfellow et al. 2015)."""
     out = slice_1d(model, loss_fn, data, w_b - w_a, alphas, base=w_a)
     return Slice1D(t=alphas, loss=out.loss, acc=out.acc, axis="alpha")

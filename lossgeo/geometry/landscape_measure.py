@@ -38,47 +38,84 @@ class LandscapeSettings:
     seed: int = 0
 
 
-def measure_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource,
-                      s: LandscapeSettings) -> dict[str, float]:
+def measure_sharpness(
+    model: nn.Module, loss_fn: LossFn, data: DataSource, s: LandscapeSettings
+) -> dict[str, float]:
     random = random_direction_sharpness(
-        model, loss_fn, data, n_directions=s.sharpness_directions, radius=s.sharpness_radius,
-        seed=s.seed)
-    return {"sharp_mean": random.value, "sharp_max": random.max,
-            "eps_sharpness": eps_sharpness(model, loss_fn, data, eps=s.sharpness_eps).value,
-            "adaptive_sharpness": adaptive_sharpness(model, loss_fn, data,
-                                                     radius=s.adaptive_radius).value}
+        model,
+        loss_fn,
+        data,
+        n_directions=s.sharpness_directions,
+        radius=s.sharpness_radius,
+        seed=s.seed,
+    )
+    return {
+        "sharp_mean": random.value,
+        "sharp_max": random.max,
+        "eps_sharpness": eps_sharpness(model, loss_fn, data, eps=s.sharpness_eps).value,
+        "adaptive_sharpness": adaptive_sharpness(
+            model, loss_fn, data, radius=s.adaptive_radius
+        ).value,
+    }
 
 
-def top_eigenvectors(model: nn.Module, loss_fn: LossFn, probe: DataSource, cache: dict | None,
-                     k: int = 2) -> torch.Tensor:
+def top_eigenvectors(
+    model: nn.Module, loss_fn: LossFn, probe: DataSource, cache: dict | None, k: int = 2
+) -> torch.Tensor:
     top = (cache or {}).get("hessian_top")
     if top is None or top.vectors.shape[0] < k:
         top = hessian_eigen(model, loss_fn, probe, k=k, tol=1e-3)
     return top.vectors[:k]
 
 
-def plane(model: nn.Module, loss_fn: LossFn, probe: DataSource, s: LandscapeSettings,
-          trajectory: list[torch.Tensor], cache: dict | None
-          ) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+def plane(
+    model: nn.Module,
+    loss_fn: LossFn,
+    probe: DataSource,
+    s: LandscapeSettings,
+    trajectory: list[torch.Tensor],
+    cache: dict | None,
+) -> tuple[torch.Tensor, torch.Tensor, float, str]:
     """(d1, d2, half_range, description) of the configured 2D plane."""
     if s.directions == "random":
-        return (random_direction(model, seed=s.seed), random_direction(model, seed=s.seed + 1),
-                s.half_range, f"random Gaussian, filter-normalised, seeds {s.seed}, {s.seed + 1}")
+        return (
+            random_direction(model, seed=s.seed),
+            random_direction(model, seed=s.seed + 1),
+            s.half_range,
+            f"random Gaussian, filter-normalised, seeds {s.seed}, {s.seed + 1}",
+        )
     if s.directions == "eigen":
         v = top_eigenvectors(model, loss_fn, probe, cache)
-        return (v[0], v[1], s.half_range,
-                "top-2 Hessian eigenvectors (probe set; unit vectors, coordinates are distances)")
+        return (
+            v[0],
+            v[1],
+            s.half_range,
+            "top-2 Hessian eigenvectors (probe set; unit vectors, coordinates are distances)",
+        )
     pca = trajectory_pca(trajectory)
     extent = float(pca.coordinates.abs().max()) * 1.25 or s.half_range
     d = pca.directions.to(trajectory[0].dtype)
-    return (d[0], d[1], extent, "trajectory PCA (unit vectors; coordinates are distances), "
-            f"explained variance {pca.explained_variance_ratio.tolist()}")
+    return (
+        d[0],
+        d[1],
+        extent,
+        "trajectory PCA (unit vectors; coordinates are distances), "
+        f"explained variance {pca.explained_variance_ratio.tolist()}",
+    )
 
 
-def measure_landscape(model: nn.Module, loss_fn: LossFn, probe: DataSource,
-                      slice_data: DataSource, trajectory: list[torch.Tensor],
-                      s: LandscapeSettings, *, epoch: int, final: bool,
-                      cache: dict | None = None) -> tuple[dict[str, float], dict[str, object]]:
+def measure_landscape(
+    model: nn.Module,
+    loss_fn: LossFn,
+    probe: DataSource,
+    slice_data: DataSource,
+    trajectory: list[torch.Tensor],
+    s: LandscapeSettings,
+    *,
+    epoch: int,
+    final: bool,
+    cache: dict | None = None,
+) -> tuple[dict[str, float], dict[str, object]]:
     """Sharpness metrics every call; 2D/1D slices and the trajectory at the final epoch
     (or every call with `every_epoch`)."""
     start = time.perf_counter()
@@ -96,14 +133,29 @@ def measure_landscape(model: nn.Module, loss_fn: LossFn, probe: DataSource,
         grid = axis(s.resolution, extent)
         surface = surface_2d(model, loss_fn, slice_data, d1, d2, grid, grid)
         slice2d: dict[str, Any] = {
-            **surface.as_dict(), "directions": description, "d1": d1.cpu(), "d2": d2.cpu(),
-            "plane": directions, "epoch": epoch,
-            "config": {"resolution": s.resolution, "range": extent}}
+            **surface.as_dict(),
+            "directions": description,
+            "d1": d1.cpu(),
+            "d2": d2.cpu(),
+            "plane": directions,
+            "epoch": epoch,
+            "config": {"resolution": s.resolution, "range": extent},
+        }
         prefix = "landscape/" if final else f"landscape/epoch_{epoch:03d}/"
         artifacts[prefix + "loss_slice_2d.pt"] = slice2d
         if final:
-            artifacts.update(_final_only(model, loss_fn, probe, slice_data, traj, s, cache,
-                                         surface if directions == "pca" else None))
+            artifacts.update(
+                _final_only(
+                    model,
+                    loss_fn,
+                    probe,
+                    slice_data,
+                    traj,
+                    s,
+                    cache,
+                    surface if directions == "pca" else None,
+                )
+            )
     metrics["landscape_seconds"] = time.perf_counter() - start
     return metrics, artifacts
 
@@ -118,13 +170,17 @@ def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice):
     artifacts: dict[str, object] = {}
     ts = axis(2 * s.resolution - 1, s.half_range)
     v = top_eigenvectors(model, loss_fn, probe, cache, k=1)[0]
-    one_d = {"random": slice_1d(model, loss_fn, slice_data, random_direction(model, seed=s.seed),
-                                ts).as_dict(),
-             "eigen": slice_1d(model, loss_fn, slice_data, v, ts).as_dict()}
+    one_d = {
+        "random": slice_1d(
+            model, loss_fn, slice_data, random_direction(model, seed=s.seed), ts
+        ).as_dict(),
+        "eigen": slice_1d(model, loss_fn, slice_data, v, ts).as_dict(),
+    }
     if len(traj) >= 2:
         alphas = torch.linspace(-0.25, 1.25, 2 * s.resolution - 1, dtype=torch.float64)
-        one_d["interpolation"] = interpolate(model, loss_fn, slice_data, traj[0], traj[-1],
-                                             alphas).as_dict()
+        one_d["interpolation"] = interpolate(
+            model, loss_fn, slice_data, traj[0], traj[-1], alphas
+        ).as_dict()
     artifacts["landscape/loss_slice_1d.pt"] = one_d
     if len(traj) >= 3:
         pca = trajectory_pca(traj)
@@ -134,7 +190,9 @@ def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice):
             grid = axis(s.resolution, extent)
             pca_slice = surface_2d(model, loss_fn, slice_data, d[0], d[1], grid, grid)
         artifacts["landscape/trajectory.pt"] = {
-            "coordinates": pca.coordinates, "explained_variance_ratio":
-            pca.explained_variance_ratio, "directions": pca.directions.float().cpu(),
-            "slice": pca_slice.as_dict()}
+            "coordinates": pca.coordinates,
+            "explained_variance_ratio": pca.explained_variance_ratio,
+            "directions": pca.directions.float().cpu(),
+            "slice": pca_slice.as_dict(),
+        }
     return artifacts

@@ -53,8 +53,9 @@ def _compiled_setulb() -> Callable | None:
     return getattr(_lbfgsb, "setulb", None)
 
 
-def minimize_in_box(fun: FunctionAndGradient, x0: np.ndarray, lower: np.ndarray,
-                    upper: np.ndarray, *, max_iter: int) -> BoxMinimum:
+def minimize_in_box(
+    fun: FunctionAndGradient, x0: np.ndarray, lower: np.ndarray, upper: np.ndarray, *, max_iter: int
+) -> BoxMinimum:
     """min fun(x) over lower <= x <= upper (finite bounds), at most `max_iter` iterations,
     from x0 clipped into the box; `fun` returns the value and the gradient."""
     lower = np.ascontiguousarray(lower, dtype=np.float64)
@@ -76,14 +77,27 @@ def minimize_in_box(fun: FunctionAndGradient, x0: np.ndarray, lower: np.ndarray,
         count[0] += 1
         return fun(z)
 
-    result = minimize(counted, x, jac=True, method="L-BFGS-B", bounds=Bounds(lower, upper),
-                      options={"maxiter": max_iter})
-    return BoxMinimum(x=result.x, fun=float(result.fun), n_iterations=int(result.nit),
-                      n_evaluations=count[0])
+    result = minimize(
+        counted,
+        x,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=Bounds(lower, upper),
+        options={"maxiter": max_iter},
+    )
+    return BoxMinimum(
+        x=result.x, fun=float(result.fun), n_iterations=int(result.nit), n_evaluations=count[0]
+    )
 
 
-def _drive(setulb: Callable, fun: FunctionAndGradient, x: np.ndarray, lower: np.ndarray,
-           upper: np.ndarray, max_iter: int) -> BoxMinimum:
+def _drive(
+    setulb: Callable,
+    fun: FunctionAndGradient,
+    x: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    max_iter: int,
+) -> BoxMinimum:
     n, m = len(x), MAXCOR
     nbd = np.full(n, 2, dtype=np.int32)  # 2: bounded below and above
     f = np.array(0.0, dtype=np.float64)
@@ -98,8 +112,25 @@ def _drive(setulb: Callable, fun: FunctionAndGradient, x: np.ndarray, lower: np.
     factr = FTOL / np.finfo(float).eps
     n_iterations = n_evaluations = 0
     while True:
-        setulb(m, x, lower, upper, nbd, f, g, factr, GTOL, wa, iwa, task, lsave, isave,
-               dsave, MAXLS, ln_task)
+        setulb(
+            m,
+            x,
+            lower,
+            upper,
+            nbd,
+            f,
+            g,
+            factr,
+            GTOL,
+            wa,
+            iwa,
+            task,
+            lsave,
+            isave,
+            dsave,
+            MAXLS,
+            ln_task,
+        )
         if task[0] == _TASK_FG:
             value, gradient = fun(x.copy())
             f = np.array(value, dtype=np.float64)
@@ -113,5 +144,4 @@ def _drive(setulb: Callable, fun: FunctionAndGradient, x: np.ndarray, lower: np.
                 task[0], task[1] = _TASK_STOP, _STOP_MAXFUN
         else:
             break
-    return BoxMinimum(x=x, fun=float(f), n_iterations=n_iterations,
-                      n_evaluations=n_evaluations)
+    return BoxMinimum(x=x, fun=float(f), n_iterations=n_iterations, n_evaluations=n_evaluations)

@@ -39,8 +39,9 @@ class NoiseScale:
     n_samples: int
 
 
-def gradient_noise_scale(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
-                         chunk_size: int = 64) -> NoiseScale:
+def gradient_noise_scale(
+    model: nn.Module, loss_fn: LossFn, data: DataSource, *, chunk_size: int = 64
+) -> NoiseScale:
     space = ParameterSpace(model)
     batches = as_batches(data, chunk_size)
 
@@ -69,8 +70,10 @@ def gradient_noise_scale(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
     # Chunks are merged by Chan et al.'s pairwise update of (count, mean, sum of squared
     # deviations): sum ||g_i||^2 - b ||mean||^2 cancels only within a chunk of b samples,
     # never over the whole probe set, where n ||G||^2 can be most of sum ||g_i||^2
-    mean = {name: torch.zeros(v.shape, dtype=torch.float64, device=space.device)
-            for name, v in space.values.items()}
+    mean = {
+        name: torch.zeros(v.shape, dtype=torch.float64, device=space.device)
+        for name, v in space.values.items()
+    }
     m2 = 0.0
     n = 0
     with eval_mode(model):
@@ -88,9 +91,12 @@ def gradient_noise_scale(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
         raise ValueError("data: the noise scale needs at least 2 samples")
     g_sq = float(sum(m.pow(2).sum() for m in mean.values()))
     trace = m2 / (n - 1)
-    return NoiseScale(b_simple=trace / g_sq if g_sq > 0 else float("inf"),
-                      trace_covariance=trace, gradient_norm_sq=g_sq, n_samples=n)
-
+    return NoiseScale(
+        b_simple=trace / g_sq if g_sq > 0 else float("inf"),
+        trace_covariance=trace,
+        gradient_norm_sq=g_sq,
+        n_samples=n,
+    )
 
 
 def _chain_moments(layers: list[LayerFactors]) -> ChunkMoments:

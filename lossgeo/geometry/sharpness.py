@@ -44,9 +44,16 @@ class SharpnessResult:
         return float(self.values.max())
 
 
-def random_direction_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
-                               n_directions: int = 10, radius: float = 0.05, seed: int = 0,
-                               factorize: bool = False) -> SharpnessResult:
+def random_direction_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSource,
+    *,
+    n_directions: int = 10,
+    radius: float = 0.05,
+    seed: int = 0,
+    factorize: bool = False,
+) -> SharpnessResult:
     """Loss increase L(w + radius d) - L(w) along filter-normalised random directions d:
     `.value` is sharp_mean, `.max` sharp_max. factorize is off by default: with one or two
     points a direction, precomputing the first layer's products costs more than it saves
@@ -65,8 +72,12 @@ def random_direction_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSour
             loss, _ = evaluator(torch.tensor([[radius]]))
         increases.append(float(loss[-1]) - base_loss)
     values = torch.tensor(increases, dtype=torch.float64)
-    return SharpnessResult(value=float(values.mean()), values=values, base_loss=base_loss,
-                           n_evaluations=n_directions + 1)
+    return SharpnessResult(
+        value=float(values.mean()),
+        values=values,
+        base_loss=base_loss,
+        n_evaluations=n_directions + 1,
+    )
 
 
 class _LossAndGrad:
@@ -97,8 +108,9 @@ class _LossAndGrad:
         return total, g_total
 
 
-def eps_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *, eps: float = 1e-3,
-                  max_iter: int = 10) -> SharpnessResult:
+def eps_sharpness(
+    model: nn.Module, loss_fn: LossFn, data: DataSource, *, eps: float = 1e-3, max_iter: int = 10
+) -> SharpnessResult:
     """Keskar et al.'s epsilon-sharpness in percent, maximised in the full parameter space."""
     if eps <= 0:
         raise ValueError(f"eps: must be > 0 (got {eps})")
@@ -116,12 +128,14 @@ def eps_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *, eps: f
     result = minimize_in_box(negative, np.zeros_like(w), -bound, bound, max_iter=max_iter)
     worst = max(-float(result.fun), base_loss)
     value = 100.0 * (worst - base_loss) / (1.0 + base_loss)
-    return SharpnessResult(value=value, values=torch.tensor([worst]), base_loss=base_loss,
-                           n_evaluations=f.count)
+    return SharpnessResult(
+        value=value, values=torch.tensor([worst]), base_loss=base_loss, n_evaluations=f.count
+    )
 
 
-def adaptive_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
-                       radius: float = 0.5, steps: int = 10) -> SharpnessResult:
+def adaptive_sharpness(
+    model: nn.Module, loss_fn: LossFn, data: DataSource, *, radius: float = 0.5, steps: int = 10
+) -> SharpnessResult:
     """max L(w + |w| * u) - L(w) over ||u||_2 <= radius, by `steps` normalised ascent steps
     of length 2 radius / steps, each projected back onto the ball."""
     if radius <= 0 or steps < 1:
@@ -145,5 +159,9 @@ def adaptive_sharpness(model: nn.Module, loss_fn: LossFn, data: DataSource, *,
     loss, _ = f(f.w + scale * u)
     best = max(best, loss)
     history.append(loss)
-    return SharpnessResult(value=best - base_loss, values=torch.tensor(history),
-                           base_loss=base_loss, n_evaluations=f.count)
+    return SharpnessResult(
+        value=best - base_loss,
+        values=torch.tensor(history),
+        base_loss=base_loss,
+        n_evaluations=f.count,
+    )

@@ -30,13 +30,20 @@ def detect_spikes(history: pd.DataFrame, factor: float = 2.0) -> list[Spike]:
         reasons: list[str] = []
         if previous is not None:
             gap = max(1, int(row["epoch"]) - int(previous["epoch"]))
-            if (previous["lambda_max"] > 0
-                    and row["lambda_max"] > factor ** gap * previous["lambda_max"]):
-                reasons.append(f"lambda_max x{row['lambda_max'] / previous['lambda_max']:.2f}"
-                               + (f" over {gap} epochs" if gap > 1 else ""))
-            if ("edge_ratio" in row and pd.notna(row["edge_ratio"])
-                    and pd.notna(previous.get("edge_ratio"))
-                    and previous["edge_ratio"] < 1 <= row["edge_ratio"]):
+            if (
+                previous["lambda_max"] > 0
+                and row["lambda_max"] > factor**gap * previous["lambda_max"]
+            ):
+                reasons.append(
+                    f"lambda_max x{row['lambda_max'] / previous['lambda_max']:.2f}"
+                    + (f" over {gap} epochs" if gap > 1 else "")
+                )
+            if (
+                "edge_ratio" in row
+                and pd.notna(row["edge_ratio"])
+                and pd.notna(previous.get("edge_ratio"))
+                and previous["edge_ratio"] < 1 <= row["edge_ratio"]
+            ):
                 reasons.append(f"edge_ratio crossed 1 ({row['edge_ratio']:.2f})")
         if reasons:
             spikes.append(Spike(int(row["epoch"]), "; ".join(reasons)))
@@ -56,8 +63,7 @@ class OnlineSpikeDetector:
         self.factor = factor
         self._previous: tuple[float, float | None] | None = None
 
-    def update(self, step: int, lambda_max: float, edge_ratio: float | None = None
-               ) -> str | None:
+    def update(self, step: int, lambda_max: float, edge_ratio: float | None = None) -> str | None:
         reasons = []
         if self._previous is not None:
             last_lambda, last_edge = self._previous

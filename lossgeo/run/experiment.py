@@ -33,21 +33,33 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("device: cuda requested but no CUDA device is available "
-                             "(allowed: auto, cpu, cuda)")
+        raise UserInputError(
+            "device: cuda requested but no CUDA device is available (allowed: auto, cpu, cuda)"
+        )
     return torch.device(name)
 
 
 def prepare(config: TrainConfig) -> tuple[DataBundle, nn.Module, LossFn, torch.device]:
     """Everything that can fail on user input, done before any MLflow run exists."""
     device = resolve_device(config.device)
-    data = load_data(config.dataset, config.data_dir, seed=config.seed,
-                     val_size=config.val_size, train_subset=config.train_subset,
-                     probe_size=config.probe_size)
+    data = load_data(
+        config.dataset,
+        config.data_dir,
+        seed=config.seed,
+        val_size=config.val_size,
+        train_subset=config.train_subset,
+        probe_size=config.probe_size,
+    )
     config.check_against_data(len(data.train))
     torch.manual_seed(config.seed)
-    model = build_model(config.model, data.in_channels, data.image_size, data.n_classes,
-                        hidden=config.hidden_widths, activation=config.activation)
+    model = build_model(
+        config.model,
+        data.in_channels,
+        data.image_size,
+        data.n_classes,
+        hidden=config.hidden_widths,
+        activation=config.activation,
+    )
     return data.to(device), model.to(device), LOSSES[config.loss], device
 
 
@@ -70,8 +82,11 @@ def run_name(config: TrainConfig) -> str:
 
     base = f"{config.model}-{config.dataset}-lr{config.lr:g}-b{config.batch_size}"
     default = TrainConfig()
-    changed = [f"{name}={_setting(value)}" for name, value in config.to_params().items()
-               if name not in _UNNAMED and value != getattr(default, name)]
+    changed = [
+        f"{name}={_setting(value)}"
+        for name, value in config.to_params().items()
+        if name not in _UNNAMED and value != getattr(default, name)
+    ]
     name = "-".join([base, *changed])
     if len(name) <= MAX_RUN_NAME:
         return name
@@ -84,34 +99,60 @@ def _setting(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def run_training(config: TrainConfig, *, parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None,
-                 measurements: list[Measurement] | None = None,
-                 on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-                 on_run_created: Callable[[str], None] | None = None,
-                 prepared: tuple[DataBundle, nn.Module, LossFn, torch.device] | None = None,
-                 label: str = "") -> RunOutcome:
+def run_training(
+    config: TrainConfig,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    measurements: list[Measurement] | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    on_run_created: Callable[[str], None] | None = None,
+    prepared: tuple[DataBundle, nn.Module, LossFn, torch.device] | None = None,
+    label: str = "",
+) -> RunOutcome:
     """Trains `config` as one MLflow run and returns its id and per-epoch history. `label`
     (a grid cell, a sweep trial) starts every line the run prints."""
     data, model, loss_fn, device = prepared or prepare(config)
     if measurements is None:
         measurements = default_measurements(config)
-    all_tags = {"model": config.model, "dataset": config.dataset,
-                "lossgeo_version": __version__, **(tags or {})}
-    run = TrackedRun(experiment=resolve_experiment(config.experiment), run_name=run_name(config),
-                     parent_run_id=parent_run_id, tags=all_tags)
+    all_tags = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "lossgeo_version": __version__,
+        **(tags or {}),
+    }
+    run = TrackedRun(
+        experiment=resolve_experiment(config.experiment),
+        run_name=run_name(config),
+        parent_run_id=parent_run_id,
+        tags=all_tags,
+    )
     if on_run_created is not None:
         on_run_created(run.run_id)
     with run:
-        run.log_params({**config.to_params(), "noise_temperature": config.noise_temperature,
-                        "n_params": sum(p.numel() for p in model.parameters()),
-                        "n_train": len(data.train), "resolved_device": str(device)})
+        run.log_params(
+            {
+                **config.to_params(),
+                "noise_temperature": config.noise_temperature,
+                "n_params": sum(p.numel() for p in model.parameters()),
+                "n_train": len(data.train),
+                "resolved_device": str(device),
+            }
+        )
         run.log_text("config.yaml", yaml.safe_dump(config.to_params(), sort_keys=False))
         history: list[dict[str, float]] = []
         result = None
         try:
-            result = train(config, data, model, loss_fn, logger=_Recorder(run, history),
-                           measurements=measurements, on_epoch_end=on_epoch_end, label=label)
+            result = train(
+                config,
+                data,
+                model,
+                loss_fn,
+                logger=_Recorder(run, history),
+                measurements=measurements,
+                on_epoch_end=on_epoch_end,
+                label=label,
+            )
         finally:
             # Whatever happened, what was logged also lands in metrics.csv, plots, checkpoint.
             frame = history_frame(history)
@@ -132,8 +173,13 @@ def log_spikes(run: TrackedRun, frame: pd.DataFrame) -> None:
     if "lambda_max" in frame:
         run.log_metrics({"curvature_spike_count": float(len(spikes))})
         if spikes:
-            run.set_tags({"curvature_spikes": "; ".join(f"epoch {s.epoch}: {s.reason}"
-                                                        for s in spikes)[:5000]})
+            run.set_tags(
+                {
+                    "curvature_spikes": "; ".join(f"epoch {s.epoch}: {s.reason}" for s in spikes)[
+                        :5000
+                    ]
+                }
+            )
 
 
 class _Recorder:
@@ -163,8 +209,9 @@ def history_frame(history: list[dict[str, float]]) -> pd.DataFrame:
     return frame
 
 
-def log_run_outputs(run: TrackedRun, frame: pd.DataFrame, model: nn.Module,
-                    final_artifacts: dict) -> None:
+def log_run_outputs(
+    run: TrackedRun, frame: pd.DataFrame, model: nn.Module, final_artifacts: dict
+) -> None:
 
     run.log_text("metrics.csv", frame.to_csv(index=False))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -174,8 +221,12 @@ def log_run_outputs(run: TrackedRun, frame: pd.DataFrame, model: nn.Module,
     if frame.empty:
         return
     label = {"run": frame}
-    run.log_figures({"plots/loss_curves.png": plots.loss_curves(label),
-                     "plots/accuracy_curves.png": plots.accuracy_curves(label)})
+    run.log_figures(
+        {
+            "plots/loss_curves.png": plots.loss_curves(label),
+            "plots/accuracy_curves.png": plots.accuracy_curves(label),
+        }
+    )
     run.log_figures(plots.artifact_figures(frame, final_artifacts))
     slice2d = final_artifacts.get("landscape/loss_slice_2d.pt")
     if slice2d is not None:
@@ -202,14 +253,15 @@ def config_from_params(params: dict[str, str], **overrides) -> TrainConfig:
             else:
                 values[f.name] = kind(raw)
         except ValueError:  # e.g. a launcher run rejected for `-P lr=abc`
-            raise UserInputError(f"run: its logged parameter {f.name}={raw!r} is not a valid "
-                                 "setting; the run was never trained from it") from None
+            raise UserInputError(
+                f"run: its logged parameter {f.name}={raw!r} is not a valid "
+                "setting; the run was never trained from it"
+            ) from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainConfig(**values)
     except UserInputError as exc:
-        raise UserInputError(f"run: its logged parameters are not valid settings ({exc})") \
-            from None
+        raise UserInputError(f"run: its logged parameters are not valid settings ({exc})") from None
 
 
 def load_logged_run(run_id: str, **overrides):
@@ -223,7 +275,8 @@ def load_logged_run(run_id: str, **overrides):
     if not has_artifact(run_id, "checkpoint/model.pt"):
         raise UserInputError(
             f"run_id: run {run_id} ({run.info.status}) has no checkpoint/model.pt to measure; "
-            "only runs that logged a checkpoint can be re-measured")
+            "only runs that logged a checkpoint can be re-measured"
+        )
     state = load_artifact_object(run_id, "checkpoint/model.pt", weights_only=True)
     model.load_state_dict(state)
     return config, data, model, loss_fn
@@ -239,23 +292,33 @@ def remeasure_curvature(run_id: str, **overrides) -> dict[str, float]:
     config, data, model, loss_fn = load_logged_run(run_id, **overrides)
     # a run trained with `curvature: false` is measured at the curvature defaults
     settings = curvature_settings(config) or CurvatureSettings(seed=config.seed)
-    measures = measure_curvature(model, loss_fn, (data.probe.x, data.probe.y), settings,
-                                 final=True)
+    measures = measure_curvature(model, loss_fn, (data.probe.x, data.probe.y), settings, final=True)
     metrics = curvature_metrics(measures, lr=config.lr, momentum=config.momentum)
     artifacts = curvature_artifacts(measures, settings)
     run = TrackedRun(run_id=run_id)
     run.log_metrics({f"remeasured/{k}": v for k, v in metrics.items()}, step=config.epochs)
-    run.set_tags({"remeasured_settings": yaml.safe_dump(
-        {k: v for k, v in overrides.items() if v is not None}, default_flow_style=True).strip()})
+    run.set_tags(
+        {
+            "remeasured_settings": yaml.safe_dump(
+                {k: v for k, v in overrides.items() if v is not None}, default_flow_style=True
+            ).strip()
+        }
+    )
     for path, obj in artifacts.items():
         run.log_object(f"remeasured/{path}", obj)
     run.log_figures(plots.artifact_figures(pd.DataFrame(), artifacts), prefix="remeasured/")
     return metrics
 
 
-def remeasure_landscape(run_id: str, *, resolution: int | None = None,
-                        half_range: float | None = None, directions: str | None = None,
-                        on_test: bool = False, data_dir: str | None = None) -> dict:
+def remeasure_landscape(
+    run_id: str,
+    *,
+    resolution: int | None = None,
+    half_range: float | None = None,
+    directions: str | None = None,
+    on_test: bool = False,
+    data_dir: str | None = None,
+) -> dict:
     """A 2D/1D slice of a logged run's final checkpoint with other settings, logged into
     that run under `remeasured/` (trajectory-PCA planes need the training run itself)."""
     import dataclasses
@@ -264,18 +327,34 @@ def remeasure_landscape(run_id: str, *, resolution: int | None = None,
     from lossgeo.run.measurements import landscape_settings
 
     if directions == "pca":
-        raise UserInputError("landscape_directions: pca needs the trajectory, which only the "
-                             "training run has (allowed here: random, eigen)")
+        raise UserInputError(
+            "landscape_directions: pca needs the trajectory, which only the "
+            "training run has (allowed here: random, eigen)"
+        )
     config, data, model, loss_fn = load_logged_run(run_id, data_dir=data_dir)
-    changes: dict[str, Any] = {k: v for k, v in (("resolution", resolution),
-                                                  ("half_range", half_range),
-                                                  ("directions", directions)) if v is not None}
-    settings = dataclasses.replace(landscape_settings(config), sharpness=False, landscape=True,
-                                   **changes)
+    changes: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("resolution", resolution),
+            ("half_range", half_range),
+            ("directions", directions),
+        )
+        if v is not None
+    }
+    settings = dataclasses.replace(
+        landscape_settings(config), sharpness=False, landscape=True, **changes
+    )
     split = data.test if on_test else data.probe
-    _, artifacts = measure_landscape(model, loss_fn, (data.probe.x, data.probe.y),
-                                     (split.x, split.y), [], settings, epoch=config.epochs,
-                                     final=True)
+    _, artifacts = measure_landscape(
+        model,
+        loss_fn,
+        (data.probe.x, data.probe.y),
+        (split.x, split.y),
+        [],
+        settings,
+        epoch=config.epochs,
+        final=True,
+    )
     run = TrackedRun(run_id=run_id)
     for path, obj in artifacts.items():
         run.log_object(f"remeasured/{path}", obj)
@@ -283,8 +362,9 @@ def remeasure_landscape(run_id: str, *, resolution: int | None = None,
     return dict(artifacts["landscape/loss_slice_2d.pt"])  # type: ignore[call-overload]
 
 
-def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: str = "",
-                     data_dir: str | None = None) -> tuple[str, dict]:
+def interpolate_runs(
+    run_a: str, run_b: str, *, points: int = 41, experiment: str = "", data_dir: str | None = None
+) -> tuple[str, dict]:
     """Loss along (1 - alpha) w_a + alpha w_b between two logged runs' final checkpoints,
     logged as a new run. Both runs must share model, data set and seed (same probe set)."""
 
@@ -295,22 +375,38 @@ def interpolate_runs(run_a: str, run_b: str, *, points: int = 41, experiment: st
     config_b, _, model_b, _ = load_logged_run(run_b, data_dir=data_dir)
     for field in ("model", "dataset", "hidden", "activation", "loss"):
         if getattr(config_a, field) != getattr(config_b, field):
-            raise UserInputError(f"run_b: {field} differs from run_a's "
-                                 f"({getattr(config_b, field)!r} vs {getattr(config_a, field)!r})")
+            raise UserInputError(
+                f"run_b: {field} differs from run_a's "
+                f"({getattr(config_b, field)!r} vs {getattr(config_a, field)!r})"
+            )
     alphas = torch.linspace(-0.25, 1.25, points, dtype=torch.float64)
-    result = {split: interpolate(model_a, loss_fn, (part.x, part.y), weights_vector(model_a),
-                                 weights_vector(model_b), alphas).as_dict()
-              for split, part in (("test", data.test), ("probe", data.probe))}
+    result = {
+        split: interpolate(
+            model_a,
+            loss_fn,
+            (part.x, part.y),
+            weights_vector(model_a),
+            weights_vector(model_b),
+            alphas,
+        ).as_dict()
+        for split, part in (("test", data.test), ("probe", data.probe))
+    }
     inside = (alphas >= 0) & (alphas <= 1)
     loss = result["test"]["loss"]
     barrier = float(loss[inside].max() - 0.5 * (loss[inside][0] + loss[inside][-1]))
-    with TrackedRun(experiment=resolve_experiment(experiment),
-                    run_name=f"interpolate-{run_a[:6]}-{run_b[:6]}",
-                    tags={"kind": "interpolation", "model": config_a.model,
-                          "dataset": config_a.dataset}) as run:
+    with TrackedRun(
+        experiment=resolve_experiment(experiment),
+        run_name=f"interpolate-{run_a[:6]}-{run_b[:6]}",
+        tags={"kind": "interpolation", "model": config_a.model, "dataset": config_a.dataset},
+    ) as run:
         run.log_params({"run_a": run_a, "run_b": run_b, "points": points})
-        run.log_metrics({"loss_barrier": barrier, "loss_a": float(loss[alphas == 0][0]),
-                         "loss_b": float(loss[alphas == 1][0])})
+        run.log_metrics(
+            {
+                "loss_barrier": barrier,
+                "loss_a": float(loss[alphas == 0][0]),
+                "loss_b": float(loss[alphas == 1][0]),
+            }
+        )
         run.log_object("landscape/interpolation.pt", result)
         run.log_figures({"plots/interpolation.png": plots.interpolation(result)})
     return run.run_id, result

@@ -26,8 +26,16 @@ class LandscapeMeasurement:
         probe = (state.data.probe.x, state.data.probe.y)
         split = state.data.test if self.on_test else state.data.probe
         metrics, artifacts = measure_landscape(
-            state.model, state.loss_fn, probe, (split.x, split.y), state.trajectory,
-            self.settings, epoch=state.epoch, final=state.is_last, cache=state.cache)
+            state.model,
+            state.loss_fn,
+            probe,
+            (split.x, split.y),
+            state.trajectory,
+            self.settings,
+            epoch=state.epoch,
+            final=state.is_last,
+            cache=state.cache,
+        )
         return MeasurementResult(metrics=metrics, artifacts=artifacts)
 
 
@@ -36,31 +44,43 @@ class NoiseScaleMeasurement:
     name: str = "noise_scale"
 
     def __call__(self, state: EpochState) -> MeasurementResult:
-        result = gradient_noise_scale(state.model, state.loss_fn,
-                                      (state.data.probe.x, state.data.probe.y))
-        return MeasurementResult(metrics={"grad_noise_scale": result.b_simple,
-                                          "grad_norm_sq": result.gradient_norm_sq})
+        result = gradient_noise_scale(
+            state.model, state.loss_fn, (state.data.probe.x, state.data.probe.y)
+        )
+        return MeasurementResult(
+            metrics={"grad_noise_scale": result.b_simple, "grad_norm_sq": result.gradient_norm_sq}
+        )
 
 
 def landscape_settings(config: TrainConfig) -> LandscapeSettings:
     return LandscapeSettings(
-        sharpness=config.sharpness, sharpness_directions=config.sharpness_directions,
-        sharpness_radius=config.sharpness_radius, sharpness_eps=config.sharpness_eps,
-        adaptive_radius=config.adaptive_radius, landscape=config.landscape,
-        resolution=config.landscape_resolution, half_range=config.landscape_range,
-        directions=config.landscape_directions, every_epoch=config.landscape_every_epoch,
-        seed=config.seed)
+        sharpness=config.sharpness,
+        sharpness_directions=config.sharpness_directions,
+        sharpness_radius=config.sharpness_radius,
+        sharpness_eps=config.sharpness_eps,
+        adaptive_radius=config.adaptive_radius,
+        landscape=config.landscape,
+        resolution=config.landscape_resolution,
+        half_range=config.landscape_range,
+        directions=config.landscape_directions,
+        every_epoch=config.landscape_every_epoch,
+        seed=config.seed,
+    )
 
 
 def curvature_settings(config: TrainConfig) -> CurvatureSettings | None:
     """The per-epoch curvature settings of a run (None: `curvature: false`)."""
     if not config.curvature:
         return None
-    return CurvatureSettings(k=config.curvature_k, tol=config.curvature_tol,
-                             max_iter=config.curvature_max_iter,
-                             trace_samples=config.trace_samples,
-                             density_steps=config.density_steps,
-                             alpha=config.effective_dim_alpha, seed=config.seed)
+    return CurvatureSettings(
+        k=config.curvature_k,
+        tol=config.curvature_tol,
+        max_iter=config.curvature_max_iter,
+        trace_samples=config.trace_samples,
+        density_steps=config.density_steps,
+        alpha=config.effective_dim_alpha,
+        seed=config.seed,
+    )
 
 
 def build_measurements(config: TrainConfig) -> list[Measurement]:
@@ -69,6 +89,7 @@ def build_measurements(config: TrainConfig) -> list[Measurement]:
     if config.noise_scale:
         measurements.append(NoiseScaleMeasurement())
     if config.sharpness or config.landscape:
-        measurements.append(LandscapeMeasurement(landscape_settings(config),
-                                                 on_test=config.landscape_on_test))
+        measurements.append(
+            LandscapeMeasurement(landscape_settings(config), on_test=config.landscape_on_test)
+        )
     return measurements

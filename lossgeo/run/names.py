@@ -10,8 +10,9 @@ from typing import Any
 from lossgeo.curvature.measure import CurvatureMeasures, CurvatureSettings, edge_ratio
 
 
-def curvature_metrics(measures: CurvatureMeasures, *, lr: float | None = None,
-                      momentum: float = 0.0) -> dict[str, float]:
+def curvature_metrics(
+    measures: CurvatureMeasures, *, lr: float | None = None, momentum: float = 0.0
+) -> dict[str, float]:
     """The per-epoch curvature metrics, named as logged.
 
     Args:
@@ -28,8 +29,7 @@ def curvature_metrics(measures: CurvatureMeasures, *, lr: float | None = None,
     """
     m = measures
     if m.top is None or m.bottom is None:
-        return {"lambda_max": math.nan, "probe_loss": m.probe_loss,
-                "curvature_seconds": m.seconds}
+        return {"lambda_max": math.nan, "probe_loss": m.probe_loss, "curvature_seconds": m.seconds}
     lambda_max = m.lambda_max
     metrics: dict[str, float] = {
         "lambda_max": lambda_max,
@@ -37,7 +37,8 @@ def curvature_metrics(measures: CurvatureMeasures, *, lr: float | None = None,
         # log10 of ||Hv - lambda v|| / |lambda|: the raw residual spans 1e-9..1e-26, which a
         # linear chart draws as a row of zeros
         "lambda_max_residual_log10": math.log10(
-            max(float(m.top.residuals[0]) / max(abs(lambda_max), 1e-300), 1e-300)),
+            max(float(m.top.residuals[0]) / max(abs(lambda_max), 1e-300), 1e-300)
+        ),
         "lambda_max_converged": float(m.top.all_converged),
     }
     if m.trace is not None:
@@ -59,8 +60,7 @@ def curvature_metrics(measures: CurvatureMeasures, *, lr: float | None = None,
     return metrics
 
 
-def curvature_artifacts(measures: CurvatureMeasures, settings: CurvatureSettings
-                        ) -> dict[str, Any]:
+def curvature_artifacts(measures: CurvatureMeasures, settings: CurvatureSettings) -> dict[str, Any]:
     """The spectrum artifacts of a final measurement: `spectrum/eigen.pt` (top-k pairs,
     residuals, lambda_min) and `spectrum/density.pt` (the SLQ density); empty otherwise."""
     m = measures
@@ -69,11 +69,21 @@ def curvature_artifacts(measures: CurvatureMeasures, settings: CurvatureSettings
     top, density = m.top, m.density
     return {
         "spectrum/eigen.pt": {
-            "values": top.values, "vectors": top.vectors.cpu(), "residuals": top.residuals,
-            "converged": top.converged, "lambda_min": m.bottom.values, "n_hvp": top.n_hvp,
-            "tol": settings.tol, "parameter_names": list(m.parameter_names)},
+            "values": top.values,
+            "vectors": top.vectors.cpu(),
+            "residuals": top.residuals,
+            "converged": top.converged,
+            "lambda_min": m.bottom.values,
+            "n_hvp": top.n_hvp,
+            "tol": settings.tol,
+            "parameter_names": list(m.parameter_names),
+        },
         "spectrum/density.pt": {
-            "grid": density.grid, "density": density.density, "nodes": density.nodes,
-            "weights": density.weights, "sigma": density.sigma,
-            "n_steps": settings.density_steps},
+            "grid": density.grid,
+            "density": density.density,
+            "nodes": density.nodes,
+            "weights": density.weights,
+            "sigma": density.sigma,
+            "n_steps": settings.density_steps,
+        },
     }

@@ -117,15 +117,25 @@ class Tracker:
         logger: where metrics go (default: the active MLflow run, if any).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: AnyLossFn, probe: DataSource, *,
-                 every_steps: int = 50, optimizer: torch.optim.Optimizer | None = None,
-                 lr: float | None = None, momentum: float | None = None,
-                 batch_size: int | None = None, params: Sequence[str] | str | None = None,
-                 loss_form: LossForm = "auto", size_fn: Callable[[Any], int] | None = None,
-                 steps: StepSettings = StepSettings(),
-                 curvature: CurvatureSettings | None = DEFAULT_CURVATURE,
-                 epoch_measurements: Sequence[Measurement] = (),
-                 logger: MetricLogger | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: AnyLossFn,
+        probe: DataSource,
+        *,
+        every_steps: int = 50,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float | None = None,
+        momentum: float | None = None,
+        batch_size: int | None = None,
+        params: Sequence[str] | str | None = None,
+        loss_form: LossForm = "auto",
+        size_fn: Callable[[Any], int] | None = None,
+        steps: StepSettings = StepSettings(),
+        curvature: CurvatureSettings | None = DEFAULT_CURVATURE,
+        epoch_measurements: Sequence[Measurement] = (),
+        logger: MetricLogger | None = None,
+    ) -> None:
         """See the class docstring; bad input (filters, batches, loss form, every_steps,
         batch_size) fails here, not at the first measurement."""
         if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 0:
@@ -137,12 +147,14 @@ class Tracker:
         self.batch_size, self.params = batch_size, params
         self.loss_form, self.size_fn = loss_form, size_fn
         self.settings, self.curvature = steps, curvature
-        self.warm = WarmEigen(k=steps.k, tol=steps.tol, cold_every=steps.cold_every,
-                              seed=steps.seed)
+        self.warm = WarmEigen(
+            k=steps.k, tol=steps.tol, cold_every=steps.cold_every, seed=steps.seed
+        )
         self.spikes = OnlineSpikeDetector(steps.spike_factor)
         self.epoch_measurements = list(epoch_measurements)
         if logger is None:
             from lossgeo.run.tracking import ActiveRunLogger
+
             logger = ActiveRunLogger()
         self.logger = logger
         self.n_measurements = 0
@@ -181,9 +193,15 @@ class Tracker:
     def _operator(self) -> HessianOperator:
         """A Hessian operator on the probe set, under the math attention backend from the
         start once an earlier measurement needed it."""
-        return HessianOperator(self.model, self.loss_fn, self.probe, params=self.params,
-                               loss_form=self.loss_form, batch_size=self.size_fn,
-                               math_attention=self.math_attention)
+        return HessianOperator(
+            self.model,
+            self.loss_fn,
+            self.probe,
+            params=self.params,
+            loss_form=self.loss_form,
+            batch_size=self.size_fn,
+            math_attention=self.math_attention,
+        )
 
     def _note_attention(self, op: HessianOperator) -> None:
         if op.math_attention:
@@ -191,9 +209,13 @@ class Tracker:
 
     def _note_attention_backend(self) -> None:
         if not self.math_attention:
-            self.logger.set_tags({SDPA_TAG: "math (fused scaled_dot_product_attention has no "
-                                            "double backward; products run under the math "
-                                            "backend)"})
+            self.logger.set_tags(
+                {
+                    SDPA_TAG: "math (fused scaled_dot_product_attention has no "
+                    "double backward; products run under the math "
+                    "backend)"
+                }
+            )
             self.math_attention = True
 
     # -- per step ---------------------------------------------------------------------------
@@ -212,7 +234,8 @@ class Tracker:
                     f"lossgeo: Tracker.step({global_step}) after step {self._last_step}: steps "
                     "must grow over the whole run (count a global step, not "
                     "enumerate(loader) inside each epoch); such steps are not measured",
-                    stacklevel=2)
+                    stacklevel=2,
+                )
                 self._warned_backwards = True
             return None
         self._last_step = global_step
@@ -223,8 +246,9 @@ class Tracker:
             metrics["step/train_loss"] = float(loss)
         spike = None
         if math.isfinite(metrics["step/lambda_max"]):
-            spike = self.spikes.update(global_step, metrics["step/lambda_max"],
-                                       metrics.get("step/edge_ratio"))
+            spike = self.spikes.update(
+                global_step, metrics["step/lambda_max"], metrics.get("step/edge_ratio")
+            )
         metrics["step/spike"] = 0.0 if spike is None else 1.0
         self.logger.log_metrics(metrics, step=global_step)
         if spike is not None:
@@ -239,27 +263,45 @@ class Tracker:
         started = time.perf_counter()
         op = self._operator()
         if not self._finite(op):
-            return {"step/lambda_max": math.nan, "step/probe_loss": op.loss(),
-                    "step/seconds": time.perf_counter() - started}
+            return {
+                "step/lambda_max": math.nan,
+                "step/probe_loss": op.loss(),
+                "step/seconds": time.perf_counter() - started,
+            }
         eig = self.warm.solve(op)
         self._note_attention(op)
         gradient = op.gradient()
         lam = eig.lambda_max
-        metrics = {"step/lambda_max": lam, "step/lambda_max_n_hvp": float(eig.n_hvp),
-                   "step/grad_alignment": gradient_alignment(gradient, eig.vectors),
-                   "step/grad_norm": float(gradient.double().norm()),
-                   "step/probe_loss": op.loss()}
+        metrics = {
+            "step/lambda_max": lam,
+            "step/lambda_max_n_hvp": float(eig.n_hvp),
+            "step/grad_alignment": gradient_alignment(gradient, eig.vectors),
+            "step/grad_norm": float(gradient.double().norm()),
+            "step/probe_loss": op.loss(),
+        }
         if eig.cold_gap is not None:
             metrics["step/lambda_max_cold_gap"] = eig.cold_gap
             metrics["step/lambda_max_cold_n_hvp"] = float(eig.cold_n_hvp)
-        bs = batch_sharpness(self.model, self.loss_fn, self.probe, batch_size=self.batch_size,
-                             rel_se=self.settings.batch_sharpness_rse,
-                             max_batches=self.settings.batch_sharpness_max,
-                             seed=self.settings.seed + self.n_measurements, params=self.params,
-                             loss_form=self.loss_form, size_fn=self.size_fn,
-                             math_attention=op.math_attention)
-        metrics.update({"step/batch_sharpness": bs.value, "step/batch_sharpness_se": bs.stderr,
-                        "step/batch_sharpness_n": float(bs.n_batches)})
+        bs = batch_sharpness(
+            self.model,
+            self.loss_fn,
+            self.probe,
+            batch_size=self.batch_size,
+            rel_se=self.settings.batch_sharpness_rse,
+            max_batches=self.settings.batch_sharpness_max,
+            seed=self.settings.seed + self.n_measurements,
+            params=self.params,
+            loss_form=self.loss_form,
+            size_fn=self.size_fn,
+            math_attention=op.math_attention,
+        )
+        metrics.update(
+            {
+                "step/batch_sharpness": bs.value,
+                "step/batch_sharpness_se": bs.stderr,
+                "step/batch_sharpness_n": float(bs.n_batches),
+            }
+        )
         lr = self.lr
         if lr is not None:
             metrics["step/edge_ratio"] = edge_ratio(lam, lr, self.momentum)
@@ -282,8 +324,9 @@ class Tracker:
                 log_object(path, obj)
         return metrics
 
-    def measure_epoch(self, state: Any = None, *, final: bool = False
-                      ) -> tuple[dict[str, float], dict[str, Any]]:
+    def measure_epoch(
+        self, state: Any = None, *, final: bool = False
+    ) -> tuple[dict[str, float], dict[str, Any]]:
         """(metrics, artifacts) of the epoch set, not logged: the curvature, then the
         `epoch_measurements`. With lossgeo's EpochState, `state.is_last` means final, the
         top eigenpairs are left in `state.cache["hessian_top"]` (landscapes along them) and
@@ -316,10 +359,17 @@ class Tracker:
         """The epoch set's curvature (`lossgeo.curvature.measure_curvature` with this
         Tracker's probe, filter and settings); a non-finite probe loss warns once."""
         assert self.curvature is not None
-        measures = measure_curvature(self.model, self.loss_fn, self.probe, self.curvature,
-                                     params=self.params, loss_form=self.loss_form,
-                                     size_fn=self.size_fn,
-                                     math_attention=self.math_attention, final=final)
+        measures = measure_curvature(
+            self.model,
+            self.loss_fn,
+            self.probe,
+            self.curvature,
+            params=self.params,
+            loss_form=self.loss_form,
+            size_fn=self.size_fn,
+            math_attention=self.math_attention,
+            final=final,
+        )
         if not measures.finite:
             self._warn_nonfinite(measures.probe_loss)
         elif measures.math_attention:
@@ -335,8 +385,11 @@ class Tracker:
 
     def _warn_nonfinite(self, loss: float) -> None:
         if not self._warned_nonfinite:
-            log.warning("lossgeo: the probe loss (%s) or its gradient is not finite: curvature "
-                        "is recorded as NaN until it is finite again", loss)
+            log.warning(
+                "lossgeo: the probe loss (%s) or its gradient is not finite: curvature "
+                "is recorded as NaN until it is finite again",
+                loss,
+            )
             self._warned_nonfinite = True
 
 

@@ -45,8 +45,9 @@ def measured_epochs(epochs: int, every: int) -> set[int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: LossFn, split: Split, batch_size: int = 2048
-             ) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, loss_fn: LossFn, split: Split, batch_size: int = 2048
+) -> tuple[float, float]:
     """(mean loss, accuracy) in eval mode; the caller restores the mode."""
     model.eval()
     total_loss, correct = 0.0, 0
@@ -75,22 +76,40 @@ def flat_weights(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to("cpu", copy=True)
 
 
-def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: float,
-               split: dict[str, float] | None = None, label: str = "") -> str:
+def epoch_line(
+    epoch: int,
+    epochs: int,
+    metrics: dict[str, float],
+    seconds: float,
+    split: dict[str, float] | None = None,
+    label: str = "",
+) -> str:
     """`[cell] epoch 2/3: train_loss 0.1234, test_loss 0.1301, test_acc 0.9612, lambda_max
     14.2, 5.1 s (train 2.0, eval 0.4, curvature 1.9, landscape 0.8)`: where the time went."""
-    parts = [f"{key} {metrics[key]:.4g}" for key in ("train_loss", "test_loss", "test_acc",
-                                                      "lambda_max") if key in metrics]
-    where = (" (" + ", ".join(f"{name} {secs:.1f}" for name, secs in split.items()) + ")"
-             if split else "")
+    parts = [
+        f"{key} {metrics[key]:.4g}"
+        for key in ("train_loss", "test_loss", "test_acc", "lambda_max")
+        if key in metrics
+    ]
+    where = (
+        " (" + ", ".join(f"{name} {secs:.1f}" for name, secs in split.items()) + ")"
+        if split
+        else ""
+    )
     prefix = f"[{label}] " if label else ""
     return f"{prefix}epoch {epoch}/{epochs}: " + ", ".join(parts + [f"{seconds:.1f} s{where}"])
 
 
-def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: LossFn,
-          logger: RunLogger, measurements: Sequence[Measurement] = (),
-          on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-          label: str = "") -> TrainResult:
+def train(
+    config: TrainConfig,
+    data: DataBundle,
+    model: nn.Module,
+    loss_fn: LossFn,
+    logger: RunLogger,
+    measurements: Sequence[Measurement] = (),
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    label: str = "",
+) -> TrainResult:
     """Trains with SGD; logs evaluation (every `eval_every` epochs) and scheduled
     measurements. `label` (a grid cell, a sweep trial) starts every printed line.
 
@@ -122,22 +141,37 @@ def train(config: TrainConfig, data: DataBundle, model: nn.Module, loss_fn: Loss
         if is_last:
             break
     loop.epoch_bar.close()
-    return TrainResult(history=loop.history, diverged_epoch=loop.diverged_epoch, model=model,
-                       steps_to_target=loop.target.step, final_artifacts=loop.final_artifacts)
+    return TrainResult(
+        history=loop.history,
+        diverged_epoch=loop.diverged_epoch,
+        model=model,
+        steps_to_target=loop.target.step,
+        final_artifacts=loop.final_artifacts,
+    )
 
 
 class _Loop:
     """The state of one training run and its steps, one method each: train an epoch,
     evaluate, measure, record, report. `train` reads as the order they run in."""
 
-    def __init__(self, config: TrainConfig, data: DataBundle, model: nn.Module,
-                 loss_fn: LossFn, logger: RunLogger, measurements: Sequence[Measurement],
-                 label: str) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: DataBundle,
+        model: nn.Module,
+        loss_fn: LossFn,
+        logger: RunLogger,
+        measurements: Sequence[Measurement],
+        label: str,
+    ) -> None:
         self.config, self.data, self.model, self.loss_fn = config, data, model, loss_fn
         self.logger, self.measurements = logger, measurements
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr,
-                                         momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.schedule = measured_epochs(config.epochs, config.measure_every)
         self.history: list[dict[str, float]] = []
@@ -147,27 +181,36 @@ class _Loop:
         self.n_batches = math.ceil(len(data.train) / config.batch_size)
         self.target = TargetCheck(config, self.n_batches, model, loss_fn, data)
         # one measuring path for every loop: lossgeo's own uses the public Tracker
-        self.tracker = Tracker(model, loss_fn, (data.probe.x, data.probe.y),
-                               every_steps=config.measure_every_steps,
-                               optimizer=self.optimizer, batch_size=config.batch_size,
-                               steps=StepSettings(seed=config.seed),
-                               curvature=curvature_settings(config),
-                               epoch_measurements=measurements, logger=logger)
+        self.tracker = Tracker(
+            model,
+            loss_fn,
+            (data.probe.x, data.probe.y),
+            every_steps=config.measure_every_steps,
+            optimizer=self.optimizer,
+            batch_size=config.batch_size,
+            steps=StepSettings(seed=config.seed),
+            curvature=curvature_settings(config),
+            epoch_measurements=measurements,
+            logger=logger,
+        )
         self.step = 0
         self.label = label
         self.prefix = f"[{label}] " if label else ""
-        self.epoch_bar = tqdm(range(config.epochs + 1),
-                              desc=f"[{label}] epochs" if label else "epochs", disable=None)
+        self.epoch_bar = tqdm(
+            range(config.epochs + 1), desc=f"[{label}] epochs" if label else "epochs", disable=None
+        )
 
     def train_epoch(self, epoch: int, split: dict[str, float]) -> bool:
         """One epoch of SGD (shorter when the target fit is reached within it), with the
         per-step measurements when due; False when a batch loss was not finite."""
         started = time.perf_counter()
         self.model.train()
-        batches = self.data.train.batches(self.config.batch_size, shuffle=True,
-                                          generator=self.shuffle_gen)
-        batch_bar = tqdm(batches, total=self.n_batches, desc=f"epoch {epoch}", leave=False,
-                         disable=None)
+        batches = self.data.train.batches(
+            self.config.batch_size, shuffle=True, generator=self.shuffle_gen
+        )
+        batch_bar = tqdm(
+            batches, total=self.n_batches, desc=f"epoch {epoch}", leave=False, disable=None
+        )
         finite = True
         for x, y in batch_bar:
             self.optimizer.zero_grad(set_to_none=True)
@@ -186,8 +229,7 @@ class _Loop:
         split["train"] = time.perf_counter() - started
         return finite
 
-    def evaluate(self, epoch: int, split: dict[str, float]
-                 ) -> tuple[dict[str, float], bool, bool]:
+    def evaluate(self, epoch: int, split: dict[str, float]) -> tuple[dict[str, float], bool, bool]:
         """(metrics, whether train/val/test were all evaluated, whether this is the last
         epoch). train/val/test run on their own schedule (eval_every); the first and the
         last epoch, and the point where a target was reached, always in full. A non-finite
@@ -198,8 +240,11 @@ class _Loop:
         if full:
             metrics = evaluation_metrics(self.model, self.loss_fn, self.data)
         elif self.target.active:  # the end-of-epoch target check needs the train split only
-            metrics = dict(zip(("train_loss", "train_acc"),
-                               evaluate(self.model, self.loss_fn, self.data.train)))
+            metrics = dict(
+                zip(
+                    ("train_loss", "train_acc"), evaluate(self.model, self.loss_fn, self.data.train)
+                )
+            )
         else:
             metrics = {}
         if "train_loss" in metrics:
@@ -216,21 +261,34 @@ class _Loop:
             metrics["epochs_to_target"] = self.target.step / self.n_batches
         return metrics, full, is_last
 
-    def measure(self, epoch: int, is_last: bool, metrics: dict[str, float],
-                split: dict[str, float]) -> None:
+    def measure(
+        self, epoch: int, is_last: bool, metrics: dict[str, float], split: dict[str, float]
+    ) -> None:
         """The epoch set through the Tracker (curvature, then the loop's measurements);
         `metrics` receives every measured value and the artifacts are logged."""
-        state = EpochState(epoch=epoch, is_last=is_last, model=self.model,
-                           loss_fn=self.loss_fn, data=self.data, config=self.config,
-                           trajectory=self.trajectory, metrics=metrics)
-        names = ", ".join((["curvature"] if self.tracker.curvature is not None else [])
-                          + [getattr(m, "name", "measurement") for m in self.measurements])
+        state = EpochState(
+            epoch=epoch,
+            is_last=is_last,
+            model=self.model,
+            loss_fn=self.loss_fn,
+            data=self.data,
+            config=self.config,
+            trajectory=self.trajectory,
+            metrics=metrics,
+        )
+        names = ", ".join(
+            (["curvature"] if self.tracker.curvature is not None else [])
+            + [getattr(m, "name", "measurement") for m in self.measurements]
+        )
         if names:  # minutes on a large probe set: say so before, not only after
             self.epoch_bar.set_description_str(f"{self.prefix}epoch {epoch}: measuring {names}")
             if self.epoch_bar.disable:
-                print(f"{self.prefix}epoch {epoch}/{self.config.epochs}: measuring {names}"
-                      f"{' (last epoch: with the final-epoch extras)' if is_last else ''}"
-                      " ...", flush=True)
+                print(
+                    f"{self.prefix}epoch {epoch}/{self.config.epochs}: measuring {names}"
+                    f"{' (last epoch: with the final-epoch extras)' if is_last else ''}"
+                    " ...",
+                    flush=True,
+                )
         _, artifacts = self.tracker.measure_epoch(state)  # updates `metrics` (state.metrics)
         split.update(self.tracker.epoch_seconds)
         for path, obj in artifacts.items():
@@ -247,14 +305,18 @@ class _Loop:
         self.diverged_epoch = epoch
         self.record(epoch, {**metrics, "diverged_epoch": float(epoch)})
 
-    def report(self, epoch: int, metrics: dict[str, float], seconds: float,
-               split: dict[str, float]) -> None:
+    def report(
+        self, epoch: int, metrics: dict[str, float], seconds: float, split: dict[str, float]
+    ) -> None:
         """The progress bar's figures, or one line per evaluated epoch off a terminal."""
-        self.epoch_bar.set_postfix(train_loss=f"{metrics['train_loss']:.4f}",
-                                   test_acc=f"{metrics['test_acc']:.4f}")
+        self.epoch_bar.set_postfix(
+            train_loss=f"{metrics['train_loss']:.4f}", test_acc=f"{metrics['test_acc']:.4f}"
+        )
         if self.epoch_bar.disable:  # not a terminal, so no bar
-            print(epoch_line(epoch, self.config.epochs, metrics, seconds, split, self.label),
-                  flush=True)
+            print(
+                epoch_line(epoch, self.config.epochs, metrics, seconds, split, self.label),
+                flush=True,
+            )
 
 
 class TargetCheck:
@@ -264,8 +326,14 @@ class TargetCheck:
     the full split too. `step` is the optimizer step at which the targets were first
     confirmed (None until then)."""
 
-    def __init__(self, config: TrainConfig, n_batches: int, model: nn.Module, loss_fn: LossFn,
-                 data: DataBundle) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        n_batches: int,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: DataBundle,
+    ) -> None:
         self.loss, self.acc = config.target_train_loss, config.target_train_acc
         self.every = config.target_check_every or max(1, n_batches // 10)
         self.model, self.loss_fn, self.data = model, loss_fn, data
@@ -288,8 +356,10 @@ class TargetCheck:
         samples has a standard error of about 20%, so the full split was confirmed only once
         the probe read low, by when the split was at 0.037."""
         chunk = math.ceil(len(self.data.probe) / 16)
-        chunks = [evaluate(self.model, self.loss_fn, Split(x, y))
-                  for x, y in self.data.probe.batches(chunk)]
+        chunks = [
+            evaluate(self.model, self.loss_fn, Split(x, y))
+            for x, y in self.data.probe.batches(chunk)
+        ]
         losses = torch.tensor([c[0] for c in chunks], dtype=torch.float64)
         accs = torch.tensor([c[1] for c in chunks], dtype=torch.float64)
         n = len(chunks)
@@ -297,8 +367,7 @@ class TargetCheck:
         def se(v: torch.Tensor) -> float:
             return float(v.std() / math.sqrt(n)) if n > 1 else 0.0
 
-        return self.met(float(losses.mean()) - 2 * se(losses),
-                        float(accs.mean()) + 2 * se(accs))
+        return self.met(float(losses.mean()) - 2 * se(losses), float(accs.mean()) + 2 * se(accs))
 
     def reached_within_epoch(self, step: int) -> bool:
         was_training = self.model.training

@@ -35,19 +35,24 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
     worker's cell has ended. A new grid's parent is the launcher's run under `mlflow run`; a
     joining or resumed worker's launcher run is nested under it."""
     experiment = resolve_experiment(experiment)
-    configs = {(model, regime, seed): spec.config(model=model, experiment=experiment,
-                                                  seed=seed, **values)
-               for model in spec.models for regime, values in spec.regimes.items()
-               for seed in spec.seeds}
+    configs = {
+        (model, regime, seed): spec.config(model=model, experiment=experiment, seed=seed, **values)
+        for model in spec.models
+        for regime, values in spec.regimes.items()
+        for seed in spec.seeds
+    }
     for config in configs.values():
         # validate every cell before anything runs; the data are not kept, since a grid of
         # cells x seeds would hold one copy per cell (each cell loads its own when it runs)
         prepare(config)
     tags = {"lossgeo_study": spec.name, "lossgeo_role": "parent", "study_kind": "grid"}
-    parent_query = (f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
-                    "and tags.study_kind = 'grid'")
-    existing = find_runs(experiment, parent_query, order_by=["attributes.start_time ASC"],
-                         max_results=1)
+    parent_query = (
+        f"tags.lossgeo_study = '{spec.name}' and tags.lossgeo_role = 'parent' "
+        "and tags.study_kind = 'grid'"
+    )
+    existing = find_runs(
+        experiment, parent_query, order_by=["attributes.start_time ASC"], max_results=1
+    )
     worker: Any = contextlib.nullcontext()
     joined = bool(existing)  # a parent exists: this worker resumes or joins the study
     if existing:
@@ -59,28 +64,46 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
             _withdraw(parent.run_id, winner, spec.name)
             parent, joined = TrackedRun(run_id=winner, tags=tags), True
     if joined:
-        finished = {_cell_key(r): r for r in find_runs(
-            experiment, f"tags.`{PARENT_TAG}` = '{parent.run_id}' and "
-            "attributes.status = 'FINISHED'")}
+        finished = {
+            _cell_key(r): r
+            for r in find_runs(
+                experiment,
+                f"tags.`{PARENT_TAG}` = '{parent.run_id}' and attributes.status = 'FINISHED'",
+            )
+        }
         _check_same_settings(spec.name, finished, configs)
         reopen_run(parent.run_id)
         worker = _launcher_as_worker(parent.run_id, spec.name)
     with parent, worker:
-        parent.log_params({"study": spec.name, "models": ",".join(spec.models),
-                           "regimes": ",".join(spec.regimes),
-                           "seeds": ",".join(map(str, spec.seeds))})
+        parent.log_params(
+            {
+                "study": spec.name,
+                "models": ",".join(spec.models),
+                "regimes": ",".join(spec.regimes),
+                "seeds": ",".join(map(str, spec.seeds)),
+            }
+        )
         try:
             for (model, regime, seed), config in configs.items():
                 cell = f"{model}/{regime}"
                 if _holder(experiment, parent.run_id, cell, seed) is not None:
                     continue  # finished, or another worker runs it: not even a new run
                 try:
-                    run_training(config, parent_run_id=parent.run_id,
-                                 tags={"regime": regime, "cell": cell, "seed": str(seed),
-                                       "lossgeo_study": spec.name, "lossgeo_role": "cell"},
-                                 on_run_created=lambda run_id: _claim(
-                                     experiment, parent.run_id, cell, seed, run_id),
-                                 label=f"{cell} seed {seed}")
+                    run_training(
+                        config,
+                        parent_run_id=parent.run_id,
+                        tags={
+                            "regime": regime,
+                            "cell": cell,
+                            "seed": str(seed),
+                            "lossgeo_study": spec.name,
+                            "lossgeo_role": "cell",
+                        },
+                        on_run_created=lambda run_id: _claim(
+                            experiment, parent.run_id, cell, seed, run_id
+                        ),
+                        label=f"{cell} seed {seed}",
+                    )
                 except CellTaken as taken:  # another worker has run or runs this cell
                     _discard(taken.run_id, f"{cell} seed {seed} is another worker's")
         except BaseException:
@@ -118,13 +141,11 @@ def _first_claim(experiment: str, query: str, mine: str | None) -> str | None:
     if finished:
         return finished[0].info.run_id
     live = [r for r in rivals if r.info.run_id == mine or _is_live(r)]
-    return min(live, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id \
-        if live else None
+    return min(live, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if live else None
 
 
 def _cell_query(parent: str, cell: str, seed: int) -> str:
-    return (f"tags.`{PARENT_TAG}` = '{parent}' and tags.cell = '{cell}' and "
-            f"tags.seed = '{seed}'")
+    return f"tags.`{PARENT_TAG}` = '{parent}' and tags.cell = '{cell}' and tags.seed = '{seed}'"
 
 
 def _holder(experiment: str, parent: str, cell: str, seed: int) -> str | None:
@@ -152,9 +173,13 @@ def _is_live(run) -> bool:
 
 
 def _live_cells(experiment: str, parent: str) -> list:
-    return [r for r in find_runs(experiment, f"tags.`{PARENT_TAG}` = '{parent}' and "
-                                             "attributes.status = 'RUNNING'")
-            if r.data.tags.get("lossgeo_role") == "cell" and _is_live(r)]
+    return [
+        r
+        for r in find_runs(
+            experiment, f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'"
+        )
+        if r.data.tags.get("lossgeo_role") == "cell" and _is_live(r)
+    ]
 
 
 def _withdraw(mine: str, winner: str, study: str) -> None:
@@ -196,4 +221,5 @@ def _check_same_settings(study: str, finished: dict, configs: dict) -> None:
                     f"study: {study} already has a finished run of {key[0]}/{key[1]} seed "
                     f"{key[2]} with {f.name}={getattr(logged, f.name)!r}; the file now says "
                     f"{getattr(wanted, f.name)!r}. Give the study a new name (or use a fresh "
-                    "store), so that one study never mixes settings")
+                    "store), so that one study never mixes settings"
+                )

@@ -20,25 +20,31 @@ def sqlite_file(url: str) -> Path | None:
     """The database file of a sqlite:/// URL, its folder created; None for other URLs."""
     if not url.startswith("sqlite:///"):
         return None
-    path = Path(url[len("sqlite:///"):])
+    path = Path(url[len("sqlite:///") :])
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def make_storage(url: str | None = None, *, heartbeat_interval: int = 10,
-                 grace_period: int = 30) -> optuna.storages.RDBStorage:
+def make_storage(
+    url: str | None = None, *, heartbeat_interval: int = 10, grace_period: int = 30
+) -> optuna.storages.RDBStorage:
     url = url or DEFAULT_STORAGE
     # heartbeats and the retry callback are marked experimental by Optuna
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     sqlite_file(url)
     try:
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
             heartbeat_stale_trial_callback=FailRunAndRetry(max_retry=3),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+        )
     except Exception as exc:  # bad URL, unreachable server, missing driver
-        raise UserInputError(f"storage: cannot open {url} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UserInputError(
+            f"storage: cannot open {url} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
 
 
 class BudgetLock:
@@ -67,8 +73,7 @@ class BudgetLock:
                 import sqlalchemy
 
                 self._conn = self._engine.connect()
-                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"),
-                                   {"k": self.key})
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
             elif self.url.startswith("sqlite:///"):
                 import fcntl
 
@@ -86,8 +91,9 @@ class BudgetLock:
             if self._engine is not None:
                 import sqlalchemy
 
-                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"),
-                                   {"k": self.key})
+                self._conn.execute(
+                    sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}
+                )
                 self._conn.close()
             elif self.url.startswith("sqlite:///"):
                 import fcntl
@@ -101,8 +107,9 @@ class BudgetLock:
 def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval: int) -> Periodic:
     """Records the trial's heartbeat now and every `interval` s until `stop()`."""
     storage.record_heartbeat(trial_id)
-    return Periodic(lambda: storage.record_heartbeat(trial_id), interval,
-                    name=f"trial-heartbeat-{trial_id}")
+    return Periodic(
+        lambda: storage.record_heartbeat(trial_id), interval, name=f"trial-heartbeat-{trial_id}"
+    )
 
 
 class FailRunAndRetry:

@@ -14,8 +14,13 @@ from lossgeo.config import TrainConfig
 from lossgeo.errors import UserInputError
 
 SAMPLERS = ("tpe", "random", "grid", "qmc")
-OBJECTIVES = {"val_loss": "minimize", "gen_gap": "minimize", "test_acc": "maximize",
-              "test_loss": "minimize", "lambda_max": "minimize"}
+OBJECTIVES = {
+    "val_loss": "minimize",
+    "gen_gap": "minimize",
+    "test_acc": "maximize",
+    "test_loss": "minimize",
+    "lambda_max": "minimize",
+}
 PRUNERS = ("median", "none")
 SEARCHABLE = ("lr", "batch_size", "momentum", "weight_decay")
 
@@ -115,12 +120,19 @@ def _value_list(path: Path, where: str, raw: Any) -> list:
         except (TypeError, ValueError, IndexError):
             raise _fail(path, f"{where}.{kind}", "must be [low, high, n]") from None
         if n < 1 or not low <= high or (kind == "log_space" and low <= 0):
-            raise _fail(path, f"{where}.{kind}", "needs n >= 1 and 0 < low <= high "
-                                                 "(low may be <= 0 on lin_space)")
+            raise _fail(
+                path,
+                f"{where}.{kind}",
+                "needs n >= 1 and 0 < low <= high (low may be <= 0 on lin_space)",
+            )
         values = np.geomspace(low, high, n) if kind == "log_space" else np.linspace(low, high, n)
         return [float(f"{v:.6g}") for v in values]
-    raise _fail(path, where, "must be a non-empty list of values, {log_space: [low, high, n]} "
-                             "or {lin_space: [low, high, n]}")
+    raise _fail(
+        path,
+        where,
+        "must be a non-empty list of values, {log_space: [low, high, n]} "
+        "or {lin_space: [low, high, n]}",
+    )
 
 
 def _check_value(path: Path, where: str, name: str, value: Any) -> Any:
@@ -181,14 +193,31 @@ def _factorial_regimes(path: Path, factors: Any, fields: set[str]) -> dict[str, 
     regimes: dict[str, dict] = {}
     for combo in itertools.product(*levels.values()):
         point = dict(zip(levels, combo))
-        label = ",".join(f"{_SHORT.get(k, k)}={v:g}" if isinstance(v, (int, float))
-                         else f"{_SHORT.get(k, k)}={v}" for k, v in point.items())
+        label = ",".join(
+            f"{_SHORT.get(k, k)}={v:g}"
+            if isinstance(v, (int, float))
+            else f"{_SHORT.get(k, k)}={v}"
+            for k, v in point.items()
+        )
         regimes[label] = point
     return regimes
 
 
-_FIELDS = ("name", "kind", "base", "models", "regimes", "factors", "search_space", "sampler",
-           "objective", "pruner", "n_trials", "seed", "seeds")
+_FIELDS = (
+    "name",
+    "kind",
+    "base",
+    "models",
+    "regimes",
+    "factors",
+    "search_space",
+    "sampler",
+    "objective",
+    "pruner",
+    "n_trials",
+    "seed",
+    "seeds",
+)
 
 
 def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
@@ -200,9 +229,14 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
     if kind not in ("grid", "sweep"):
         raise _fail(path, "kind", f"must be grid or sweep (got {kind!r})")
     base = _base(path, raw.get("base") or {}, overrides or {})
-    spec: dict[str, Any] = {"name": str(raw.get("name") or path.stem), "kind": kind,
-                            "base": base, "models": _models(path, raw, base),
-                            "seed": _study_seed(path, raw), "seeds": _seeds(path, raw, base)}
+    spec: dict[str, Any] = {
+        "name": str(raw.get("name") or path.stem),
+        "kind": kind,
+        "base": base,
+        "models": _models(path, raw, base),
+        "seed": _study_seed(path, raw),
+        "seeds": _seeds(path, raw, base),
+    }
     if kind == "grid":
         spec["regimes"] = _grid_regimes(path, raw, base)
     else:
@@ -225,8 +259,9 @@ def _read_yaml(path: Path) -> dict:
         raise UserInputError(f"study: {path} must be a YAML mapping")
     unknown = set(raw) - set(_FIELDS)
     if unknown:
-        raise _fail(path, sorted(unknown)[0],
-                    f"unknown field (allowed: {', '.join(sorted(_FIELDS))})")
+        raise _fail(
+            path, sorted(unknown)[0], f"unknown field (allowed: {', '.join(sorted(_FIELDS))})"
+        )
     return raw
 
 
@@ -274,8 +309,12 @@ def _study_seed(path: Path, raw: dict) -> int:
 
 def _seeds(path: Path, raw: dict, base: dict) -> tuple[int, ...]:
     seeds = raw.get("seeds", [base.get("seed", 0)])
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or len(set(seeds)) != len(seeds)
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+    ):
         raise _fail(path, "seeds", f"must be a list of distinct integers (got {seeds!r})")
     for seed in seeds:
         _check_value(path, "seeds", "seed", seed)
@@ -292,10 +331,14 @@ def _grid_regimes(path: Path, raw: dict, base: dict) -> dict[str, dict]:
             raise _fail(path, "factors", "give factors or regimes, not both")
         regimes = _factorial_regimes(path, raw["factors"], fields)
     if not isinstance(regimes, dict) or not regimes:
-        raise _fail(path, "regimes", "a grid needs named regimes, e.g. "
-                                     "{high-noise: {lr: 0.1, batch_size: 32}}, or factors, "
-                                     "e.g. {lr: {log_space: [0.01, 0.2, 4]}, "
-                                     "batch_size: [16, 64]}")
+        raise _fail(
+            path,
+            "regimes",
+            "a grid needs named regimes, e.g. "
+            "{high-noise: {lr: 0.1, batch_size: 32}}, or factors, "
+            "e.g. {lr: {log_space: [0.01, 0.2, 4]}, "
+            "batch_size: [16, 64]}",
+        )
     for regime, values in regimes.items():
         if not isinstance(values, dict):
             raise _fail(path, f"regimes.{regime}", "must be a mapping")
@@ -326,8 +369,12 @@ def _sweep_settings(path: Path, raw: dict) -> dict[str, Any]:
             raise _fail(path, "objective", f"must be among {', '.join(OBJECTIVES)} (got {o!r})")
     pruner = raw.get("pruner", "none" if sampler == "grid" else "median")
     if sampler == "grid" and pruner != "none":
-        raise _fail(path, "pruner", "a designed grid (sampler: grid) is never pruned: every "
-                                    "point is part of the design; use pruner: none")
+        raise _fail(
+            path,
+            "pruner",
+            "a designed grid (sampler: grid) is never pruned: every "
+            "point is part of the design; use pruner: none",
+        )
     if pruner not in PRUNERS:
         raise _fail(path, "pruner", f"must be one of {', '.join(PRUNERS)} (got {pruner!r})")
     if pruner != "none" and len(objectives) > 1:
@@ -337,5 +384,10 @@ def _sweep_settings(path: Path, raw: dict) -> dict[str, Any]:
         raise _fail(path, "n_trials", f"must be an integer >= 1 (got {n_trials!r})")
     if sampler == "grid" and any(p.choices is None for p in search_space):
         raise _fail(path, "sampler", "grid needs choices for every search_space parameter")
-    return {"search_space": search_space, "sampler": sampler,
-            "objectives": tuple(objectives), "pruner": pruner, "n_trials": n_trials}
+    return {
+        "search_space": search_space,
+        "sampler": sampler,
+        "objectives": tuple(objectives),
+        "pruner": pruner,
+        "n_trials": n_trials,
+    }

@@ -25,14 +25,44 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
         return runs
     if "noise_temperature" not in runs and {"lr", "batch_size"} <= set(runs):
         runs["noise_temperature"] = runs["lr"] / runs["batch_size"]
-    keep = [c for c in ["run_id", "label", "status", "tags.cell", "tags.regime", "tags.seed",
-                        "tags.trial_number", "tags.diverged", "tags.reached_target", "model",
-                        "lr", "batch_size", "momentum",
-                        "noise_temperature", "train_loss", "test_loss", "train_acc", "test_acc",
-                        "val_loss", "gen_gap", "gen_gap_acc", "lambda_max", "lambda_min",
-                        "hessian_trace", "sharp_mean", "sharp_max", "eps_sharpness",
-                        "adaptive_sharpness", "edge_ratio", "grad_noise_scale",
-                        "steps_to_target", "epochs_to_target"] if c in runs]
+    keep = [
+        c
+        for c in [
+            "run_id",
+            "label",
+            "status",
+            "tags.cell",
+            "tags.regime",
+            "tags.seed",
+            "tags.trial_number",
+            "tags.diverged",
+            "tags.reached_target",
+            "model",
+            "lr",
+            "batch_size",
+            "momentum",
+            "noise_temperature",
+            "train_loss",
+            "test_loss",
+            "train_acc",
+            "test_acc",
+            "val_loss",
+            "gen_gap",
+            "gen_gap_acc",
+            "lambda_max",
+            "lambda_min",
+            "hessian_trace",
+            "sharp_mean",
+            "sharp_max",
+            "eps_sharpness",
+            "adaptive_sharpness",
+            "edge_ratio",
+            "grad_noise_scale",
+            "steps_to_target",
+            "epochs_to_target",
+        ]
+        if c in runs
+    ]
     table = runs[keep]
     run.log_text("runs.csv", table.to_csv(index=False))
     finished = runs[runs["status"] == "FINISHED"]
@@ -45,10 +75,16 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
     score = {"held": 1.0, "inconclusive": 0.0, "contradicted": -1.0}
     for _, row in verdicts.iterrows():
         pair = {"H3": "lambda_max_on_lr_and_B", "H4": "edge_ratio"}.get(
-            row["hypothesis"], f"{row['x']}_vs_{row['y']}")
+            row["hypothesis"], f"{row['x']}_vs_{row['y']}"
+        )
         metrics = {f"verdict/{row['hypothesis']}_{pair}": score[row["verdict"]]}
-        for column in ("spearman", "spearman_ci_low", "spearman_ci_high", "kendall",
-                       "partial_spearman"):
+        for column in (
+            "spearman",
+            "spearman_ci_low",
+            "spearman_ci_high",
+            "kendall",
+            "partial_spearman",
+        ):
             if pd.notna(row.get(column)):
                 metrics[f"{column}/{pair}"] = float(row[column])
         run.log_metrics(metrics)

@@ -50,8 +50,6 @@ class PrunedTrial(optuna.TrialPruned):
     mlflow_status = "KILLED"
 
 
-
-
 def parent_run_for(study: optuna.Study, spec: StudySpec, experiment: str) -> str:
     """The study's one parent run: found via the study's user attributes, else by tag in
     MLflow, else created. Concurrent workers that both create one agree on the oldest and
@@ -59,17 +57,21 @@ def parent_run_for(study: optuna.Study, spec: StudySpec, experiment: str) -> str
     known = study.user_attrs.get(PARENT_ATTR)
     if known:
         return known
-    query = (f"tags.lossgeo_study = '{study.study_name}' and tags.lossgeo_role = 'parent'")
+    query = f"tags.lossgeo_study = '{study.study_name}' and tags.lossgeo_role = 'parent'"
 
     def candidates():
-        return sorted(find_runs(experiment, query, max_results=100),
-                      key=lambda r: (r.info.start_time, r.info.run_id))
+        return sorted(
+            find_runs(experiment, query, max_results=100),
+            key=lambda r: (r.info.start_time, r.info.run_id),
+        )
 
     found = candidates()
     if not found:
-        mine = create_run(experiment, f"{spec.kind}-{study.study_name}",
-                          {"lossgeo_study": study.study_name, "lossgeo_role": "parent",
-                           "study_kind": spec.kind})
+        mine = create_run(
+            experiment,
+            f"{spec.kind}-{study.study_name}",
+            {"lossgeo_study": study.study_name, "lossgeo_role": "parent", "study_kind": spec.kind},
+        )
         time.sleep(0.5)  # let a worker racing us land its own, then all pick the oldest
         found = candidates()
         if found[0].info.run_id != mine:
@@ -111,10 +113,12 @@ def _suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     return values
 
 
-def make_objective(spec: StudySpec, parent_run_id: str, experiment: str,
-                   stop: threading.Event | None = None):
+def make_objective(
+    spec: StudySpec, parent_run_id: str, experiment: str, stop: threading.Event | None = None
+):
     """`stop` set (the worker was interrupted): a trial in another thread ends at its next
     epoch, KILLED, instead of running to its end."""
+
     def objective(trial: optuna.Trial):
         values = _suggest(trial, spec)
         config = spec.config(**values, experiment=experiment)
@@ -131,11 +135,18 @@ def make_objective(spec: StudySpec, parent_run_id: str, experiment: str,
                 raise PrunedTrial(f"pruned at epoch {epoch} (val_loss {metrics['val_loss']:.4g})")
 
         outcome = run_training(
-            config, parent_run_id=parent_run_id, prepared=prepared, on_epoch_end=report,
-            tags={"lossgeo_study": trial.study.study_name, "trial_number": str(trial.number),
-                  "lossgeo_role": "trial"},
+            config,
+            parent_run_id=parent_run_id,
+            prepared=prepared,
+            on_epoch_end=report,
+            tags={
+                "lossgeo_study": trial.study.study_name,
+                "trial_number": str(trial.number),
+                "lossgeo_role": "trial",
+            },
             on_run_created=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
-            label=f"trial {trial.number}")
+            label=f"trial {trial.number}",
+        )
         final = outcome.history.iloc[-1].to_dict()
         for key in ("lambda_max", "gen_gap", "sharp_max", "test_acc"):
             if key in final and math.isfinite(final[key]):
@@ -143,18 +154,23 @@ def make_objective(spec: StudySpec, parent_run_id: str, experiment: str,
         if outcome.diverged_epoch is not None:
             # Recorded, never fatal: the worst value for each objective, with the reason.
             trial.set_user_attr("state", "diverged")
-            trial.set_user_attr("reason", f"non-finite training loss at epoch "
-                                          f"{outcome.diverged_epoch}")
+            trial.set_user_attr(
+                "reason", f"non-finite training loss at epoch {outcome.diverged_epoch}"
+            )
             worst = [math.inf if d == "minimize" else -math.inf for d in spec.directions]
             return worst[0] if len(worst) == 1 else tuple(worst)
         trial.set_user_attr("state", "finished")
         scores = [float(final[o]) for o in spec.objectives]
         return scores[0] if len(scores) == 1 else tuple(scores)
+
     return objective
 
 
-CLAIMED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-           optuna.trial.TrialState.RUNNING)
+CLAIMED = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.RUNNING,
+)
 
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -164,8 +180,10 @@ def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
     import itertools
 
     names = [p.name for p in spec.search_space]
-    return [dict(zip(names, values))
-            for values in itertools.product(*(p.choices or () for p in spec.search_space))]
+    return [
+        dict(zip(names, values))
+        for values in itertools.product(*(p.choices or () for p in spec.search_space))
+    ]
 
 
 def _enqueue_grid(study: optuna.Study, spec: StudySpec, lock: BudgetLock) -> None:
@@ -174,17 +192,27 @@ def _enqueue_grid(study: optuna.Study, spec: StudySpec, lock: BudgetLock) -> Non
     failed is run again when the study resumes, and no point is enqueued twice."""
     states = (*CLAIMED, optuna.trial.TrialState.WAITING)
     with lock:
-        taken = [t.params or t.system_attrs.get("fixed_params", {})
-                 for t in study.get_trials(deepcopy=False, states=states)]
+        taken = [
+            t.params or t.system_attrs.get("fixed_params", {})
+            for t in study.get_trials(deepcopy=False, states=states)
+        ]
         for point in grid_points(spec):
             if point not in taken:
                 study.enqueue_trial(point)
         study.set_user_attr("grid_enqueued", True)
 
 
-def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock: BudgetLock,
-                 budget: int, objective, interval: int, stop: threading.Event,
-                 ran: list[int], grid: bool = False) -> None:
+def _worker_loop(
+    study: optuna.Study,
+    storage: optuna.storages.RDBStorage,
+    lock: BudgetLock,
+    budget: int,
+    objective,
+    interval: int,
+    stop: threading.Event,
+    ran: list[int],
+    grid: bool = False,
+) -> None:
     """Claims and runs trials until the budget is claimed or `stop` is set; appends the
     number of each trial it ran to `ran`. A designed grid (`grid`) runs only its enqueued
     points."""
@@ -197,8 +225,9 @@ def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock:
                 claimed = len(study.get_trials(deepcopy=False, states=CLAIMED))
                 if claimed >= budget:
                     return
-                if grid and not study.get_trials(deepcopy=False,
-                                                 states=(optuna.trial.TrialState.WAITING,)):
+                if grid and not study.get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.WAITING,)
+                ):
                     return  # every point is done or taken; ask() would repeat one
                 trial = study.ask()  # takes a waiting (retried or grid) trial first
         beat = _heartbeat(storage, trial._trial_id, interval)
@@ -221,9 +250,17 @@ def _worker_loop(study: optuna.Study, storage: optuna.storages.RDBStorage, lock:
             beat.stop()
 
 
-def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | None = None,
-              n_jobs: int = 1, study_name: str | None = None, experiment: str = "",
-              heartbeat_interval: int = 10, grace_period: int = 30) -> optuna.Study:
+def run_sweep(
+    spec: StudySpec,
+    *,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    n_jobs: int = 1,
+    study_name: str | None = None,
+    experiment: str = "",
+    heartbeat_interval: int = 10,
+    grace_period: int = 30,
+) -> optuna.Study:
     """Runs (or joins) the study until its global budget of finished trials is reached.
 
     Each worker (process or thread) claims a trial under `BudgetLock`, sends heartbeats while
@@ -233,18 +270,28 @@ def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | No
     # Workers starting together on an empty database would race on Optuna's table creation.
     try:
         with BudgetLock(url, "lossgeo-storage-init"):
-            rdb = make_storage(url, heartbeat_interval=heartbeat_interval,
-                               grace_period=grace_period)
+            rdb = make_storage(
+                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period
+            )
             study = optuna.create_study(
-                study_name=study_name or spec.name, storage=rdb, load_if_exists=True,
-                sampler=_sampler(spec), directions=list(spec.directions),  # type: ignore[arg-type]
-                pruner=(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-                        if spec.pruner == "median" else optuna.pruners.NopPruner()))
+                study_name=study_name or spec.name,
+                storage=rdb,
+                load_if_exists=True,
+                sampler=_sampler(spec),
+                directions=list(spec.directions),  # type: ignore[arg-type]
+                pruner=(
+                    optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+                    if spec.pruner == "median"
+                    else optuna.pruners.NopPruner()
+                ),
+            )
     except UserInputError:
         raise
     except Exception as exc:  # unreachable server, bad URL, missing driver
-        raise UserInputError(f"storage: cannot open {url} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UserInputError(
+            f"storage: cannot open {url} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     lock = BudgetLock(url, study.study_name)
     experiment = resolve_experiment(experiment)
     with lock:  # one worker creates the parent run, the others find it
@@ -256,15 +303,26 @@ def run_sweep(spec: StudySpec, *, storage: str | None = None, n_trials: int | No
     stop = threading.Event()
     objective = make_objective(spec, parent, experiment, stop)
     ran: list[int] = []
-    args = (study, rdb, lock, budget, objective, heartbeat_interval, stop, ran,
-            spec.sampler == "grid")
+    args = (
+        study,
+        rdb,
+        lock,
+        budget,
+        objective,
+        heartbeat_interval,
+        stop,
+        ran,
+        spec.sampler == "grid",
+    )
     beat = start_heartbeat(parent)
     interrupted = True
     try:
         with _launcher_as_worker(parent, study.study_name) as worker:
             # n_jobs - 1 threads, and the main thread as one more worker: signals reach it
-            threads = [threading.Thread(target=_worker_loop, args=args, name=f"trials-{i}")
-                       for i in range(1, n_jobs)]
+            threads = [
+                threading.Thread(target=_worker_loop, args=args, name=f"trials-{i}")
+                for i in range(1, n_jobs)
+            ]
             for t in threads:
                 t.start()
             try:
@@ -294,8 +352,14 @@ def _close_parent(study: optuna.Study, parent: str, budget: int, interrupted: bo
     if len(study.get_trials(deepcopy=False, states=CLAIMED)) >= budget:
         end_run(parent, "FINISHED")
     elif interrupted:
-        end_run(parent, "KILLED", {END_REASON_TAG: "interrupted before the budget was done; "
-                                                   "a new worker resumes the study"})
+        end_run(
+            parent,
+            "KILLED",
+            {
+                END_REASON_TAG: "interrupted before the budget was done; "
+                "a new worker resumes the study"
+            },
+        )
 
 
 @contextlib.contextmanager
@@ -309,9 +373,17 @@ def _launcher_as_worker(parent: str, study_name: str):
         return
     name = run_experiment_name(parent)
     if run_experiment_name(run_id) != name:
-        raise UserInputError(f"experiment: study {study_name!r} lives in experiment {name!r}; "
-                             f"join it with `mlflow run --experiment-name {name}`")
-    with TrackedRun(run_id=run_id, tags={
-            PARENT_TAG: parent, "lossgeo_role": "worker", "lossgeo_study": study_name,
-            "mlflow.runName": f"worker-{socket.gethostname()}-{os.getpid()}"}) as worker:
+        raise UserInputError(
+            f"experiment: study {study_name!r} lives in experiment {name!r}; "
+            f"join it with `mlflow run --experiment-name {name}`"
+        )
+    with TrackedRun(
+        run_id=run_id,
+        tags={
+            PARENT_TAG: parent,
+            "lossgeo_role": "worker",
+            "lossgeo_study": study_name,
+            "mlflow.runName": f"worker-{socket.gethostname()}-{os.getpid()}",
+        },
+    ) as worker:
         yield worker

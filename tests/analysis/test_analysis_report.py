@@ -23,10 +23,23 @@ from ..conftest import REPO, tiny_config
 def small_experiment(tracking, fake_data_dir):
     runs = []
     for lr, batch in ((0.2, 16), (0.05, 64), (0.02, 128)):
-        runs.append(run_training(tiny_config(
-            fake_data_dir, lr=lr, batch_size=batch, epochs=2, curvature=True, curvature_k=2,
-            density_steps=8, trace_samples=2, sharpness_directions=1, landscape=False,
-            experiment="small")))
+        runs.append(
+            run_training(
+                tiny_config(
+                    fake_data_dir,
+                    lr=lr,
+                    batch_size=batch,
+                    epochs=2,
+                    curvature=True,
+                    curvature_k=2,
+                    density_steps=8,
+                    trace_samples=2,
+                    sharpness_directions=1,
+                    landscape=False,
+                    experiment="small",
+                )
+            )
+        )
     return runs
 
 
@@ -44,7 +57,8 @@ def test_load_runs_and_history_match_what_was_logged(small_experiment):
     wide = history.pivot_table(index=["run_id", "epoch"], columns="metric", values="value")
     first = small_experiment[0]
     assert wide.loc[first.run_id]["train_loss"].tolist() == pytest.approx(
-        first.history["train_loss"].tolist())
+        first.history["train_loss"].tolist()
+    )
     every = load_history(runs.iloc[:1])
     assert {"test_acc", "lambda_max", "hessian_trace"} <= set(every["metric"])
 
@@ -59,8 +73,13 @@ def test_correlations_closed_form():
 
 
 def test_spike_detector():
-    history = pd.DataFrame({"epoch": [0, 1, 2, 3, 4], "lambda_max": [10, 15, 40, 41, 39],
-                            "edge_ratio": [0.5, 0.8, 0.9, 1.05, 0.97]})
+    history = pd.DataFrame(
+        {
+            "epoch": [0, 1, 2, 3, 4],
+            "lambda_max": [10, 15, 40, 41, 39],
+            "edge_ratio": [0.5, 0.8, 0.9, 1.05, 0.97],
+        }
+    )
     spikes = detect_spikes(history)
     assert [s.epoch for s in spikes] == [2, 3]
     assert "x2.67" in spikes[0].reason and "edge_ratio crossed 1" in spikes[1].reason
@@ -68,8 +87,9 @@ def test_spike_detector():
     # measured only at the initialisation and the end: steady sharpening is no spike
     sparse = pd.DataFrame({"epoch": [0, 38], "lambda_max": [2.0, 12.0]})
     assert detect_spikes(sparse) == []
-    assert [s.reason for s in detect_spikes(pd.DataFrame({"epoch": [0, 2], "lambda_max": [
-        2.0, 9.0]}))] == ["lambda_max x4.50 over 2 epochs"]
+    assert [
+        s.reason for s in detect_spikes(pd.DataFrame({"epoch": [0, 2], "lambda_max": [2.0, 9.0]}))
+    ] == ["lambda_max x4.50 over 2 epochs"]
     with pytest.raises(ValueError):
         detect_spikes(history, factor=1)
 
@@ -77,17 +97,27 @@ def test_spike_detector():
 def test_compare_writes_and_logs_the_seven_plots(small_experiment, tracking):
     result = CliRunner().invoke(cli, ["compare", "--experiment", "small", "--out", "plots"])
     assert result.exit_code == 0, result.output
-    expected = {"loss_curves.png", "accuracy_curves.png", "lambda_max.png", "sharpness.png",
-                "gen_gap_vs_lambda.png", "noise_vs_lambda.png", "spectra.png"}
+    expected = {
+        "loss_curves.png",
+        "accuracy_curves.png",
+        "lambda_max.png",
+        "sharpness.png",
+        "gen_gap_vs_lambda.png",
+        "noise_vs_lambda.png",
+        "spectra.png",
+    }
     assert {p.name for p in (tracking / "plots").iterdir()} == expected
     logged = MlflowClient().search_runs(
-        [MlflowClient().get_experiment_by_name("small").experiment_id], "tags.kind = 'comparison'")
+        [MlflowClient().get_experiment_by_name("small").experiment_id], "tags.kind = 'comparison'"
+    )
     assert {a.path for a in MlflowClient().list_artifacts(logged[0].info.run_id, "plots")} == {
-        f"plots/{name}" for name in expected}
+        f"plots/{name}" for name in expected
+    }
     bad = CliRunner().invoke(cli, ["compare", "--experiment", "nothing-here"])
     assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [
         f"lossgeo: error: experiment: there is no experiment 'nothing-here' in "
-        f"sqlite:///{tracking}/mlflow.db"]
+        f"sqlite:///{tracking}/mlflow.db"
+    ]
 
 
 def test_report_table_matches_load_runs_and_compiles(small_experiment, tracking):
@@ -97,13 +127,22 @@ def test_report_table_matches_load_runs_and_compiles(small_experiment, tracking)
     for section in ("Theory", "Methods", "Results", "Interpretation", "Applications"):
         assert f"\\section{{{section}}}" in tex
     bib = (tracking / "latex" / "references.bib").read_text()
-    for key in ("keskar2017", "jastrzebski2017", "li2018", "cohen2021", "ghorbani2019",
-                "yao2020", "dinh2017", "mccandlish2018"):
+    for key in (
+        "keskar2017",
+        "jastrzebski2017",
+        "li2018",
+        "cohen2021",
+        "ghorbani2019",
+        "yao2020",
+        "dinh2017",
+        "mccandlish2018",
+    ):
         assert f"{{{key}," in bib
     runs = load_runs(experiment="small")
     runs = runs[runs["tags.kind"].isna()] if "tags.kind" in runs else runs
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^(mlp / .*?) & (.*) \\\\$", tex,
-                                                         re.MULTILINE)}
+    rows = {
+        m.group(1): m.group(2) for m in re.finditer(r"^(mlp / .*?) & (.*) \\\\$", tex, re.MULTILINE)
+    }
     assert len(rows) == 3
     for _, run in runs.iterrows():
         cells = rows[run["label"].replace("_", r"\_")].split(" & ")
@@ -117,8 +156,12 @@ def test_report_table_matches_load_runs_and_compiles(small_experiment, tracking)
 
 def test_scripts_have_help():
     for script in ("compare_landscape_results.py", "noise_vs_curvature.py"):
-        out = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / script), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0 and "--parent-run" in out.stdout
 
 
@@ -140,8 +183,10 @@ def test_report_reads_right_on_the_page_beside_a_rejected_run(small_experiment, 
     experiment; the pages printed wrong glyphs, "nan", raw floats, a canned OCR paragraph,
     and an H2 verdict from three runs never trained to equal fit."""
     add_rejected_launcher_run("small")
-    for command in (["compare", "--experiment", "small", "--out", "plots"],
-                    ["report", "--experiment", "small", "--out", "latex"]):
+    for command in (
+        ["compare", "--experiment", "small", "--out", "plots"],
+        ["report", "--experiment", "small", "--out", "latex"],
+    ):
         result = CliRunner().invoke(cli, command)
         assert result.exit_code == 0, result.output
         assert "left out: 1 FAILED" in result.stderr and "parent_run" not in result.stderr
@@ -158,8 +203,12 @@ def test_report_reads_right_on_the_page_beside_a_rejected_run(small_experiment, 
     assert "Overfull \\hbox" not in log
     if shutil.which("pdftotext") is None:
         pytest.skip("pdftotext (poppler-utils) not installed: the log was checked, not the text")
-    text = subprocess.run(["pdftotext", "-layout", str(tracking / "latex" / "main.pdf"), "-"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        ["pdftotext", "-layout", str(tracking / "latex" / "main.pdf"), "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "¡" not in text and "¿" not in text and "→" in text
     assert not re.search(r"\bnan\b", text) and not RAW_FLOAT.search(text.split("Results")[0])
     pages = text.split("\f")
@@ -176,8 +225,11 @@ def test_many_logged_metrics_read_back_without_a_fragmented_frame(tracking):
 
     c = MlflowClient()
     run = c.create_run(c.create_experiment("wide")).info.run_id
-    c.log_batch(run, metrics=[Metric(f"m{i}", float(i), 0, 0) for i in range(150)],
-                params=[Param(f"p{i}", str(i)) for i in range(100)])
+    c.log_batch(
+        run,
+        metrics=[Metric(f"m{i}", float(i), 0, 0) for i in range(150)],
+        params=[Param(f"p{i}", str(i)) for i in range(100)],
+    )
     c.set_terminated(run)
     with warnings.catch_warnings():
         warnings.simplefilter("error", pd.errors.PerformanceWarning)

@@ -9,11 +9,15 @@ from lossgeo.analysis.plots import comparison_figures, split_step_history
 def long_history():
     rows = []
     for epoch in range(3):
-        rows += [("r1", "run a", epoch, "lambda_max", 10.0 + epoch),
-                 ("r1", "run a", epoch, "train_loss", 1.0 / (epoch + 1))]
+        rows += [
+            ("r1", "run a", epoch, "lambda_max", 10.0 + epoch),
+            ("r1", "run a", epoch, "train_loss", 1.0 / (epoch + 1)),
+        ]
     for step in (25, 50, 75):  # step/ metrics are logged at the optimizer step
-        rows += [("r1", "run a", step, "step/lambda_max", 40.0 + step / 25),
-                 ("r1", "run a", step, "step/batch_sharpness", 30.0)]
+        rows += [
+            ("r1", "run a", step, "step/lambda_max", 40.0 + step / 25),
+            ("r1", "run a", step, "step/batch_sharpness", 30.0),
+        ]
     return pd.DataFrame(rows, columns=["run_id", "label", "epoch", "metric", "value"])
 
 
@@ -22,8 +26,7 @@ def test_step_metrics_get_their_own_figure_with_the_edge():
     per_epoch, per_step = split_step_history(history)
     assert set(per_step["metric"]) == {"step/lambda_max", "step/batch_sharpness"}
     assert per_epoch["epoch"].max() == 2  # no optimizer step leaks into the epoch axis
-    runs = pd.DataFrame({"run_id": ["r1"], "label": ["run a"], "lr": [0.04],
-                         "momentum": [0.0]})
+    runs = pd.DataFrame({"run_id": ["r1"], "label": ["run a"], "lr": [0.04], "momentum": [0.0]})
     figures = comparison_figures(runs, history)
     ax = figures["step_curvature.png"].axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
@@ -47,8 +50,14 @@ def test_sparse_measurements_draw_joined_lines_and_runs_are_told_apart():
         for epoch in (0, 2):
             rows.append((run, f"run {run}", epoch, "lambda_max", 5.0))
     history = pd.DataFrame(rows, columns=["run_id", "label", "epoch", "metric", "value"])
-    runs = pd.DataFrame({"run_id": ["r1", "r2"], "label": ["run r1", "run r2"],
-                         "lr": [0.1, 0.1], "momentum": [0.0, 0.0]})
+    runs = pd.DataFrame(
+        {
+            "run_id": ["r1", "r2"],
+            "label": ["run r1", "run r2"],
+            "lr": [0.1, 0.1],
+            "momentum": [0.0, 0.0],
+        }
+    )
     figures = comparison_figures(runs, history)
     lines = {line.get_label(): line for line in figures["lambda_max.png"].axes[0].get_lines()}
     assert list(lines["run r1"].get_xdata()) == [0, 2]  # one joined line, no NaN gap

@@ -19,7 +19,7 @@ def test_bootstrap_interval_covers_the_true_rank_correlation_about_95_percent():
     covered = 0
     for k in range(repeats):
         x = rng.normal(size=n)
-        y = r * x + math.sqrt(1 - r ** 2) * rng.normal(size=n)
+        y = r * x + math.sqrt(1 - r**2) * rng.normal(size=n)
         out = rank_correlation(x, y, n_resamples=600, seed=k)
         covered += out["spearman_ci_low"] <= true_rho <= out["spearman_ci_high"]
     assert 0.85 <= covered / repeats <= 0.99
@@ -55,8 +55,9 @@ def test_verdict_from_the_interval():
 def test_stability_edge_share_and_verdict():
     below = stability_edge(pd.DataFrame({"edge_ratio": [0.2, 0.5, 0.9]}))
     assert below["verdict"] == "held" and below["share_below_edge"] == 1
-    assert below["share_ci_low"] == pytest.approx(stats.binomtest(3, 3).proportion_ci(
-        0.95, method="exact").low)
+    assert below["share_ci_low"] == pytest.approx(
+        stats.binomtest(3, 3).proportion_ci(0.95, method="exact").low
+    )
     above = stability_edge(pd.DataFrame({"edge_ratio": [1.2] * 9 + [0.5]}))
     assert above["verdict"] == "contradicted" and above["max_edge_ratio"] == 1.2
 
@@ -64,11 +65,17 @@ def test_stability_edge_share_and_verdict():
 def test_study_verdicts_leave_out_runs_at_unequal_fit():
     rng = np.random.default_rng(3)
     temps = np.geomspace(1e-4, 1e-2, 12)
-    runs = pd.DataFrame({
-        "lr": temps * 32, "batch_size": 32, "train_loss": 0.05 + 0.001 * rng.normal(size=12),
-        "lambda_max": 1 / temps * (1 + 0.05 * rng.normal(size=12)),
-        "gen_gap": rng.normal(size=12), "edge_ratio": 0.5,
-        "tags.reached_target": ["true"] * 10 + ["false"] * 2})
+    runs = pd.DataFrame(
+        {
+            "lr": temps * 32,
+            "batch_size": 32,
+            "train_loss": 0.05 + 0.001 * rng.normal(size=12),
+            "lambda_max": 1 / temps * (1 + 0.05 * rng.normal(size=12)),
+            "gen_gap": rng.normal(size=12),
+            "edge_ratio": 0.5,
+            "tags.reached_target": ["true"] * 10 + ["false"] * 2,
+        }
+    )
     table = study_verdicts(runs).set_index(["hypothesis", "y"], drop=False)
     h1 = table.loc[("H1", "lambda_max")]
     assert h1["n"] == 10 and h1["verdict"] == "held" and h1["spearman"] < -0.9
@@ -83,8 +90,15 @@ def designed_grid(exponent_lr, exponent_b, noise=0.02, seed=0):
     for lr in (0.025, 0.05, 0.1, 0.2):
         for b in (16, 32, 64, 128):
             for _ in range(2):
-                rows.append({"lr": lr, "batch_size": b, "lambda_max": lr ** exponent_lr
-                             * b ** exponent_b * math.exp(noise * rng.normal())})
+                rows.append(
+                    {
+                        "lr": lr,
+                        "batch_size": b,
+                        "lambda_max": lr**exponent_lr
+                        * b**exponent_b
+                        * math.exp(noise * rng.normal()),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -120,5 +134,4 @@ def test_comparison_plots_get_cell_error_bars_only_with_replicates():
         bars = [c for c in draw(runs).axes[0].containers if isinstance(c, ErrorbarContainer)]
         assert len(bars) == 1 and len(bars[0].lines[0].get_xdata()) == 16  # one per cell
         single = runs.drop_duplicates("tags.cell")
-        assert not [c for c in draw(single).axes[0].containers
-                    if isinstance(c, ErrorbarContainer)]
+        assert not [c for c in draw(single).axes[0].containers if isinstance(c, ErrorbarContainer)]

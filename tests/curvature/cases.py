@@ -49,8 +49,9 @@ def _toy(n=9, d_in=4, classes=3, seed=1):
 def _pairs_case(name, model, loss_fn, x, y, split=(5,)):
     edges = [0, *split, len(y)]
     batches = [(x[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:])]
-    return Case(name, model, loss_fn, batches,
-                lambda p: loss_fn(functional_call(model, p, (x,)), y))
+    return Case(
+        name, model, loss_fn, batches, lambda p: loss_fn(functional_call(model, p, (x,)), y)
+    )
 
 
 def all_cases() -> list[Case]:
@@ -62,8 +63,9 @@ def all_cases() -> list[Case]:
         mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
         cases.append(_pairs_case(f"uneven-{loss_name}", mlp, loss_fn, x, y, split=(2, 7)))
     torch.manual_seed(1)
-    bn = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3),
-                       nn.Linear(6, 3))
+    bn = nn.Sequential(
+        nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 3)
+    )
     bn.train()
     with torch.no_grad():  # running statistics that differ from a fresh BatchNorm's
         bn(torch.randn(32, 4) * 2 + 1)
@@ -85,13 +87,25 @@ def all_cases() -> list[Case]:
     torch.manual_seed(3)
     net = DictNet()
     batches = [{"features": x[:6], "labels": y[:6]}, {"features": x[6:], "labels": y[6:]}]
-    cases.append(Case("dict-batches", net, lambda model, batch: model(**batch), batches,
-                      lambda p: functional_call(net, p, (x, y))))
+    cases.append(
+        Case(
+            "dict-batches",
+            net,
+            lambda model, batch: model(**batch),
+            batches,
+            lambda p: functional_call(net, p, (x, y)),
+        )
+    )
     return cases
 
 
-CASE_NAMES = ["uneven-cross_entropy", "uneven-mse", "batchnorm-dropout", "frozen-first-layer",
-              "dict-batches"]
+CASE_NAMES = [
+    "uneven-cross_entropy",
+    "uneven-mse",
+    "batchnorm-dropout",
+    "frozen-first-layer",
+    "dict-batches",
+]
 
 
 def case(name: str) -> Case:

@@ -111,8 +111,7 @@ def test_tuple_and_object_batches_and_an_explicit_size():
     def tuple_loss(model, batch):
         return model(*batch)
 
-    assert torch.allclose(HessianOperator(model, tuple_loss, as_tuples).to_dense(), h,
-                          atol=1e-10)
+    assert torch.allclose(HessianOperator(model, tuple_loss, as_tuples).to_dense(), h, atol=1e-10)
     objects = [Sample(x[:6], y[:6]), Sample(x[6:], y[6:])]
 
     def object_loss(net: nn.Module, batch):  # recognised by its annotation, not its name
@@ -135,11 +134,14 @@ def test_frozen_parameters_are_held_fixed_not_an_error():
     assert torch.allclose(op.to_dense(), h, atol=1e-10)
 
 
-@pytest.mark.parametrize("pattern,expected", [
-    ("head", ["head.weight", "head.bias"]),            # a module path
-    ("*.bias", ["embed.bias", "norm.bias", "head.bias"]),  # a glob
-    (["norm.weight", "head.bias"], ["norm.weight", "head.bias"]),  # exact names
-])
+@pytest.mark.parametrize(
+    "pattern,expected",
+    [
+        ("head", ["head.weight", "head.bias"]),  # a module path
+        ("*.bias", ["embed.bias", "norm.bias", "head.bias"]),  # a glob
+        (["norm.weight", "head.bias"], ["norm.weight", "head.bias"]),  # exact names
+    ],
+)
 def test_parameter_filters_give_the_exact_sub_hessian(pattern, expected):
     model = DictModel()
     x, y, batches = dict_batches()
@@ -159,8 +161,13 @@ def test_layerwise_blocks_are_named_by_module_path_and_exact():
     assert list(blocks) == ["embed", "norm", "head"]
     slices = space.slices()
     for module, result in blocks.items():
-        idx = torch.cat([torch.arange(slices[n].start, slices[n].stop)
-                         for n in space.names if n.startswith(module + ".")])
+        idx = torch.cat(
+            [
+                torch.arange(slices[n].start, slices[n].stop)
+                for n in space.names
+                if n.startswith(module + ".")
+            ]
+        )
         exact = torch.linalg.eigvalsh(h[idx][:, idx])[-1]
         assert float(result.values[0]) == pytest.approx(float(exact), rel=1e-8)
 
@@ -185,23 +192,38 @@ def test_bad_inputs_are_one_clear_error():
 
 # -- transformers (an optional extra; CI installs it) -------------------------------------
 
-transformers = pytest.importorskip("transformers", reason="transformers not installed "
-                                   "(pip install -e '.[transformers]')")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers not installed (pip install -e '.[transformers]')"
+)
 
 
 def tiny_gpt2():
-    config = transformers.GPT2Config(vocab_size=40, n_positions=12, n_embd=16, n_layer=2,
-                                     n_head=2, attn_implementation="sdpa", bos_token_id=0,
-                                     eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=40,
+        n_positions=12,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        attn_implementation="sdpa",
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config).double()
 
 
 def tiny_vit():
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                                    num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=32, num_labels=3,
-                                    attn_implementation="sdpa")
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     return transformers.ViTForImageClassification(config).double()
 
@@ -217,28 +239,49 @@ def exact_hf_hessian(model, batches, names):
     n = sum(len(b["labels"]) for b in batches)
 
     def mean_loss(params):
-        return sum(len(b["labels"]) / n * functional_call(model, params, (), b).loss
-                   for b in batches)
+        return sum(
+            len(b["labels"]) / n * functional_call(model, params, (), b).loss for b in batches
+        )
 
     with math_attention(), eval_mode(model):  # measurements are in eval mode: no dropout
         return exact_hessian(model, mean_loss, names)
 
 
-@pytest.mark.parametrize("build,batches,block", [
-    (tiny_gpt2, lambda: [{"input_ids": ids, "labels": ids} for ids in
-                         torch.randint(0, 40, (5, 12), generator=torch.Generator()
-                                       .manual_seed(2)).split([3, 2])],
-     "transformer.h.1.attn.c_proj"),
-    (tiny_vit, lambda: [{"pixel_values": torch.randn(4, 1, 8, 8, generator=torch.Generator()
-                                                     .manual_seed(3)),
-                         "labels": torch.tensor([0, 1, 2, 1])}],
-     ("query", "q_proj")),  # the query projection: named differently across versions
-])
+@pytest.mark.parametrize(
+    "build,batches,block",
+    [
+        (
+            tiny_gpt2,
+            lambda: [
+                {"input_ids": ids, "labels": ids}
+                for ids in torch.randint(
+                    0, 40, (5, 12), generator=torch.Generator().manual_seed(2)
+                ).split([3, 2])
+            ],
+            "transformer.h.1.attn.c_proj",
+        ),
+        (
+            tiny_vit,
+            lambda: [
+                {
+                    "pixel_values": torch.randn(
+                        4, 1, 8, 8, generator=torch.Generator().manual_seed(3)
+                    ),
+                    "labels": torch.tensor([0, 1, 2, 1]),
+                }
+            ],
+            ("query", "q_proj"),
+        ),  # the query projection: named differently across versions
+    ],
+)
 def test_transformers_lambda_max_against_the_exact_hessian_of_a_block(build, batches, block):
     model, data = build(), batches()
     if isinstance(block, tuple):
-        block = next(n.rsplit(".", 1)[0] for n, _ in model.named_parameters()
-                     if n.rsplit(".", 2)[-2] in block)
+        block = next(
+            n.rsplit(".", 1)[0]
+            for n, _ in model.named_parameters()
+            if n.rsplit(".", 2)[-2] in block
+        )
     model.train()  # dropout must be off in measurements and the mode restored after
     h, _ = exact_hf_hessian(model, data, block)
     op = HessianOperator(model, hf_loss, data, params=block)
@@ -252,8 +295,14 @@ def test_fused_attention_falls_back_to_the_math_backend_and_says_so():
     model = tiny_gpt2()
     ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(4))
     logger = RecordingLogger()
-    tracker = Tracker(model, hf_loss, [{"input_ids": ids, "labels": ids}], every_steps=1,
-                      params="transformer.h.0", logger=logger)
+    tracker = Tracker(
+        model,
+        hf_loss,
+        [{"input_ids": ids, "labels": ids}],
+        every_steps=1,
+        params="transformer.h.0",
+        logger=logger,
+    )
     metrics = tracker.step(1)
     assert metrics["step/lambda_max"] > 0
     if tracker.math_attention:

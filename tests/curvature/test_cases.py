@@ -46,11 +46,11 @@ def test_extreme_eigenvalues_trace_and_density_mean(shared):
     assert torch.allclose(top.values, eigenvalues.flip(0)[:2], rtol=1e-8, atol=1e-10)
     assert float(bottom.values[0]) == pytest.approx(float(eigenvalues[0]), rel=1e-8, abs=1e-10)
     n = len(eigenvalues)
-    trace = hessian_trace(shared.model, shared.loss_fn, shared.data, method="hutch++",
-                          n_samples=3 * n)  # a sketch of the whole space: exact
+    trace = hessian_trace(
+        shared.model, shared.loss_fn, shared.data, method="hutch++", n_samples=3 * n
+    )  # a sketch of the whole space: exact
     assert trace.value == pytest.approx(float(eigenvalues.sum()), rel=1e-8, abs=1e-10)
-    density = spectral_density(shared.model, shared.loss_fn, shared.data, n_steps=n,
-                               n_vectors=4)
+    density = spectral_density(shared.model, shared.loss_fn, shared.data, n_steps=n, n_vectors=4)
     assert density.nodes.max() == pytest.approx(float(eigenvalues[-1]), rel=1e-6)
 
 
@@ -58,17 +58,28 @@ def test_layerwise_blocks_and_tracker(shared):
     exact = shared.reference()
     space = ParameterSpace(shared.model)
     slices = space.slices()
-    blocks = layerwise_lambda_max(shared.model, shared.loss_fn, shared.data, tol=1e-10,
-                                  params=space.names)
+    blocks = layerwise_lambda_max(
+        shared.model, shared.loss_fn, shared.data, tol=1e-10, params=space.names
+    )
     assert set(blocks) == set(parameter_blocks(shared.model, space.names))
     for module, result in blocks.items():
-        idx = torch.cat([torch.arange(slices[n].start, slices[n].stop)
-                         for n in parameter_blocks(shared.model, space.names)[module]])
+        idx = torch.cat(
+            [
+                torch.arange(slices[n].start, slices[n].stop)
+                for n in parameter_blocks(shared.model, space.names)[module]
+            ]
+        )
         want = float(torch.linalg.eigvalsh(exact[idx][:, idx])[-1])
         assert float(result.values[0]) == pytest.approx(want, rel=1e-8, abs=1e-10)
-    tracker = Tracker(shared.model, shared.loss_fn, shared.data, every_steps=1,
-                      steps=StepSettings(tol=1e-8),
-                      batch_size=3, logger=_Silent())
+    tracker = Tracker(
+        shared.model,
+        shared.loss_fn,
+        shared.data,
+        every_steps=1,
+        steps=StepSettings(tol=1e-8),
+        batch_size=3,
+        logger=_Silent(),
+    )
     lam = float(torch.linalg.eigvalsh(exact)[-1])
     for step in (1, 2):  # a cold solve, then a warm one on the same Hessian
         assert tracker.step(step)["step/lambda_max"] == pytest.approx(lam, rel=1e-7)

@@ -83,23 +83,26 @@ def test_top_k_and_lambda_min_equal_eigvalsh_indefinite():
     H = exact_hessian(model, cross_entropy, x, y)
     exact = torch.linalg.eigvalsh(H)
     assert exact[0] < -1e-6 < 1e-6 < exact[-1], "the case must be indefinite"
-    top = hessian_eigen(model, cross_entropy, uneven(x, y), k=3, which="LA", tol=1e-10,
-                        max_iter=200)
+    top = hessian_eigen(
+        model, cross_entropy, uneven(x, y), k=3, which="LA", tol=1e-10, max_iter=200
+    )
     assert torch.allclose(top.values, exact.flip(0)[:3], rtol=1e-6)
     assert top.values[0] >= top.values[1] >= top.values[2]
     gram = top.vectors @ top.vectors.T
     assert torch.allclose(gram, torch.eye(3), atol=1e-8)
     assert top.all_converged and (top.residuals < 1e-6).all()
     assert top.n_hvp > 3
-    bottom = hessian_eigen(model, cross_entropy, uneven(x, y), k=2, which="SA", tol=1e-10,
-                           max_iter=200)
+    bottom = hessian_eigen(
+        model, cross_entropy, uneven(x, y), k=2, which="SA", tol=1e-10, max_iter=200
+    )
     assert torch.allclose(bottom.values, exact[:2], rtol=1e-6)
     assert bottom.values[0] <= bottom.values[1]
     # the eigenvectors satisfy H v = lambda v against the exact matrix
     for lam, v in zip(bottom.values, bottom.vectors):
         assert torch.allclose(H @ v, lam * v, atol=1e-7)
-    both_top, both_bottom = hessian_extremes(model, cross_entropy, (x, y), k=2, tol=1e-10,
-                                             max_iter=200)
+    both_top, both_bottom = hessian_extremes(
+        model, cross_entropy, (x, y), k=2, tol=1e-10, max_iter=200
+    )
     assert torch.allclose(both_top.values, exact.flip(0)[:2], rtol=1e-6)
     assert math.isclose(float(both_bottom.values[0]), float(exact[0]), rel_tol=1e-6)
 
@@ -128,8 +131,9 @@ def test_power_iteration_agrees_with_largest_magnitude():
     model, (x, y) = tiny_mlp(seed=2), toy_data()
     exact = torch.linalg.eigvalsh(exact_hessian(model, half_squared_error, x, y))
     by_magnitude = exact[exact.abs().argsort(descending=True)]
-    result = hessian_eigen(model, half_squared_error, (x, y), k=2, method="power", tol=1e-12,
-                           max_iter=5000)
+    result = hessian_eigen(
+        model, half_squared_error, (x, y), k=2, method="power", tol=1e-12, max_iter=5000
+    )
     assert torch.allclose(result.values, by_magnitude[:2], rtol=1e-5)
     assert result.method == "power" and result.all_converged
 
@@ -148,6 +152,7 @@ def test_hutch_plus_plus_is_exact_for_low_rank():
     model = nn.Sequential(nn.Linear(6, 1, bias=False))
     torch.manual_seed(0)
     x, t = torch.randn(2, 6), torch.randn(2, 1)
+
     def loss(o, y):  # Hessian = X^T X / N, rank 2
         return 0.5 * ((o - y) ** 2).sum(-1).mean()
 
@@ -191,8 +196,9 @@ def test_secondary_tolerances_stop_earlier_and_hold():
     op = HessianOperator(model, cross_entropy, (x, y))
     kw = dict(k_top=3, k_bottom=1, tol=1e-8)
     tight_top, tight_bottom = lanczos_extremes(op, **kw)
-    top, bottom = lanczos_extremes(op, rest_tol=1e-2, bottom_tol=1e-3,
-                                   bottom_scale="spectrum", **kw)
+    top, bottom = lanczos_extremes(
+        op, rest_tol=1e-2, bottom_tol=1e-3, bottom_scale="spectrum", **kw
+    )
     assert top.n_hvp < tight_top.n_hvp
     assert abs(float(top.values[0]) / float(exact[-1]) - 1) <= 1e-8
     for got, want in zip(top.values[1:].tolist(), exact.flip(0)[1:3].tolist()):
@@ -215,8 +221,7 @@ def test_hessian_block_shares_the_graph_and_equals_the_exact_block():
     block.matvec(v)
     assert op.n_graph_builds == 1  # the block and its parent share one gradient graph
     with pytest.raises(ValueError, match="parent"):
-        HessianBlockOperator(HessianOperator(model, cross_entropy, (x, y), method="fwdrev"),
-                             names)
+        HessianBlockOperator(HessianOperator(model, cross_entropy, (x, y), method="fwdrev"), names)
 
 
 def test_slq_weights_sum_to_one_and_mean_is_trace_over_n():
@@ -247,7 +252,8 @@ def test_layerwise_equals_top_eigenvalue_of_diagonal_block():
     for layer, names in (("fc1", ["0.weight", "0.bias"]), ("fc2", ["2.weight", "2.bias"])):
         block = exact_hessian(model, cross_entropy, x, y, names)
         assert float(layers[layer].values[0]) == pytest.approx(
-            float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6)
+            float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6
+        )
 
 
 def test_ggn_equals_hessian_for_linear_model_with_convex_loss():
@@ -267,8 +273,9 @@ def test_ggn_is_psd_and_fisher_matches_per_sample_gradients():
     space = ParameterSpace(model)
     grads = []
     for i in range(len(y)):
-        g = torch.func.grad(lambda p: cross_entropy(
-            functional_call(model, p, (x[i:i + 1],)), y[i:i + 1]))(space.values)
+        g = torch.func.grad(
+            lambda p: cross_entropy(functional_call(model, p, (x[i : i + 1],)), y[i : i + 1])
+        )(space.values)
         grads.append(space.flatten(g))
     grads = torch.stack(grads)
     F_exact = grads.T @ grads / len(y)
@@ -291,9 +298,11 @@ class BNDropoutNet(nn.Module):
 
 
 def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-            [m.training for m in model.modules()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        [m.training for m in model.modules()],
+    )
 
 
 def assert_unchanged(model, before):
@@ -350,7 +359,8 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("density_steps", [6, 60])
 def test_density_continuing_the_eigen_solve_is_the_same_density_for_fewer_products(
-        float64, density_steps):
+    float64, density_steps
+):
     """The last epoch's density continues the top-k solve's Lanczos run: the same nodes,
     weights and density as a density of its own, and only the steps the solve did not take
     cost products (none when the solve went further than the density needs)."""
@@ -398,8 +408,12 @@ def test_float32_lanczos_basis_stays_orthogonal_and_has_no_ghost_eigenvalues():
     gen = torch.Generator().manual_seed(0)
     n = 400
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    spectrum = torch.cat([torch.tensor([50.0, 20.0, 10.0], dtype=torch.float64),
-                          torch.linspace(-0.5, 1.0, n - 3, dtype=torch.float64)])
+    spectrum = torch.cat(
+        [
+            torch.tensor([50.0, 20.0, 10.0], dtype=torch.float64),
+            torch.linspace(-0.5, 1.0, n - 3, dtype=torch.float64),
+        ]
+    )
     op = MatrixOperator(((q * spectrum) @ q.T).float())
     run = LanczosRun(op, seed=1, max_steps=150)
     run.extend(150)
@@ -408,6 +422,7 @@ def test_float32_lanczos_basis_stays_orthogonal_and_has_no_ghost_eigenvalues():
     assert float((gram - torch.eye(150, dtype=torch.float64)).abs().max()) < 1e-5
     import numpy as np
     from scipy.linalg import eigh_tridiagonal
+
     theta = eigh_tridiagonal(np.array(alphas), np.array(betas[:149]), eigvals_only=True)
     for outlier in (50.0, 20.0, 10.0):
         assert int((np.abs(theta - outlier) < 1e-3 * outlier).sum()) == 1
@@ -422,18 +437,34 @@ def test_guard_pair_keeps_a_cold_start_from_stopping_on_lambda_2():
     from lossgeo.curvature.linear import LambdaOperator
 
     n = 3000
-    spectrum = torch.cat([torch.tensor([5.86, 5.55, 3.79], dtype=torch.float64),
-                          3.5 * torch.exp(-torch.arange(n - 3, dtype=torch.float64) / 40) - 0.05])
+    spectrum = torch.cat(
+        [
+            torch.tensor([5.86, 5.55, 3.79], dtype=torch.float64),
+            3.5 * torch.exp(-torch.arange(n - 3, dtype=torch.float64) / 40) - 0.05,
+        ]
+    )
     op = LambdaOperator(lambda v: spectrum * v, n, dtype=torch.float64)
-    found = {guard: [float(lanczos_top(op, tol=1e-3, seed=seed, guard=guard).values[0])
-                     for seed in range(40)] for guard in (0, 1)}
+    found = {
+        guard: [
+            float(lanczos_top(op, tol=1e-3, seed=seed, guard=guard).values[0]) for seed in range(40)
+        ]
+        for guard in (0, 1)
+    }
     assert sum(v < 5.86 * (1 - 1e-3) for v in found[0]) >= 5  # the failure is real
     assert all(abs(v - 5.86) <= 1e-3 * 5.86 for v in found[1])
     # a solve that wants its second pair to no accuracy (the Tracker's cold check: k = 2,
     # rest_tol = 1, tol 1e-4) keeps a guard held to sqrt(tol)
-    cold_checks = {guard: [float(lanczos_extremes(op, k_top=2, tol=1e-4, rest_tol=1.0,
-                                                  seed=seed, guard=guard)[0].values[0])
-                           for seed in range(60)] for guard in (0, 1)}
+    cold_checks = {
+        guard: [
+            float(
+                lanczos_extremes(op, k_top=2, tol=1e-4, rest_tol=1.0, seed=seed, guard=guard)[
+                    0
+                ].values[0]
+            )
+            for seed in range(60)
+        ]
+        for guard in (0, 1)
+    }
     assert sum(v < 5.86 * (1 - 1e-4) for v in cold_checks[0]) >= 2
     assert all(abs(v - 5.86) <= 1e-4 * 5.86 for v in cold_checks[1])
     with pytest.raises(ValueError, match="guard"):

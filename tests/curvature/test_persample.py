@@ -15,9 +15,18 @@ from .test_curvature import tiny_mlp, toy_data
 
 def per_sample_gradients(model, loss_fn, x, y):
     space = ParameterSpace(model)
-    return torch.stack([space.flatten(torch.func.grad(lambda p, i=i: loss_fn(
-        functional_call(model, {**space.frozen, **p}, (x[i:i + 1],)), y[i:i + 1]))(space.values))
-        for i in range(len(y))])
+    return torch.stack(
+        [
+            space.flatten(
+                torch.func.grad(
+                    lambda p, i=i: loss_fn(
+                        functional_call(model, {**space.frozen, **p}, (x[i : i + 1],)), y[i : i + 1]
+                    )
+                )(space.values)
+            )
+            for i in range(len(y))
+        ]
+    )
 
 
 def mlp_with_frozen_weight():
@@ -43,9 +52,14 @@ def test_fisher_gram_has_the_empirical_fishers_spectrum(float64, make, loss_fn):
 
 
 def test_models_that_are_not_linear_chains_get_none(float64):
-    assert fisher_gram(CNN(1, image_size=8, n_classes=3, channels=(2, 3), hidden=5),
-                       cross_entropy, (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))) \
+    assert (
+        fisher_gram(
+            CNN(1, image_size=8, n_classes=3, channels=(2, 3), hidden=5),
+            cross_entropy,
+            (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])),
+        )
         is None
+    )
     model = tiny_mlp()
     model.extra = torch.nn.Parameter(torch.ones(2))  # a trainable parameter off the chain
     assert linear_chain(model, ParameterSpace(model)) is None
@@ -60,5 +74,6 @@ def test_per_epoch_fisher_lambda_max_is_exact_for_a_chain_and_matches_the_operat
     measures = measure_curvature(model, cross_entropy, (x, y), CurvatureSettings(k=2))
     assert measures.fisher_lambda_max == pytest.approx(exact, rel=1e-10)
     from lossgeo.curvature.lanczos import lanczos_top
+
     operator = lanczos_top(EmpiricalFisherOperator(model, cross_entropy, (x, y)), tol=1e-3)
     assert float(operator.values[0]) == pytest.approx(exact, rel=1e-3)

@@ -19,7 +19,7 @@ def test_filter_normalisation_is_exact_and_zeroes_biases_and_batchnorm():
     d = random_direction(model, seed=3)
     offset = 0
     for name, p in model.named_parameters():
-        piece = d[offset: offset + p.numel()].view_as(p)
+        piece = d[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
         if p.dim() <= 1:
             assert torch.count_nonzero(piece) == 0, name
@@ -69,10 +69,12 @@ def test_origin_equals_unperturbed_loss_exactly_and_factorisation_agrees(name, f
 
     torch.manual_seed(0)
     if name == "wide-conv":  # a first conv with fan-in >= 64 takes the factorised path
-        model = nn.Sequential(nn.Conv2d(1, 4, 9), nn.ReLU(), nn.Flatten(),
-                              nn.Linear(4 * 20 * 20, 10))
-        assert PerturbedLoss(model, cross_entropy, toy_image_data(),
-                             random_direction(model)).factorized
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 9), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 20 * 20, 10)
+        )
+        assert PerturbedLoss(
+            model, cross_entropy, toy_image_data(), random_direction(model)
+        ).factorized
     else:
         model = build_model(name)
     probe = load_data("mnist", fake_data_dir, val_size=100, probe_size=64).probe
@@ -83,8 +85,9 @@ def test_origin_equals_unperturbed_loss_exactly_and_factorisation_agrees(name, f
         direct = float(cross_entropy(model(probe.x), probe.y))
     before = snapshot(model)
     fast = surface_2d(model, cross_entropy, data, d1, d2, axis(3, 1.0), axis(4, 1.0))
-    slow = surface_2d(model, cross_entropy, data, d1, d2, axis(3, 1.0), axis(4, 1.0),
-                      factorize=False)
+    slow = surface_2d(
+        model, cross_entropy, data, d1, d2, axis(3, 1.0), axis(4, 1.0), factorize=False
+    )
     assert float(fast.loss[1, 2]) == direct and float(slow.loss[1, 2]) == direct
     assert torch.allclose(fast.loss, slow.loss, rtol=1e-5)
     assert torch.allclose(fast.acc, slow.acc, atol=1 / 64 + 1e-9)
@@ -92,13 +95,28 @@ def test_origin_equals_unperturbed_loss_exactly_and_factorisation_agrees(name, f
 
 
 def test_factorised_path_is_used_where_the_first_layer_is_linear():
-    assert PerturbedLoss(build_model("mlp"), cross_entropy, toy_image_data(),
-                         random_direction(build_model("mlp"))).factorized
-    assert PerturbedLoss(build_model("resnet"), cross_entropy, toy_image_data(),
-                         random_direction(build_model("resnet"))).factorized is False
+    assert PerturbedLoss(
+        build_model("mlp"), cross_entropy, toy_image_data(), random_direction(build_model("mlp"))
+    ).factorized
+    assert (
+        PerturbedLoss(
+            build_model("resnet"),
+            cross_entropy,
+            toy_image_data(),
+            random_direction(build_model("resnet")),
+        ).factorized
+        is False
+    )
     # a 3x3 conv on one channel has fan-in 9: too cheap to be worth caching
-    assert PerturbedLoss(build_model("cnn"), cross_entropy, toy_image_data(),
-                         random_direction(build_model("cnn"))).factorized is False
+    assert (
+        PerturbedLoss(
+            build_model("cnn"),
+            cross_entropy,
+            toy_image_data(),
+            random_direction(build_model("cnn")),
+        ).factorized
+        is False
+    )
 
 
 def toy_image_data(n=8):
@@ -113,7 +131,7 @@ def test_second_difference_along_top_eigenvector_equals_lambda_max(float64):
     errors = []
     for h in (1e-2, 5e-3):
         out = slice_1d(model, cross_entropy, (x, y), v, torch.tensor([-h, 0.0, h]))
-        second = (out.loss[0] - 2 * out.loss[1] + out.loss[2]) / h ** 2
+        second = (out.loss[0] - 2 * out.loss[1] + out.loss[2]) / h**2
         errors.append(abs(float(second) - float(top.values[0])))
     assert errors[1] < 1e-4 * abs(float(top.values[0]))
     assert errors[1] < errors[0] / 3  # O(h^2): halving h quarters the error
@@ -122,8 +140,14 @@ def test_second_difference_along_top_eigenvector_equals_lambda_max(float64):
 def test_interpolation_endpoints_reproduce_both_models(float64):
     a, b = tiny_mlp(seed=1), tiny_mlp(seed=2)
     x, y = toy_data()
-    out = interpolate(a, cross_entropy, (x, y), weights_vector(a), weights_vector(b),
-                      torch.tensor([0.0, 0.5, 1.0]))
+    out = interpolate(
+        a,
+        cross_entropy,
+        (x, y),
+        weights_vector(a),
+        weights_vector(b),
+        torch.tensor([0.0, 0.5, 1.0]),
+    )
     with torch.no_grad():
         assert float(out.loss[0]) == pytest.approx(float(cross_entropy(a(x), y)), rel=1e-12)
         assert float(out.loss[2]) == pytest.approx(float(cross_entropy(b(x), y)), rel=1e-12)
@@ -181,8 +205,7 @@ def test_sharpness_of_a_constant_loss_is_zero_and_model_unchanged(float64):
 def test_sharpness_is_positive_near_a_minimum_and_leaves_model_unchanged(float64):
     model, (x, y) = tiny_mlp(seed=5), toy_data()
     before = snapshot(model)
-    detail = random_direction_sharpness(model, cross_entropy, (x, y), n_directions=4,
-                                        radius=0.1)
+    detail = random_direction_sharpness(model, cross_entropy, (x, y), n_directions=4, radius=0.1)
     assert detail.max >= detail.value and detail.values.shape == (4,)
     eps = eps_sharpness(model, cross_entropy, (x, y), eps=1e-2)
     adaptive = adaptive_sharpness(model, cross_entropy, (x, y), radius=0.5)
@@ -214,8 +237,9 @@ def test_random_direction_sharpness_is_the_loss_increase_along_each_direction(fl
     from lossgeo.geometry.directions import random_direction
 
     model, (x, y) = tiny_mlp(seed=5), toy_data()
-    detail = random_direction_sharpness(model, cross_entropy, (x, y), n_directions=3,
-                                              radius=0.1, seed=7)
+    detail = random_direction_sharpness(
+        model, cross_entropy, (x, y), n_directions=3, radius=0.1, seed=7
+    )
     space = ParameterSpace(model)
     w = space.flatten(space.values)
     base = float(cross_entropy(model(x), y))

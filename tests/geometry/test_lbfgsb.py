@@ -26,8 +26,14 @@ def problem(n: int = 40, seed: int = 0):
 @pytest.mark.parametrize("max_iter", [1, 3, 10])
 def test_same_iterates_as_scipy_minimize(max_iter):
     fun, lower, upper = problem()
-    expected = minimize(fun, np.zeros(40), jac=True, method="L-BFGS-B",
-                        bounds=Bounds(lower, upper), options={"maxiter": max_iter})
+    expected = minimize(
+        fun,
+        np.zeros(40),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=Bounds(lower, upper),
+        options={"maxiter": max_iter},
+    )
     result = minimize_in_box(fun, np.zeros(40), lower, upper, max_iter=max_iter)
     assert np.array_equal(result.x, expected.x)
     assert result.fun == expected.fun
@@ -53,10 +59,13 @@ def test_start_is_clipped_into_the_box():
     assert (result.x >= lower).all() and (result.x <= upper).all()
 
 
-@pytest.mark.parametrize("lower, upper, message", [
-    (np.array([-np.inf]), np.array([1.0]), "must be finite"),
-    (np.array([1.0]), np.array([0.0]), "lower bound is above"),
-])
+@pytest.mark.parametrize(
+    "lower, upper, message",
+    [
+        (np.array([-np.inf]), np.array([1.0]), "must be finite"),
+        (np.array([1.0]), np.array([0.0]), "lower bound is above"),
+    ],
+)
 def test_bad_bounds_are_refused(lower, upper, message):
     with pytest.raises(ValueError, match=message):
         minimize_in_box(lambda x: (0.0, np.zeros(1)), np.zeros(1), lower, upper, max_iter=1)

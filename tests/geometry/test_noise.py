@@ -51,17 +51,27 @@ def small_cnn():
 
 def reference(model, x, y):
     space = ParameterSpace(model)
-    grads = torch.stack([space.flatten(torch.func.grad(lambda p, i=i: cross_entropy(
-        functional_call(model, p, (x[i:i + 1],)), y[i:i + 1]))(space.values))
-        for i in range(len(y))])
+    grads = torch.stack(
+        [
+            space.flatten(
+                torch.func.grad(
+                    lambda p, i=i: cross_entropy(
+                        functional_call(model, p, (x[i : i + 1],)), y[i : i + 1]
+                    )
+                )(space.values)
+            )
+            for i in range(len(y))
+        ]
+    )
     mean = grads.mean(0)
     trace = ((grads - mean) ** 2).sum() / (len(y) - 1)
     return float(trace / mean.pow(2).sum()), float(trace), float(mean.pow(2).sum())
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 9, 64])
-@pytest.mark.parametrize("make", [tiny_mlp, lossgeo_mlp_with_a_frozen_bias, TiedLayers,
-                                  WithUnusedParameter])
+@pytest.mark.parametrize(
+    "make", [tiny_mlp, lossgeo_mlp_with_a_frozen_bias, TiedLayers, WithUnusedParameter]
+)
 def test_matches_per_sample_loop_for_any_chunking(float64, make, chunk_size):
     """Chunks of 4 over 9 samples end with a chunk of one; 1 and 64 are the extremes."""
     model, (x, y) = make(), toy_data(n=9)
@@ -86,5 +96,6 @@ def test_convolutional_model_uses_per_sample_gradients_and_is_exact(float64):
     gen = torch.Generator().manual_seed(5)
     x, y = torch.randn(7, 1, 8, 8, generator=gen), torch.randint(0, 3, (7,), generator=gen)
     b_simple, _, _ = reference(model, x, y)
-    assert gradient_noise_scale(model, cross_entropy, (x, y), chunk_size=3).b_simple == \
-        pytest.approx(b_simple, rel=1e-10)
+    assert gradient_noise_scale(
+        model, cross_entropy, (x, y), chunk_size=3
+    ).b_simple == pytest.approx(b_simple, rel=1e-10)

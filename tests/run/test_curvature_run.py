@@ -16,9 +16,19 @@ from lossgeo.run.tracking import load_artifact_object
 
 from ..conftest import tiny_config
 
-PER_EPOCH = ["lambda_max", "lambda_min", "hessian_trace", "hessian_trace_se", "lambda_max_ggn",
-             "lambda_max_fisher", "effective_dim", "edge_ratio", "curvature_seconds",
-             "lambda_max/fc1", "lambda_max/fc2"]
+PER_EPOCH = [
+    "lambda_max",
+    "lambda_min",
+    "hessian_trace",
+    "hessian_trace_se",
+    "lambda_max_ggn",
+    "lambda_max_fisher",
+    "effective_dim",
+    "edge_ratio",
+    "curvature_seconds",
+    "lambda_max/fc1",
+    "lambda_max/fc2",
+]
 
 
 def test_edge_ratio_is_momentum_adjusted():
@@ -26,10 +36,18 @@ def test_edge_ratio_is_momentum_adjusted():
     assert edge_ratio(50.0, 0.04, momentum=0.9) == pytest.approx(1.0 / 1.9)
 
 
-def test_curvature_is_logged_every_measured_epoch_and_matches_the_checkpoint(tracking,
-                                                                              fake_data_dir):
-    config = tiny_config(fake_data_dir, epochs=2, curvature=True, curvature_k=3,
-                         curvature_tol=1e-6, density_steps=20, momentum=0.5)
+def test_curvature_is_logged_every_measured_epoch_and_matches_the_checkpoint(
+    tracking, fake_data_dir
+):
+    config = tiny_config(
+        fake_data_dir,
+        epochs=2,
+        curvature=True,
+        curvature_k=3,
+        curvature_tol=1e-6,
+        density_steps=20,
+        momentum=0.5,
+    )
     outcome = run_training(config)
     client = MlflowClient()
     for metric in PER_EPOCH:
@@ -61,10 +79,10 @@ def test_curvature_switch_off_logs_no_curvature(tracking, fake_data_dir):
 
 
 def test_remeasure_command_logs_into_the_run(tracking, fake_data_dir):
-    outcome = run_training(tiny_config(fake_data_dir, epochs=1, curvature=True,
-                                       density_steps=10))
-    result = CliRunner().invoke(cli, ["curvature", "--run-id", outcome.run_id,
-                                      "--curvature-k", "2", "--probe-size", "32"])
+    outcome = run_training(tiny_config(fake_data_dir, epochs=1, curvature=True, density_steps=10))
+    result = CliRunner().invoke(
+        cli, ["curvature", "--run-id", outcome.run_id, "--curvature-k", "2", "--probe-size", "32"]
+    )
     assert result.exit_code == 0, result.output
     run = MlflowClient().get_run(outcome.run_id)
     assert "remeasured/lambda_max" in run.data.metrics

@@ -14,13 +14,18 @@ from lossgeo.run.tracking import load_artifact_object
 
 from ..conftest import tiny_config
 
-SHARPNESS = ["sharp_mean", "sharp_max", "eps_sharpness", "adaptive_sharpness",
-             "landscape_seconds"]
+SHARPNESS = ["sharp_mean", "sharp_max", "eps_sharpness", "adaptive_sharpness", "landscape_seconds"]
 
 
 def landscape_config(data_dir, **overrides):
-    base = dict(epochs=3, curvature=False, sharpness=True, landscape=True,
-                landscape_resolution=5, sharpness_directions=2)
+    base = dict(
+        epochs=3,
+        curvature=False,
+        sharpness=True,
+        landscape=True,
+        landscape_resolution=5,
+        sharpness_directions=2,
+    )
     base.update(overrides)
     return tiny_config(data_dir, **base)
 
@@ -33,8 +38,11 @@ def test_run_logs_sharpness_every_epoch_and_final_landscape(tracking, fake_data_
     final = outcome.history.iloc[-1]
     assert final["sharp_max"] >= final["sharp_mean"]
     landscape = {a.path for a in client.list_artifacts(outcome.run_id, "landscape")}
-    assert landscape == {"landscape/loss_slice_2d.pt", "landscape/loss_slice_1d.pt",
-                         "landscape/trajectory.pt"}
+    assert landscape == {
+        "landscape/loss_slice_2d.pt",
+        "landscape/loss_slice_1d.pt",
+        "landscape/trajectory.pt",
+    }
     plots = {a.path for a in client.list_artifacts(outcome.run_id, "plots")}
     assert {"plots/landscape_2d.png", "plots/landscape_3d.png", "plots/landscape_1d.png"} <= plots
     # the interactive surface exists exactly when plotly is installed (the test extra has it)
@@ -55,16 +63,28 @@ def test_run_logs_sharpness_every_epoch_and_final_landscape(tracking, fake_data_
 
 def test_landscape_and_interpolate_commands(tracking, fake_data_dir):
     a = run_training(landscape_config(fake_data_dir, epochs=1, landscape=False, sharpness=False))
-    b = run_training(landscape_config(fake_data_dir, epochs=1, landscape=False, sharpness=False,
-                                      seed=1))
+    b = run_training(
+        landscape_config(fake_data_dir, epochs=1, landscape=False, sharpness=False, seed=1)
+    )
     runner = CliRunner()
-    result = runner.invoke(cli, ["landscape", "--run-id", a.run_id, "--landscape-directions",
-                                 "eigen", "--landscape-resolution", "3"])
+    result = runner.invoke(
+        cli,
+        [
+            "landscape",
+            "--run-id",
+            a.run_id,
+            "--landscape-directions",
+            "eigen",
+            "--landscape-resolution",
+            "3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     remeasured = load_artifact_object(a.run_id, "remeasured/landscape/loss_slice_2d.pt")
     assert remeasured["plane"] == "eigen" and remeasured["loss"].shape == (3, 3)
-    result = runner.invoke(cli, ["interpolate", "--run-a", a.run_id, "--run-b", b.run_id,
-                                 "--points", "7"])
+    result = runner.invoke(
+        cli, ["interpolate", "--run-a", a.run_id, "--run-b", b.run_id, "--points", "7"]
+    )
     assert result.exit_code == 0, result.output
     new_run = re.search(r"run (\w+): interpolation logged", result.output).group(1)
     curve = load_artifact_object(new_run, "landscape/interpolation.pt")["test"]

@@ -11,9 +11,26 @@ from mlflow.tracking import MlflowClient
 
 from ..conftest import REPO
 
-TINY = ["--train-subset", "400", "--val-size", "100", "--probe-size", "32", "--hidden", "16",
-        "--curvature-k", "2", "--trace-samples", "2", "--density-steps", "5",
-        "--sharpness-directions", "1", "--landscape-resolution", "3"]
+TINY = [
+    "--train-subset",
+    "400",
+    "--val-size",
+    "100",
+    "--probe-size",
+    "32",
+    "--hidden",
+    "16",
+    "--curvature-k",
+    "2",
+    "--trace-samples",
+    "2",
+    "--density-steps",
+    "5",
+    "--sharpness-directions",
+    "1",
+    "--landscape-resolution",
+    "3",
+]
 OUTPUTS = {"metrics.csv", "config.yaml", "checkpoint", "plots"}
 
 
@@ -30,9 +47,15 @@ def start(args, folder, fresh_store=False, **env):
     `mlflow run`'s launcher is still creating is the race MLflow does not survive."""
     if not fresh_store:
         MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
-    return subprocess.Popen(args, cwd=folder, env=env_for(folder, **env), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args,
+        cwd=folder,
+        env=env_for(folder, **env),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def train_args(data_dir, *extra):
@@ -76,9 +99,19 @@ def test_sigterm_ends_the_run_killed_with_what_was_logged(tmp_path, fake_data_di
 
 
 def test_ctrl_c_under_mlflow_run_ends_killed_with_the_same_outputs(tmp_path, fake_data_dir):
-    params = ["epochs=500", "train_subset=400", "val_size=100", "probe_size=32", "hidden=16",
-              "curvature_k=2", "trace_samples=2", "density_steps=5", "sharpness_directions=1",
-              "landscape_resolution=3", f"data_dir={fake_data_dir}"]
+    params = [
+        "epochs=500",
+        "train_subset=400",
+        "val_size=100",
+        "probe_size=32",
+        "hidden=16",
+        "curvature_k=2",
+        "trace_samples=2",
+        "density_steps=5",
+        "sharpness_directions=1",
+        "landscape_resolution=3",
+        f"data_dir={fake_data_dir}",
+    ]
     args = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
     for p in params:
         args += ["-P", p]
@@ -100,21 +133,32 @@ def test_ctrl_c_under_mlflow_run_ends_killed_with_the_same_outputs(tmp_path, fak
 
 
 def test_sigkill_leaves_a_stale_heartbeat_that_cleanup_ends(tmp_path, fake_data_dir):
-    proc = start(train_args(fake_data_dir, "--epochs", "500"), tmp_path,
-                 LOSSGEO_HEARTBEAT_INTERVAL="0.5")
+    proc = start(
+        train_args(fake_data_dir, "--epochs", "500"), tmp_path, LOSSGEO_HEARTBEAT_INTERVAL="0.5"
+    )
     c, run_id = wait_for_first_epoch(tmp_path, proc)
     proc.kill()
     proc.wait()
     assert c.get_run(run_id).info.status == "RUNNING"
     cleanup = [sys.executable, "-m", "lossgeo", "runs", "cleanup"]
-    fresh = subprocess.run(cleanup + ["--stale-after", "600"], cwd=tmp_path,
-                           env=env_for(tmp_path), capture_output=True, text=True)
+    fresh = subprocess.run(
+        cleanup + ["--stale-after", "600"],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert fresh.returncode == 0 and "0 stale run(s) ended" in fresh.stdout
     assert c.get_run(run_id).info.status == "RUNNING"  # not stale yet: left alone
     # the user's value is honoured: once a hidden floor of three heartbeat intervals (90 s
     # by default) made `--stale-after 0` right after a SIGKILL end nothing
-    stale = subprocess.run(cleanup + ["--stale-after", "0"], cwd=tmp_path,
-                           env=env_for(tmp_path), capture_output=True, text=True)
+    stale = subprocess.run(
+        cleanup + ["--stale-after", "0"],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert stale.returncode == 0, stale.stderr[-2000:]
     assert f"run {run_id}: no heartbeat" in stale.stdout
     run = c.get_run(run_id)
@@ -127,9 +171,17 @@ def test_killing_the_launcher_ends_its_run_killed(tmp_path, fake_data_dir):
     """`kill <pid of mlflow run>` ended the launcher at once; its `lossgeo train` child,
     reparented, trained on and ended FINISHED. The child now notices and ends KILLED."""
     args = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local"]
-    for p in ["epochs=500", "train_subset=400", "val_size=100", "probe_size=32", "hidden=16",
-              "curvature=false", "sharpness=false", "landscape=false",
-              f"data_dir={fake_data_dir}"]:
+    for p in [
+        "epochs=500",
+        "train_subset=400",
+        "val_size=100",
+        "probe_size=32",
+        "hidden=16",
+        "curvature=false",
+        "sharpness=false",
+        "landscape=false",
+        f"data_dir={fake_data_dir}",
+    ]:
         args += ["-P", p]
     proc = start(args, tmp_path)
     try:
@@ -186,8 +238,19 @@ def test_a_live_run_keeps_its_heartbeat_fresh(tracking, fake_data_dir):
 
 def test_three_first_starts_on_a_fresh_store_all_finish(tmp_path, fake_data_dir):
     assert not (tmp_path / "mlflow.db").exists()
-    args = train_args(fake_data_dir, "--epochs", "1", "--curvature", "false",
-                      "--sharpness", "false", "--landscape", "false", "--noise-scale", "false")
+    args = train_args(
+        fake_data_dir,
+        "--epochs",
+        "1",
+        "--curvature",
+        "false",
+        "--sharpness",
+        "false",
+        "--landscape",
+        "false",
+        "--noise-scale",
+        "false",
+    )
     procs = [start(args, tmp_path, fresh_store=True) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in outs]

@@ -14,12 +14,20 @@ def mlflow_run(tmp_path, *params, entry="main", experiment="e2e"):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("MLFLOW_RUN_ID", None)
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
-    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
-            "-e", entry] + (["--experiment-name", experiment] if experiment else [])
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(REPO),
+        "--env-manager",
+        "local",
+        "-e",
+        entry,
+    ] + (["--experiment-name", experiment] if experiment else [])
     for p in params:
         args += ["-P", p]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
 @pytest.fixture
@@ -31,10 +39,21 @@ def e2e_experiment(tmp_path, monkeypatch):
 
 
 def test_mlflow_run_main_entry_point(tmp_path, e2e_experiment, fake_data_dir):
-    result = mlflow_run(tmp_path, "epochs=1", "train_subset=200", "val_size=100",
-                        "probe_size=32", "batch_size=32", "hidden=16", "curvature_k=2",
-                        "landscape_resolution=3", "sharpness_directions=1", "trace_samples=2",
-                        "density_steps=5", f"data_dir={fake_data_dir}")
+    result = mlflow_run(
+        tmp_path,
+        "epochs=1",
+        "train_subset=200",
+        "val_size=100",
+        "probe_size=32",
+        "batch_size=32",
+        "hidden=16",
+        "curvature_k=2",
+        "landscape_resolution=3",
+        "sharpness_directions=1",
+        "trace_samples=2",
+        "density_steps=5",
+        f"data_dir={fake_data_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = e2e_experiment.search_runs([e2e_experiment.get_experiment_by_name("e2e").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -57,12 +76,14 @@ def test_mlflow_run_bad_input_says_why(tmp_path, e2e_experiment):
     assert not runs[0].data.metrics
 
 
-@pytest.mark.parametrize("param,message", [
-    ("lr=abc", "Invalid value for '--lr': 'abc' is not a valid float"),
-    ("batch_size=2.5", "batch_size: must be an integer (got 2.5)"),
-])
-def test_mlflow_run_click_parse_errors_are_tagged_too(tmp_path, e2e_experiment, param,
-                                                      message):
+@pytest.mark.parametrize(
+    "param,message",
+    [
+        ("lr=abc", "Invalid value for '--lr': 'abc' is not a valid float"),
+        ("batch_size=2.5", "batch_size: must be an integer (got 2.5)"),
+    ],
+)
+def test_mlflow_run_click_parse_errors_are_tagged_too(tmp_path, e2e_experiment, param, message):
     result = mlflow_run(tmp_path, param)
     assert result.returncode != 0 and f"lossgeo: error: {message}" in result.stderr
     runs = e2e_experiment.search_runs([e2e_experiment.get_experiment_by_name("e2e").experiment_id])
@@ -77,9 +98,14 @@ def test_mlflow_run_sweep_is_one_tree_and_finishes(tmp_path, fake_data_dir):
     from ..studies.test_study import write_study
 
     study = write_study(tmp_path, fake_data_dir, n_trials=2)
-    result = mlflow_run(tmp_path, f"study={study}", "set=epochs=1 landscape=false",
-                        f"storage=sqlite:///{tmp_path}/optuna.db", entry="sweep",
-                        experiment=None)
+    result = mlflow_run(
+        tmp_path,
+        f"study={study}",
+        "set=epochs=1 landscape=false",
+        f"storage=sqlite:///{tmp_path}/optuna.db",
+        entry="sweep",
+        experiment=None,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert [e.name for e in client.search_experiments()] == ["Default"]
@@ -88,8 +114,8 @@ def test_mlflow_run_sweep_is_one_tree_and_finishes(tmp_path, fake_data_dir):
     for r in runs:
         by_role.setdefault(r.data.tags.get("lossgeo_role"), []).append(r)
     assert sorted(by_role) == ["parent", "trial", "worker"]
-    parent, = by_role["parent"]
-    worker, = by_role["worker"]
+    (parent,) = by_role["parent"]
+    (worker,) = by_role["worker"]
     assert parent.info.status == "FINISHED" and worker.info.status == "FINISHED"
     assert worker.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert worker.data.metrics["worker_trials"] == 2

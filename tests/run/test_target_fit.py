@@ -18,6 +18,7 @@ def recorder(seen):
     def measurement(state):
         seen.append((state.epoch, state.is_last))
         return MeasurementResult(metrics={})
+
     measurement.name = "recorder"
     return measurement
 
@@ -29,8 +30,14 @@ def test_stops_at_the_first_epoch_whose_train_loss_reaches_the_target(fake_data_
     losses = [m["train_loss"] for _, m in free.epochs]
     assert losses[1] > losses[2] > losses[3]
     target = (losses[1] + losses[2]) / 2  # reached at the end of epoch 2, not before
-    config = tiny_config(fake_data_dir, epochs=4, lr=0.02, target_train_loss=target,
-                         target_check_every=10 ** 6, measure_every=3)
+    config = tiny_config(
+        fake_data_dir,
+        epochs=4,
+        lr=0.02,
+        target_train_loss=target,
+        target_check_every=10**6,
+        measure_every=3,
+    )
     logger, seen = NullLogger(), []
     result = train(config, *prepare(config)[:3], logger, [recorder(seen)])
     assert [e for e, _ in logger.epochs] == [0, 1, 2]
@@ -57,15 +64,23 @@ def test_within_the_epoch_the_first_confirmed_step_ends_training(fake_data_dir):
             optimizer.step()
             # the probe's lower bound: mean of 16 chunk means minus two standard errors
             size = math.ceil(len(data.probe) / 16)
-            chunks = torch.tensor([evaluate(model, loss_fn, Split(x, y))[0]
-                                   for x, y in data.probe.batches(size)], dtype=torch.float64)
+            chunks = torch.tensor(
+                [evaluate(model, loss_fn, Split(x, y))[0] for x, y in data.probe.batches(size)],
+                dtype=torch.float64,
+            )
             low = float(chunks.mean() - 2 * chunks.std() / math.sqrt(len(chunks)))
             curve.append((low, evaluate(model, loss_fn, data.train)[0]))
     target = sorted(t for _, t in curve)[len(curve) // 2]
     expected = 1 + next(i for i, (p, t) in enumerate(curve) if p <= target and t <= target)
     assert expected % math.ceil(200 / 16) != 0  # mid-epoch, so the in-epoch check matters
-    config = tiny_config(fake_data_dir, epochs=3, lr=0.05, batch_size=16,
-                         target_train_loss=target, target_check_every=1)
+    config = tiny_config(
+        fake_data_dir,
+        epochs=3,
+        lr=0.05,
+        batch_size=16,
+        target_train_loss=target,
+        target_check_every=1,
+    )
     logger = NullLogger()
     result = train(config, *prepare(config)[:3], logger)
     assert result.steps_to_target == expected
@@ -91,8 +106,9 @@ def test_an_accuracy_target_stops_where_the_accuracy_first_reaches_it(fake_data_
     train(config, *prepare(config)[:3], free)
     accs = [m["train_acc"] for _, m in free.epochs]
     first = next(e for e, a in enumerate(accs) if a >= 0.5)
-    config = tiny_config(fake_data_dir, epochs=4, lr=0.02, target_train_acc=0.5,
-                         target_check_every=10 ** 6)
+    config = tiny_config(
+        fake_data_dir, epochs=4, lr=0.02, target_train_acc=0.5, target_check_every=10**6
+    )
     logger = NullLogger()
     result = train(config, *prepare(config)[:3], logger)
     assert [e for e, _ in logger.epochs][-1] == first
@@ -106,6 +122,7 @@ def test_evaluation_on_its_own_schedule(fake_data_dir):
     def measured(state):
         seen.append((state.epoch, state.is_last))
         return MeasurementResult(metrics={"probe_metric": float(state.epoch)})
+
     measured.name = "probe"
     logger = NullLogger()
     train(config, *prepare(config)[:3], logger, [measured])
@@ -126,8 +143,14 @@ def test_a_target_is_checked_every_epoch_and_the_final_point_evaluated_in_full(f
     train(config, *prepare(config)[:3], free)
     losses = [m["train_loss"] for _, m in free.epochs]
     target = (losses[2] + losses[3]) / 2  # reached at the end of epoch 3, an odd epoch
-    config = tiny_config(fake_data_dir, epochs=4, lr=0.02, eval_every=2,
-                         target_train_loss=target, target_check_every=10 ** 6)
+    config = tiny_config(
+        fake_data_dir,
+        epochs=4,
+        lr=0.02,
+        eval_every=2,
+        target_train_loss=target,
+        target_check_every=10**6,
+    )
     logger = NullLogger()
     train(config, *prepare(config)[:3], logger)
     logged = dict(logger.epochs)

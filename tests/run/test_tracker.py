@@ -22,8 +22,9 @@ from ..conftest import tiny_config
 
 def rotated(eigenvalues, seed=0):
     n = len(eigenvalues)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed),
-                                       dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
     return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
 
 
@@ -68,8 +69,7 @@ def test_warm_start_needs_few_products_on_a_slowly_moving_operator():
     for t in range(10):
         a = base + 0.01 * t * drift  # eigenvectors and eigenvalues both move
         result = tracker.solve(MatrixOperator(a))
-        assert result.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(a)[-1]),
-                                                  rel=1e-4)
+        assert result.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(a)[-1]), rel=1e-4)
         counts.append(result.n_hvp)
     assert counts[0] >= 8 and sum(counts[1:]) / 9 <= 2.5
 
@@ -81,7 +81,7 @@ def quadratic_batches(float64):
     model = nn.Linear(3, 1, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]]))
-    return model, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
+    return model, [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)]
 
 
 def half_mse(output, target):
@@ -119,17 +119,23 @@ class Quadratic(nn.Module):
 
 
 def quadratic_loss(model, batch):
-    return 0.5 * (model.a * model.theta ** 2).sum()
+    return 0.5 * (model.a * model.theta**2).sum()
 
 
-@pytest.mark.parametrize("offset,alignment", [([1.0, 1.0, 0.0, 0.0], 1.0),
-                                              ([0.0, 0.0, 1.0, 1.0], 0.0),
-                                              ([1.0, 0.0, 1.0, 0.0], 25 / 26)])
+@pytest.mark.parametrize(
+    "offset,alignment",
+    [([1.0, 1.0, 0.0, 0.0], 1.0), ([0.0, 0.0, 1.0, 1.0], 0.0), ([1.0, 0.0, 1.0, 0.0], 25 / 26)],
+)
 def test_gradient_alignment_with_a_known_eigenspace(float64, offset, alignment):
     model = Quadratic(offset)
-    tracker = Tracker(model, quadratic_loss, [torch.zeros(1)], every_steps=1,
-                      steps=StepSettings(k=2, tol=1e-10),
-                      logger=NullLogger())
+    tracker = Tracker(
+        model,
+        quadratic_loss,
+        [torch.zeros(1)],
+        every_steps=1,
+        steps=StepSettings(k=2, tol=1e-10),
+        logger=NullLogger(),
+    )
     metrics = tracker.step(1)
     assert metrics["step/lambda_max"] == pytest.approx(5.0, rel=1e-6)
     assert metrics["step/grad_alignment"] == pytest.approx(alignment, abs=1e-8)
@@ -153,8 +159,9 @@ def small_problem(seed=0):
     torch.manual_seed(seed)
     x = torch.randn(96, 6)
     y = (x[:, 0] + x[:, 1] > 0).long()
-    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2),
-                          nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2)
+    )
     return model, x, y
 
 
@@ -162,8 +169,15 @@ def test_tracker_measures_on_schedule_and_leaves_the_model_as_it_was():
     model, x, y = small_problem()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     logger = NullLogger()
-    tracker = Tracker(model, F.cross_entropy, (x[:64], y[:64]), every_steps=3,
-                      optimizer=optimizer, batch_size=16, logger=logger)
+    tracker = Tracker(
+        model,
+        F.cross_entropy,
+        (x[:64], y[:64]),
+        every_steps=3,
+        optimizer=optimizer,
+        batch_size=16,
+        logger=logger,
+    )
     model.train()
     losses = {}
     for step in range(1, 8):
@@ -182,10 +196,10 @@ def test_tracker_measures_on_schedule_and_leaves_the_model_as_it_was():
     assert [s for s, _ in logger.metrics] == [3, 6]
     step6 = logger.metrics[-1][1]
     assert step6["step/train_loss"] == losses[6]
-    assert step6["step/edge_ratio"] == pytest.approx(
-        step6["step/lambda_max"] * 0.1 / (2 * 1.9))
+    assert step6["step/edge_ratio"] == pytest.approx(step6["step/lambda_max"] * 0.1 / (2 * 1.9))
     assert step6["step/batch_edge_ratio"] == pytest.approx(
-        step6["step/batch_sharpness"] * 0.1 / (2 * 1.9))
+        step6["step/batch_sharpness"] * 0.1 / (2 * 1.9)
+    )
     assert 0 <= step6["step/grad_alignment"] <= 1
 
 
@@ -202,7 +216,8 @@ def test_tracker_logs_into_the_callers_active_mlflow_run(tracking):
     assert [m.step for m in lam] == [1] and lam[0].value == pytest.approx(epoch["lambda_max"])
     # layers of a Sequential are named as lossgeo's loop names them (once "lambda_max/0")
     assert {"lambda_max/fc1", "lambda_max/bn1", "lambda_max/fc2"} == {
-        k for k in epoch if k.startswith("lambda_max/")}
+        k for k in epoch if k.startswith("lambda_max/")
+    }
 
 
 def test_builtin_loop_tracks_per_step_through_the_tracker(fake_data_dir):
@@ -215,8 +230,10 @@ def test_builtin_loop_tracks_per_step_through_the_tracker(fake_data_dir):
     logger = LoopLogger()
     train(config, *prepare(config)[:3], logger)
     assert [s for s, _ in logger.steps] == [3, 6]
-    assert all(m["step/lambda_max"] > 0 and math.isfinite(m["step/batch_sharpness"])
-               for _, m in logger.steps)
+    assert all(
+        m["step/lambda_max"] > 0 and math.isfinite(m["step/batch_sharpness"])
+        for _, m in logger.steps
+    )
 
 
 def test_online_spike_detector_fires_when_it_happens():
@@ -234,10 +251,12 @@ def test_steps_that_go_back_are_skipped_with_one_warning():
     once logged step/lambda_max at 10, 20, 10, 20, ... and the chart folded the epochs."""
     model, x, y = small_problem()
     logger = NullLogger()
-    tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=2, lr=0.1, batch_size=32,
-                      logger=logger)
-    with pytest.warns(UserWarning, match=r"Tracker.step\(1\) after step 4: steps must grow"
-                                         ) as caught:
+    tracker = Tracker(
+        model, F.cross_entropy, (x, y), every_steps=2, lr=0.1, batch_size=32, logger=logger
+    )
+    with pytest.warns(
+        UserWarning, match=r"Tracker.step\(1\) after step 4: steps must grow"
+    ) as caught:
         for _ in range(2):  # two "epochs" of an enumerate that restarts
             for step in range(1, 5):
                 tracker.step(step)
@@ -260,8 +279,9 @@ def test_a_non_finite_loss_is_recorded_not_raised(caplog):
     into the user's training loop."""
     model, x, y = small_problem()
     logger = NullLogger()
-    tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32,
-                      logger=logger)
+    tracker = Tracker(
+        model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32, logger=logger
+    )
     assert math.isfinite(tracker.step(1)["step/lambda_max"])
     with torch.no_grad():
         model[0].weight[0, 0] = float("inf")
@@ -276,6 +296,7 @@ def test_a_non_finite_loss_is_recorded_not_raised(caplog):
 
 def test_a_parameter_the_forward_never_uses_has_zero_curvature():
     """It raised "appears to not have been used in the graph"; frozen ones never did."""
+
     class WithUnused(nn.Module):
         def __init__(self, net):
             super().__init__()
@@ -286,13 +307,16 @@ def test_a_parameter_the_forward_never_uses_has_zero_curvature():
 
     net, x, y = small_problem()
     model = WithUnused(net)
-    tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32,
-                      logger=NullLogger())
+    tracker = Tracker(
+        model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32, logger=NullLogger()
+    )
     frozen = small_problem()[0]
-    reference = Tracker(frozen, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32,
-                        logger=NullLogger())
-    assert tracker.epoch(1)["lambda_max"] == pytest.approx(reference.epoch(1)["lambda_max"],
-                                                           rel=1e-4)
+    reference = Tracker(
+        frozen, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32, logger=NullLogger()
+    )
+    assert tracker.epoch(1)["lambda_max"] == pytest.approx(
+        reference.epoch(1)["lambda_max"], rel=1e-4
+    )
     assert math.isfinite(tracker.step(1)["step/lambda_max"])
 
 
@@ -309,9 +333,18 @@ def test_the_tracker_and_the_builtin_loop_log_the_same_epoch_set(fake_data_dir, 
 
     from .test_training_run import NullLogger as LoopLogger
 
-    config = tiny_config(fake_data_dir, model=model_name, epochs=1, curvature=True,
-                         curvature_k=3, trace_samples=4, noise_scale=False, sharpness=False,
-                         landscape=False, momentum=0.9)
+    config = tiny_config(
+        fake_data_dir,
+        model=model_name,
+        epochs=1,
+        curvature=True,
+        curvature_k=3,
+        trace_samples=4,
+        noise_scale=False,
+        sharpness=False,
+        landscape=False,
+        momentum=0.9,
+    )
     data, model, loss_fn, _ = prepare(config)
     at_init = copy.deepcopy(model)
     loop = LoopLogger()
@@ -319,15 +352,29 @@ def test_the_tracker_and_the_builtin_loop_log_the_same_epoch_set(fake_data_dir, 
     loop_row = dict(loop.epochs[0][1])  # epoch 0: the initialisation, before any step
     assert loop.epochs[0][0] == 0
     own = NullLogger()
-    tracker = Tracker(at_init, loss_fn, (data.probe.x, data.probe.y), every_steps=0,
-                      lr=config.lr, momentum=config.momentum,
-                      curvature=curvature_settings(config), logger=own)
+    tracker = Tracker(
+        at_init,
+        loss_fn,
+        (data.probe.x, data.probe.y),
+        every_steps=0,
+        lr=config.lr,
+        momentum=config.momentum,
+        curvature=curvature_settings(config),
+        logger=own,
+    )
     mine = tracker.epoch(0)
     assert own.metrics == [(0, mine)]
     evaluation = {k for k in loop_row if k.split("_")[0] in ("train", "val", "test", "gen")}
     assert set(mine) == set(loop_row) - evaluation
     assert {k: v for k, v in mine.items() if k != "curvature_seconds"} == {
-        k: loop_row[k] for k in mine if k != "curvature_seconds"}
+        k: loop_row[k] for k in mine if k != "curvature_seconds"
+    }
     layers = {k for k in mine if k.startswith("lambda_max/")}
-    assert len(layers) >= 2 and {"lambda_min", "lambda_max_ggn", "lambda_max_fisher",
-                                 "hessian_trace", "edge_ratio", "lambda_3"} <= set(mine)
+    assert len(layers) >= 2 and {
+        "lambda_min",
+        "lambda_max_ggn",
+        "lambda_max_fisher",
+        "hessian_trace",
+        "edge_ratio",
+        "lambda_3",
+    } <= set(mine)

@@ -1,4 +1,3 @@
-
 import pandas as pd
 import pytest
 import torch
@@ -11,8 +10,16 @@ from lossgeo.run.train import EpochState, MeasurementResult, measured_epochs, tr
 
 from ..conftest import tiny_config
 
-EVAL_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-                "gen_gap", "gen_gap_acc"]
+EVAL_METRICS = [
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "test_loss",
+    "test_acc",
+    "gen_gap",
+    "gen_gap_acc",
+]
 
 
 class NullLogger:
@@ -57,8 +64,11 @@ def test_measurements_run_on_schedule_and_see_eval_metrics(fake_data_dir):
     def probe_loss(state: EpochState) -> MeasurementResult:
         seen.append((state.epoch, state.is_last, model.training, len(state.trajectory)))
         assert "train_loss" in state.metrics
-        return MeasurementResult(metrics={"probe_metric": float(state.epoch)},
-                                 artifacts={"x/y.pt": {"epoch": state.epoch}})
+        return MeasurementResult(
+            metrics={"probe_metric": float(state.epoch)},
+            artifacts={"x/y.pt": {"epoch": state.epoch}},
+        )
+
     probe_loss.name = "probe"
     logger = NullLogger()
     result = train(config, data, model, loss_fn, logger, [probe_loss])
@@ -113,8 +123,9 @@ def test_divergence_is_recorded_not_crashed(tracking, fake_data_dir):
     assert "metrics.csv" in {a.path for a in MlflowClient().list_artifacts(outcome.run_id)}
 
 
-@pytest.mark.parametrize("exc,status", [(RuntimeError("boom"), "FAILED"),
-                                        (KeyboardInterrupt(), "KILLED")])
+@pytest.mark.parametrize(
+    "exc,status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
 def test_run_status_on_exceptions_keeps_what_was_logged(tracking, fake_data_dir, exc, status):
     config = tiny_config(fake_data_dir, epochs=3)
     created = []
@@ -124,8 +135,7 @@ def test_run_status_on_exceptions_keeps_what_was_logged(tracking, fake_data_dir,
             raise exc
 
     with pytest.raises(type(exc)):
-        run_training(config, on_epoch_end=stop_after_first_epoch,
-                     on_run_created=created.append)
+        run_training(config, on_epoch_end=stop_after_first_epoch, on_run_created=created.append)
     client = MlflowClient()
     assert client.get_run(created[0]).info.status == status
     assert [m.step for m in client.get_metric_history(created[0], "train_loss")] == [0, 1]
@@ -135,13 +145,28 @@ def test_run_status_on_exceptions_keeps_what_was_logged(tracking, fake_data_dir,
 def test_printed_lines_say_whose_epoch_and_where_the_time_went(fake_data_dir, capsys):
     """A 115-s last epoch printed nothing until it ended, the epoch line gave a total only,
     and a sweep's or grid's lines did not say which trial or cell they were."""
-    config = tiny_config(fake_data_dir, epochs=1, curvature=True, curvature_k=1,
-                         trace_samples=2, density_steps=4, sharpness=False, landscape=False)
+    config = tiny_config(
+        fake_data_dir,
+        epochs=1,
+        curvature=True,
+        curvature_k=1,
+        trace_samples=2,
+        density_steps=4,
+        sharpness=False,
+        landscape=False,
+    )
     data, model, loss_fn, _ = prepare(config)
     from lossgeo.run.measurements import build_measurements
 
-    train(config, data, model, loss_fn, NullLogger(), measurements=build_measurements(config),
-          label="mlp/low-noise seed 1")
+    train(
+        config,
+        data,
+        model,
+        loss_fn,
+        NullLogger(),
+        measurements=build_measurements(config),
+        label="mlp/low-noise seed 1",
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "[mlp/low-noise seed 1] epoch 0/1: measuring curvature, noise_scale ..."
     assert lines[2].startswith("[mlp/low-noise seed 1] epoch 1/1: measuring curvature")
@@ -149,5 +174,9 @@ def test_printed_lines_say_whose_epoch_and_where_the_time_went(fake_data_dir, ca
     last = lines[3]
     assert last.startswith("[mlp/low-noise seed 1] epoch 1/1: train_loss")
     split = last.split(" s (", 1)[1].rstrip(")")
-    assert [part.split()[0] for part in split.split(", ")] == ["train", "eval", "curvature",
-                                                                "noise_scale"]
+    assert [part.split()[0] for part in split.split(", ")] == [
+        "train",
+        "eval",
+        "curvature",
+        "noise_scale",
+    ]

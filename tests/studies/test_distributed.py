@@ -21,8 +21,9 @@ from lossgeo.run.tracking import client as MlflowClient  # follows MLFLOW_TRACKI
 from .test_study import TINY_BASE
 
 POSTGRES = os.environ.get("LOSSGEO_TEST_POSTGRES")
-pytestmark = pytest.mark.skipif(not POSTGRES, reason="LOSSGEO_TEST_POSTGRES not set "
-                                                     "(.ci/run starts a PostgreSQL server)")
+pytestmark = pytest.mark.skipif(
+    not POSTGRES, reason="LOSSGEO_TEST_POSTGRES not set (.ci/run starts a PostgreSQL server)"
+)
 
 
 def create_database(name: str) -> str:
@@ -46,9 +47,25 @@ def mlflow_server(tmp_path, monkeypatch):
     port = free_port()
     log = open(tmp_path / "mlflow-server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "2"], stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -75,11 +92,21 @@ def mlflow_server(tmp_path, monkeypatch):
 
 def study_file(tmp_path, data_dir, epochs=2):
     path = tmp_path / "dist.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "dist", "kind": "sweep", "sampler": "random", "pruner": "none",
-        "base": {**TINY_BASE, "epochs": epochs, "data_dir": str(data_dir)},
-        "search_space": {"lr": {"low": 0.01, "high": 0.2, "log": True},
-                         "batch_size": {"choices": [16, 32]}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "dist",
+                "kind": "sweep",
+                "sampler": "random",
+                "pruner": "none",
+                "base": {**TINY_BASE, "epochs": epochs, "data_dir": str(data_dir)},
+                "search_space": {
+                    "lr": {"low": 0.01, "high": 0.2, "log": True},
+                    "batch_size": {"choices": [16, 32]},
+                },
+            }
+        )
+    )
     return path
 
 
@@ -87,9 +114,24 @@ def worker(study_path, storage, tmp_path, name, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / f"{name}.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "lossgeo", "sweep", "--study", str(study_path),
-         "--storage", storage, "--experiment", "distributed", *extra],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "lossgeo",
+            "sweep",
+            "--study",
+            str(study_path),
+            "--storage",
+            storage,
+            "--experiment",
+            "distributed",
+            *extra,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
 
 
 def check_one_child_run_per_trial(study: optuna.Study):
@@ -130,8 +172,9 @@ def test_two_workers_share_one_study_and_one_parent(mlflow_server, tmp_path, fak
     assert len(children) == 6
 
 
-def test_killed_worker_trial_is_failed_retried_and_study_completes(mlflow_server, tmp_path,
-                                                                   fake_data_dir):
+def test_killed_worker_trial_is_failed_retried_and_study_completes(
+    mlflow_server, tmp_path, fake_data_dir
+):
     storage = create_database(f"optuna_{uuid.uuid4().hex[:8]}")
     path = study_file(tmp_path, fake_data_dir, epochs=40)
     beat = ["--heartbeat-interval", "1", "--grace-period", "3"]
@@ -140,8 +183,11 @@ def test_killed_worker_trial_is_failed_retried_and_study_completes(mlflow_server
     while time.time() < deadline:  # wait until its first trial is running
         try:
             study = optuna.load_study(study_name="dist", storage=storage)
-            running = [t for t in study.trials if t.state.name == "RUNNING"
-                       and "mlflow_run_id" in t.user_attrs]
+            running = [
+                t
+                for t in study.trials
+                if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs
+            ]
             if running:
                 break
         except KeyError:
@@ -159,9 +205,11 @@ def test_killed_worker_trial_is_failed_retried_and_study_completes(mlflow_server
     study = optuna.load_study(study_name="dist", storage=storage)
     by_number = {t.number: t for t in study.trials}
     assert by_number[killed.number].state.name == "FAIL"
-    retries = [t for t in study.trials
-               if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
-               == killed.number]
+    retries = [
+        t
+        for t in study.trials
+        if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed.number
+    ]
     assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
     assert retries[0].params == killed.params
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 2
@@ -170,17 +218,28 @@ def test_killed_worker_trial_is_failed_retried_and_study_completes(mlflow_server
     check_one_child_run_per_trial(study)
 
 
-def test_two_workers_run_every_point_of_a_designed_grid_once(mlflow_server, tmp_path,
-                                                             fake_data_dir):
+def test_two_workers_run_every_point_of_a_designed_grid_once(
+    mlflow_server, tmp_path, fake_data_dir
+):
     """sampler: grid on PostgreSQL: each of the 6 points enqueued once and run once though
     two workers start together; never pruned; the parent ends FINISHED."""
     storage = create_database(f"optuna_{uuid.uuid4().hex[:8]}")
     path = tmp_path / "design.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "design", "kind": "sweep", "sampler": "grid", "n_trials": 50,
-        "base": {**TINY_BASE, "epochs": 1, "data_dir": str(fake_data_dir)},
-        "search_space": {"lr": {"choices": {"log_space": [0.01, 0.1, 3]}},
-                         "batch_size": {"choices": [16, 32]}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "design",
+                "kind": "sweep",
+                "sampler": "grid",
+                "n_trials": 50,
+                "base": {**TINY_BASE, "epochs": 1, "data_dir": str(fake_data_dir)},
+                "search_space": {
+                    "lr": {"choices": {"log_space": [0.01, 0.1, 3]}},
+                    "batch_size": {"choices": [16, 32]},
+                },
+            }
+        )
+    )
     workers = [worker(path, storage, tmp_path, f"g{i}") for i in range(2)]
     for i, w in enumerate(workers):
         assert w.wait(timeout=600) == 0, (tmp_path / f"g{i}.log").read_text()[-3000:]

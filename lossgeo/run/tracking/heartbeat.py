@@ -57,8 +57,9 @@ class Heartbeat:
 
     def _beat(self, *extra: RunTag) -> None:
         try:
-            self.client.log_batch(self.run_id, tags=[
-                RunTag(HEARTBEAT_TAG, str(int(time.time() * 1000))), *extra])
+            self.client.log_batch(
+                self.run_id, tags=[RunTag(HEARTBEAT_TAG, str(int(time.time() * 1000))), *extra]
+            )
         except Exception:
             # A missed beat is retried at the next interval. Several workers beat a study's
             # parent; MLflow's SQL store inserts a new tag after looking for it, so two first
@@ -70,17 +71,24 @@ class Heartbeat:
         self._periodic.stop()
 
 
-def end_stale_runs(experiments: Iterable[str] | None = None,
-                   stale_after: float = DEFAULT_STALE_AFTER, *, min_intervals: float = 3,
-                   ended_by: str = "lossgeo runs cleanup") -> list[tuple[str, float]]:
+def end_stale_runs(
+    experiments: Iterable[str] | None = None,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    *,
+    min_intervals: float = 3,
+    ended_by: str = "lossgeo runs cleanup",
+) -> list[tuple[str, float]]:
     """Ends KILLED every RUNNING run whose heartbeat is older than `stale_after` seconds (and
     `min_intervals` of its own heartbeat intervals: 0 honours `stale_after` alone), with a
     tag saying why and who (`ended_by`); returns (run_id, age in s) of each. Runs without a
     heartbeat (not started by lossgeo) are left alone."""
     c = client()
     if experiments:
-        ids = [e.experiment_id for name in experiments
-               if (e := c.get_experiment_by_name(name)) is not None]
+        ids = [
+            e.experiment_id
+            for name in experiments
+            if (e := c.get_experiment_by_name(name)) is not None
+        ]
     else:
         ids = [e.experiment_id for e in c.search_experiments()]
     if not ids:
@@ -95,9 +103,12 @@ def end_stale_runs(experiments: Iterable[str] | None = None,
         age = now - int(beat) / 1000
         if age > max(stale_after, min_intervals * interval):
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(beat) / 1000))
-            c.set_tag(run.info.run_id, END_REASON_TAG,
-                      f"stale: no heartbeat since {since} ({age:.0f} s); the process was "
-                      f"killed or its machine lost; ended by {ended_by}")
+            c.set_tag(
+                run.info.run_id,
+                END_REASON_TAG,
+                f"stale: no heartbeat since {since} ({age:.0f} s); the process was "
+                f"killed or its machine lost; ended by {ended_by}",
+            )
             c.set_terminated(run.info.run_id, status="KILLED")
             ended.append((run.info.run_id, age))
     return ended

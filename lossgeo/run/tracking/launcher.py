@@ -35,7 +35,8 @@ def resolve_experiment(name: str | None) -> str:
     if name and launcher_run_id() and name != default:
         raise UserInputError(
             f"experiment: under `mlflow run` runs go to the launcher's experiment "
-            f"({default!r}); choose it with `mlflow run --experiment-name {name}` instead")
+            f"({default!r}); choose it with `mlflow run --experiment-name {name}` instead"
+        )
     return name or default
 
 
@@ -66,10 +67,13 @@ def settle_launcher_status(run_id: str, status: str, pid: int | None = None) -> 
     import subprocess
     import sys
 
-    subprocess.Popen([sys.executable, "-m", "lossgeo.run.settle", run_id, status,
-                      str(pid or launcher_pid())], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL)
+    subprocess.Popen(
+        [sys.executable, "-m", "lossgeo.run.settle", run_id, status, str(pid or launcher_pid())],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def mark_launcher_run_rejected(message: str) -> None:
@@ -98,8 +102,9 @@ class LauncherWatch:
         from lossgeo.run.settle import alive
 
         if self.gone is None and not alive(self.pid):
-            self.gone = (f"interrupted: the `mlflow run` launcher (pid {self.pid}) ended "
-                         "before this run")
+            self.gone = (
+                f"interrupted: the `mlflow run` launcher (pid {self.pid}) ended before this run"
+            )
             os.kill(os.getpid(), self._signal)
 
     def stop(self) -> None:

@@ -31,9 +31,12 @@ _MAX_METRICS, _MAX_PARAMS = 1000, 100
 
 
 def _metric_batches(metrics: dict[str, float], step: int, timestamp: int) -> list[list[Metric]]:
-    items = [Metric(key=k, value=float(v), timestamp=timestamp, step=step)
-             for k, v in metrics.items() if v is not None]
-    return [items[i:i + _MAX_METRICS] for i in range(0, len(items), _MAX_METRICS)]
+    items = [
+        Metric(key=k, value=float(v), timestamp=timestamp, step=step)
+        for k, v in metrics.items()
+        if v is not None
+    ]
+    return [items[i : i + _MAX_METRICS] for i in range(0, len(items), _MAX_METRICS)]
 
 
 def _stringify(value: Any) -> str:
@@ -66,9 +69,15 @@ class TrackedRun:
     otherwise it creates one in `experiment` (as a child of `parent_run_id` when given).
     """
 
-    def __init__(self, experiment: str = "Default", run_name: str | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 run_id: str | None = None, adopt_launcher: bool | None = None) -> None:
+    def __init__(
+        self,
+        experiment: str = "Default",
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+        adopt_launcher: bool | None = None,
+    ) -> None:
         self.client = client()
         self._tags = dict(tags or {})
         if adopt_launcher is None:
@@ -80,8 +89,7 @@ class TrackedRun:
             self.run_id = adopted
             info = self.client.get_run(adopted).info
             check_artifact_access(info.artifact_uri, f"run {adopted}")
-            mark_training_experiment(self.client.get_experiment(info.experiment_id),
-                                     self.client)
+            mark_training_experiment(self.client.get_experiment(info.experiment_id), self.client)
             if run_name and run_id is None:  # `mlflow run` names its run after the entry point
                 self.client.set_tag(adopted, "mlflow.runName", run_name)
         else:
@@ -89,8 +97,9 @@ class TrackedRun:
             if parent_run_id:
                 tags_all[PARENT_TAG] = parent_run_id
             exp_id = experiment_id(experiment, self.client)
-            check_artifact_access(self.client.get_experiment(exp_id).artifact_location,
-                                  f"experiment {experiment!r}")
+            check_artifact_access(
+                self.client.get_experiment(exp_id).artifact_location, f"experiment {experiment!r}"
+            )
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags_all)
             self.run_id = run.info.run_id
         self.status: str | None = None
@@ -106,8 +115,10 @@ class TrackedRun:
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is None:
             status = "FINISHED"
-        elif (issubclass(exc_type, KeyboardInterrupt)
-              or getattr(exc_type, "mlflow_status", "") == "KILLED"):
+        elif (
+            issubclass(exc_type, KeyboardInterrupt)
+            or getattr(exc_type, "mlflow_status", "") == "KILLED"
+        ):
             status = "KILLED"
             gone = self._launcher_watch.gone if self._launcher_watch is not None else None
             reason = {END_REASON_TAG: gone or str(exc) or "interrupted (SIGINT)"}
@@ -149,7 +160,7 @@ class TrackedRun:
         existing = self.client.get_run(self.run_id).data.params
         items = [Param(k, _stringify(v)) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), _MAX_PARAMS):
-            self.client.log_batch(self.run_id, params=items[i:i + _MAX_PARAMS])
+            self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -233,5 +244,7 @@ class ActiveRunLogger:
         run = mlflow.active_run()
         if run is None:
             return "no active MLflow run: nothing logged"
-        return (f"MLflow run {run.info.run_id} in experiment {run.info.experiment_id} "
-                f"at {mlflow.get_tracking_uri()}")
+        return (
+            f"MLflow run {run.info.run_id} in experiment {run.info.experiment_id} "
+            f"at {mlflow.get_tracking_uri()}"
+        )

@@ -26,7 +26,7 @@ def ui_link(run_id: str) -> str:
     run = get_run(run_id)
     uri = tracking_uri()
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return (f"{base}/#/experiments/{run.info.experiment_id}?workflowType=machine_learning")
+    return f"{base}/#/experiments/{run.info.experiment_id}?workflowType=machine_learning"
 
 
 def download_artifact(run_id: str, path: str, dst: str | os.PathLike) -> Path:
@@ -56,23 +56,35 @@ def get_run(run_id: str):
         raise
 
 
-def search_runs(experiment_names: Iterable[str] | None = None, filter_string: str = "",
-                experiment_ids: Iterable[str] | None = None):
+def search_runs(
+    experiment_names: Iterable[str] | None = None,
+    filter_string: str = "",
+    experiment_ids: Iterable[str] | None = None,
+):
     """Runs as a pandas DataFrame (mlflow.search_runs)."""
     client()  # opens the store safely first
     with _fluent_uri(tracking_uri()):
         return mlflow.search_runs(
             experiment_names=list(experiment_names) if experiment_names else None,
             experiment_ids=list(experiment_ids) if experiment_ids else None,
-            filter_string=filter_string, output_format="pandas", max_results=100000)
+            filter_string=filter_string,
+            output_format="pandas",
+            max_results=100000,
+        )
 
 
-def find_runs(experiment: str, filter_string: str, *, order_by: list[str] | None = None,
-              max_results: int = 50000) -> list:
+def find_runs(
+    experiment: str,
+    filter_string: str,
+    *,
+    order_by: list[str] | None = None,
+    max_results: int = 50000,
+) -> list:
     """Run entities of `experiment` matching an MLflow filter string."""
     c = client()
-    return c.search_runs([experiment_id(experiment, c)], filter_string, order_by=order_by,
-                         max_results=max_results)
+    return c.search_runs(
+        [experiment_id(experiment, c)], filter_string, order_by=order_by, max_results=max_results
+    )
 
 
 def create_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
@@ -86,8 +98,7 @@ def find_or_create_run(experiment: str, run_name: str, tags: dict[str, str]) -> 
     c = client()
     exp_id = experiment_id(experiment, c)
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    found = c.search_runs([exp_id], query, order_by=["attributes.start_time ASC"],
-                          max_results=1)
+    found = c.search_runs([exp_id], query, order_by=["attributes.start_time ASC"], max_results=1)
     if found:
         return found[0].info.run_id
     run_id = c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id

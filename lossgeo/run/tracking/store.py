@@ -68,8 +68,11 @@ def _open_store(uri: str) -> None:
         import requests
 
         try:
-            requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
-                         params={"max_results": 1}, timeout=10)
+            requests.get(
+                f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                params={"max_results": 1},
+                timeout=10,
+            )
         except requests.RequestException as exc:
             raise UserInputError(
                 f"MLFLOW_TRACKING_URI: no MLflow tracking server answers at {uri} "
@@ -78,10 +81,11 @@ def _open_store(uri: str) -> None:
         return
     try:
         if uri.startswith("sqlite:///"):
-            folder = Path(uri[len("sqlite:///"):]).resolve().parent
+            folder = Path(uri[len("sqlite:///") :]).resolve().parent
             if not folder.is_dir():
                 raise UserInputError(
-                    f"MLFLOW_TRACKING_URI: folder {folder} of {uri} does not exist")
+                    f"MLFLOW_TRACKING_URI: folder {folder} of {uri} does not exist"
+                )
             with _folder_lock(folder):
                 MlflowClient(tracking_uri=uri)  # creates and migrates the store if it is new
         else:
@@ -91,10 +95,14 @@ def _open_store(uri: str) -> None:
     except Exception as exc:  # a file that is no database, a refused file store, ...
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "filesystem tracking backend" in text:
-            text = ("MLflow 3 refuses the file store; migrate it with `mlflow migrate-filestore` "
-                    "or set MLFLOW_ALLOW_FILE_STORE=true")
-        raise UserInputError(f"MLFLOW_TRACKING_URI: cannot open the MLflow store {uri} "
-                             f"({type(exc).__name__}: {text[:200]})") from None
+            text = (
+                "MLflow 3 refuses the file store; migrate it with `mlflow migrate-filestore` "
+                "or set MLFLOW_ALLOW_FILE_STORE=true"
+            )
+        raise UserInputError(
+            f"MLFLOW_TRACKING_URI: cannot open the MLflow store {uri} "
+            f"({type(exc).__name__}: {text[:200]})"
+        ) from None
 
 
 def require_store() -> None:
@@ -102,12 +110,13 @@ def require_store() -> None:
     instead of created empty (a 1 MB mlflow.db and a minute of migrations, to find nothing)."""
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):]).resolve()
+        path = Path(uri[len("sqlite:///") :]).resolve()
         if not path.exists():
             raise UserInputError(
                 f"MLflow: no store here ({path} does not exist); run where your mlflow.db is, "
                 "or point MLFLOW_TRACKING_URI at it (sqlite:////abs/path/mlflow.db or "
-                "http://host:5000)")
+                "http://host:5000)"
+            )
     client()
 
 
@@ -120,15 +129,18 @@ def check_artifact_access(artifact_uri: str, where: str) -> None:
         raise UserInputError(
             f"MLflow: {where} keeps its artifacts on an MLflow server ({artifact_uri}) but the "
             f"tracking URI is {tracking_uri()}; set MLFLOW_TRACKING_URI to that server "
-            "(e.g. http://127.0.0.1:5000 for `mlflow ui`)")
+            "(e.g. http://127.0.0.1:5000 for `mlflow ui`)"
+        )
     local = _local_path(artifact_uri)
     if local is not None:
         existing = local
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserInputError(f"MLflow: {where} stores artifacts under {local}, which is not "
-                                 f"writable ({existing} is read-only for this user)")
+            raise UserInputError(
+                f"MLflow: {where} stores artifacts under {local}, which is not "
+                f"writable ({existing} is read-only for this user)"
+            )
 
 
 def _local_path(artifact_uri: str) -> Path | None:
