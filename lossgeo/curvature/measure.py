@@ -110,8 +110,11 @@ def edge_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> float:
 
 
 def probe_is_finite(op: HessianOperator) -> bool:
-    """Whether the probe loss and its gradient are finite (no curvature is read otherwise)."""
-    return math.isfinite(op.loss()) and bool(torch.isfinite(op.gradient()).all())
+    """Whether the probe loss and its gradient are finite (no curvature is read otherwise).
+    The gradient first: it builds the retained graph every product then reads, and records
+    the loss on the way (asked first, the loss would cost a forward pass of its own)."""
+    gradient_finite = bool(torch.isfinite(op.gradient()).all())
+    return gradient_finite and math.isfinite(op.loss())
 
 
 def measure_curvature(

@@ -146,7 +146,7 @@ class Tracker:
         self._lr, self._momentum = lr, momentum
         self.batch_size, self.params = batch_size, params
         self.loss_form, self.size_fn = loss_form, size_fn
-        self.settings, self.curvature = steps, curvature
+        self.step_settings, self.curvature = steps, curvature
         self.warm = WarmEigen(
             k=steps.k, tol=steps.tol, cold_every=steps.cold_every, seed=steps.seed
         )
@@ -287,9 +287,9 @@ class Tracker:
             self.loss_fn,
             self.probe,
             batch_size=self.batch_size,
-            rel_se=self.settings.batch_sharpness_rse,
-            max_batches=self.settings.batch_sharpness_max,
-            seed=self.settings.seed + self.n_measurements,
+            rel_se=self.step_settings.batch_sharpness_rse,
+            max_batches=self.step_settings.batch_sharpness_max,
+            seed=self.step_settings.seed + self.n_measurements,
             params=self.params,
             loss_form=self.loss_form,
             size_fn=self.size_fn,
