@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import pandas as pd
@@ -285,13 +285,14 @@ def load_logged_run(run_id: str, **overrides):
 def remeasure_curvature(run_id: str, **overrides) -> dict[str, float]:
     """Measures the final checkpoint of a logged run again (e.g. with other settings) and
     logs the results into that run under `remeasured/`."""
-    from lossgeo.curvature.measure import CurvatureSettings, measure_curvature
+    from lossgeo.curvature.measure import measure_curvature
     from lossgeo.run.measurements import curvature_settings
     from lossgeo.run.names import curvature_artifacts, curvature_metrics
 
     config, data, model, loss_fn = load_logged_run(run_id, **overrides)
-    # a run trained with `curvature: false` is measured at the curvature defaults
-    settings = curvature_settings(config) or CurvatureSettings(seed=config.seed)
+    # a run trained with `curvature: false` is measured too, with its (overridden) settings
+    settings = curvature_settings(replace(config, curvature=True))
+    assert settings is not None
     measures = measure_curvature(model, loss_fn, (data.probe.x, data.probe.y), settings, final=True)
     metrics = curvature_metrics(measures, lr=config.lr, momentum=config.momentum)
     artifacts = curvature_artifacts(measures, settings)
