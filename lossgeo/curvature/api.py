@@ -208,7 +208,7 @@ def layerwise_lambda_max(
     parameters. All layers
     share one gradient graph."""
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, params=params, **options)
-    blocks = parameter_blocks(model, op.space.names)
+    blocks = parameter_blocks(op.model, op.space.names)
     results = {}
     for layer, names in blocks.items():
         block = HessianBlockOperator(op, names)

@@ -38,6 +38,7 @@ from .batches import (  # noqa: F401
     auto_chunk_size,
     eval_mode,
 )
+from .distributed import all_sum, all_sum_float, resolve_group, unwrap
 from .params import ParameterSpace
 
 HVP_METHODS = ("graph", "fwdrev")
@@ -80,6 +81,7 @@ class CurvatureOperator:
         batch_size: Callable[[Any], int] | None = None,
         space: ParameterSpace | None = None,
         math_attention: bool = False,
+        process_group: Any = None,
     ) -> None:
         """chunk_size: samples per forward/backward chunk of (x, y) batches; "auto" sizes
         chunks by the model's activation memory, None keeps the batches as given.
@@ -87,14 +89,23 @@ class CurvatureOperator:
         space: an existing ParameterSpace of this model to share (its copies of the
         parameters are read, never written), instead of copying the parameters again.
         math_attention: start under the math attention backend (an earlier operator on this
-        model found the fused kernel refusing double backward: no need to fail again)."""
+        model found the fused kernel refusing double backward: no need to fail again).
+        process_group: `data` is this rank's shard of the probe set; products are summed
+        over the group's ranks (None: one process; True: the default group; see
+        `distributed.py`)."""
+        model = unwrap(model)
         self.model, self.loss_fn = model, loss_fn
         self.space = space if space is not None else ParameterSpace(model, params)
         self.objective = Objective(
             model, loss_fn, data, loss_form=loss_form, chunk_size=chunk_size, batch_size=batch_size
         )
-        self.batches, self.weights = self.objective.batches, self.objective.weights
+        self.group = resolve_group(process_group)
         self.n_samples = self.objective.n_samples
+        if self.group is not None:  # batch weights n_b / N over the whole, sharded probe set
+            total = int(all_sum_float(float(self.n_samples), self.group))
+            self.objective.weights = [w * self.n_samples / total for w in self.objective.weights]
+            self.n_samples = total
+        self.batches, self.weights = self.objective.batches, self.objective.weights
         self.n_matvec = 0
         self.math_attention = math_attention
 
@@ -136,7 +147,7 @@ class CurvatureOperator:
                 with self._attention():
                     out = self._matvec(vector)
         self.n_matvec += 1
-        return out
+        return all_sum(out, self.group)
 
     def __matmul__(self, vector: torch.Tensor) -> torch.Tensor:
         return self.matvec(vector)
@@ -206,7 +217,7 @@ class HessianOperator(CurvatureOperator):
                     )
                     self._graphs.append((list(leaves.values()), grads))
                     total += float(loss.detach())
-            self._loss_value = total
+            self._loss_value = all_sum_float(total, self.group)
         return self._graphs
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
@@ -256,28 +267,29 @@ class HessianOperator(CurvatureOperator):
     def gradient(self) -> torch.Tensor:
         """The full-batch gradient of the mean loss (flat). With method="graph" it is read
         off the retained graph (no extra pass)."""
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         if self.method == "graph":
-            total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
             for _, grads in self._retained_gradients():
                 total.add_(self.space.flatten([g.detach() for g in grads]))
-            return total
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+            return all_sum(total, self.group)
         with eval_mode(self.model), self._attention():
             for batch, w in zip(self.batches, self.weights):
                 g = grad(lambda p: self._chunk_loss(p, batch))(self.space.values)
                 total += w * self.space.flatten(g)
-        return total
+        return all_sum(total, self.group)
 
     def loss(self) -> float:
+        """The mean loss over the probe set (all shards' samples under a process group)."""
         if self._loss_value is not None:
             return self._loss_value
         with eval_mode(self.model), torch.no_grad(), self._attention():
-            return float(
+            local = float(
                 sum(
                     w * self._chunk_loss(self.space.values, batch)
                     for batch, w in zip(self.batches, self.weights)
                 )
             )
+        return all_sum_float(local, self.group)
 
 
 class HessianBlockOperator(CurvatureOperator):
@@ -302,7 +314,7 @@ class HessianBlockOperator(CurvatureOperator):
             parent.weights,
         )
         self.n_samples, self.n_matvec = parent.n_samples, 0
-        self.math_attention = parent.math_attention
+        self.math_attention, self.group = parent.math_attention, parent.group
         self._positions = [parent.space.names.index(n) for n in self.space.names]
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""What each rank of the distributed tests runs (a module of its own: spawned processes
+import it by name). Every rank builds the same model and data from seeds, keeps its uneven
+shard of the probe set, measures collectively and saves what it found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lossgeo.curvature import (
+    CurvatureSettings,
+    curvature_eigen,
+    hessian_eigen,
+    hessian_trace,
+    layerwise_lambda_max,
+    measure_curvature,
+    spectral_density,
+)
+
+N_SAMPLES = 23  # uneven over 2 (12, 11) and 3 (8, 8, 7) ranks
+
+
+def problem(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """An MLP, or a CNN with BatchNorm (measured in eval mode), and its probe set (float64)."""
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(3)
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        x = torch.randn(N_SAMPLES, 5, generator=gen)
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+        )
+        x = torch.randn(N_SAMPLES, 1, 6, 6, generator=gen)
+    model = model.double()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        model(x.double())
+    y = torch.randint(0, 3, (N_SAMPLES,), generator=gen)
+    return model, x.double(), y
+
+
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) -> dict:
+    """Every estimator once; group None = one process."""
+    data = (x, y)
+    opts = {"process_group": group}
+    top = hessian_eigen(model, F.cross_entropy, data, k=3, tol=1e-10, **opts)
+    low = hessian_eigen(model, F.cross_entropy, data, k=1, which="SA", tol=1e-10, **opts)
+    ggn = curvature_eigen(model, F.cross_entropy, data, k=1, tol=1e-10, matrix="ggn", **opts)
+    trace = hessian_trace(model, F.cross_entropy, data, n_samples=6, seed=1, **opts)
+    density = spectral_density(model, F.cross_entropy, data, n_steps=8, seed=2, **opts)
+    layers = layerwise_lambda_max(model, F.cross_entropy, data, tol=1e-10, **opts)
+    measures = measure_curvature(
+        model,
+        F.cross_entropy,
+        data,
+        CurvatureSettings(k=2, tol=1e-10, secondary_tol=1e-10, trace_samples=4, density_steps=6),
+        final=True,
+        process_group=group,
+    )
+    return {
+        "top": top.values,
+        "low": low.values,
+        "ggn": ggn.values,
+        "trace": trace.value,
+        "density_nodes": density.nodes,
+        "layers": {name: float(r.values[0]) for name, r in layers.items()},
+        "measure_top": measures.top.values,
+        "measure_trace": measures.trace.value,
+        "measure_fisher": measures.fisher_lambda_max,
+        "measure_loss": measures.probe_loss,
+    }
+
+
+def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        results = {}
+        for name in ("mlp", "cnn"):
+            model, x, y = problem(name)
+            xs, ys = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
+            results[name] = measure(model, xs, ys, True)
+            if name == "mlp" and world_size == 2:  # a DDP-wrapped model: through its module
+                wrapped = nn.parallel.DistributedDataParallel(model)
+                results["mlp_ddp"] = measure(wrapped, xs, ys, True)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
