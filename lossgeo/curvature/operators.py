@@ -20,6 +20,7 @@ are left exactly as they were.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -41,7 +42,13 @@ from .batches import (  # noqa: F401
 from .distributed import all_sum, all_sum_float, resolve_group, unwrap
 from .params import ParameterSpace
 
-HVP_METHODS = ("graph", "fwdrev")
+HVP_METHODS = ("graph", "fwdrev", "fd")
+# method="fd": the relative step of the central difference, by dtype, chosen by measurement
+# (benchmarks/bench_fd_step.py, benchmarks/results/fd_step.md): in float64 1e-6 kept the
+# error below 1e-9 on ReLU and tanh MNIST models; in float32 3e-3 was best on the tanh MLP
+# (7e-5), while no step did better than 0.13 on ReLU networks, whose kinks make the gradient
+# jump once w + h v crosses one. Other dtypes take the float32 step (not measured).
+FD_STEPS = {torch.float64: 1e-6, torch.float32: 3e-3}
 
 
 def _needs_math_attention(error: RuntimeError) -> bool:
@@ -173,6 +180,13 @@ class HessianOperator(CurvatureOperator):
     retained graph per chunk, i.e. the activations of the whole probe set.
     method="fwdrev": ``torch.func`` forward-over-reverse, ``jvp(grad(L))``; nothing kept
     between products (for probe sets whose graphs do not fit in memory).
+    method="fd": central differences of gradients, Hv ~ (g(w + h v) - g(w - h v)) / 2h, two
+    first-order gradients a product and no double backward (for models or wrappers where
+    double backward is not supported). h = fd_step (1 + ||w||) / ||v||; its error is the
+    truncation term h^2/6 of the third derivative along v plus the gradient's rounding
+    amplified by 1/h, so the default step depends on the dtype (`FD_STEPS`). Biased on
+    piecewise-linear networks (ReLU): a step that crosses a kink adds the gradient's jump,
+    so there use float64 (error below 1e-9 at the default step) or double backward.
     """
 
     def __init__(
@@ -182,12 +196,16 @@ class HessianOperator(CurvatureOperator):
         data: DataSource,
         *,
         method: str = "graph",
+        fd_step: float | None = None,
         **options: Any,
     ) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"method: must be one of {', '.join(HVP_METHODS)} (got {method!r})")
+        if fd_step is not None and not fd_step > 0:
+            raise ValueError(f"fd_step: must be > 0 (got {fd_step!r})")
         super().__init__(model, loss_fn, data, **options)
         self.method = method
+        self.fd_step = fd_step if fd_step is not None else FD_STEPS.get(self.dtype, 3e-3)
         self._graphs: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
         self._loss_value: float | None = None
         self.n_graph_builds = 0  # gradient graphs built (once per operator; blocks share it)
@@ -223,12 +241,44 @@ class HessianOperator(CurvatureOperator):
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
         if self.method == "graph":
             return self.block_product(range(len(self.space.names)), vector, self.space)
+        if self.method == "fd":
+            return self._difference_product(vector)
         tangent = self.space.unflatten(vector)
         total = torch.zeros_like(vector)
         for batch, w in zip(self.batches, self.weights):
             gradient = grad(lambda p: self._chunk_loss(p, batch))
             hv = jvp(gradient, (self.space.values,), (tangent,))[1]
             total += w * self.space.flatten(hv)
+        return total
+
+    def _difference_product(self, vector: torch.Tensor) -> torch.Tensor:
+        """(g(w + h v) - g(w - h v)) / 2h, with h relative to ||w|| and ||v||."""
+        norm = float(vector.double().norm())
+        if norm == 0.0:
+            return torch.zeros_like(vector)
+        weights = self.space.values
+        scale = 1.0 + math.sqrt(sum(float(w.double().pow(2).sum()) for w in weights.values()))
+        h = self.fd_step * scale / norm
+        tangent = self.space.unflatten(vector)
+        plus = {n: w + h * tangent[n] for n, w in weights.items()}
+        minus = {n: w - h * tangent[n] for n, w in weights.items()}
+        return (self._gradient_at(plus) - self._gradient_at(minus)) / (2.0 * h)
+
+    def _gradient_at(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This process's part of the mean loss's gradient at `params` (flat, first order).
+        Plain reverse mode, not torch.func: custom autograd Functions without a functorch
+        `setup_context` work too."""
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with torch.enable_grad():
+            for batch, w in zip(self.batches, self.weights):
+                leaves = {n: v.detach().requires_grad_(True) for n, v in params.items()}
+                g = torch.autograd.grad(
+                    self._chunk_loss(leaves, batch),
+                    list(leaves.values()),
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+                total += w * self.space.flatten(g)
         return total
 
     def block_product(
@@ -273,9 +323,7 @@ class HessianOperator(CurvatureOperator):
                 total.add_(self.space.flatten([g.detach() for g in grads]))
             return all_sum(total, self.group)
         with eval_mode(self.model), self._attention():
-            for batch, w in zip(self.batches, self.weights):
-                g = grad(lambda p: self._chunk_loss(p, batch))(self.space.values)
-                total += w * self.space.flatten(g)
+            total = self._gradient_at(self.space.values)
         return all_sum(total, self.group)
 
     def loss(self) -> float:
