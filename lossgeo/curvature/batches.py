@@ -170,6 +170,23 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's refusal."""
+    message = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or (
+        "can't allocate memory" in message or "not enough memory" in message
+    )
+
+
+def one_sample_too_large(error: BaseException) -> MemoryError:
+    """The one-line error for a probe sample that does not fit even alone."""
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return MemoryError(
+        "curvature: out of memory with one probe sample per chunk "
+        f"({type(error).__name__}: {first_line})"
+    )
+
+
 def activation_bytes_per_sample(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of all leaf-module outputs for one sample (one no-grad eval forward pass)."""
     total = [0]
@@ -183,6 +200,10 @@ def activation_bytes_per_sample(model: nn.Module, x: torch.Tensor) -> int:
     try:
         with eval_mode(model), torch.no_grad():
             model(x[:1])
+    except RuntimeError as error:
+        if is_out_of_memory(error):
+            raise one_sample_too_large(error) from None
+        raise
     finally:
         for h in handles:
             h.remove()

@@ -38,6 +38,9 @@ from .batches import (  # noqa: F401
     as_batches,
     auto_chunk_size,
     eval_mode,
+    is_out_of_memory,
+    is_tensor_pair,
+    one_sample_too_large,
 )
 from .distributed import all_sum, all_sum_float, resolve_group, unwrap
 from .params import ParameterSpace
@@ -66,6 +69,11 @@ def math_attention() -> Iterator[None]:
 
     with sdpa_kernel(SDPBackend.MATH):
         yield
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class CurvatureOperator:
@@ -142,19 +150,57 @@ class CurvatureOperator:
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         vector = vector.to(self.dtype)
+        out = self.within_memory(lambda: self._product(vector))
+        self.n_matvec += 1
+        return all_sum(out, self.group)
+
+    def _product(self, vector: torch.Tensor) -> torch.Tensor:
         with eval_mode(self.model):
             try:
                 with self._attention():
-                    out = self._matvec(vector)
+                    return self._matvec(vector)
             except RuntimeError as error:
                 if self.math_attention or not _needs_math_attention(error):
                     raise
                 self.math_attention = True
                 self._reset()
                 with self._attention():
-                    out = self._matvec(vector)
-        self.n_matvec += 1
-        return all_sum(out, self.group)
+                    return self._matvec(vector)
+
+    def within_memory(self, compute: Callable[[], Any]) -> Any:
+        """compute(), retried with the probe set's chunks halved whenever it runs out of
+        memory (the retained graphs are dropped and rebuilt from the smaller chunks); the
+        result is the same, since batches are weighted by size. One sample per chunk that
+        still does not fit is a one-line error."""
+        while True:
+            try:
+                return compute()
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                self._reset()
+                _release_cached_memory(self.device)
+                if not self._halve_chunks():
+                    raise one_sample_too_large(error) from None
+
+    def _halve_chunks(self) -> bool:
+        """Split every (x, y) chunk of the probe set in two, in place (operators that share
+        the batches see it too), each half weighted by its share of the chunk's weight;
+        False when nothing can be split (one sample per chunk, or other batches, whose
+        sizes lossgeo cannot divide)."""
+        batches, weights = self.objective.batches, self.objective.weights
+        largest = max((len(b[1]) for b in batches if is_tensor_pair(b)), default=1)
+        if self.objective.form != "output_target" or largest <= 1:
+            return False
+        half = (largest + 1) // 2
+        new_batches: list[Any] = []
+        new_weights: list[float] = []
+        for batch, weight in zip(batches, weights):
+            parts = as_batches([batch], half)
+            new_batches += parts
+            new_weights += [weight * len(part[1]) / len(batch[1]) for part in parts]
+        batches[:], weights[:] = new_batches, new_weights
+        return True
 
     def __matmul__(self, vector: torch.Tensor) -> torch.Tensor:
         return self.matvec(vector)
@@ -317,27 +363,31 @@ class HessianOperator(CurvatureOperator):
     def gradient(self) -> torch.Tensor:
         """The full-batch gradient of the mean loss (flat). With method="graph" it is read
         off the retained graph (no extra pass)."""
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        return all_sum(self.within_memory(self._local_gradient), self.group)
+
+    def _local_gradient(self) -> torch.Tensor:
         if self.method == "graph":
+            total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
             for _, grads in self._retained_gradients():
                 total.add_(self.space.flatten([g.detach() for g in grads]))
-            return all_sum(total, self.group)
+            return total
         with eval_mode(self.model), self._attention():
-            total = self._gradient_at(self.space.values)
-        return all_sum(total, self.group)
+            return self._gradient_at(self.space.values)
 
     def loss(self) -> float:
         """The mean loss over the probe set (all shards' samples under a process group)."""
         if self._loss_value is not None:
             return self._loss_value
+        return all_sum_float(self.within_memory(self._local_loss), self.group)
+
+    def _local_loss(self) -> float:
         with eval_mode(self.model), torch.no_grad(), self._attention():
-            local = float(
+            return float(
                 sum(
                     w * self._chunk_loss(self.space.values, batch)
                     for batch, w in zip(self.batches, self.weights)
                 )
             )
-        return all_sum_float(local, self.group)
 
 
 class HessianBlockOperator(CurvatureOperator):
@@ -364,6 +414,9 @@ class HessianBlockOperator(CurvatureOperator):
         self.n_samples, self.n_matvec = parent.n_samples, 0
         self.math_attention, self.group = parent.math_attention, parent.group
         self._positions = [parent.space.names.index(n) for n in self.space.names]
+
+    def _reset(self) -> None:
+        self.parent._reset()  # the graphs are the parent's
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
         if not self.parent.math_attention and self.math_attention:

@@ -1,0 +1,76 @@
+"""Out of memory during a measurement: the probe set's chunks are halved and the product
+retried, with the same result; one sample that still does not fit is a one-line error."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lossgeo.curvature import (
+    CurvatureSettings,
+    HessianBlockOperator,
+    HessianOperator,
+    hessian_eigen,
+    hessian_trace,
+    measure_curvature,
+)
+
+
+def problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    return model, (
+        torch.randn(40, 5, generator=gen).double(),
+        torch.randint(0, 3, (40,), generator=gen),
+    )
+
+
+def refuse_chunks_above(model: nn.Module, limit: int) -> list[int]:
+    """A forward hook that raises an out-of-memory error for chunks of more than `limit`
+    samples (as a device would), recording every chunk size it saw."""
+    seen: list[int] = []
+
+    def hook(module, inputs):
+        seen.append(len(inputs[0]))
+        if len(inputs[0]) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model[0].register_forward_pre_hook(hook)
+    return seen
+
+
+def test_an_out_of_memory_chunk_is_halved_and_the_result_is_unchanged(float64):
+    model, data = problem()
+    want_top = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None)
+    want_trace = hessian_trace(model, F.cross_entropy, data, n_samples=4, seed=3)
+    settings = CurvatureSettings(k=2, tol=1e-10, trace_samples=4)
+    want = measure_curvature(model, F.cross_entropy, data, settings)
+    seen = refuse_chunks_above(model, 6)
+    top = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None)
+    assert torch.allclose(top.values, want_top.values, rtol=1e-12)
+    assert 40 in seen and max(s for s in seen[-3:]) <= 6  # 40 -> 20 -> 10 -> 5 samples
+    trace = hessian_trace(model, F.cross_entropy, data, n_samples=4, seed=3, chunk_size=None)
+    assert trace.value == pytest.approx(want_trace.value, rel=1e-12)
+    # the per-epoch set: the layer blocks share the halved chunks of their parent
+    got = measure_curvature(model, F.cross_entropy, data, settings)
+    assert got.lambda_max == pytest.approx(want.lambda_max, rel=1e-10)
+    assert got.layers == pytest.approx(want.layers, rel=1e-8)
+    assert got.trace.value == pytest.approx(want.trace.value, rel=1e-10)
+
+
+def test_a_block_operator_that_runs_out_of_memory_rebuilds_its_parents_graph(float64):
+    model, data = problem()
+    exact = HessianOperator(model, F.cross_entropy, data, chunk_size=None)
+    want = HessianBlockOperator(exact, ["2.weight", "2.bias"]).to_dense()
+    refuse_chunks_above(model, 10)
+    parent = HessianOperator(model, F.cross_entropy, data, chunk_size=None)
+    got = HessianBlockOperator(parent, ["2.weight", "2.bias"]).to_dense()
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_one_sample_that_does_not_fit_is_a_one_line_error(float64):
+    model, data = problem()
+    refuse_chunks_above(model, 0)
+    with pytest.raises(MemoryError, match="out of memory with one probe sample per chunk"):
+        hessian_eigen(model, F.cross_entropy, data)
