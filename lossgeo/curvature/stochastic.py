@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .batches import AnyLossFn, DataSource, LossForm, as_batches, is_tensor_pair
+from .distributed import resolve_group, unwrap
 from .operators import HessianOperator
 from .params import ParameterSpace
 
@@ -70,18 +71,30 @@ def batch_sharpness(
     loss_form: LossForm = "auto",
     size_fn: Callable[[Any], int] | None = None,
     math_attention: bool = False,
+    process_group: Any = None,
 ) -> BatchSharpnessResult:
     """E_B[g_B^T H_B g_B / ||g_B||^2] over mini-batches of the probe set (module docstring).
     A batch whose gradient vanishes contributes nothing (its ratio is undefined).
     math_attention: start under the math attention backend; once one batch's operator falls
-    back to it, the later batches start there too."""
+    back to it, the later batches start there too.
+    process_group: `probe` is this rank's shard; each round every rank draws one mini-batch
+    of its own shard (its own seeded order) and the rounds' ratios are gathered, so every
+    rank stops at the same round with the same estimate. None: one process."""
     if rel_se < 0 or min_batches < 1 or max_batches < min_batches:
         raise ValueError("batch sharpness: need rel_se >= 0 and 1 <= min_batches <= max_batches")
-    gen = torch.Generator().manual_seed(seed)
+    group = resolve_group(process_group)
+    rank, world = _rank_and_size(group)
+    model = unwrap(model)
+    gen = torch.Generator().manual_seed(seed + 7919 * rank)  # each shard its own draws
     ratios: list[float] = []
     n_hvp = 0
     space = ParameterSpace(model, params)  # one copy of the parameters for every batch
-    for batch in minibatches(probe, batch_size, gen)[:max_batches]:
+    batches = minibatches(probe, batch_size, gen)
+    # every rank takes part in the same number of rounds: as many as the smallest shard has
+    rounds = min(len(batches), max(1, math.ceil(max_batches / world)))
+    if group is not None:
+        rounds = _min_over(rounds, group)
+    for batch in batches[:rounds]:
         op = HessianOperator(
             model,
             loss_fn,
@@ -94,10 +107,12 @@ def batch_sharpness(
         )
         g = op.gradient()
         norm_sq = float(g.double().pow(2).sum())
-        if norm_sq == 0.0 or not math.isfinite(norm_sq):
-            continue
-        ratios.append(float(torch.dot(g.double(), (op @ g).double())) / norm_sq)
-        n_hvp += 1
+        ratio = math.nan
+        if norm_sq != 0.0 and math.isfinite(norm_sq):
+            ratio = float(torch.dot(g.double(), (op @ g).double())) / norm_sq
+            n_hvp += 1
+        # a vanished gradient contributes nothing (NaN, dropped), on every rank alike
+        ratios += [r for r in _gathered(ratio, group, world) if not math.isnan(r)]
         math_attention = op.math_attention
         if len(ratios) >= max(min_batches, 2):
             mean, se = _mean_se(ratios)
@@ -107,6 +122,33 @@ def batch_sharpness(
         raise ValueError("batch sharpness: every mini-batch gradient vanished")
     mean, se = _mean_se(ratios)
     return BatchSharpnessResult(value=mean, stderr=se, n_batches=len(ratios), n_hvp=n_hvp)
+
+
+def _rank_and_size(group: Any) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _min_over(value: int, group: Any) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t[0])
+
+
+def _gathered(value: float, group: Any, world: int) -> list[float]:
+    """`value` from every rank of `group`, in rank order ([value] for one process)."""
+    if group is None:
+        return [value]
+    import torch.distributed as dist
+
+    out = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.float64), group=group)
+    return [float(t[0]) for t in out]
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from lossgeo.curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
+from lossgeo.curvature.distributed import resolve_group, unwrap
 from lossgeo.curvature.measure import (
     CurvatureMeasures,
     CurvatureSettings,
@@ -115,6 +116,9 @@ class Tracker:
             run after the curvature at each epoch (lossgeo's loop passes its noise scale and
             landscapes).
         logger: where metrics go (default: the active MLflow run, if any).
+        process_group: inside a multi-process loop (DDP, torchrun): `probe` is this rank's
+            shard and every measurement is taken collectively over the group (True: the
+            default group). Every rank gets the same metrics; only rank 0 logs them.
     """
 
     def __init__(
@@ -135,12 +139,14 @@ class Tracker:
         curvature: CurvatureSettings | None = DEFAULT_CURVATURE,
         epoch_measurements: Sequence[Measurement] = (),
         logger: MetricLogger | None = None,
+        process_group: Any = None,
     ) -> None:
         """See the class docstring; bad input (filters, batches, loss form, every_steps,
         batch_size) fails here, not at the first measurement."""
         if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 0:
             raise ValueError(f"every_steps: must be an integer >= 0 (got {every_steps!r})")
-        self.model, self.loss_fn = model, loss_fn
+        self.group = resolve_group(process_group)
+        self.model, self.loss_fn = unwrap(model), loss_fn
         self.probe = as_batches(probe, None)
         self.every_steps, self.optimizer = every_steps, optimizer
         self._lr, self._momentum = lr, momentum
@@ -152,7 +158,9 @@ class Tracker:
         )
         self.spikes = OnlineSpikeDetector(steps.spike_factor)
         self.epoch_measurements = list(epoch_measurements)
-        if logger is None:
+        if not _logs(self.group):  # one run, logged by rank 0; the others measure along
+            logger = _NoLogger()
+        elif logger is None:
             from lossgeo.run.tracking import ActiveRunLogger
 
             logger = ActiveRunLogger()
@@ -201,6 +209,7 @@ class Tracker:
             loss_form=self.loss_form,
             batch_size=self.size_fn,
             math_attention=self.math_attention,
+            process_group=self.group,
         )
 
     def _note_attention(self, op: HessianOperator) -> None:
@@ -294,6 +303,7 @@ class Tracker:
             loss_form=self.loss_form,
             size_fn=self.size_fn,
             math_attention=op.math_attention,
+            process_group=self.group,
         )
         metrics.update(
             {
@@ -369,6 +379,7 @@ class Tracker:
             size_fn=self.size_fn,
             math_attention=self.math_attention,
             final=final,
+            process_group=self.group,
         )
         if not measures.finite:
             self._warn_nonfinite(measures.probe_loss)
@@ -391,6 +402,25 @@ class Tracker:
                 loss,
             )
             self._warned_nonfinite = True
+
+
+def _logs(group: Any) -> bool:
+    """Whether this process logs: one process, or rank 0 of the group."""
+    if group is None:
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank(group) == 0
+
+
+class _NoLogger:
+    """The logger of the ranks other than 0: they measure collectively, rank 0 logs."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
 
 
 __all__ = ["CurvatureSettings", "StepSettings", "Tracker"]

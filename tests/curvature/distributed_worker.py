@@ -75,12 +75,18 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) -> dict:
     }
 
 
-def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def joined(rank: int, world_size: int, init_file: str):
+    """This process as rank `rank` of a gloo group (float64, one thread); leave with
+    dist.destroy_process_group()."""
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
+
+
+def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    joined(rank, world_size, init_file)
     try:
         results = {}
         for name in ("mlp", "cnn"):
@@ -91,5 +97,39 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
                 wrapped = nn.parallel.DistributedDataParallel(model)
                 results["mlp_ddp"] = measure(wrapped, xs, ys, True)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def make_tracker(model: nn.Module, probe, group, logger):
+    from lossgeo import CurvatureSettings as Settings
+    from lossgeo import StepSettings, Tracker
+
+    return Tracker(
+        model,
+        F.cross_entropy,
+        probe,
+        every_steps=1,
+        lr=0.1,
+        batch_size=4,
+        steps=StepSettings(tol=1e-10),
+        curvature=Settings(k=2, tol=1e-10, secondary_tol=1e-10, trace_samples=4),
+        logger=logger,
+        process_group=group,
+    )
+
+
+def tracker_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """A Tracker inside a 2-process loop: collective measurements, rank 0 logs."""
+    from ..run.test_tracker import NullLogger
+
+    joined(rank, world_size, init_file)
+    try:
+        model, x, y = problem("mlp")
+        shard = (x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank])
+        logger = NullLogger()
+        tracker = make_tracker(nn.parallel.DistributedDataParallel(model), shard, True, logger)
+        result = {"step": tracker.step(1), "epoch": tracker.epoch(1), "logged": logger.metrics}
+        torch.save(result, Path(out_dir) / f"tracker{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -53,3 +53,34 @@ def test_a_process_group_without_torch_distributed_is_a_clear_error():
     with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
         hessian_eigen(model, torch.nn.functional.cross_entropy, (x, y), process_group=True)
     assert resolve_group(None) is None and resolve_group(False) is None
+
+
+def test_a_tracker_in_a_two_process_loop_measures_collectively_and_rank_0_logs(tmp_path, float64):
+    from ..run.test_tracker import NullLogger
+    from .distributed_worker import make_tracker, tracker_worker
+
+    mp.spawn(tracker_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"tracker{r}.pt") for r in range(2)]
+    model, x, y = problem("mlp")
+    alone = make_tracker(model, (x, y), None, NullLogger())
+    want_step, want_epoch = alone.step(1), alone.epoch(1)
+    for got in ranks:
+        for key in ("step/lambda_max", "step/grad_norm", "step/probe_loss", "step/edge_ratio"):
+            assert got["step"][key] == pytest.approx(want_step[key], rel=1e-8), key
+        for key in (
+            "lambda_max",
+            "lambda_2",
+            "lambda_min",
+            "hessian_trace",
+            "lambda_max_ggn",
+            "lambda_max/fc1",
+            "lambda_max/fc2",
+            "edge_ratio",
+        ):
+            assert got["epoch"][key] == pytest.approx(want_epoch[key], rel=1e-8), key
+        assert set(got["epoch"]) == set(want_epoch)
+    # batch sharpness draws each shard's own mini-batches: the same estimate on both ranks
+    assert ranks[0]["step"]["step/batch_sharpness"] == ranks[1]["step"]["step/batch_sharpness"]
+    assert ranks[0]["step"]["step/batch_sharpness_n"] % 2 == 0  # one batch a rank a round
+    # one run: rank 0 logged the step and the epoch, rank 1 nothing
+    assert [s for s, _ in ranks[0]["logged"]] == [1, 1] and ranks[1]["logged"] == []
