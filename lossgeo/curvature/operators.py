@@ -252,6 +252,7 @@ class HessianOperator(CurvatureOperator):
         super().__init__(model, loss_fn, data, **options)
         self.method = method
         self.fd_step = fd_step if fd_step is not None else FD_STEPS.get(self.dtype, 3e-3)
+        self._fd_scale: float | None = None
         self._graphs: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
         self._loss_value: float | None = None
         self.n_graph_builds = 0  # gradient graphs built (once per operator; blocks share it)
@@ -303,12 +304,18 @@ class HessianOperator(CurvatureOperator):
         if norm == 0.0:
             return torch.zeros_like(vector)
         weights = self.space.values
-        scale = 1.0 + math.sqrt(sum(float(w.double().pow(2).sum()) for w in weights.values()))
-        h = self.fd_step * scale / norm
+        h = self.fd_step * self._step_scale() / norm
         tangent = self.space.unflatten(vector)
         plus = {n: w + h * tangent[n] for n, w in weights.items()}
         minus = {n: w - h * tangent[n] for n, w in weights.items()}
         return (self._gradient_at(plus) - self._gradient_at(minus)) / (2.0 * h)
+
+    def _step_scale(self) -> float:
+        """1 + ||w||, once per operator (its copy of the weights never changes)."""
+        if self._fd_scale is None:
+            squares = sum(float(w.double().pow(2).sum()) for w in self.space.values.values())
+            self._fd_scale = 1.0 + math.sqrt(squares)
+        return self._fd_scale
 
     def _gradient_at(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """This process's part of the mean loss's gradient at `params` (flat, first order).
