@@ -210,6 +210,43 @@ def curvature_command(run_id: str, **overrides: Any) -> None:
     )
 
 
+@cli.command("pac-bayes")
+@click.option("--run-id", "run_ids", multiple=True, help="a logged run (repeatable)")
+@click.option("--parent-run", default=None, help="every finished child run of a study's parent")
+@click.option(
+    "--max-increase",
+    type=float,
+    default=None,
+    help="loss increase the noise may cause (default: the run's pac_bayes_increase)",
+)
+@click.option("--data-dir", default=None, help="data root (default: the runs')")
+@reports_user_errors
+@reads_store
+def pac_bayes_command(
+    run_ids: tuple[str, ...],
+    parent_run: str | None,
+    max_increase: float | None,
+    data_dir: str | None,
+) -> None:
+    """PAC-Bayes flatness of logged runs' final checkpoints, logged into those runs."""
+    from lossgeo.run.experiment import remeasure_pac_bayes
+    from lossgeo.run.tracking import finished_children
+
+    if max_increase is not None and not max_increase > 0:
+        raise UserInputError(f"max_increase: must be > 0 (got {max_increase})")
+    if bool(run_ids) == bool(parent_run):
+        raise UserInputError("give --run-id (one or more) or --parent-run, not both")
+    targets = list(run_ids) or finished_children(parent_run)  # type: ignore[arg-type]
+    if not targets:
+        raise UserInputError(f"parent_run: {parent_run} has no finished child runs")
+    for run_id in targets:
+        m = remeasure_pac_bayes(run_id, max_increase=max_increase, data_dir=data_dir)
+        click.echo(
+            f"run {run_id}: pac_bayes_flatness={m['pac_bayes_flatness']:.6g} "
+            f"pac_bayes_mag_flatness={m['pac_bayes_mag_flatness']:.6g}"
+        )
+
+
 @cli.command("landscape")
 @click.option("--run-id", required=True, help="MLflow run whose final checkpoint to slice")
 @click.option(

@@ -151,6 +151,12 @@ class TrainConfig:
     adaptive_radius: float = _param(
         0.5, "radius rho of adaptive sharpness ||delta/|w|||_2", _positive, "> 0"
     )
+    pac_bayes: bool = _param(
+        True, "PAC-Bayes flatness 1/sigma^2, plain and magnitude-aware, with the sharpness"
+    )
+    pac_bayes_increase: float = _param(
+        0.1, "loss increase the PAC-Bayes noise may cause (Jiang et al.'s d)", _positive, "> 0"
+    )
     landscape: bool = _param(True, "2D/1D loss slices and trajectory at the final epoch")
     landscape_resolution: int = _param(
         21, "grid points per axis of 2D slices (51 = Li et al.)", lambda n: n >= 3, ">= 3"

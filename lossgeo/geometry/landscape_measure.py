@@ -20,6 +20,7 @@ from lossgeo.curvature import hessian_eigen
 from lossgeo.curvature.operators import DataSource, LossFn
 from lossgeo.geometry.directions import random_direction, trajectory_pca
 from lossgeo.geometry.landscape import axis, interpolate, slice_1d, surface_2d
+from lossgeo.geometry.pac_bayes import pac_bayes_flatness
 from lossgeo.geometry.sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness
 
 
@@ -30,6 +31,8 @@ class LandscapeSettings:
     sharpness_radius: float = 0.05
     sharpness_eps: float = 1e-3
     adaptive_radius: float = 0.5
+    pac_bayes: bool = True
+    pac_bayes_increase: float = 0.1
     landscape: bool = True
     resolution: int = 21
     half_range: float = 1.0
@@ -56,6 +59,23 @@ def measure_sharpness(
         "adaptive_sharpness": adaptive_sharpness(
             model, loss_fn, data, radius=s.adaptive_radius
         ).value,
+    }
+
+
+def pac_bayes_measures(
+    model: nn.Module, loss_fn: LossFn, data: DataSource, max_increase: float, seed: int = 0
+) -> dict[str, float]:
+    """pac_bayes_flatness and pac_bayes_mag_flatness (1/sigma^2, Jiang et al.'s convention:
+    larger is sharper) and their sigmas."""
+    plain = pac_bayes_flatness(model, loss_fn, data, max_increase=max_increase, seed=seed)
+    magnitude = pac_bayes_flatness(
+        model, loss_fn, data, max_increase=max_increase, magnitude_aware=True, seed=seed
+    )
+    return {
+        "pac_bayes_flatness": plain.flatness,
+        "pac_bayes_sigma": plain.sigma,
+        "pac_bayes_mag_flatness": magnitude.flatness,
+        "pac_bayes_mag_sigma": magnitude.sigma,
     }
 
 
@@ -116,13 +136,15 @@ def measure_landscape(
     final: bool,
     cache: dict | None = None,
 ) -> tuple[dict[str, float], dict[str, object]]:
-    """Sharpness metrics every call; 2D/1D slices and the trajectory at the final epoch
-    (or every call with `every_epoch`)."""
+    """Sharpness metrics every call, PAC-Bayes flatness at the final epoch; 2D/1D slices
+    and the trajectory at the final epoch (or every call with `every_epoch`)."""
     start = time.perf_counter()
     metrics: dict[str, float] = {}
     artifacts: dict[str, object] = {}
     if s.sharpness:
         metrics.update(measure_sharpness(model, loss_fn, probe, s))
+    if s.pac_bayes and final:  # its bisection costs ~170 loss evaluations: the end point only
+        metrics.update(pac_bayes_measures(model, loss_fn, probe, s.pac_bayes_increase, s.seed))
     if s.landscape and (final or s.every_epoch):
         device = next(model.parameters()).device
         traj = [w.to(device) for w in trajectory]

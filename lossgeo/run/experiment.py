@@ -311,6 +311,29 @@ def remeasure_curvature(run_id: str, **overrides) -> dict[str, float]:
     return metrics
 
 
+def remeasure_pac_bayes(
+    run_id: str, *, max_increase: float | None = None, data_dir: str | None = None
+) -> dict[str, float]:
+    """PAC-Bayes flatness of a logged run's final checkpoint on its probe set, logged into
+    that run as top-level metrics at the step of its last measurement (the checkpoint's), so
+    that runs trained before the measure existed are scored with it."""
+    from lossgeo.geometry.landscape_measure import pac_bayes_measures
+    from lossgeo.run.tracking import metric_history
+
+    config, data, model, loss_fn = load_logged_run(run_id, data_dir=data_dir)
+    increase = config.pac_bayes_increase if max_increase is None else max_increase
+    if not increase > 0:
+        raise UserInputError(f"max_increase: must be > 0 (got {increase})")
+    metrics = pac_bayes_measures(
+        model, loss_fn, (data.probe.x, data.probe.y), increase, seed=config.seed
+    )
+    history = metric_history(run_id, "lambda_max") or metric_history(run_id, "train_loss")
+    run = TrackedRun(run_id=run_id)
+    run.log_metrics(metrics, step=max((step for step, _ in history), default=0))
+    run.set_tags({"pac_bayes_increase": str(increase)})
+    return metrics
+
+
 def remeasure_landscape(
     run_id: str,
     *,

@@ -15,7 +15,7 @@ from mlflow.entities import RunTag
 from lossgeo.errors import UserInputError
 
 from .heartbeat import END_REASON_TAG
-from .store import _fluent_uri, client, experiment_id, tracking_uri
+from .store import PARENT_TAG, _fluent_uri, client, experiment_id, tracking_uri
 
 
 def ui_link(run_id: str) -> str:
@@ -85,6 +85,19 @@ def find_runs(
     return c.search_runs(
         [experiment_id(experiment, c)], filter_string, order_by=order_by, max_results=max_results
     )
+
+
+def finished_children(parent_run_id: str) -> list[str]:
+    """Ids of the FINISHED child runs of a parent run (its experiment), oldest first."""
+    c = client()
+    parent = get_run(parent_run_id)
+    children = c.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50000,
+    )
+    return [r.info.run_id for r in children]
 
 
 def create_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
