@@ -182,12 +182,22 @@ def verdict_table(table: pd.DataFrame) -> str:
                 f"H4 & {pair} & {int(row['n'])} & share {stat} & -- & {row['verdict']} \\\\"
             )
             continue
+        role = row.get("role", "verdict")
         pair = f"{tex_escape(row['x'])} vs {tex_escape(row['y'])}"
+        name = row["hypothesis"]
+        if role == "stratum":
+            name, pair = "", f"\\quad within {tex_escape(row['strata'])}"
+        elif role == "pooled diagnostic":
+            name, pair = "", "\\quad pooled (diagnostic, not a verdict)"
+        partial = _ci(row, "partial_spearman", "partial_ci_low", "partial_ci_high")
+        if pd.notna(row.get("stratified")):
+            partial = "stratified " + _ci(
+                row, "stratified", "stratified_ci_low", "stratified_ci_high"
+            )
         lines.append(
-            f"{row['hypothesis']} & {pair} & {int(row['n'])} & "
+            f"{name} & {pair} & {int(row['n'])} & "
             f"{_ci(row, 'spearman', 'spearman_ci_low', 'spearman_ci_high')} & "
-            f"{_ci(row, 'partial_spearman', 'partial_ci_low', 'partial_ci_high')} & "
-            f"{row['verdict']} \\\\"
+            f"{partial} & {'--' if role == 'pooled diagnostic' else row['verdict']} \\\\"
         )
     lines += [r"\hline", r"\end{tabular}"]
     return "\n".join(lines)
@@ -196,6 +206,8 @@ def verdict_table(table: pd.DataFrame) -> str:
 def interpretation(table: pd.DataFrame) -> str:
     """Sentences generated from the verdicts, one per hypothesis, never typed by hand."""
     sentences = []
+    if "role" in table:  # per-stratum and pooled rows are shown in the table, not counted
+        table = table[table["role"].fillna("verdict") == "verdict"]
     for name, rows in table.groupby("hypothesis", sort=True):
         claim = (
             tex_escape(str(rows["claim"].dropna().iloc[0])) if rows["claim"].notna().any() else name

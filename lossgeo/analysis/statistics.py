@@ -113,6 +113,69 @@ def rank_correlation(
     return out
 
 
+# Fisher's z of a correlation from n runs has variance ~1/(n - 3 - q), q the number of
+# variables held fixed (Fisher 1924; Fieller, Hartley & Pearson 1957 for ranks): the
+# inverse-variance weights of a fixed-effect combination (Hedges & Olkin 1985, ch. 6).
+_RHO_LIMIT = 0.9999  # atanh(+-1) is infinite; a stratum at +-1 counts as very strong
+
+
+def _fisher_combined(rhos: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """tanh of the weighted mean of atanh(rho) over the last axis; NaN where a stratum is."""
+    z = np.arctanh(np.clip(rhos, -_RHO_LIMIT, _RHO_LIMIT))
+    return np.tanh((z * weights).sum(axis=-1) / weights.sum())
+
+
+def stratified_correlation(
+    x,
+    y,
+    strata,
+    control=None,
+    *,
+    confidence: float = CONFIDENCE,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Spearman of x and y (partial, given `control`, when given) within each stratum,
+    combined by Fisher's z with weights n_k - 3 - q; its CI by a bootstrap that resamples
+    runs within each stratum, so that no resample mixes the strata's levels. Keys: n,
+    combined, ci_low, ci_high, strata (one dict per stratum: stratum, n, rho, ci_low,
+    ci_high). Strata with too few runs for a weight (n_k <= 3 + q) are left out."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    z = None if control is None else np.asarray(control, dtype=float)
+    labels = np.asarray(strata, dtype=object)
+    q = 0 if z is None else 1
+    rng = np.random.default_rng(seed)
+    per_stratum, samples, weights = [], [], []
+    for label in pd.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        n_k = len(rows)
+        if n_k <= 3 + q:
+            continue
+        index = rows[rng.integers(0, n_k, size=(n_resamples, n_k))]
+
+        def rho_of(i: np.ndarray) -> np.ndarray:
+            if z is None:
+                return _spearman_rows(x[i], y[i])
+            return _partial_rows(x[i], y[i], z[i])
+
+        value = float(rho_of(rows[None])[0])
+        boot = rho_of(index)
+        low, high = _interval(boot, confidence)
+        per_stratum.append(
+            {"stratum": label, "n": n_k, "rho": value, "ci_low": low, "ci_high": high}
+        )
+        samples.append(boot)
+        weights.append(n_k - 3 - q)
+    out: dict[str, object] = {"n": sum(int(s["n"]) for s in per_stratum), "strata": per_stratum}
+    if not per_stratum:
+        return out
+    w = np.asarray(weights, dtype=float)
+    point = _fisher_combined(np.array([s["rho"] for s in per_stratum], dtype=float), w)
+    low, high = _interval(_fisher_combined(np.stack(samples, axis=1), w), confidence)
+    out.update(combined=float(point), ci_low=low, ci_high=high)
+    return out
+
+
 def verdict(low: float, high: float, sign: int) -> str:
     """held: the CI lies wholly on the hypothesised side of 0; contradicted: wholly on the
     other side; inconclusive: it contains 0 (or could not be computed)."""
@@ -131,13 +194,21 @@ def hypothesis_table(
     *,
     seed: int = 0,
     equal_fit: bool = True,
+    strata: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One row per hypothesis and pair of metrics, over the runs where x, y (and train loss)
     are finite: the correlations with CIs and the verdict. H2 is about equal fit, so its
     verdict comes from the partial Spearman given train loss (Spearman where the train loss
     is exactly equal); H1's from Spearman. Runs not trained to a common fit
     (`equal_fit=False`) give H2 a verdict only through the partial correlation, and only
-    from MIN_PARTIAL_N runs on; `verdict_from` says which, or why there is none."""
+    from MIN_PARTIAL_N runs on; `verdict_from` says which, or why there is none.
+
+    With `strata` (settings such as `model`), H2 is judged within each stratum and the
+    strata combined (`stratified_correlation`): the verdict row (role "verdict") holds the
+    combined value in `stratified`; one row per stratum (role "stratum") shows that
+    stratum's correlation and its own verdict; the pooled correlation is kept as a row with
+    role "pooled diagnostic" and verdict "diagnostic" (it can mix levels that differ for
+    other reasons, e.g. two architectures). Every other row has role "verdict"."""
     rows = []
     for h in hypotheses:
         columns = [h.x, h.y] + ([CONTROL] if CONTROL in runs else [])
@@ -150,7 +221,9 @@ def hypothesis_table(
             "n": 0,
         }
         if not {h.x, h.y} <= set(runs):
-            rows.append({**row, "verdict": "inconclusive", "verdict_from": "no data"})
+            rows.append(
+                {**row, "verdict": "inconclusive", "verdict_from": "no data", "role": "verdict"}
+            )
             continue
         data = runs[columns].apply(pd.to_numeric, errors="coerce")
         data = data[np.isfinite(data).all(axis=1)]
@@ -178,8 +251,74 @@ def hypothesis_table(
             if reason is not None:
                 row.update(verdict="inconclusive", verdict_from=reason)
         row["equal_fit"] = equal_fit
+        row["role"] = "verdict"
+        levels = [c for c in strata if c in runs]
+        if h.name == "H2" and levels:
+            rows.extend(_stratified_rows(runs, data.index, h, row, levels, control, seed))
+            continue
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _stratified_rows(
+    runs: pd.DataFrame,
+    index: pd.Index,
+    h: Hypothesis,
+    pooled: dict[str, object],
+    levels: list[str],
+    control: pd.Series | None,
+    seed: int,
+) -> list[dict[str, object]]:
+    """The stratified verdict row, one row per stratum and the pooled diagnostic row."""
+    labels = runs.loc[index, levels].astype(str).agg(", ".join, axis=1)
+    names = ", ".join(levels)
+    data = runs.loc[index, [h.x, h.y]].apply(pd.to_numeric, errors="coerce")
+    result = stratified_correlation(data[h.x], data[h.y], labels, control, seed=seed)
+    method = "partial Spearman given train loss" if control is not None else "Spearman"
+    base = {k: pooled[k] for k in ("hypothesis", "claim", "x", "y", "expected_sign", "equal_fit")}
+    verdict_row: dict[str, object] = {
+        **base,
+        "role": "verdict",
+        "n": result["n"],
+        "strata": names,
+        "stratified": result.get("combined", np.nan),
+        "stratified_ci_low": result.get("ci_low", np.nan),
+        "stratified_ci_high": result.get("ci_high", np.nan),
+        "verdict": verdict(
+            float(result.get("ci_low", np.nan)),  # type: ignore[arg-type]
+            float(result.get("ci_high", np.nan)),  # type: ignore[arg-type]
+            h.sign,
+        ),
+        "verdict_from": f"{method} within each {names}, Fisher-z combined",
+    }
+    if str(pooled.get("verdict_from", "")).startswith("no verdict"):
+        verdict_row.update(verdict="inconclusive", verdict_from=pooled["verdict_from"])
+    out = [verdict_row]
+    prefix = "partial" if control is not None else "spearman"
+    per_stratum: list[dict] = result["strata"]  # type: ignore[assignment]
+    for stratum in per_stratum:
+        out.append(
+            {
+                **base,
+                "role": "stratum",
+                "strata": f"{names} = {stratum['stratum']}",
+                "n": stratum["n"],
+                "partial_spearman" if prefix == "partial" else "spearman": stratum["rho"],
+                f"{prefix}_ci_low": stratum["ci_low"],
+                f"{prefix}_ci_high": stratum["ci_high"],
+                "verdict": verdict(stratum["ci_low"], stratum["ci_high"], h.sign),
+                "verdict_from": f"{method} within {names} = {stratum['stratum']}",
+            }
+        )
+    out.append(
+        {
+            **pooled,
+            "role": "pooled diagnostic",
+            "verdict": "diagnostic",
+            "verdict_from": f"pooled over {names}: not a verdict (it mixes the strata)",
+        }
+    )
+    return out
 
 
 def stability_edge(runs: pd.DataFrame, *, confidence: float = CONFIDENCE) -> dict[str, object]:
@@ -281,9 +420,17 @@ def trained_to_equal_fit(runs: pd.DataFrame) -> bool:
     return one_target and reached
 
 
-def study_verdicts(runs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+def default_strata(runs: pd.DataFrame) -> tuple[str, ...]:
+    """The architecture (`model`) when a study has more than one, else none."""
+    return ("model",) if "model" in runs and runs["model"].nunique() > 1 else ()
+
+
+def study_verdicts(
+    runs: pd.DataFrame, *, seed: int = 0, strata: Sequence[str] | None = None
+) -> pd.DataFrame:
     """H1-H4 over a study's finished runs: diverged runs and runs that missed their target
-    train loss are left out (they would compare regimes at unequal fit)."""
+    train loss are left out (they would compare regimes at unequal fit). H2 is stratified
+    by `strata` (default: `default_strata`)."""
     keep = runs
     for tag, bad in (("tags.diverged", "true"), ("tags.reached_target", "false")):
         if tag in keep:
@@ -292,9 +439,12 @@ def study_verdicts(runs: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
         keep = keep.assign(
             noise_temperature=pd.to_numeric(keep["lr"]) / pd.to_numeric(keep["batch_size"])
         )
-    table = hypothesis_table(keep, seed=seed, equal_fit=trained_to_equal_fit(keep))
+    strata = default_strata(keep) if strata is None else tuple(strata)
+    table = hypothesis_table(keep, seed=seed, equal_fit=trained_to_equal_fit(keep), strata=strata)
     extra = pd.DataFrame([temperature_alone(keep), stability_edge(keep)])
-    return pd.concat([table, extra], ignore_index=True)
+    verdicts = pd.concat([table, extra], ignore_index=True)
+    verdicts["role"] = verdicts["role"].fillna("verdict")
+    return verdicts
 
 
 SUMMARY_METRICS = [

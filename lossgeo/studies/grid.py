@@ -83,6 +83,8 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
                 "seeds": ",".join(map(str, spec.seeds)),
             }
         )
+        # a tag, not a param: a study may declare its strata after it started
+        parent.set_tags({"strata": ",".join(spec.strata)})
         try:
             for (model, regime, seed), config in configs.items():
                 cell = f"{model}/{regime}"

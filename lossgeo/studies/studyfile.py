@@ -49,6 +49,9 @@ class StudySpec:
     seed: int = 0
     # Training seeds: every grid cell runs once per seed (replicates; the base's seed if none).
     seeds: tuple[int, ...] = ()
+    # Settings within whose values a measure is related to a gap (stratified verdicts);
+    # empty: `model` when the study has more than one.
+    strata: tuple[str, ...] = ()
 
     @property
     def directions(self) -> list[str]:
@@ -217,6 +220,7 @@ _FIELDS = (
     "n_trials",
     "seed",
     "seeds",
+    "strata",
 )
 
 
@@ -236,6 +240,7 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
         "models": _models(path, raw, base),
         "seed": _study_seed(path, raw),
         "seeds": _seeds(path, raw, base),
+        "strata": _strata(path, raw),
     }
     if kind == "grid":
         spec["regimes"] = _grid_regimes(path, raw, base)
@@ -305,6 +310,19 @@ def _study_seed(path: Path, raw: dict) -> int:
     if not isinstance(study_seed, int) or isinstance(study_seed, bool) or study_seed < 0:
         raise _fail(path, "seed", f"must be an integer >= 0 (got {study_seed!r})")
     return study_seed
+
+
+def _strata(path: Path, raw: dict) -> tuple[str, ...]:
+    strata = raw.get("strata", [])
+    if isinstance(strata, str):
+        strata = [strata]
+    if not isinstance(strata, list):
+        raise _fail(path, "strata", f"must be a list of training parameters (got {strata!r})")
+    fields = _config_fields()
+    for name in strata:
+        if name not in fields or name == "seed":
+            raise _fail(path, "strata", f"{name!r} is not a training parameter other than seed")
+    return tuple(strata)
 
 
 def _seeds(path: Path, raw: dict, base: dict) -> tuple[int, ...]:

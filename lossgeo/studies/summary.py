@@ -9,9 +9,7 @@ import pandas as pd
 from lossgeo.analysis import plots
 from lossgeo.analysis import runs as analysis
 from lossgeo.analysis.statistics import cell_summary, study_verdicts
-from lossgeo.run.tracking import (
-    TrackedRun,
-)
+from lossgeo.run.tracking import TrackedRun, get_run
 
 
 def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataFrame:
@@ -70,10 +68,11 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
         finished = finished[finished["tags.diverged"] != "true"]
     if len(finished):
         run.log_text("summary.csv", cell_summary(finished).to_csv(index=False))
-    verdicts = study_verdicts(finished)
+    declared = get_run(parent_run_id).data.tags.get("strata", "")
+    verdicts = study_verdicts(finished, strata=tuple(declared.split(",")) if declared else None)
     run.log_text("correlations.csv", verdicts.to_csv(index=False))
     score = {"held": 1.0, "inconclusive": 0.0, "contradicted": -1.0}
-    for _, row in verdicts.iterrows():
+    for _, row in verdicts[verdicts["role"] == "verdict"].iterrows():
         pair = {"H3": "lambda_max_on_lr_and_B", "H4": "edge_ratio"}.get(
             row["hypothesis"], f"{row['x']}_vs_{row['y']}"
         )
@@ -84,6 +83,7 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
             "spearman_ci_high",
             "kendall",
             "partial_spearman",
+            "stratified",
         ):
             if pd.notna(row.get(column)):
                 metrics[f"{column}/{pair}"] = float(row[column])

@@ -135,3 +135,65 @@ def test_comparison_plots_get_cell_error_bars_only_with_replicates():
         assert len(bars) == 1 and len(bars[0].lines[0].get_xdata()) == 16  # one per cell
         single = runs.drop_duplicates("tags.cell")
         assert not [c for c in draw(single).axes[0].containers if isinstance(c, ErrorbarContainer)]
+
+
+def simpson_runs(n_per_model=12, seed=0):
+    """Within each architecture the sharper run has the larger gap; across them the CNN is
+    sharper and has the smaller gaps, so that the pooled correlation is negative."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for model, shift_x, shift_y in (("mlp", 0.0, 1.0), ("cnn", 10.0, 0.0)):
+        x = rng.uniform(0, 1, n_per_model)
+        for xi in x:
+            rows.append(
+                {
+                    "model": model,
+                    "lr": 0.1,
+                    "batch_size": 32,
+                    "lambda_max": shift_x + xi,
+                    "gen_gap": shift_y + 0.1 * xi + 0.01 * rng.normal(),
+                    "train_loss": 0.05 + 0.001 * rng.normal(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_h2_is_judged_within_architectures_and_the_pooled_figure_is_only_a_diagnostic():
+    from lossgeo.analysis.statistics import default_strata, stratified_correlation
+
+    runs = simpson_runs()
+    assert default_strata(runs) == ("model",)
+    table = study_verdicts(runs)
+    h2 = table[(table["hypothesis"] == "H2") & (table["y"] == "gen_gap")]
+    by_role = {role: rows for role, rows in h2.groupby("role")}
+    verdict_row = by_role["verdict"].iloc[0]
+    pooled = by_role["pooled diagnostic"].iloc[0]
+    assert pooled["partial_spearman"] < -0.5 and pooled["verdict"] == "diagnostic"
+    assert verdict_row["verdict"] == "held" and verdict_row["n"] == 24
+    assert set(by_role["stratum"]["strata"]) == {"model = mlp", "model = cnn"}
+    assert (by_role["stratum"]["verdict"] == "held").all()
+    # the combined value is the Fisher-z mean with weights n_k - 3 - 1 (one control)
+    rhos = by_role["stratum"]["partial_spearman"].to_numpy()
+    expected = np.tanh(np.arctanh(np.clip(rhos, -0.9999, 0.9999)).mean())  # equal n_k
+    assert verdict_row["stratified"] == pytest.approx(expected)
+    # one architecture: nothing to stratify, the pooled row is the verdict
+    mlp_only = study_verdicts(runs[runs["model"] == "mlp"])
+    assert set(mlp_only["role"]) == {"verdict"}
+    # strata too small for a weight are left out of the combination
+    tiny = stratified_correlation([1, 2, 3], [1, 2, 3], ["a", "a", "a"])
+    assert tiny["strata"] == [] and "combined" not in tiny
+
+
+def test_a_study_file_declares_its_strata(tmp_path):
+    from lossgeo.errors import UserInputError
+    from lossgeo.studies.studyfile import load_study_file
+
+    text = "kind: grid\nmodels: [mlp]\nregimes: {a: {lr: 0.1}}\nstrata: [NAME]\n"
+    good = tmp_path / "good.yaml"
+    good.write_text(text.replace("NAME", "hidden"))
+    assert load_study_file(good).strata == ("hidden",)
+    for bad in ("seed", "colour"):
+        path = tmp_path / f"{bad}.yaml"
+        path.write_text(text.replace("NAME", bad))
+        with pytest.raises(UserInputError, match="strata"):
+            load_study_file(path)
