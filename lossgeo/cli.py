@@ -473,6 +473,27 @@ def report_command(
     click.echo(f"{tex}" + (f"\n{pdf}" if pdf else "\n(pdflatex not found: sources only)"))
 
 
+@cli.command("measures")
+@click.option("--parent-run", required=True, help="a grid's or sweep's parent run id")
+@click.option("--out", "out_dir", default="measures", show_default=True)
+@reports_user_errors
+@reads_store
+def measures_command(parent_run: str, out_dir: str) -> None:
+    """Score every logged measure against the generalisation gap over a study's runs."""
+    from lossgeo.analysis.comparison import score_study_measures
+
+    table, paths = score_study_measures(parent_run, out_dir)
+    shown = table[table["gap"] == "gen_gap"]
+    click.echo(f"measures against gen_gap over {int(shown['n'].max())} runs, by Psi:")
+    for _, row in shown.fillna(float("nan")).iterrows():
+        click.echo(
+            f"  {row['measure']:<24} Psi {row['psi']:+.2f} "
+            f"[{row['psi_ci_low']:+.2f}, {row['psi_ci_high']:+.2f}]  tau {row['tau']:+.2f}  "
+            f"sign error {row['sign_error']:.2f}"
+        )
+    click.echo("\n".join(str(p) for p in paths.values()))
+
+
 def _note(message: str) -> None:
     click.echo(f"lossgeo: {message}", err=True)
 

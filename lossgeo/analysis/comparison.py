@@ -158,6 +158,37 @@ def report(
     return tex, pdf
 
 
+def score_study_measures(
+    parent_run: str, out_dir: str | Path = "measures", log: bool = True
+) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Scores every logged measure of a study's runs against gen_gap and gen_gap_acc
+    (`analysis.measures.score_measures`), writes measures.csv and measures.png to out_dir
+    and logs them on the parent run (measures.csv, plots/measures.png)."""
+    import matplotlib.pyplot as plt
+
+    from lossgeo.analysis.measures import score_measures
+
+    runs = select_runs(None, parent_run)
+    table = score_measures(runs)
+    if table.empty or table["psi"].isna().all():
+        raise UserInputError(
+            f"parent_run: its {len(runs)} finished run(s) vary no setting with a logged "
+            "measure and gap to score (a study over at least one factor is needed)"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"measures.csv": out / "measures.csv", "measures.png": out / "measures.png"}
+    table.to_csv(paths["measures.csv"], index=False)
+    figure = plots.measures_ranking(table)
+    figure.savefig(paths["measures.png"], dpi=130)
+    plt.close(figure)
+    if log:
+        parent = TrackedRun(run_id=parent_run)
+        parent.log_file(paths["measures.csv"])
+        parent.log_file(paths["measures.png"], "plots")
+    return table, paths
+
+
 ANALYSIS_RUN = "analysis"
 
 

@@ -270,6 +270,36 @@ def comparison_figures(
     return figures
 
 
+def measures_ranking(table: pd.DataFrame, gap: str = "gen_gap") -> Figure:
+    """The measures ranked by granulated Kendall Psi against `gap`, beside their sign error,
+    both with 95% bootstrap intervals (the table of `analysis.measures.score_measures`)."""
+    import numpy as np
+
+    rows = table[table["gap"] == gap].sort_values("psi", ascending=True, na_position="first")
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(10, 0.35 * max(len(rows), 4) + 1.4), sharey=True
+    )
+    position = np.arange(len(rows))
+    for ax, value, low, high, label, reference in (
+        (left, "psi", "psi_ci_low", "psi_ci_high", "granulated Kendall $\\Psi$", 0.0),
+        (right, "sign_error", "sign_error_ci_low", "sign_error_ci_high", "sign error", 0.5),
+    ):
+        centre = rows.get(value, pd.Series(np.nan, index=rows.index)).to_numpy(float)
+        below = centre - rows.get(low, pd.Series(np.nan, index=rows.index)).to_numpy(float)
+        above = rows.get(high, pd.Series(np.nan, index=rows.index)).to_numpy(float) - centre
+        ax.barh(position, centre, xerr=np.vstack([below, above]), color="#4c72b0", capsize=3)
+        ax.axvline(reference, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    left.set_yticks(position, rows["measure"].tolist())
+    right.set_title("0: always ordered like the gap; 0.5: chance", fontsize=8)
+    factors = str(rows["factors"].iloc[0]) if len(rows) and "factors" in rows else ""
+    n = int(rows["n"].max()) if len(rows) else 0
+    fig.suptitle(f"Which measure predicts {gap}? (factors: {factors}; {n} runs)")
+    fig.tight_layout()
+    return fig
+
+
 def optuna_figures(study) -> dict[str, Figure]:
     """Optuna's own matplotlib plots (history, importances, lr x batch-size contour)."""
     import warnings
