@@ -122,6 +122,23 @@ def draw_comparison(
     return paths
 
 
+def _measures_if_a_study(runs: pd.DataFrame, figure_dir: Path) -> pd.DataFrame | None:
+    """The measures' scores when the runs vary a factor (with their chart in figure_dir)."""
+    import matplotlib.pyplot as plt
+
+    from lossgeo.analysis.measures import score_measures, study_factors
+
+    if not study_factors(runs):
+        return None
+    table = score_measures(runs)
+    if table.empty or table["psi"].isna().all():
+        return None
+    figure = plots.measures_ranking(table)
+    figure.savefig(figure_dir / "measures.png", dpi=130)
+    plt.close(figure)
+    return table
+
+
 def _say_left_out(runs: pd.DataFrame, say: Callable[[str], None] | None) -> None:
     if say is not None and runs.attrs.get("left_out"):
         say(
@@ -147,7 +164,10 @@ def report(
     runs = select_runs(experiment, parent_run)
     _say_left_out(runs, say)
     draw_comparison(runs, figure_dir)
-    tex, pdf = write_report(runs, study_verdicts(runs), figure_dir, out, compile_pdf=compile_pdf)
+    measures = _measures_if_a_study(runs, figure_dir)
+    tex, pdf = write_report(
+        runs, study_verdicts(runs), figure_dir, out, compile_pdf=compile_pdf, measures=measures
+    )
     if log:
         with _output_run(experiment, parent_run, "report") as tracked:
             tracked.log_file(tex, "latex")

@@ -42,6 +42,22 @@ REFERENCES = r"""@inproceedings{keskar2017,
   title={Sharp Minima Can Generalize For Deep Nets},
   author={Dinh, Laurent and Pascanu, Razvan and Bengio, Samy and Bengio, Yoshua},
   booktitle={International Conference on Machine Learning}, year={2017}}
+@inproceedings{jiang2019,
+  title={Fantastic Generalization Measures and Where to Find Them},
+  author={Jiang, Yiding and Neyshabur, Behnam and Mobahi, Hossein and Krishnan, Dilip and
+          Bengio, Samy},
+  booktitle={International Conference on Learning Representations}, year={2020}}
+@inproceedings{dziugaite2020,
+  title={In Search of Robust Measures of Generalization},
+  author={Dziugaite, Gintare Karolina and Drouin, Alexandre and Neal, Brady and
+          Rajkumar, Nitarshan and Caballero, Ethan and Wang, Linbo and Mitliagkas, Ioannis
+          and Roy, Daniel M.},
+  booktitle={Advances in Neural Information Processing Systems}, year={2020}}
+@inproceedings{andriushchenko2023,
+  title={A Modern Look at the Relationship between Sharpness and Generalization},
+  author={Andriushchenko, Maksym and Croce, Francesco and M{\"u}ller, Maximilian and
+          Hein, Matthias and Flammarion, Nicolas},
+  booktitle={International Conference on Machine Learning}, year={2023}}
 @article{mccandlish2018,
   title={An Empirical Model of Large-Batch Training},
   author={McCandlish, Sam and Kaplan, Jared and Amodei, Dario and {OpenAI Dota Team}},
@@ -70,6 +86,11 @@ FIGURES = [
     ("gen_gap_vs_lambda.png", r"Final generalisation gap against final $\lambda_{\max}$."),
     ("noise_vs_lambda.png", r"Final $\lambda_{\max}$ against the noise temperature $\eta/B$."),
     ("spectra.png", "Hessian spectral densities at the final epoch (SLQ)."),
+    (
+        "measures.png",
+        r"Measures ranked by granulated Kendall $\Psi$ against the loss gap, and their sign "
+        r"error over one-factor pairs (95\% bootstrap intervals).",
+    ),
 ]
 
 
@@ -362,7 +383,53 @@ def spikes_paragraph(runs: pd.DataFrame) -> str:
     return "Flagged curvature spikes:\n\\begin{itemize}\n" + "\n".join(items) + "\n\\end{itemize}"
 
 
-def render(runs: pd.DataFrame, verdicts: pd.DataFrame, figures: list[str], title: str) -> str:
+def measures_section(measures: pd.DataFrame | None) -> str:
+    """The measures ranked against the loss gap (Jiang et al.'s Psi and tau, Dziugaite et
+    al.'s sign error), or nothing when the runs vary no factor."""
+    if measures is None or measures.empty or measures["psi"].isna().all():
+        return ""
+    rows = measures[measures["gap"] == "gen_gap"]
+    factors = [f for f in str(rows["factors"].iloc[0]).split(",") if f]
+    axis_heads = " & ".join(f"$\\tau$ {tex_escape(f)}" for f in factors)
+    lines = [
+        r"\begin{tabular}{l" + "l" * (len(factors) + 4) + "}",
+        r"\hline",
+        f"measure & $\\Psi$ [95\\% CI] & {axis_heads} & $\\tau$ [95\\% CI] & sign error "
+        r"[95\% CI] & worst axis \\",
+        r"\hline",
+    ]
+    for _, row in rows.iterrows():
+        axes = " & ".join(_ci(row, f"tau_{f}", "", "") for f in factors)
+        lines.append(
+            f"{tex_escape(row['measure'])} & {_ci(row, 'psi', 'psi_ci_low', 'psi_ci_high')} & "
+            f"{axes} & {_ci(row, 'tau', 'tau_ci_low', 'tau_ci_high')} & "
+            f"{_ci(row, 'sign_error', 'sign_error_ci_low', 'sign_error_ci_high')} & "
+            f"{tex_escape(str(row.get('worst_axis', '--')))} \\\\"
+        )
+    lines += [r"\hline", r"\end{tabular}"]
+    n = int(rows["n"].max())
+    return rf"""\subsection*{{Which measure predicts the gap}}
+Each logged measure against the loss gap over {n} runs, ranked by the granulated Kendall
+$\Psi$ \cite{{jiang2019}}: the mean over the factors ({tex_escape(", ".join(factors))}) of
+Kendall's $\tau$ within groups of runs where only that factor varies (seed fixed). The sign
+error \cite{{dziugaite2020}} is the share of pairs of runs differing in one factor that the
+measure orders against the gap (0.5: chance). Intervals: 95\% percentile bootstrap. The
+full table, also against the accuracy gap and after conditioning on the train loss, is
+\texttt{{measures.csv}}.
+
+\begin{{center}}
+\fitwidth{{{chr(10).join(lines)}}}
+\end{{center}}
+"""
+
+
+def render(
+    runs: pd.DataFrame,
+    verdicts: pd.DataFrame,
+    figures: list[str],
+    title: str,
+    measures: pd.DataFrame | None = None,
+) -> str:
     figure_tex = "\n".join(
         "\\begin{figure}[!htbp]\\centering\\includegraphics[width=0.7\\linewidth]{figures/"
         f"{name}}}\\caption{{{caption}}}\\end{{figure}}"
@@ -424,6 +491,8 @@ each with a 95\% percentile-bootstrap interval (runs resampled):
 \fitwidth{{{verdict_table(verdicts)}}}
 \end{{center}}
 
+{measures_section(measures)}
+
 {figure_tex}
 
 \section{{Interpretation}}
@@ -458,6 +527,7 @@ def write_report(
     out_dir: Path,
     title: str = "Loss landscape geometry, SGD noise and generalisation",
     compile_pdf: bool = True,
+    measures: pd.DataFrame | None = None,
 ) -> tuple[Path, Path | None]:
     """Writes out_dir/main.tex, references.bib and figures/; compiles main.pdf with pdflatex
     when it is on PATH. Returns (tex path, pdf path or None)."""
@@ -470,7 +540,7 @@ def write_report(
             shutil.copy(source, out_dir / "figures" / name)
             figures.append(name)
     tex = out_dir / "main.tex"
-    tex.write_text(render(runs, verdicts, figures, title))
+    tex.write_text(render(runs, verdicts, figures, title, measures))
     (out_dir / "references.bib").write_text(REFERENCES)
     if not compile_pdf or shutil.which("pdflatex") is None:
         return tex, None

@@ -180,3 +180,18 @@ def test_measures_command_refuses_bad_input_before_writing(tracking):
     assert flat.exit_code == 2 and "factor" in flat.output, flat.output
     assert not (tracking / "m").exists()
     assert not MlflowClient().list_artifacts(one_cell)
+
+
+def test_the_report_section_ranks_the_measures_and_is_absent_without_factors():
+    from lossgeo.analysis.report import measures_section
+
+    grid = planted_grid().assign(hessian_trace=lambda f: f["gen_gap"] ** 2)
+    table = score_measures(
+        grid, measures=["lambda_max", "hessian_trace"], gaps=["gen_gap"], factors=["a", "b", "c"]
+    )
+    tex = measures_section(table)
+    assert "granulated Kendall" in tex and "54 runs" in tex
+    # hessian_trace rises with the gap on every axis: ranked first, Psi 1
+    first, second = (line for line in tex.splitlines() if line.startswith(("hessian", "lambda")))
+    assert first.startswith("hessian\\_trace & 1.00") and second.startswith("lambda\\_max & -0.33")
+    assert measures_section(None) == "" and measures_section(table.iloc[0:0]) == ""
