@@ -14,6 +14,7 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10")
 MODELS = ("mlp", "cnn", "resnet", "vit")
 DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("cross_entropy", "mse")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 ACTIVATIONS = ("relu", "tanh")
 LANDSCAPE_DIRECTIONS = ("random", "eigen", "pca")
 # torch and numpy seed generators take unsigned 64-bit seeds, and the loop derives seed + 1
@@ -45,13 +46,21 @@ def _non_negative(x: float) -> bool:
 class TrainConfig:
     dataset: str = _param("mnist", "data set", choices=DATASETS)
     model: str = _param("mlp", "model architecture", choices=MODELS)
-    lr: float = _param(0.1, "SGD learning rate", _positive, "> 0")
+    lr: float = _param(0.1, "learning rate", _positive, "> 0")
     batch_size: int = _param(32, "mini-batch size", _positive, ">= 1 and <= training-set size")
     epochs: int = _param(
         3, "training epochs (0 = measure the initialisation only)", _non_negative, ">= 0"
     )
+    optimizer: str = _param(
+        "sgd", "optimizer (Adam's edge is on the preconditioned Hessian)", choices=OPTIMIZERS
+    )
     momentum: float = _param(0.0, "SGD momentum", lambda m: 0 <= m < 1, "in [0, 1)")
-    weight_decay: float = _param(0.0, "L2 weight decay", _non_negative, ">= 0")
+    beta1: float = _param(0.9, "Adam/AdamW beta1", lambda b: 0 <= b < 1, "in [0, 1)")
+    beta2: float = _param(0.999, "Adam/AdamW beta2", lambda b: 0 <= b < 1, "in [0, 1)")
+    adam_eps: float = _param(1e-8, "Adam/AdamW epsilon", _positive, "> 0")
+    weight_decay: float = _param(
+        0.0, "weight decay (L2 for sgd and adam, decoupled for adamw)", _non_negative, ">= 0"
+    )
     seed: int = _param(
         0,
         "random seed (data split, probe set, init, batches)",
@@ -152,7 +161,9 @@ class TrainConfig:
         0.5, "radius rho of adaptive sharpness ||delta/|w|||_2", _positive, "> 0"
     )
     pac_bayes: bool = _param(
-        True, "PAC-Bayes flatness 1/sigma^2, plain and magnitude-aware, with the sharpness"
+        True,
+        "PAC-Bayes flatness 1/sigma^2, plain and magnitude-aware, at the final point "
+        "(with sharpness on)",
     )
     pac_bayes_increase: float = _param(
         0.1, "loss increase the PAC-Bayes noise may cause (Jiang et al.'s d)", _positive, "> 0"
@@ -187,6 +198,11 @@ class TrainConfig:
             check = f.metadata["check"]
             if check is not None and not check(value):
                 raise UserInputError(f"{f.name}: must be {f.metadata['allowed']} (got {value!r})")
+        if self.optimizer != "sgd" and self.momentum > 0:
+            raise UserInputError(
+                f"momentum: only for optimizer sgd (got {self.momentum} with "
+                f"{self.optimizer}; its momentum is beta1)"
+            )
         if self.noise_scale and self.probe_size < 2:
             raise UserInputError(
                 f"probe_size: must be >= 2 for the gradient noise scale (a "

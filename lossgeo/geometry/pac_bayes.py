@@ -31,6 +31,7 @@ from lossgeo.curvature.operators import DataSource, LossFn, ParameterSpace, as_b
 MAGNITUDE_EPS = 1e-3  # Jiang et al.'s epsilon: the noise floor of the magnitude-aware form
 SIGMA_START = 1e-2
 SIGMA_LIMITS = (1e-8, 1e3)
+KEEP_DRAWS_BELOW = 2**25  # elements (128 MB in float32) of noise kept across sigmas
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,20 @@ class _NoisyLoss:
             seed,
         )
         self.count = 0
+        self._draws: dict[int, torch.Tensor] = {}
 
     def _draw(self, k: int) -> torch.Tensor:
-        # regenerated per draw rather than stored: n_samples copies of a large model would
-        # not fit; a CPU generator makes the draws the same on every device
+        # kept when n_samples copies of the weights are small (drawing dominates the cost of
+        # a small model), else drawn again at each sigma; a CPU generator makes the draws
+        # the same on every device
+        if k in self._draws:
+            return self._draws[k]
         generator = torch.Generator().manual_seed(self.seed + k)
-        z = torch.randn(self.space.dim, generator=generator, dtype=torch.float64)
-        return z.to(dtype=self.space.dtype, device=self.space.device)
+        z = torch.randn(self.space.dim, generator=generator, dtype=self.space.dtype)
+        z = z.to(device=self.space.device)
+        if self.n_samples * self.space.dim <= KEEP_DRAWS_BELOW:
+            self._draws[k] = z
+        return z
 
     def at(self, flat: torch.Tensor) -> float:
         params = self.space.unflatten(flat)

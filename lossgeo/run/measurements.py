@@ -59,7 +59,7 @@ def landscape_settings(config: TrainConfig) -> LandscapeSettings:
         sharpness_radius=config.sharpness_radius,
         sharpness_eps=config.sharpness_eps,
         adaptive_radius=config.adaptive_radius,
-        pac_bayes=config.pac_bayes,
+        pac_bayes=config.pac_bayes and config.sharpness,  # one of the sharpness family
         pac_bayes_increase=config.pac_bayes_increase,
         landscape=config.landscape,
         resolution=config.landscape_resolution,
@@ -90,7 +90,7 @@ def build_measurements(config: TrainConfig) -> list[Measurement]:
     measurements: list[Measurement] = []
     if config.noise_scale:
         measurements.append(NoiseScaleMeasurement())
-    if config.sharpness or config.landscape or config.pac_bayes:
+    if config.sharpness or config.landscape:
         measurements.append(
             LandscapeMeasurement(landscape_settings(config), on_test=config.landscape_on_test)
         )

@@ -44,16 +44,24 @@ from torch import nn
 
 from lossgeo.curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
 from lossgeo.curvature.distributed import resolve_group, unwrap
+from lossgeo.curvature.lanczos import lanczos
 from lossgeo.curvature.measure import (
     CurvatureMeasures,
     CurvatureSettings,
-    edge_ratio,
     measure_curvature,
     probe_is_finite,
 )
 from lossgeo.curvature.operators import HessianOperator
+from lossgeo.curvature.params import ParameterSpace
+from lossgeo.curvature.stability import (
+    StabilityEdge,
+    preconditioned_operator,
+    preconditioner,
+    stability_edge,
+)
 from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment, minibatches
 from lossgeo.curvature.warm import WarmEigen
+from lossgeo.geometry.regimes import REGIMES, EdgeRegimeDetector
 from lossgeo.geometry.spikes import OnlineSpikeDetector
 from lossgeo.run.names import curvature_artifacts, curvature_metrics
 from lossgeo.run.protocols import Measurement, MetricLogger
@@ -157,6 +165,7 @@ class Tracker:
             k=steps.k, tol=steps.tol, cold_every=steps.cold_every, seed=steps.seed
         )
         self.spikes = OnlineSpikeDetector(steps.spike_factor)
+        self.regimes = EdgeRegimeDetector()
         self.epoch_measurements = list(epoch_measurements)
         if not _logs(self.group):  # one run, logged by rank 0; the others measure along
             logger = _NoLogger()
@@ -174,6 +183,7 @@ class Tracker:
             minibatches(self.probe, batch_size, torch.Generator())  # batch sharpness can cut
         self._last_step: int | None = None
         self._warned_backwards = self._warned_nonfinite = False
+        self._edge_notes: set[str] = set()
 
     # -- what the optimizer runs at ---------------------------------------------------------
     @property
@@ -197,6 +207,52 @@ class Tracker:
         if isinstance(self.optimizer, torch.optim.SGD):
             return float(self.optimizer.param_groups[0].get("momentum", 0.0))
         return 0.0
+
+    def stability_edge(self) -> StabilityEdge:
+        """The stability threshold that the edge ratios use, read now: 2(1+m)/lr when `lr`
+        was given, else that of the optimizer stepping (`curvature.stability`)."""
+        if self._lr is not None:
+            return StabilityEdge(2 * (1 + self.momentum) / self._lr, rule="2(1+m)/lr")
+        if self.optimizer is None:
+            return StabilityEdge(None, note="no optimizer or lr given")
+        return stability_edge(self.optimizer)
+
+    def _edge_metrics(
+        self, op: HessianOperator | None, lambda_max: float, prefix: str = ""
+    ) -> dict[str, float]:
+        """stability_threshold and edge_ratio (against lambda_max, or for adaptive optimizers
+        against preconditioned_lambda_max, which is measured here); a threshold that is not
+        known, or a preconditioner not there yet, is noted once in the log and the tags."""
+        edge = self.stability_edge()
+        if edge.threshold is None:
+            self._note_edge(edge.note)
+            return {}
+        out = {f"{prefix}stability_threshold": edge.threshold}
+        if not edge.preconditioned:
+            out[f"{prefix}edge_ratio"] = lambda_max / edge.threshold
+            return out
+        assert self.optimizer is not None
+        space = ParameterSpace(self.model, self.params)
+        p, why = preconditioner(self.optimizer, self.model, space)
+        if p is None:
+            self._note_edge(f"no preconditioned_lambda_max: {why}")
+            return out
+        top = lanczos(
+            preconditioned_operator(op or self._operator(), p),
+            k=1,
+            tol=self.step_settings.tol,
+            seed=self.step_settings.seed,
+        )
+        value = float(top.values[0])
+        out[f"{prefix}preconditioned_lambda_max"] = value
+        out[f"{prefix}edge_ratio"] = value / edge.threshold
+        return out
+
+    def _note_edge(self, note: str) -> None:
+        if note and note not in self._edge_notes:
+            self._edge_notes.add(note)
+            log.warning("lossgeo: no edge ratio: %s", note)
+            self.logger.set_tags({"stability_edge_note": note})
 
     def _operator(self) -> HessianOperator:
         """A Hessian operator on the probe set, under the math attention backend from the
@@ -253,6 +309,7 @@ class Tracker:
         metrics = self.measure_step()
         if loss is not None:
             metrics["step/train_loss"] = float(loss)
+        self._record_regime(metrics)
         spike = None
         if math.isfinite(metrics["step/lambda_max"]):
             spike = self.spikes.update(
@@ -265,6 +322,18 @@ class Tracker:
             self.logger.set_tags({SPIKE_TAG: message})
             log.warning("lossgeo: curvature spike at %s", message)
         return metrics
+
+    def _record_regime(self, metrics: dict[str, float]) -> None:
+        """The regime against the edge (`geometry.regimes`) of the sharpness that governs
+        the optimizer: batch sharpness for mini-batch SGD, else the edge ratio (lambda_max
+        for full-batch GD, the preconditioned lambda_max for adaptive methods)."""
+        ratio = metrics.get("step/batch_edge_ratio", metrics.get("step/edge_ratio", math.nan))
+        regime = self.regimes.update(ratio, metrics.get("step/probe_loss", math.nan))
+        if regime is None:
+            return
+        metrics["step/regime"] = float(REGIMES[regime])
+        metrics["step/at_edge_share"] = self.regimes.share_at_edge
+        self.logger.set_tags({"edge_regime": regime})
 
     def measure_step(self) -> dict[str, float]:
         """The per-step set now (not logged). A model whose probe loss or gradient is not
@@ -312,10 +381,9 @@ class Tracker:
                 "step/batch_sharpness_n": float(bs.n_batches),
             }
         )
-        lr = self.lr
-        if lr is not None:
-            metrics["step/edge_ratio"] = edge_ratio(lam, lr, self.momentum)
-            metrics["step/batch_edge_ratio"] = edge_ratio(bs.value, lr, self.momentum)
+        metrics.update(self._edge_metrics(op, lam, prefix="step/"))
+        if "step/edge_ratio" in metrics and "step/preconditioned_lambda_max" not in metrics:
+            metrics["step/batch_edge_ratio"] = bs.value / metrics["step/stability_threshold"]
         self.n_measurements += 1
         metrics["step/seconds"] = time.perf_counter() - started
         return metrics
@@ -350,6 +418,10 @@ class Tracker:
             if state is not None and measures.top is not None and hasattr(state, "cache"):
                 state.cache["hessian_top"] = measures.top
             metrics.update(curvature_metrics(measures, lr=self.lr, momentum=self.momentum))
+            if self.optimizer is not None and self._lr is None:
+                # the optimizer's own edge (Nesterov, dampening, Adam's preconditioned form)
+                metrics.pop("edge_ratio", None)
+                metrics.update(self._edge_metrics(None, measures.lambda_max))
             artifacts.update(curvature_artifacts(measures, self.curvature))
             self.epoch_seconds["curvature"] = measures.seconds
             if state is not None and hasattr(state, "metrics"):

@@ -150,6 +150,26 @@ def train(
     )
 
 
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The run's optimizer: SGD (with `momentum`), Adam or AdamW (with `beta1`, `beta2`,
+    `adam_eps`), all with `weight_decay`."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    adaptive = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return adaptive(
+        model.parameters(),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+
+
 class _Loop:
     """The state of one training run and its steps, one method each: train an epoch,
     evaluate, measure, record, report. `train` reads as the order they run in."""
@@ -166,12 +186,7 @@ class _Loop:
     ) -> None:
         self.config, self.data, self.model, self.loss_fn = config, data, model, loss_fn
         self.logger, self.measurements = logger, measurements
-        self.optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
+        self.optimizer = make_optimizer(config, model)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.schedule = measured_epochs(config.epochs, config.measure_every)
         self.history: list[dict[str, float]] = []

@@ -21,7 +21,13 @@ def probe_measures(run_id: str, increase: float = 0.1) -> dict[str, float]:
 
 def test_a_run_logs_pac_bayes_flatness_once_at_its_final_checkpoint(tracking, fake_data_dir):
     config = tiny_config(
-        fake_data_dir, epochs=2, curvature=False, sharpness=False, landscape=False, pac_bayes=True
+        fake_data_dir,
+        epochs=2,
+        curvature=False,
+        sharpness=True,
+        sharpness_directions=1,
+        landscape=False,
+        pac_bayes=True,
     )
     outcome = run_training(config)
     client = MlflowClient()

@@ -1,0 +1,70 @@
+"""Where a run stands against its optimizer's stability edge, measurement by measurement.
+
+The ratio is that of the sharpness which governs the optimizer to its threshold (batch
+sharpness for mini-batch SGD, lambda_max for full-batch GD, the preconditioned lambda_max for
+Adam; see `curvature.stability`). Regimes:
+
+- ``at_edge``: the ratio has stayed within 1 +- `band` for the last `window` measurements
+  (Cohen et al. 2021 and Andreyev & Beneventano 2024 describe a sharpness that rises to the
+  threshold and hovers there);
+- ``at_edge_stalled``: at the edge, and the probe loss has not decreased over that window;
+- ``above``: over 1 + band, not (yet) for a whole window;
+- ``below``: anything else under the threshold; a run that converges before it reaches the
+  edge stays here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Sequence
+
+REGIMES = {"below": 0, "at_edge": 1, "at_edge_stalled": 2, "above": 3}
+WINDOW = 5
+BAND = 0.1
+
+
+class EdgeRegimeDetector:
+    """Online: `update(ratio, probe_loss)` after each measurement returns its regime (None
+    for a ratio that is not finite: that measurement is not counted)."""
+
+    def __init__(self, window: int = WINDOW, band: float = BAND) -> None:
+        if window < 1 or not 0 < band < 1:
+            raise ValueError("window: must be >= 1 and band in (0, 1)")
+        self.window, self.band = window, band
+        self._recent: deque[tuple[float, float]] = deque(maxlen=window)
+        self.counts = {name: 0 for name in REGIMES}
+
+    def update(self, ratio: float, probe_loss: float) -> str | None:
+        if not math.isfinite(ratio):
+            return None
+        self._recent.append((ratio, probe_loss))
+        full = len(self._recent) == self.window
+        if full and all(abs(r - 1) <= self.band for r, _ in self._recent):
+            first, last = self._recent[0][1], self._recent[-1][1]
+            regime = "at_edge" if last < first else "at_edge_stalled"
+        elif ratio > 1 + self.band:
+            regime = "above"
+        else:
+            regime = "below"
+        self.counts[regime] += 1
+        return regime
+
+    @property
+    def share_at_edge(self) -> float:
+        """The share of counted measurements at the edge (stalled or not)."""
+        total = sum(self.counts.values())
+        at_edge = self.counts["at_edge"] + self.counts["at_edge_stalled"]
+        return at_edge / total if total else math.nan
+
+
+def edge_regimes(
+    ratios: Sequence[float],
+    probe_losses: Sequence[float],
+    *,
+    window: int = WINDOW,
+    band: float = BAND,
+) -> list[str | None]:
+    """The regime of each measurement of a logged series (as the online detector saw it)."""
+    detector = EdgeRegimeDetector(window, band)
+    return [detector.update(r, loss) for r, loss in zip(ratios, probe_losses)]
