@@ -53,6 +53,7 @@ from lossgeo.curvature.measure import (
 )
 from lossgeo.curvature.operators import HessianOperator
 from lossgeo.curvature.params import ParameterSpace
+from lossgeo.curvature.peak import PeakMemory
 from lossgeo.curvature.stability import (
     StabilityEdge,
     preconditioned_operator,
@@ -214,7 +215,7 @@ class Tracker:
         if self._lr is not None:
             return StabilityEdge(2 * (1 + self.momentum) / self._lr, rule="2(1+m)/lr")
         if self.optimizer is None:
-            return StabilityEdge(None, note="no optimizer or lr given")
+            return StabilityEdge(None)  # nothing steps that lossgeo knows of: nothing to note
         return stability_edge(self.optimizer)
 
     def _edge_metrics(
@@ -247,6 +248,17 @@ class Tracker:
         out[f"{prefix}preconditioned_lambda_max"] = value
         out[f"{prefix}edge_ratio"] = value / edge.threshold
         return out
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _skip(self, what: str, error: BaseException) -> None:
+        """A measurement that cannot fit in memory even one sample at a time: tagged and
+        warned about; the training run goes on without it."""
+        message = f"{what} skipped: {error}"
+        log.warning("lossgeo: %s", message)
+        self.logger.set_tags({f"{what}_skipped": message})
 
     def _note_edge(self, note: str) -> None:
         if note and note not in self._edge_notes:
@@ -306,7 +318,13 @@ class Tracker:
         self._last_step = global_step
         if not self.due(global_step):
             return None
-        metrics = self.measure_step()
+        try:
+            with PeakMemory(self._device) as peak:
+                metrics = self.measure_step()
+        except MemoryError as error:
+            self._skip("step_curvature", error)
+            return None
+        metrics["step/peak_mb"] = peak.megabytes
         if loss is not None:
             metrics["step/train_loss"] = float(loss)
         self._record_regime(metrics)
@@ -412,16 +430,23 @@ class Tracker:
         metrics: dict[str, float] = {}
         artifacts: dict[str, Any] = {}
         self.epoch_seconds = {}
+        measures = None
         if self.curvature is not None:
             final = final or bool(getattr(state, "is_last", False))
-            measures = self.measure_curvature(final=final)
+            try:
+                with PeakMemory(self._device) as peak:
+                    measures = self.measure_curvature(final=final)
+            except MemoryError as error:  # one sample does not fit: train on without it
+                self._skip("curvature", error)
+        if measures is not None:
             if state is not None and measures.top is not None and hasattr(state, "cache"):
                 state.cache["hessian_top"] = measures.top
             metrics.update(curvature_metrics(measures, lr=self.lr, momentum=self.momentum))
-            if self.optimizer is not None and self._lr is None:
-                # the optimizer's own edge (Nesterov, dampening, Adam's preconditioned form)
-                metrics.pop("edge_ratio", None)
-                metrics.update(self._edge_metrics(None, measures.lambda_max))
+            metrics["curvature_peak_mb"] = peak.megabytes
+            # the optimizer's own edge (Nesterov, dampening, Adam's preconditioned form)
+            metrics.pop("edge_ratio", None)
+            metrics.update(self._edge_metrics(None, measures.lambda_max))
+            assert self.curvature is not None  # measures exist only with settings
             artifacts.update(curvature_artifacts(measures, self.curvature))
             self.epoch_seconds["curvature"] = measures.seconds
             if state is not None and hasattr(state, "metrics"):
