@@ -72,8 +72,13 @@ def batch_sharpness(
     size_fn: Callable[[Any], int] | None = None,
     math_attention: bool = False,
     process_group: Any = None,
+    preconditioner: torch.Tensor | None = None,
 ) -> BatchSharpnessResult:
     """E_B[g_B^T H_B g_B / ||g_B||^2] over mini-batches of the probe set (module docstring).
+    With a diagonal `preconditioner` P (flat, in the order of `params`; Adam's
+    sqrt(v_hat) + eps), the preconditioned form E_B[u^T H_B u / u^T P u] with u = P^-1 g_B:
+    the curvature along the step the adaptive optimizer takes, to compare with its
+    threshold on P^-1/2 H P^-1/2.
     A batch whose gradient vanishes contributes nothing (its ratio is undefined).
     math_attention: start under the math attention backend; once one batch's operator falls
     back to it, the later batches start there too.
@@ -106,10 +111,11 @@ def batch_sharpness(
             math_attention=math_attention,
         )
         g = op.gradient()
-        norm_sq = float(g.double().pow(2).sum())
+        direction = g if preconditioner is None else g / preconditioner.to(g)
+        norm_sq = float(torch.dot(g.double(), direction.double()))  # u^T P u, or ||g||^2
         ratio = math.nan
         if norm_sq != 0.0 and math.isfinite(norm_sq):
-            ratio = float(torch.dot(g.double(), (op @ g).double())) / norm_sq
+            ratio = float(torch.dot(direction.double(), (op @ direction).double())) / norm_sq
             n_hvp += 1
         # a vanished gradient contributes nothing (NaN, dropped), on every rank alike
         ratios += [r for r in _gathered(ratio, group, world) if not math.isnan(r)]

@@ -232,9 +232,7 @@ class Tracker:
         if not edge.preconditioned:
             out[f"{prefix}edge_ratio"] = lambda_max / edge.threshold
             return out
-        assert self.optimizer is not None
-        space = ParameterSpace(self.model, self.params)
-        p, why = preconditioner(self.optimizer, self.model, space)
+        p, why = self._preconditioner()
         if p is None:
             self._note_edge(f"no preconditioned_lambda_max: {why}")
             return out
@@ -259,6 +257,13 @@ class Tracker:
         message = f"{what} skipped: {error}"
         log.warning("lossgeo: %s", message)
         self.logger.set_tags({f"{what}_skipped": message})
+
+    def _preconditioner(self) -> tuple[torch.Tensor | None, str]:
+        """The adaptive optimizer's diagonal preconditioner now, in the measured parameters'
+        order (None and why before its first step)."""
+        assert self.optimizer is not None
+        space = ParameterSpace(self.model, self.params)
+        return preconditioner(self.optimizer, self.model, space)
 
     def _note_edge(self, note: str) -> None:
         if note and note not in self._edge_notes:
@@ -378,6 +383,8 @@ class Tracker:
         if eig.cold_gap is not None:
             metrics["step/lambda_max_cold_gap"] = eig.cold_gap
             metrics["step/lambda_max_cold_n_hvp"] = float(eig.cold_n_hvp)
+        edge = self.stability_edge()
+        p = self._preconditioner()[0] if edge.preconditioned else None
         bs = batch_sharpness(
             self.model,
             self.loss_fn,
@@ -391,6 +398,7 @@ class Tracker:
             size_fn=self.size_fn,
             math_attention=op.math_attention,
             process_group=self.group,
+            preconditioner=p,
         )
         metrics.update(
             {
@@ -400,7 +408,8 @@ class Tracker:
             }
         )
         metrics.update(self._edge_metrics(op, lam, prefix="step/"))
-        if "step/edge_ratio" in metrics and "step/preconditioned_lambda_max" not in metrics:
+        if "step/edge_ratio" in metrics:
+            # for adaptive optimizers batch sharpness was taken in its preconditioned form
             metrics["step/batch_edge_ratio"] = bs.value / metrics["step/stability_threshold"]
         self.n_measurements += 1
         metrics["step/seconds"] = time.perf_counter() - started

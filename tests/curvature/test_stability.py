@@ -124,3 +124,17 @@ def test_a_bad_preconditioner_is_refused():
         preconditioned_operator(op, torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="length 3"):
         preconditioned_operator(op, torch.ones(2, dtype=torch.float64))
+
+
+def test_preconditioned_batch_sharpness_is_the_curvature_along_adams_step():
+    from lossgeo.curvature.stochastic import batch_sharpness
+
+    model = Point()
+    p = torch.tensor([0.5, 2.0, 0.1], dtype=torch.float64)
+    # one batch holding the whole probe set: the expectation is that batch's value
+    result = batch_sharpness(model, quadratic, DATA, batch_size=2, preconditioner=p, min_batches=1)
+    g = H @ model.w.detach()
+    u = g / p
+    assert result.value == pytest.approx(float(u @ H @ u / (g @ u)), rel=1e-10)
+    plain = batch_sharpness(model, quadratic, DATA, batch_size=2, min_batches=1)
+    assert plain.value == pytest.approx(float(g @ H @ g / (g @ g)), rel=1e-10)

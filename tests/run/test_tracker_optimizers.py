@@ -59,7 +59,11 @@ def test_adamw_logs_preconditioned_sharpness_threshold_and_edge_ratio_at_its_ste
     )
     # Adam's scale: the preconditioned value is far above raw lambda_max (P ~ sqrt(v) << 1)
     assert last["step/preconditioned_lambda_max"] > 10 * last["step/lambda_max"]
-    assert "step/batch_edge_ratio" not in last
+    # batch sharpness in its preconditioned form, against the same threshold
+    assert last["step/batch_edge_ratio"] == pytest.approx(
+        last["step/batch_sharpness"] / (38 / 1e-3)
+    )
+    assert last["step/batch_sharpness"] > 10 * last["step/lambda_max"]
 
 
 def test_nesterov_uses_its_own_threshold_and_an_unknown_optimizer_gets_a_note():
