@@ -334,10 +334,10 @@ class Tracker:
             metrics["step/train_loss"] = float(loss)
         self._record_regime(metrics)
         spike = None
-        if math.isfinite(metrics["step/lambda_max"]):
-            spike = self.spikes.update(
-                global_step, metrics["step/lambda_max"], metrics.get("step/edge_ratio")
-            )
+        # the sharpness that governs the optimizer: Adam's is the preconditioned one
+        governing = metrics.get("step/preconditioned_lambda_max", metrics["step/lambda_max"])
+        if math.isfinite(governing):
+            spike = self.spikes.update(global_step, governing, metrics.get("step/edge_ratio"))
         metrics["step/spike"] = 0.0 if spike is None else 1.0
         self.logger.log_metrics(metrics, step=global_step)
         if spike is not None:

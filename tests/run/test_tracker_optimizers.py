@@ -142,3 +142,21 @@ def test_momentum_with_an_adaptive_optimizer_is_refused():
         TrainConfig(optimizer="adam", momentum=0.9)
     with pytest.raises(UserInputError, match="optimizer: must be one of sgd, adam, adamw"):
         TrainConfig(optimizer="lion")
+
+
+def test_spikes_under_adam_are_read_on_the_preconditioned_sharpness(monkeypatch):
+    model, x, y, adamw, logger, tracker, _ = run(
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), steps=2, every=1
+    )
+    # a jump of the preconditioned value alone (raw lambda_max unchanged) is a spike
+    original = tracker._edge_metrics
+
+    def tripled(op, lam, prefix=""):
+        out = original(op, lam, prefix)
+        out[f"{prefix}preconditioned_lambda_max"] *= 3
+        return out
+
+    monkeypatch.setattr(tracker, "_edge_metrics", tripled)
+    metrics = tracker.step(3)
+    assert metrics["step/spike"] == 1.0
+    assert "lambda_max" in logger.tags["lossgeo_last_spike"]
