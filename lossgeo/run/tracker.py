@@ -165,6 +165,10 @@ class Tracker:
         self.warm = WarmEigen(
             k=steps.k, tol=steps.tol, cold_every=steps.cold_every, seed=steps.seed
         )
+        # Adam's preconditioned lambda_max per step, warm-started like lambda_max
+        self.warm_preconditioned = WarmEigen(
+            k=1, tol=steps.tol, cold_every=steps.cold_every, seed=steps.seed
+        )
         self.spikes = OnlineSpikeDetector(steps.spike_factor)
         self.regimes = EdgeRegimeDetector()
         self.epoch_measurements = list(epoch_measurements)
@@ -236,13 +240,14 @@ class Tracker:
         if p is None:
             self._note_edge(f"no preconditioned_lambda_max: {why}")
             return out
-        top = lanczos(
-            preconditioned_operator(op or self._operator(), p),
-            k=1,
-            tol=self.step_settings.tol,
-            seed=self.step_settings.seed,
-        )
-        value = float(top.values[0])
+        operator = preconditioned_operator(op or self._operator(), p)
+        if prefix == "step/":  # warm-started from the previous step's vector
+            tracked = self.warm_preconditioned.solve(operator)
+            value = tracked.lambda_max
+            out[f"{prefix}preconditioned_lambda_max_n_hvp"] = float(tracked.n_hvp)
+        else:
+            top = lanczos(operator, k=1, tol=self.step_settings.tol, seed=self.step_settings.seed)
+            value = float(top.values[0])
         out[f"{prefix}preconditioned_lambda_max"] = value
         out[f"{prefix}edge_ratio"] = value / edge.threshold
         return out

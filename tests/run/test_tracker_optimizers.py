@@ -64,6 +64,12 @@ def test_adamw_logs_preconditioned_sharpness_threshold_and_edge_ratio_at_its_ste
         last["step/batch_sharpness"] / (38 / 1e-3)
     )
     assert last["step/batch_sharpness"] > 10 * last["step/lambda_max"]
+    # warm-started: the second solve starts from the first one's vector
+    first_solve, second_solve = (
+        m[1]["step/preconditioned_lambda_max_n_hvp"] for m in logger.metrics
+    )
+    assert tracker.warm_preconditioned.state.n_solves == 2
+    assert second_solve <= first_solve
 
 
 def test_nesterov_uses_its_own_threshold_and_an_unknown_optimizer_gets_a_note():
