@@ -18,14 +18,18 @@ The per-step set (prefix `step/`, MLflow step = the optimizer step): `lambda_max
 (warm-started from the previous Ritz vectors, `lossgeo.curvature.warm`),
 `lambda_max_n_hvp`, `lambda_max_cold_gap` (at every cold check), `batch_sharpness` (+
 `_se`, `_n`), `grad_alignment` (share of the probe gradient in the tracked top-k eigenspace),
-`grad_norm`, `probe_loss`, `edge_ratio` and `batch_edge_ratio` (lambda_max and batch
-sharpness against 2(1 + momentum)/lr, when the learning rate is known), `train_loss` (the
-value passed in), `seconds`. A curvature spike is reported when it happens (`step/spike`,
-tag `lossgeo_last_spike`, a warning).
+`grad_norm`, `probe_loss`, `stability_threshold`, `edge_ratio` and `batch_edge_ratio`
+(lambda_max and batch sharpness against the threshold of the optimizer that steps, see
+`lossgeo.curvature.stability`; for Adam/AdamW against `preconditioned_lambda_max` and the
+preconditioned batch sharpness), `regime` (below / at the edge / stalled / above,
+`lossgeo.geometry.regimes`), `peak_mb`, `train_loss` (the value passed in), `seconds`. A
+curvature spike is reported when it happens (`step/spike`, tag `lossgeo_last_spike`, a
+warning).
 
 The epoch set is `lossgeo.curvature.measure_curvature` with `CurvatureSettings` (metric
 names from `lossgeo.run.names`): lambda_max .. lambda_k, lambda_min, the trace, the effective
-dimension, GGN and Fisher lambda_max, lambda_max per layer and the edge ratio. lossgeo's own
+dimension, GGN and Fisher lambda_max, lambda_max per layer, the edge ratio and the peak
+memory (`curvature_peak_mb`). lossgeo's own
 training loop (`lossgeo.run.train`) measures through this class too, with the same function,
 settings and layer names; its noise scale and landscapes come in as `epoch_measurements`.
 """
