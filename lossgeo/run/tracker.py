@@ -227,12 +227,17 @@ class Tracker:
         return stability_edge(self.optimizer)
 
     def _edge_metrics(
-        self, op: HessianOperator | None, lambda_max: float, prefix: str = ""
+        self,
+        op: HessianOperator | None,
+        lambda_max: float,
+        prefix: str = "",
+        edge: StabilityEdge | None = None,
+        conditioner: tuple[torch.Tensor | None, str] | None = None,
     ) -> dict[str, float]:
         """stability_threshold and edge_ratio (against lambda_max, or for adaptive optimizers
         against preconditioned_lambda_max, which is measured here); a threshold that is not
         known, or a preconditioner not there yet, is noted once in the log and the tags."""
-        edge = self.stability_edge()
+        edge = edge or self.stability_edge()
         if edge.threshold is None:
             self._note_edge(edge.note)
             return {}
@@ -240,7 +245,7 @@ class Tracker:
         if not edge.preconditioned:
             out[f"{prefix}edge_ratio"] = lambda_max / edge.threshold
             return out
-        p, why = self._preconditioner()
+        p, why = conditioner or self._preconditioner()
         if p is None:
             self._note_edge(f"no preconditioned_lambda_max: {why}")
             return out
@@ -392,8 +397,9 @@ class Tracker:
         if eig.cold_gap is not None:
             metrics["step/lambda_max_cold_gap"] = eig.cold_gap
             metrics["step/lambda_max_cold_n_hvp"] = float(eig.cold_n_hvp)
+        # read once per measurement: batch sharpness and the edge use the same P
         edge = self.stability_edge()
-        p = self._preconditioner()[0] if edge.preconditioned else None
+        conditioner = self._preconditioner() if edge.preconditioned else (None, "")
         bs = batch_sharpness(
             self.model,
             self.loss_fn,
@@ -407,7 +413,7 @@ class Tracker:
             size_fn=self.size_fn,
             math_attention=op.math_attention,
             process_group=self.group,
-            preconditioner=p,
+            preconditioner=conditioner[0],
         )
         metrics.update(
             {
@@ -416,7 +422,7 @@ class Tracker:
                 "step/batch_sharpness_n": float(bs.n_batches),
             }
         )
-        metrics.update(self._edge_metrics(op, lam, prefix="step/"))
+        metrics.update(self._edge_metrics(op, lam, "step/", edge, conditioner))
         if "step/edge_ratio" in metrics:
             # for adaptive optimizers batch sharpness was taken in its preconditioned form
             metrics["step/batch_edge_ratio"] = bs.value / metrics["step/stability_threshold"]
