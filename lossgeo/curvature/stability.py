@@ -21,7 +21,6 @@ hyperparameter) gets no threshold and a note saying why: never a wrong number.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -127,10 +126,3 @@ def preconditioned_operator(op: LinearOperator, p: torch.Tensor) -> LambdaOperat
     return LambdaOperator(
         lambda v: scale * (op @ (scale * v)), op.dim, dtype=op.dtype, device=op.device
     )
-
-
-def within_edge(value: float, threshold: float | None) -> float:
-    """value / threshold (the edge ratio), NaN without a threshold."""
-    if threshold is None or not math.isfinite(value):
-        return math.nan
-    return value / threshold

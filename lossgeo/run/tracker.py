@@ -465,10 +465,9 @@ class Tracker:
         if measures is not None:
             if state is not None and measures.top is not None and hasattr(state, "cache"):
                 state.cache["hessian_top"] = measures.top
-            metrics.update(curvature_metrics(measures, lr=self.lr, momentum=self.momentum))
+            metrics.update(curvature_metrics(measures))  # no lr: the edge comes next
             metrics["curvature_peak_mb"] = peak.megabytes
             # the optimizer's own edge (Nesterov, dampening, Adam's preconditioned form)
-            metrics.pop("edge_ratio", None)
             metrics.update(self._edge_metrics(None, measures.lambda_max))
             assert self.curvature is not None  # measures exist only with settings
             artifacts.update(curvature_artifacts(measures, self.curvature))
