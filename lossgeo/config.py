@@ -118,6 +118,16 @@ class TrainConfig:
         _non_negative,
         ">= 0",
     )
+    batch_sharpness_rse: float = _param(
+        0.1,
+        "per-step batch sharpness: Monte Carlo over mini-batches stops when the standard "
+        "error is below this share of the mean",
+        _positive,
+        "> 0",
+    )
+    batch_sharpness_max: int = _param(
+        16, "per-step batch sharpness: mini-batches at most per measurement", _positive, ">= 1"
+    )
     data_dir: str = _param("", "data root (default: $LOSSGEO_DATA_DIR, else ./data)")
     device: str = _param("auto", "compute device", choices=DEVICES)
     loss: str = _param("cross_entropy", "training loss", choices=LOSSES)
@@ -127,6 +137,12 @@ class TrainConfig:
         "MLP hidden widths, comma-separated",
         lambda s: _parse_widths(s) is not None,
         "comma-separated positive ints",
+    )
+    init_scale: float = _param(
+        1.0,
+        "multiply every initial weight and bias by this (Andreyev & Beneventano: 0.2)",
+        _positive,
+        "> 0",
     )
     curvature: bool = _param(True, "measure Hessian curvature on the probe set")
     curvature_k: int = _param(5, "number of top Hessian eigenvalues (Lanczos)", _positive, ">= 1")

@@ -16,7 +16,7 @@ from lossgeo.config import TrainConfig
 from lossgeo.data import DataBundle, load_data
 from lossgeo.errors import UserInputError
 from lossgeo.losses import LOSSES, LossFn
-from lossgeo.models import build_model
+from lossgeo.models import build_model, scale_initialisation
 from lossgeo.run.tracking import TrackedRun, resolve_experiment
 from lossgeo.run.train import Measurement, train
 from lossgeo.version import __version__
@@ -60,6 +60,8 @@ def prepare(config: TrainConfig) -> tuple[DataBundle, nn.Module, LossFn, torch.d
         hidden=config.hidden_widths,
         activation=config.activation,
     )
+    if config.init_scale != 1.0:
+        scale_initialisation(model, config.init_scale)
     return data.to(device), model.to(device), LOSSES[config.loss], device
 
 

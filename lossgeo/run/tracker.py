@@ -406,6 +406,7 @@ class Tracker:
             self.probe,
             batch_size=self.batch_size,
             rel_se=self.step_settings.batch_sharpness_rse,
+            min_batches=min(4, self.step_settings.batch_sharpness_max),
             max_batches=self.step_settings.batch_sharpness_max,
             seed=self.step_settings.seed + self.n_measurements,
             params=self.params,

@@ -203,7 +203,11 @@ class _Loop:
             every_steps=config.measure_every_steps,
             optimizer=self.optimizer,
             batch_size=config.batch_size,
-            steps=StepSettings(seed=config.seed),
+            steps=StepSettings(
+                batch_sharpness_rse=config.batch_sharpness_rse,
+                batch_sharpness_max=config.batch_sharpness_max,
+                seed=config.seed,
+            ),
             curvature=curvature_settings(config),
             epoch_measurements=measurements,
             logger=logger,

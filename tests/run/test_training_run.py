@@ -180,3 +180,29 @@ def test_printed_lines_say_whose_epoch_and_where_the_time_went(fake_data_dir, ca
         "curvature",
         "noise_scale",
     ]
+
+
+def test_init_scale_multiplies_every_initial_parameter(fake_data_dir):
+    _, plain, _, _ = prepare(tiny_config(fake_data_dir))
+    _, small, _, _ = prepare(tiny_config(fake_data_dir, init_scale=0.2))
+    pairs = list(zip(plain.parameters(), small.parameters()))
+    assert len(pairs) > 0
+    assert all(torch.allclose(b, 0.2 * a, rtol=1e-6, atol=0) for a, b in pairs)
+
+
+@pytest.mark.parametrize("most", [2, 5])
+def test_batch_sharpness_budget_reaches_the_per_step_set(fake_data_dir, most):
+    # rse 1e-9 is never met, so every measurement uses exactly the budget's batches
+    config = tiny_config(
+        fake_data_dir,
+        epochs=1,
+        batch_size=8,  # 8 mini-batches in the 64-sample probe set
+        measure_every_steps=10,
+        batch_sharpness_rse=1e-9,
+        batch_sharpness_max=most,
+    )
+    data, model, loss_fn, _ = prepare(config)
+    logger = NullLogger()
+    train(config, data, model, loss_fn, logger)
+    counts = [m["step/batch_sharpness_n"] for _, m in logger.steps if "step/batch_sharpness_n" in m]
+    assert counts and all(n == most for n in counts)
