@@ -9,8 +9,10 @@ Adam; see `curvature.stability`). Regimes:
   threshold and hovers there);
 - ``at_edge_stalled``: at the edge, and the probe loss has not decreased over that window;
 - ``above``: over 1 + band, not (yet) for a whole window;
-- ``below``: anything else under the threshold; a run that converges before it reaches the
-  edge stays here.
+- ``converged_below``: under the threshold with the probe loss down to `converged` (5%) of
+  its first measured value: the run converges before it reaches the edge, the failure mode
+  Andreyev & Beneventano name for a learning rate too small for the problem;
+- ``below``: anything else under the threshold.
 """
 
 from __future__ import annotations
@@ -19,19 +21,23 @@ import math
 from collections import deque
 from typing import Sequence
 
-REGIMES = {"below": 0, "at_edge": 1, "at_edge_stalled": 2, "above": 3}
+REGIMES = {"below": 0, "at_edge": 1, "at_edge_stalled": 2, "above": 3, "converged_below": 4}
 WINDOW = 5
 BAND = 0.1
+CONVERGED = 0.05
 
 
 class EdgeRegimeDetector:
     """Online: `update(ratio, probe_loss)` after each measurement returns its regime (None
     for a ratio that is not finite: that measurement is not counted)."""
 
-    def __init__(self, window: int = WINDOW, band: float = BAND) -> None:
-        if window < 1 or not 0 < band < 1:
-            raise ValueError("window: must be >= 1 and band in (0, 1)")
-        self.window, self.band = window, band
+    def __init__(
+        self, window: int = WINDOW, band: float = BAND, converged: float = CONVERGED
+    ) -> None:
+        if window < 1 or not 0 < band < 1 or not 0 < converged < 1:
+            raise ValueError("window: must be >= 1, band and converged in (0, 1)")
+        self.window, self.band, self.converged = window, band, converged
+        self._first_loss = math.nan
         self._recent: deque[tuple[float, float]] = deque(maxlen=window)
         self.counts = {name: 0 for name in REGIMES}
 
@@ -39,12 +45,20 @@ class EdgeRegimeDetector:
         if not math.isfinite(ratio):
             return None
         self._recent.append((ratio, probe_loss))
+        if math.isnan(self._first_loss):
+            self._first_loss = probe_loss
         full = len(self._recent) == self.window
         if full and all(abs(r - 1) <= self.band for r, _ in self._recent):
             first, last = self._recent[0][1], self._recent[-1][1]
             regime = "at_edge" if last < first else "at_edge_stalled"
         elif ratio > 1 + self.band:
             regime = "above"
+        elif (
+            ratio < 1 - self.band
+            and self._first_loss > 0
+            and probe_loss <= self.converged * self._first_loss
+        ):
+            regime = "converged_below"
         else:
             regime = "below"
         self.counts[regime] += 1
@@ -64,7 +78,8 @@ def edge_regimes(
     *,
     window: int = WINDOW,
     band: float = BAND,
+    converged: float = CONVERGED,
 ) -> list[str | None]:
     """The regime of each measurement of a logged series (as the online detector saw it)."""
-    detector = EdgeRegimeDetector(window, band)
+    detector = EdgeRegimeDetector(window, band, converged)
     return [detector.update(r, loss) for r, loss in zip(ratios, probe_losses)]

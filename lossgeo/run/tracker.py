@@ -21,7 +21,7 @@ The per-step set (prefix `step/`, MLflow step = the optimizer step): `lambda_max
 `grad_norm`, `probe_loss`, `stability_threshold`, `edge_ratio` and `batch_edge_ratio`
 (lambda_max and batch sharpness against the threshold of the optimizer that steps, see
 `lossgeo.curvature.stability`; for Adam/AdamW against `preconditioned_lambda_max` and the
-preconditioned batch sharpness), `regime` (below / at the edge / stalled / above,
+preconditioned batch sharpness), `regime` (below / at the edge / stalled / above / converged below,
 `lossgeo.geometry.regimes`), `peak_mb`, `train_loss` (the value passed in), `seconds`. A
 curvature spike is reported when it happens (`step/spike`, tag `lossgeo_last_spike`, a
 warning).

@@ -29,6 +29,18 @@ def test_a_run_that_converges_first_stays_below_and_one_excursion_is_above():
     assert sum(detector.counts.values()) == 8
 
 
+def test_a_loss_down_to_five_percent_while_below_the_edge_is_converged_first():
+    # the tanh-MLP study's shape: batch sharpness creeps up while the loss falls to 0.02
+    ratios = [0.30, 0.35, 0.40, 0.42, 0.45, 0.47]
+    losses = [0.50, 0.20, 0.05, 0.026, 0.024, 0.02]
+    assert edge_regimes(ratios, losses) == ["below"] * 4 + ["converged_below"] * 2
+    # the same loss at the edge is the edge, and a loss first measured at 0 is never "converged"
+    at_edge = edge_regimes([1.0] * 6, losses)
+    assert at_edge[-1] == "at_edge" and "converged_below" not in at_edge
+    assert "converged_below" not in edge_regimes([0.92] * 6, losses)  # within the band
+    assert edge_regimes([0.3, 0.3], [0.0, 0.0]) == ["below", "below"]
+
+
 def test_share_at_the_edge_and_bad_settings():
     detector = EdgeRegimeDetector(window=2)
     for ratio in (1.0, 1.0, 1.0, 0.5):
@@ -36,3 +48,5 @@ def test_share_at_the_edge_and_bad_settings():
     assert detector.counts["at_edge_stalled"] == 2 and detector.share_at_edge == 0.5
     with pytest.raises(ValueError, match="window"):
         EdgeRegimeDetector(window=0)
+    with pytest.raises(ValueError, match="converged"):
+        EdgeRegimeDetector(converged=1.5)
