@@ -494,6 +494,28 @@ def measures_command(parent_run: str, out_dir: str) -> None:
     click.echo("\n".join(str(p) for p in paths.values()))
 
 
+@cli.command("edge")
+@click.option("--parent-run", required=True, help="a grid's or sweep's parent run id")
+@click.option("--out", "out_dir", default="edge", show_default=True)
+@reports_user_errors
+@reads_store
+def edge_command(parent_run: str, out_dir: str) -> None:
+    """Whether each run of a study reached its optimizer's stability edge and stayed."""
+    from lossgeo.analysis.comparison import study_edge
+
+    table, paths = study_edge(parent_run, out_dir)
+    click.echo("second half of each run's measurements, governing sharpness / threshold:")
+    for _, row in table.iterrows():
+        click.echo(
+            f"  {row['label']:<28} {row['governing']:<30} mean {row['ratio_second_half_mean']:.3f} "
+            f"[{row['ratio_second_half_min']:.3f}, {row['ratio_second_half_max']:.3f}], "
+            f"{row['share_second_half_within_band']:.0%} within 10%; "
+            f"lambda_max/(2/lr) {row['lambda_max_over_2_lr_second_half_mean']:.3f}; "
+            f"ends {row['final_regime']}: {row['verdict']}"
+        )
+    click.echo("\n".join(str(p) for p in paths.values()))
+
+
 def _note(message: str) -> None:
     click.echo(f"lossgeo: {message}", err=True)
 

@@ -184,8 +184,6 @@ def score_study_measures(
     """Scores every logged measure of a study's runs against gen_gap and gen_gap_acc
     (`analysis.measures.score_measures`), writes measures.csv and measures.png to out_dir
     and logs them on the parent run (measures.csv, plots/measures.png)."""
-    import matplotlib.pyplot as plt
-
     from lossgeo.analysis.measures import score_measures
 
     runs = select_runs(None, parent_run)
@@ -195,18 +193,49 @@ def score_study_measures(
             f"parent_run: its {len(runs)} finished run(s) vary no setting with a logged "
             "measure and gap to score (a study over at least one factor is needed)"
         )
+    figure = plots.measures_ranking(table)
+    return table, _table_and_figure(parent_run, out_dir, "measures", table, figure, log)
+
+
+def study_edge(
+    parent_run: str, out_dir: str | Path = "edge", log: bool = True
+) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Whether each finished run of a study reached its optimizer's stability edge
+    (`analysis.edge`): writes edge.csv and edge.png to out_dir and logs them on the parent
+    run (edge.csv, plots/edge.png)."""
+    from lossgeo.analysis.edge import edge_table
+
+    runs = select_runs(None, parent_run)
+    history = analysis.load_history(runs)
+    lrs = dict(zip(runs["run_id"], runs["lr"])) if "lr" in runs else {}
+    table = edge_table(history, lrs)
+    if table.empty:
+        raise UserInputError(
+            f"parent_run: none of its {len(runs)} finished run(s) logged an edge ratio "
+            "(curvature on, with an optimizer whose threshold is known, is needed)"
+        )
+    figure = plots.edge_curves(history, lrs)
+    return table, _table_and_figure(parent_run, out_dir, "edge", table, figure, log)
+
+
+def _table_and_figure(
+    parent_run: str, out_dir: str | Path, name: str, table: pd.DataFrame, figure, log: bool
+) -> dict[str, Path]:
+    """<name>.csv and <name>.png into out_dir, and onto the parent run (the figure under
+    plots/) when `log`."""
+    import matplotlib.pyplot as plt
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"measures.csv": out / "measures.csv", "measures.png": out / "measures.png"}
-    table.to_csv(paths["measures.csv"], index=False)
-    figure = plots.measures_ranking(table)
-    figure.savefig(paths["measures.png"], dpi=130)
+    paths = {f"{name}.csv": out / f"{name}.csv", f"{name}.png": out / f"{name}.png"}
+    table.to_csv(paths[f"{name}.csv"], index=False)
+    figure.savefig(paths[f"{name}.png"], dpi=130)
     plt.close(figure)
     if log:
         parent = TrackedRun(run_id=parent_run)
-        parent.log_file(paths["measures.csv"])
-        parent.log_file(paths["measures.png"], "plots")
-    return table, paths
+        parent.log_file(paths[f"{name}.csv"])
+        parent.log_file(paths[f"{name}.png"], "plots")
+    return paths
 
 
 ANALYSIS_RUN = "analysis"

@@ -236,6 +236,43 @@ def step_curvature_curves(
     return fig
 
 
+def edge_curves(history: pd.DataFrame, lrs: Mapping[str, float]) -> Figure:
+    """Each run's governing sharpness over its threshold (solid) and raw lambda_max over 2/lr
+    (dashed) against the step, on one log axis: the edge is 1 for every optimizer, and the
+    shaded band is the +-10% within which a run counts as at the edge."""
+    from lossgeo.analysis.edge import edge_series
+    from lossgeo.geometry.regimes import BAND
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    groups = list(history.groupby(["run_id", "label"], sort=False))
+    for colour, ((run_id, label), part) in zip(_colours(len(groups)), groups):
+        series = edge_series(part)
+        if series is None:
+            continue
+        name = series.governing.removeprefix("step/")
+        ax.plot(series.steps, series.ratio, "-", color=colour, lw=1.2, label=f"{label}: {name}")
+        lr = lrs.get(run_id)
+        if lr and name != "lambda_max":  # else the solid line is lambda_max already
+            ax.plot(
+                series.steps,
+                series.raw_lambda_max * lr / 2,
+                "--",
+                color=colour,
+                lw=1,
+                label=f"{label}: lambda_max / (2/lr)",
+            )
+    ax.axhspan(1 - BAND, 1 + BAND, color="grey", alpha=0.2, lw=0)
+    ax.axhline(1, color="black", ls=":", lw=1, label="the optimizer's threshold")
+    _log_axis(ax, "y")
+    _decorate(
+        ax,
+        "optimizer step",
+        "sharpness / threshold (log scale)",
+        "The sharpness that governs each run against its stability threshold",
+    )
+    return fig
+
+
 def split_step_history(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-epoch rows, per-step rows): step/ metrics are logged at the optimizer step."""
     if history.empty:

@@ -63,6 +63,14 @@ def test_shipped_study_files_are_valid():
     assert sweep.kind == "sweep" and {p.name for p in sweep.search_space} == {"lr", "batch_size"}
     eos = load_study_file(REPO / "studies" / "edge_of_stability.yaml")
     assert eos.base["loss"] == "mse" and eos.base["batch_size"] == eos.base["train_subset"]
+    adam = load_study_file(REPO / "studies" / "adam_edge_of_stability.yaml")
+    assert adam.base["optimizer"] == "adam" and adam.base["batch_size"] == adam.base["train_subset"]
+    # Andreyev & Beneventano's setting: ReLU MLP 2x512, init x0.2, 8,192 images, B 16, lr 0.01
+    authors = load_study_file(REPO / "studies" / "edge_of_stochastic_stability_authors.yaml")
+    base = authors.base
+    assert (base["activation"], base["hidden"], base["init_scale"]) == ("relu", "512,512", 0.2)
+    assert (base["train_subset"], base["lr"], base["loss"]) == (8192, 0.01, "mse")
+    assert authors.regimes["B-16"]["batch_size"] == 16
 
 
 @pytest.mark.parametrize(
