@@ -9,7 +9,9 @@ callback measures the Hessian of the attention weights of the first block (a par
 filter) on a fixed probe set of dict batches, as the model itself computes its loss
 (`model(**batch).loss`). PyTorch has no double backward through fused attention kernels,
 so the products run under the math backend when needed; the run's tag
-`lossgeo_attention_backend` says so. Prints where the MLflow run went and what tracking cost.
+`lossgeo_attention_backend` says so. AdamW's edge is read through Accelerate's optimizer
+wrapper: `step/preconditioned_lambda_max` against 38/lr (`step/edge_ratio`). Prints where the
+MLflow run went and what tracking cost.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class LossgeoCallback(TrainerCallback):
             )
             print(
                 f"step {state.global_step}: lambda_max {metrics['step/lambda_max']:.4g}, "
-                f"batch_sharpness {metrics['step/batch_sharpness']:.4g}"
+                f"batch_sharpness {metrics['step/batch_sharpness']:.4g}, "
+                f"edge_ratio {metrics.get('step/edge_ratio', float('nan')):.3g}"
             )
 
 
@@ -102,6 +105,7 @@ def main() -> None:
         max_steps=args.steps,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
+        lr_scheduler_type="constant",  # so AdamW's edge stays 38/lr = 38,000
         logging_steps=10,
         report_to="none",
         save_strategy="no",

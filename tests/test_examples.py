@@ -70,4 +70,7 @@ def test_huggingface_trainer_example(tracking):
     assert run.info.run_id in out and "Hessian-vector products" in out
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/lambda_max")]
     assert steps == [10, 20]
-    assert "step/edge_ratio" not in run.data.metrics  # Adam: no lr/2 threshold to compare
+    # AdamW inside Accelerate's wrapper: its edge is 38/lr at the example's constant 1e-3
+    threshold = client.get_metric_history(run.info.run_id, "step/stability_threshold")
+    assert [(m.step, round(m.value)) for m in threshold] == [(10, 38000), (20, 38000)]
+    assert "step/preconditioned_lambda_max" in run.data.metrics

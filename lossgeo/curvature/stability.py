@@ -16,7 +16,10 @@ while lambda stays under a threshold set by its hyperparameters:
 
 The SGD thresholds are checked in the tests by running torch.optim.SGD on quadratics just
 below and above them. An optimizer not listed (or with parameter groups that disagree on a
-hyperparameter) gets no threshold and a note saying why: never a wrong number.
+hyperparameter, or a learning rate of 0 at the end of a schedule) gets no threshold and a note
+saying why: never a wrong number. Wrappers that hold the stepping optimizer (Accelerate's
+AcceleratedOptimizer under the Hugging Face Trainer, Lightning's LightningOptimizer) are
+looked through.
 """
 
 from __future__ import annotations
@@ -50,12 +53,26 @@ def _group_setting(optimizer: torch.optim.Optimizer, key: str) -> object:
     return float(value) if isinstance(value, torch.Tensor) else value
 
 
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that steps, inside the wrappers trainers put around it (`.optimizer`
+    for Accelerate, `._optimizer` for Lightning)."""
+    for _ in range(4):  # wrappers of wrappers, but never a cycle
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
+            break
+        optimizer = inner
+    return optimizer
+
+
 def stability_edge(optimizer: torch.optim.Optimizer) -> StabilityEdge:
     """The threshold of `optimizer` at its current hyperparameters (read now, so that a
     learning-rate schedule is followed)."""
+    optimizer = unwrap_optimizer(optimizer)
     kind = type(optimizer).__name__
     try:
         lr = float(_group_setting(optimizer, "lr"))  # type: ignore[arg-type]
+        if lr <= 0:
+            return StabilityEdge(None, note=f"{kind}: lr is {lr:g} now, so no threshold")
         if isinstance(optimizer, torch.optim.SGD):
             beta = float(_group_setting(optimizer, "momentum") or 0.0)  # type: ignore[arg-type]
             dampening = float(_group_setting(optimizer, "dampening") or 0.0)  # type: ignore[arg-type]
@@ -92,6 +109,7 @@ def preconditioner(
     """(P, "") with P the flat diagonal preconditioner of an Adam/AdamW/RMSprop optimizer's
     current state, in `space`'s order, or (None, why) when there is none yet (before the
     first step) or the optimizer is not adaptive. The state is read, never changed."""
+    optimizer = unwrap_optimizer(optimizer)
     named = dict(model.named_parameters())
     pieces = []
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}

@@ -62,6 +62,32 @@ def test_adaptive_thresholds_and_unknown_optimizers():
     sgd = torch.optim.SGD(p, lr=0.1)
     sgd.param_groups[0]["lr"] = 0.05
     assert stability_edge(sgd).threshold == pytest.approx(40)
+    # a schedule that ends at 0 has no threshold there (not a division by zero)
+    sgd.param_groups[0]["lr"] = 0.0
+    assert stability_edge(sgd).threshold is None and "lr is 0" in stability_edge(sgd).note
+
+
+class Wrapper:
+    """How Accelerate (`.optimizer`) and Lightning (`._optimizer`) hold the stepping one."""
+
+    def __init__(self, inner, attribute):
+        setattr(self, attribute, inner)
+        self.param_groups = inner.param_groups
+
+
+@pytest.mark.parametrize("attribute", ["optimizer", "_optimizer"])
+def test_wrapped_optimizers_are_read_through(attribute):
+    p = [nn.Parameter(torch.ones(2))]
+    adam = torch.optim.Adam(p, lr=1e-2)
+    wrapped = Wrapper(Wrapper(adam, attribute), attribute)
+    assert stability_edge(wrapped).threshold == pytest.approx(38 / 1e-2)
+    assert stability_edge(wrapped).preconditioned
+    p[0].grad = torch.tensor([0.3, -0.4])
+    adam.step()
+    model = nn.Module()
+    model.w = p[0]
+    conditioner, why = preconditioner(wrapped, model, ParameterSpace(model))
+    assert why == "" and conditioner == pytest.approx(torch.tensor([0.3, 0.4]) + 1e-8)
 
 
 H = torch.diag(torch.tensor([4.0, 1.0, 9.0], dtype=torch.float64))
