@@ -74,3 +74,20 @@ def test_huggingface_trainer_example(tracking):
     threshold = client.get_metric_history(run.info.run_id, "step/stability_threshold")
     assert [(m.step, round(m.value)) for m in threshold] == [(10, 38000), (20, 38000)]
     assert "step/preconditioned_lambda_max" in run.data.metrics
+
+
+def test_adamw_warmup_spike_example(tracking):
+    pytest.importorskip(
+        "transformers", reason="transformers not installed (pip install -e '.[transformers]')"
+    )
+    out = run_example(
+        "adamw_warmup_spike.py", "--steps", "8", "--every", "4", "--warmup", "4", cwd=tracking
+    )
+    client, run = only_run(tracking)
+    assert run.info.run_id in out and "first warning: step" in out
+    threshold = client.get_metric_history(run.info.run_id, "step/stability_threshold")
+    assert [(m.step, round(m.value)) for m in threshold] == [(4, 190), (8, 190)]  # 38 / 0.2
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(
+        range(1, 9)
+    )
+    assert {"first_warning_step", "first_loss_spike_step"} <= set(run.data.tags)
