@@ -16,7 +16,7 @@ been above 1 at every measurement, and the first loss spike, and tags the MLflow
 them (`first_warning_step`, `above_edge_since_step`, `first_loss_spike_step`).
 
 At the defaults (CPU, about 3 min): the loss falls to about 2.0 by step 70 (lr 0.12), the
-edge ratio crosses 1 at steps 24, 44 and 60 and stays above 1 from step 64 on, growing to
+edge ratio crosses 1 at steps 24, 44 and 60 and stays above 1 from step 60 on, growing to
 10-400 while the loss climbs; the loss spike is called at step 122. A lower peak (0.06) trains
 without a warning or a spike.
 """

@@ -81,14 +81,17 @@ def _column(rows: pd.DataFrame, name: str) -> np.ndarray:
 def edge_summary(series: EdgeSeries, lr: float | None) -> dict[str, float | str]:
     """Second-half statistics of the governing ratio, the regime at the end and a verdict:
     "at the edge" (at least HOVER_SHARE of the second half within 1 +- BAND), "converged
-    first" (the detector's converged_below at the end), "above", or "below"."""
+    first" (converged_below the detector's most frequent regime over the second half: one
+    measurement at the end is too noisy to decide on), "above", or "below"."""
     half = series.ratio[len(series.ratio) // 2 :]
-    regimes = [r for r in edge_regimes(series.ratio, series.loss) if r is not None]
+    replayed = edge_regimes(series.ratio, series.loss)
+    regimes = [r for r in replayed if r is not None]
+    later = [r for r in replayed[len(replayed) // 2 :] if r is not None]
     within = float(np.mean(np.abs(half - 1) <= BAND)) if len(half) else math.nan
     final = regimes[-1] if regimes else "none"
     if within >= HOVER_SHARE:
         verdict = "at the edge"
-    elif final == "converged_below":
+    elif later and max(set(later), key=later.count) == "converged_below":
         verdict = "converged first"
     elif len(half) and np.median(half) > 1 + BAND:
         verdict = "above"
@@ -110,6 +113,9 @@ def edge_summary(series: EdgeSeries, lr: float | None) -> dict[str, float | str]
         else math.nan,
         "final_loss": float(series.loss[-1]),
         "final_regime": final,
+        "converged_share_second_half": later.count("converged_below") / len(later)
+        if later
+        else math.nan,
         "at_edge_share": at_edge / len(regimes) if regimes else math.nan,
         "verdict": verdict,
     }

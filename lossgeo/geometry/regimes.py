@@ -9,9 +9,12 @@ Adam; see `curvature.stability`). Regimes:
   threshold and hovers there);
 - ``at_edge_stalled``: at the edge, and the probe loss has not decreased over that window;
 - ``above``: over 1 + band, not (yet) for a whole window;
-- ``converged_below``: under the threshold with the probe loss down to `converged` (5%) of
-  its first measured value: the run converges before it reaches the edge, the failure mode
-  Andreyev & Beneventano name for a learning rate too small for the problem;
+- ``converged_below``: under 1 - `band`, and converging rather than sharpening: either the
+  probe loss is down to `converged` (5%) of its first measured value, or over the last two
+  windows the mean probe loss fell (by 2% or more) while the mean ratio rose by less than
+  `band` (the sharpening has stopped below the edge while the loss still falls). It converges
+  before it reaches the edge, the failure mode Andreyev & Beneventano name for a learning
+  rate too small for the problem;
 - ``below``: anything else under the threshold.
 """
 
@@ -25,6 +28,8 @@ REGIMES = {"below": 0, "at_edge": 1, "at_edge_stalled": 2, "above": 3, "converge
 WINDOW = 5
 BAND = 0.1
 CONVERGED = 0.05
+# the mean probe loss of the last window below the one before by this share: still falling
+LOSS_FALL = 0.02
 
 
 class EdgeRegimeDetector:
@@ -39,12 +44,14 @@ class EdgeRegimeDetector:
         self.window, self.band, self.converged = window, band, converged
         self._first_loss = math.nan
         self._recent: deque[tuple[float, float]] = deque(maxlen=window)
+        self._two_windows: deque[tuple[float, float]] = deque(maxlen=2 * window)
         self.counts = {name: 0 for name in REGIMES}
 
     def update(self, ratio: float, probe_loss: float) -> str | None:
         if not math.isfinite(ratio):
             return None
         self._recent.append((ratio, probe_loss))
+        self._two_windows.append((ratio, probe_loss))
         if math.isnan(self._first_loss):
             self._first_loss = probe_loss
         full = len(self._recent) == self.window
@@ -53,16 +60,27 @@ class EdgeRegimeDetector:
             regime = "at_edge" if last < first else "at_edge_stalled"
         elif ratio > 1 + self.band:
             regime = "above"
-        elif (
-            ratio < 1 - self.band
-            and self._first_loss > 0
-            and probe_loss <= self.converged * self._first_loss
+        elif ratio < 1 - self.band and (
+            (self._first_loss > 0 and probe_loss <= self.converged * self._first_loss)
+            or self._sharpening_stopped()
         ):
             regime = "converged_below"
         else:
             regime = "below"
         self.counts[regime] += 1
         return regime
+
+    def _sharpening_stopped(self) -> bool:
+        """Over the last two windows: the mean probe loss fell by LOSS_FALL or more, the
+        mean ratio rose by less than `band`."""
+        if len(self._two_windows) < 2 * self.window:
+            return False
+        pairs = list(self._two_windows)
+        (r0, l0), (r1, l1) = (
+            tuple(sum(v) / self.window for v in zip(*pairs[i : i + self.window]))
+            for i in (0, self.window)
+        )
+        return l1 <= (1 - LOSS_FALL) * l0 and r1 < (1 + self.band) * r0
 
     @property
     def share_at_edge(self) -> float:

@@ -41,6 +41,19 @@ def test_a_loss_down_to_five_percent_while_below_the_edge_is_converged_first():
     assert edge_regimes([0.3, 0.3], [0.0, 0.0]) == ["below", "below"]
 
 
+def test_sharpening_that_stops_below_the_edge_while_the_loss_falls_is_converged_first():
+    # today's tanh-MLP batch-16 cell: batch sharpness flat at about 0.42 of 2/lr over the
+    # last ten measurements while the probe loss falls from 0.066 to 0.043
+    flat = [0.45, 0.40, 0.43, 0.38, 0.44, 0.41, 0.43, 0.40, 0.42, 0.41]
+    losses = [0.066 - 0.0025 * i for i in range(10)]
+    assert edge_regimes(flat, losses) == ["below"] * 9 + ["converged_below"]
+    # still sharpening (the ratio up by 25% between the windows): below
+    rising = [0.30, 0.31, 0.32, 0.33, 0.34, 0.38, 0.39, 0.40, 0.41, 0.42]
+    assert edge_regimes(rising, losses)[-1] == "below"
+    # flat but the loss flat too: a plateau, not convergence
+    assert edge_regimes(flat, [0.05] * 10)[-1] == "below"
+
+
 def test_share_at_the_edge_and_bad_settings():
     detector = EdgeRegimeDetector(window=2)
     for ratio in (1.0, 1.0, 1.0, 0.5):
