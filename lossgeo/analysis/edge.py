@@ -84,7 +84,7 @@ def edge_summary(series: EdgeSeries, lr: float | None) -> dict[str, float | str]
     first" (converged_below the detector's most frequent regime over the second half: one
     measurement at the end is too noisy to decide on), "above", or "below"."""
     half = series.ratio[len(series.ratio) // 2 :]
-    replayed = edge_regimes(series.ratio, series.loss)
+    replayed = edge_regimes(series.ratio.tolist(), series.loss.tolist())
     regimes = [r for r in replayed if r is not None]
     later = [r for r in replayed[len(replayed) // 2 :] if r is not None]
     within = float(np.mean(np.abs(half - 1) <= BAND)) if len(half) else math.nan
