@@ -43,20 +43,20 @@ class EdgeRegimeDetector:
             raise ValueError("window: must be >= 1, band and converged in (0, 1)")
         self.window, self.band, self.converged = window, band, converged
         self._first_loss = math.nan
-        self._recent: deque[tuple[float, float]] = deque(maxlen=window)
+        # (ratio, probe loss) of the last two windows of measurements
         self._two_windows: deque[tuple[float, float]] = deque(maxlen=2 * window)
         self.counts = {name: 0 for name in REGIMES}
 
     def update(self, ratio: float, probe_loss: float) -> str | None:
         if not math.isfinite(ratio):
             return None
-        self._recent.append((ratio, probe_loss))
         self._two_windows.append((ratio, probe_loss))
+        recent = list(self._two_windows)[-self.window :]
         if math.isnan(self._first_loss):
             self._first_loss = probe_loss
-        full = len(self._recent) == self.window
-        if full and all(abs(r - 1) <= self.band for r, _ in self._recent):
-            first, last = self._recent[0][1], self._recent[-1][1]
+        full = len(recent) == self.window
+        if full and all(abs(r - 1) <= self.band for r, _ in recent):
+            first, last = recent[0][1], recent[-1][1]
             regime = "at_edge" if last < first else "at_edge_stalled"
         elif ratio > 1 + self.band:
             regime = "above"
