@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from lossgeo.geometry.regimes import BAND, edge_regimes
+from lossgeo.geometry.regimes import BAND, EdgeRegimeDetector
 
 # a run hovers at the edge when this share of its second half is within 1 +- BAND
 HOVER_SHARE = 0.8
@@ -84,7 +84,8 @@ def edge_summary(series: EdgeSeries, lr: float | None) -> dict[str, float | str]
     first" (converged_below the detector's most frequent regime over the second half: one
     measurement at the end is too noisy to decide on), "above", or "below"."""
     half = series.ratio[len(series.ratio) // 2 :]
-    replayed = edge_regimes(series.ratio.tolist(), series.loss.tolist())
+    detector = EdgeRegimeDetector()  # replayed as it saw the run
+    replayed = [detector.update(r, loss) for r, loss in zip(series.ratio, series.loss)]
     regimes = [r for r in replayed if r is not None]
     later = [r for r in replayed[len(replayed) // 2 :] if r is not None]
     within = float(np.mean(np.abs(half - 1) <= BAND)) if len(half) else math.nan
@@ -99,7 +100,6 @@ def edge_summary(series: EdgeSeries, lr: float | None) -> dict[str, float | str]
         verdict = "below"
     raw_half = series.raw_lambda_max[len(series.raw_lambda_max) // 2 :]
     raw_ratio = raw_half * lr / 2 if lr else np.full(len(raw_half), math.nan)
-    at_edge = sum(r in ("at_edge", "at_edge_stalled") for r in regimes)
     return {
         "governing": series.governing,
         "measurements": float(len(series.ratio)),
@@ -116,7 +116,7 @@ def edge_summary(series: EdgeSeries, lr: float | None) -> dict[str, float | str]
         "converged_share_second_half": later.count("converged_below") / len(later)
         if later
         else math.nan,
-        "at_edge_share": at_edge / len(regimes) if regimes else math.nan,
+        "at_edge_share": detector.share_at_edge,
         "verdict": verdict,
     }
 
