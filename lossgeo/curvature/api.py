@@ -11,7 +11,13 @@ from ..models import parameter_blocks
 from .batches import AnyLossFn, DataSource
 from .density import slq_density
 from .lanczos import both, lanczos_extremes, lanczos_top, power_iteration
-from .operators import HessianBlockOperator, HessianOperator, make_operator
+from .operators import (
+    HessianBlockOperator,
+    HessianOperator,
+    _refuse_sharded,
+    hessian_operator,
+    make_operator,
+)
 from .results import DensityResult, EigenResult, TraceResult
 from .trace import hutch_plus_plus, hutchinson
 
@@ -113,7 +119,9 @@ def hessian_extremes(
     **options: Any,
 ) -> tuple[EigenResult, EigenResult]:
     """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
-    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
+    op = hessian_operator(
+        model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options
+    )
     return both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter, seed=seed))
 
 
@@ -148,7 +156,9 @@ def hessian_trace(
     estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
     if method not in estimators:
         raise ValueError(f"method: must be 'hutchinson' or 'hutch++' (got {method!r})")
-    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
+    op = hessian_operator(
+        model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options
+    )
     return estimators[method](op, n_samples, seed=seed)
 
 
@@ -184,7 +194,9 @@ def spectral_density(
     Returns:
         A `DensityResult`: the smoothed density on its grid, the quadrature nodes and weights.
     """
-    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
+    op = hessian_operator(
+        model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options
+    )
     return slq_density(
         op, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma, grid_size=grid_size, seed=seed
     )
@@ -207,6 +219,7 @@ def layerwise_lambda_max(
     or the module path). With a parameter filter, the blocks are those of the selected
     parameters. All layers
     share one gradient graph."""
+    _refuse_sharded(model, "layer-wise lambda_max")
     op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, params=params, **options)
     blocks = parameter_blocks(op.model, op.space.names)
     results = {}

@@ -563,6 +563,30 @@ def make_operator(
 ) -> CurvatureOperator:
     if matrix not in MATRICES:
         raise ValueError(f"matrix: must be one of {', '.join(MATRICES)} (got {matrix!r})")
-    if matrix != "hessian":
-        options.pop("method", None)
+    if matrix == "hessian":
+        return hessian_operator(model, loss_fn, data, **options)
+    _refuse_sharded(model, f"the {matrix.upper()}")
+    options.pop("method", None)
     return MATRICES[matrix](model, loss_fn, data, **options)
+
+
+def hessian_operator(
+    model: nn.Module, loss_fn: AnyLossFn, data: DataSource, **options: Any
+) -> CurvatureOperator:
+    """The Hessian operator for this model: exact products, or, for a model with sharded
+    parameters (FSDP2 `fully_shard`), differences of gradients (`sharded.py`)."""
+    from .sharded import ShardedHessianOperator, is_sharded
+
+    if is_sharded(unwrap(model)):
+        return ShardedHessianOperator(model, loss_fn, data, **options)
+    return HessianOperator(model, loss_fn, data, **options)
+
+
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    from .sharded import is_sharded
+
+    if is_sharded(unwrap(model)):
+        raise ValueError(
+            f"model: {what} needs the full parameters in one process; a sharded (FSDP) "
+            "model is measured by its Hessian (difference products) only"
+        )

@@ -133,3 +133,49 @@ def tracker_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> 
         torch.save(result, Path(out_dir) / f"tracker{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def smooth_problem(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A tanh MLP (smooth, so difference products are accurate in float32 too) and its
+    probe set, in `dtype`."""
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(3)
+    # drawn in float64 whatever the default dtype, then cast: the same problem everywhere
+    wide = torch.float64
+    model = nn.Sequential(nn.Linear(5, 7, dtype=wide), nn.Tanh(), nn.Linear(7, 3, dtype=wide))
+    model = model.to(dtype)
+    x = torch.randn(N_SAMPLES, 5, generator=gen, dtype=wide).to(dtype)
+    return model, x, torch.randint(0, 3, (N_SAMPLES,), generator=gen)
+
+
+def fsdp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """The tanh MLP under FSDP2 `fully_shard` (each Linear, then the whole): lambda_max,
+    lambda_2 and the trace by difference products, in float64 and float32; the parameters
+    and a planted .grad are checked unchanged afterwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    joined(rank, world_size, init_file)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        results = {}
+        for dtype in (torch.float64, torch.float32):
+            model, x, y = smooth_problem(dtype)
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.5)  # a training loop's gradient, to be kept
+            before = [p.to_local().clone() for p in model.parameters()]
+            shard = (x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank])
+            top = hessian_eigen(model, F.cross_entropy, shard, k=2, tol=1e-10)
+            trace = hessian_trace(model, F.cross_entropy, shard, n_samples=6, seed=1)
+            unchanged = all(
+                torch.equal(p.to_local(), b) and bool((p.grad.to_local() == 0.5).all())
+                for p, b in zip(model.parameters(), before)
+            )
+            results[str(dtype)] = {"top": top.values, "trace": trace.value, "kept": unchanged}
+        torch.save(results, Path(out_dir) / f"fsdp{rank}.pt")
+    finally:
+        dist.destroy_process_group()

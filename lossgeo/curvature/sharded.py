@@ -1,0 +1,212 @@
+r"""Hessian products of a model whose parameters are sharded (FSDP2 ``fully_shard``).
+
+Under ``fully_shard`` every parameter is a DTensor holding one slice of the full tensor per
+rank; a forward pass all-gathers the slices and a backward pass reduce-scatters the
+gradients. Double backward does not go through that (PyTorch 2.14: "appears to not have
+been used in the graph"), so products are central differences of gradients,
+
+.. math:: H v \approx \frac{g(w + h v) - g(w - h v)}{2h},
+
+each gradient one ordinary forward and backward pass of the sharded model, collectively.
+Each rank holds its shard of the probe set, as it does for training. The vectors the
+solvers work on are full and replicated (the same on every rank, as in `distributed.py`),
+so the Lanczos, Hutchinson and SLQ code runs unchanged: a rank perturbs its own slice of
+the parameters by ``h v``, and the gathered gradient is the product. Memory per rank: the
+model's shards and activations, plus the solver's full-length vectors (k + a few).
+
+Weights: FSDP averages the ranks' gradients (it divides the reduce-scatter by the world
+size unless told otherwise), so each rank scales its loss by ``W n_b / N``; the average is
+then the size-weighted mean over all N probe samples, uneven shards included. Every rank
+must run the same number of forward and backward passes (each is collective), so a rank
+with fewer chunks adds passes of weight 0.
+
+The step ``h`` and its bias are those of ``HessianOperator(method="fd")``: float64 is
+accurate to about 1e-9 at the default step, float32 only on smooth networks
+(benchmarks/results/fd_step.md). The model's parameters and ``.grad`` are restored exactly
+after every product (the perturbed slices are copied back from a saved copy, not
+subtracted).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .batches import AnyLossFn, DataSource, eval_mode
+from .distributed import all_sum_float
+from .operators import FD_STEPS, CurvatureOperator
+from .params import select_parameters
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are DTensors (FSDP2 `fully_shard`, tensor parallel)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP module's gathered (unsharded) parameters. The root module keeps them
+    after a forward pass without backward (FSDP2 does not reshard the root after forward),
+    and its next forward would then use them instead of gathering the slices just moved."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+class ShardedParameterSpace:
+    """Full-length flat vectors over the selected parameters of a sharded model, and each
+    rank's slice of them. `values` are this rank's slices, saved (the measurement's point)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str] | str | None = None) -> None:
+        named = dict(model.named_parameters())
+        self.names = select_parameters(model, names)
+        self.params = {n: named[n] for n in self.names}
+        self.shapes = [self.params[n].shape for n in self.names]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.dim = sum(self.sizes)
+        self.values = {n: p.to_local().detach().clone() for n, p in self.params.items()}
+        first = self.values[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        self.frozen: dict[str, torch.Tensor] = {}
+
+    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+        items = [tensors[n] for n in self.names] if isinstance(tensors, dict) else tensors
+        return torch.cat([t.reshape(-1) for t in items])
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        chunks = torch.split(vector, self.sizes)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+    def local_slices(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This rank's slice of each parameter's part of a full (replicated) vector; no
+        communication (`src_data_rank=None`: every rank already holds the full vector)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        out = {}
+        for name, full in self.unflatten(vector).items():
+            p = self.params[name]
+            out[name] = distribute_tensor(
+                full, p.device_mesh, p.placements, src_data_rank=None
+            ).to_local()
+        return out
+
+    def full_gradient(self) -> torch.Tensor:
+        """The parameters' (sharded) .grad gathered into one full flat vector."""
+        parts = []
+        for name, shape in zip(self.names, self.shapes):
+            grad = self.params[name].grad
+            parts.append(
+                torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if grad is None
+                else grad.full_tensor()
+            )
+        return self.flatten(parts)
+
+
+class ShardedHessianOperator(CurvatureOperator):
+    """The Hessian of the mean loss over all ranks' probe shards, for a sharded model, by
+    differences of gradients (see the module docstring). Products need no all-reduce of
+    their own: the gathered gradient is already the whole probe set's."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: AnyLossFn,
+        data: DataSource,
+        *,
+        method: str = "fd",
+        fd_step: float | None = None,
+        params: Sequence[str] | str | None = None,
+        process_group: Any = None,
+        space: Any = None,
+        **options: Any,
+    ) -> None:
+        if method not in ("fd", "graph"):
+            raise ValueError(
+                f"method: a sharded (FSDP) model takes products by differences of gradients "
+                f"only, method='fd' (got {method!r})"
+            )
+        if fd_step is not None and not fd_step > 0:
+            raise ValueError(f"fd_step: must be > 0 (got {fd_step!r})")
+        options.pop("math_attention", None)
+        sharded_space = ShardedParameterSpace(model, params)
+        first = sharded_space.params[sharded_space.names[0]]
+        mesh_group = first.device_mesh.get_group()
+        super().__init__(
+            model, loss_fn, data, space=sharded_space, process_group=mesh_group, **options
+        )
+        self.space: ShardedParameterSpace = sharded_space
+        self.method = "fd"
+        self.fd_step = fd_step if fd_step is not None else FD_STEPS.get(self.dtype, 3e-3)
+        import torch.distributed as dist
+
+        self.world_size = dist.get_world_size(mesh_group)
+        # the same number of (collective) passes on every rank: pad with weight-0 chunks
+        counts = torch.tensor([len(self.batches)], dtype=torch.int64)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=mesh_group)
+        self.passes = list(zip(self.batches, self.weights))
+        self.passes += [(self.batches[-1], 0.0)] * (int(counts[0]) - len(self.batches))
+        squares = all_sum_float(
+            sum(float(w.double().pow(2).sum()) for w in sharded_space.values.values()),
+            mesh_group,
+        )
+        self._fd_scale = 1.0 + math.sqrt(squares)
+        self.n_gradients = 0
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        vector = vector.to(self.dtype)
+        self.n_matvec += 1
+        norm = float(vector.double().norm())
+        if norm == 0.0:
+            return torch.zeros_like(vector)
+        h = self.fd_step * self._fd_scale / norm
+        step = self.space.local_slices(vector)
+        plus = self._gradient_at({n: h * s for n, s in step.items()})
+        minus = self._gradient_at({n: -h * s for n, s in step.items()})
+        return (plus - minus) / (2.0 * h)
+
+    def _direct_loss(self, batch: Any) -> torch.Tensor:
+        """The batch's loss through the sharded model itself (its hooks gather the shards)."""
+        if self.objective.form == "model_batch":
+            return self.loss_fn(self.model, batch)  # type: ignore[call-arg, arg-type]
+        x, y = batch
+        return self.loss_fn(self.model(x), y)  # type: ignore[call-arg, arg-type]
+
+    def _gradient_at(self, shift: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """The full gradient of the mean loss with this rank's slices moved by `shift`."""
+        params = dict(self.model.named_parameters())
+        saved_grads = {n: p.grad for n, p in params.items()}
+        try:
+            reshard(self.model)
+            with torch.no_grad():
+                for name, delta in (shift or {}).items():
+                    self.space.params[name].to_local().add_(delta)
+            for p in params.values():
+                p.grad = None
+            with eval_mode(self.model), torch.enable_grad():
+                for batch, weight in self.passes:
+                    (self.world_size * weight * self._direct_loss(batch)).backward()
+            self.n_gradients += 1
+            return self.space.full_gradient()
+        finally:
+            with torch.no_grad():
+                for name, value in self.space.values.items():
+                    self.space.params[name].to_local().copy_(value)
+            for n, p in params.items():
+                p.grad = saved_grads[n]
+
+    def gradient(self) -> torch.Tensor:
+        return self._gradient_at(None)
+
+    def loss(self) -> float:
+        total = 0.0
+        with eval_mode(self.model), torch.no_grad():
+            for batch, weight in self.passes:
+                total += weight * float(self._direct_loss(batch))
+        return all_sum_float(total, self.group)
