@@ -119,9 +119,7 @@ def hessian_extremes(
     **options: Any,
 ) -> tuple[EigenResult, EigenResult]:
     """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
-    op = hessian_operator(
-        model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options
-    )
+    op = hessian_operator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
     return both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter, seed=seed))
 
 
@@ -156,9 +154,7 @@ def hessian_trace(
     estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
     if method not in estimators:
         raise ValueError(f"method: must be 'hutchinson' or 'hutch++' (got {method!r})")
-    op = hessian_operator(
-        model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options
-    )
+    op = hessian_operator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
     return estimators[method](op, n_samples, seed=seed)
 
 
@@ -194,9 +190,7 @@ def spectral_density(
     Returns:
         A `DensityResult`: the smoothed density on its grid, the quadrature nodes and weights.
     """
-    op = hessian_operator(
-        model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options
-    )
+    op = hessian_operator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
     return slq_density(
         op, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma, grid_size=grid_size, seed=seed
     )

@@ -96,15 +96,17 @@ class ShardedParameterSpace:
             ).to_local()
         return out
 
-    def full_gradient(self) -> torch.Tensor:
-        """The parameters' (sharded) .grad gathered into one full flat vector."""
+    def gathered(self, slices: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One full flat vector from every rank's slices (one all-gather per parameter)."""
+        from torch.distributed.tensor import DTensor
+
         parts = []
-        for name, shape in zip(self.names, self.shapes):
-            grad = self.params[name].grad
+        for name in self.names:
+            p = self.params[name]
             parts.append(
-                torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if grad is None
-                else grad.full_tensor()
+                DTensor.from_local(
+                    slices[name], p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                ).full_tensor()
             )
         return self.flatten(parts)
 
@@ -167,9 +169,10 @@ class ShardedHessianOperator(CurvatureOperator):
             return torch.zeros_like(vector)
         h = self.fd_step * self._fd_scale / norm
         step = self.space.local_slices(vector)
-        plus = self._gradient_at({n: h * s for n, s in step.items()})
-        minus = self._gradient_at({n: -h * s for n, s in step.items()})
-        return (plus - minus) / (2.0 * h)
+        plus = self._local_gradient_at({n: h * s for n, s in step.items()})
+        minus = self._local_gradient_at({n: -h * s for n, s in step.items()})
+        # the difference of the slices, gathered once
+        return self.space.gathered({n: (plus[n] - minus[n]) / (2.0 * h) for n in plus})
 
     def _direct_loss(self, batch: Any) -> torch.Tensor:
         """The batch's loss through the sharded model itself (its hooks gather the shards)."""
@@ -178,8 +181,9 @@ class ShardedHessianOperator(CurvatureOperator):
         x, y = batch
         return self.loss_fn(self.model(x), y)  # type: ignore[call-arg, arg-type]
 
-    def _gradient_at(self, shift: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """The full gradient of the mean loss with this rank's slices moved by `shift`."""
+    def _local_gradient_at(self, shift: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """This rank's slices of the mean loss's gradient with its parameter slices moved by
+        `shift`."""
         params = dict(self.model.named_parameters())
         saved_grads = {n: p.grad for n, p in params.items()}
         try:
@@ -193,7 +197,14 @@ class ShardedHessianOperator(CurvatureOperator):
                 for batch, weight in self.passes:
                     (self.world_size * weight * self._direct_loss(batch)).backward()
             self.n_gradients += 1
-            return self.space.full_gradient()
+            return {
+                n: (
+                    torch.zeros_like(self.space.values[n])
+                    if p.grad is None
+                    else p.grad.to_local().clone()
+                )
+                for n, p in self.space.params.items()
+            }
         finally:
             with torch.no_grad():
                 for name, value in self.space.values.items():
@@ -202,7 +213,7 @@ class ShardedHessianOperator(CurvatureOperator):
                 p.grad = saved_grads[n]
 
     def gradient(self) -> torch.Tensor:
-        return self._gradient_at(None)
+        return self.space.gathered(self._local_gradient_at(None))
 
     def loss(self) -> float:
         total = 0.0

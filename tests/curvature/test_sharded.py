@@ -39,9 +39,7 @@ def test_a_sharded_model_refuses_what_needs_its_full_parameters(tmp_path):
 
     from lossgeo.curvature import layerwise_lambda_max
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1
-    )
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         model, x, y = smooth_problem(torch.float64)
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
