@@ -38,7 +38,7 @@ from torch import nn
 from .batches import AnyLossFn, DataSource, eval_mode
 from .distributed import all_sum_float
 from .operators import FD_STEPS, CurvatureOperator
-from .params import select_parameters
+from .params import ParameterSpace, select_parameters
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -59,14 +59,14 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-class ShardedParameterSpace:
+class ShardedParameterSpace(ParameterSpace):
     """Full-length flat vectors over the selected parameters of a sharded model, and each
     rank's slice of them. `values` are this rank's slices, saved (the measurement's point)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str] | str | None = None) -> None:
         named = dict(model.named_parameters())
         self.names = select_parameters(model, names)
-        self.params = {n: named[n] for n in self.names}
+        self.params: dict[str, Any] = {n: named[n] for n in self.names}  # DTensors
         self.shapes = [self.params[n].shape for n in self.names]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.dim = sum(self.sizes)
@@ -74,14 +74,6 @@ class ShardedParameterSpace:
         first = self.values[self.names[0]]
         self.dtype, self.device = first.dtype, first.device
         self.frozen: dict[str, torch.Tensor] = {}
-
-    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
-        items = [tensors[n] for n in self.names] if isinstance(tensors, dict) else tensors
-        return torch.cat([t.reshape(-1) for t in items])
-
-    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        chunks = torch.split(vector, self.sizes)
-        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
 
     def local_slices(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """This rank's slice of each parameter's part of a full (replicated) vector; no
@@ -143,7 +135,8 @@ class ShardedHessianOperator(CurvatureOperator):
         super().__init__(
             model, loss_fn, data, space=sharded_space, process_group=mesh_group, **options
         )
-        self.space: ShardedParameterSpace = sharded_space
+        self.space = sharded_space
+        self.sharded = sharded_space
         self.method = "fd"
         self.fd_step = fd_step if fd_step is not None else FD_STEPS.get(self.dtype, 3e-3)
         import torch.distributed as dist
@@ -168,11 +161,11 @@ class ShardedHessianOperator(CurvatureOperator):
         if norm == 0.0:
             return torch.zeros_like(vector)
         h = self.fd_step * self._fd_scale / norm
-        step = self.space.local_slices(vector)
+        step = self.sharded.local_slices(vector)
         plus = self._local_gradient_at({n: h * s for n, s in step.items()})
         minus = self._local_gradient_at({n: -h * s for n, s in step.items()})
         # the difference of the slices, gathered once
-        return self.space.gathered({n: (plus[n] - minus[n]) / (2.0 * h) for n in plus})
+        return self.sharded.gathered({n: (plus[n] - minus[n]) / (2.0 * h) for n in plus})
 
     def _direct_loss(self, batch: Any) -> torch.Tensor:
         """The batch's loss through the sharded model itself (its hooks gather the shards)."""
@@ -190,7 +183,7 @@ class ShardedHessianOperator(CurvatureOperator):
             reshard(self.model)
             with torch.no_grad():
                 for name, delta in (shift or {}).items():
-                    self.space.params[name].to_local().add_(delta)
+                    self.sharded.params[name].to_local().add_(delta)
             for p in params.values():
                 p.grad = None
             with eval_mode(self.model), torch.enable_grad():
@@ -203,17 +196,17 @@ class ShardedHessianOperator(CurvatureOperator):
                     if p.grad is None
                     else p.grad.to_local().clone()
                 )
-                for n, p in self.space.params.items()
+                for n, p in self.sharded.params.items()
             }
         finally:
             with torch.no_grad():
                 for name, value in self.space.values.items():
-                    self.space.params[name].to_local().copy_(value)
+                    self.sharded.params[name].to_local().copy_(value)
             for n, p in params.items():
                 p.grad = saved_grads[n]
 
     def gradient(self) -> torch.Tensor:
-        return self.space.gathered(self._local_gradient_at(None))
+        return self.sharded.gathered(self._local_gradient_at(None))
 
     def loss(self) -> float:
         total = 0.0
