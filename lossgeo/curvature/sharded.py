@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .batches import AnyLossFn, DataSource, eval_mode
-from .distributed import all_sum_float
+from .distributed import all_reduce, all_sum_float
 from .operators import FD_STEPS, CurvatureOperator
 from .params import ParameterSpace, select_parameters
 
@@ -143,8 +143,7 @@ class ShardedHessianOperator(CurvatureOperator):
 
         self.world_size = dist.get_world_size(mesh_group)
         # the same number of (collective) passes on every rank: pad with weight-0 chunks
-        counts = torch.tensor([len(self.batches)], dtype=torch.int64)
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=mesh_group)
+        counts = all_reduce(torch.tensor([len(self.batches)], dtype=torch.int64), mesh_group, "max")
         self.passes = list(zip(self.batches, self.weights))
         self.passes += [(self.batches[-1], 0.0)] * (int(counts[0]) - len(self.batches))
         squares = all_sum_float(

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .batches import AnyLossFn, DataSource, LossForm, as_batches, is_tensor_pair
-from .distributed import resolve_group, unwrap
+from .distributed import all_gather, all_reduce, resolve_group, unwrap
 from .operators import HessianOperator
 from .params import ParameterSpace
 
@@ -139,22 +139,14 @@ def _rank_and_size(group: Any) -> tuple[int, int]:
 
 
 def _min_over(value: int, group: Any) -> int:
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return int(t[0])
+    return int(all_reduce(torch.tensor([value], dtype=torch.int64), group, "min")[0])
 
 
 def _gathered(value: float, group: Any, world: int) -> list[float]:
     """`value` from every rank of `group`, in rank order ([value] for one process)."""
     if group is None:
         return [value]
-    import torch.distributed as dist
-
-    out = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.float64), group=group)
-    return [float(t[0]) for t in out]
+    return [float(t[0]) for t in all_gather(torch.tensor([value], dtype=torch.float64), group)]
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:

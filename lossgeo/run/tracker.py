@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from lossgeo.curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
-from lossgeo.curvature.distributed import resolve_group, unwrap
+from lossgeo.curvature.distributed import collectively, resolve_group, unwrap
 from lossgeo.curvature.lanczos import lanczos
 from lossgeo.curvature.measure import (
     CurvatureMeasures,
@@ -338,7 +338,8 @@ class Tracker:
         if not self.due(global_step):
             return None
         try:
-            with PeakMemory(self._device) as peak:
+            # under a process group an error on one rank ends every rank with its message
+            with PeakMemory(self._device) as peak, collectively(self.group, "step measurement"):
                 metrics = self.measure_step()
         except MemoryError as error:
             self._skip("step_curvature", error)
@@ -451,7 +452,14 @@ class Tracker:
         """(metrics, artifacts) of the epoch set, not logged: the curvature, then the
         `epoch_measurements`. With lossgeo's EpochState, `state.is_last` means final, the
         top eigenpairs are left in `state.cache["hessian_top"]` (landscapes along them) and
-        `state.metrics` receives every metric."""
+        `state.metrics` receives every metric. Under a process group an error on one rank
+        ends every rank with its message (`distributed.collectively`)."""
+        with collectively(self.group, "epoch measurement"):
+            return self._measure_epoch(state, final=final)
+
+    def _measure_epoch(
+        self, state: Any = None, *, final: bool = False
+    ) -> tuple[dict[str, float], dict[str, Any]]:
         metrics: dict[str, float] = {}
         artifacts: dict[str, Any] = {}
         self.epoch_seconds = {}
@@ -462,6 +470,8 @@ class Tracker:
                 with PeakMemory(self._device) as peak:
                     measures = self.measure_curvature(final=final)
             except MemoryError as error:  # one sample does not fit: train on without it
+                if self.group is not None:
+                    raise  # alone, this rank would leave the others in a collective
                 self._skip("curvature", error)
         if measures is not None:
             if state is not None and measures.top is not None and hasattr(state, "cache"):

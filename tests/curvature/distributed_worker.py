@@ -179,3 +179,45 @@ def fsdp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         torch.save(results, Path(out_dir) / f"fsdp{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+class PlantedFailure:
+    """A loss that raises `error` on rank 1 once `armed`: a measurement failing on one rank."""
+
+    def __init__(self, error: type[Exception]) -> None:
+        self.error, self.armed = error, False
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.armed and dist.get_rank() == 1:
+            raise self.error("planted failure")
+        return F.cross_entropy(output, target)
+
+
+def failing_worker(rank: int, world_size: int, init_file: str, out_dir: str, when: str) -> None:
+    """A Tracker whose step or epoch measurement fails on rank 1 only: every rank must end
+    with the same message, promptly (not at the collective's timeout)."""
+    import time
+
+    from lossgeo import StepSettings, Tracker
+
+    from ..run.test_tracker import NullLogger
+
+    joined(rank, world_size, init_file)
+    model, x, y = problem("mlp")
+    shard = (x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank])
+    loss = PlantedFailure(MemoryError if when == "step" else ValueError)
+    tracker = Tracker(
+        model, loss, shard, every_steps=1, lr=0.1, batch_size=4,
+        steps=StepSettings(tol=1e-6), logger=NullLogger(), process_group=True,
+    )  # fmt: skip
+    tracker.step(1)  # a measurement that works, first
+    loss.armed = True
+    started = time.monotonic()
+    try:
+        tracker.step(2) if when == "step" else tracker.epoch(1)
+        outcome = "no error"
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}"
+    Path(out_dir, f"failed{rank}.txt").write_text(f"{outcome}\n{time.monotonic() - started}")
+    if dist.is_initialized():
+        dist.destroy_process_group()

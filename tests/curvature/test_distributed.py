@@ -84,3 +84,21 @@ def test_a_tracker_in_a_two_process_loop_measures_collectively_and_rank_0_logs(t
     assert ranks[0]["step"]["step/batch_sharpness_n"] % 2 == 0  # one batch a rank a round
     # one run: rank 0 logged the step and the epoch, rank 1 nothing
     assert [s for s, _ in ranks[0]["logged"]] == [1, 1] and ranks[1]["logged"] == []
+
+
+@pytest.mark.parametrize("when, error", [("step", "MemoryError"), ("epoch", "ValueError")])
+def test_a_measurement_failing_on_one_rank_ends_every_rank_with_its_message(
+    tmp_path, float64, when, error
+):
+    """Rank 1's loss raises mid-measurement while rank 0 waits in a collective. Both ranks
+    raise RankFailed with rank 1's message within seconds; a MemoryError under a group is
+    not skipped on one rank alone (the other would wait for ever)."""
+    from .distributed_worker import failing_worker
+
+    mp.spawn(failing_worker, args=(2, str(tmp_path / "init"), str(tmp_path), when), nprocs=2)
+    what = "step measurement" if when == "step" else "epoch measurement"
+    want = f"RankFailed: {what} failed on rank 1: {error}: planted failure"
+    for rank in (0, 1):
+        outcome, seconds = (tmp_path / f"failed{rank}.txt").read_text().splitlines()
+        assert outcome == want
+        assert float(seconds) < 20
