@@ -123,14 +123,21 @@ def cli() -> None:
 @config_options
 @reports_user_errors
 def train_command(**options: Any) -> None:
-    """Train one model as one MLflow run, measuring curvature on a schedule."""
+    """Train one model as one MLflow run, measuring curvature on a schedule (data-parallel
+    into the same one run under `torchrun --nproc-per-node N -m lossgeo train`)."""
     from lossgeo.run.experiment import prepare, run_training
+    from lossgeo.run.parallel import data_parallel
     from lossgeo.run.tracking import resolve_experiment
 
     config = build_config(options)
-    prepared = prepare(config)  # validates against the data before anything is written
-    _end_stale_runs(resolve_experiment(config.experiment))
-    outcome = run_training(config, prepared=prepared)
+    # under torchrun: one process group, each rank its slice of every batch, rank 0 logs
+    with data_parallel(config.device) as (ranks, device):
+        prepared = prepare(config, device)  # validated before anything is written
+        if ranks.logs:
+            _end_stale_runs(resolve_experiment(config.experiment))
+        outcome = run_training(config, prepared=prepared, ranks=ranks)
+    if not ranks.logs:
+        return
     last = outcome.history.iloc[-1].to_dict() if not outcome.history.empty else {}
     summary = ", ".join(
         f"{k}={last[k]:.4f}"

@@ -17,6 +17,7 @@ from lossgeo.data import DataBundle, load_data
 from lossgeo.errors import UserInputError
 from lossgeo.losses import LOSSES, LossFn
 from lossgeo.models import build_model, scale_initialisation
+from lossgeo.run.parallel import SINGLE, Ranks
 from lossgeo.run.tracking import TrackedRun, resolve_experiment
 from lossgeo.run.train import Measurement, train
 from lossgeo.version import __version__
@@ -39,9 +40,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare(config: TrainConfig) -> tuple[DataBundle, nn.Module, LossFn, torch.device]:
-    """Everything that can fail on user input, done before any MLflow run exists."""
-    device = resolve_device(config.device)
+def prepare(
+    config: TrainConfig, device_name: str | None = None
+) -> tuple[DataBundle, nn.Module, LossFn, torch.device]:
+    """Everything that can fail on user input, done before any MLflow run exists.
+    `device_name` overrides the config's device (a rank's own GPU under torchrun)."""
+    device = resolve_device(device_name or config.device)
     data = load_data(
         config.dataset,
         config.data_dir,
@@ -111,12 +115,22 @@ def run_training(
     on_run_created: Callable[[str], None] | None = None,
     prepared: tuple[DataBundle, nn.Module, LossFn, torch.device] | None = None,
     label: str = "",
+    ranks: Ranks = SINGLE,
 ) -> RunOutcome:
     """Trains `config` as one MLflow run and returns its id and per-epoch history. `label`
-    (a grid cell, a sweep trial) starts every line the run prints."""
+    (a grid cell, a sweep trial) starts every line the run prints. Under torchrun every
+    rank calls this with its `ranks`; rank 0 alone creates and writes the run (the others
+    return an empty run id)."""
     data, model, loss_fn, device = prepared or prepare(config)
     if measurements is None:
         measurements = default_measurements(config)
+    if not ranks.logs:
+        rows: list[dict[str, float]] = []
+        trained = train(
+            config, data, model, loss_fn, logger=_Recorder(None, rows),
+            measurements=measurements, label=label, ranks=ranks,
+        )  # fmt: skip
+        return RunOutcome("", history_frame(rows), trained.diverged_epoch)
     all_tags = {
         "model": config.model,
         "dataset": config.dataset,
@@ -139,6 +153,7 @@ def run_training(
                 "n_params": sum(p.numel() for p in model.parameters()),
                 "n_train": len(data.train),
                 "resolved_device": str(device),
+                **({"world_size": ranks.world} if ranks.world > 1 else {}),
             }
         )
         run.log_text("config.yaml", yaml.safe_dump(config.to_params(), sort_keys=False))
@@ -154,6 +169,7 @@ def run_training(
                 measurements=measurements,
                 on_epoch_end=on_epoch_end,
                 label=label,
+                ranks=ranks,
             )
         finally:
             # Whatever happened, what was logged also lands in metrics.csv, plots, checkpoint.
@@ -185,23 +201,28 @@ def log_spikes(run: TrackedRun, frame: pd.DataFrame) -> None:
 
 
 class _Recorder:
-    """Forwards to the tracked run and keeps the rows for metrics.csv."""
+    """Forwards to the tracked run (None: the ranks other than 0 under torchrun, which
+    write nothing) and keeps the rows for metrics.csv."""
 
-    def __init__(self, run: TrackedRun, history: list[dict[str, float]]) -> None:
+    def __init__(self, run: TrackedRun | None, history: list[dict[str, float]]) -> None:
         self.run, self.history = run, history
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.run.log_epoch(epoch, metrics)
+        if self.run is not None:
+            self.run.log_epoch(epoch, metrics)
         self.history.append({"epoch": epoch, **metrics})
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self.run.log_metrics(metrics, step=step)
+        if self.run is not None:
+            self.run.log_metrics(metrics, step=step)
 
     def set_tags(self, tags: dict) -> None:
-        self.run.set_tags(tags)
+        if self.run is not None:
+            self.run.set_tags(tags)
 
     def log_object(self, path: str, obj) -> None:
-        self.run.log_object(path, obj)
+        if self.run is not None:
+            self.run.log_object(path, obj)
 
 
 def history_frame(history: list[dict[str, float]]) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from lossgeo.config import TrainConfig
 from lossgeo.data import DataBundle, Split
 from lossgeo.losses import LossFn
 from lossgeo.run.measurements import curvature_settings
+from lossgeo.run.parallel import SINGLE, Ranks
 from lossgeo.run.protocols import (  # noqa: F401  (the old import path of these names)
     EpochState,
     Measurement,
@@ -46,24 +47,33 @@ def measured_epochs(epochs: int, every: int) -> set[int]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loss_fn: LossFn, split: Split, batch_size: int = 2048
+    model: nn.Module,
+    loss_fn: LossFn,
+    split: Split,
+    batch_size: int = 2048,
+    ranks: Ranks = SINGLE,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) in eval mode; the caller restores the mode."""
+    """(mean loss, accuracy) in eval mode; the caller restores the mode. Under torchrun
+    each rank evaluates its shard of the split and the sums are added up."""
     model.eval()
     total_loss, correct = 0.0, 0
-    for x, y in split.batches(batch_size):
+    shard = Split(ranks.shard(split.x), ranks.shard(split.y))
+    for x, y in shard.batches(batch_size):
         out = model(x)
         total_loss += float(loss_fn(out, y)) * len(y)
         correct += int((out.argmax(dim=-1) == y).sum())
+    total_loss, correct_sum = ranks.sum([total_loss, float(correct)])
     n = len(split)
-    return total_loss / n, correct / n
+    return total_loss / n, correct_sum / n
 
 
-def evaluation_metrics(model: nn.Module, loss_fn: LossFn, data: DataBundle) -> dict[str, float]:
+def evaluation_metrics(
+    model: nn.Module, loss_fn: LossFn, data: DataBundle, ranks: Ranks = SINGLE
+) -> dict[str, float]:
     was_training = model.training
     metrics: dict[str, float] = {}
     for split_name in ("train", "val", "test"):
-        loss, acc = evaluate(model, loss_fn, getattr(data, split_name))
+        loss, acc = evaluate(model, loss_fn, getattr(data, split_name), ranks=ranks)
         metrics[f"{split_name}_loss"] = loss
         metrics[f"{split_name}_acc"] = acc
     metrics["gen_gap"] = metrics["test_loss"] - metrics["train_loss"]
@@ -109,15 +119,17 @@ def train(
     measurements: Sequence[Measurement] = (),
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     label: str = "",
+    ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Trains with SGD; logs evaluation (every `eval_every` epochs) and scheduled
     measurements. `label` (a grid cell, a sweep trial) starts every printed line.
 
     A non-finite training loss stops training; the epoch is returned as `diverged_epoch`
     and everything computed up to then has been logged. `on_epoch_end` may raise (e.g.
-    Optuna pruning) to stop early; what was logged stays logged.
+    Optuna pruning) to stop early; what was logged stays logged. `ranks`: the data-parallel
+    job under torchrun (`parallel.py`); every rank calls `train` and rank 0's logger writes.
     """
-    loop = _Loop(config, data, model, loss_fn, logger, measurements, label)
+    loop = _Loop(config, data, model, loss_fn, logger, measurements, label, ranks)
     for epoch in loop.epoch_bar:
         started = time.perf_counter()
         split: dict[str, float] = {}
@@ -183,8 +195,14 @@ class _Loop:
         logger: RunLogger,
         measurements: Sequence[Measurement],
         label: str,
+        ranks: Ranks = SINGLE,
     ) -> None:
         self.config, self.data, self.model, self.loss_fn = config, data, model, loss_fn
+        self.ranks = ranks
+        # what takes the training steps: under torchrun DDP averages the ranks' gradients
+        self.stepper: nn.Module = (
+            model if ranks.group is None else nn.parallel.DistributedDataParallel(model)
+        )
         self.logger, self.measurements = logger, measurements
         self.optimizer = make_optimizer(config, model)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -194,12 +212,12 @@ class _Loop:
         self.final_artifacts: dict[str, Any] = {}
         self.diverged_epoch: int | None = None
         self.n_batches = math.ceil(len(data.train) / config.batch_size)
-        self.target = TargetCheck(config, self.n_batches, model, loss_fn, data)
+        self.target = TargetCheck(config, self.n_batches, model, loss_fn, data, ranks)
         # one measuring path for every loop: lossgeo's own uses the public Tracker
         self.tracker = Tracker(
             model,
             loss_fn,
-            (data.probe.x, data.probe.y),
+            (ranks.shard(data.probe.x), ranks.shard(data.probe.y)),
             every_steps=config.measure_every_steps,
             optimizer=self.optimizer,
             batch_size=config.batch_size,
@@ -211,12 +229,15 @@ class _Loop:
             curvature=curvature_settings(config),
             epoch_measurements=measurements,
             logger=logger,
+            process_group=ranks.group,
         )
         self.step = 0
         self.label = label
         self.prefix = f"[{label}] " if label else ""
         self.epoch_bar = tqdm(
-            range(config.epochs + 1), desc=f"[{label}] epochs" if label else "epochs", disable=None
+            range(config.epochs + 1),
+            desc=f"[{label}] epochs" if label else "epochs",
+            disable=None if ranks.logs else True,
         )
 
     def train_epoch(self, epoch: int, split: dict[str, float]) -> bool:
@@ -228,25 +249,45 @@ class _Loop:
             self.config.batch_size, shuffle=True, generator=self.shuffle_gen
         )
         batch_bar = tqdm(
-            batches, total=self.n_batches, desc=f"epoch {epoch}", leave=False, disable=None
+            batches,
+            total=self.n_batches,
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=None if self.ranks.logs else True,
         )
         finite = True
         for x, y in batch_bar:
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.model(x), y)
-            if not torch.isfinite(loss):
+            loss, batch_loss = self.batch_loss(x, y)
+            if not math.isfinite(batch_loss):  # on any rank: all of them stop here
                 finite = False
                 break
             loss.backward()
             self.optimizer.step()
             self.step += 1
             if self.tracker.due(self.step):
-                self.tracker.step(self.step, loss=float(loss.detach()))
+                self.tracker.step(self.step, loss=batch_loss)
             if self.target.due(self.step) and self.target.reached_within_epoch(self.step):
                 break  # the fit is reached mid-epoch: this (partial) epoch is the last
         batch_bar.close()
         split["train"] = time.perf_counter() - started
         return finite
+
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(what to differentiate, the mini-batch's mean loss). Under torchrun each rank
+        takes its slice of the global batch, weighted so that DDP's average of the ranks'
+        gradients is the gradient of the whole batch's mean loss; the mean loss is summed
+        over the ranks, so a NaN on one rank stops every rank at the same step."""
+        if self.ranks.group is None:
+            loss = self.loss_fn(self.stepper(x), y)
+            return loss, float(loss.detach())
+        xs, ys = self.ranks.shard(x), self.ranks.shard(y)
+        out = self.stepper(xs)
+        share = len(ys) / len(y)
+        # an empty slice (a last batch smaller than the world) still joins DDP's reduction
+        local = self.loss_fn(out, ys) if len(ys) else out.sum() * 0.0
+        (total,) = self.ranks.sum([float(local.detach()) * share])
+        return local * (share * self.ranks.world), total
 
     def evaluate(self, epoch: int, split: dict[str, float]) -> tuple[dict[str, float], bool, bool]:
         """(metrics, whether train/val/test were all evaluated, whether this is the last
@@ -257,13 +298,10 @@ class _Loop:
         c = self.config
         full = epoch % c.eval_every == 0 or epoch == c.epochs or self.target.step is not None
         if full:
-            metrics = evaluation_metrics(self.model, self.loss_fn, self.data)
+            metrics = evaluation_metrics(self.model, self.loss_fn, self.data, self.ranks)
         elif self.target.active:  # the end-of-epoch target check needs the train split only
-            metrics = dict(
-                zip(
-                    ("train_loss", "train_acc"), evaluate(self.model, self.loss_fn, self.data.train)
-                )
-            )
+            train = evaluate(self.model, self.loss_fn, self.data.train, ranks=self.ranks)
+            metrics = dict(zip(("train_loss", "train_acc"), train))
         else:
             metrics = {}
         if "train_loss" in metrics:
@@ -272,7 +310,7 @@ class _Loop:
             self.target.check_epoch_end(self.step, metrics["train_loss"], metrics["train_acc"])
         is_last = epoch == c.epochs or self.target.step is not None
         if is_last and not full:  # the target was reached at this epoch's end: in full
-            metrics = evaluation_metrics(self.model, self.loss_fn, self.data)
+            metrics = evaluation_metrics(self.model, self.loss_fn, self.data, self.ranks)
             full = True
         split["eval"] = time.perf_counter() - started
         if self.target.step is not None:
@@ -301,7 +339,7 @@ class _Loop:
         )
         if names:  # minutes on a large probe set: say so before, not only after
             self.epoch_bar.set_description_str(f"{self.prefix}epoch {epoch}: measuring {names}")
-            if self.epoch_bar.disable:
+            if self.epoch_bar.disable and self.ranks.logs:
                 print(
                     f"{self.prefix}epoch {epoch}/{self.config.epochs}: measuring {names}"
                     f"{' (last epoch: with the final-epoch extras)' if is_last else ''}"
@@ -331,7 +369,7 @@ class _Loop:
         self.epoch_bar.set_postfix(
             train_loss=f"{metrics['train_loss']:.4f}", test_acc=f"{metrics['test_acc']:.4f}"
         )
-        if self.epoch_bar.disable:  # not a terminal, so no bar
+        if self.epoch_bar.disable and self.ranks.logs:  # not a terminal, so no bar
             print(
                 epoch_line(epoch, self.config.epochs, metrics, seconds, split, self.label),
                 flush=True,
@@ -352,8 +390,10 @@ class TargetCheck:
         model: nn.Module,
         loss_fn: LossFn,
         data: DataBundle,
+        ranks: Ranks = SINGLE,
     ) -> None:
         self.loss, self.acc = config.target_train_loss, config.target_train_acc
+        self.ranks = ranks
         self.every = config.target_check_every or max(1, n_batches // 10)
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.step: int | None = None
@@ -393,7 +433,7 @@ class TargetCheck:
         try:
             if not self.probe_may_meet():
                 return False
-            if not self.met(*evaluate(self.model, self.loss_fn, self.data.train)):
+            if not self.met(*evaluate(self.model, self.loss_fn, self.data.train, ranks=self.ranks)):
                 return False  # the probe set is a sample; the full split decides
         finally:
             self.model.train(was_training)
