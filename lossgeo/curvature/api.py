@@ -15,6 +15,7 @@ from .operators import (
     HessianBlockOperator,
     HessianOperator,
     _refuse_sharded,
+    full_precision,
     hessian_operator,
     make_operator,
 )
@@ -27,6 +28,7 @@ Matrix = Literal["hessian", "ggn", "fisher"]
 TraceMethod = Literal["hutchinson", "hutch++"]
 
 
+@full_precision
 def curvature_eigen(
     model: nn.Module,
     loss_fn: AnyLossFn,
@@ -105,6 +107,7 @@ def hessian_eigen(
     )
 
 
+@full_precision
 def hessian_extremes(
     model: nn.Module,
     loss_fn: AnyLossFn,
@@ -123,6 +126,7 @@ def hessian_extremes(
     return both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter, seed=seed))
 
 
+@full_precision
 def hessian_trace(
     model: nn.Module,
     loss_fn: AnyLossFn,
@@ -158,6 +162,7 @@ def hessian_trace(
     return estimators[method](op, n_samples, seed=seed)
 
 
+@full_precision
 def spectral_density(
     model: nn.Module,
     loss_fn: AnyLossFn,
@@ -196,6 +201,7 @@ def spectral_density(
     )
 
 
+@full_precision
 def layerwise_lambda_max(
     model: nn.Module,
     loss_fn: AnyLossFn,

@@ -210,6 +210,56 @@ def activation_bytes_per_sample(model: nn.Module, x: torch.Tensor) -> int:
     return max(total[0], 1)
 
 
+_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from an int or a string such as "512MB", "2.5GB" (binary units)."""
+    bad = ValueError(f"max_memory: a size such as 2GB or 512MB (got {value!r})")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().upper().replace("IB", "B")
+        digits = text.rstrip("KMGTB ")
+        try:
+            number, unit = float(digits), text[len(digits) :].strip()
+        except ValueError:
+            raise bad from None
+    if unit not in _UNITS or not number > 0:
+        raise bad
+    return int(number * _UNITS[unit])
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a measurement: CUDA's free memory, else the system's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**34  # no way to know: 16 GiB
+
+
+def graph_bytes(compute: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd saves while `compute()` runs (each once): the memory
+    a retained gradient graph holds."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        # a tensor's own bytes (a slice of the probe set is not the whole set), each once
+        n_bytes = tensor.numel() * tensor.element_size()
+        seen[(tensor.data_ptr(), n_bytes)] = n_bytes
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        compute()
+    return sum(seen.values())
+
+
 def auto_chunk_size(model: nn.Module, x: torch.Tensor, budget_bytes: int = 48 * 2**20) -> int:
     """Largest power-of-two chunk whose activations fit the budget (at least 64 samples).
 

@@ -29,6 +29,7 @@ from .operators import (
     GGNOperator,
     HessianBlockOperator,
     HessianOperator,
+    full_precision,
 )
 from .persample import fisher_gram
 from .results import DensityResult, EigenResult, TraceResult
@@ -55,6 +56,11 @@ class CurvatureSettings:
             only: they need the network outputs).
         chunk_size: samples per forward pass ("auto": by the model's activation memory).
         seed: start vectors and probe vectors.
+        compute_dtype: None (default: the parameters' dtype, autocast off) or "bf16" /
+            "fp16": the forward passes of every product under autocast to it (the Fisher's
+            exact Gram path stays in the parameters' dtype).
+        max_memory: a budget for the Hessian's products ("2GB", bytes, "auto"), met in
+            advance (`CurvatureOperator._fit_memory`); None: none.
     """
 
     k: int = 5
@@ -68,6 +74,8 @@ class CurvatureSettings:
     ggn: bool = True
     chunk_size: int | str = "auto"
     seed: int = 0
+    compute_dtype: str | None = None
+    max_memory: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,7 @@ def probe_is_finite(op: HessianOperator) -> bool:
     return gradient_finite and math.isfinite(op.loss())
 
 
+@full_precision
 def measure_curvature(
     model: nn.Module,
     loss_fn: AnyLossFn,
@@ -166,6 +175,8 @@ def measure_curvature(
         chunk_size=s.chunk_size,
         math_attention=math_attention,
         process_group=process_group,
+        compute_dtype=s.compute_dtype,
+        max_memory=s.max_memory,
     )
     if not probe_is_finite(op):
         return CurvatureMeasures(
@@ -210,6 +221,7 @@ def measure_curvature(
                 batch_size=size_fn,
                 chunk_size=s.chunk_size,
                 process_group=process_group,
+                compute_dtype=s.compute_dtype,
             ),
             tol=s.secondary_tol,
             max_iter=s.max_iter,
@@ -285,6 +297,7 @@ def _fisher_lambda_max(
         loss_form="output_target",
         chunk_size=s.chunk_size,
         process_group=process_group,
+        compute_dtype=s.compute_dtype,
     )
     result = lanczos_top(fisher, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
     return float(result.values[0]), result.n_hvp

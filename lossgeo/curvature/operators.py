@@ -20,6 +20,7 @@ are left exactly as they were.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -37,10 +38,14 @@ from .batches import (  # noqa: F401
     activation_bytes_per_sample,
     as_batches,
     auto_chunk_size,
+    available_memory,
+    batch_size_of,
     eval_mode,
+    graph_bytes,
     is_out_of_memory,
     is_tensor_pair,
     one_sample_too_large,
+    parse_memory,
 )
 from .distributed import all_sum, all_sum_float, resolve_group, unwrap
 from .params import ParameterSpace
@@ -71,6 +76,66 @@ def math_attention() -> Iterator[None]:
         yield
 
 
+COMPUTE_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def resolve_compute_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """None (the parameters' own dtype), or bf16 / fp16 given as a dtype or a name."""
+    if value is None or value in ("fp32", "float32", "none", ""):
+        return None
+    if isinstance(value, str):
+        if value not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype: must be bf16, fp16 or fp32 (None) (got {value!r})")
+        return COMPUTE_DTYPES[value]
+    if value not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"compute_dtype: must be torch.bfloat16 or torch.float16 (got {value})")
+    return value
+
+
+def precision(device: torch.device, compute_dtype: torch.dtype | None) -> Any:
+    """The forward passes' precision: autocast to `compute_dtype`, or, for None, autocast
+    switched off, so that a measurement taken inside a training loop's autocast region is
+    still taken in the parameters' own dtype (fp32) unless asked otherwise."""
+    if compute_dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=compute_dtype)
+
+
+@contextlib.contextmanager
+def outside_autocast() -> Iterator[None]:
+    """Autocast switched off (CPU and CUDA) for a whole measurement: the solvers' own
+    arithmetic (Lanczos' reorthogonalisation, Ritz vectors) in a training loop's autocast
+    region would otherwise run in bf16 too."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
+
+
+def full_precision(function: Callable) -> Callable:
+    """`function` run `outside_autocast` (the public measurements)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with outside_autocast():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
 def _release_cached_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -97,6 +162,8 @@ class CurvatureOperator:
         space: ParameterSpace | None = None,
         math_attention: bool = False,
         process_group: Any = None,
+        compute_dtype: torch.dtype | str | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
         """chunk_size: samples per forward/backward chunk of (x, y) batches; "auto" sizes
         chunks by the model's activation memory, None keeps the batches as given.
@@ -107,7 +174,14 @@ class CurvatureOperator:
         model found the fused kernel refusing double backward: no need to fail again).
         process_group: `data` is this rank's shard of the probe set; products are summed
         over the group's ranks (None: one process; True: the default group; see
-        `distributed.py`)."""
+        `distributed.py`).
+        compute_dtype: None (default) runs the forward passes in the parameters' dtype, with
+        any enclosing autocast switched off; torch.bfloat16 / "bf16" (or fp16) runs them
+        under autocast to it. Vectors and sums stay in the parameters' dtype.
+        max_memory: a budget for the products' graphs (bytes, "2GB", or "auto": 80% of
+        what the device has free), met in advance from one small chunk (`_fit_memory`);
+        None: no sizing in advance (out-of-memory errors still halve the chunks)."""
+        self.compute_dtype = resolve_compute_dtype(compute_dtype)
         model = unwrap(model)
         self.model, self.loss_fn = model, loss_fn
         self.space = space if space is not None else ParameterSpace(model, params)
@@ -123,6 +197,92 @@ class CurvatureOperator:
         self.batches, self.weights = self.objective.batches, self.objective.weights
         self.n_matvec = 0
         self.math_attention = math_attention
+        self.memory_note = ""
+        if max_memory is not None:
+            self._fit_memory(max_memory)
+
+    def _retains_graphs(self) -> bool:
+        """Whether products keep every chunk's graph alive (double backward, the GGN and
+        Fisher); otherwise one chunk's graph exists at a time."""
+        return True
+
+    def _fit_memory(self, max_memory: int | str) -> None:
+        """Sizes the work to `max_memory` before any product. The graph of a chunk is
+        measured (the bytes autograd saves) at 4 and 8 samples: a fixed part (the
+        parameters the graph holds) and a part per sample. Then either the whole probe
+        set's retained graphs fit, or the Hessian turns to forward-over-reverse products
+        in chunks that fit (3x a chunk's graph: that pass holds the graph, its tangents
+        and the gradient's); `memory_note` says which. Anything else that cannot fit is a
+        one-line MemoryError."""
+        budget = (
+            int(0.8 * available_memory(self.device))
+            if max_memory == "auto"
+            else parse_memory(max_memory)
+        )
+        fixed, per_sample = self._graph_cost()
+        local = sum(batch_size_of(b) for b in self.batches)
+        need = fixed + per_sample * local
+        if self._retains_graphs() and need <= budget:
+            self.memory_note = f"retained graphs ~{_size(need)} of {_size(budget)}"
+            return
+        if self._retains_graphs() and not isinstance(self, HessianOperator):
+            raise MemoryError(
+                f"max_memory: the {type(self).__name__}'s graphs need about {_size(need)} "
+                f"for {local} samples, over the budget of {_size(budget)}; measure the "
+                "Hessian, or a smaller probe set"
+            )
+        chunk = int((budget - 3 * fixed) // (3 * per_sample)) if per_sample > 0 else local
+        if chunk < 1:
+            raise MemoryError(
+                f"max_memory: one probe sample needs about {_size(3 * (fixed + per_sample))}"
+                f", over the budget of {_size(budget)}"
+            )
+        if self.objective.form == "output_target":
+            self._rechunk(chunk)
+        if isinstance(self, HessianOperator) and self.method == "graph":
+            self.method = "fwdrev"
+        largest = max(batch_size_of(b) for b in self.batches)
+        self.memory_note = (
+            f"{self.method} products in chunks of {largest} samples "
+            f"(~{_size(3 * (fixed + per_sample * largest))} of {_size(budget)})"
+        )
+
+    def _graph_cost(self) -> tuple[float, float]:
+        """(fixed bytes, bytes per sample) of one chunk's gradient graph."""
+
+        def measured(batch: Any) -> int:
+            def build() -> None:
+                with eval_mode(self.model), torch.enable_grad(), self._attention():
+                    leaves = {
+                        n: v.detach().requires_grad_(True) for n, v in self.space.values.items()
+                    }
+                    loss = self._chunk_loss(leaves, batch)
+                    torch.autograd.grad(
+                        loss, list(leaves.values()), create_graph=True, allow_unused=True
+                    )
+
+            return graph_bytes(build)
+
+        first = self.batches[0]
+        if self.objective.form != "output_target" or len(first[1]) < 8:
+            return 0.0, measured(first) / batch_size_of(first)  # no split: all per sample
+        small, large = (
+            measured((first[0][:4], first[1][:4])),
+            measured((first[0][:8], first[1][:8])),
+        )
+        per_sample = max(large - small, 0) / 4
+        return max(small - 4 * per_sample, 0.0), per_sample
+
+    def _rechunk(self, size: int) -> None:
+        """The (x, y) batches re-cut into chunks of at most `size`, weights kept per sample."""
+        per_sample = [w / len(b[1]) for b, w in zip(self.batches, self.weights)]
+        new_batches: list[Any] = []
+        new_weights: list[float] = []
+        for batch, share in zip(self.batches, per_sample):
+            for part in as_batches([batch], size):
+                new_batches.append(part)
+                new_weights.append(share * len(part[1]))
+        self.batches[:], self.weights[:] = new_batches, new_weights
 
     @property
     def dim(self) -> int:
@@ -145,8 +305,13 @@ class CurvatureOperator:
     def _chunk_loss(self, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return self.objective.loss(self._all_params(params), batch)
 
-    def _attention(self):
-        return math_attention() if self.math_attention else contextlib.nullcontext()
+    def _attention(self) -> contextlib.ExitStack:
+        """The context of every forward pass: the attention backend and the precision."""
+        stack = contextlib.ExitStack()
+        if self.math_attention:
+            stack.enter_context(math_attention())
+        stack.enter_context(precision(self.device, self.compute_dtype))
+        return stack
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         vector = vector.to(self.dtype)
@@ -249,8 +414,8 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"method: must be one of {', '.join(HVP_METHODS)} (got {method!r})")
         if fd_step is not None and not fd_step > 0:
             raise ValueError(f"fd_step: must be > 0 (got {fd_step!r})")
+        self.method = method  # before the base class sizes the work to a memory budget
         super().__init__(model, loss_fn, data, **options)
-        self.method = method
         self.fd_step = fd_step if fd_step is not None else FD_STEPS.get(self.dtype, 3e-3)
         self._fd_scale: float | None = None
         self._graphs: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
@@ -259,6 +424,9 @@ class HessianOperator(CurvatureOperator):
 
     def _reset(self) -> None:
         self._graphs, self._loss_value = None, None
+
+    def _retains_graphs(self) -> bool:
+        return self.method == "graph"
 
     def _retained_gradients(self):
         if self._graphs is None:
@@ -420,6 +588,7 @@ class HessianBlockOperator(CurvatureOperator):
         )
         self.n_samples, self.n_matvec = parent.n_samples, 0
         self.math_attention, self.group = parent.math_attention, parent.group
+        self.compute_dtype = parent.compute_dtype
         self._positions = [parent.space.names.index(n) for n in self.space.names]
 
     def _reset(self) -> None:

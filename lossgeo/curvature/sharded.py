@@ -128,7 +128,6 @@ class ShardedHessianOperator(CurvatureOperator):
             )
         if fd_step is not None and not fd_step > 0:
             raise ValueError(f"fd_step: must be > 0 (got {fd_step!r})")
-        options.pop("math_attention", None)
         sharded_space = ShardedParameterSpace(model, params)
         first = sharded_space.params[sharded_space.names[0]]
         mesh_group = first.device_mesh.get_group()
@@ -152,6 +151,9 @@ class ShardedHessianOperator(CurvatureOperator):
         )
         self._fd_scale = 1.0 + math.sqrt(squares)
         self.n_gradients = 0
+
+    def _fit_memory(self, max_memory: int | str) -> None:
+        raise ValueError("max_memory: sizing in advance is not built for sharded models yet")
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         vector = vector.to(self.dtype)
@@ -185,7 +187,7 @@ class ShardedHessianOperator(CurvatureOperator):
                     self.sharded.params[name].to_local().add_(delta)
             for p in params.values():
                 p.grad = None
-            with eval_mode(self.model), torch.enable_grad():
+            with eval_mode(self.model), torch.enable_grad(), self._attention():
                 for batch, weight in self.passes:
                     (self.world_size * weight * self._direct_loss(batch)).backward()
             self.n_gradients += 1
@@ -209,7 +211,7 @@ class ShardedHessianOperator(CurvatureOperator):
 
     def loss(self) -> float:
         total = 0.0
-        with eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad(), self._attention():
             for batch, weight in self.passes:
                 total += weight * float(self._direct_loss(batch))
         return all_sum_float(total, self.group)

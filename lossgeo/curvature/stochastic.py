@@ -24,7 +24,7 @@ from torch import nn
 
 from .batches import AnyLossFn, DataSource, LossForm, as_batches, is_tensor_pair
 from .distributed import all_gather, all_reduce, resolve_group, unwrap
-from .operators import HessianOperator
+from .operators import HessianOperator, full_precision
 from .params import ParameterSpace
 
 
@@ -57,6 +57,7 @@ def minibatches(probe: DataSource, batch_size: int | None, generator: torch.Gene
     return [batches[i] for i in order]
 
 
+@full_precision
 def batch_sharpness(
     model: nn.Module,
     loss_fn: AnyLossFn,

@@ -55,7 +55,7 @@ from lossgeo.curvature.measure import (
     measure_curvature,
     probe_is_finite,
 )
-from lossgeo.curvature.operators import HessianOperator
+from lossgeo.curvature.operators import HessianOperator, outside_autocast
 from lossgeo.curvature.params import ParameterSpace
 from lossgeo.curvature.peak import PeakMemory
 from lossgeo.curvature.stability import (
@@ -89,6 +89,8 @@ class StepSettings:
         batch_sharpness_max: mini-batches at most per batch-sharpness measurement.
         spike_factor: a jump of lambda_max by this factor is reported as a spike.
         seed: random starts and mini-batch draws.
+        compute_dtype: None (the parameters' dtype, autocast off: the default even inside
+            a training loop's autocast region) or "bf16" / "fp16" (see `CurvatureSettings`).
     """
 
     k: int = 2
@@ -98,6 +100,7 @@ class StepSettings:
     batch_sharpness_max: int = 16
     spike_factor: float = 2.0
     seed: int = 0
+    compute_dtype: str | None = None
 
 
 # the per-epoch curvature of lossgeo's own loop at its defaults
@@ -297,6 +300,7 @@ class Tracker:
             batch_size=self.size_fn,
             math_attention=self.math_attention,
             process_group=self.group,
+            compute_dtype=self.step_settings.compute_dtype,
         )
 
     def _note_attention(self, op: HessianOperator) -> None:
@@ -339,7 +343,11 @@ class Tracker:
             return None
         try:
             # under a process group an error on one rank ends every rank with its message
-            with PeakMemory(self._device) as peak, collectively(self.group, "step measurement"):
+            with (
+                PeakMemory(self._device) as peak,
+                collectively(self.group, "step measurement"),
+                outside_autocast(),
+            ):
                 metrics = self.measure_step()
         except MemoryError as error:
             self._skip("step_curvature", error)
@@ -454,7 +462,7 @@ class Tracker:
         top eigenpairs are left in `state.cache["hessian_top"]` (landscapes along them) and
         `state.metrics` receives every metric. Under a process group an error on one rank
         ends every rank with its message (`distributed.collectively`)."""
-        with collectively(self.group, "epoch measurement"):
+        with collectively(self.group, "epoch measurement"), outside_autocast():
             return self._measure_epoch(state, final=final)
 
     def _measure_epoch(

@@ -74,3 +74,48 @@ def test_one_sample_that_does_not_fit_is_a_one_line_error(float64):
     refuse_chunks_above(model, 0)
     with pytest.raises(MemoryError, match="out of memory with one probe sample per chunk"):
         hessian_eigen(model, F.cross_entropy, data)
+
+
+def test_a_memory_budget_is_met_in_advance_with_the_same_result(float64):
+    """The retained graphs of the whole probe set fit: double backward as before. They do
+    not: forward-over-reverse products in chunks sized from one small chunk's graph, and
+    no product ever runs on a larger chunk."""
+    from lossgeo.curvature.batches import graph_bytes
+    from lossgeo.curvature.operators import HessianOperator
+
+    model, data = problem()
+    exact = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None)
+    whole = graph_bytes(
+        lambda: HessianOperator(model, F.cross_entropy, data, chunk_size=None).gradient()
+    )
+    roomy = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory=2 * whole)
+    assert roomy.method == "graph" and "retained graphs" in roomy.memory_note
+    tight = HessianOperator(
+        model, F.cross_entropy, data, chunk_size=None, max_memory=whole * 9 // 10
+    )
+    largest = max(len(b[1]) for b in tight.batches)
+    assert tight.method == "fwdrev" and 1 <= largest < 40
+    assert f"chunks of {largest} samples" in tight.memory_note
+    # a chunk larger than the sizing's own (8 samples) or the fitted one would raise
+    seen = refuse_chunks_above(model, max(largest, 8))
+    top = hessian_eigen(
+        model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None, max_memory=whole * 9 // 10
+    )
+    assert torch.allclose(top.values, exact.values, rtol=1e-10)
+    assert seen[:2] == [4, 8] and max(seen[2:]) <= largest  # the sizing, then the products
+
+
+def test_a_budget_below_one_sample_or_a_bad_size_is_refused_before_any_product():
+    model, data = problem()
+    with pytest.raises(MemoryError, match="max_memory: one probe sample needs about"):
+        hessian_eigen(model, F.cross_entropy, data, max_memory=64)
+    with pytest.raises(MemoryError, match="GGNOperator's graphs need about"):
+        from lossgeo.curvature import curvature_eigen
+
+        curvature_eigen(model, F.cross_entropy, data, matrix="ggn", max_memory="1KB")
+    for bad in ("lots", "-2GB", "3XB", 0):
+        with pytest.raises(ValueError, match="max_memory: a size such as 2GB"):
+            hessian_eigen(model, F.cross_entropy, data, max_memory=bad)
+    from lossgeo.curvature.batches import parse_memory
+
+    assert parse_memory("1.5GB") == 3 * 2**29 and parse_memory("512MiB") == 2**29
