@@ -414,7 +414,7 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"method: must be one of {', '.join(HVP_METHODS)} (got {method!r})")
         if fd_step is not None and not fd_step > 0:
             raise ValueError(f"fd_step: must be > 0 (got {fd_step!r})")
-        self.method = method  # before the base class sizes the work to a memory budget
+        self.method: str = method  # before the base class sizes the work to a memory budget
         super().__init__(model, loss_fn, data, **options)
         self.fd_step = fd_step if fd_step is not None else FD_STEPS.get(self.dtype, 3e-3)
         self._fd_scale: float | None = None

@@ -90,16 +90,14 @@ def test_a_memory_budget_is_met_in_advance_with_the_same_result(float64):
     )
     roomy = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory=2 * whole)
     assert roomy.method == "graph" and "retained graphs" in roomy.memory_note
-    tight = HessianOperator(
-        model, F.cross_entropy, data, chunk_size=None, max_memory=whole * 9 // 10
-    )
+    tight = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory=budget)
     largest = max(len(b[1]) for b in tight.batches)
     assert tight.method == "fwdrev" and 1 <= largest < 40
     assert f"chunks of {largest} samples" in tight.memory_note
     # a chunk larger than the sizing's own (8 samples) or the fitted one would raise
     seen = refuse_chunks_above(model, max(largest, 8))
     top = hessian_eigen(
-        model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None, max_memory=whole * 9 // 10
+        model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None, max_memory=budget
     )
     assert torch.allclose(top.values, exact.values, rtol=1e-10)
     assert seen[:2] == [4, 8] and max(seen[2:]) <= largest  # the sizing, then the products
