@@ -1,16 +1,23 @@
 """lossgeo's Tracker in a PyTorch Lightning `Trainer`, through a `Callback`.
 
     pip install -e ".[lightning]"
-    python examples/lightning_callback.py [--epochs 3] [--every 20]
+    python examples/lightning_callback.py [--epochs 3] [--every 20] [--devices 2]
 
 A LightningModule (a two-layer MLP on synthetic data, SGD) is trained by Lightning; the
 callback calls the Tracker after every optimizer step and at the end of every epoch, inside
 one MLflow run, whose location is printed at the end.
+
+With `--devices 2` Lightning trains with its DDP strategy on 2 CPU processes (gloo). Each
+rank then gives the Tracker its shard of the probe set and `process_group=True`: the
+measurements are those of the whole probe set, taken collectively, and rank 0 alone starts
+the MLflow run and logs to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 
 import lightning as L
 import mlflow
@@ -31,18 +38,23 @@ class LossgeoCallback(L.Callback):
         self.tracker: Tracker | None = None
 
     def on_train_start(self, trainer, pl_module):
+        x, y = self.probe
+        if trainer.world_size > 1:  # DDP: this rank's shard, measured collectively
+            x = x.tensor_split(trainer.world_size)[trainer.global_rank]
+            y = y.tensor_split(trainer.world_size)[trainer.global_rank]
         self.tracker = Tracker(
             pl_module.net,
             F.cross_entropy,
-            self.probe,
+            (x, y),
             every_steps=self.every_steps,
             optimizer=trainer.optimizers[0],
             batch_size=self.batch_size,
+            process_group=True if trainer.world_size > 1 else None,
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         measured = self.tracker.step(trainer.global_step, loss=float(outputs["loss"]))
-        if measured:
+        if measured and trainer.is_global_zero:
             print(
                 f"step {trainer.global_step}: lambda_max {measured['step/lambda_max']:.3f}, "
                 f"batch_sharpness {measured['step/batch_sharpness']:.3f}"
@@ -50,7 +62,8 @@ class LossgeoCallback(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = self.tracker.epoch(trainer.current_epoch + 1)
-        print(f"epoch {trainer.current_epoch + 1}: lambda_max {epoch['lambda_max']:.3f}")
+        if trainer.is_global_zero:
+            print(f"epoch {trainer.current_epoch + 1}: lambda_max {epoch['lambda_max']:.3f}")
 
 
 class Classifier(L.LightningModule):
@@ -72,6 +85,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP when > 1)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -87,13 +101,19 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[callback],
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
     )
-    with mlflow.start_run(run_name="lightning") as run:
+    # Lightning starts the other ranks by running this script again, with LOCAL_RANK set:
+    # only rank 0 opens the MLflow run (the others' Trackers log nothing)
+    rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    with mlflow.start_run(run_name="lightning") if rank_zero else contextlib.nullcontext() as run:
         trainer.fit(Classifier(lr=0.2), loader)
-    print(
-        f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}) at "
-        f"{mlflow.get_tracking_uri()}"
-    )
+    if run is not None:
+        print(
+            f"MLflow run {run.info.run_id} (experiment {run.info.experiment_id}) at "
+            f"{mlflow.get_tracking_uri()}"
+        )
 
 
 if __name__ == "__main__":

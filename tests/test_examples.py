@@ -51,6 +51,23 @@ def test_lightning_callback_example(tracking):
     assert epochs == [1, 2]
 
 
+def test_lightning_callback_example_under_ddp_on_two_processes(tracking):
+    """Lightning's DDP strategy on 2 CPU processes: one MLflow run, the per-step and epoch
+    metrics logged once (by rank 0), measured on the two probe shards together."""
+    pytest.importorskip(
+        "lightning", reason="lightning not installed (pip install -e '.[lightning]')"
+    )
+    out = run_example(
+        "lightning_callback.py", "--epochs", "2", "--every", "8", "--devices", "2", cwd=tracking
+    )
+    client, run = only_run(tracking)
+    assert run.info.run_id in out and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/lambda_max")]
+    assert steps == [8, 16, 24, 32]  # 16 steps an epoch: each rank takes half the data
+    epochs = [m.step for m in client.get_metric_history(run.info.run_id, "lambda_max")]
+    assert epochs == [1, 2]
+
+
 def test_huggingface_trainer_example(tracking):
     pytest.importorskip(
         "transformers", reason="transformers not installed (pip install -e '.[transformers]')"
