@@ -12,11 +12,18 @@ so the products run under the math backend when needed; the run's tag
 `lossgeo_attention_backend` says so. AdamW's edge is read through Accelerate's optimizer
 wrapper: `step/preconditioned_lambda_max` against 38/lr (`step/edge_ratio`). Prints where the
 MLflow run went and what tracking cost.
+
+Under torchrun (`torchrun --nproc-per-node 2 examples/huggingface_trainer.py`) the Trainer
+trains with DDP on CPU (gloo). The Tracker is then made when training begins, once the
+Trainer has joined the process group: each rank gives it its shard of the probe set and
+`process_group=True`, and rank 0 alone opens the MLflow run and logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 
 import mlflow
@@ -27,18 +34,27 @@ from lossgeo import Tracker
 
 
 class LossgeoCallback(TrainerCallback):
-    """Runs `tracker.step(global_step)` after every optimizer step; keeps the time spent."""
+    """Runs `tracker.step(global_step)` after every optimizer step; keeps the time spent.
+    The Tracker is made when training begins (`make_tracker(probe batches, group)`), when
+    the Trainer has its optimizer and, under torchrun, its process group."""
 
-    def __init__(self, tracker: Tracker) -> None:
-        self.tracker, self.seconds, self.products = tracker, 0.0, 0
+    def __init__(self, make_tracker, probe: list) -> None:
+        self.make_tracker, self.probe = make_tracker, probe
+        self.tracker: Tracker | None = None
+        self.seconds, self.products = 0.0, 0
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        probe, group = self.probe, None
+        if args.world_size > 1:  # DDP: this rank's shard of the probe batches
+            probe, group = probe[args.process_index :: args.world_size], True
+        self.tracker = self.make_tracker(probe, group)
         self.tracker.optimizer = optimizer  # the learning rate for the edge ratios
 
     def on_step_end(self, args, state, control, **kwargs):
         started = time.perf_counter()
+        assert self.tracker is not None  # made at on_train_begin
         metrics = self.tracker.step(state.global_step)
-        if metrics:
+        if metrics and state.is_world_process_zero:
             self.seconds += time.perf_counter() - started
             self.products += int(
                 metrics["step/lambda_max_n_hvp"]
@@ -92,14 +108,18 @@ def main() -> None:
     train_ids = token_batches(24, 32, config.vocab_size, seed=1)  # 768 tokens
     probe_ids = train_ids[:8]
     probe = [{"input_ids": ids, "labels": ids} for ids in probe_ids.split(4)]
-    tracker = Tracker(
-        model,
-        lambda model, batch: model(**batch).loss,
-        probe,
-        every_steps=args.every,
-        params="transformer.h.0.attn",
-    )
-    callback = LossgeoCallback(tracker)
+
+    def make_tracker(probe_batches: list, group) -> Tracker:
+        return Tracker(
+            model,
+            lambda model, batch: model(**batch).loss,
+            probe_batches,
+            every_steps=args.every,
+            params="transformer.h.0.attn",
+            process_group=group,
+        )
+
+    callback = LossgeoCallback(make_tracker, probe)
     training = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.steps,
@@ -113,11 +133,16 @@ def main() -> None:
         disable_tqdm=True,
     )
     started = time.perf_counter()
-    with mlflow.start_run(run_name="huggingface-trainer") as run:
+    rank_zero = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; 0 alone logs
+    opened = mlflow.start_run(run_name="huggingface-trainer") if rank_zero else None
+    with opened or contextlib.nullcontext() as run:
         Trainer(
             model=model, args=training, train_dataset=TokenDataset(train_ids), callbacks=[callback]
         ).train()
     total = time.perf_counter() - started
+    tracker = callback.tracker
+    if run is None or tracker is None:
+        return
     print(
         f"tracking: {tracker.n_measurements} measurements, {callback.products} "
         f"Hessian-vector products, {callback.seconds:.2f} s of {total:.2f} s in all"

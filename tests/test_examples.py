@@ -1,5 +1,7 @@
 """The examples run as a user runs them and leave one MLflow run with per-step metrics."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +93,43 @@ def test_huggingface_trainer_example(tracking):
     threshold = client.get_metric_history(run.info.run_id, "step/stability_threshold")
     assert [(m.step, round(m.value)) for m in threshold] == [(10, 38000), (20, 38000)]
     assert "step/preconditioned_lambda_max" in run.data.metrics
+
+
+def test_huggingface_trainer_example_under_torchrun(tracking):
+    """The Trainer's DDP on 2 CPU processes: one MLflow run, each step logged once, the
+    Tracker on the two probe shards together (a rank left out would hang the other)."""
+    pytest.importorskip(
+        "transformers", reason="transformers not installed (pip install -e '.[transformers]')"
+    )
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            str(EXAMPLES / "huggingface_trainer.py"),
+            "--steps",
+            "20",
+            "--every",
+            "10",
+            "--output-dir",
+            str(tracking / "out"),
+        ],  # fmt: skip
+        cwd=tracking,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, run = only_run(tracking)
+    assert done.stdout.count("MLflow run") == 1 and run.info.run_id in done.stdout
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "step/lambda_max")]
+    assert steps == [10, 20]
+    # 24 sequences in batches of 4 a rank: 3 steps an epoch on 2 ranks (6 on one)
+    assert re.search(r"'epoch': '?6\.66", done.stdout), done.stdout[-2000:]
 
 
 def test_adamw_warmup_spike_example(tracking):
