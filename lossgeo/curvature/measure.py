@@ -29,6 +29,7 @@ from .operators import (
     GGNOperator,
     HessianBlockOperator,
     HessianOperator,
+    _refuse_sharded,
     full_precision,
 )
 from .persample import fisher_gram
@@ -165,6 +166,7 @@ def measure_curvature(
     start = time.perf_counter()
     s = settings
     model = unwrap(model)
+    _refuse_sharded(model, "the per-epoch set (GGN, Fisher, layers)")
     op = HessianOperator(
         model,
         loss_fn,

@@ -55,7 +55,7 @@ from lossgeo.curvature.measure import (
     measure_curvature,
     probe_is_finite,
 )
-from lossgeo.curvature.operators import HessianOperator, outside_autocast
+from lossgeo.curvature.operators import HessianOperator, _refuse_sharded, outside_autocast
 from lossgeo.curvature.params import ParameterSpace
 from lossgeo.curvature.peak import PeakMemory
 from lossgeo.curvature.stability import (
@@ -163,6 +163,7 @@ class Tracker:
             raise ValueError(f"every_steps: must be an integer >= 0 (got {every_steps!r})")
         self.group = resolve_group(process_group)
         self.model, self.loss_fn = unwrap(model), loss_fn
+        _refuse_sharded(self.model, "the Tracker")
         self.probe = as_batches(probe, None)
         self.every_steps, self.optimizer = every_steps, optimizer
         self._lr, self._momentum = lr, momentum

@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lossgeo.curvature import curvature_eigen, hessian_eigen, hessian_trace
+from lossgeo.curvature import curvature_eigen, hessian_eigen, hessian_trace, measure_curvature
 
 from .distributed_worker import fsdp_worker, smooth_problem
 
@@ -47,6 +47,12 @@ def test_a_sharded_model_refuses_what_needs_its_full_parameters(tmp_path):
             curvature_eigen(model, F.cross_entropy, (x, y), matrix="ggn")
         with pytest.raises(ValueError, match="layer-wise lambda_max needs the full"):
             layerwise_lambda_max(model, F.cross_entropy, (x, y))
+        with pytest.raises(ValueError, match="the Tracker needs the full parameters"):
+            from lossgeo import Tracker
+
+            Tracker(model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=4)
+        with pytest.raises(ValueError, match=r"the per-epoch set \(GGN, Fisher, layers\) needs"):
+            measure_curvature(model, F.cross_entropy, (x, y))
         with pytest.raises(ValueError, match="differences of gradients only"):
             hessian_eigen(model, F.cross_entropy, (x, y), hvp_method="fwdrev")
         # one rank alone: the sharded path still gives the exact answer
