@@ -134,7 +134,6 @@ class ShardedHessianOperator(CurvatureOperator):
         super().__init__(
             model, loss_fn, data, space=sharded_space, process_group=mesh_group, **options
         )
-        self.space = sharded_space
         self.sharded = sharded_space
         self.method = "fd"
         self.fd_step = fd_step if fd_step is not None else FD_STEPS.get(self.dtype, 3e-3)
