@@ -88,6 +88,18 @@ def all_sum_float(value: float, group: Any) -> float:
     return float(all_sum(torch.tensor([value], dtype=torch.float64), group)[0])
 
 
+def all_sum_tensor(values: torch.Tensor, group: Any) -> torch.Tensor:
+    """A float64 copy of `values` summed over the ranks of `group` (the copy alone for None):
+    one all-reduce for many partial sums (losses at many points, a loss and its gradient)."""
+    out = values.detach().to(torch.float64).clone()
+    return out if group is None else all_sum(out, group)
+
+
+def total_count(local: int, group: Any) -> int:
+    """The number of samples over all ranks' shards (`local` for one process)."""
+    return local if group is None else int(all_sum_float(float(local), group))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel (or DataParallel) wrapper."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel

@@ -14,13 +14,14 @@ the network. On the MNIST MLP the first layer is most of the work.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from lossgeo.curvature.distributed import all_sum_tensor, resolve_group, total_count
 from lossgeo.curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
 
 
@@ -60,6 +61,8 @@ class PerturbedLoss:
 
     directions: (m, n) flat vectors (ParameterSpace order); base: flat weights (default:
     the model's). factorize: use the first-layer factorisation where the model allows it.
+    process_group: `data` is this rank's shard of the data set; each point's loss and
+    accuracy are over all shards (one all-reduce for all the points of a call).
     """
 
     def __init__(
@@ -72,11 +75,14 @@ class PerturbedLoss:
         base: torch.Tensor | None = None,
         chunk_size: int | None = 2048,
         factorize: bool = True,
+        process_group: Any = None,
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
+        self.group = resolve_group(process_group)
         self.space = ParameterSpace(model)
-        self.batches = as_batches(data, chunk_size)
-        self.n = sum(len(y) for _, y in self.batches)
+        # an empty shard (more ranks than samples) takes part in the reduction alone
+        self.batches = [b for b in as_batches(data, chunk_size) if len(b[1])]
+        self.n = total_count(sum(len(y) for _, y in self.batches), self.group)
         self.directions = torch.atleast_2d(directions).to(self.space.dtype)
         if self.directions.shape[1] != self.space.dim:
             raise ValueError(
@@ -156,15 +162,16 @@ class PerturbedLoss:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """coeffs: (P, m). Returns (loss, accuracy), each (P,), float64."""
         coeffs = torch.atleast_2d(torch.as_tensor(coeffs, dtype=torch.float64))
-        losses = torch.empty(len(coeffs), dtype=torch.float64)
-        accs = torch.empty(len(coeffs), dtype=torch.float64)
+        # this shard's part of each point's mean loss, and its count of correct answers
+        sums = torch.empty(len(coeffs), 2, dtype=torch.float64)
         with eval_mode(self.model):
             if self._split is not None and self._cache is None:
                 self._cache = self._build_cache()
             for p, c in enumerate(coeffs):
                 c_model = c.to(self.space.dtype).to(self.base.device)
-                losses[p], accs[p] = self._evaluate(c_model)
-        return losses, accs
+                sums[p, 0], sums[p, 1] = self._evaluate(c_model)
+        sums = all_sum_tensor(sums, self.group)
+        return sums[:, 0], sums[:, 1] / self.n
 
     def _tail_pieces(self):
         """Base weights and directions of the layers after the first one only: the first
@@ -199,7 +206,7 @@ class PerturbedLoss:
             # weights n_b / N: one batch gives exactly the plain mean loss
             total += float(self.loss_fn(out, y)) * (len(y) / self.n)
             correct += int((out.argmax(-1) == y).sum())
-        return total, correct / self.n
+        return total, float(correct)
 
 
 @dataclass(frozen=True)
@@ -240,9 +247,18 @@ def surface_2d(
     ys: torch.Tensor,
     *,
     factorize: bool = True,
+    process_group: Any = None,
 ) -> Surface2D:
-    """loss[i, j] and acc[i, j] at w + xs[i] d1 + ys[j] d2."""
-    evaluator = PerturbedLoss(model, loss_fn, data, torch.stack([d1, d2]), factorize=factorize)
+    """loss[i, j] and acc[i, j] at w + xs[i] d1 + ys[j] d2 (process_group: `data` is this
+    rank's shard, see `PerturbedLoss`)."""
+    evaluator = PerturbedLoss(
+        model,
+        loss_fn,
+        data,
+        torch.stack([d1, d2]),
+        factorize=factorize,
+        process_group=process_group,
+    )
     grid = torch.cartesian_prod(xs.double(), ys.double())
     loss, acc = evaluator(grid)
     shape = (len(xs), len(ys))
@@ -258,9 +274,18 @@ def slice_1d(
     *,
     base: torch.Tensor | None = None,
     factorize: bool = True,
+    process_group: Any = None,
 ) -> Slice1D:
-    """loss[i] and acc[i] at base + ts[i] * direction."""
-    evaluator = PerturbedLoss(model, loss_fn, data, direction, base=base, factorize=factorize)
+    """loss[i] and acc[i] at base + ts[i] * direction (process_group: see `PerturbedLoss`)."""
+    evaluator = PerturbedLoss(
+        model,
+        loss_fn,
+        data,
+        direction,
+        base=base,
+        factorize=factorize,
+        process_group=process_group,
+    )
     loss, acc = evaluator(ts.double().view(-1, 1))
     return Slice1D(t=ts, loss=loss, acc=acc)
 
@@ -272,7 +297,9 @@ def interpolate(
     w_a: torch.Tensor,
     w_b: torch.Tensor,
     alphas: torch.Tensor,
+    *,
+    process_group: Any = None,
 ) -> Slice1D:
     """Linear interpolation (1 - alpha) w_a + alpha w_b (Goodfellow et al. 2015)."""
-    out = slice_1d(model, loss_fn, data, w_b - w_a, alphas, base=w_a)
+    out = slice_1d(model, loss_fn, data, w_b - w_a, alphas, base=w_a, process_group=process_group)
     return Slice1D(t=alphas, loss=out.loss, acc=out.acc, axis="alpha")

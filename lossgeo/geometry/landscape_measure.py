@@ -42,8 +42,15 @@ class LandscapeSettings:
 
 
 def measure_sharpness(
-    model: nn.Module, loss_fn: LossFn, data: DataSource, s: LandscapeSettings
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSource,
+    s: LandscapeSettings,
+    process_group: Any = None,
 ) -> dict[str, float]:
+    """sharp_mean, sharp_max, eps_sharpness and adaptive_sharpness on `data` (this rank's
+    shard under a process group)."""
+    group = {"process_group": process_group}
     random = random_direction_sharpness(
         model,
         loss_fn,
@@ -51,25 +58,32 @@ def measure_sharpness(
         n_directions=s.sharpness_directions,
         radius=s.sharpness_radius,
         seed=s.seed,
+        **group,
     )
     return {
         "sharp_mean": random.value,
         "sharp_max": random.max,
-        "eps_sharpness": eps_sharpness(model, loss_fn, data, eps=s.sharpness_eps).value,
+        "eps_sharpness": eps_sharpness(model, loss_fn, data, eps=s.sharpness_eps, **group).value,
         "adaptive_sharpness": adaptive_sharpness(
-            model, loss_fn, data, radius=s.adaptive_radius
+            model, loss_fn, data, radius=s.adaptive_radius, **group
         ).value,
     }
 
 
 def pac_bayes_measures(
-    model: nn.Module, loss_fn: LossFn, data: DataSource, max_increase: float, seed: int = 0
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSource,
+    max_increase: float,
+    seed: int = 0,
+    process_group: Any = None,
 ) -> dict[str, float]:
     """pac_bayes_flatness and pac_bayes_mag_flatness (1/sigma^2, Jiang et al.'s convention:
     larger is sharper) and their sigmas."""
-    plain = pac_bayes_flatness(model, loss_fn, data, max_increase=max_increase, seed=seed)
+    group = {"process_group": process_group}
+    plain = pac_bayes_flatness(model, loss_fn, data, max_increase=max_increase, seed=seed, **group)
     magnitude = pac_bayes_flatness(
-        model, loss_fn, data, max_increase=max_increase, magnitude_aware=True, seed=seed
+        model, loss_fn, data, max_increase=max_increase, magnitude_aware=True, seed=seed, **group
     )
     return {
         "pac_bayes_flatness": plain.flatness,
@@ -80,11 +94,16 @@ def pac_bayes_measures(
 
 
 def top_eigenvectors(
-    model: nn.Module, loss_fn: LossFn, probe: DataSource, cache: dict | None, k: int = 2
+    model: nn.Module,
+    loss_fn: LossFn,
+    probe: DataSource,
+    cache: dict | None,
+    k: int = 2,
+    process_group: Any = None,
 ) -> torch.Tensor:
     top = (cache or {}).get("hessian_top")
     if top is None or top.vectors.shape[0] < k:
-        top = hessian_eigen(model, loss_fn, probe, k=k, tol=1e-3)
+        top = hessian_eigen(model, loss_fn, probe, k=k, tol=1e-3, process_group=process_group)
     return top.vectors[:k]
 
 
@@ -95,6 +114,7 @@ def plane(
     s: LandscapeSettings,
     trajectory: list[torch.Tensor],
     cache: dict | None,
+    process_group: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float, str]:
     """(d1, d2, half_range, description) of the configured 2D plane."""
     if s.directions == "random":
@@ -105,7 +125,7 @@ def plane(
             f"random Gaussian, filter-normalised, seeds {s.seed}, {s.seed + 1}",
         )
     if s.directions == "eigen":
-        v = top_eigenvectors(model, loss_fn, probe, cache)
+        v = top_eigenvectors(model, loss_fn, probe, cache, process_group=process_group)
         return (
             v[0],
             v[1],
@@ -135,25 +155,31 @@ def measure_landscape(
     epoch: int,
     final: bool,
     cache: dict | None = None,
+    process_group: Any = None,
 ) -> tuple[dict[str, float], dict[str, object]]:
     """Sharpness metrics every call, PAC-Bayes flatness at the final epoch; 2D/1D slices
-    and the trajectory at the final epoch (or every call with `every_epoch`)."""
+    and the trajectory at the final epoch (or every call with `every_epoch`).
+    process_group: `probe` and `slice_data` are this rank's shards; every loss is over all
+    shards, and every rank returns the same metrics and artifacts."""
     start = time.perf_counter()
     metrics: dict[str, float] = {}
     artifacts: dict[str, object] = {}
+    group = {"process_group": process_group}
     if s.sharpness:
-        metrics.update(measure_sharpness(model, loss_fn, probe, s))
+        metrics.update(measure_sharpness(model, loss_fn, probe, s, **group))
     if s.pac_bayes and final:  # its bisection costs ~170 loss evaluations: the end point only
-        metrics.update(pac_bayes_measures(model, loss_fn, probe, s.pac_bayes_increase, s.seed))
+        metrics.update(
+            pac_bayes_measures(model, loss_fn, probe, s.pac_bayes_increase, s.seed, **group)
+        )
     if s.landscape and (final or s.every_epoch):
         device = next(model.parameters()).device
         traj = [w.to(device) for w in trajectory]
         can_pca = len(traj) >= 3
         directions = s.directions if (s.directions != "pca" or can_pca) else "random"
         settings = s if directions == s.directions else _replace(s, directions=directions)
-        d1, d2, extent, description = plane(model, loss_fn, probe, settings, traj, cache)
+        d1, d2, extent, description = plane(model, loss_fn, probe, settings, traj, cache, **group)
         grid = axis(s.resolution, extent)
-        surface = surface_2d(model, loss_fn, slice_data, d1, d2, grid, grid)
+        surface = surface_2d(model, loss_fn, slice_data, d1, d2, grid, grid, **group)
         slice2d: dict[str, Any] = {
             **surface.as_dict(),
             "directions": description,
@@ -176,6 +202,7 @@ def measure_landscape(
                     s,
                     cache,
                     surface if directions == "pca" else None,
+                    process_group,
                 )
             )
     metrics["landscape_seconds"] = time.perf_counter() - start
@@ -188,20 +215,21 @@ def _replace(s: LandscapeSettings, **changes) -> LandscapeSettings:
     return dataclasses.replace(s, **changes)
 
 
-def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice):
+def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice, process_group):
     artifacts: dict[str, object] = {}
+    group = {"process_group": process_group}
     ts = axis(2 * s.resolution - 1, s.half_range)
-    v = top_eigenvectors(model, loss_fn, probe, cache, k=1)[0]
+    v = top_eigenvectors(model, loss_fn, probe, cache, k=1, **group)[0]
     one_d = {
         "random": slice_1d(
-            model, loss_fn, slice_data, random_direction(model, seed=s.seed), ts
+            model, loss_fn, slice_data, random_direction(model, seed=s.seed), ts, **group
         ).as_dict(),
-        "eigen": slice_1d(model, loss_fn, slice_data, v, ts).as_dict(),
+        "eigen": slice_1d(model, loss_fn, slice_data, v, ts, **group).as_dict(),
     }
     if len(traj) >= 2:
         alphas = torch.linspace(-0.25, 1.25, 2 * s.resolution - 1, dtype=torch.float64)
         one_d["interpolation"] = interpolate(
-            model, loss_fn, slice_data, traj[0], traj[-1], alphas
+            model, loss_fn, slice_data, traj[0], traj[-1], alphas, **group
         ).as_dict()
     artifacts["landscape/loss_slice_1d.pt"] = one_d
     if len(traj) >= 3:
@@ -210,7 +238,7 @@ def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice):
             extent = float(pca.coordinates.abs().max()) * 1.25
             d = pca.directions.to(traj[0].dtype)
             grid = axis(s.resolution, extent)
-            pca_slice = surface_2d(model, loss_fn, slice_data, d[0], d[1], grid, grid)
+            pca_slice = surface_2d(model, loss_fn, slice_data, d[0], d[1], grid, grid, **group)
         artifacts["landscape/trajectory.pt"] = {
             "coordinates": pca.coordinates,
             "explained_variance_ratio": pca.explained_variance_ratio,

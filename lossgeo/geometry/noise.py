@@ -19,11 +19,18 @@ model is left untouched. Only the per-sample squared norms and the mean are need
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from lossgeo.curvature.distributed import (
+    all_sum_float,
+    all_sum_tensor,
+    resolve_group,
+    total_count,
+)
 from lossgeo.curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
 from lossgeo.curvature.persample import LayerFactors, chain_factors, linear_chain
 
@@ -40,10 +47,18 @@ class NoiseScale:
 
 
 def gradient_noise_scale(
-    model: nn.Module, loss_fn: LossFn, data: DataSource, *, chunk_size: int = 64
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSource,
+    *,
+    chunk_size: int = 64,
+    process_group: Any = None,
 ) -> NoiseScale:
+    """B_simple on `data` (see the module docstring). process_group: `data` is this rank's
+    shard; the shards' moments are merged exactly (two all-reduces)."""
+    group = resolve_group(process_group)
     space = ParameterSpace(model)
-    batches = as_batches(data, chunk_size)
+    batches = [b for b in as_batches(data, chunk_size) if len(b[1])]
 
     def sample_loss(params, x, y):
         out = functional_call(model, {**space.frozen, **params}, (x.unsqueeze(0),))
@@ -87,6 +102,8 @@ def gradient_noise_scale(
                 m2 += float(delta.pow(2).sum()) * n * b / total
                 mean[name] += delta * (b / total)
             n = total
+    if group is not None:
+        n, m2 = _merge_shards(n, mean, m2, group)
     if n < 2:
         raise ValueError("data: the noise scale needs at least 2 samples")
     g_sq = float(sum(m.pow(2).sum() for m in mean.values()))
@@ -97,6 +114,26 @@ def gradient_noise_scale(
         gradient_norm_sq=g_sq,
         n_samples=n,
     )
+
+
+def _merge_shards(
+    n: int, mean: dict[str, torch.Tensor], m2: float, group: Any
+) -> tuple[int, float]:
+    """The shards' (count, mean, squared deviations) merged over the group: the mean in
+    place, as the count-weighted mean of the shards' means, and each shard's deviations
+    counted about that common mean (n_r ||mean_r - G||^2 added), as Chan et al.'s update
+    does for two chunks."""
+    total = total_count(n, group)
+    names = list(mean)
+    local = torch.cat([mean[name].reshape(-1) for name in names])
+    common = all_sum_tensor(local * n, group) / max(total, 1)
+    m2 = all_sum_float(m2 + n * float((local - common).pow(2).sum()), group)
+    offset = 0
+    for name in names:
+        size = mean[name].numel()
+        mean[name].copy_(common[offset : offset + size].view_as(mean[name]))
+        offset += size
+    return total, m2
 
 
 def _chain_moments(layers: list[LayerFactors]) -> ChunkMoments:

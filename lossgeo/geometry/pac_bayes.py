@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from lossgeo.curvature.distributed import all_sum_tensor, resolve_group, total_count
 from lossgeo.curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
 
 MAGNITUDE_EPS = 1e-3  # Jiang et al.'s epsilon: the noise floor of the magnitude-aware form
@@ -62,11 +64,13 @@ class _NoisyLoss:
         magnitude_aware: bool,
         eps: float,
         seed: int,
+        process_group: Any = None,
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
+        self.group = resolve_group(process_group)
         self.space = ParameterSpace(model)
-        self.batches = as_batches(data, 2048)
-        self.n = sum(len(y) for _, y in self.batches)
+        self.batches = [b for b in as_batches(data, 2048) if len(b[1])]
+        self.n = total_count(sum(len(y) for _, y in self.batches), self.group)
         self.w = self.space.flatten(self.space.values)
         self.n_samples, self.magnitude_aware, self.eps, self.seed = (
             n_samples,
@@ -91,14 +95,23 @@ class _NoisyLoss:
         return z
 
     def at(self, flat: torch.Tensor) -> float:
-        params = self.space.unflatten(flat)
-        total = 0.0
+        """The mean loss at `flat` (over all shards)."""
+        return float(self.at_all([flat])[0])
+
+    def at_all(self, points: Iterable[torch.Tensor]) -> list[float]:
+        """The mean loss at each of `points` (drawn one at a time: one copy of the weights
+        at once), with one all-reduce for them all under a group."""
+        totals: list[float] = []
         with torch.no_grad(), eval_mode(self.model):
-            for x, y in self.batches:
-                out = functional_call(self.model, {**self.space.frozen, **params}, (x,))
-                total += len(y) / self.n * float(self.loss_fn(out, y))
-        self.count += 1
-        return total
+            for flat in points:
+                params = {**self.space.frozen, **self.space.unflatten(flat)}
+                total = 0.0
+                for x, y in self.batches:
+                    out = functional_call(self.model, params, (x,))
+                    total += len(y) / self.n * float(self.loss_fn(out, y))
+                totals.append(total)
+        self.count += len(totals)
+        return all_sum_tensor(torch.tensor(totals, dtype=torch.float64), self.group).tolist()
 
     def noisy(self, sigma: float) -> float:
         """E_u[L(w + u)] over the fixed draws; inf where any draw's loss is not finite."""
@@ -106,7 +119,7 @@ class _NoisyLoss:
             scale = torch.sqrt(sigma**2 * self.w**2 + self.eps**2)
         else:
             scale = torch.full_like(self.w, sigma)
-        losses = [self.at(self.w + scale * self._draw(k)) for k in range(self.n_samples)]
+        losses = self.at_all(self.w + scale * self._draw(k) for k in range(self.n_samples))
         mean = sum(losses) / len(losses)
         return mean if math.isfinite(mean) else math.inf
 
@@ -122,9 +135,11 @@ def pac_bayes_flatness(
     rtol: float = 0.02,
     eps: float = MAGNITUDE_EPS,
     seed: int = 0,
+    process_group: Any = None,
 ) -> PacBayesFlatness:
     """The largest sigma whose Gaussian weight noise raises the mean loss over `data` by at
-    most `max_increase` (see the module docstring), to a relative accuracy `rtol`."""
+    most `max_increase` (see the module docstring), to a relative accuracy `rtol`.
+    process_group: `data` is this rank's shard; every loss is over all shards."""
     if not max_increase > 0:
         raise ValueError(f"max_increase: must be > 0 (got {max_increase})")
     if n_samples < 1:
@@ -139,6 +154,7 @@ def pac_bayes_flatness(
         magnitude_aware=magnitude_aware,
         eps=eps,
         seed=seed,
+        process_group=process_group,
     )
     base = f.at(f.w)
     if not math.isfinite(base):

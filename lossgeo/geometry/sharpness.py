@@ -9,18 +9,22 @@
   L(w + delta) - L(w) over ||delta / |w| ||_2 <= rho, by normalised gradient ascent in the
   rescaled coordinates u = delta / |w| with projection onto the rho-ball.
 
-All leave the model exactly as it was (functional evaluation on detached copies).
+All leave the model exactly as it was (functional evaluation on detached copies). With a
+`process_group`, `data` is this rank's shard: every loss (and gradient) is the mean over all
+shards, so every rank follows the same path and returns the single-process answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
+from lossgeo.curvature.distributed import all_sum_tensor, resolve_group, total_count
 from lossgeo.curvature.operators import DataSource, LossFn, ParameterSpace, as_batches, eval_mode
 from lossgeo.geometry.directions import random_direction
 from lossgeo.geometry.landscape import PerturbedLoss
@@ -53,6 +57,7 @@ def random_direction_sharpness(
     radius: float = 0.05,
     seed: int = 0,
     factorize: bool = False,
+    process_group: Any = None,
 ) -> SharpnessResult:
     """Loss increase L(w + radius d) - L(w) along filter-normalised random directions d:
     `.value` is sharp_mean, `.max` sharp_max. factorize is off by default: with one or two
@@ -64,7 +69,9 @@ def random_direction_sharpness(
     base_loss = 0.0
     for k in range(n_directions):
         d = random_direction(model, seed=seed + k)
-        evaluator = PerturbedLoss(model, loss_fn, data, d, factorize=factorize)
+        evaluator = PerturbedLoss(
+            model, loss_fn, data, d, factorize=factorize, process_group=process_group
+        )
         if k == 0:  # L(w) is the same for every direction: evaluated once
             loss, _ = evaluator(torch.tensor([[0.0], [radius]]))
             base_loss = float(loss[0])
@@ -83,11 +90,14 @@ def random_direction_sharpness(
 class _LossAndGrad:
     """Mean loss and its gradient at flat weights, on detached copies, in eval mode."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataSource) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, data: DataSource, process_group: Any = None
+    ) -> None:
         self.model, self.loss_fn = model, loss_fn
+        self.group = resolve_group(process_group)
         self.space = ParameterSpace(model)
-        self.batches = as_batches(data, 2048)
-        self.n = sum(len(y) for _, y in self.batches)
+        self.batches = [b for b in as_batches(data, 2048) if len(b[1])]
+        self.n = total_count(sum(len(y) for _, y in self.batches), self.group)
         self.w = self.space.flatten(self.space.values)
         self.count = 0
 
@@ -105,16 +115,26 @@ class _LossAndGrad:
                 total += weight * float(loss)
                 g_total += weight * self.space.flatten(g)
         self.count += 1
-        return total, g_total
+        if self.group is None:
+            return total, g_total
+        # one all-reduce: the loss and the gradient together
+        summed = all_sum_tensor(torch.cat([g_total.new_tensor([total]), g_total]), self.group)
+        return float(summed[0]), summed[1:].to(g_total.dtype)
 
 
 def eps_sharpness(
-    model: nn.Module, loss_fn: LossFn, data: DataSource, *, eps: float = 1e-3, max_iter: int = 10
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSource,
+    *,
+    eps: float = 1e-3,
+    max_iter: int = 10,
+    process_group: Any = None,
 ) -> SharpnessResult:
     """Keskar et al.'s epsilon-sharpness in percent, maximised in the full parameter space."""
     if eps <= 0:
         raise ValueError(f"eps: must be > 0 (got {eps})")
-    f = _LossAndGrad(model, loss_fn, data)
+    f = _LossAndGrad(model, loss_fn, data, process_group)
     w = f.w.double().cpu().numpy()
     base_loss, base_grad = f(f.w)
     bound = eps * (np.abs(w) + 1.0)
@@ -134,13 +154,19 @@ def eps_sharpness(
 
 
 def adaptive_sharpness(
-    model: nn.Module, loss_fn: LossFn, data: DataSource, *, radius: float = 0.5, steps: int = 10
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSource,
+    *,
+    radius: float = 0.5,
+    steps: int = 10,
+    process_group: Any = None,
 ) -> SharpnessResult:
     """max L(w + |w| * u) - L(w) over ||u||_2 <= radius, by `steps` normalised ascent steps
     of length 2 radius / steps, each projected back onto the ball."""
     if radius <= 0 or steps < 1:
         raise ValueError("radius: must be > 0 and steps >= 1")
-    f = _LossAndGrad(model, loss_fn, data)
+    f = _LossAndGrad(model, loss_fn, data, process_group)
     scale = f.w.abs()
     base_loss, base_grad = f(f.w)
     u = torch.zeros_like(f.w)

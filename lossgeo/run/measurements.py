@@ -23,18 +23,20 @@ class LandscapeMeasurement:
     name: str = "landscape"
 
     def __call__(self, state: EpochState) -> MeasurementResult:
-        probe = (state.data.probe.x, state.data.probe.y)
+        shard = state.ranks.shard  # the whole set on one process
+        probe = (shard(state.data.probe.x), shard(state.data.probe.y))
         split = state.data.test if self.on_test else state.data.probe
         metrics, artifacts = measure_landscape(
             state.model,
             state.loss_fn,
             probe,
-            (split.x, split.y),
+            (shard(split.x), shard(split.y)),
             state.trajectory,
             self.settings,
             epoch=state.epoch,
             final=state.is_last,
             cache=state.cache,
+            process_group=state.ranks.group,
         )
         return MeasurementResult(metrics=metrics, artifacts=artifacts)
 
@@ -44,8 +46,12 @@ class NoiseScaleMeasurement:
     name: str = "noise_scale"
 
     def __call__(self, state: EpochState) -> MeasurementResult:
+        shard = state.ranks.shard
         result = gradient_noise_scale(
-            state.model, state.loss_fn, (state.data.probe.x, state.data.probe.y)
+            state.model,
+            state.loss_fn,
+            (shard(state.data.probe.x), shard(state.data.probe.y)),
+            process_group=state.ranks.group,
         )
         return MeasurementResult(
             metrics={"grad_noise_scale": result.b_simple, "grad_norm_sq": result.gradient_norm_sq}

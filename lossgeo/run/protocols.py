@@ -19,6 +19,7 @@ from torch import nn
 from lossgeo.config import TrainConfig
 from lossgeo.data import DataBundle
 from lossgeo.losses import LossFn
+from lossgeo.run.parallel import SINGLE, Ranks
 
 
 class MetricLogger(Protocol):
@@ -57,6 +58,9 @@ class EpochState:
     metrics: dict[str, float]
     # Results one measurement leaves for a later one this epoch (e.g. Hessian eigenvectors).
     cache: dict[str, Any] = field(default_factory=dict)
+    # Under torchrun: this process's rank; a measurement takes its shard of the data
+    # (`ranks.shard`) and measures collectively over `ranks.group`.
+    ranks: Ranks = SINGLE
 
 
 @dataclass

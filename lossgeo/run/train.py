@@ -332,6 +332,7 @@ class _Loop:
             config=self.config,
             trajectory=self.trajectory,
             metrics=metrics,
+            ranks=self.ranks,
         )
         names = ", ".join(
             (["curvature"] if self.tracker.curvature is not None else [])

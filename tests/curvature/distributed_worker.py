@@ -85,15 +85,21 @@ def joined(rank: int, world_size: int, init_file: str):
     )
 
 
-def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def worker(
+    rank: int, world_size: int, init_file: str, out_dir: str, what: str = "curvature"
+) -> None:
+    """`measure` (what="curvature") or `measure_geometry` (what="geometry") on this rank's
+    uneven shard, collectively; saved as rank{rank}.pt."""
     joined(rank, world_size, init_file)
     try:
         results = {}
+        measured = measure if what == "curvature" else measure_geometry
         for name in ("mlp", "cnn"):
             model, x, y = problem(name)
             xs, ys = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
-            results[name] = measure(model, xs, ys, True)
-            if name == "mlp" and world_size == 2:  # a DDP-wrapped model: through its module
+            results[name] = measured(model, xs, ys, True)
+            if what == "curvature" and name == "mlp" and world_size == 2:
+                # a DDP-wrapped model: through its module
                 wrapped = nn.parallel.DistributedDataParallel(model)
                 results["mlp_ddp"] = measure(wrapped, xs, ys, True)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -221,3 +227,41 @@ def failing_worker(rank: int, world_size: int, init_file: str, out_dir: str, whe
     Path(out_dir, f"failed{rank}.txt").write_text(f"{outcome}\n{time.monotonic() - started}")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def measure_geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) -> dict:
+    """Every loss-based measurement once (sharpness, PAC-Bayes, noise scale, slices and the
+    final-epoch landscape with eigen directions); group None = one process."""
+    from lossgeo.geometry.landscape import surface_2d
+    from lossgeo.geometry.landscape_measure import LandscapeSettings, measure_landscape
+    from lossgeo.geometry.noise import gradient_noise_scale
+    from lossgeo.geometry.pac_bayes import pac_bayes_flatness
+
+    data, opts = (x, y), {"process_group": group}
+    settings = LandscapeSettings(
+        sharpness_directions=3, resolution=3, directions="eigen", pac_bayes_increase=0.05
+    )
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    trajectory = [weights * 1.1, weights * 0.9 + 0.01, weights]
+    metrics, artifacts = measure_landscape(
+        model, F.cross_entropy, data, data, trajectory, settings, epoch=2, final=True, **opts
+    )
+    metrics.pop("landscape_seconds")
+    d1 = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()))
+    surface = surface_2d(
+        model, F.cross_entropy, data, d1, d1.flip(0), torch.tensor([0.0, 0.5]),
+        torch.tensor([-0.5, 0.0]), factorize=False, **opts,
+    )  # fmt: skip
+    noise = gradient_noise_scale(model, F.cross_entropy, data, chunk_size=5, **opts)
+    magnitude = pac_bayes_flatness(
+        model, F.cross_entropy, data, max_increase=0.05, magnitude_aware=True, **opts
+    )
+    return {
+        "metrics": metrics,
+        "slice_1d": artifacts["landscape/loss_slice_1d.pt"],
+        "slice_2d": artifacts["landscape/loss_slice_2d.pt"]["loss"],
+        "trajectory": artifacts["landscape/trajectory.pt"]["slice"]["loss"],
+        "surface": (surface.loss, surface.acc),
+        "noise": (noise.b_simple, noise.trace_covariance, noise.gradient_norm_sq, noise.n_samples),
+        "pac_bayes_evaluations": magnitude.n_evaluations,
+    }

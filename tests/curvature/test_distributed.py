@@ -102,3 +102,38 @@ def test_a_measurement_failing_on_one_rank_ends_every_rank_with_its_message(
         outcome, seconds = (tmp_path / f"failed{rank}.txt").read_text().splitlines()
         assert outcome == want
         assert float(seconds) < 20
+
+
+def test_sharpness_landscapes_and_noise_scale_on_shards_give_the_single_process_result(
+    tmp_path, float64
+):
+    """3 ranks (8 + 8 + 7 probe samples): every loss-based epoch measurement is the mean over
+    all shards, so each matches the one-process value on the whole probe set, on every rank
+    bitwise alike; PAC-Bayes's bisection and L-BFGS-B take the same path."""
+    from .distributed_worker import measure_geometry
+
+    mp.spawn(worker, args=(3, str(tmp_path / "init"), str(tmp_path), "geometry"), nprocs=3)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    for name in ("mlp", "cnn"):
+        want = measure_geometry(*problem(name), None)
+        assert set(want["metrics"]) >= {
+            "sharp_mean", "sharp_max", "eps_sharpness", "adaptive_sharpness",
+            "pac_bayes_flatness", "pac_bayes_mag_flatness",
+        }  # fmt: skip
+        for got in (r[name] for r in ranks):
+            assert got["metrics"].keys() == want["metrics"].keys()
+            for key, value in want["metrics"].items():
+                assert got["metrics"][key] == pytest.approx(value, rel=1e-8, abs=1e-12), key
+            for kind in ("random", "eigen", "interpolation"):
+                for part in ("loss", "acc"):
+                    assert close(got["slice_1d"][kind][part], want["slice_1d"][kind][part], 1e-9)
+            for key in ("slice_2d", "trajectory"):
+                assert close(got[key], want[key], 1e-9), key
+            assert close(got["surface"][0], want["surface"][0], 1e-9)
+            assert torch.equal(got["surface"][1], want["surface"][1])  # counts: exact
+            assert got["noise"][3] == want["noise"][3] == 23
+            assert close(got["noise"][:3], want["noise"][:3], 1e-9), got["noise"]
+            assert got["pac_bayes_evaluations"] == want["pac_bayes_evaluations"]
+        for other in ranks[1:]:
+            assert other[name]["metrics"] == ranks[0][name]["metrics"]
+            assert torch.equal(other[name]["slice_2d"], ranks[0][name]["slice_2d"])

@@ -61,6 +61,7 @@ def test_torchrun_trains_into_one_run_with_the_single_process_metrics(tmp_path, 
     for metric in (
         "train_loss", "test_acc", "lambda_max", "lambda_min", "hessian_trace",
         "step/lambda_max", "step/probe_loss", "sharp_max", "grad_noise_scale",
+        "eps_sharpness", "adaptive_sharpness", "pac_bayes_flatness",
     ):  # fmt: skip
         want, got = single.data.metrics[metric], run.data.metrics[metric]
         assert got == pytest.approx(want, rel=1e-3, abs=1e-6), metric
