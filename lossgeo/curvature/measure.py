@@ -25,16 +25,24 @@ from .distributed import unwrap
 from .lanczos import LanczosRun, both, lanczos_extremes, lanczos_top
 from .linear import MatrixOperator
 from .operators import (
+    AnyHessianOperator,
     EmpiricalFisherOperator,
     GGNOperator,
     HessianBlockOperator,
     HessianOperator,
-    _refuse_sharded,
     full_precision,
+    hessian_operator,
 )
 from .persample import fisher_gram
 from .results import DensityResult, EigenResult, TraceResult
+from .sharded import is_sharded
 from .trace import hutchinson
+
+# what a sharded (FSDP) model's per-epoch set leaves out, and why
+SHARDED_NOTE = (
+    "GGN, Fisher and layer-wise lambda_max not measured: they need the full parameters in "
+    "one process, and the model is sharded (FSDP)"
+)
 
 
 @dataclass(frozen=True)
@@ -60,8 +68,9 @@ class CurvatureSettings:
         compute_dtype: None (default: the parameters' dtype, autocast off) or "bf16" /
             "fp16": the forward passes of every product under autocast to it (the Fisher's
             exact Gram path stays in the parameters' dtype).
-        max_memory: a budget for the Hessian's products ("2GB", bytes, "auto"), met in
-            advance (`CurvatureOperator._fit_memory`); None: none.
+        max_memory: a budget for the Hessian's products ("2GB", bytes, or the default
+            "auto": 80% of what the device has free), met in advance
+            (`CurvatureOperator._fit_memory`); None: no sizing in advance.
     """
 
     k: int = 5
@@ -76,7 +85,7 @@ class CurvatureSettings:
     chunk_size: int | str = "auto"
     seed: int = 0
     compute_dtype: str | None = None
-    max_memory: int | str | None = None
+    max_memory: int | str | None = "auto"
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,8 @@ class CurvatureMeasures:
     seconds: float = 0.0
     # products ran under the math attention backend (fused attention has no double backward)
     math_attention: bool = False
+    # what the settings asked for and was not measured, and why ("" when nothing)
+    not_measured: str = ""
 
     @property
     def finite(self) -> bool:
@@ -119,7 +130,7 @@ def edge_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> float:
     return lambda_max * lr / (2.0 * (1.0 + momentum))
 
 
-def probe_is_finite(op: HessianOperator) -> bool:
+def probe_is_finite(op: AnyHessianOperator) -> bool:
     """Whether the probe loss and its gradient are finite (no curvature is read otherwise).
     The gradient first: it builds the retained graph every product then reads, and records
     the loss on the way (asked first, the loss would cost a forward pass of its own)."""
@@ -155,7 +166,9 @@ def measure_curvature(
         final: also the spectral density (continuing the eigen solve's Krylov space).
         process_group: `data` is this rank's shard of the probe set and every product is
             summed over the group (True: the default group); every rank returns the same
-            record. None: one process.
+            record. None: one process. A sharded (FSDP2) model is measured over its mesh's
+            group by difference products; its GGN, Fisher and layer-wise lambda_max are left
+            out (`not_measured` says so).
 
     Returns:
         A `CurvatureMeasures`: lambda_max..lambda_k and lambda_min with residuals, the trace
@@ -166,8 +179,8 @@ def measure_curvature(
     start = time.perf_counter()
     s = settings
     model = unwrap(model)
-    _refuse_sharded(model, "the per-epoch set (GGN, Fisher, layers)")
-    op = HessianOperator(
+    sharded = is_sharded(model)
+    op = hessian_operator(
         model,
         loss_fn,
         data,
@@ -212,7 +225,8 @@ def measure_curvature(
         trace = hutchinson(op, s.trace_samples, seed=s.seed, deflation=(top.values, top.vectors))
         n_hvp += trace.n_hvp
     ggn = fisher = None
-    if s.ggn and op.objective.form == "output_target":
+    not_measured = SHARDED_NOTE if sharded and (s.ggn or s.layerwise) else ""
+    if s.ggn and op.objective.form == "output_target" and not sharded:
         ggn_result = lanczos_top(
             GGNOperator(
                 model,
@@ -235,8 +249,9 @@ def measure_curvature(
         )
         n_hvp += ggn_result.n_hvp + fisher_products
     layers: dict[str, float] = {}
-    blocks = parameter_blocks(model, op.space.names) if s.layerwise else {}
+    blocks = parameter_blocks(model, op.space.names) if s.layerwise and not sharded else {}
     if len(blocks) > 1:
+        assert isinstance(op, HessianOperator)  # blocks are not taken on sharded models
         for layer, names in blocks.items():
             result = lanczos_top(
                 HessianBlockOperator(op, names),
@@ -264,6 +279,7 @@ def measure_curvature(
         n_hvp=n_hvp,
         seconds=time.perf_counter() - start,
         math_attention=op.math_attention,
+        not_measured=not_measured,
     )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -219,7 +219,16 @@ class CurvatureOperator:
             if max_memory == "auto"
             else parse_memory(max_memory)
         )
-        fixed, per_sample = self._graph_cost()
+        try:
+            fixed, per_sample = self._graph_cost()
+        except RuntimeError as error:
+            if max_memory != "auto":
+                raise
+            # the default budget must not stop a measurement whose small graphs cannot be
+            # built (a kernel without double backward, or memory so tight that 8 samples do
+            # not fit): the products themselves fall back, and halve chunks that do not fit
+            self.memory_note = f"not sized in advance: {(str(error).splitlines() or [''])[0]}"
+            return
         local = sum(batch_size_of(b) for b in self.batches)
         need = fixed + per_sample * local
         if self._retains_graphs() and need <= budget:
@@ -739,9 +748,16 @@ def make_operator(
     return MATRICES[matrix](model, loss_fn, data, **options)
 
 
+if TYPE_CHECKING:
+    from .sharded import ShardedHessianOperator
+
+# a Hessian of the probe loss that also gives the loss and its gradient
+AnyHessianOperator = Union[HessianOperator, "ShardedHessianOperator"]
+
+
 def hessian_operator(
     model: nn.Module, loss_fn: AnyLossFn, data: DataSource, **options: Any
-) -> CurvatureOperator:
+) -> AnyHessianOperator:
     """The Hessian operator for this model: exact products, or, for a model with sharded
     parameters (FSDP2 `fully_shard`), differences of gradients (`sharded.py`)."""
     from .sharded import ShardedHessianOperator, is_sharded

@@ -42,10 +42,15 @@ from .params import ParameterSpace, select_parameters
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether the model's parameters are DTensors (FSDP2 `fully_shard`, tensor parallel)."""
+    """Whether the model's parameters are DTensors (FSDP2 `fully_shard`, tensor parallel).
+    An FSDP module counts even while its parameters are gathered (after a forward pass
+    without backward, FSDP2 swaps the full tensors in)."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
+        isinstance(p, DTensor) for p in model.parameters()
+    )
 
 
 def reshard(model: nn.Module) -> None:
@@ -64,6 +69,7 @@ class ShardedParameterSpace(ParameterSpace):
     rank's slice of them. `values` are this rank's slices, saved (the measurement's point)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str] | str | None = None) -> None:
+        reshard(model)  # the sharded parameters registered, not gathered copies
         named = dict(model.named_parameters())
         self.names = select_parameters(model, names)
         self.params: dict[str, Any] = {n: named[n] for n in self.names}  # DTensors
@@ -152,7 +158,12 @@ class ShardedHessianOperator(CurvatureOperator):
         self.n_gradients = 0
 
     def _fit_memory(self, max_memory: int | str) -> None:
-        raise ValueError("max_memory: sizing in advance is not built for sharded models yet")
+        """ "auto" (the default of the settings) leaves the chunks as they are; a given
+        budget cannot be met yet: measuring a chunk's graph takes passes of the sharded
+        model, collective, that every rank would have to run alike."""
+        if max_memory != "auto":
+            raise ValueError("max_memory: sizing in advance is not built for sharded models yet")
+        self.memory_note = "not sized in advance (sharded model)"
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         vector = vector.to(self.dtype)
@@ -177,10 +188,13 @@ class ShardedHessianOperator(CurvatureOperator):
     def _local_gradient_at(self, shift: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """This rank's slices of the mean loss's gradient with its parameter slices moved by
         `shift`."""
+        # resharded first: while gathered, the module holds full copies in place of the
+        # sharded parameters, and their .grad is not the one training reads (an operator
+        # built after a forward pass without backward left its gradients on the model)
+        reshard(self.model)
         params = dict(self.model.named_parameters())
         saved_grads = {n: p.grad for n, p in params.items()}
         try:
-            reshard(self.model)
             with torch.no_grad():
                 for name, delta in (shift or {}).items():
                     self.sharded.params[name].to_local().add_(delta)
@@ -210,7 +224,12 @@ class ShardedHessianOperator(CurvatureOperator):
 
     def loss(self) -> float:
         total = 0.0
-        with eval_mode(self.model), torch.no_grad(), self._attention():
-            for batch, weight in self.passes:
-                total += weight * float(self._direct_loss(batch))
+        try:
+            with eval_mode(self.model), torch.no_grad(), self._attention():
+                for batch, weight in self.passes:
+                    total += weight * float(self._direct_loss(batch))
+        finally:
+            # a forward pass without backward leaves the root's parameters gathered: the
+            # training loop's next forward would use them after its optimizer step
+            reshard(self.model)
         return all_sum_float(total, self.group)

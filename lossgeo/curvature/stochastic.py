@@ -83,14 +83,26 @@ def batch_sharpness(
     A batch whose gradient vanishes contributes nothing (its ratio is undefined).
     math_attention: start under the math attention backend; once one batch's operator falls
     back to it, the later batches start there too.
-    process_group: `probe` is this rank's shard; each round every rank draws one mini-batch
-    of its own shard (its own seeded order) and the rounds' ratios are gathered, so every
-    rank stops at the same round with the same estimate. None: one process."""
+    process_group: `probe` is this rank's shard. For an (x, y) shard (the shards in rank
+    order make the whole probe set, as `tensor_split` cuts it), the mini-batches are those
+    one process draws from the whole set with the same seed: each rank takes the samples of
+    a batch that it holds, and the batch's gradient and product are summed over the ranks
+    (one all-reduce each), so every rank returns the single-process estimate. For a list of
+    batches, each round every rank draws one batch of its own shard and the rounds' ratios
+    are gathered. None: one process."""
     if rel_se < 0 or min_batches < 1 or max_batches < min_batches:
         raise ValueError("batch sharpness: need rel_se >= 0 and 1 <= min_batches <= max_batches")
     group = resolve_group(process_group)
     rank, world = _rank_and_size(group)
     model = unwrap(model)
+    shard = as_batches(probe, None)
+    if group is not None and len(shard) == 1 and is_tensor_pair(shard[0]):
+        return _global_batch_sharpness(
+            model, loss_fn, shard[0], group, batch_size=batch_size, rel_se=rel_se,
+            min_batches=min_batches, max_batches=max_batches, seed=seed, params=params,
+            loss_form=loss_form, size_fn=size_fn, math_attention=math_attention,
+            preconditioner=preconditioner,
+        )  # fmt: skip
     gen = torch.Generator().manual_seed(seed + 7919 * rank)  # each shard its own draws
     ratios: list[float] = []
     n_hvp = 0
@@ -121,14 +133,83 @@ def batch_sharpness(
         # a vanished gradient contributes nothing (NaN, dropped), on every rank alike
         ratios += [r for r in _gathered(ratio, group, world) if not math.isnan(r)]
         math_attention = op.math_attention
-        if len(ratios) >= max(min_batches, 2):
-            mean, se = _mean_se(ratios)
-            if se <= rel_se * abs(mean):
-                break
+        if _precise_enough(ratios, min_batches, rel_se):
+            break
+    return _result(ratios, n_hvp)
+
+
+def _global_batch_sharpness(
+    model: nn.Module,
+    loss_fn: AnyLossFn,
+    shard: tuple[torch.Tensor, torch.Tensor],
+    group: Any,
+    *,
+    batch_size: int | None,
+    rel_se: float,
+    min_batches: int,
+    max_batches: int,
+    seed: int,
+    params: Sequence[str] | str | None,
+    loss_form: LossForm,
+    size_fn: Callable[[Any], int] | None,
+    math_attention: bool,
+    preconditioner: torch.Tensor | None,
+) -> BatchSharpnessResult:
+    """Batch sharpness over the mini-batches one process would draw from the whole probe
+    set, each spread over the ranks that hold its samples (see `batch_sharpness`)."""
+    x, y = shard
+    sizes = [int(t[0]) for t in all_gather(torch.tensor([len(y)], dtype=torch.int64), group)]
+    offset, total = sum(sizes[: _rank_and_size(group)[0]]), sum(sizes)
+    # the whole set's seeded order, as one process draws it (rank 0's generator)
+    order = minibatches(
+        (torch.arange(total), torch.zeros(total)), batch_size, torch.Generator().manual_seed(seed)
+    )
+    space = ParameterSpace(model, params)
+    nothing = torch.zeros(space.dim, dtype=space.dtype, device=space.device)  # no sample here
+    ratios: list[float] = []
+    n_hvp = 0
+    for indices, _ in order[:max_batches]:
+        mine = indices[(indices >= offset) & (indices < offset + len(y))] - offset
+        share = len(mine) / len(indices)  # this rank's part of the batch's mean loss
+        op = None
+        if len(mine):
+            op = HessianOperator(
+                model, loss_fn, [(x[mine], y[mine])], chunk_size=None, loss_form=loss_form,
+                batch_size=size_fn, space=space, math_attention=math_attention,
+            )  # fmt: skip
+            math_attention = op.math_attention
+        g = _summed(op.gradient() * share if op else nothing, group)
+        direction = g if preconditioner is None else g / preconditioner.to(g)
+        norm_sq = float(torch.dot(g.double(), direction.double()))
+        if norm_sq == 0.0 or not math.isfinite(norm_sq):
+            continue  # a vanished gradient contributes nothing, on every rank alike
+        product = _summed((op @ direction) * share if op else nothing, group)
+        ratios.append(float(torch.dot(direction.double(), product.double())) / norm_sq)
+        n_hvp += 1
+        if _precise_enough(ratios, min_batches, rel_se):
+            break
+    return _result(ratios, n_hvp)
+
+
+def _precise_enough(ratios: list[float], min_batches: int, rel_se: float) -> bool:
+    """Whether the Monte Carlo may stop: enough batches, and a standard error below rel_se
+    of the mean."""
+    if len(ratios) < max(min_batches, 2):
+        return False
+    mean, se = _mean_se(ratios)
+    return se <= rel_se * abs(mean)
+
+
+def _result(ratios: list[float], n_hvp: int) -> BatchSharpnessResult:
     if not ratios:
         raise ValueError("batch sharpness: every mini-batch gradient vanished")
     mean, se = _mean_se(ratios)
     return BatchSharpnessResult(value=mean, stderr=se, n_batches=len(ratios), n_hvp=n_hvp)
+
+
+def _summed(vector: torch.Tensor, group: Any) -> torch.Tensor:
+    """A copy of `vector` summed over the ranks (the input is never reduced in place)."""
+    return all_reduce(vector.clone(), group)
 
 
 def _rank_and_size(group: Any) -> tuple[int, int]:

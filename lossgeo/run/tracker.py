@@ -55,16 +55,22 @@ from lossgeo.curvature.measure import (
     measure_curvature,
     probe_is_finite,
 )
-from lossgeo.curvature.operators import HessianOperator, _refuse_sharded, outside_autocast
+from lossgeo.curvature.operators import AnyHessianOperator, hessian_operator, outside_autocast
 from lossgeo.curvature.params import ParameterSpace
 from lossgeo.curvature.peak import PeakMemory
+from lossgeo.curvature.sharded import is_sharded
 from lossgeo.curvature.stability import (
     StabilityEdge,
     preconditioned_operator,
     preconditioner,
     stability_edge,
 )
-from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment, minibatches
+from lossgeo.curvature.stochastic import (
+    BatchSharpnessResult,
+    batch_sharpness,
+    gradient_alignment,
+    minibatches,
+)
 from lossgeo.curvature.warm import WarmEigen
 from lossgeo.geometry.regimes import REGIMES, EdgeRegimeDetector
 from lossgeo.geometry.spikes import OnlineSpikeDetector
@@ -91,6 +97,8 @@ class StepSettings:
         seed: random starts and mini-batch draws.
         compute_dtype: None (the parameters' dtype, autocast off: the default even inside
             a training loop's autocast region) or "bf16" / "fp16" (see `CurvatureSettings`).
+        max_memory: the budget of each measurement's products (see `CurvatureSettings`;
+            default "auto", 80% of what the device has free).
     """
 
     k: int = 2
@@ -101,6 +109,7 @@ class StepSettings:
     spike_factor: float = 2.0
     seed: int = 0
     compute_dtype: str | None = None
+    max_memory: int | str | None = "auto"
 
 
 # the per-epoch curvature of lossgeo's own loop at its defaults
@@ -134,7 +143,9 @@ class Tracker:
         logger: where metrics go (default: the active MLflow run, if any).
         process_group: inside a multi-process loop (DDP, torchrun): `probe` is this rank's
             shard and every measurement is taken collectively over the group (True: the
-            default group). Every rank gets the same metrics; only rank 0 logs them.
+            default group). Every rank gets the same metrics; only rank 0 logs them. An FSDP2
+            (`fully_shard`) model is measured by differences of gradients; batch sharpness,
+            GGN, Fisher and layers are then left out, and a run tag says so.
     """
 
     def __init__(
@@ -163,7 +174,9 @@ class Tracker:
             raise ValueError(f"every_steps: must be an integer >= 0 (got {every_steps!r})")
         self.group = resolve_group(process_group)
         self.model, self.loss_fn = unwrap(model), loss_fn
-        _refuse_sharded(self.model, "the Tracker")
+        # FSDP2: products by differences of gradients through the sharded model; what needs
+        # the full parameters (batch sharpness, GGN, Fisher, layers) is left out, with a tag
+        self.sharded = is_sharded(self.model)
         self.probe = as_batches(probe, None)
         self.every_steps, self.optimizer = every_steps, optimizer
         self._lr, self._momentum = lr, momentum
@@ -196,7 +209,7 @@ class Tracker:
             minibatches(self.probe, batch_size, torch.Generator())  # batch sharpness can cut
         self._last_step: int | None = None
         self._warned_backwards = self._warned_nonfinite = False
-        self._edge_notes: set[str] = set()
+        self._notes: set[tuple[str, str]] = set()
 
     # -- what the optimizer runs at ---------------------------------------------------------
     @property
@@ -232,7 +245,7 @@ class Tracker:
 
     def _edge_metrics(
         self,
-        op: HessianOperator | None,
+        op: AnyHessianOperator | None,
         lambda_max: float,
         prefix: str = "",
         edge: StabilityEdge | None = None,
@@ -280,19 +293,28 @@ class Tracker:
         """The adaptive optimizer's diagonal preconditioner now, in the measured parameters'
         order (None and why before its first step)."""
         assert self.optimizer is not None
+        if self.sharded:
+            return None, "the preconditioned form is not built for sharded (FSDP) models yet"
         space = ParameterSpace(self.model, self.params)
         return preconditioner(self.optimizer, self.model, space)
 
-    def _note_edge(self, note: str) -> None:
-        if note and note not in self._edge_notes:
-            self._edge_notes.add(note)
-            log.warning("lossgeo: no edge ratio: %s", note)
-            self.logger.set_tags({"stability_edge_note": note})
+    def _note_left_out(self, tag: str, note: str, said: str = "") -> None:
+        """Say once, in the log (after `said`) and a run tag, what a measurement left out
+        and why."""
+        if note and (tag, note) not in self._notes:
+            self._notes.add((tag, note))
+            if _logs(self.group):  # said once for the job, by the rank that logs
+                log.warning("lossgeo: %s%s", said, note)
+            self.logger.set_tags({tag: note})
 
-    def _operator(self) -> HessianOperator:
+    def _note_edge(self, note: str) -> None:
+        self._note_left_out("stability_edge_note", note, said="no edge ratio: ")
+
+    def _operator(self) -> AnyHessianOperator:
         """A Hessian operator on the probe set, under the math attention backend from the
-        start once an earlier measurement needed it."""
-        return HessianOperator(
+        start once an earlier measurement needed it (difference products on a sharded
+        model)."""
+        return hessian_operator(
             self.model,
             self.loss_fn,
             self.probe,
@@ -302,9 +324,10 @@ class Tracker:
             math_attention=self.math_attention,
             process_group=self.group,
             compute_dtype=self.step_settings.compute_dtype,
+            max_memory=self.step_settings.max_memory,
         )
 
-    def _note_attention(self, op: HessianOperator) -> None:
+    def _note_attention(self, op: AnyHessianOperator) -> None:
         if op.math_attention:
             self._note_attention_backend()
 
@@ -410,7 +433,34 @@ class Tracker:
         # read once per measurement: batch sharpness and the edge use the same P
         edge = self.stability_edge()
         conditioner = self._preconditioner() if edge.preconditioned else (None, "")
-        bs = batch_sharpness(
+        bs = None if self.sharded else self._batch_sharpness(op, conditioner[0])
+        if bs is None:
+            self._note_left_out(
+                "step_not_measured",
+                "batch sharpness not measured: not built for sharded (FSDP) models yet (its "
+                "mini-batch products would need the ranks' parts of each batch collectively)",
+            )
+        else:
+            metrics.update(
+                {
+                    "step/batch_sharpness": bs.value,
+                    "step/batch_sharpness_se": bs.stderr,
+                    "step/batch_sharpness_n": float(bs.n_batches),
+                }
+            )
+        metrics.update(self._edge_metrics(op, lam, "step/", edge, conditioner))
+        if bs is not None and "step/edge_ratio" in metrics:
+            # for adaptive optimizers batch sharpness was taken in its preconditioned form
+            metrics["step/batch_edge_ratio"] = bs.value / metrics["step/stability_threshold"]
+        self.n_measurements += 1
+        metrics["step/seconds"] = time.perf_counter() - started
+        return metrics
+
+    def _batch_sharpness(
+        self, op: AnyHessianOperator, preconditioner: torch.Tensor | None
+    ) -> BatchSharpnessResult:
+        """Batch sharpness on the probe set, at the Tracker's batch size and settings."""
+        return batch_sharpness(
             self.model,
             self.loss_fn,
             self.probe,
@@ -424,22 +474,8 @@ class Tracker:
             size_fn=self.size_fn,
             math_attention=op.math_attention,
             process_group=self.group,
-            preconditioner=conditioner[0],
+            preconditioner=preconditioner,
         )
-        metrics.update(
-            {
-                "step/batch_sharpness": bs.value,
-                "step/batch_sharpness_se": bs.stderr,
-                "step/batch_sharpness_n": float(bs.n_batches),
-            }
-        )
-        metrics.update(self._edge_metrics(op, lam, "step/", edge, conditioner))
-        if "step/edge_ratio" in metrics:
-            # for adaptive optimizers batch sharpness was taken in its preconditioned form
-            metrics["step/batch_edge_ratio"] = bs.value / metrics["step/stability_threshold"]
-        self.n_measurements += 1
-        metrics["step/seconds"] = time.perf_counter() - started
-        return metrics
 
     # -- per epoch --------------------------------------------------------------------------
     def epoch(self, epoch: int, state: Any = None, *, final: bool = False) -> dict[str, float]:
@@ -486,6 +522,7 @@ class Tracker:
             if state is not None and measures.top is not None and hasattr(state, "cache"):
                 state.cache["hessian_top"] = measures.top
             metrics.update(curvature_metrics(measures))  # no lr: the edge comes next
+            self._note_left_out("curvature_not_measured", measures.not_measured)
             metrics["curvature_peak_mb"] = peak.megabytes
             # the optimizer's own edge (Nesterov, dampening, Adam's preconditioned form)
             metrics.update(self._edge_metrics(None, measures.lambda_max))
@@ -527,7 +564,7 @@ class Tracker:
             self._note_attention_backend()
         return measures
 
-    def _finite(self, op: HessianOperator) -> bool:
+    def _finite(self, op: AnyHessianOperator) -> bool:
         """Whether the probe loss and gradient are finite; warns once per Tracker when not."""
         if probe_is_finite(op):
             return True

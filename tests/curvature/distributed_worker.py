@@ -265,3 +265,60 @@ def measure_geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) 
         "noise": (noise.b_simple, noise.trace_covariance, noise.gradient_norm_sq, noise.n_samples),
         "pac_bayes_evaluations": magnitude.n_evaluations,
     }
+
+
+def fsdp_tracker(model: nn.Module, probe, group, logger):
+    """The Tracker of the FSDP test, on a plain model (group None) or a sharded one."""
+    from lossgeo import CurvatureSettings as Settings
+    from lossgeo import StepSettings, Tracker
+
+    return Tracker(
+        model,
+        F.cross_entropy,
+        probe,
+        every_steps=1,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        batch_size=4,
+        steps=StepSettings(tol=1e-10),
+        curvature=Settings(k=2, tol=1e-10, secondary_tol=1e-10, trace_samples=4),
+        logger=logger,
+        process_group=group,
+    )
+
+
+def fsdp_tracker_run(model: nn.Module, x, y, n_total: int, tracker) -> dict:
+    """A step and an epoch measured, one SGD step on the mean loss over all n_total samples
+    (x, y: this rank's shard), then a step measured again."""
+    step1, epoch1 = tracker.step(1), tracker.epoch(1, final=True)
+    optimizer = tracker.optimizer
+    optimizer.zero_grad()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # FSDP averages the ranks' gradients: each rank's sum over n_total, times the world size
+    (F.cross_entropy(model(x), y, reduction="sum") * world / n_total).backward()
+    optimizer.step()
+    return {"step1": step1, "epoch1": epoch1, "step2": tracker.step(2)}
+
+
+def fsdp_tracker_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """A Tracker on the tanh MLP under FSDP2, inside a training step (float64)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..run.test_tracker import NullLogger
+
+    joined(rank, world_size, init_file)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        model, x, y = smooth_problem(torch.float64)
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        xs, ys = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
+        logger = NullLogger()
+        tracker = fsdp_tracker(model, (xs, ys), True, logger)
+        result = fsdp_tracker_run(model, xs, ys, len(y), tracker)
+        result["tags"], result["n_logged"] = logger.tags, len(logger.metrics)
+        torch.save(result, Path(out_dir) / f"fsdp_tracker{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -118,3 +118,35 @@ def test_a_budget_below_one_sample_or_a_bad_size_is_refused_before_any_product()
     from lossgeo.curvature.batches import parse_memory
 
     assert parse_memory("1.5GB") == 3 * 2**29 and parse_memory("512MiB") == 2**29
+
+
+def test_the_settings_size_to_the_free_memory_by_default(float64, monkeypatch):
+    """CurvatureSettings (and StepSettings) default to max_memory="auto": with little memory
+    free the per-epoch set runs in chunks that fit, with the same result; a sizing that
+    itself runs out of memory leaves the work unsized (the products halve their chunks)."""
+    from lossgeo.curvature import operators
+    from lossgeo.curvature.batches import graph_bytes
+
+    assert CurvatureSettings().max_memory == "auto"
+    model, data = problem()
+    settings = CurvatureSettings(k=2, tol=1e-12, trace_samples=4, ggn=False, layerwise=False)
+    want = measure_curvature(model, F.cross_entropy, data, settings)
+    whole = graph_bytes(
+        lambda: HessianOperator(model, F.cross_entropy, data, chunk_size=None).gradient()
+    )
+    # "auto" budgets 80% of what is free: here 90% of the whole probe set's graphs
+    monkeypatch.setattr(operators, "available_memory", lambda device: whole * 9 // 8)
+    tight = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory="auto")
+    largest = max(len(b[1]) for b in tight.batches)
+    assert tight.method == "fwdrev" and largest < 40
+    seen = refuse_chunks_above(model, max(largest, 8))
+    got = measure_curvature(model, F.cross_entropy, data, settings)
+    assert got.lambda_max == pytest.approx(want.lambda_max, rel=1e-10)
+    assert got.trace.value == pytest.approx(want.trace.value, rel=1e-10)
+    assert max(seen) <= max(largest, 8)
+    # 8 samples do not fit: the sizing gives up, and the products halve their chunks
+    refuse_chunks_above(model, 6)
+    unsized = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory="auto")
+    assert unsized.memory_note.startswith("not sized in advance: CUDA out of memory")
+    with pytest.raises(torch.OutOfMemoryError):  # a budget the user gave is not waived
+        HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory="1GB")

@@ -47,12 +47,9 @@ def test_a_sharded_model_refuses_what_needs_its_full_parameters(tmp_path):
             curvature_eigen(model, F.cross_entropy, (x, y), matrix="ggn")
         with pytest.raises(ValueError, match="layer-wise lambda_max needs the full"):
             layerwise_lambda_max(model, F.cross_entropy, (x, y))
-        with pytest.raises(ValueError, match="the Tracker needs the full parameters"):
-            from lossgeo import Tracker
-
-            Tracker(model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=4)
-        with pytest.raises(ValueError, match=r"the per-epoch set \(GGN, Fisher, layers\) needs"):
-            measure_curvature(model, F.cross_entropy, (x, y))
+        measures = measure_curvature(model, F.cross_entropy, (x, y))
+        assert measures.ggn_lambda_max is None and measures.layers == {}
+        assert "GGN, Fisher and layer-wise lambda_max not measured" in measures.not_measured
         with pytest.raises(ValueError, match="differences of gradients only"):
             hessian_eigen(model, F.cross_entropy, (x, y), hvp_method="fwdrev")
         # one rank alone: the sharded path still gives the exact answer
@@ -62,3 +59,32 @@ def test_a_sharded_model_refuses_what_needs_its_full_parameters(tmp_path):
         assert torch.allclose(got, want, rtol=1e-7, atol=0), (got.tolist(), want.tolist())
     finally:
         dist.destroy_process_group()
+
+
+def test_a_tracker_on_an_fsdp_model_measures_by_difference_products(tmp_path):
+    """Inside a training step on 3 ranks (float64): the per-step and per-epoch curvature
+    match a Tracker on the plain model over the whole probe set, before and after an SGD
+    step; batch sharpness, GGN, Fisher and layers are left out with a tag, rank 0 logs."""
+    from ..run.test_tracker import NullLogger
+    from .distributed_worker import fsdp_tracker, fsdp_tracker_run, fsdp_tracker_worker
+
+    mp.spawn(fsdp_tracker_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3)
+    ranks = [torch.load(tmp_path / f"fsdp_tracker{r}.pt") for r in range(3)]
+    model, x, y = smooth_problem(torch.float64)
+    want = fsdp_tracker_run(model, x, y, len(y), fsdp_tracker(model, (x, y), None, NullLogger()))
+    for got in ranks:
+        for when in ("step1", "step2"):
+            for key in ("step/lambda_max", "step/edge_ratio", "step/grad_alignment"):
+                assert got[when][key] == pytest.approx(want[when][key], rel=1e-6), (when, key)
+            for key in ("step/grad_norm", "step/probe_loss"):  # no differences: to rounding
+                assert got[when][key] == pytest.approx(want[when][key], rel=1e-10), (when, key)
+            assert "step/batch_sharpness" not in got[when]
+        assert got["step2"]["step/probe_loss"] < got["step1"]["step/probe_loss"]
+        for key in ("lambda_max", "lambda_2", "lambda_min", "hessian_trace", "edge_ratio"):
+            assert got["epoch1"][key] == pytest.approx(want["epoch1"][key], rel=1e-6), key
+        assert "lambda_max_ggn" in want["epoch1"] and "lambda_max_ggn" not in got["epoch1"]
+    # rank 0 logs two steps and an epoch, and tags what was left out
+    assert [r["n_logged"] for r in ranks] == [3, 0, 0]
+    assert "batch sharpness not measured" in ranks[0]["tags"]["step_not_measured"]
+    assert "GGN, Fisher and layer-wise" in ranks[0]["tags"]["curvature_not_measured"]
+    assert ranks[1]["tags"] == ranks[2]["tags"] == {}
