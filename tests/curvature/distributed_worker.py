@@ -107,17 +107,20 @@ def worker(
         dist.destroy_process_group()
 
 
-def make_tracker(model: nn.Module, probe, group, logger):
+def make_tracker(model: nn.Module, probe, group, logger, sgd: bool = False):
+    """The Tracker of the distributed tests: lr 0.1 given, or read from an SGD optimizer
+    (sgd=True, which the FSDP test then steps)."""
     from lossgeo import CurvatureSettings as Settings
     from lossgeo import StepSettings, Tracker
 
+    step_size = {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1)} if sgd else {"lr": 0.1}
     return Tracker(
         model,
         F.cross_entropy,
         probe,
         every_steps=1,
-        lr=0.1,
         batch_size=4,
+        **step_size,
         steps=StepSettings(tol=1e-10),
         curvature=Settings(k=2, tol=1e-10, secondary_tol=1e-10, trace_samples=4),
         logger=logger,
@@ -267,25 +270,6 @@ def measure_geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) 
     }
 
 
-def fsdp_tracker(model: nn.Module, probe, group, logger):
-    """The Tracker of the FSDP test, on a plain model (group None) or a sharded one."""
-    from lossgeo import CurvatureSettings as Settings
-    from lossgeo import StepSettings, Tracker
-
-    return Tracker(
-        model,
-        F.cross_entropy,
-        probe,
-        every_steps=1,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        batch_size=4,
-        steps=StepSettings(tol=1e-10),
-        curvature=Settings(k=2, tol=1e-10, secondary_tol=1e-10, trace_samples=4),
-        logger=logger,
-        process_group=group,
-    )
-
-
 def fsdp_tracker_run(model: nn.Module, x, y, n_total: int, tracker) -> dict:
     """A step and an epoch measured, one SGD step on the mean loss over all n_total samples
     (x, y: this rank's shard), then a step measured again."""
@@ -316,7 +300,7 @@ def fsdp_tracker_worker(rank: int, world_size: int, init_file: str, out_dir: str
         fully_shard(model, mesh=mesh)
         xs, ys = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
         logger = NullLogger()
-        tracker = fsdp_tracker(model, (xs, ys), True, logger)
+        tracker = make_tracker(model, (xs, ys), True, logger, sgd=True)
         result = fsdp_tracker_run(model, xs, ys, len(y), tracker)
         result["tags"], result["n_logged"] = logger.tags, len(logger.metrics)
         torch.save(result, Path(out_dir) / f"fsdp_tracker{rank}.pt")

@@ -66,12 +66,14 @@ def test_a_tracker_on_an_fsdp_model_measures_by_difference_products(tmp_path):
     match a Tracker on the plain model over the whole probe set, before and after an SGD
     step; batch sharpness, GGN, Fisher and layers are left out with a tag, rank 0 logs."""
     from ..run.test_tracker import NullLogger
-    from .distributed_worker import fsdp_tracker, fsdp_tracker_run, fsdp_tracker_worker
+    from .distributed_worker import fsdp_tracker_run, fsdp_tracker_worker, make_tracker
 
     mp.spawn(fsdp_tracker_worker, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3)
     ranks = [torch.load(tmp_path / f"fsdp_tracker{r}.pt") for r in range(3)]
     model, x, y = smooth_problem(torch.float64)
-    want = fsdp_tracker_run(model, x, y, len(y), fsdp_tracker(model, (x, y), None, NullLogger()))
+    want = fsdp_tracker_run(
+        model, x, y, len(y), make_tracker(model, (x, y), None, NullLogger(), sgd=True)
+    )
     for got in ranks:
         for when in ("step1", "step2"):
             for key in ("step/lambda_max", "step/edge_ratio", "step/grad_alignment"):
