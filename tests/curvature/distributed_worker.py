@@ -20,6 +20,7 @@ from lossgeo.curvature import (
     measure_curvature,
     spectral_density,
 )
+from lossgeo.curvature.stochastic import batch_sharpness
 
 N_SAMPLES = 23  # uneven over 2 (12, 11) and 3 (8, 8, 7) ranks
 
@@ -61,7 +62,19 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) -> dict:
         final=True,
         process_group=group,
     )
+    sharpness = batch_sharpness(
+        model,
+        F.cross_entropy,
+        data,
+        batch_size=5,
+        min_batches=3,
+        max_batches=3,
+        rel_se=0,
+        seed=2,
+        **opts,
+    )
     return {
+        "batch_sharpness": (sharpness.value, sharpness.stderr, sharpness.n_batches),
         "top": top.values,
         "low": low.values,
         "ggn": ggn.values,

@@ -33,9 +33,12 @@ def test_sharded_probe_sets_give_the_single_process_result(tmp_path, float64, wo
                 assert close(got[key], want[key], 1e-8), (name, key, got[key], want[key])
             assert close(list(got["layers"].values()), list(want["layers"].values()), 1e-8)
             assert list(got["layers"]) == list(want["layers"])
-            # the same seeded vectors: trace and density agree to rounding
+            # the same seeded vectors and mini-batches (5 samples, some spread over two
+            # ranks): trace, density and batch sharpness agree to rounding
             for key in ("trace", "density_nodes", "measure_trace", "measure_loss"):
                 assert close(got[key], want[key], 1e-9), (name, key)
+            assert close(got["batch_sharpness"][:2], want["batch_sharpness"][:2], 1e-9)
+            assert got["batch_sharpness"][2] == want["batch_sharpness"][2] == 3
             # the Fisher by Lanczos on the shards against the exact Gram path on one process
             assert got["measure_fisher"] == pytest.approx(want["measure_fisher"], rel=1e-8)
         # every rank returns the same numbers, bitwise
