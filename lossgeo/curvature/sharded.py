@@ -53,6 +53,15 @@ def is_sharded(model: nn.Module) -> bool:
     )
 
 
+def mesh_group(model: nn.Module) -> Any:
+    """The process group a sharded model's parameters are spread over."""
+    from torch.distributed.tensor import DTensor
+
+    reshard(model)  # while gathered, the module holds plain tensors, not DTensors
+    first = next(p for p in model.parameters() if isinstance(p, DTensor))
+    return first.device_mesh.get_group()
+
+
 def reshard(model: nn.Module) -> None:
     """Free every FSDP module's gathered (unsharded) parameters. The root module keeps them
     after a forward pass without backward (FSDP2 does not reshard the root after forward),
@@ -156,6 +165,16 @@ class ShardedHessianOperator(CurvatureOperator):
         )
         self._fd_scale = 1.0 + math.sqrt(squares)
         self.n_gradients = 0
+
+    def reweigh(self, weights: Sequence[float]) -> None:
+        """Each of this rank's batches weighted by `weights` (its share of the whole loss
+        over all ranks) instead of by its size: for a loss that is not the mean over the
+        ranks' shards, such as one mini-batch spread over the ranks, where a rank holding
+        none of it passes a placeholder batch of weight 0 (every pass is collective)."""
+        if len(weights) != len(self.batches):
+            raise ValueError(f"weights: one per batch ({len(self.batches)}, got {len(weights)})")
+        padding = [(batch, 0.0) for batch, _ in self.passes[len(self.batches) :]]
+        self.passes = [(b, float(w)) for b, w in zip(self.batches, weights)] + padding
 
     def _fit_memory(self, max_memory: int | str) -> None:
         """ "auto" (the default of the settings) leaves the chunks as they are; a given

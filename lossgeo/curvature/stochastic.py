@@ -26,6 +26,7 @@ from .batches import AnyLossFn, DataSource, LossForm, as_batches, is_tensor_pair
 from .distributed import all_gather, all_reduce, resolve_group, unwrap
 from .operators import HessianOperator, full_precision
 from .params import ParameterSpace
+from .sharded import is_sharded
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,13 @@ def batch_sharpness(
     rank, world = _rank_and_size(group)
     model = unwrap(model)
     shard = as_batches(probe, None)
-    if group is not None and len(shard) == 1 and is_tensor_pair(shard[0]):
+    pair = len(shard) == 1 and is_tensor_pair(shard[0])
+    if is_sharded(model) and (not pair or preconditioner is not None):
+        raise ValueError(
+            "batch sharpness of a sharded (FSDP) model: needs an (x, y) probe shard, and "
+            "takes no preconditioner"
+        )
+    if (group is not None or is_sharded(model)) and pair:
         return _global_batch_sharpness(
             model, loss_fn, shard[0], group, batch_size=batch_size, rel_se=rel_se,
             min_batches=min_batches, max_batches=max_batches, seed=seed, params=params,
@@ -156,39 +163,72 @@ def _global_batch_sharpness(
     preconditioner: torch.Tensor | None,
 ) -> BatchSharpnessResult:
     """Batch sharpness over the mini-batches one process would draw from the whole probe
-    set, each spread over the ranks that hold its samples (see `batch_sharpness`)."""
+    set, each spread over the ranks that hold its samples (see `batch_sharpness`). A
+    sharded (FSDP) model takes each batch's gradient and product by differences through
+    the model, every rank passing its part of the batch, or a placeholder sample of weight
+    0 when it holds none (every pass is collective); any other model, by exact products on
+    this rank's part, summed over the group."""
     x, y = shard
-    sizes = [int(t[0]) for t in all_gather(torch.tensor([len(y)], dtype=torch.int64), group)]
-    offset, total = sum(sizes[: _rank_and_size(group)[0]]), sum(sizes)
-    # the whole set's seeded order, as one process draws it (rank 0's generator)
-    order = minibatches(
-        (torch.arange(total), torch.zeros(total)), batch_size, torch.Generator().manual_seed(seed)
-    )
-    space = ParameterSpace(model, params)
-    nothing = torch.zeros(space.dim, dtype=space.dtype, device=space.device)  # no sample here
+    sharded = is_sharded(model)
+    if sharded:
+        from .sharded import ShardedHessianOperator, mesh_group
+
+        group = mesh_group(model)
+        if not len(y):
+            raise ValueError("probe: batch sharpness of a sharded model needs a sample a rank")
+    offset, order = _global_order(len(y), group, batch_size, seed)
+    space = None if sharded else ParameterSpace(model, params)
+    options: dict[str, Any] = {"chunk_size": None, "loss_form": loss_form, "batch_size": size_fn}
+
+    def parts(mine: torch.Tensor, share: float) -> tuple[torch.Tensor, Callable]:
+        """The batch's gradient (summed over the ranks) and its product function."""
+        nonlocal math_attention
+        if sharded:
+            batch = (x[mine], y[mine]) if len(mine) else (x[:1], y[:1])
+            sharded_op = ShardedHessianOperator(
+                model, loss_fn, [batch], params=params, math_attention=math_attention, **options
+            )
+            sharded_op.reweigh([share])
+            return sharded_op.gradient(), sharded_op.matvec
+        assert space is not None
+        if not len(mine):  # no sample of this batch here: nothing to add
+            nothing = torch.zeros(space.dim, dtype=space.dtype, device=space.device)
+            return _summed(nothing, group), lambda u: _summed(torch.zeros_like(u), group)
+        op = HessianOperator(
+            model, loss_fn, [(x[mine], y[mine])], space=space, math_attention=math_attention,
+            **options,
+        )  # fmt: skip
+        math_attention = op.math_attention
+        return _summed(op.gradient() * share, group), lambda u: _summed((op @ u) * share, group)
+
     ratios: list[float] = []
     n_hvp = 0
-    for indices, _ in order[:max_batches]:
+    for indices in order[:max_batches]:
         mine = indices[(indices >= offset) & (indices < offset + len(y))] - offset
-        share = len(mine) / len(indices)  # this rank's part of the batch's mean loss
-        op = None
-        if len(mine):
-            op = HessianOperator(
-                model, loss_fn, [(x[mine], y[mine])], chunk_size=None, loss_form=loss_form,
-                batch_size=size_fn, space=space, math_attention=math_attention,
-            )  # fmt: skip
-            math_attention = op.math_attention
-        g = _summed(op.gradient() * share if op else nothing, group)
+        # this rank's part of the batch's mean loss
+        g, product = parts(mine, len(mine) / len(indices))
         direction = g if preconditioner is None else g / preconditioner.to(g)
         norm_sq = float(torch.dot(g.double(), direction.double()))
         if norm_sq == 0.0 or not math.isfinite(norm_sq):
             continue  # a vanished gradient contributes nothing, on every rank alike
-        product = _summed((op @ direction) * share if op else nothing, group)
-        ratios.append(float(torch.dot(direction.double(), product.double())) / norm_sq)
+        ratios.append(float(torch.dot(direction.double(), product(direction).double())) / norm_sq)
         n_hvp += 1
         if _precise_enough(ratios, min_batches, rel_se):
             break
     return _result(ratios, n_hvp)
+
+
+def _global_order(
+    n_local: int, group: Any, batch_size: int | None, seed: int
+) -> tuple[int, list[torch.Tensor]]:
+    """(this rank's offset in the whole probe set, the whole set's mini-batches as sample
+    indices in the seeded order one process draws them with rank 0's generator)."""
+    sizes = [int(t[0]) for t in all_gather(torch.tensor([n_local], dtype=torch.int64), group)]
+    offset, total = sum(sizes[: _rank_and_size(group)[0]]), sum(sizes)
+    batches = minibatches(
+        (torch.arange(total), torch.zeros(total)), batch_size, torch.Generator().manual_seed(seed)
+    )
+    return offset, [indices for indices, _ in batches]
 
 
 def _precise_enough(ratios: list[float], min_batches: int, rel_se: float) -> bool:

@@ -144,8 +144,8 @@ class Tracker:
         process_group: inside a multi-process loop (DDP, torchrun): `probe` is this rank's
             shard and every measurement is taken collectively over the group (True: the
             default group). Every rank gets the same metrics; only rank 0 logs them. An FSDP2
-            (`fully_shard`) model is measured by differences of gradients; batch sharpness,
-            GGN, Fisher and layers are then left out, and a run tag says so.
+            (`fully_shard`) model is measured by differences of gradients; the GGN, Fisher,
+            layers and Adam's preconditioned form are then left out, and a run tag says so.
     """
 
     def __init__(
@@ -175,7 +175,7 @@ class Tracker:
         self.group = resolve_group(process_group)
         self.model, self.loss_fn = unwrap(model), loss_fn
         # FSDP2: products by differences of gradients through the sharded model; what needs
-        # the full parameters (batch sharpness, GGN, Fisher, layers) is left out, with a tag
+        # the full parameters (GGN, Fisher, layers, Adam's form) is left out, with a tag
         self.sharded = is_sharded(self.model)
         self.probe = as_batches(probe, None)
         self.every_steps, self.optimizer = every_steps, optimizer
@@ -433,23 +433,16 @@ class Tracker:
         # read once per measurement: batch sharpness and the edge use the same P
         edge = self.stability_edge()
         conditioner = self._preconditioner() if edge.preconditioned else (None, "")
-        bs = None if self.sharded else self._batch_sharpness(op, conditioner[0])
-        if bs is None:
-            self._note_left_out(
-                "step_not_measured",
-                "batch sharpness not measured: not built for sharded (FSDP) models yet (its "
-                "mini-batch products would need the ranks' parts of each batch collectively)",
-            )
-        else:
-            metrics.update(
-                {
-                    "step/batch_sharpness": bs.value,
-                    "step/batch_sharpness_se": bs.stderr,
-                    "step/batch_sharpness_n": float(bs.n_batches),
-                }
-            )
+        bs = self._batch_sharpness(op, conditioner[0])
+        metrics.update(
+            {
+                "step/batch_sharpness": bs.value,
+                "step/batch_sharpness_se": bs.stderr,
+                "step/batch_sharpness_n": float(bs.n_batches),
+            }
+        )
         metrics.update(self._edge_metrics(op, lam, "step/", edge, conditioner))
-        if bs is not None and "step/edge_ratio" in metrics:
+        if "step/edge_ratio" in metrics:
             # for adaptive optimizers batch sharpness was taken in its preconditioned form
             metrics["step/batch_edge_ratio"] = bs.value / metrics["step/stability_threshold"]
         self.n_measurements += 1
