@@ -14,7 +14,6 @@ from .lanczos import both, lanczos_extremes, lanczos_top, power_iteration
 from .operators import (
     HessianBlockOperator,
     HessianOperator,
-    _refuse_sharded,
     full_precision,
     hessian_operator,
     make_operator,
@@ -218,13 +217,19 @@ def layerwise_lambda_max(
     varied, all others fixed), keyed by layer name (`models.layer_names`: fc1, conv2, ...,
     or the module path). With a parameter filter, the blocks are those of the selected
     parameters. All layers
-    share one gradient graph."""
-    _refuse_sharded(model, "layer-wise lambda_max")
-    op = HessianOperator(model, loss_fn, data, chunk_size=chunk_size, params=params, **options)
+    share one gradient graph (a sharded (FSDP) model: one difference product of the whole
+    Hessian per block product)."""
+    from .sharded import block_operator
+
+    op = hessian_operator(model, loss_fn, data, chunk_size=chunk_size, params=params, **options)
     blocks = parameter_blocks(op.model, op.space.names)
     results = {}
     for layer, names in blocks.items():
-        block = HessianBlockOperator(op, names)
+        block = (
+            HessianBlockOperator(op, names)
+            if isinstance(op, HessianOperator)
+            else block_operator(op, names)
+        )
         results[layer] = lanczos_top(block, tol=tol, max_iter=max_iter, seed=seed)
     return results
 

@@ -35,13 +35,13 @@ from .operators import (
 )
 from .persample import fisher_gram
 from .results import DensityResult, EigenResult, TraceResult
-from .sharded import is_sharded
+from .sharded import block_operator, is_sharded
 from .trace import hutchinson
 
 # what a sharded (FSDP) model's per-epoch set leaves out, and why
 SHARDED_NOTE = (
-    "GGN, Fisher and layer-wise lambda_max not measured: they need the full parameters in "
-    "one process, and the model is sharded (FSDP)"
+    "GGN and Fisher lambda_max not measured: they need the full parameters in one process, "
+    "and the model is sharded (FSDP)"
 )
 
 
@@ -225,7 +225,7 @@ def measure_curvature(
         trace = hutchinson(op, s.trace_samples, seed=s.seed, deflation=(top.values, top.vectors))
         n_hvp += trace.n_hvp
     ggn = fisher = None
-    not_measured = SHARDED_NOTE if sharded and (s.ggn or s.layerwise) else ""
+    not_measured = SHARDED_NOTE if sharded and s.ggn else ""
     if s.ggn and op.objective.form == "output_target" and not sharded:
         ggn_result = lanczos_top(
             GGNOperator(
@@ -249,12 +249,13 @@ def measure_curvature(
         )
         n_hvp += ggn_result.n_hvp + fisher_products
     layers: dict[str, float] = {}
-    blocks = parameter_blocks(model, op.space.names) if s.layerwise and not sharded else {}
+    blocks = parameter_blocks(model, op.space.names) if s.layerwise else {}
     if len(blocks) > 1:
-        assert isinstance(op, HessianOperator)  # blocks are not taken on sharded models
         for layer, names in blocks.items():
             result = lanczos_top(
-                HessianBlockOperator(op, names),
+                HessianBlockOperator(op, names)
+                if isinstance(op, HessianOperator)
+                else block_operator(op, names),
                 tol=s.secondary_tol,
                 max_iter=s.max_iter,
                 seed=s.seed,

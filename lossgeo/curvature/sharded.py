@@ -29,6 +29,7 @@ subtracted).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -37,6 +38,7 @@ from torch import nn
 
 from .batches import AnyLossFn, DataSource, eval_mode
 from .distributed import all_reduce, all_sum_float
+from .linear import LambdaOperator
 from .operators import FD_STEPS, CurvatureOperator
 from .params import ParameterSpace, select_parameters
 
@@ -252,3 +254,24 @@ class ShardedHessianOperator(CurvatureOperator):
             # training loop's next forward would use them after its optimizer step
             reshard(self.model)
         return all_sum_float(total, self.group)
+
+
+def block_operator(op: ShardedHessianOperator, names: Sequence[str]) -> LambdaOperator:
+    """The diagonal block H_bb of a sharded model's Hessian (its parameters `names` varied,
+    the rest fixed). Each product is one difference product of the full Hessian with the
+    vector embedded (zeros elsewhere), read back on the block: no cheaper than a full
+    product, unlike the exact blocks, which share one retained graph."""
+    unknown = [n for n in names if n not in op.space.names]
+    if unknown:
+        raise ValueError(f"params: {unknown} are not parameters of the parent operator")
+    starts = dict(zip(op.space.names, [0, *itertools.accumulate(op.space.sizes)]))
+    sizes = dict(zip(op.space.names, op.space.sizes))
+    index = torch.cat([torch.arange(starts[n], starts[n] + sizes[n]) for n in names])
+    index = index.to(op.device)
+
+    def product(vector: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(op.dim, dtype=op.dtype, device=op.device)
+        full[index] = vector.to(op.dtype)
+        return (op @ full)[index]
+
+    return LambdaOperator(product, len(index), dtype=op.dtype, device=op.device)
