@@ -26,23 +26,16 @@ from .lanczos import LanczosRun, both, lanczos_extremes, lanczos_top
 from .linear import MatrixOperator
 from .operators import (
     AnyHessianOperator,
-    EmpiricalFisherOperator,
-    GGNOperator,
     HessianBlockOperator,
     HessianOperator,
     full_precision,
     hessian_operator,
+    make_operator,
 )
 from .persample import fisher_gram
 from .results import DensityResult, EigenResult, TraceResult
 from .sharded import block_operator, is_sharded
 from .trace import hutchinson
-
-# what a sharded (FSDP) model's per-epoch set leaves out, and why
-SHARDED_NOTE = (
-    "GGN and Fisher lambda_max not measured: they need the full parameters in one process, "
-    "and the model is sharded (FSDP)"
-)
 
 
 @dataclass(frozen=True)
@@ -110,8 +103,6 @@ class CurvatureMeasures:
     seconds: float = 0.0
     # products ran under the math attention backend (fused attention has no double backward)
     math_attention: bool = False
-    # what the settings asked for and was not measured, and why ("" when nothing)
-    not_measured: str = ""
 
     @property
     def finite(self) -> bool:
@@ -167,8 +158,7 @@ def measure_curvature(
         process_group: `data` is this rank's shard of the probe set and every product is
             summed over the group (True: the default group); every rank returns the same
             record. None: one process. A sharded (FSDP2) model is measured over its mesh's
-            group by difference products; its GGN, Fisher and layer-wise lambda_max are left
-            out (`not_measured` says so).
+            group by difference products (`sharded.py`).
 
     Returns:
         A `CurvatureMeasures`: lambda_max..lambda_k and lambda_min with residuals, the trace
@@ -179,7 +169,6 @@ def measure_curvature(
     start = time.perf_counter()
     s = settings
     model = unwrap(model)
-    sharded = is_sharded(model)
     op = hessian_operator(
         model,
         loss_fn,
@@ -225,10 +214,10 @@ def measure_curvature(
         trace = hutchinson(op, s.trace_samples, seed=s.seed, deflation=(top.values, top.vectors))
         n_hvp += trace.n_hvp
     ggn = fisher = None
-    not_measured = SHARDED_NOTE if sharded and s.ggn else ""
-    if s.ggn and op.objective.form == "output_target" and not sharded:
+    if s.ggn and op.objective.form == "output_target":
         ggn_result = lanczos_top(
-            GGNOperator(
+            make_operator(
+                "ggn",
                 model,
                 loss_fn,
                 data,
@@ -280,7 +269,6 @@ def measure_curvature(
         n_hvp=n_hvp,
         seconds=time.perf_counter() - start,
         math_attention=op.math_attention,
-        not_measured=not_measured,
     )
 
 
@@ -301,13 +289,14 @@ def _fisher_lambda_max(
     probe set gets Lanczos on the operator."""
     gram = None
     # the Gram path reads every parameter and every sample of the probe set in one process
-    if params is None and size_fn is None and process_group is None:
+    if params is None and size_fn is None and process_group is None and not is_sharded(model):
         with eval_mode(model):
             gram = fisher_gram(model, loss_fn, data)
     if gram is not None:
         top = lanczos_top(MatrixOperator(gram), tol=1e-12, max_iter=gram.shape[0], seed=s.seed)
         return float(top.values[0]), 0
-    fisher = EmpiricalFisherOperator(
+    fisher = make_operator(
+        "fisher",
         model,
         loss_fn,
         data,

@@ -743,8 +743,11 @@ def make_operator(
         raise ValueError(f"matrix: must be one of {', '.join(MATRICES)} (got {matrix!r})")
     if matrix == "hessian":
         return hessian_operator(model, loss_fn, data, **options)
-    _refuse_sharded(model, f"the {matrix.upper()}")
     options.pop("method", None)
+    from .sharded import ShardedOutputCurvatureOperator, is_sharded
+
+    if is_sharded(unwrap(model)):  # FSDP: J v by differences, J^T u by backward
+        return ShardedOutputCurvatureOperator(model, loss_fn, data, matrix=matrix, **options)
     return MATRICES[matrix](model, loss_fn, data, **options)
 
 
@@ -765,13 +768,3 @@ def hessian_operator(
     if is_sharded(unwrap(model)):
         return ShardedHessianOperator(model, loss_fn, data, **options)
     return HessianOperator(model, loss_fn, data, **options)
-
-
-def _refuse_sharded(model: nn.Module, what: str) -> None:
-    from .sharded import is_sharded
-
-    if is_sharded(unwrap(model)):
-        raise ValueError(
-            f"model: {what} needs the full parameters in one process; a sharded (FSDP) "
-            "model is measured by its Hessian (difference products) only"
-        )

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -186,14 +186,17 @@ class ShardedHessianOperator(CurvatureOperator):
             raise ValueError("max_memory: sizing in advance is not built for sharded models yet")
         self.memory_note = "not sized in advance (sharded model)"
 
-    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        vector = vector.to(self.dtype)
+    def _difference_step(self, vector: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        """(h, this rank's slices of v): the central difference's step along `vector`
+        (h = fd_step (1 + ||w||) / ||v||; nonzero v), counted as one product."""
         self.n_matvec += 1
-        norm = float(vector.double().norm())
-        if norm == 0.0:
-            return torch.zeros_like(vector)
-        h = self.fd_step * self._fd_scale / norm
-        step = self.sharded.local_slices(vector)
+        h = self.fd_step * self._fd_scale / float(vector.double().norm())
+        return h, self.sharded.local_slices(vector.to(self.dtype))
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        if not vector.any():
+            return torch.zeros_like(vector, dtype=self.dtype)
+        h, step = self._difference_step(vector)
         plus = self._local_gradient_at({n: h * s for n, s in step.items()})
         minus = self._local_gradient_at({n: -h * s for n, s in step.items()})
         # the difference of the slices, gathered once
@@ -206,9 +209,14 @@ class ShardedHessianOperator(CurvatureOperator):
         x, y = batch
         return self.loss_fn(self.model(x), y)  # type: ignore[call-arg, arg-type]
 
-    def _local_gradient_at(self, shift: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def _local_gradient_at(
+        self,
+        shift: dict[str, torch.Tensor] | None,
+        pass_loss: Callable[[int, Any], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """This rank's slices of the mean loss's gradient with its parameter slices moved by
-        `shift`."""
+        `shift`; with `pass_loss(i, batch)`, of the sum of that over the passes instead
+        (each pass's share of the whole, as the loss's weight n_b / N is)."""
         # resharded first: while gathered, the module holds full copies in place of the
         # sharded parameters, and their .grad is not the one training reads (an operator
         # built after a forward pass without backward left its gradients on the model)
@@ -222,8 +230,13 @@ class ShardedHessianOperator(CurvatureOperator):
             for p in params.values():
                 p.grad = None
             with eval_mode(self.model), torch.enable_grad(), self._attention():
-                for batch, weight in self.passes:
-                    (self.world_size * weight * self._direct_loss(batch)).backward()
+                for i, (batch, weight) in enumerate(self.passes):
+                    part = (
+                        weight * self._direct_loss(batch)
+                        if pass_loss is None
+                        else pass_loss(i, batch)
+                    )
+                    (self.world_size * part).backward()
             self.n_gradients += 1
             return {
                 n: (
@@ -275,3 +288,77 @@ def block_operator(op: ShardedHessianOperator, names: Sequence[str]) -> LambdaOp
         return (op @ full)[index]
 
     return LambdaOperator(product, len(index), dtype=op.dtype, device=op.device)
+
+
+class ShardedOutputCurvatureOperator(ShardedHessianOperator):
+    """The GGN (J^T H_out J) or the empirical Fisher ((1/N) sum_i g_i g_i^T) of a sharded
+    model, for loss_fn(output, target) with a mean over samples. J v comes from a central
+    difference of two forward passes, J^T u from one backward pass of (f . u), so a product
+    costs two forward passes and one gradient, and needs neither double backward nor
+    forward-mode AD through FSDP.
+
+    In output space: the GGN's u is the Hessian of each batch's mean loss in its outputs
+    times J v (exact, by torch.func); the Fisher's is r_i (r_i . J_i v) / N, with r_i the
+    gradient of sample i's own loss in its outputs (g_i = J_i^T r_i)."""
+
+    def __init__(
+        self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *, matrix: str, **options
+    ) -> None:
+        if matrix not in ("ggn", "fisher"):
+            raise ValueError(f"matrix: 'ggn' or 'fisher' (got {matrix!r})")
+        super().__init__(model, loss_fn, data, **options)
+        if self.objective.form != "output_target":
+            raise ValueError(f"loss_fn: the {matrix.upper()} needs loss_fn(output, target)")
+        self.matrix = matrix
+
+    def _outputs_at(self, shift: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Each pass's network outputs with this rank's parameter slices moved by `shift`."""
+        reshard(self.model)
+        try:
+            with torch.no_grad():
+                for name, delta in shift.items():
+                    self.sharded.params[name].to_local().add_(delta)
+            with eval_mode(self.model), torch.no_grad(), self._attention():
+                return [self.model(batch[0]) for batch, _ in self.passes]
+        finally:
+            with torch.no_grad():
+                for name, value in self.space.values.items():
+                    self.sharded.params[name].to_local().copy_(value)
+            reshard(self.model)  # a forward pass without backward leaves the root gathered
+
+    def _output_vector(
+        self, out: torch.Tensor, target: torch.Tensor, jv: torch.Tensor, weight: float
+    ) -> torch.Tensor:
+        """u for one pass: the middle matrix applied to J v, times the pass's share."""
+        from torch.func import grad, jvp, vmap
+
+        loss_fn: Any = self.loss_fn
+
+        def batch_loss(o: torch.Tensor) -> torch.Tensor:
+            return loss_fn(o, target)
+
+        if self.matrix == "ggn":
+            h_jv = jvp(grad(batch_loss), (out,), (jv,))[1]
+            return weight * h_jv
+        residuals = vmap(grad(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))))(out, target)
+        along = (residuals * jv).flatten(1).sum(1)  # g_i . v, one per sample
+        share = 0.0 if weight == 0.0 else 1.0 / self.n_samples  # a padding pass adds nothing
+        return share * residuals * along.view(-1, *[1] * (residuals.dim() - 1))
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        if not vector.any():
+            return torch.zeros_like(vector, dtype=self.dtype)
+        h, step = self._difference_step(vector)
+        plus = self._outputs_at({n: h * s for n, s in step.items()})
+        minus = self._outputs_at({n: -h * s for n, s in step.items()})
+        # the outputs at w are (f(w + hv) + f(w - hv)) / 2 to O(h^2), as J v is: the middle
+        # matrix taken at f(w + hv) instead was off by O(h) (4e-7 at the float64 step)
+        middle = [
+            self._output_vector((p + m) / 2.0, batch[1], (p - m) / (2.0 * h), weight)
+            for p, m, (batch, weight) in zip(plus, minus, self.passes)
+        ]
+
+        def transposed(i: int, batch: Any) -> torch.Tensor:  # f . u, whose gradient is J^T u
+            return (self.model(batch[0]) * middle[i]).sum()
+
+        return self.sharded.gathered(self._local_gradient_at(None, transposed))

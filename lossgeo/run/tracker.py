@@ -144,8 +144,8 @@ class Tracker:
         process_group: inside a multi-process loop (DDP, torchrun): `probe` is this rank's
             shard and every measurement is taken collectively over the group (True: the
             default group). Every rank gets the same metrics; only rank 0 logs them. An FSDP2
-            (`fully_shard`) model is measured by differences of gradients; the GGN, Fisher,
-            layers and Adam's preconditioned form are then left out, and a run tag says so.
+            (`fully_shard`) model is measured by differences of gradients; Adam's
+            preconditioned form is then left out, and a run tag says so.
     """
 
     def __init__(
@@ -174,8 +174,8 @@ class Tracker:
             raise ValueError(f"every_steps: must be an integer >= 0 (got {every_steps!r})")
         self.group = resolve_group(process_group)
         self.model, self.loss_fn = unwrap(model), loss_fn
-        # FSDP2: products by differences of gradients through the sharded model; what needs
-        # the full parameters (GGN, Fisher, layers, Adam's form) is left out, with a tag
+        # FSDP2: products by differences of gradients through the sharded model (Adam's
+        # preconditioned form is left out, with a tag)
         self.sharded = is_sharded(self.model)
         self.probe = as_batches(probe, None)
         self.every_steps, self.optimizer = every_steps, optimizer
@@ -209,7 +209,7 @@ class Tracker:
             minibatches(self.probe, batch_size, torch.Generator())  # batch sharpness can cut
         self._last_step: int | None = None
         self._warned_backwards = self._warned_nonfinite = False
-        self._notes: set[tuple[str, str]] = set()
+        self._edge_notes: set[str] = set()
 
     # -- what the optimizer runs at ---------------------------------------------------------
     @property
@@ -298,17 +298,14 @@ class Tracker:
         space = ParameterSpace(self.model, self.params)
         return preconditioner(self.optimizer, self.model, space)
 
-    def _note_left_out(self, tag: str, note: str, said: str = "") -> None:
-        """Say once, in the log (after `said`) and a run tag, what a measurement left out
-        and why."""
-        if note and (tag, note) not in self._notes:
-            self._notes.add((tag, note))
-            if _logs(self.group):  # said once for the job, by the rank that logs
-                log.warning("lossgeo: %s%s", said, note)
-            self.logger.set_tags({tag: note})
-
     def _note_edge(self, note: str) -> None:
-        self._note_left_out("stability_edge_note", note, said="no edge ratio: ")
+        """Say once, in the log and the run tag `stability_edge_note`, why there is no edge
+        ratio (or no preconditioned one)."""
+        if note and note not in self._edge_notes:
+            self._edge_notes.add(note)
+            if _logs(self.group):  # said once for the job, by the rank that logs
+                log.warning("lossgeo: no edge ratio: %s", note)
+            self.logger.set_tags({"stability_edge_note": note})
 
     def _operator(self) -> AnyHessianOperator:
         """A Hessian operator on the probe set, under the math attention backend from the
@@ -515,7 +512,6 @@ class Tracker:
             if state is not None and measures.top is not None and hasattr(state, "cache"):
                 state.cache["hessian_top"] = measures.top
             metrics.update(curvature_metrics(measures))  # no lr: the edge comes next
-            self._note_left_out("curvature_not_measured", measures.not_measured)
             metrics["curvature_peak_mb"] = peak.megabytes
             # the optimizer's own edge (Nesterov, dampening, Adam's preconditioned form)
             metrics.update(self._edge_metrics(None, measures.lambda_max))
