@@ -108,7 +108,10 @@ def preconditioner(
 ) -> tuple[torch.Tensor | None, str]:
     """(P, "") with P the flat diagonal preconditioner of an Adam/AdamW/RMSprop optimizer's
     current state, in `space`'s order, or (None, why) when there is none yet (before the
-    first step) or the optimizer is not adaptive. The state is read, never changed."""
+    first step) or the optimizer is not adaptive. The state is read, never changed. For a
+    sharded (FSDP) model, its state's slices are gathered (collectively: every rank calls)."""
+    from torch.distributed.tensor import DTensor
+
     optimizer = unwrap_optimizer(optimizer)
     named = dict(model.named_parameters())
     pieces = []
@@ -132,6 +135,8 @@ def preconditioner(
             p = state["square_avg"].detach().sqrt() + group["eps"]
         else:
             return None, f"{type(optimizer).__name__} has no diagonal preconditioner"
+        if isinstance(p, DTensor):  # a sharded (FSDP) parameter's state: gathered whole
+            p = p.full_tensor()
         pieces.append(p.reshape(-1).to(space.dtype))
     return torch.cat(pieces), ""
 

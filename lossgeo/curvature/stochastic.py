@@ -98,11 +98,8 @@ def batch_sharpness(
     model = unwrap(model)
     shard = as_batches(probe, None)
     pair = len(shard) == 1 and is_tensor_pair(shard[0])
-    if is_sharded(model) and (not pair or preconditioner is not None):
-        raise ValueError(
-            "batch sharpness of a sharded (FSDP) model: needs an (x, y) probe shard, and "
-            "takes no preconditioner"
-        )
+    if is_sharded(model) and not pair:
+        raise ValueError("batch sharpness of a sharded (FSDP) model: needs an (x, y) probe shard")
     if (group is not None or is_sharded(model)) and pair:
         return _global_batch_sharpness(
             model, loss_fn, shard[0], group, batch_size=batch_size, rel_se=rel_se,

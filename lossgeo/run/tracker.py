@@ -58,7 +58,7 @@ from lossgeo.curvature.measure import (
 from lossgeo.curvature.operators import AnyHessianOperator, hessian_operator, outside_autocast
 from lossgeo.curvature.params import ParameterSpace
 from lossgeo.curvature.peak import PeakMemory
-from lossgeo.curvature.sharded import is_sharded
+from lossgeo.curvature.sharded import ShardedParameterSpace, is_sharded
 from lossgeo.curvature.stability import (
     StabilityEdge,
     preconditioned_operator,
@@ -144,8 +144,7 @@ class Tracker:
         process_group: inside a multi-process loop (DDP, torchrun): `probe` is this rank's
             shard and every measurement is taken collectively over the group (True: the
             default group). Every rank gets the same metrics; only rank 0 logs them. An FSDP2
-            (`fully_shard`) model is measured by differences of gradients; Adam's
-            preconditioned form is then left out, and a run tag says so.
+            (`fully_shard`) model is measured by differences of gradients.
     """
 
     def __init__(
@@ -174,8 +173,7 @@ class Tracker:
             raise ValueError(f"every_steps: must be an integer >= 0 (got {every_steps!r})")
         self.group = resolve_group(process_group)
         self.model, self.loss_fn = unwrap(model), loss_fn
-        # FSDP2: products by differences of gradients through the sharded model (Adam's
-        # preconditioned form is left out, with a tag)
+        # FSDP2: products by differences of gradients through the sharded model
         self.sharded = is_sharded(self.model)
         self.probe = as_batches(probe, None)
         self.every_steps, self.optimizer = every_steps, optimizer
@@ -293,9 +291,7 @@ class Tracker:
         """The adaptive optimizer's diagonal preconditioner now, in the measured parameters'
         order (None and why before its first step)."""
         assert self.optimizer is not None
-        if self.sharded:
-            return None, "the preconditioned form is not built for sharded (FSDP) models yet"
-        space = ParameterSpace(self.model, self.params)
+        space = (ShardedParameterSpace if self.sharded else ParameterSpace)(self.model, self.params)
         return preconditioner(self.optimizer, self.model, space)
 
     def _note_edge(self, note: str) -> None:

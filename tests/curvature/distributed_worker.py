@@ -120,13 +120,18 @@ def worker(
         dist.destroy_process_group()
 
 
-def make_tracker(model: nn.Module, probe, group, logger, sgd: bool = False):
-    """The Tracker of the distributed tests: lr 0.1 given, or read from an SGD optimizer
-    (sgd=True, which the FSDP test then steps)."""
+def make_tracker(model: nn.Module, probe, group, logger, optimizer: str | None = None):
+    """The Tracker of the distributed tests: lr 0.1 given, or read from an optimizer
+    ("sgd" or "adam", which the FSDP test then steps)."""
     from lossgeo import CurvatureSettings as Settings
     from lossgeo import StepSettings, Tracker
 
-    step_size = {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1)} if sgd else {"lr": 0.1}
+    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+    step_size = (
+        {"optimizer": optimizers[optimizer](model.parameters(), lr=0.1)}
+        if optimizer
+        else {"lr": 0.1}
+    )
     return Tracker(
         model,
         F.cross_entropy,
@@ -284,8 +289,8 @@ def measure_geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) 
 
 
 def fsdp_tracker_run(model: nn.Module, x, y, n_total: int, tracker) -> dict:
-    """A step and an epoch measured, one SGD step on the mean loss over all n_total samples
-    (x, y: this rank's shard), then a step measured again."""
+    """A step and an epoch measured, one optimizer step on the mean loss over all n_total
+    samples (x, y: this rank's shard), then a step measured again."""
     step1, epoch1 = tracker.step(1), tracker.epoch(1, final=True)
     optimizer = tracker.optimizer
     optimizer.zero_grad()
@@ -306,16 +311,19 @@ def fsdp_tracker_worker(rank: int, world_size: int, init_file: str, out_dir: str
     joined(rank, world_size, init_file)
     try:
         mesh = init_device_mesh("cpu", (world_size,))
-        model, x, y = smooth_problem(torch.float64)
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        xs, ys = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
-        logger = NullLogger()
-        tracker = make_tracker(model, (xs, ys), True, logger, sgd=True)
-        result = fsdp_tracker_run(model, xs, ys, len(y), tracker)
-        result["tags"], result["n_logged"] = logger.tags, len(logger.metrics)
-        torch.save(result, Path(out_dir) / f"fsdp_tracker{rank}.pt")
+        results = {}
+        for optimizer in ("sgd", "adam"):
+            model, x, y = smooth_problem(torch.float64)
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            xs, ys = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
+            logger = NullLogger()
+            tracker = make_tracker(model, (xs, ys), True, logger, optimizer)
+            result = fsdp_tracker_run(model, xs, ys, len(y), tracker)
+            result["tags"], result["n_logged"] = logger.tags, len(logger.metrics)
+            results[optimizer] = result
+        torch.save(results, Path(out_dir) / f"fsdp_tracker{rank}.pt")
     finally:
         dist.destroy_process_group()
