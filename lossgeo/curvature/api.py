@@ -12,9 +12,8 @@ from .batches import AnyLossFn, DataSource
 from .density import slq_density
 from .lanczos import both, lanczos_extremes, lanczos_top, power_iteration
 from .operators import (
-    HessianBlockOperator,
-    HessianOperator,
     full_precision,
+    hessian_block,
     hessian_operator,
     make_operator,
 )
@@ -219,19 +218,12 @@ def layerwise_lambda_max(
     parameters. All layers
     share one gradient graph (a sharded (FSDP) model: one difference product of the whole
     Hessian per block product)."""
-    from .sharded import block_operator
-
     op = hessian_operator(model, loss_fn, data, chunk_size=chunk_size, params=params, **options)
     blocks = parameter_blocks(op.model, op.space.names)
-    results = {}
-    for layer, names in blocks.items():
-        block = (
-            HessianBlockOperator(op, names)
-            if isinstance(op, HessianOperator)
-            else block_operator(op, names)
-        )
-        results[layer] = lanczos_top(block, tol=tol, max_iter=max_iter, seed=seed)
-    return results
+    return {
+        layer: lanczos_top(hessian_block(op, names), tol=tol, max_iter=max_iter, seed=seed)
+        for layer, names in blocks.items()
+    }
 
 
 def effective_dimension(eigenvalues: torch.Tensor | Sequence[float], alpha: float) -> float:

@@ -26,15 +26,14 @@ from .lanczos import LanczosRun, both, lanczos_extremes, lanczos_top
 from .linear import MatrixOperator
 from .operators import (
     AnyHessianOperator,
-    HessianBlockOperator,
-    HessianOperator,
     full_precision,
+    hessian_block,
     hessian_operator,
     make_operator,
 )
 from .persample import fisher_gram
 from .results import DensityResult, EigenResult, TraceResult
-from .sharded import block_operator, is_sharded
+from .sharded import is_sharded
 from .trace import hutchinson
 
 
@@ -242,9 +241,7 @@ def measure_curvature(
     if len(blocks) > 1:
         for layer, names in blocks.items():
             result = lanczos_top(
-                HessianBlockOperator(op, names)
-                if isinstance(op, HessianOperator)
-                else block_operator(op, names),
+                hessian_block(op, names),
                 tol=s.secondary_tol,
                 max_iter=s.max_iter,
                 seed=s.seed,

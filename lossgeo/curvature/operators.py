@@ -48,6 +48,7 @@ from .batches import (  # noqa: F401
     parse_memory,
 )
 from .distributed import all_sum, all_sum_float, resolve_group, unwrap
+from .linear import LinearOperator
 from .params import ParameterSpace
 
 HVP_METHODS = ("graph", "fwdrev", "fd")
@@ -768,3 +769,13 @@ def hessian_operator(
     if is_sharded(unwrap(model)):
         return ShardedHessianOperator(model, loss_fn, data, **options)
     return HessianOperator(model, loss_fn, data, **options)
+
+
+def hessian_block(op: AnyHessianOperator, names: Sequence[str]) -> LinearOperator:
+    """The diagonal block of `op` for the parameters `names`: through the parent's retained
+    graph, or, for a sharded model, by difference products of the whole Hessian."""
+    if isinstance(op, HessianOperator):
+        return HessianBlockOperator(op, names)
+    from .sharded import block_operator
+
+    return block_operator(op, names)
