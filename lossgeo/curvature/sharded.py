@@ -29,9 +29,9 @@ subtracted).
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -217,41 +217,51 @@ class ShardedHessianOperator(CurvatureOperator):
         """This rank's slices of the mean loss's gradient with its parameter slices moved by
         `shift`; with `pass_loss(i, batch)`, of the sum of that over the passes instead
         (each pass's share of the whole, as the loss's weight n_b / N is)."""
-        # resharded first: while gathered, the module holds full copies in place of the
-        # sharded parameters, and their .grad is not the one training reads (an operator
-        # built after a forward pass without backward left its gradients on the model)
+        with self._moved(shift or {}):
+            params = dict(self.model.named_parameters())
+            saved_grads = {n: p.grad for n, p in params.items()}
+            try:
+                for p in params.values():
+                    p.grad = None
+                with eval_mode(self.model), torch.enable_grad(), self._attention():
+                    for i, (batch, weight) in enumerate(self.passes):
+                        part = (
+                            weight * self._direct_loss(batch)
+                            if pass_loss is None
+                            else pass_loss(i, batch)
+                        )
+                        (self.world_size * part).backward()
+                self.n_gradients += 1
+                return {
+                    n: (
+                        torch.zeros_like(self.space.values[n])
+                        if p.grad is None
+                        else p.grad.to_local().clone()
+                    )
+                    for n, p in self.sharded.params.items()
+                }
+            finally:
+                for n, p in params.items():
+                    p.grad = saved_grads[n]
+
+    @contextlib.contextmanager
+    def _moved(self, shift: dict[str, torch.Tensor]) -> Iterator[None]:
+        """This rank's parameter slices moved by `shift` for the duration, then copied back
+        from the saved point (exactly, not subtracted). Resharded on the way in and out:
+        while gathered, the module holds full copies in place of the sharded parameters
+        (their .grad is not the one training reads, and a forward pass would not see the
+        moved slices), and a forward pass without backward leaves the root gathered."""
         reshard(self.model)
-        params = dict(self.model.named_parameters())
-        saved_grads = {n: p.grad for n, p in params.items()}
         try:
             with torch.no_grad():
-                for name, delta in (shift or {}).items():
+                for name, delta in shift.items():
                     self.sharded.params[name].to_local().add_(delta)
-            for p in params.values():
-                p.grad = None
-            with eval_mode(self.model), torch.enable_grad(), self._attention():
-                for i, (batch, weight) in enumerate(self.passes):
-                    part = (
-                        weight * self._direct_loss(batch)
-                        if pass_loss is None
-                        else pass_loss(i, batch)
-                    )
-                    (self.world_size * part).backward()
-            self.n_gradients += 1
-            return {
-                n: (
-                    torch.zeros_like(self.space.values[n])
-                    if p.grad is None
-                    else p.grad.to_local().clone()
-                )
-                for n, p in self.sharded.params.items()
-            }
+            yield
         finally:
             with torch.no_grad():
                 for name, value in self.space.values.items():
                     self.sharded.params[name].to_local().copy_(value)
-            for n, p in params.items():
-                p.grad = saved_grads[n]
+            reshard(self.model)
 
     def gradient(self) -> torch.Tensor:
         return self.sharded.gathered(self._local_gradient_at(None))
@@ -277,9 +287,8 @@ def block_operator(op: ShardedHessianOperator, names: Sequence[str]) -> LambdaOp
     unknown = [n for n in names if n not in op.space.names]
     if unknown:
         raise ValueError(f"params: {unknown} are not parameters of the parent operator")
-    starts = dict(zip(op.space.names, [0, *itertools.accumulate(op.space.sizes)]))
-    sizes = dict(zip(op.space.names, op.space.sizes))
-    index = torch.cat([torch.arange(starts[n], starts[n] + sizes[n]) for n in names])
+    where = op.space.slices()
+    index = torch.cat([torch.arange(where[n].start, where[n].stop) for n in names])
     index = index.to(op.device)
 
     def product(vector: torch.Tensor) -> torch.Tensor:
@@ -313,18 +322,8 @@ class ShardedOutputCurvatureOperator(ShardedHessianOperator):
 
     def _outputs_at(self, shift: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Each pass's network outputs with this rank's parameter slices moved by `shift`."""
-        reshard(self.model)
-        try:
-            with torch.no_grad():
-                for name, delta in shift.items():
-                    self.sharded.params[name].to_local().add_(delta)
-            with eval_mode(self.model), torch.no_grad(), self._attention():
-                return [self.model(batch[0]) for batch, _ in self.passes]
-        finally:
-            with torch.no_grad():
-                for name, value in self.space.values.items():
-                    self.sharded.params[name].to_local().copy_(value)
-            reshard(self.model)  # a forward pass without backward leaves the root gathered
+        with self._moved(shift), eval_mode(self.model), torch.no_grad(), self._attention():
+            return [self.model(batch[0]) for batch, _ in self.passes]
 
     def _output_vector(
         self, out: torch.Tensor, target: torch.Tensor, jv: torch.Tensor, weight: float
