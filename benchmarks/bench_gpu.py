@@ -11,6 +11,9 @@ Workloads:
    accuracy Lanczos delivers). Also the Hutchinson trace with 20 vectors.
 2. A GPT-2-small-shaped model (12 layers, 768 wide; `transformers`) on random tokens:
    lambda_max of the whole Hessian.
+2b. The size ladder's ResNet-18 and GPT-2-small rungs (`bench_scale.py`): lambda_max at
+   tol 1e-3 by lossgeo's `hessian_eigen` and by the peers installed (PyHessian,
+   hessian-eigenthings v1), so that a lent GPU gives those figures in one script.
 3. The default-like run: per-epoch curvature at lossgeo's defaults (probe 1,024, MNIST
    MLP shape) against one training epoch of 10,000 samples at batch 32.
 Every figure is seconds, products and peak memory (CUDA's max allocated, else RSS).
@@ -82,7 +85,7 @@ def resnet_rows(device: torch.device, tiny: bool) -> list[str]:
         f"{trace.n_hvp} | {trace.value:.4g} +- {trace.stderr:.2g} | "
         f"{peak_memory_mb(device):.0f} |"
     )
-    for name, run in peers(model, x, y, device):
+    for name, run in peers(model, x, y, device, 4 if tiny else 200):
         for tol in (1e-3, 1e-5):
             (value, n_hvp), s = timed(device, lambda run=run, tol=tol: run(tol))
             rows.append(
@@ -92,36 +95,38 @@ def resnet_rows(device: torch.device, tiny: bool) -> list[str]:
     return rows
 
 
-def peers(model, x, y, device):
+def peers(model, x, y, device, max_iter: int = 200, loss=F.cross_entropy):
     """PyHessian's and eigenthings' power iteration, where they are installed."""
     found = []
     if importlib.util.find_spec("pyhessian") is not None:
         from pyhessian import hessian as pyhessian
 
         def run_pyhessian(tol):
-            comp = pyhessian(model, F.cross_entropy, data=(x, y), cuda=device.type == "cuda")
-            values, _ = comp.eigenvalues(top_n=1, tol=tol, maxIter=200)
+            comp = pyhessian(model, loss, data=(x, y), cuda=device.type == "cuda")
+            values, _ = comp.eigenvalues(top_n=1, tol=tol, maxIter=max_iter)
             return float(values[0]), -1  # PyHessian does not count its products
 
         found.append(("PyHessian power iteration", run_pyhessian))
     if importlib.util.find_spec("hessian_eigenthings") is not None:
-        from hessian_eigenthings import compute_hessian_eigenthings
+        # the v1 API (1.0.0a5): an operator object and keyword-only solvers
+        import hessian_eigenthings as he
 
         def run_eigenthings(tol):
-            loader = [(x, y)]
-            values, _ = compute_hessian_eigenthings(
-                model,
-                loader,
-                F.cross_entropy,
-                1,
-                mode="power_iter",
-                power_iter_err_threshold=tol,
-                use_gpu=device.type == "cuda",
-                full_dataset=True,
+            op = he.HessianOperator(model, [(x, y)], he.supervised_loss(loss))
+            value, _, _, iterations, _ = he.power_iteration_one(
+                op, tol=tol, max_iter=max_iter, seed=0
             )
-            return float(values[0]), -1
+            return float(value), int(iterations)
 
-        found.append(("eigenthings power iteration", run_eigenthings))
+        found.append(("eigenthings v1 power iteration", run_eigenthings))
+
+        def run_eigenthings_lanczos(tol):
+            op = he.HessianOperator(model, [(x, y)], he.supervised_loss(loss))
+            steps = min(max_iter, 20 if tol >= 1e-3 else 40)  # a step count, not a tolerance
+            result = he.lanczos(op, k=1, which="LA", tol=tol, max_iter=steps, seed=0)
+            return float(result.eigenvalues[0]), steps
+
+        found.append(("eigenthings v1 Lanczos", run_eigenthings_lanczos))
     return found
 
 
@@ -153,6 +158,60 @@ def gpt2_rows(device: torch.device, tiny: bool) -> list[str]:
         f"{batch} x {length} tokens | lossgeo Lanczos (tol 1e-3) | {s:.2f} | {top.n_hvp} | "
         f"{float(top.values[0]):.4g} | {peak_memory_mb(device):.0f} |"
     ]
+
+
+def ladder_rows(device: torch.device, tiny: bool) -> list[str]:
+    """The size ladder's ResNet-18 (128 CIFAR-shaped images) and GPT-2-small (4 x 128
+    tokens) rungs (`bench_scale.py`): lambda_max at tol 1e-3 by lossgeo and the peers."""
+    from bench_scale import LOSS, NextToken
+
+    rows = []
+    torch.manual_seed(0)
+    from torchvision.models import resnet18
+
+    n, side = (4, 16) if tiny else (128, 32)
+    model = resnet18(num_classes=10).to(device).eval()
+    x = torch.randn(n, 3, side, side, device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+    runs = [("lossgeo hessian_eigen", lambda tol: _lossgeo_top(model, x, y, tol))]
+    runs += peers(model, x, y, device, 4 if tiny else 200, loss=LOSS)
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        layers, width, vocab = (2, 64, 512) if tiny else (12, 768, 50257)
+        config = GPT2Config(
+            n_layer=layers,
+            n_embd=width,
+            n_head=max(1, width // 64),
+            vocab_size=vocab,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        )
+        config._attn_implementation = "eager"
+        lm = NextToken(GPT2LMHeadModel(config)).to(device).eval()
+        ids = torch.randint(0, vocab, (4, 16 if tiny else 128), device=device)
+        targets = ids[:, 1:]
+        runs_gpt = [("lossgeo hessian_eigen", lambda tol: _lossgeo_top(lm, ids, targets, tol))]
+        runs_gpt += peers(lm, ids, targets, device, 4 if tiny else 200, loss=LOSS)
+    else:
+        runs_gpt = []
+    for shape, found in ((f"ladder ResNet-18, {n} images", runs), ("ladder GPT-2-small", runs_gpt)):
+        for name, run in found:
+            (value, n_hvp), s = timed(device, lambda run=run: run(1e-3))
+            rows.append(
+                f"| {shape} | {name} (tol 1e-3) | {s:.2f} | {n_hvp} | {value:.6g} | "
+                f"{peak_memory_mb(device):.0f} |"
+            )
+    return rows
+
+
+def _lossgeo_top(model, x, y, tol: float) -> tuple[float, int]:
+    from bench_scale import LOSS
+
+    from lossgeo.curvature import hessian_eigen
+
+    result = hessian_eigen(model, LOSS, (x, y), k=1, tol=tol)
+    return float(result.values[0]), result.n_hvp
 
 
 def default_run_rows(device: torch.device, tiny: bool) -> list[str]:
@@ -199,7 +258,7 @@ def main() -> None:
         "| workload | method | seconds | products | value | peak memory MB |",
         "|---|---|---|---|---|---|",
     ]
-    for workload in (resnet_rows, gpt2_rows, default_run_rows):
+    for workload in (resnet_rows, gpt2_rows, ladder_rows, default_run_rows):
         if time.perf_counter() - started > BUDGET_S:
             lines.append(
                 f"| {workload.__name__} | skipped: the {BUDGET_S} s budget is spent | | | | |"

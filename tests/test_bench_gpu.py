@@ -31,6 +31,8 @@ def test_the_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         "ResNet-18, 4 images | lossgeo Lanczos",
         "lossgeo Hutchinson trace",
         "GPT-2 shape (2 layers",
+        "ladder ResNet-18, 4 images | lossgeo hessian_eigen",
+        "ladder GPT-2-small | lossgeo hessian_eigen",
         "default-like run: MLP",
     ):
         assert workload in table, workload

@@ -26,6 +26,13 @@ Matrix = Literal["hessian", "ggn", "fisher"]
 TraceMethod = Literal["hutchinson", "hutch++"]
 
 
+def _operator_options(
+    chunk_size: int | str | None, hvp_method: str, max_memory: int | str | None
+) -> dict[str, Any]:
+    """The operator keywords that every public function takes by its own names."""
+    return {"chunk_size": chunk_size, "method": hvp_method, "max_memory": max_memory}
+
+
 @full_precision
 def curvature_eigen(
     model: nn.Module,
@@ -43,6 +50,7 @@ def curvature_eigen(
     hvp_method: str = "graph",
     params: Sequence[str] | str | None = None,
     verify: bool = False,
+    max_memory: int | str | None = "auto",
     **batching: Any,
 ) -> EigenResult:
     """Top-k ("LA") or bottom-k ("SA") eigenpairs of the Hessian, GGN or empirical Fisher.
@@ -52,7 +60,12 @@ def curvature_eigen(
 
     tol is the relative eigenvalue accuracy (Lanczos: error bound min(r, r^2/gap); power
     iteration: relative change, as PyHessian). verify=True recomputes the residuals
-    ||A v - lambda v|| with one extra product per pair instead of the Lanczos estimates."""
+    ||A v - lambda v|| with one extra product per pair instead of the Lanczos estimates.
+
+    max_memory: the budget for the products' graphs and the Lanczos basis (bytes, "4GB", or
+    "auto": 80% of what the device has free; None: unsized). The basis grows with the
+    steps taken, and a basis that would pass the budget is thick-restarted to the same
+    stopping test (`EigenResult.restarts`)."""
     if which not in ("LA", "SA"):
         raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
     op = make_operator(
@@ -63,6 +76,7 @@ def curvature_eigen(
         params=params,
         chunk_size=chunk_size,
         method=hvp_method,
+        max_memory=max_memory,
         **batching,
     )
     if method == "power":
@@ -117,10 +131,12 @@ def hessian_extremes(
     seed: int = 0,
     chunk_size: int | str | None = "auto",
     hvp_method: str = "graph",
+    max_memory: int | str | None = "auto",
     **options: Any,
 ) -> tuple[EigenResult, EigenResult]:
     """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
-    op = hessian_operator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
+    sizing = _operator_options(chunk_size, hvp_method, max_memory)
+    op = hessian_operator(model, loss_fn, data, **sizing, **options)
     return both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter, seed=seed))
 
 
@@ -135,6 +151,7 @@ def hessian_trace(
     seed: int = 0,
     chunk_size: int | str | None = "auto",
     hvp_method: str = "graph",
+    max_memory: int | str | None = "auto",
     **options: Any,
 ) -> TraceResult:
     """The trace of the Hessian of the mean loss, estimated stochastically.
@@ -148,6 +165,8 @@ def hessian_trace(
         seed: the probe vectors.
         chunk_size: samples per forward pass ("auto": by activation memory).
         hvp_method: "graph" (double backward) or "fwdrev" (forward-over-reverse).
+        max_memory: the budget for graphs and solver vectors ("4GB", bytes, "auto": 80% of
+            the free memory; None: unsized); see `curvature_eigen`.
         **options: passed to `HessianOperator` (params=, loss_form=, ...).
 
     Returns:
@@ -156,7 +175,8 @@ def hessian_trace(
     estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
     if method not in estimators:
         raise ValueError(f"method: must be 'hutchinson' or 'hutch++' (got {method!r})")
-    op = hessian_operator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
+    sizing = _operator_options(chunk_size, hvp_method, max_memory)
+    op = hessian_operator(model, loss_fn, data, **sizing, **options)
     return estimators[method](op, n_samples, seed=seed)
 
 
@@ -173,6 +193,7 @@ def spectral_density(
     seed: int = 0,
     chunk_size: int | str | None = "auto",
     hvp_method: str = "graph",
+    max_memory: int | str | None = "auto",
     **options: Any,
 ) -> DensityResult:
     """The Hessian's spectral density by stochastic Lanczos quadrature.
@@ -188,12 +209,15 @@ def spectral_density(
         seed: the start vectors.
         chunk_size: samples per forward pass ("auto": by activation memory).
         hvp_method: "graph" (double backward) or "fwdrev" (forward-over-reverse).
+        max_memory: the budget for graphs and solver vectors ("4GB", bytes, "auto": 80% of
+            the free memory; None: unsized); see `curvature_eigen`.
         **options: passed to `HessianOperator` (params=, loss_form=, ...).
 
     Returns:
         A `DensityResult`: the smoothed density on its grid, the quadrature nodes and weights.
     """
-    op = hessian_operator(model, loss_fn, data, chunk_size=chunk_size, method=hvp_method, **options)
+    sizing = _operator_options(chunk_size, hvp_method, max_memory)
+    op = hessian_operator(model, loss_fn, data, **sizing, **options)
     return slq_density(
         op, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma, grid_size=grid_size, seed=seed
     )
@@ -210,6 +234,7 @@ def layerwise_lambda_max(
     seed: int = 0,
     chunk_size: int | str | None = "auto",
     params: Sequence[str] | str | None = None,
+    max_memory: int | str | None = "auto",
     **options: Any,
 ) -> dict[str, EigenResult]:
     """Top eigenpair of each layer's diagonal Hessian block (the layer's own parameters
@@ -218,7 +243,9 @@ def layerwise_lambda_max(
     parameters. All layers
     share one gradient graph (a sharded (FSDP) model: one difference product of the whole
     Hessian per block product)."""
-    op = hessian_operator(model, loss_fn, data, chunk_size=chunk_size, params=params, **options)
+    op = hessian_operator(
+        model, loss_fn, data, chunk_size=chunk_size, params=params, max_memory=max_memory, **options
+    )
     blocks = parameter_blocks(op.model, op.space.names)
     return {
         layer: lanczos_top(hessian_block(op, names), tol=tol, max_iter=max_iter, seed=seed)

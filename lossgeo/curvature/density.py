@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .lanczos import LanczosRun, lanczos_tridiagonal
+from .lanczos import LanczosRun, basis_rows, check_basis_capacity, lanczos_tridiagonal
 from .linear import LinearOperator
 from .results import DensityResult
 
@@ -35,6 +35,8 @@ def slq_density(
     matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
     if n_steps < 1 or n_vectors < 1:
         raise ValueError("n_steps and n_vectors: must be >= 1")
+    capacity = basis_rows(op)
+    check_basis_capacity(min(n_steps, n), capacity)
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
     n_hvp = 0
@@ -47,7 +49,7 @@ def slq_density(
             theta, w = run.quadrature(n_steps)
             n_hvp += max(run.n_steps - taken, 0)
         else:
-            theta, w = lanczos_tridiagonal(matvec, v, n_steps)
+            theta, w = lanczos_tridiagonal(matvec, v, n_steps, capacity)
             n_hvp += len(theta)
         pad = n_steps - len(theta)  # early exit (invariant subspace): zero-weight padding
         nodes.append(np.pad(theta, (0, pad), constant_values=theta[-1]))

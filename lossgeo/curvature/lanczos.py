@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
 
+from .krylov import KrylovBasis, KrylovState
 from .linear import LinearOperator
 from .results import EigenResult
 
@@ -96,6 +96,7 @@ def lanczos_extremes(
     min_steps: int | None = None,
     run: LanczosRun | None = None,
     guard: int = 1,
+    max_basis: int | None = None,
 ) -> tuple[EigenResult | None, EigenResult | None]:
     """The k_top largest and k_bottom smallest (algebraic) eigenpairs of a symmetric operator
     from one Lanczos run. Returns (top, bottom); either is None when not asked for.
@@ -115,6 +116,11 @@ def lanczos_extremes(
     may end the run. run: a fresh `LanczosRun` to take the steps from (instead of seed or
     start), so that a later reader, e.g. `slq_density`, continues the same Krylov space.
 
+    max_basis: the most basis vectors held at once (default: what the operator's memory
+    budget, `basis_budget` in bytes, leaves room for; no limit without one). A run that
+    fills it is thick-restarted (`krylov.py`) on the wanted Ritz vectors and goes on to the
+    same stopping test; `EigenResult.restarts` says how often.
+
     guard: top Ritz pairs beyond the k_top wanted that must also converge, to ten times
     rest_tol but never looser than sqrt(tol), before the run may stop; they are not
     reported. A residual test proves a Ritz
@@ -129,94 +135,200 @@ def lanczos_extremes(
     lambda_min was within that tolerance at every start tried. min_steps defaults to the
     wanted pairs plus the guards plus one.
     """
-    matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
-    bottom_tol = tol if bottom_tol is None else bottom_tol
-    rest_tol = tol if rest_tol is None else rest_tol
+    n = op.dim
+    _check_wanted(k_top, k_bottom, n, bottom_scale, guard)
+    wanted = _Wanted(
+        k_top=k_top,
+        k_bottom=k_bottom,
+        guard=min(guard, n - k_top - k_bottom) if k_top else 0,
+        tol=tol,
+        rest_tol=tol if rest_tol is None else rest_tol,
+        bottom_tol=tol if bottom_tol is None else bottom_tol,
+        bottom_scale=bottom_scale,
+    )
+    if min_steps is None:
+        min_steps = min(wanted.pairs + 1, n)
+    if run is not None:
+        if start is not None or run.state is not None:
+            raise ValueError("run: must be a fresh LanczosRun, and not given with start")
+        steps = iter(run)
+    else:
+        q0 = _start_vector(n, op.dtype, op.device, seed) if start is None else _warm(start, op)
+        rows = max_basis if max_basis is not None else basis_rows(op)
+        capacity, keep = _restart_plan(rows, wanted, n)
+        # an unrestarted run is exact after n steps; a restarted one may take more
+        steps = _lanczos_steps(
+            op.__matmul__, q0, max_iter if keep else min(max_iter, n), capacity, keep
+        )
+    state, check = _run_to_convergence(steps, wanted, min_steps, max_iter)
+    return _results(op, state, check, wanted, verify)
+
+
+class _Wanted(NamedTuple):
+    """What a solve asks for: the pairs at each end, the guard pairs and their tolerances."""
+
+    k_top: int
+    k_bottom: int
+    guard: int
+    tol: float
+    rest_tol: float
+    bottom_tol: float
+    bottom_scale: str
+
+    @property
+    def pairs(self) -> int:
+        return self.k_top + self.guard + self.k_bottom
+
+    def keep(self, theta: np.ndarray, extra: int) -> np.ndarray:
+        """The Ritz pairs a thick restart keeps: the wanted ones and `extra` more next to
+        them (at the top when the top is wanted, else at the bottom)."""
+        order = np.argsort(theta)
+        top = self.k_top + self.guard + (extra if self.k_top else 0)
+        bottom = self.k_bottom + (0 if self.k_top else extra)
+        chosen = list(order[::-1][:top]) + [i for i in order[:bottom] if i not in order[::-1][:top]]
+        return np.array(sorted(chosen))
+
+
+class _Check(NamedTuple):
+    """The stopping test at one step: the wanted indices into theta and their flags."""
+
+    theta: np.ndarray
+    s: np.ndarray
+    top: np.ndarray
+    bottom: np.ndarray
+    top_flags: np.ndarray
+    bottom_flags: np.ndarray
+    invariant: bool
+
+    def done(self, guards_met: bool) -> bool:
+        return guards_met and bool(self.top_flags.all()) and bool(self.bottom_flags.all())
+
+
+def _check_wanted(k_top: int, k_bottom: int, n: int, bottom_scale: str, guard: int) -> None:
     if bottom_scale not in ("value", "spectrum"):
         raise ValueError(f"bottom_scale: must be 'value' or 'spectrum' (got {bottom_scale!r})")
     if k_top < 0 or k_bottom < 0 or k_top + k_bottom == 0:
         raise ValueError("k: ask for at least one eigenpair")
     if k_top + k_bottom > n:
         raise ValueError(f"k: at most the dimension {n} eigenpairs (got {k_top + k_bottom})")
-    if run is not None:
-        if start is not None or run.state is not None:
-            raise ValueError("run: must be a fresh LanczosRun, and not given with start")
-    elif start is None:
-        q0 = _start_vector(n, dtype, device, seed)
-    else:
-        q0 = start.reshape(-1, n).to(dtype=dtype, device=device).sum(dim=0)
-        if not torch.isfinite(q0).all() or float(q0.norm()) == 0.0:
-            raise ValueError("start: the start vectors sum to zero or are not finite")
-        q0 = q0 / q0.norm()
     if guard < 0:
         raise ValueError(f"guard: must be >= 0 (got {guard})")
-    guard_top = min(guard, n - k_top - k_bottom) if k_top else 0
-    guard_tol = min(rest_tol * _GUARD_TOL_FACTOR, math.sqrt(tol))
-    if min_steps is None:
-        min_steps = min(k_top + guard_top + k_bottom + 1, n)
-    steps = iter(run) if run is not None else _lanczos_steps(matvec, q0, min(max_iter, n))
-    for basis, alphas, betas, beta in steps:  # noqa: B007 (the last step's values are used)
-        theta, s = _ritz(alphas, betas)
-        guarded_top, bottom = _wanted(theta, k_top + guard_top, k_bottom)
-        top = guarded_top[:k_top]
-        invariant = _invariant(beta, alphas)
-        floor = float(np.abs(theta).max()) if bottom_scale == "spectrum" else 0.0
-        flags = (
-            np.concatenate(
-                [
-                    _ritz_converged(beta, s, theta, top[:1], tol),
-                    _ritz_converged(beta, s, theta, top[1:], rest_tol),
-                ]
-            ),
-            _ritz_converged(beta, s, theta, bottom, bottom_tol, floor),
+
+
+def _warm(start: torch.Tensor, op: LinearOperator) -> torch.Tensor:
+    q0 = start.reshape(-1, op.dim).to(dtype=op.dtype, device=op.device).sum(dim=0)
+    if not torch.isfinite(q0).all() or float(q0.norm()) == 0.0:
+        raise ValueError("start: the start vectors sum to zero or are not finite")
+    return q0 / q0.norm()
+
+
+def basis_rows(op: LinearOperator) -> int | None:
+    """Basis vectors the operator's memory budget leaves room for (`basis_budget` bytes,
+    less three working vectors: the next vector, its product and a temporary); None when
+    the operator has no budget."""
+    budget = getattr(op, "basis_budget", None)
+    if budget is None:
+        return None
+    row = op.dim * torch.empty(0, dtype=op.dtype).element_size()
+    return max(int(budget // row) - 3, 0)
+
+
+def _restart_plan(
+    rows: int | None, wanted: _Wanted, n: int
+) -> tuple[int | None, Callable[[np.ndarray], np.ndarray] | None]:
+    """(the basis capacity, the restart's choice of Ritz pairs) for at most `rows` vectors
+    held at once: a restart holds the full basis and the kept vectors together, so the
+    basis may grow to rows - kept. None, None: no limit below the steps a run can take."""
+    if rows is None or rows >= n:
+        return None, None
+    need = 2 * wanted.pairs + 1  # the kept pairs twice (during the restart) and one step
+    if rows < need:
+        raise MemoryError(
+            f"max_memory: a Lanczos basis of {need} vectors ({wanted.pairs} pairs kept at a "
+            f"restart) does not fit beside the operator's graphs; there is room for {rows}"
         )
-        guards_met = invariant or bool(
-            _ritz_converged(beta, s, theta, guarded_top[k_top:], guard_tol).all()
-        )
-        done = guards_met and all(f.all() for f in flags)
-        if len(alphas) >= min_steps and done or len(alphas) >= max_iter:
+    # a few Ritz pairs beyond the wanted ones speed convergence after a restart, while each
+    # kept pair takes two rows from the steps between restarts (rows - 2 kept)
+    extra = min(max(wanted.pairs, 2), (rows - need) // 4)
+    return rows - wanted.pairs - extra, lambda theta: wanted.keep(theta, extra)
+
+
+def _stopping_test(state: KrylovState, wanted: _Wanted) -> tuple[_Check, bool]:
+    """The stopping test of the module docstring on the current Ritz pairs: the check, and
+    whether the guard pairs have converged too."""
+    theta, s = state.ritz()
+    guarded_top, bottom = _wanted(theta, wanted.k_top + wanted.guard, wanted.k_bottom)
+    top = guarded_top[: wanted.k_top]
+    beta = state.beta
+    floor = float(np.abs(theta).max()) if wanted.bottom_scale == "spectrum" else 0.0
+    top_flags = np.concatenate(
+        [
+            _ritz_converged(beta, s, theta, top[:1], wanted.tol),
+            _ritz_converged(beta, s, theta, top[1:], wanted.rest_tol),
+        ]
+    )
+    bottom_flags = _ritz_converged(beta, s, theta, bottom, wanted.bottom_tol, floor)
+    invariant = state.invariant()
+    guard_tol = min(wanted.rest_tol * _GUARD_TOL_FACTOR, math.sqrt(wanted.tol))
+    guards_met = invariant or bool(
+        _ritz_converged(beta, s, theta, guarded_top[wanted.k_top :], guard_tol).all()
+    )
+    check = _Check(theta, s, top, bottom, top_flags, bottom_flags, invariant)
+    return check, guards_met
+
+
+def _run_to_convergence(
+    steps: Iterator[KrylovState], wanted: _Wanted, min_steps: int, max_iter: int
+) -> tuple[KrylovState, _Check]:
+    """Takes Lanczos steps until the stopping test passes (after min_steps products) or
+    max_iter products are spent."""
+    for state in steps:
+        check, guards_met = _stopping_test(state, wanted)
+        if state.products >= min_steps and check.done(guards_met) or state.products >= max_iter:
             break
-    n_hvp = len(alphas)
+    return state, check
+
+
+def _results(
+    op: LinearOperator, state: KrylovState, check: _Check, wanted: _Wanted, verify: bool
+) -> tuple[EigenResult | None, EigenResult | None]:
+    """(top, bottom) EigenResults from the last step's Ritz pairs."""
+    n_hvp = state.products
+    ends = ((check.top, "LA", check.top_flags), (check.bottom, "SA", check.bottom_flags))
     results: list[EigenResult | None] = []
-    for idx, which, group_flags in ((top, "LA", flags[0]), (bottom, "SA", flags[1])):
+    for idx, which, flags in ends:
         if len(idx) == 0:
             results.append(None)
             continue
-        coeffs = torch.as_tensor(s[:, idx], dtype=dtype, device=device)
-        vectors = (basis.T @ coeffs).T.contiguous()
+        vectors = state.basis.combine(torch.as_tensor(check.s[:, idx]))
         vectors = vectors / vectors.norm(dim=1, keepdim=True)
-        values = torch.as_tensor(theta[idx], dtype=torch.float64)
-        converged = torch.as_tensor(group_flags | invariant)
+        values = torch.as_tensor(check.theta[idx], dtype=torch.float64)
         if verify:
             residuals = torch.stack(
                 [
-                    (matvec(v).double() - values[i] * v.double()).norm()
+                    (op @ v).double().sub(values[i] * v.double()).norm()
                     for i, v in enumerate(vectors)
                 ]
             )
             n_hvp += len(idx)
         else:
-            residuals = (
-                torch.as_tensor(
-                    0.0 if invariant else beta * np.abs(s[-1, idx]), dtype=torch.float64
-                )
-                .expand(len(idx))
-                .clone()
-            )
+            estimate = 0.0 if check.invariant else state.beta * np.abs(check.s[-1, idx])
+            residuals = torch.as_tensor(estimate, dtype=torch.float64).expand(len(idx)).clone()
         results.append(
             EigenResult(
                 values=values,
                 vectors=vectors,
                 residuals=residuals,
-                converged=converged,
+                converged=torch.as_tensor(flags | check.invariant),
                 n_hvp=0,
                 which=which,
                 method="lanczos",
+                restarts=state.restarts,
             )
         )
     # n_hvp counts both groups' verification products, so it is set once both are done
-    results = [None if r is None else replace(r, n_hvp=n_hvp) for r in results]
-    return results[0], results[1]
+    final = [None if r is None else replace(r, n_hvp=n_hvp) for r in results]
+    return final[0], final[1]
 
 
 def lanczos_top(op: LinearOperator, k: int = 1, **options) -> EigenResult:
@@ -275,27 +387,26 @@ def lanczos(
     return result
 
 
-class KrylovState(NamedTuple):
-    """A Lanczos run after its last step: the orthonormal basis (m, n), the tridiagonal's
-    diagonal (alphas, m) and off-diagonal (betas, m - 1), and beta, the norm of the next
-    residual (zero when the Krylov space is invariant)."""
-
-    basis: torch.Tensor
-    alphas: list[float]
-    betas: list[float]
-    beta: float
-
-
 def lanczos_tridiagonal(
-    matvec: MatVec, v0: torch.Tensor, n_steps: int
+    matvec: MatVec, v0: torch.Tensor, n_steps: int, capacity: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """n_steps of Lanczos (full reorthogonalisation) from v0; returns the Ritz values and the
-    squared first components of their eigenvectors (Gauss quadrature nodes and weights)."""
-    steps = _lanczos_steps(matvec, v0 / v0.norm(), min(n_steps, v0.numel()))
-    for _, alphas, betas, _ in steps:  # noqa: B007 (run to the end; the last step is used)
+    squared first components of their eigenvectors (Gauss quadrature nodes and weights).
+    capacity: the most basis vectors memory allows (a quadrature cannot restart)."""
+    n_steps = min(n_steps, v0.numel())
+    check_basis_capacity(n_steps, capacity)
+    for state in _lanczos_steps(matvec, v0 / v0.norm(), n_steps):  # noqa: B007 (the last is used)
         pass
-    theta, s = _ritz(alphas, betas)
+    theta, s = state.ritz()
     return theta, s[0] ** 2
+
+
+def check_basis_capacity(n_steps: int, capacity: int | None) -> None:
+    if capacity is not None and n_steps > capacity:
+        raise MemoryError(
+            f"max_memory: {n_steps} Lanczos quadrature steps need as many basis vectors, and "
+            f"the budget leaves room for {capacity}; take fewer steps or give more memory"
+        )
 
 
 class LanczosRun:
@@ -309,7 +420,9 @@ class LanczosRun:
         """A run on `op` from the random start vector of `seed`, of at most max_steps."""
         self.seed = seed
         q0 = _start_vector(op.dim, op.dtype, op.device, seed)
-        self._steps = _lanczos_steps(op.__matmul__, q0, min(max_steps, op.dim))
+        # no restart: a quadrature needs the plain recurrence; a full basis is a MemoryError
+        self.capacity = basis_rows(op)
+        self._steps = _lanczos_steps(op.__matmul__, q0, min(max_steps, op.dim), self.capacity)
         # after the last step taken; None before the first
         self.state: KrylovState | None = None
 
@@ -322,16 +435,17 @@ class LanczosRun:
     @property
     def n_steps(self) -> int:
         """Steps taken so far."""
-        return 0 if self.state is None else len(self.state[1])
+        return 0 if self.state is None else self.state.products
 
     def quadrature(self, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """Gauss quadrature nodes and weights (Ritz values, squared first components) of the
         first n_steps steps, running the recurrence on as far as needed."""
         self.extend(n_steps)
         assert self.state is not None
-        _, alphas, betas, _ = self.state
+        alphas, betas = self.state.alphas, self.state.betas
         m = min(n_steps, len(alphas))
-        theta, s = _ritz(alphas[:m], betas[: m - 1])
+        part = KrylovState(self.state.basis, alphas[:m], betas[: m - 1])
+        theta, s = part.ritz()
         return theta, s[0] ** 2
 
     def extend(self, n_steps: int) -> None:
@@ -342,42 +456,46 @@ class LanczosRun:
                 break
 
 
-def _lanczos_steps(matvec: MatVec, q: torch.Tensor, max_steps: int):
+def _lanczos_steps(
+    matvec: MatVec,
+    q: torch.Tensor,
+    max_steps: int,
+    capacity: int | None = None,
+    keep: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Iterator[KrylovState]:
     """The Lanczos recurrence with full reorthogonalisation (classical Gram-Schmidt, repeated
-    once when the first pass cancelled heavily). After step j it yields (basis[:j+1],
-    alphas, betas, beta), where beta is the norm of the next residual; it ends after
-    max_steps or once the Krylov space is invariant. The caller stops it earlier by breaking
-    out of the loop."""
-    basis = torch.empty(max_steps, q.numel(), dtype=q.dtype, device=q.device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    for j in range(max_steps):
-        basis[j] = q
+    once when the first pass cancelled heavily). After each product it yields the
+    `KrylovState` (the same object, updated); it ends after max_steps products or once the
+    Krylov space is invariant. The caller stops it earlier by breaking out of the loop.
+
+    capacity: the most basis vectors held (None: no limit); a full basis is thick-restarted
+    on the Ritz pairs keep(theta) chooses, or, without `keep`, ends the run with a
+    one-line MemoryError."""
+    state = KrylovState(KrylovBasis(q.numel(), q.dtype, q.device, capacity))
+    while state.products < max_steps:
+        state.basis.append(q)
         w = matvec(q)
-        alphas.append(float(torch.dot(w.double(), q.double())))
+        state.products += 1
+        state.alphas.append(float(torch.dot(w.double(), q.double())))
         before = float(w.norm())
-        w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-        beta = float(w.double().norm())
-        if beta < _REORTHOGONALISE_BELOW * before:  # heavy cancellation: a second pass
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-            beta = float(w.double().norm())
-        yield KrylovState(basis[: j + 1], alphas, betas, beta)
-        if _invariant(beta, alphas):
+        w = state.basis.orthogonalise(w)
+        state.beta = float(w.double().norm())
+        if state.beta < _REORTHOGONALISE_BELOW * before:  # heavy cancellation: a second pass
+            w = state.basis.orthogonalise(w)
+            state.beta = float(w.double().norm())
+        yield state
+        if state.invariant():
             return
-        betas.append(beta)
-        q = w / beta
-
-
-def _invariant(beta: float, alphas: list[float]) -> bool:
-    """The next Lanczos vector vanished: the Krylov space is invariant, every Ritz pair exact."""
-    return beta <= 1e-10 * max(1.0, max(abs(a) for a in alphas))
-
-
-def _ritz(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenpairs of the tridiagonal T (scipy), with T's last off-diagonal dropped."""
-    if len(alphas) == 1:
-        return np.array(alphas), np.ones((1, 1))
-    return eigh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
+        state.betas.append(state.beta)
+        q = w / state.beta
+        if state.basis.full and state.products < max_steps:
+            if keep is None:
+                raise MemoryError(
+                    f"max_memory: {max_steps} Lanczos steps need as many basis vectors, and "
+                    f"the budget leaves room for {capacity}; take fewer steps or give more memory"
+                )
+            theta, s = state.ritz()
+            state.restart(keep(theta), theta, s)
 
 
 def power_iteration(

@@ -130,6 +130,11 @@ def full_precision(function: Callable) -> Callable:
     return wrapper
 
 
+# basis vectors a memory budget keeps room for before it sizes the graphs (at most half the
+# budget): a top-5 solve with its guard pair restarts on 13 and runs unrestarted to 24
+_BASIS_RESERVE_ROWS = 24
+
+
 def _size(n_bytes: float) -> str:
     for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
         if n_bytes >= scale:
@@ -148,7 +153,12 @@ class CurvatureOperator:
 
     A model that calls scaled_dot_product_attention gets its products under the math
     attention backend once a fused kernel refuses double backward (`math_attention` is then
-    True; the product is redone, nothing is lost)."""
+    True; the product is redone, nothing is lost).
+
+    basis_budget: the bytes a memory budget leaves beside the products' graphs for a
+    solver's vectors (the Lanczos basis; `lanczos.basis_rows`), None without a budget."""
+
+    basis_budget: int | None = None
 
     def __init__(
         self,
@@ -215,7 +225,7 @@ class CurvatureOperator:
         in chunks that fit (3x a chunk's graph: that pass holds the graph, its tangents
         and the gradient's); `memory_note` says which. Anything else that cannot fit is a
         one-line MemoryError."""
-        budget = (
+        total = budget = (
             int(0.8 * available_memory(self.device))
             if max_memory == "auto"
             else parse_memory(max_memory)
@@ -230,10 +240,14 @@ class CurvatureOperator:
             # not fit): the products themselves fall back, and halve chunks that do not fit
             self.memory_note = f"not sized in advance: {(str(error).splitlines() or [''])[0]}"
             return
+        # the solvers' vectors (the Lanczos basis) take their share of the budget first
+        row = self.dim * torch.empty(0, dtype=self.dtype).element_size()
+        budget -= min(_BASIS_RESERVE_ROWS * row, budget // 2)
         local = sum(batch_size_of(b) for b in self.batches)
         need = fixed + per_sample * local
         if self._retains_graphs() and need <= budget:
             self.memory_note = f"retained graphs ~{_size(need)} of {_size(budget)}"
+            self.basis_budget = int(total - need)
             return
         if self._retains_graphs() and not isinstance(self, HessianOperator):
             raise MemoryError(
@@ -252,6 +266,7 @@ class CurvatureOperator:
         if isinstance(self, HessianOperator) and self.method == "graph":
             self.method = "fwdrev"
         largest = max(batch_size_of(b) for b in self.batches)
+        self.basis_budget = int(total - 3 * (fixed + per_sample * largest))
         self.memory_note = (
             f"{self.method} products in chunks of {largest} samples "
             f"(~{_size(3 * (fixed + per_sample * largest))} of {_size(budget)})"
@@ -599,6 +614,7 @@ class HessianBlockOperator(CurvatureOperator):
         self.n_samples, self.n_matvec = parent.n_samples, 0
         self.math_attention, self.group = parent.math_attention, parent.group
         self.compute_dtype = parent.compute_dtype
+        self.basis_budget = parent.basis_budget  # the graphs are the parent's
         self._positions = [parent.space.names.index(n) for n in self.space.names]
 
     def _reset(self) -> None:

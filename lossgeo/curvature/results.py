@@ -17,7 +17,8 @@ class EigenResult:
     to rounding, since the basis is fully reorthogonalised), recomputed with one product each
     when verify=True; power iteration always recomputes them. converged: per pair, whether the
     solver's stopping test passed. n_hvp: matrix-vector products used, residual checks
-    included.
+    included. restarts: thick restarts of a Lanczos run whose basis filled the memory budget
+    (0: none; the stopping test, and so the accuracy, is the same either way).
     """
 
     values: torch.Tensor
@@ -27,6 +28,7 @@ class EigenResult:
     n_hvp: int
     which: str = "LA"
     method: str = "lanczos"
+    restarts: int = 0
 
     @property
     def all_converged(self) -> bool:

@@ -417,7 +417,8 @@ def test_float32_lanczos_basis_stays_orthogonal_and_has_no_ghost_eigenvalues():
     op = MatrixOperator(((q * spectrum) @ q.T).float())
     run = LanczosRun(op, seed=1, max_steps=150)
     run.extend(150)
-    basis, alphas, betas, _ = run.state
+    assert run.state is not None
+    basis, alphas, betas = run.state.basis.to_tensor(), run.state.alphas, run.state.betas
     gram = basis.double() @ basis.double().T
     assert float((gram - torch.eye(150, dtype=torch.float64)).abs().max()) < 1e-5
     import numpy as np

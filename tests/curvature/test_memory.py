@@ -90,7 +90,8 @@ def test_a_memory_budget_is_met_in_advance_with_the_same_result(float64):
     )
     roomy = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory=2 * whole)
     assert roomy.method == "graph" and "retained graphs" in roomy.memory_note
-    budget = whole * 9 // 10  # below the whole probe set's graphs
+    # below the whole probe set's graphs, with room beside them for 12 basis vectors
+    budget = whole * 9 // 10 + 12 * roomy.dim * 8
     tight = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory=budget)
     largest = max(len(b[1]) for b in tight.batches)
     assert tight.method == "fwdrev" and 1 <= largest < 40
@@ -134,15 +135,21 @@ def test_the_settings_size_to_the_free_memory_by_default(float64, monkeypatch):
     whole = graph_bytes(
         lambda: HessianOperator(model, F.cross_entropy, data, chunk_size=None).gradient()
     )
-    # "auto" budgets 80% of what is free: here 90% of the whole probe set's graphs
-    monkeypatch.setattr(operators, "available_memory", lambda device: whole * 9 // 8)
+    # "auto" budgets 80% of what is free: here 90% of the whole probe set's graphs and
+    # room for 16 basis vectors beside them
+    rows = 16 * sum(p.numel() for p in model.parameters()) * 8
+    monkeypatch.setattr(
+        operators, "available_memory", lambda device: (whole * 9 // 10 + rows) * 10 // 8
+    )
     tight = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory="auto")
     largest = max(len(b[1]) for b in tight.batches)
     assert tight.method == "fwdrev" and largest < 40
     seen = refuse_chunks_above(model, max(largest, 8))
     got = measure_curvature(model, F.cross_entropy, data, settings)
     assert got.lambda_max == pytest.approx(want.lambda_max, rel=1e-10)
-    assert got.trace.value == pytest.approx(want.trace.value, rel=1e-10)
+    # the trace deflates the top-k Ritz vectors, converged to secondary_tol: a restarted
+    # basis gives vectors as accurate, not the same ones, so the estimate moves slightly
+    assert got.trace.value == pytest.approx(want.trace.value, rel=1e-6)
     assert max(seen) <= max(largest, 8)
     # 8 samples do not fit: the sizing gives up, and the products halve their chunks
     refuse_chunks_above(model, 6)
