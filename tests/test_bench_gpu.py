@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.md"
     result = subprocess.run(

@@ -40,6 +40,7 @@ def test_own_loop_example(tracking):
     assert "lambda_max" in run.data.metrics and "step/edge_ratio" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_lightning_callback_example(tracking):
     pytest.importorskip(
         "lightning", reason="lightning not installed (pip install -e '.[lightning]')"
@@ -53,6 +54,7 @@ def test_lightning_callback_example(tracking):
     assert epochs == [1, 2]
 
 
+@pytest.mark.slow
 def test_lightning_callback_example_under_ddp_on_two_processes(tracking):
     """Lightning's DDP strategy on 2 CPU processes: one MLflow run, the per-step and epoch
     metrics logged once (by rank 0), measured on the two probe shards together."""
@@ -70,6 +72,7 @@ def test_lightning_callback_example_under_ddp_on_two_processes(tracking):
     assert epochs == [1, 2]
 
 
+@pytest.mark.slow
 def test_huggingface_trainer_example(tracking):
     pytest.importorskip(
         "transformers", reason="transformers not installed (pip install -e '.[transformers]')"
@@ -95,6 +98,7 @@ def test_huggingface_trainer_example(tracking):
     assert "step/preconditioned_lambda_max" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_huggingface_trainer_example_under_torchrun(tracking):
     """The Trainer's DDP on 2 CPU processes: one MLflow run, each step logged once, the
     Tracker on the two probe shards together (a rank left out would hang the other)."""
@@ -132,6 +136,7 @@ def test_huggingface_trainer_example_under_torchrun(tracking):
     assert re.search(r"'epoch': '?6\.66", done.stdout), done.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_adamw_warmup_spike_example(tracking):
     pytest.importorskip(
         "transformers", reason="transformers not installed (pip install -e '.[transformers]')"

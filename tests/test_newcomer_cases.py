@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from lossgeo.cli import cli
 from lossgeo.run.experiment import run_training
 
-from .conftest import make_fake_mnist, tiny_config
+from .conftest import copy_store, make_fake_mnist, tiny_config
 
 TINY_TRAIN = [
     "train",
@@ -111,7 +111,7 @@ def test_read_only_artifact_location_is_refused_before_the_run(tracking, fake_da
     assert c.search_runs([exp]) == []
 
 
-def test_truncated_mnist_file_is_named_corrupt(tmp_path, tracking):
+def test_truncated_mnist_file_is_named_corrupt(tmp_path, storeless):
     root = make_fake_mnist(tmp_path / "data", n_train=200, n_test=50)
     images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
@@ -119,7 +119,7 @@ def test_truncated_mnist_file_is_named_corrupt(tmp_path, tracking):
         cli, TINY_TRAIN + ["--data-dir", str(root), "--train-subset", "50", "--val-size", "20"]
     )
     one_line(result, f"file {images} is corrupt (5000 bytes, its header says 156816)")
-    assert not (tracking / "mlflow.db").exists()
+    assert not (storeless / "mlflow.db").exists()
 
 
 def test_missing_data_dir_is_not_created(tmp_path, tracking, monkeypatch):
@@ -138,7 +138,7 @@ def test_missing_data_dir_is_not_created(tmp_path, tracking, monkeypatch):
 
 
 def test_one_line_per_epoch_when_not_on_a_terminal(tmp_path, fake_data_dir):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": copy_store(tmp_path)}
     env.pop("MLFLOW_RUN_ID", None)
     args = [a if a != "1" else "2" for a in TINY_TRAIN]  # two epochs
     result = subprocess.run(
@@ -172,12 +172,12 @@ def test_default_install_logs_the_interactive_landscape(tracking, fake_data_dir)
     "command",
     [["compare"], ["report", "--no-pdf"], ["curvature", "--run-id", "abc"], ["runs", "cleanup"]],
 )
-def test_read_only_commands_never_create_a_store(tracking, command):
+def test_read_only_commands_never_create_a_store(storeless, command):
     """`lossgeo report` in an empty folder took 48 s, made a 954 KB mlflow.db, then said
     there was nothing."""
     result = CliRunner().invoke(cli, command)
-    one_line(result, f"MLflow: no store here ({tracking}/mlflow.db does not exist)")
-    assert list(tracking.iterdir()) == []
+    one_line(result, f"MLflow: no store here ({storeless}/mlflow.db does not exist)")
+    assert list(storeless.iterdir()) == []
 
 
 def test_broken_stores_are_one_line(tracking, monkeypatch):

@@ -11,6 +11,7 @@ from scipy import stats
 from lossgeo.analysis.statistics import rank_correlation, stability_edge, study_verdicts, verdict
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_covers_the_true_rank_correlation_about_95_percent():
     # bivariate normal with Pearson r: Spearman's population rho is (6/pi) asin(r/2)
     r, n, repeats = 0.5, 30, 120

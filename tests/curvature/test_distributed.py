@@ -58,6 +58,7 @@ def test_a_process_group_without_torch_distributed_is_a_clear_error():
     assert resolve_group(None) is None and resolve_group(False) is None
 
 
+@pytest.mark.slow
 def test_a_tracker_in_a_two_process_loop_measures_collectively_and_rank_0_logs(tmp_path, float64):
     from ..run.test_tracker import NullLogger
     from .distributed_worker import make_tracker, tracker_worker
@@ -91,6 +92,7 @@ def test_a_tracker_in_a_two_process_loop_measures_collectively_and_rank_0_logs(t
     assert [s for s, _ in ranks[0]["logged"]] == [1, 1] and ranks[1]["logged"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when, error", [("step", "MemoryError"), ("epoch", "ValueError")])
 def test_a_measurement_failing_on_one_rank_ends_every_rank_with_its_message(
     tmp_path, float64, when, error
@@ -109,6 +111,7 @@ def test_a_measurement_failing_on_one_rank_ends_every_rank_with_its_message(
         assert float(seconds) < 20
 
 
+@pytest.mark.slow
 def test_sharpness_landscapes_and_noise_scale_on_shards_give_the_single_process_result(
     tmp_path, float64
 ):

@@ -11,6 +11,7 @@ from lossgeo.curvature import curvature_eigen, hessian_eigen, hessian_trace, mea
 from .distributed_worker import fsdp_worker, smooth_problem
 
 
+@pytest.mark.slow
 def test_fsdp_difference_products_match_the_exact_single_process_hessian(tmp_path):
     world_size = 3  # 23 samples as 8 + 8 + 7; parameters sliced unevenly too (7 rows over 3)
     mp.spawn(fsdp_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=3)
@@ -74,6 +75,7 @@ def test_one_sharded_rank_gives_the_exact_blocks_ggn_and_fisher(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_tracker_on_an_fsdp_model_measures_by_difference_products(tmp_path):
     """Inside a training step on 3 ranks (float64), with SGD and with Adam: every per-step
     and per-epoch metric matches a Tracker on the plain model over the whole probe set,

@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from ..conftest import REPO
+from ..conftest import REPO, copy_store
 
 TINY = [
     "--train-subset",
@@ -33,6 +34,8 @@ TINY = [
 ]
 OUTPUTS = {"metrics.csv", "config.yaml", "checkpoint", "plots"}
 
+pytestmark = pytest.mark.slow  # signals and processes: the full tier
+
 
 def env_for(folder, **extra):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", **extra}
@@ -46,7 +49,7 @@ def start(args, folder, fresh_store=False, **env):
     about creating it): this test polls it while the child runs, and opening a store that
     `mlflow run`'s launcher is still creating is the race MLflow does not survive."""
     if not fresh_store:
-        MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
+        copy_store(folder)
     return subprocess.Popen(
         args,
         cwd=folder,

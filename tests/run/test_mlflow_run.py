@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ..conftest import REPO
+from ..conftest import REPO, copy_store
 
 
 def mlflow_run(tmp_path, *params, entry="main", experiment="e2e"):
@@ -32,8 +32,9 @@ def mlflow_run(tmp_path, *params, entry="main", experiment="e2e"):
 
 @pytest.fixture
 def e2e_experiment(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    uri = copy_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
     client.create_experiment("e2e", artifact_location=str(tmp_path / "artifacts"))
     return client
 
@@ -91,6 +92,7 @@ def test_mlflow_run_click_parse_errors_are_tagged_too(tmp_path, e2e_experiment, 
     assert runs[0].data.tags["rejected_input"].startswith(message)
 
 
+@pytest.mark.slow
 def test_mlflow_run_sweep_is_one_tree_and_finishes(tmp_path, fake_data_dir):
     """No experiment named: the launcher's run (Default), the study's parent, its trials and
     the CLI's runs all land in one experiment; the launcher's run is a worker under the
@@ -98,6 +100,7 @@ def test_mlflow_run_sweep_is_one_tree_and_finishes(tmp_path, fake_data_dir):
     from ..studies.test_study import write_study
 
     study = write_study(tmp_path, fake_data_dir, n_trials=2)
+    copy_store(tmp_path)
     result = mlflow_run(
         tmp_path,
         f"study={study}",

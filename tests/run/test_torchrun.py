@@ -8,6 +8,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ..conftest import copy_store
+
 SETTINGS = [
     "--train-subset", "200", "--val-size", "50", "--epochs", "2",
     "--batch-size", "33",  # 200 / 33: a last batch of 2, one sample a rank
@@ -17,12 +19,13 @@ SETTINGS = [
     "--sharpness-directions", "1", "--seed", "3",
 ]  # fmt: skip
 
+pytestmark = pytest.mark.slow  # signals and processes: the full tier
+
 
 def train(folder, data_dir, launcher: list[str]) -> subprocess.CompletedProcess:
-    folder.mkdir()
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db",
+        "MLFLOW_TRACKING_URI": copy_store(folder),
         "OMP_NUM_THREADS": "1",
     }
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):

@@ -152,8 +152,7 @@ def test_printed_lines_say_whose_epoch_and_where_the_time_went(fake_data_dir, ca
         curvature_k=1,
         trace_samples=2,
         density_steps=4,
-        sharpness=False,
-        landscape=False,
+        noise_scale=True,
     )
     data, model, loss_fn, _ = prepare(config)
     from lossgeo.run.measurements import build_measurements

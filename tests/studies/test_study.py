@@ -17,7 +17,7 @@ from lossgeo.run.tracking import PARENT_TAG
 from lossgeo.studies.study import PARENT_ATTR, run_grid, run_sweep
 from lossgeo.studies.studyfile import load_study_file
 
-from ..conftest import REPO
+from ..conftest import REPO, copy_store
 
 TINY_BASE = {
     "model": "mlp",
@@ -155,6 +155,7 @@ def test_sweep_on_sqlite_children_under_one_parent(tmp_path, tracking, fake_data
     assert len(again.trials) == len(study.trials)
 
 
+@pytest.mark.slow
 def test_diverged_trial_is_recorded_and_pruned_trial_run_is_killed(
     tmp_path, tracking, fake_data_dir
 ):
@@ -174,6 +175,7 @@ def test_diverged_trial_is_recorded_and_pruned_trial_run_is_killed(
     assert by_lr[0.05].user_attrs["state"] == "finished"
 
 
+@pytest.mark.slow
 def test_pruned_trial_run_ends_killed(tmp_path, tracking, fake_data_dir, monkeypatch):
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number >= 1)
     path = write_study(tmp_path, fake_data_dir, sampler="random")
@@ -183,6 +185,7 @@ def test_pruned_trial_run_ends_killed(tmp_path, tracking, fake_data_dir, monkeyp
     assert MlflowClient().get_run(pruned[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_grid_runs_every_cell_and_summarises(tmp_path, tracking, fake_data_dir):
     path = write_study(
         tmp_path,
@@ -234,6 +237,7 @@ def test_unreachable_storage_is_one_line_exit_2(tmp_path, tracking, fake_data_di
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sweep_parent_is_running_while_a_worker_works_then_finished(
     tmp_path, tracking, fake_data_dir, monkeypatch
 ):
@@ -369,6 +373,7 @@ def grid_file(tmp_path, data_dir, seeds):
     return path
 
 
+@pytest.mark.slow
 def test_grid_runs_every_cell_once_per_seed_and_resumes(tmp_path, tracking, fake_data_dir):
     import pandas as pd
 
@@ -527,6 +532,7 @@ def test_invalid_yaml_names_its_line(tmp_path):
         load_study_file(path)
 
 
+@pytest.mark.slow
 def test_two_grid_workers_started_together_run_each_cell_once(tmp_path, fake_data_dir):
     """Two `lossgeo grid` on one study ran every cell twice (8 FINISHED runs for 4 (cell,
     seed) pairs), and the parent was FINISHED while the other worker's cell still ran.
@@ -535,10 +541,9 @@ def test_two_grid_workers_started_together_run_each_cell_once(tmp_path, fake_dat
     import sys
 
     path = grid_file(tmp_path, fake_data_dir, [0, 1])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": copy_store(tmp_path)}  # the store, made once
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(key, None)
-    MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()  # the store, made once
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "lossgeo", "grid", "--study", str(path)],
@@ -568,6 +573,7 @@ def test_two_grid_workers_started_together_run_each_cell_once(tmp_path, fake_dat
     assert all(r.data.tags[PARENT_TAG] == parents[0].info.run_id for r in cells)
 
 
+@pytest.mark.slow
 def test_resuming_a_designed_grid_runs_the_interrupted_point(
     tmp_path, tracking, fake_data_dir, monkeypatch
 ):
