@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -93,6 +95,22 @@ def reports_user_errors(command: Callable) -> Callable:
             fail(str(exc))
 
     return wrapper
+
+
+def check_out_folder(out_dir: str) -> None:
+    """--out names a folder that exists and is writable, or one that can be made in a
+    writable folder; anything else is one line before any work (it was a traceback after
+    the analysis)."""
+    path = Path(out_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"out: {out_dir} exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"out: {existing} is not a folder, so {out_dir} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"out: {existing} is not writable")
 
 
 def reads_store(command: Callable) -> Callable:
@@ -457,6 +475,7 @@ def _next_steps(parent: str) -> str:
 @reads_store
 def compare_command(experiment: str | None, parent_run: str | None, out_dir: str) -> None:
     """Draw the comparison plots of logged runs into plots/ and log them to MLflow."""
+    check_out_folder(out_dir)
     from lossgeo.analysis.comparison import compare
 
     paths = compare(experiment, parent_run, out_dir, say=_note)
@@ -474,10 +493,14 @@ def report_command(
     experiment: str | None, parent_run: str | None, out_dir: str, no_pdf: bool
 ) -> None:
     """Write a LaTeX research report from logged runs; compile it where pdflatex exists."""
+    check_out_folder(out_dir)
     from lossgeo.analysis.comparison import report
 
     tex, pdf = report(experiment, parent_run, out_dir, compile_pdf=not no_pdf, say=_note)
-    click.echo(f"{tex}" + (f"\n{pdf}" if pdf else "\n(pdflatex not found: sources only)"))
+    if pdf:
+        click.echo(f"{tex}\n{pdf}")
+    else:
+        click.echo(f"{tex}\n({'--no-pdf' if no_pdf else 'pdflatex not found'}: sources only)")
 
 
 @cli.command("measures")
@@ -487,6 +510,7 @@ def report_command(
 @reads_store
 def measures_command(parent_run: str, out_dir: str) -> None:
     """Score every logged measure against the generalisation gap over a study's runs."""
+    check_out_folder(out_dir)
     from lossgeo.analysis.comparison import score_study_measures
 
     table, paths = score_study_measures(parent_run, out_dir)
@@ -508,6 +532,7 @@ def measures_command(parent_run: str, out_dir: str) -> None:
 @reads_store
 def edge_command(parent_run: str, out_dir: str) -> None:
     """Whether each run of a study reached its optimizer's stability edge and stayed."""
+    check_out_folder(out_dir)
     from lossgeo.analysis.comparison import study_edge
 
     table, paths = study_edge(parent_run, out_dir)

@@ -227,3 +227,25 @@ def test_train_ends_with_a_link_that_opens_the_runs(tracking, fake_data_dir):
         "see it: `mlflow ui`, then http://127.0.0.1:5000/#/experiments/0"
         "?workflowType=machine_learning"
     ) in result.stdout
+
+
+@pytest.mark.parametrize("command", ["compare", "report", "measures", "edge"])
+def test_an_unusable_out_folder_is_one_line_before_any_work(tracking, command):
+    """A read-only folder or a file as --out gave a traceback and exit 1 after the work."""
+    import os
+
+    a_file = tracking / "taken"
+    a_file.write_text("x")
+    locked = tracking / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    extra = ["--parent-run", "abc"] if command in ("measures", "edge") else []
+    cases = [
+        (str(a_file), f"out: {a_file} exists and is not a folder"),
+        (str(a_file / "below"), f"out: {a_file} is not a folder, so {a_file}/below cannot be"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((str(locked / "new"), f"out: {locked} is not writable"))
+    for out, message in cases:
+        one_line(CliRunner().invoke(cli, [command, *extra, "--out", out]), message)
+    assert sorted(p.name for p in tracking.iterdir()) == ["locked", "mlflow.db", "taken"]

@@ -133,9 +133,20 @@ def batch_size_of(batch: Any, batch_size: Callable[[Any], int] | None = None) ->
     return size
 
 
+def check_chunk_size(chunk_size: Any, *, auto: bool = True) -> None:
+    """chunk_size is None, "auto" (where allowed) or a whole number >= 1; anything else is a
+    one-line ValueError (a negative size once gave no batches, and so lambda 0, silently)."""
+    if chunk_size is None or (auto and chunk_size == "auto"):
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        allowed = '"auto", None or' if auto else "None or"
+        raise ValueError(f"chunk_size: {allowed} a whole number >= 1 (got {chunk_size!r})")
+
+
 def as_batches(data: DataSource, chunk_size: int | None = None) -> list[Any]:
     """One (x, y) pair, a list of batches or a DataLoader -> a list of batches; (x, y) pairs
     are split into chunks of at most chunk_size (other batches are kept as given)."""
+    check_chunk_size(chunk_size, auto=False)
     if is_tensor_pair(data) and isinstance(data, tuple):
         batches: list[Any] = [data]
     else:
@@ -304,6 +315,7 @@ class Objective:
         chunk_size: int | str | None = "auto",
         batch_size: Callable[[Any], int] | None = None,
     ) -> None:
+        check_chunk_size(chunk_size)
         self.model, self.loss_fn = model, loss_fn
         batches = as_batches(data, None)
         self.form = resolve_loss_form(loss_fn, loss_form, batches[0])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -137,6 +137,10 @@ def lanczos_extremes(
     """
     n = op.dim
     _check_wanted(k_top, k_bottom, n, bottom_scale, guard)
+    check_solver_limits(tol=tol, max_iter=max_iter)
+    for name, value in (("rest_tol", rest_tol), ("bottom_tol", bottom_tol)):
+        if value is not None:
+            check_solver_limits(**{name: value})
     wanted = _Wanted(
         k_top=k_top,
         k_bottom=k_bottom,
@@ -204,9 +208,24 @@ class _Check(NamedTuple):
         return guards_met and bool(self.top_flags.all()) and bool(self.bottom_flags.all())
 
 
+def check_solver_limits(**limits: Any) -> None:
+    """Tolerances (names ending in "tol") are finite numbers > 0; step and sample counts are
+    whole numbers >= 1; anything else is a one-line ValueError before any product."""
+    for name, value in limits.items():
+        if name.endswith("tol"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}: must be a number > 0 (got {value!r})")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a whole number >= 1 (got {value!r})")
+
+
 def _check_wanted(k_top: int, k_bottom: int, n: int, bottom_scale: str, guard: int) -> None:
     if bottom_scale not in ("value", "spectrum"):
         raise ValueError(f"bottom_scale: must be 'value' or 'spectrum' (got {bottom_scale!r})")
+    for value in (k_top, k_bottom):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"k: must be a whole number >= 1 (got {value!r})")
     if k_top < 0 or k_bottom < 0 or k_top + k_bottom == 0:
         raise ValueError("k: ask for at least one eigenpair")
     if k_top + k_bottom > n:
@@ -504,6 +523,7 @@ def power_iteration(
     """Power iteration with deflation, as in PyHessian (stops when the eigenvalue estimate
     changes by less than tol relative). Finds the k eigenvalues largest in *magnitude*."""
     matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
+    check_solver_limits(tol=tol, max_iter=max_iter)
     if not 1 <= k <= n:
         raise ValueError(f"k: must be in [1, {n}] (got {k})")
     values: list[float] = []

@@ -19,10 +19,10 @@ from torch import nn
 
 from ..models import parameter_blocks
 from .api import effective_dimension
-from .batches import AnyLossFn, DataSource, LossForm, eval_mode
+from .batches import AnyLossFn, DataSource, LossForm, check_chunk_size, eval_mode, parse_memory
 from .density import slq_density
 from .distributed import unwrap
-from .lanczos import LanczosRun, both, lanczos_extremes, lanczos_top
+from .lanczos import LanczosRun, both, check_solver_limits, lanczos_extremes, lanczos_top
 from .linear import MatrixOperator
 from .operators import (
     AnyHessianOperator,
@@ -30,6 +30,7 @@ from .operators import (
     hessian_block,
     hessian_operator,
     make_operator,
+    resolve_compute_dtype,
 )
 from .persample import fisher_gram
 from .results import DensityResult, EigenResult, TraceResult
@@ -78,6 +79,22 @@ class CurvatureSettings:
     seed: int = 0
     compute_dtype: str | None = None
     max_memory: int | str | None = "auto"
+
+    def __post_init__(self) -> None:
+        """Every size, count, tolerance and option checked at construction (one line),
+        not at the first measurement an epoch of training later."""
+        check_solver_limits(
+            k=self.k, max_iter=self.max_iter, density_steps=self.density_steps,
+            tol=self.tol, secondary_tol=self.secondary_tol,
+        )  # fmt: skip
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha: must be a number > 0 (got {self.alpha!r})")
+        if isinstance(self.trace_samples, bool) or not isinstance(self.trace_samples, int):
+            raise ValueError(f"trace_samples: must be a whole number (got {self.trace_samples!r})")
+        check_chunk_size(self.chunk_size)
+        resolve_compute_dtype(self.compute_dtype)
+        if self.max_memory not in (None, "auto"):
+            parse_memory(self.max_memory)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,18 @@ SDPA_TAG = "lossgeo_attention_backend"
 SPIKE_TAG = "lossgeo_last_spike"
 
 
+def _needs_batch_size(probe: list[Any], batch_size: int | None) -> bool:
+    """Whether batch sharpness cannot cut this probe set without a batch size (it is one
+    (x, y) pair and none was given); a bad batch size is still an error."""
+    try:
+        minibatches(probe, batch_size, torch.Generator())
+    except ValueError:
+        if batch_size is None:
+            return True
+        raise
+    return False
+
+
 @dataclass(frozen=True)
 class StepSettings:
     """The per-step set's accuracy and cost.
@@ -203,8 +215,17 @@ class Tracker:
         self.epoch_seconds: dict[str, float] = {}
         self.math_attention = False  # products ran under the math attention backend
         self._operator()  # bad input (filters, batches, loss form) fails here, not later
+        # batch sharpness needs the training batch size to cut an (x, y) probe set; without
+        # it the rest of the per-step set is measured, and one line says what is left out
+        self.batch_sharpness_off = False
         if every_steps:
-            minibatches(self.probe, batch_size, torch.Generator())  # batch sharpness can cut
+            self.batch_sharpness_off = _needs_batch_size(self.probe, batch_size)
+            if self.batch_sharpness_off:
+                log.warning(
+                    "lossgeo: batch sharpness is left out: give Tracker(batch_size=...) the "
+                    "training batch size to cut the (x, y) probe set into mini-batches"
+                )
+        self._governing_is_batch = True
         self._last_step: int | None = None
         self._warned_backwards = self._warned_nonfinite = False
         self._edge_notes: set[str] = set()
@@ -389,8 +410,11 @@ class Tracker:
     def _record_regime(self, metrics: dict[str, float]) -> None:
         """The regime against the edge (`geometry.regimes`) of the sharpness that governs
         the optimizer: batch sharpness for mini-batch SGD, else the edge ratio (lambda_max
-        for full-batch GD, the preconditioned lambda_max for adaptive methods)."""
-        ratio = metrics.get("step/batch_edge_ratio", metrics.get("step/edge_ratio", math.nan))
+        for full-batch GD, the preconditioned lambda_max for adaptive methods, whose batch
+        ratio is a noisy side estimate and never decides)."""
+        ratio = metrics.get("step/edge_ratio", math.nan)
+        if self._governing_is_batch:
+            ratio = metrics.get("step/batch_edge_ratio", ratio)
         regime = self.regimes.update(ratio, metrics.get("step/probe_loss", math.nan))
         if regime is None:
             return
@@ -426,6 +450,12 @@ class Tracker:
         # read once per measurement: batch sharpness and the edge use the same P
         edge = self.stability_edge()
         conditioner = self._preconditioner() if edge.preconditioned else (None, "")
+        self._governing_is_batch = not edge.preconditioned
+        metrics.update(self._edge_metrics(op, lam, "step/", edge, conditioner))
+        if self.batch_sharpness_off:
+            self.n_measurements += 1
+            metrics["step/seconds"] = time.perf_counter() - started
+            return metrics
         bs = self._batch_sharpness(op, conditioner[0])
         metrics.update(
             {
@@ -434,7 +464,6 @@ class Tracker:
                 "step/batch_sharpness_n": float(bs.n_batches),
             }
         )
-        metrics.update(self._edge_metrics(op, lam, "step/", edge, conditioner))
         if "step/edge_ratio" in metrics:
             # for adaptive optimizers batch sharpness was taken in its preconditioned form
             metrics["step/batch_edge_ratio"] = bs.value / metrics["step/stability_threshold"]

@@ -12,6 +12,7 @@ import yaml
 
 from lossgeo.config import TrainConfig
 from lossgeo.errors import UserInputError
+from lossgeo.studies.yamlload import load_study_yaml
 
 SAMPLERS = ("tpe", "random", "grid", "qmc")
 OBJECTIVES = {
@@ -154,12 +155,16 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
     overrides: dict[str, Any] = {}
     for item in items:
-        for pair in shlex.split(item or ""):
+        try:
+            pairs = shlex.split(item or "")
+        except ValueError as exc:  # an unbalanced quote
+            raise UserInputError(f"set: {item!r}: {exc}") from None
+        for pair in pairs:
             key, sep, value = pair.partition("=")
             if not sep or not key:
                 raise UserInputError(f"set: {pair!r} is not key=value (e.g. --set epochs=1)")
             try:
-                overrides[key.strip()] = yaml.safe_load(value) if value else ""
+                overrides[key.strip()] = load_study_yaml(value) if value else ""
             except yaml.YAMLError:
                 raise UserInputError(f"set: {pair!r}: the value is not a YAML scalar") from None
     return overrides
@@ -254,7 +259,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserInputError(f"study: file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_study_yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -265,10 +265,31 @@ def test_steps_that_go_back_are_skipped_with_one_warning():
     assert tracker.step(6) is not None and [s for s, _ in logger.metrics] == [2, 4, 6]
 
 
+def test_without_a_batch_size_the_rest_of_the_step_set_is_measured_and_one_line_says_so(
+    caplog,
+):
+    """Two first Tracker scripts (full-batch Adam, DDP) were refused at construction for
+    want of batch_size; now they measure everything but batch sharpness, told once."""
+    model, x, y = small_problem()
+    logger = NullLogger()
+    with caplog.at_level("WARNING", logger="lossgeo"):
+        tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=2, lr=0.1, logger=logger)
+    told = [r.getMessage() for r in caplog.records if "batch sharpness" in r.getMessage()]
+    assert told == [
+        "lossgeo: batch sharpness is left out: give Tracker(batch_size=...) the training "
+        "batch size to cut the (x, y) probe set into mini-batches"
+    ]
+    for step in range(1, 5):
+        tracker.step(step)
+    logged = dict(logger.metrics)[4]
+    assert "step/lambda_max" in logged and "step/edge_ratio" in logged
+    assert not any(key.startswith("step/batch_") for key in logged)
+    with pytest.raises(ValueError, match="batch_size: batch sharpness needs the training"):
+        Tracker(model, F.cross_entropy, (x, y), every_steps=2, batch_size=0)
+
+
 def test_bad_tracker_arguments_fail_at_construction():
     model, x, y = small_problem()
-    with pytest.raises(ValueError, match="batch_size: batch sharpness needs the training"):
-        Tracker(model, F.cross_entropy, (x, y), every_steps=2)  # once: at the first due step
     with pytest.raises(ValueError, match=r"every_steps: must be an integer >= 0 \(got 2.5\)"):
         Tracker(model, F.cross_entropy, (x, y), every_steps=2.5, batch_size=32)
     Tracker(model, F.cross_entropy, (x, y), every_steps=0)  # epoch only: no batches cut
@@ -379,3 +400,32 @@ def test_the_tracker_and_the_builtin_loop_log_the_same_epoch_set(fake_data_dir, 
         "edge_ratio",
         "lambda_3",
     } <= set(mine)
+
+
+def test_under_adam_the_regime_follows_the_preconditioned_edge_ratio():
+    """AdamW logged step/edge_ratio 1.318 and step/regime 0 ("below"): the regime was read
+    off the batch ratio, a noisy side estimate under Adam. Under SGD batch sharpness
+    governs, as before."""
+    from lossgeo.geometry.regimes import REGIMES, EdgeRegimeDetector
+
+    for make, governing in (
+        (lambda p: torch.optim.AdamW(p, lr=0.05), "step/edge_ratio"),
+        (lambda p: torch.optim.SGD(p, lr=0.5), "step/batch_edge_ratio"),
+    ):
+        model, x, y = small_problem()
+        optimizer = make(model.parameters())
+        logger = NullLogger()
+        tracker = Tracker(
+            model, F.cross_entropy, (x, y), every_steps=1, batch_size=32, optimizer=optimizer,
+            logger=logger,
+        )  # fmt: skip
+        for step in range(1, 4):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            tracker.step(step)
+        detector = EdgeRegimeDetector()
+        for _, logged in logger.metrics:
+            want = detector.update(logged[governing], logged["step/probe_loss"])
+            assert logged["step/regime"] == REGIMES[want], (governing, logged)
+        assert logged["step/edge_ratio"] != logged["step/batch_edge_ratio"]

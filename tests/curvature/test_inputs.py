@@ -1,0 +1,75 @@
+"""Sizes, counts and tolerances are checked at entry: a negative chunk size once gave no
+batches, and so lambda 0 with converged=True and a trace of 0, without a word."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lossgeo.curvature import CurvatureSettings, hessian_eigen, hessian_trace
+from lossgeo.curvature.batches import as_batches
+
+
+def problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    return model, (torch.randn(12, 4), torch.randint(0, 3, (12,)))
+
+
+def refused(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as error:
+        call()
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("chunk_size", [-1, 0, "64", 2.5, True])
+def test_a_bad_chunk_size_is_refused_by_every_entry(chunk_size):
+    model, data = problem()
+    match = "chunk_size: .* whole number >= 1"
+    refused(lambda: hessian_eigen(model, F.cross_entropy, data, k=2, chunk_size=chunk_size), match)
+    refused(lambda: hessian_trace(model, F.cross_entropy, data, chunk_size=chunk_size), match)
+    refused(lambda: CurvatureSettings(chunk_size=chunk_size), match)
+    if not isinstance(chunk_size, str):
+        refused(lambda: as_batches([data], chunk_size), match)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(tol=0.0), "tol: must be a number > 0"),
+        (dict(tol=math.nan), "tol: must be a number > 0"),
+        (dict(tol="1e-3"), "tol: must be a number > 0"),
+        (dict(max_iter=0), "max_iter: must be a whole number >= 1"),
+        (dict(k="2"), "k: must be a whole number"),
+        (dict(k=0), "k: ask for at least one eigenpair"),
+        (dict(method="power", tol=-1.0), "tol: must be a number > 0"),
+    ],
+)
+def test_bad_solver_limits_are_refused_before_any_product(options, match):
+    model, data = problem()
+    refused(lambda: hessian_eigen(model, F.cross_entropy, data, **options), match)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(compute_dtype="garbage"), "compute_dtype: must be bf16, fp16 or fp32"),
+        (dict(tol=-1.0), "tol: must be a number > 0"),
+        (dict(secondary_tol=0), "secondary_tol: must be a number > 0"),
+        (dict(k=0), "k: must be a whole number >= 1"),
+        (dict(max_iter=1.5), "max_iter: must be a whole number >= 1"),
+        (dict(density_steps=0), "density_steps: must be a whole number >= 1"),
+        (dict(trace_samples="20"), "trace_samples: must be a whole number"),
+        (dict(alpha=0), "alpha: must be a number > 0"),
+        (dict(max_memory="lots"), "max_memory: a size such as 2GB"),
+    ],
+)
+def test_curvature_settings_are_checked_at_construction(options, match):
+    refused(lambda: CurvatureSettings(**options), match)
+
+
+def test_the_defaults_and_valid_settings_pass():
+    CurvatureSettings()
+    CurvatureSettings(chunk_size=None, compute_dtype="bf16", max_memory="2GB", trace_samples=0)

@@ -1,0 +1,58 @@
+"""Study files and `--set` read numbers as people write them, refuse a key given twice, and
+say in one line what is wrong with a quote."""
+
+import pytest
+
+from lossgeo.errors import UserInputError
+from lossgeo.studies.studyfile import load_study_file, parse_overrides
+from lossgeo.studies.yamlload import load_study_yaml
+
+GRID = """name: g
+kind: grid
+models: [mlp]
+base:
+  epochs: 1
+  lr: {base_lr}
+{extra}regimes:
+  high-noise: {{lr: 5e-2, batch_size: 8}}
+  low-noise: {{lr: 1e-3, batch_size: 64}}
+"""
+
+
+def write(tmp_path, base_lr="0.1", extra=""):
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.format(base_lr=base_lr, extra=extra))
+    return path
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    study = load_study_file(write(tmp_path, base_lr="5e-4"))
+    assert study.base["lr"] == 5e-4
+    assert study.regimes["low-noise"]["lr"] == 1e-3 and study.regimes["high-noise"]["lr"] == 0.05
+    assert parse_overrides(["lr=5e-4 epochs=2", "momentum=1E-1"]) == {
+        "lr": 5e-4,
+        "epochs": 2,
+        "momentum": 0.1,
+    }
+    assert load_study_yaml("a: 32\nb: hello\nc: 1.5\nd: true") == {
+        "a": 32,
+        "b": "hello",
+        "c": 1.5,
+        "d": True,
+    }
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """`lr: 0.1` then `lr: 5.0` in base ran both cells at lr 5.0."""
+    path = write(tmp_path, base_lr="0.1\n  lr: 5.0")
+    with pytest.raises(UserInputError, match=r"key 'lr' given twice, at lines 6 and 7"):
+        load_study_file(path)
+    twice = write(tmp_path, extra="regimes:\n  a: {lr: 0.1, batch_size: 8}\n")
+    with pytest.raises(UserInputError, match=r"key 'regimes' given twice, at lines 7 and 9"):
+        load_study_file(twice)
+
+
+def test_an_unbalanced_quote_in_set_is_one_line():
+    with pytest.raises(UserInputError, match="set: 'epochs=\"1': No closing quotation") as error:
+        parse_overrides(['epochs="1'])
+    assert "\n" not in str(error.value)
