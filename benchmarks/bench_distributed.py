@@ -93,7 +93,7 @@ def fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from lossgeo.curvature.operators import hessian_operator, make_operator
+    from lossgeo.curvature.factories import hessian_operator, make_operator
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)

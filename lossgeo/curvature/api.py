@@ -10,13 +10,9 @@ from torch import nn
 from ..models import parameter_blocks
 from .batches import AnyLossFn, DataSource
 from .density import slq_density
+from .factories import hessian_block, hessian_operator, make_operator
 from .lanczos import both, lanczos_extremes, lanczos_top, power_iteration
-from .operators import (
-    full_precision,
-    hessian_block,
-    hessian_operator,
-    make_operator,
-)
+from .operators import full_precision
 from .results import DensityResult, EigenResult, TraceResult
 from .trace import hutch_plus_plus, hutchinson
 

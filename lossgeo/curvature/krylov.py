@@ -47,6 +47,7 @@ class KrylovBasis:
         self.peak_rows = 0
 
     def __len__(self) -> int:
+        """Rows held."""
         return self._rows
 
     @property

@@ -421,6 +421,8 @@ def lanczos_tridiagonal(
 
 
 def check_basis_capacity(n_steps: int, capacity: int | None) -> None:
+    """A one-line MemoryError when n_steps basis vectors pass the capacity (a quadrature,
+    which cannot restart, asks for them all)."""
     if capacity is not None and n_steps > capacity:
         raise MemoryError(
             f"max_memory: {n_steps} Lanczos quadrature steps need as many basis vectors, and "

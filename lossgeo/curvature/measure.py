@@ -22,16 +22,10 @@ from .api import effective_dimension
 from .batches import AnyLossFn, DataSource, LossForm, check_chunk_size, eval_mode, parse_memory
 from .density import slq_density
 from .distributed import unwrap
+from .factories import AnyHessianOperator, hessian_block, hessian_operator, make_operator
 from .lanczos import LanczosRun, both, check_solver_limits, lanczos_extremes, lanczos_top
 from .linear import MatrixOperator
-from .operators import (
-    AnyHessianOperator,
-    full_precision,
-    hessian_block,
-    hessian_operator,
-    make_operator,
-    resolve_compute_dtype,
-)
+from .operators import full_precision, resolve_compute_dtype
 from .persample import fisher_gram
 from .results import DensityResult, EigenResult, TraceResult
 from .sharded import is_sharded

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -48,7 +48,6 @@ from .batches import (  # noqa: F401
     parse_memory,
 )
 from .distributed import all_sum, all_sum_float, resolve_group, unwrap
-from .linear import LinearOperator
 from .params import ParameterSpace
 
 HVP_METHODS = ("graph", "fwdrev", "fd")
@@ -751,47 +750,3 @@ MATRICES: dict[str, type[CurvatureOperator]] = {
     "ggn": GGNOperator,
     "fisher": EmpiricalFisherOperator,
 }
-
-
-def make_operator(
-    matrix: str, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, **options
-) -> CurvatureOperator:
-    if matrix not in MATRICES:
-        raise ValueError(f"matrix: must be one of {', '.join(MATRICES)} (got {matrix!r})")
-    if matrix == "hessian":
-        return hessian_operator(model, loss_fn, data, **options)
-    options.pop("method", None)
-    from .sharded import ShardedOutputCurvatureOperator, is_sharded
-
-    if is_sharded(unwrap(model)):  # FSDP: J v by differences, J^T u by backward
-        return ShardedOutputCurvatureOperator(model, loss_fn, data, matrix=matrix, **options)
-    return MATRICES[matrix](model, loss_fn, data, **options)
-
-
-if TYPE_CHECKING:
-    from .sharded import ShardedHessianOperator
-
-# a Hessian of the probe loss that also gives the loss and its gradient
-AnyHessianOperator = Union[HessianOperator, "ShardedHessianOperator"]
-
-
-def hessian_operator(
-    model: nn.Module, loss_fn: AnyLossFn, data: DataSource, **options: Any
-) -> AnyHessianOperator:
-    """The Hessian operator for this model: exact products, or, for a model with sharded
-    parameters (FSDP2 `fully_shard`), differences of gradients (`sharded.py`)."""
-    from .sharded import ShardedHessianOperator, is_sharded
-
-    if is_sharded(unwrap(model)):
-        return ShardedHessianOperator(model, loss_fn, data, **options)
-    return HessianOperator(model, loss_fn, data, **options)
-
-
-def hessian_block(op: AnyHessianOperator, names: Sequence[str]) -> LinearOperator:
-    """The diagonal block of `op` for the parameters `names`: through the parent's retained
-    graph, or, for a sharded model, by difference products of the whole Hessian."""
-    if isinstance(op, HessianOperator):
-        return HessianBlockOperator(op, names)
-    from .sharded import block_operator
-
-    return block_operator(op, names)

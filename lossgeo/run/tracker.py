@@ -48,6 +48,7 @@ from torch import nn
 
 from lossgeo.curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
 from lossgeo.curvature.distributed import collectively, resolve_group, unwrap
+from lossgeo.curvature.factories import AnyHessianOperator, hessian_operator
 from lossgeo.curvature.lanczos import lanczos
 from lossgeo.curvature.measure import (
     CurvatureMeasures,
@@ -55,7 +56,7 @@ from lossgeo.curvature.measure import (
     measure_curvature,
     probe_is_finite,
 )
-from lossgeo.curvature.operators import AnyHessianOperator, hessian_operator, outside_autocast
+from lossgeo.curvature.operators import outside_autocast
 from lossgeo.curvature.params import ParameterSpace
 from lossgeo.curvature.peak import PeakMemory
 from lossgeo.curvature.sharded import ShardedParameterSpace, is_sharded
