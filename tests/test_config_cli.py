@@ -36,7 +36,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS)
-def test_bad_input_exits_2_with_one_line_and_creates_no_run(args, message, tracking, fake_data_dir):
+def test_bad_input_exits_2_with_one_line_and_creates_no_run(
+    args, message, storeless, fake_data_dir
+):
     base = [
         "train",
         "--data-dir",
@@ -53,7 +55,7 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_run(args, message, track
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     # nothing was written: no MLflow database, no artifacts
-    assert not (tracking / "mlflow.db").exists() and not (tracking / "mlruns").exists()
+    assert not (storeless / "mlflow.db").exists() and not (storeless / "mlruns").exists()
 
 
 def test_store_made_by_an_mlflow_server_needs_its_uri(tracking, fake_data_dir):

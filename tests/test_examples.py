@@ -31,6 +31,7 @@ def only_run(tracking):
     return client, runs[0]
 
 
+@pytest.mark.slow
 def test_own_loop_example(tracking):
     out = run_example("own_loop.py", "--steps", "64", "--every", "16", cwd=tracking)
     client, run = only_run(tracking)

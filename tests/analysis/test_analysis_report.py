@@ -154,6 +154,7 @@ def test_report_table_matches_load_runs_and_compiles(small_experiment, tracking)
     assert (tracking / "latex" / "main.pdf").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_scripts_have_help():
     for script in ("compare_landscape_results.py", "noise_vs_curvature.py"):
         out = subprocess.run(
@@ -178,6 +179,7 @@ def add_rejected_launcher_run(experiment: str) -> str:
 RAW_FLOAT = re.compile(r"\d\.\d{7,}|\b\d+\.0\b")  # 0.0031475740228905443, "epochs: 2.0"
 
 
+@pytest.mark.slow
 def test_report_reads_right_on_the_page_beside_a_rejected_run(small_experiment, tracking):
     """One FAILED run with unparsable parameters once broke compare and report for the whole
     experiment; the pages printed wrong glyphs, "nan", raw floats, a canned OCR paragraph,

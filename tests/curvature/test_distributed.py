@@ -21,7 +21,7 @@ def close(a, b, rel: float) -> bool:
     return bool(torch.allclose(a, b, rtol=rel, atol=rel * float(b.abs().max())))
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_probe_sets_give_the_single_process_result(tmp_path, float64, world_size):
     mp.spawn(worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]

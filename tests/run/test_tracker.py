@@ -341,7 +341,7 @@ def test_a_parameter_the_forward_never_uses_has_zero_curvature():
     assert math.isfinite(tracker.step(1)["step/lambda_max"])
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+@pytest.mark.parametrize("model_name", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 def test_the_tracker_and_the_builtin_loop_log_the_same_epoch_set(fake_data_dir, model_name):
     """One measurement path: on the same model, state and probe, `Tracker.epoch()` in a
     user's loop logs exactly the metric names and values lossgeo's own loop logs (they once

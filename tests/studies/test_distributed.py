@@ -21,9 +21,12 @@ from lossgeo.run.tracking import client as MlflowClient  # follows MLFLOW_TRACKI
 from .test_study import TINY_BASE
 
 POSTGRES = os.environ.get("LOSSGEO_TEST_POSTGRES")
-pytestmark = pytest.mark.skipif(
-    not POSTGRES, reason="LOSSGEO_TEST_POSTGRES not set (.ci/run starts a PostgreSQL server)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not POSTGRES, reason="LOSSGEO_TEST_POSTGRES not set (.ci/run starts a PostgreSQL server)"
+    ),
+    pytest.mark.slow,  # several workers on one study: the full tier
+]
 
 
 def create_database(name: str) -> str:

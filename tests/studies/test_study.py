@@ -114,7 +114,7 @@ def test_shipped_study_files_are_valid():
     ],
 )
 def test_bad_study_file_one_line_exit_2_nothing_started(
-    tmp_path, tracking, fake_data_dir, fields, message
+    tmp_path, storeless, fake_data_dir, fields, message
 ):
     path = write_study(tmp_path, fake_data_dir, **fields)
     with pytest.raises(UserInputError, match=re.escape(message)):
@@ -122,7 +122,7 @@ def test_bad_study_file_one_line_exit_2_nothing_started(
     result = CliRunner().invoke(cli, ["sweep", "--study", str(path)])
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
-    assert not (tracking / "mlflow.db").exists() and not (tracking / "studies").exists()
+    assert not (storeless / "mlflow.db").exists() and not (storeless / "studies").exists()
 
 
 def test_sweep_on_sqlite_children_under_one_parent(tmp_path, tracking, fake_data_dir):
@@ -281,7 +281,7 @@ def test_interrupted_last_worker_ends_the_parent_killed(
     assert "interrupted before the budget was done" in parent.data.tags["lossgeo_end_reason"]
 
 
-def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, tracking, fake_data_dir):
+def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, storeless, fake_data_dir):
     from lossgeo.studies.studyfile import parse_overrides
 
     path = write_study(tmp_path, fake_data_dir)
@@ -304,7 +304,7 @@ def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, trackin
         result = CliRunner().invoke(cli, ["sweep", "--study", str(path), "--set", *bad])
         assert result.exit_code == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tracking / "mlflow.db").exists() and not (tracking / "studies").exists()
+    assert not (storeless / "mlflow.db").exists() and not (storeless / "studies").exists()
     result = CliRunner().invoke(
         cli,
         [
@@ -322,7 +322,7 @@ def test_set_overrides_the_base_and_is_validated_like_the_file(tmp_path, trackin
     assert result.exit_code == 0, result.output
     # the end says where the results are and what to run next (once only "1 complete")
     parent = optuna.load_study(
-        study_name="tiny", storage=f"sqlite:///{tracking}/studies/optuna.db"
+        study_name="tiny", storage=f"sqlite:///{storeless}/studies/optuna.db"
     ).user_attrs[PARENT_ATTR]
     assert f"study tiny: 1 complete; parent run {parent}" in result.stdout
     assert "best: trial 0 (batch_size=" in result.stdout and "), objective " in result.stdout
