@@ -361,16 +361,24 @@ def main() -> None:
             )
             lines.append(ref_line)
             print(ref_line, flush=True)
+            write_table(out, lines, started, done=False)
             for task in RUNG_TASKS.get(rung, tasks):
                 for library in libraries:
                     result = in_subprocess(library, rung, task, weights_dir, args.limit)
                     line = row(rung, library, task, result, reference)
                     lines.append(line)
                     print(line, flush=True)
-    lines += ["", f"Total {time.perf_counter() - started:.0f} s."]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+                    write_table(out, lines, started, done=False)
+    write_table(out, lines, started, done=True)
     print(f"wrote {out}")
+
+
+def write_table(out: Path, lines: list[str], started: float, done: bool) -> None:
+    """The table so far (a ladder stopped part way keeps its finished rows)."""
+    seconds = time.perf_counter() - started
+    end = f"Total {seconds:.0f} s." if done else f"Stopped part way, after {seconds:.0f} s."
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join([*lines, "", end]) + "\n")
 
 
 if __name__ == "__main__":

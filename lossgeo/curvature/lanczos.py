@@ -189,8 +189,8 @@ class _Wanted(NamedTuple):
         order = np.argsort(theta)
         top = self.k_top + self.guard + (extra if self.k_top else 0)
         bottom = self.k_bottom + (0 if self.k_top else extra)
-        chosen = list(order[::-1][:top]) + [i for i in order[:bottom] if i not in order[::-1][:top]]
-        return np.array(sorted(chosen))
+        # both ends may meet in a small projected matrix: each pair once
+        return np.union1d(order[max(len(order) - top, 0) :], order[:bottom])
 
 
 class _Check(NamedTuple):
