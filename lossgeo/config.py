@@ -73,6 +73,13 @@ class TrainConfig:
     val_size: int = _param(
         5000, "validation samples carved from the training set", _positive, ">= 1"
     )
+    label_noise: float = _param(
+        0.0,
+        "share of training labels replaced by a uniform draw over the classes (seeded; "
+        "val and test keep theirs): keeps the loss from collapsing (Zhang et al. 2017)",
+        lambda r: 0 <= r < 1,
+        "in [0, 1)",
+    )
     probe_size: int = _param(
         1024,
         "fixed training subset for curvature/landscape measurements",
@@ -127,6 +134,12 @@ class TrainConfig:
     )
     batch_sharpness_max: int = _param(
         16, "per-step batch sharpness: mini-batches at most per measurement", _positive, ">= 1"
+    )
+    stop_converged: bool = _param(
+        False,
+        "per-step tracking: stop training once a whole window of measurements reads "
+        "converged_below the stability edge with the probe loss at 5% of its first "
+        "(tagged stopped_early)",
     )
     data_dir: str = _param("", "data root (default: $LOSSGEO_DATA_DIR, else ./data)")
     device: str = _param("auto", "compute device", choices=DEVICES)
@@ -218,6 +231,10 @@ class TrainConfig:
             raise UserInputError(
                 f"momentum: only for optimizer sgd (got {self.momentum} with "
                 f"{self.optimizer}; its momentum is beta1)"
+            )
+        if self.stop_converged and self.measure_every_steps == 0:
+            raise UserInputError(
+                "stop_converged: needs per-step tracking (set measure_every_steps > 0)"
             )
         if self.noise_scale and self.probe_size < 2:
             raise UserInputError(

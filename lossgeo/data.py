@@ -204,6 +204,19 @@ def load_split_raw(
     return _torchvision_split(name, root, train, download)
 
 
+def _noisy_labels(labels: torch.Tensor, share: float, seed: int, classes: int = 10) -> torch.Tensor:
+    """`labels` with round(share * n) of them, chosen by a seeded permutation, replaced by
+    uniform draws over the classes (a draw may give the true label back, as in Zhang et al.
+    2017's partially random labels)."""
+    if share == 0:
+        return labels
+    gen = torch.Generator().manual_seed(seed + 7919)  # apart from the split's stream
+    chosen = torch.randperm(len(labels), generator=gen)[: round(share * len(labels))]
+    noisy = labels.clone()
+    noisy[chosen] = torch.randint(0, classes, (len(chosen),), generator=gen)
+    return noisy
+
+
 def load_data(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -212,6 +225,7 @@ def load_data(
     val_size: int = 5000,
     train_subset: int = 0,
     probe_size: int = 2048,
+    label_noise: float = 0.0,
     download: bool = True,
 ) -> DataBundle:
     """Loads a data set once into normalised tensors with deterministic splits.
@@ -219,7 +233,11 @@ def load_data(
     val is carved from the official training set by a seeded permutation; train_subset
     (0 = all) then limits the remaining training split; the probe set is a fixed seeded
     subset of that training split, identical for every epoch and run with this seed.
+    `label_noise` replaces that share of the training split's labels (the probe set's with
+    them) by uniform draws over the classes, seeded; val and test keep their true labels.
     """
+    if not 0 <= label_noise < 1:
+        raise DataUnavailableError(f"label_noise: must be in [0, 1) (got {label_noise})")
     root = resolve_data_dir(data_dir)
     x_all, y_all = load_split_raw(name, root, train=True, download=download)
     x_test, y_test = load_split_raw(name, root, train=False, download=download)
@@ -234,7 +252,7 @@ def load_data(
     if train_subset:
         train_idx = train_idx[:train_subset]
     x_all = _normalise(x_all, name)
-    train = Split(x_all[train_idx], y_all[train_idx])
+    train = Split(x_all[train_idx], _noisy_labels(y_all[train_idx], label_noise, seed))
     val = Split(x_all[val_idx], y_all[val_idx])
     test = Split(_normalise(x_test, name), y_test)
     probe_order = torch.randperm(len(train), generator=gen)[: min(probe_size, len(train))]

@@ -110,3 +110,32 @@ def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
     with pytest.raises(DataUnavailableError, match="download failed"):
         load_data("mnist", tmp_path / "nonexistent" / "dd", val_size=10, probe_size=4)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_label_noise_replaces_that_share_of_training_labels_only(fake_data_dir):
+    kw = dict(seed=2, val_size=100, train_subset=300, probe_size=300)
+    clean = load_data("mnist", fake_data_dir, **kw)
+    noisy = load_data("mnist", fake_data_dir, label_noise=0.4, **kw)
+    again = load_data("mnist", fake_data_dir, label_noise=0.4, **kw)
+    assert torch.equal(noisy.train.y, again.train.y)  # seeded
+    assert torch.equal(clean.train.x, noisy.train.x)  # the same images, in the same order
+    assert torch.equal(clean.val.y, noisy.val.y) and torch.equal(clean.test.y, noisy.test.y)
+    changed = int((clean.train.y != noisy.train.y).sum())
+    # 120 labels are redrawn over 10 classes: about a tenth of them draw the true one back
+    assert 90 <= changed <= 120
+    assert noisy.train.y.min() >= 0 and noisy.train.y.max() <= 9
+    # the probe set is the training split's, with the same labels
+    assert torch.equal(noisy.probe.y.sort().values, noisy.train.y.sort().values)
+
+
+def test_noisy_labels_redraws_exactly_the_rounded_share():
+    labels = torch.full((1000,), 10)  # a class no draw can give back
+    noisy = data_mod._noisy_labels(labels, 0.2345, seed=0)
+    assert int((noisy != 10).sum()) == 234
+    assert torch.equal(data_mod._noisy_labels(labels, 0.0, seed=0), labels)
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0])
+def test_label_noise_outside_its_range_is_refused(fake_data_dir, share):
+    with pytest.raises(DataUnavailableError, match="label_noise: must be in"):
+        load_data("mnist", fake_data_dir, val_size=100, label_noise=share)

@@ -53,6 +53,7 @@ def prepare(
         val_size=config.val_size,
         train_subset=config.train_subset,
         probe_size=config.probe_size,
+        label_noise=config.label_noise,
     )
     config.check_against_data(len(data.train))
     torch.manual_seed(config.seed)

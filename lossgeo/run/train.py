@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lossgeo.config import TrainConfig
 from lossgeo.data import DataBundle, Split
+from lossgeo.geometry.regimes import CONVERGED, REGIMES, WINDOW
 from lossgeo.losses import LossFn
 from lossgeo.run.measurements import curvature_settings
 from lossgeo.run.parallel import SINGLE, Ranks
@@ -231,6 +232,7 @@ class _Loop:
             logger=logger,
             process_group=ranks.group,
         )
+        self.converged = ConvergedStop(config.stop_converged, logger)
         self.step = 0
         self.label = label
         self.prefix = f"[{label}] " if label else ""
@@ -266,7 +268,9 @@ class _Loop:
             self.optimizer.step()
             self.step += 1
             if self.tracker.due(self.step):
-                self.tracker.step(self.step, loss=batch_loss)
+                measured = self.tracker.step(self.step, loss=batch_loss)
+                if self.converged.update(self.step, measured):
+                    break  # converged below the edge: this (partial) epoch is the last
             if self.target.due(self.step) and self.target.reached_within_epoch(self.step):
                 break  # the fit is reached mid-epoch: this (partial) epoch is the last
         batch_bar.close()
@@ -289,6 +293,12 @@ class _Loop:
         (total,) = self.ranks.sum([float(local.detach()) * share])
         return local * (share * self.ranks.world), total
 
+    @property
+    def stopped(self) -> bool:
+        """Stopped before the epoch budget: the target fit reached, or converged below the
+        stability edge."""
+        return self.target.step is not None or self.converged.step is not None
+
     def evaluate(self, epoch: int, split: dict[str, float]) -> tuple[dict[str, float], bool, bool]:
         """(metrics, whether train/val/test were all evaluated, whether this is the last
         epoch). train/val/test run on their own schedule (eval_every); the first and the
@@ -296,7 +306,7 @@ class _Loop:
         train loss is returned as it is, for the caller to record the divergence."""
         started = time.perf_counter()
         c = self.config
-        full = epoch % c.eval_every == 0 or epoch == c.epochs or self.target.step is not None
+        full = epoch % c.eval_every == 0 or epoch == c.epochs or self.stopped
         if full:
             metrics = evaluation_metrics(self.model, self.loss_fn, self.data, self.ranks)
         elif self.target.active:  # the end-of-epoch target check needs the train split only
@@ -308,7 +318,7 @@ class _Loop:
             if not math.isfinite(metrics["train_loss"]):
                 return metrics, full, True
             self.target.check_epoch_end(self.step, metrics["train_loss"], metrics["train_acc"])
-        is_last = epoch == c.epochs or self.target.step is not None
+        is_last = epoch == c.epochs or self.stopped
         if is_last and not full:  # the target was reached at this epoch's end: in full
             metrics = evaluation_metrics(self.model, self.loss_fn, self.data, self.ranks)
             full = True
@@ -375,6 +385,43 @@ class _Loop:
                 epoch_line(epoch, self.config.epochs, metrics, seconds, split, self.label),
                 flush=True,
             )
+
+
+class ConvergedStop:
+    """`stop_converged`: training ends once WINDOW consecutive per-step measurements read
+    `converged_below` and the probe loss is down to CONVERGED of its first measured value:
+    the run has converged before its stability edge, so more steps will not get it there.
+    The loss condition matters: early in training the ratio often falls (a catapult) while
+    the loss falls fast, which the detector alone also reads as converged_below. `step` is
+    where it stopped, and the run is tagged `stopped_early`."""
+
+    def __init__(self, active: bool, logger: RunLogger) -> None:
+        self.active, self.logger = active, logger
+        self.run_length = 0
+        self.first_loss = math.nan
+        self.step: int | None = None
+
+    def update(self, step: int, measured: dict[str, float] | None) -> bool:
+        """True when training should stop now."""
+        if not self.active or self.step is not None or not measured:
+            return False
+        regime, loss = measured.get("step/regime"), measured.get("step/probe_loss", math.nan)
+        if regime is None:  # a measurement without a finite ratio is not counted
+            return False
+        if math.isnan(self.first_loss):
+            self.first_loss = loss
+        converged = regime == REGIMES["converged_below"] and loss <= CONVERGED * self.first_loss
+        self.run_length = self.run_length + 1 if converged else 0
+        if self.run_length < WINDOW:
+            return False
+        self.step = step
+        self.logger.set_tags(
+            {
+                "stopped_early": f"converged_below the edge, probe loss at most {CONVERGED:g} "
+                f"of its first, for {WINDOW} measurements at step {step}"
+            }
+        )
+        return True
 
 
 class TargetCheck:

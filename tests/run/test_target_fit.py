@@ -158,3 +158,50 @@ def test_a_target_is_checked_every_epoch_and_the_final_point_evaluated_in_full(f
     assert set(logged[1]) == {"train_loss", "train_acc"}  # the target check's train split
     assert logged[1]["train_loss"] == losses[1] and "test_loss" in logged[2]
     assert logged[3]["test_loss"] == free.epochs[3][1]["test_loss"]  # the final point, in full
+
+
+def test_stop_converged_ends_training_after_a_window_of_converged_measurements(
+    fake_data_dir,
+):
+    from lossgeo.geometry.regimes import WINDOW
+
+    # far below 2/lr while the loss falls fast: the detector reads converged_below early,
+    # before the loss is down to 5% of its first, and again once it is
+    config = tiny_config(
+        fake_data_dir,
+        epochs=20,
+        lr=0.05,
+        batch_size=16,
+        measure_every_steps=2,
+        stop_converged=True,
+    )
+    logger = NullLogger()
+    train(config, *prepare(config)[:3], logger)
+    measured = [(s, m) for s, m in logger.steps if "step/regime" in m]
+    first_loss = measured[0][1]["step/probe_loss"]
+    converged = [
+        m["step/regime"] == 4.0 and m["step/probe_loss"] <= 0.05 * first_loss  # converged_below
+        for _, m in measured
+    ]
+    # stopped at the first measurement that ends WINDOW converged ones in a row
+    first = next(
+        i for i in range(WINDOW - 1, len(converged)) if all(converged[i - WINDOW + 1 : i + 1])
+    )
+    assert first == len(measured) - 1, "training went on past the stop"
+    # converged_below readings with the loss still high did not stop it
+    assert any(m["step/regime"] == 4.0 and not c for (_, m), c in zip(measured, converged))
+    stop_step = measured[first][0]
+    assert logger.tags["stopped_early"].endswith(f"at step {stop_step}")
+    n_batches = math.ceil(200 / 16)
+    last_epoch = logger.epochs[-1][0]
+    assert last_epoch == math.ceil(stop_step / n_batches) < config.epochs
+    assert "test_loss" in logger.epochs[-1][1]  # the last (partial) epoch is evaluated in full
+
+
+def test_stop_converged_without_per_step_tracking_is_refused(fake_data_dir):
+    import pytest
+
+    from lossgeo.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="stop_converged: needs per-step tracking"):
+        tiny_config(fake_data_dir, stop_converged=True)
