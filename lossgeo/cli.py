@@ -330,6 +330,65 @@ def interpolate_command(
     click.echo(f"run {new_run}: interpolation logged")
 
 
+@cli.command("connect")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option(
+    "--epochs",
+    type=IntegralNumber(),
+    default=5,
+    show_default=True,
+    help="passes over the runs' training data to fit the Bezier curve",
+)
+@click.option(
+    "--points",
+    type=IntegralNumber(),
+    default=21,
+    show_default=True,
+    help="evenly spaced t on each path",
+)
+@click.option(
+    "--align/--no-align",
+    default=False,
+    show_default=True,
+    help="also after permuting run b's hidden units to match run a's (weight matching, MLPs)",
+)
+@click.option(
+    "--curvature-points",
+    type=IntegralNumber(),
+    default=3,
+    show_default=True,
+    help="lambda_max at this many evenly spaced points of each curve (0: off)",
+)
+@click.option("--lr", type=float, default=None, help="the curve's learning rate (default: run a's)")
+@click.option("--experiment", default="", help=EXPERIMENT_HELP)
+@click.option("--data-dir", default=None, help="data root (default: the runs')")
+@reports_user_errors
+@reads_store
+def connect_command(
+    run_a: str,
+    run_b: str,
+    experiment: str,
+    data_dir: str | None,
+    **settings: Any,
+) -> None:
+    """Mode connectivity: a Bezier curve and the straight line between two runs' final
+    weights, with their loss barriers, logged as a new run."""
+    from lossgeo.run.connect import ConnectSettings, connect_runs
+
+    result = connect_runs(
+        run_a,
+        run_b,
+        ConnectSettings(**settings),
+        experiment=experiment,
+        data_dir=data_dir,
+        report=click.echo,
+    )
+    for name, value in result.barriers.items():
+        click.echo(f"{name} {value:.4g}")
+    click.echo(f"run {result.run_id}: connect/path.csv and plots/connect.png logged")
+
+
 def _load_spec(path: str, data_dir: str | None, overrides: tuple[str, ...]):
     from lossgeo.studies.studyfile import load_study_file, parse_overrides
 

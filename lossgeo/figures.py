@@ -41,7 +41,18 @@ def _decorate(ax, xlabel: str, ylabel: str, title: str, legend_size: int = 7) ->
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    _legend(ax, legend_size)
+
+
+def _legend(ax, size: int) -> None:
+    """A legend of what was drawn; an axes with nothing drawn says so in its middle (runs
+    that did not log the metric), not with matplotlib's empty-legend warning."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=size)
+    else:
+        ax.text(
+            0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=ax.transAxes
+        )
 
 
 # one marker shape per run: runs whose points coincide stay told apart
@@ -82,7 +93,7 @@ def _curves(
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, 8)
     return fig
 
 
@@ -267,6 +278,25 @@ def interpolation(result: Mapping) -> Figure:
         "alpha: (1 - alpha) w_a + alpha w_b",
         "loss (log scale)",
         "Linear interpolation between two runs' final weights",
+        legend_size=8,
+    )
+    return fig
+
+
+def connect_paths(paths: pd.DataFrame) -> Figure:
+    """Train (solid) and test (dashed) loss along each path of `lossgeo connect`, from run
+    a (t = 0) to run b (t = 1): `paths` has columns path, t, train_loss, test_loss."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for i, (name, rows) in enumerate(paths.groupby("path", sort=False)):
+        color = f"C{i}"
+        ax.plot(rows["t"], rows["train_loss"], marker=".", color=color, label=f"{name}, train")
+        ax.plot(rows["t"], rows["test_loss"], ls="--", color=color, label=f"{name}, test")
+    ax.set_yscale("log")
+    _decorate(
+        ax,
+        "t: run a at 0, run b at 1",
+        "loss (log scale)",
+        "Loss along the straight line and the trained Bezier curve",
         legend_size=8,
     )
     return fig

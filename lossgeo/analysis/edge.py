@@ -123,10 +123,15 @@ def edge_summary(series: EdgeSeries, lr: float | None) -> dict[str, float | str]
 
 def edge_table(history: pd.DataFrame, lrs: Mapping[str, float]) -> pd.DataFrame:
     """One row per run of the long history (label, run_id and `edge_summary`'s columns);
-    runs with no edge ratio are left out."""
+    runs with no edge ratio are left out. A run that logged `diverged_epoch` is read as
+    "diverged", whatever its few measurements say: it never had a second half to hover in."""
     rows = []
     for (run_id, label), part in history.groupby(["run_id", "label"], sort=False):
         series = edge_series(part)
-        if series is not None:
-            rows.append({"label": label, "run_id": run_id, **edge_summary(series, lrs.get(run_id))})
+        if series is None:
+            continue
+        summary = edge_summary(series, lrs.get(run_id))
+        if (part["metric"] == "diverged_epoch").any():
+            summary.update(verdict="diverged", final_regime="diverged")
+        rows.append({"label": label, "run_id": run_id, **summary})
     return pd.DataFrame(rows)

@@ -16,6 +16,7 @@ from lossgeo.figures import (  # noqa: F401  (re-exported: one-run figures by th
     _curves,
     _decorate,
     _draw_density,
+    _legend,
     _log_axis,
     _measured,
     accuracy_curves,
@@ -178,7 +179,7 @@ def noise_vs_lambda(runs: pd.DataFrame) -> Figure:
     ax.set_ylabel("final lambda_max (log scale)")
     ax.set_title("SGD noise temperature vs sharpness")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     return fig
 
 

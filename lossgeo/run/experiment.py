@@ -294,13 +294,13 @@ def load_logged_run(run_id: str, **overrides):
     from lossgeo.run.tracking import get_run, has_artifact, load_artifact_object
 
     run = get_run(run_id)
-    config = config_from_params(run.data.params, **overrides)
-    data, model, loss_fn, _ = prepare(config)
-    if not has_artifact(run_id, "checkpoint/model.pt"):
+    if not has_artifact(run_id, "checkpoint/model.pt"):  # before any data is loaded
         raise UserInputError(
             f"run_id: run {run_id} ({run.info.status}) has no checkpoint/model.pt to measure; "
             "only runs that logged a checkpoint can be re-measured"
         )
+    config = config_from_params(run.data.params, **overrides)
+    data, model, loss_fn, _ = prepare(config)
     state = load_artifact_object(run_id, "checkpoint/model.pt", weights_only=True)
     model.load_state_dict(state)
     return config, data, model, loss_fn

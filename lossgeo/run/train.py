@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -163,19 +163,24 @@ def train(
     )
 
 
-def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The run's optimizer: SGD (with `momentum`), Adam or AdamW (with `beta1`, `beta2`,
-    `adam_eps`), all with `weight_decay`."""
+def make_optimizer(
+    config: TrainConfig, params: nn.Module | Iterable[torch.Tensor]
+) -> torch.optim.Optimizer:
+    """The run's optimizer over a model's parameters (or any tensors): SGD (with
+    `momentum`), Adam or AdamW (with `beta1`, `beta2`, `adam_eps`), all with
+    `weight_decay`."""
+    if isinstance(params, nn.Module):
+        params = params.parameters()
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(),
+            params,
             lr=config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
         )
     adaptive = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return adaptive(
-        model.parameters(),
+        params,
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.adam_eps,

@@ -97,10 +97,12 @@ def test_above_below_and_runs_without_an_edge():
     )
     none = long_history("none", {"lambda_max": [1.0, 2.0]}, [0, 1])
     assert edge_series(none) is None
-    history = pd.concat([adam_at_the_edge(), sgd_converging_first(), none])
-    table = edge_table(history, {"adam": 0.002, "sgd": 0.04})
-    assert list(table["run_id"]) == ["adam", "sgd"]
-    assert list(table["verdict"]) == ["at the edge", "converged first"]
+    # a run that diverged at its first epoch: one measurement, far above the edge
+    blown = long_history("blown", {"edge_ratio": [3.8], "diverged_epoch": [1.0]}, [0])
+    history = pd.concat([adam_at_the_edge(), sgd_converging_first(), none, blown])
+    table = edge_table(history, {"adam": 0.002, "sgd": 0.04, "blown": 0.2})
+    assert list(table["run_id"]) == ["adam", "sgd", "blown"]
+    assert list(table["verdict"]) == ["at the edge", "converged first", "diverged"]
 
 
 def test_the_figure_draws_each_run_against_one_threshold():

@@ -65,3 +65,19 @@ def test_sparse_measurements_draw_joined_lines_and_runs_are_told_apart():
     assert lines["run r1"].get_marker() != lines["run r2"].get_marker()
     for figure in figures.values():
         plt.close(figure)
+
+
+def test_runs_without_curvature_draw_no_empty_legends(recwarn):
+    """compare on runs that logged losses only: matplotlib warned 'No artists with labels'
+    for every curvature plot, which came out empty without a word."""
+    rows = [("r1", "run a", e, "train_loss", 1.0 / (e + 1)) for e in range(3)]
+    rows += [("r1", "run a", e, "test_loss", 1.2 / (e + 1)) for e in range(3)]
+    history = pd.DataFrame(rows, columns=["run_id", "label", "epoch", "metric", "value"])
+    runs = pd.DataFrame({"run_id": ["r1"], "label": ["run a"], "lr": [0.1], "momentum": [0.0]})
+    figures = comparison_figures(runs, history)
+    assert not [w for w in recwarn if "No artists with labels" in str(w.message)]
+    texts = [t.get_text() for t in figures["lambda_max.png"].axes[0].texts]
+    assert texts == ["not logged by these runs"]
+    assert figures["loss_curves.png"].axes[0].get_legend() is not None
+    for figure in figures.values():
+        plt.close(figure)

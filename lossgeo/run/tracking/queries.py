@@ -17,6 +17,10 @@ from lossgeo.errors import UserInputError
 from .heartbeat import END_REASON_TAG
 from .store import PARENT_TAG, _fluent_uri, client, experiment_id, tracking_uri
 
+# MLflow draws a "Downloading artifacts" bar for every file, three a run in `report`: lossgeo
+# reads artifacts as part of a command that reports itself (a user's setting is kept)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 
 def ui_link(run_id: str) -> str:
     """Where the run's experiment opens on its runs in the MLflow UI: the tracking server's
