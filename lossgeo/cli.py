@@ -330,39 +330,59 @@ def interpolate_command(
     click.echo(f"run {new_run}: interpolation logged")
 
 
+_CONNECT_OPTIONS = [
+    click.option(
+        "--epochs",
+        type=IntegralNumber(),
+        default=5,
+        show_default=True,
+        help="passes over the runs' training data to fit the Bezier curve",
+    ),
+    click.option(
+        "--points",
+        type=IntegralNumber(),
+        default=21,
+        show_default=True,
+        help="evenly spaced t on each path",
+    ),
+    click.option(
+        "--align/--no-align",
+        default=False,
+        show_default=True,
+        help="also after permuting run b's hidden units to match run a's (weight matching, MLPs)",
+    ),
+    click.option(
+        "--curvature-points",
+        type=IntegralNumber(),
+        default=3,
+        show_default=True,
+        help="lambda_max at this many evenly spaced points of each curve (0: off)",
+    ),
+    click.option(
+        "--lr", type=float, default=None, help="the curve's learning rate (default: run a's)"
+    ),
+    click.option(
+        "--batch-size",
+        type=IntegralNumber(),
+        default=None,
+        help="the curve's mini-batch size (default: run a's)",
+    ),
+    click.option("--data-dir", default=None, help="data root (default: the runs')"),
+]
+
+
+def connect_options(func: Callable) -> Callable:
+    """The curve's options, shared by `connect` and `connectivity`."""
+    for option in reversed(_CONNECT_OPTIONS):
+        func = option(func)
+    return func
+
+
 @cli.command("connect")
 @click.argument("run_a")
 @click.argument("run_b")
-@click.option(
-    "--epochs",
-    type=IntegralNumber(),
-    default=5,
-    show_default=True,
-    help="passes over the runs' training data to fit the Bezier curve",
-)
-@click.option(
-    "--points",
-    type=IntegralNumber(),
-    default=21,
-    show_default=True,
-    help="evenly spaced t on each path",
-)
-@click.option(
-    "--align/--no-align",
-    default=False,
-    show_default=True,
-    help="also after permuting run b's hidden units to match run a's (weight matching, MLPs)",
-)
-@click.option(
-    "--curvature-points",
-    type=IntegralNumber(),
-    default=3,
-    show_default=True,
-    help="lambda_max at this many evenly spaced points of each curve (0: off)",
-)
-@click.option("--lr", type=float, default=None, help="the curve's learning rate (default: run a's)")
+@connect_options
 @click.option("--experiment", default="", help=EXPERIMENT_HELP)
-@click.option("--data-dir", default=None, help="data root (default: the runs')")
 @reports_user_errors
 @reads_store
 def connect_command(
@@ -387,6 +407,39 @@ def connect_command(
     for name, value in result.barriers.items():
         click.echo(f"{name} {value:.4g}")
     click.echo(f"run {result.run_id}: connect/path.csv and plots/connect.png logged")
+
+
+@cli.command("connectivity")
+@click.option("--parent-run", required=True, help="a study's parent run (grid or sweep)")
+@connect_options
+@click.option(
+    "--out", "out_dir", default="connectivity", show_default=True, help="folder for the tables"
+)
+@reports_user_errors
+@reads_store
+def connectivity_command(
+    parent_run: str, out_dir: str, data_dir: str | None, **settings: Any
+) -> None:
+    """Connect every pair of a study's runs (within each regime and across), then the
+    barriers by kind of pair with 95% intervals; resumes where it stopped."""
+    from lossgeo.analysis.comparison import study_connectivity
+    from lossgeo.run.connect import ConnectSettings, connect_study
+
+    check_out_folder(out_dir)
+    connect_settings = ConnectSettings(**settings)
+    folder, _ = connect_study(parent_run, connect_settings, data_dir=data_dir, report=click.echo)
+    summary, paths = study_connectivity(parent_run, folder, out_dir)
+    click.echo("barrier (max train loss on the path - mean of its ends), mean [95% t interval]:")
+    for _, row in summary.iterrows():
+        parts = [
+            f"{path} {row[f'connect/{path}_barrier_mean']:.4g} "
+            f"[{row[f'connect/{path}_barrier_ci_low']:.4g}, "
+            f"{row[f'connect/{path}_barrier_ci_high']:.4g}]"
+            for path in ("linear", "bezier", "linear_aligned", "bezier_aligned")
+            if f"connect/{path}_barrier_mean" in row
+        ]
+        click.echo(f"  {row['kind']} ({row['n_pairs']} pairs): " + "; ".join(parts))
+    click.echo("\n".join(str(p) for p in paths.values()))
 
 
 def _load_spec(path: str, data_dir: str | None, overrides: tuple[str, ...]):

@@ -218,6 +218,31 @@ def study_edge(
     return table, _table_and_figure(parent_run, out_dir, "edge", table, figure, log)
 
 
+def study_connectivity(
+    parent_run: str, folder_run: str, out_dir: str | Path = "connectivity", log: bool = True
+) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Barriers by kind of pair over a study's FINISHED connect runs (the children of
+    `folder_run`, `run.connect.connect_study`): connectivity_pairs.csv, connectivity.csv and
+    connectivity.png into out_dir, logged on the study's parent run."""
+    from lossgeo.analysis.connectivity import connectivity_summary, pairs_table
+
+    runs = analysis.load_runs(parent_run=folder_run)
+    runs = runs[runs["status"] == "FINISHED"] if not runs.empty else runs
+    if runs.empty or "tags.connect.kind" not in runs:
+        raise UserInputError(f"parent_run: {parent_run} has no finished connect runs yet")
+    pairs = pairs_table(runs)
+    summary = connectivity_summary(pairs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs.to_csv(out / "connectivity_pairs.csv", index=False)
+    if log:
+        TrackedRun(run_id=parent_run).log_file(out / "connectivity_pairs.csv")
+    paths = _table_and_figure(
+        parent_run, out, "connectivity", summary, plots.connectivity_barriers(summary), log
+    )
+    return summary, {"connectivity_pairs.csv": out / "connectivity_pairs.csv", **paths}
+
+
 def _table_and_figure(
     parent_run: str, out_dir: str | Path, name: str, table: pd.DataFrame, figure, log: bool
 ) -> dict[str, Path]:

@@ -183,6 +183,43 @@ def noise_vs_lambda(runs: pd.DataFrame) -> Figure:
     return fig
 
 
+def connectivity_barriers(summary: pd.DataFrame) -> Figure:
+    """Mean barrier per kind of pair (`analysis.connectivity.connectivity_summary`), one bar
+    per path (straight line, Bezier curve, each after alignment where measured), with 95%
+    intervals."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    paths = [
+        p
+        for p in ("linear", "bezier", "linear_aligned", "bezier_aligned")
+        if f"connect/{p}_barrier_mean" in summary
+    ]
+    width = 0.8 / max(len(paths), 1)
+    x = np.arange(len(summary))
+    for i, path in enumerate(paths):
+        column = f"connect/{path}_barrier"
+        mean = summary[f"{column}_mean"].to_numpy(dtype=float)
+        low = summary[f"{column}_ci_low"].to_numpy(dtype=float)
+        high = summary[f"{column}_ci_high"].to_numpy(dtype=float)
+        errors = np.nan_to_num(np.vstack([mean - low, high - mean]))
+        ax.bar(
+            x + (i - (len(paths) - 1) / 2) * width,
+            mean,
+            width,
+            yerr=errors,
+            capsize=3,
+            label=path.replace("_", " "),
+        )
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xticks(x, [f"{k}\n({n} pairs)" for k, n in zip(summary["kind"], summary["n_pairs"])])
+    ax.set_ylabel("barrier: max train loss on the path - mean of its ends")
+    ax.set_title("Loss barriers between runs, by kind of pair (95% t intervals)")
+    ax.grid(alpha=0.3, axis="y")
+    _legend(ax, 8)
+    return fig
+
+
 def spectra(densities: Mapping[str, Mapping]) -> Figure:
     """Final spectral densities of several runs overlaid (log density)."""
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")

@@ -43,6 +43,7 @@ class ConnectSettings:
     align: bool = False  # also after weight matching (MLPs only)
     curvature_points: int = 3  # lambda_max at this many evenly spaced t of each curve (0: off)
     lr: float | None = None  # the curve's learning rate (default: run a's)
+    batch_size: int | None = None  # the curve's mini-batch size (default: run a's)
 
     def check(self) -> None:
         """One-line UserInputError for a setting out of range, before anything runs."""
@@ -61,6 +62,14 @@ class ConnectSettings:
             )
         if self.lr is not None and not self.lr > 0:
             raise UserInputError(f"lr: must be > 0 (got {self.lr})")
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise UserInputError(f"batch_size: must be an integer >= 1 (got {self.batch_size!r})")
+
+    def params(self) -> dict[str, str]:
+        """The settings as a run logs them (None as ''): what a resumed study compares."""
+        return {k: "" if v is None else str(v) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
@@ -103,9 +112,12 @@ def connect_runs(
     experiment: str = "",
     data_dir: str | None = None,
     report: Callable[[str], None] = print,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> ConnectResult:
     """Fits and evaluates the paths between two logged runs and logs them as a new run
-    tagged with both (see the module docstring); returns its id, paths and barriers."""
+    tagged with both (see the module docstring), a child of `parent_run_id` when given,
+    with `tags` added; returns its id, paths and barriers."""
     settings.check()
     config_a, data_a, model_a, loss_fn = load_logged_run(run_a, data_dir=data_dir)
     config_b, data_b, model_b, _ = load_logged_run(run_b, data_dir=data_dir)
@@ -119,9 +131,14 @@ def connect_runs(
         pairs["_aligned"] = conn.permuted(model_b, perms)
     train = training_split(data_a, data_b, config_a.seed == config_b.seed)
     splits = {"train": train, "test": data_a.test}
-    curve_config = replace(config_a, lr=settings.lr or config_a.lr)
+    curve_config = replace(
+        config_a,
+        lr=settings.lr or config_a.lr,
+        batch_size=settings.batch_size or config_a.batch_size,
+    )
     experiment = resolve_experiment(experiment)
     tags = {
+        **(tags or {}),
         "kind": "connect",
         "connect.run_a": run_a,
         "connect.run_b": run_b,
@@ -129,16 +146,19 @@ def connect_runs(
         "dataset": config_a.dataset,
     }
     with TrackedRun(
-        experiment=experiment, run_name=f"connect-{run_a[:6]}-{run_b[:6]}", tags=tags
+        experiment=experiment,
+        run_name=f"connect-{run_a[:6]}-{run_b[:6]}",
+        tags=tags,
+        parent_run_id=parent_run_id,
     ) as run:
         run.log_params(
             {
                 "run_a": run_a,
                 "run_b": run_b,
-                **dataclasses.asdict(settings),
-                "lr": curve_config.lr,
+                **settings.params(),
+                "curve_lr": curve_config.lr,
+                "curve_batch_size": curve_config.batch_size,
                 "optimizer": curve_config.optimizer,
-                "batch_size": curve_config.batch_size,
                 "train_size": len(train),
             }
         )
@@ -218,3 +238,112 @@ def _with_lambda_max(
         )
         rows.loc[rows.index[index], "lambda_max"] = float(eig.values[0])
     return rows
+
+
+@dataclass(frozen=True)
+class StudyPair:
+    """Two runs of one study to connect, and the kind of pair they make."""
+
+    run_a: str
+    run_b: str
+    kind: str  # "within <regime>" or "across <regime> / <regime>"
+
+
+def pair_kind(regime_a: str, regime_b: str) -> str:
+    """ "within R" for two runs of one regime, else "across R1 / R2" in sorted order."""
+    if regime_a == regime_b:
+        return f"within {regime_a}"
+    first, second = sorted((regime_a, regime_b))
+    return f"across {first} / {second}"
+
+
+def study_pairs(parent_run: str) -> list[StudyPair]:
+    """Every pair of a study's FINISHED training runs of the same model that reached the
+    study's target (a run that missed it is not at the study's fit), in a fixed order."""
+    from lossgeo.run.tracking import finished_children, get_run
+
+    cells = []
+    for run_id in finished_children(parent_run):
+        tags = get_run(run_id).data.tags
+        if tags.get("lossgeo_role") != "cell" or tags.get("reached_target") == "false":
+            continue
+        cells.append((tags.get("model", ""), tags.get("regime", ""), tags.get("seed", ""), run_id))
+    if len(cells) < 2:
+        raise UserInputError(
+            f"parent_run: {len(cells)} finished training run(s) at the study's fit under "
+            f"{parent_run}; connecting needs two or more"
+        )
+    cells.sort()
+    return [
+        StudyPair(a[3], b[3], pair_kind(a[1], b[1]))
+        for i, a in enumerate(cells)
+        for b in cells[i + 1 :]
+        if a[0] == b[0]
+    ]
+
+
+def connect_study(
+    parent_run: str,
+    settings: ConnectSettings = ConnectSettings(),
+    *,
+    data_dir: str | None = None,
+    report: Callable[[str], None] = print,
+) -> tuple[str, list[str]]:
+    """`connect_runs` on every pair of a study (`study_pairs`), each tagged `connect.study`
+    and `connect.kind`, as children of one folder run per study (`connectivity_folder`:
+    the study's own tree keeps only its training runs). Resumable: a pair with a FINISHED
+    connect run of the same settings is not run again. Returns (folder run id, the connect
+    runs' ids, old and new)."""
+    settings.check()
+    pairs = study_pairs(parent_run)
+    experiment, folder = connectivity_folder(parent_run)
+    done = _finished_connections(folder, settings)
+    ids = []
+    for i, pair in enumerate(pairs, 1):
+        found = done.get((pair.run_a, pair.run_b))
+        if found:
+            report(f"pair {i}/{len(pairs)} ({pair.kind}): done before, run {found}")
+            ids.append(found)
+            continue
+        report(f"pair {i}/{len(pairs)} ({pair.kind}): {pair.run_a} - {pair.run_b}")
+        result = connect_runs(
+            pair.run_a,
+            pair.run_b,
+            settings,
+            experiment=experiment,
+            data_dir=data_dir,
+            report=report,
+            parent_run_id=folder,
+            tags={"connect.study": parent_run, "connect.kind": pair.kind},
+        )
+        ids.append(result.run_id)
+    return folder, ids
+
+
+def connectivity_folder(parent_run: str) -> tuple[str, str]:
+    """(experiment, id) of the FINISHED folder run that holds a study's connect runs, made
+    the first time (`connectivity-<study>`, tagged `connect.study` and `lossgeo_role`)."""
+    from lossgeo.run.tracking import client, find_or_create_run, get_run
+
+    parent = get_run(parent_run)
+    experiment = client().get_experiment(parent.info.experiment_id).name
+    study = parent.data.params.get("study", parent_run[:8])
+    folder = find_or_create_run(
+        experiment,
+        f"connectivity-{study}",
+        {"connect.study": parent_run, "lossgeo_role": "connectivity"},
+    )
+    return experiment, folder
+
+
+def _finished_connections(folder: str, settings: ConnectSettings) -> dict[tuple[str, str], str]:
+    """(run_a, run_b) -> id of a FINISHED connect run in the folder with these settings."""
+    from lossgeo.run.tracking import finished_children, get_run
+
+    wanted = settings.params()
+    found = {}
+    for run_id in finished_children(folder):
+        params = get_run(run_id).data.params
+        if all(params.get(k) == v for k, v in wanted.items()):
+            found[(params["run_a"], params["run_b"])] = run_id
+    return found

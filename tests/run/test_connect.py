@@ -113,3 +113,73 @@ def test_connect_bad_input_is_one_line_and_writes_nothing(tracking, fake_data_di
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.output
     assert all_runs() == before
+
+
+def test_connectivity_connects_every_pair_of_a_study_once_and_summarises_by_kind(
+    tmp_path, tracking, fake_data_dir
+):
+    import yaml
+
+    from lossgeo.studies.study import run_grid
+    from lossgeo.studies.studyfile import load_study_file
+
+    body = {
+        "name": "tiny-connect",
+        "kind": "grid",
+        "models": ["mlp"],
+        "seeds": [0, 1],
+        "base": {
+            "hidden": "8",
+            "train_subset": 64,
+            "val_size": 32,
+            "probe_size": 32,
+            "epochs": 2,
+            "curvature": False,
+            "noise_scale": False,
+            "sharpness": False,
+            "pac_bayes": False,
+            "landscape": False,
+            "data_dir": str(fake_data_dir),
+        },
+        "regimes": {"high": {"lr": 0.1, "batch_size": 8}, "low": {"lr": 0.05, "batch_size": 64}},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(body))
+    parent = run_grid(load_study_file(path))
+    args = ["connectivity", "--parent-run", parent, "--epochs", "1", "--points", "3"]
+    args += ["--curvature-points", "0", "--align", "--batch-size", "16", "--out", "c"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    pairs = pd.read_csv(tracking / "c" / "connectivity_pairs.csv")
+    # 4 runs, 6 pairs: one within each regime, four across
+    assert pairs["kind"].value_counts().to_dict() == {
+        "across high / low": 4,
+        "within high": 1,
+        "within low": 1,
+    }
+    summary = pd.read_csv(tracking / "c" / "connectivity.csv")
+    across = summary.set_index("kind").loc["across high / low"]
+    assert across["n_pairs"] == 4
+    assert across["connect/bezier_barrier_mean"] == pytest.approx(
+        pairs[pairs["kind"] == "across high / low"]["connect/bezier_barrier"].mean()
+    )
+    assert (
+        across["connect/bezier_aligned_barrier_ci_low"]
+        <= across["connect/bezier_aligned_barrier_mean"]
+    )
+    client = MlflowClient()
+    assert "connectivity.csv" in {a.path for a in client.list_artifacts(parent)}
+    # every connect run is a FINISHED child of one folder run, not of the study's parent
+    connect_runs = set(pairs["connect_run"])
+    folders = {client.get_run(r).data.tags["mlflow.parentRunId"] for r in connect_runs}
+    assert len(folders) == 1 and parent not in folders
+    # run again: nothing is connected twice
+    before = all_runs()
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("done before") == 6
+    assert all_runs() == before
+    # other settings connect again
+    other = CliRunner().invoke(cli, [*args[:-2], "--out", "d", "--points", "4"])
+    assert other.exit_code == 0, other.output
+    assert len(all_runs() - before) == 6
