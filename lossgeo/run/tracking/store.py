@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,65 @@ def _folder_lock(folder: Path):
         os.close(fd)  # closing releases the lock
 
 
+# the key of the PostgreSQL advisory lock and the name of MySQL's named lock under which
+# lossgeo lets MLflow create a database store's schema
+SCHEMA_LOCK_KEY = 0x6C6F737367656F  # "lossgeo"
+SCHEMA_LOCK_NAME = "lossgeo_mlflow_schema"
+
+
+@contextlib.contextmanager
+def _database_lock(uri: str):
+    """A lock held in the database itself while MLflow creates its schema: PostgreSQL's
+    session advisory lock, MySQL's GET_LOCK. MLflow's schema creation is not safe against a
+    second process (three workers on a fresh PostgreSQL store: two crashed with
+    UniqueViolation on pg_type). Other databases get no lock (see `_open_store`'s retry)."""
+    import sqlalchemy
+
+    dialect = uri.split(":", 1)[0].split("+", 1)[0]
+    if dialect not in ("postgresql", "mysql"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            values: dict[str, int | str]
+            if dialect == "postgresql":
+                take, give = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"
+                values = {"key": SCHEMA_LOCK_KEY}
+            else:
+                take, give = "SELECT GET_LOCK(:name, 600)", "SELECT RELEASE_LOCK(:name)"
+                values = {"name": SCHEMA_LOCK_NAME}
+            connection.execute(sqlalchemy.text(take), values)
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text(give), values)
+    finally:
+        engine.dispose()
+
+
+def _open_database_store(uri: str, attempts: int = 3) -> None:
+    """Creates or migrates a database store under `_database_lock`; where no lock exists
+    for the database, a creation that lost a race is retried (the winner's schema is then
+    there to find)."""
+    for attempt in range(attempts):
+        try:
+            with _database_lock(uri):
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            return
+        except Exception as exc:
+            lost_race = "already exists" in str(exc) or "UniqueViolation" in str(exc)
+            if not lost_race or attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+
+
 def _open_store(uri: str) -> None:
     """A tracking server that does not answer fails fast, in one line, instead of after
     MLflow's minutes of retries; a SQLite store is created under a lock, because MLflow's
     schema creation is not safe against a second process doing the same (measured: three
-    processes on a fresh mlflow.db all crashed in the migration and left the store broken)."""
+    processes on a fresh mlflow.db all crashed in the migration and left the store broken);
+    a database store under a lock in the database (`_open_database_store`)."""
     if uri.startswith(("http://", "https://")):
         import requests
 
@@ -89,7 +144,7 @@ def _open_store(uri: str) -> None:
             with _folder_lock(folder):
                 MlflowClient(tracking_uri=uri)  # creates and migrates the store if it is new
         else:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            _open_database_store(uri)
     except UserInputError:
         raise
     except Exception as exc:  # a file that is no database, a refused file store, ...
