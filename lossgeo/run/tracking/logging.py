@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from .heartbeat import END_REASON_TAG, Heartbeat, _retrying
 from .launcher import LauncherWatch, launcher_run_id, settle_launcher_status
+from .lifecycle import ACTIVE_RUN_WATCH
 from .store import (
     PARENT_TAG,
     check_artifact_access,
@@ -209,7 +210,11 @@ class ActiveRunLogger:
 
     def _run_id(self) -> str | None:
         run = mlflow.active_run()
-        return None if run is None else run.info.run_id
+        if run is None:
+            return None
+        # from the first logged value on, the run gets lossgeo's lifecycle (`lifecycle.py`)
+        ACTIVE_RUN_WATCH.watch(run.info.run_id)
+        return run.info.run_id
 
     @property
     def active(self) -> bool:
@@ -221,6 +226,7 @@ class ActiveRunLogger:
         run = mlflow.active_run()
         if run is None:
             return
+        ACTIVE_RUN_WATCH.watch(run.info.run_id)
         c = MlflowClient()
         if run.info.experiment_id not in self._marked:
             mark_training_experiment(c.get_experiment(run.info.experiment_id), c)
