@@ -153,6 +153,10 @@ def as_batches(data: DataSource, chunk_size: int | None = None) -> list[Any]:
         batches = [tuple(b) if is_tensor_pair(b) else b for b in data]
     if not batches:
         raise ValueError("data: no batches given")
+    # an empty (x, y) pair contributes nothing: a probe of only those is no probe
+    batches = [b for b in batches if not (is_tensor_pair(b) and len(b[1]) == 0)]
+    if not batches:
+        raise ValueError("data: every batch given is empty (0 samples)")
     if chunk_size:
         batches = [
             chunk

@@ -21,8 +21,17 @@ def matches(name: str, pattern: str) -> bool:
 
 def select_parameters(model: nn.Module, params: Sequence[str] | str | None = None) -> list[str]:
     """Names of the trainable parameters selected by `params` (all trainable ones if None),
-    in the model's order. A pattern that selects no trainable parameter is an error."""
+    in the model's order. A pattern that selects no trainable parameter is an error, and so
+    is a model on the meta device (shapes without values: "unsupported scalarType" at the
+    first product, after an epoch of training)."""
     named = dict(model.named_parameters())
+    on_meta = [n for n, p in named.items() if p.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"model: {len(on_meta)} parameter(s) on the meta device ({on_meta[0]}, ...) have "
+            "no values to measure; materialise them first (model.to_empty(device=...), then "
+            "load_state_dict)"
+        )
     trainable = [n for n, p in named.items() if p.requires_grad]
     if params is None:
         if not trainable:

@@ -73,3 +73,29 @@ def test_curvature_settings_are_checked_at_construction(options, match):
 def test_the_defaults_and_valid_settings_pass():
     CurvatureSettings()
     CurvatureSettings(chunk_size=None, compute_dtype="bf16", max_memory="2GB", trace_samples=0)
+
+
+def test_an_empty_probe_is_refused_at_construction_in_one_line():
+    """An empty (x, y) probe raised IndexError from the Tracker's memory sizing."""
+    from lossgeo import Tracker
+
+    model, _ = problem()
+    empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    match = "data: every batch given is empty"
+    refused(lambda: Tracker(model, F.cross_entropy, empty, every_steps=1, lr=0.1), match)
+    refused(lambda: hessian_eigen(model, F.cross_entropy, empty), match)
+    # an empty batch beside real ones is dropped, not an error
+    _, data = problem()
+    assert len(as_batches([empty, data])) == 1
+
+
+def test_a_model_on_the_meta_device_is_refused_before_any_product():
+    """It failed at the first `epoch()` with "unsupported scalarType", after an epoch."""
+    from lossgeo import Tracker
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    _, data = problem()
+    match = "model: 4 parameter.s. on the meta device"
+    refused(lambda: Tracker(model, F.cross_entropy, data, every_steps=1, lr=0.1), match)
+    refused(lambda: hessian_eigen(model, F.cross_entropy, data), match)
