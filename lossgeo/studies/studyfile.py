@@ -249,9 +249,32 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
     }
     if kind == "grid":
         spec["regimes"] = _grid_regimes(path, raw, base)
+        varied: dict[str, str] = {}
+        for name, values in spec["regimes"].items():
+            for key in values:
+                varied.setdefault(key, f"regime {name}")
+        if "models" in raw:
+            varied["model"] = "its models:"
     else:
         spec.update(_sweep_settings(path, raw))
+        varied = {p.name: "the search space" for p in spec["search_space"]}
+    if "seeds" in raw:
+        varied["seed"] = "its seeds:"
+    _check_overrides_reach_runs(path, overrides or {}, varied)
     return StudySpec(**spec)
+
+
+def _check_overrides_reach_runs(
+    path: Path, overrides: dict[str, Any], varied: dict[str, str]
+) -> None:
+    """An override of a setting that the study sets per run (a regime's value, the search
+    space, its `models:` or `seeds:`) never reaches a run: say so instead of running."""
+    for key in overrides:
+        if key in varied:
+            raise UserInputError(
+                f"set: {key} is set per run by {path} ({varied[key]}), so --set {key}=... "
+                "would change no run; edit the study file (or copy it under a new name)"
+            )
 
 
 def _read_yaml(path: Path) -> dict:
@@ -302,6 +325,8 @@ def _config_fields() -> set[str]:
 
 
 def _models(path: Path, raw: dict, base: dict) -> tuple[str, ...]:
+    if "models" in raw and not raw["models"]:  # it ran the default MLP without a word
+        raise _fail(path, "models", f"must list at least one model (got {raw['models']!r})")
     models = raw.get("models") or [base.get("model", "mlp")]
     if isinstance(models, str):
         models = [models]

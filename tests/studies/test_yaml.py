@@ -56,3 +56,41 @@ def test_an_unbalanced_quote_in_set_is_one_line():
     with pytest.raises(UserInputError, match="set: 'epochs=\"1': No closing quotation") as error:
         parse_overrides(['epochs="1'])
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override, said",
+    [
+        ({"lr": 0.3}, "lr is set per run by .* \\(regime high-noise\\)"),
+        ({"batch_size": 16}, "batch_size is set per run"),
+        ({"model": "cnn"}, "model is set per run by .* \\(its models:\\)"),
+    ],
+)
+def test_set_on_a_setting_the_grid_varies_is_refused(tmp_path, override, said):
+    """`--set lr=0.3` on a grid whose regimes set lr changed no run, without a word."""
+    with pytest.raises(UserInputError, match=f"set: {said}.*would change no run"):
+        load_study_file(write(tmp_path), override)
+    assert load_study_file(write(tmp_path), {"epochs": 2}).base["epochs"] == 2
+
+
+def test_set_seed_on_a_study_with_seeds_is_refused(tmp_path):
+    path = write(tmp_path, extra="seeds: [0, 1]\n")
+    with pytest.raises(UserInputError, match="set: seed is set per run .*its seeds:"):
+        load_study_file(path, {"seed": 3})
+
+
+def test_set_on_a_sweeps_search_space_is_refused(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "name: s\nkind: sweep\nbase: {epochs: 1}\nsearch_space:\n  lr: {low: 0.01, high: 0.1}\n"
+    )
+    with pytest.raises(UserInputError, match="set: lr is set per run .*the search space"):
+        load_study_file(path, {"lr": 0.3})
+
+
+def test_an_empty_models_list_is_refused(tmp_path):
+    """`models: []` ran the default MLP, while `seeds: []` was refused."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.format(base_lr="0.1", extra="").replace("models: [mlp]", "models: []"))
+    with pytest.raises(UserInputError, match=r"models: must list at least one model \(got \[\]\)"):
+        load_study_file(path)
