@@ -442,13 +442,15 @@ def connectivity_command(
     click.echo("\n".join(str(p) for p in paths.values()))
 
 
-def _load_spec(path: str, data_dir: str | None, overrides: tuple[str, ...]):
-    from lossgeo.studies.studyfile import load_study_file, parse_overrides
+def _load_spec(
+    path: str, data_dir: str | None, overrides: tuple[str, ...], max_cells: int | None = None
+):
+    from lossgeo.studies.studyfile import MAX_CELLS, load_study_file, parse_overrides
 
     extra = parse_overrides(overrides)
     if data_dir:
         extra["data_dir"] = data_dir
-    return load_study_file(path, extra)
+    return load_study_file(path, extra, max_cells=max_cells or MAX_CELLS)
 
 
 def set_option(func: Callable) -> Callable:
@@ -473,14 +475,24 @@ def set_option(func: Callable) -> Callable:
 @click.option("--experiment", default="", help=EXPERIMENT_HELP)
 @click.option("--data-dir", default=None, help="data root for every cell")
 @set_option
+@click.option(
+    "--max-cells",
+    type=click.IntRange(min=1),
+    default=None,
+    help="run a grid of more cells than the limit of 1000 (regimes x models x seeds)",
+)
 @reports_user_errors
 def grid_command(
-    study_path: str, experiment: str, data_dir: str | None, overrides: tuple[str, ...]
+    study_path: str,
+    experiment: str,
+    data_dir: str | None,
+    overrides: tuple[str, ...],
+    max_cells: int | None,
 ) -> None:
     """Run every model x regime of a grid study as child runs of one parent run."""
     from lossgeo.studies.grid import run_grid
 
-    spec = _load_spec(study_path, data_dir, overrides)
+    spec = _load_spec(study_path, data_dir, overrides, max_cells)
     if spec.kind != "grid":
         raise UserInputError(f"study: {study_path} is a {spec.kind}, not a grid")
     parent = run_grid(spec, experiment=experiment)

@@ -62,6 +62,14 @@ class StudySpec:
         return TrainConfig(**{**self.base, **overrides})
 
 
+# A grid larger than this is refused unless asked for (`lossgeo grid --max-cells N`): a
+# 2e9-cell grid once sat silent for minutes, and 10,000 cells spent hours checking cells
+# before the first one ran. A helper's n is capped too (lin_space with n = 1e9 died in numpy
+# after trying to allocate 7.45 GiB).
+MAX_CELLS = 1000
+MAX_LEVELS = 10_000
+
+
 def _fail(path: Path, field_name: str, message: str) -> UserInputError:
     return UserInputError(f"{path}: {field_name}: {message}")
 
@@ -123,6 +131,8 @@ def _value_list(path: Path, where: str, raw: Any) -> list:
             low, high, n = float(spec[0]), float(spec[1]), int(spec[2])
         except (TypeError, ValueError, IndexError):
             raise _fail(path, f"{where}.{kind}", "must be [low, high, n]") from None
+        if n > MAX_LEVELS:
+            raise _fail(path, f"{where}.{kind}", f"n must be <= {MAX_LEVELS:,} (got {n:,})")
         if n < 1 or not low <= high or (kind == "log_space" and low <= 0):
             raise _fail(
                 path,
@@ -186,18 +196,25 @@ def check_overrides(overrides: dict[str, Any]) -> None:
 _SHORT = {"batch_size": "B", "weight_decay": "wd", "momentum": "m"}
 
 
-def _factorial_regimes(path: Path, factors: Any, fields: set[str]) -> dict[str, dict]:
+def _factorial_regimes(
+    path: Path, factors: Any, fields: set[str], max_cells: int, per_regime: int = 1
+) -> dict[str, dict]:
     """A full-factorial design: every combination of the factors' values, one regime each,
-    named like "lr=0.01,B=16"."""
+    named like "lr=0.01,B=16"; counted before it is built, and refused when its regimes
+    times `per_regime` (models x seeds) come to more than `max_cells`."""
     import itertools
+    import math
 
     if not isinstance(factors, dict) or not factors:
         raise _fail(path, "factors", "must map training parameters to lists of values")
-    levels = {}
-    for name, raw in factors.items():
+    for name in factors:
         if name not in fields:
             raise _fail(path, f"factors.{name}", "not a training parameter")
-        levels[name] = _levels(path, f"factors.{name}", name, raw)
+    # counted from what is written, before any level is made or checked
+    count = math.prod(_written_count(raw) for raw in factors.values())
+    if count * per_regime > max_cells:
+        raise _too_many(path, count * per_regime, max_cells)
+    levels = {name: _levels(path, f"factors.{name}", name, raw) for name, raw in factors.items()}
     regimes: dict[str, dict] = {}
     for combo in itertools.product(*levels.values()):
         point = dict(zip(levels, combo))
@@ -229,9 +246,33 @@ _FIELDS = (
 )
 
 
-def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+def _written_count(raw: Any) -> int:
+    """How many levels a factor as written has (a helper's n, a list's length); 1 for what
+    is malformed, which `_levels` then refuses in its own words."""
+    if isinstance(raw, list):
+        return max(len(raw), 1)
+    if isinstance(raw, dict) and len(raw) == 1:
+        spec = next(iter(raw.values()))
+        try:
+            return max(int(spec[2]), 1)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return 1
+    return 1
+
+
+def _too_many(path: Path, cells: int, max_cells: int) -> UserInputError:
+    return UserInputError(
+        f"{path}: the grid has {cells:,} cells (regimes x models x seeds), over the limit of "
+        f"{max_cells:,}; shrink it, or pass --max-cells {cells} if you mean it"
+    )
+
+
+def load_study_file(
+    path: str | Path, overrides: dict[str, Any] | None = None, max_cells: int = MAX_CELLS
+) -> StudySpec:
     """The validated study; `overrides` replace keys of its `base` (training parameters)
-    and are checked exactly as if the file held them."""
+    and are checked exactly as if the file held them. A grid of more than `max_cells` cells
+    is refused, counted before any is built."""
     path = Path(path)
     raw = _read_yaml(path)
     kind = raw.get("kind", "sweep")
@@ -248,7 +289,10 @@ def load_study_file(path: str | Path, overrides: dict[str, Any] | None = None) -
         "strata": _strata(path, raw),
     }
     if kind == "grid":
-        spec["regimes"] = _grid_regimes(path, raw, base)
+        per_regime = len(spec["models"]) * len(spec["seeds"])
+        spec["regimes"] = _grid_regimes(path, raw, base, max_cells, per_regime)
+        if len(spec["regimes"]) * per_regime > max_cells:
+            raise _too_many(path, len(spec["regimes"]) * per_regime, max_cells)
         varied: dict[str, str] = {}
         for name, values in spec["regimes"].items():
             for key in values:
@@ -369,7 +413,9 @@ def _seeds(path: Path, raw: dict, base: dict) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def _grid_regimes(path: Path, raw: dict, base: dict) -> dict[str, dict]:
+def _grid_regimes(
+    path: Path, raw: dict, base: dict, max_cells: int = MAX_CELLS, per_regime: int = 1
+) -> dict[str, dict]:
     """Named regimes as written, or the full-factorial design of `factors`; each checked
     against the base."""
     fields = _config_fields()
@@ -377,7 +423,7 @@ def _grid_regimes(path: Path, raw: dict, base: dict) -> dict[str, dict]:
     if "factors" in raw:
         if regimes:
             raise _fail(path, "factors", "give factors or regimes, not both")
-        regimes = _factorial_regimes(path, raw["factors"], fields)
+        regimes = _factorial_regimes(path, raw["factors"], fields, max_cells, per_regime)
     if not isinstance(regimes, dict) or not regimes:
         raise _fail(
             path,

@@ -94,3 +94,61 @@ def test_an_empty_models_list_is_refused(tmp_path):
     path.write_text(GRID.format(base_lr="0.1", extra="").replace("models: [mlp]", "models: []"))
     with pytest.raises(UserInputError, match=r"models: must list at least one model \(got \[\]\)"):
         load_study_file(path)
+
+
+def factorial(tmp_path, factors: str, seeds: str = "") -> "Path":  # noqa: F821
+    path = tmp_path / "big.yaml"
+    path.write_text(
+        f"name: big\nkind: grid\nmodels: [mlp]\n{seeds}base: {{epochs: 1}}\nfactors:\n{factors}"
+    )
+    return path
+
+
+def test_a_huge_grid_is_counted_and_refused_before_it_is_built(tmp_path):
+    """A 2e9-cell grid gave no output for 150 s; lin_space with n = 1e9 died in numpy."""
+    huge = factorial(
+        tmp_path,
+        "  lr: {lin_space: [0.01, 0.1, 10000]}\n  momentum: {lin_space: [0, 0.9, 10000]}\n"
+        "  weight_decay: {lin_space: [0, 0.1, 20]}\n",
+    )
+    with pytest.raises(UserInputError, match=r"has 2,000,000,000 cells .* --max-cells 2000000000"):
+        load_study_file(huge)
+    with pytest.raises(UserInputError, match=r"n must be <= 10,000 \(got 1,000,000,000\)"):
+        load_study_file(
+            factorial(tmp_path, "  lr: {lin_space: [0.01, 0.1, 1000000000]}\n"), max_cells=10**10
+        )
+    # models x seeds count too, and the limit can be raised
+    grid = factorial(tmp_path, "  lr: {lin_space: [0.01, 0.1, 400]}\n", "seeds: [0, 1, 2]\n")
+    with pytest.raises(UserInputError, match=r"has 1,200 cells"):
+        load_study_file(grid)
+    assert len(load_study_file(grid, max_cells=1200).regimes) == 400
+
+
+def test_a_grid_checks_its_cells_loading_each_data_setting_once(
+    tmp_path, fake_data_dir, monkeypatch
+):
+    from lossgeo.studies import grid as grid_module
+
+    path = factorial(
+        tmp_path,
+        "  lr: {lin_space: [0.01, 0.1, 5]}\n  batch_size: [8, 16]\n",
+        "seeds: [0, 1]\n",
+    )
+    spec = load_study_file(
+        path,
+        {"data_dir": str(fake_data_dir), "train_subset": 64, "val_size": 100, "probe_size": 32},
+    )
+    configs = [
+        spec.config(seed=s, **values) for s in spec.seeds for values in spec.regimes.values()
+    ]
+    loads = []
+    real = grid_module.prepare
+    monkeypatch.setattr(grid_module, "prepare", lambda c: loads.append(c.seed) or real(c))
+    grid_module.check_cells(configs)
+    assert sorted(loads) == [0, 1]  # 20 cells, two data settings (the seeds)
+    too_big = load_study_file(
+        path,
+        {"data_dir": str(fake_data_dir), "train_subset": 64, "val_size": 100, "probe_size": 100},
+    )
+    with pytest.raises(UserInputError, match="probe_size: must be >= 1 and <= training-set size"):
+        grid_module.check_cells([too_big.config(**v) for v in too_big.regimes.values()])
