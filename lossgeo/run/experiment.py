@@ -57,7 +57,15 @@ def prepare(
     )
     config.check_against_data(len(data.train))
     torch.manual_seed(config.seed)
-    model = build_model(
+    model = model_for(config, data)
+    if config.init_scale != 1.0:
+        scale_initialisation(model, config.init_scale)
+    return data.to(device), model.to(device), LOSSES[config.loss], device
+
+
+def model_for(config: TrainConfig, data: DataBundle) -> nn.Module:
+    """The config's model (architecture, widths, activation) for the data's input shape."""
+    return build_model(
         config.model,
         data.in_channels,
         data.image_size,
@@ -65,9 +73,6 @@ def prepare(
         hidden=config.hidden_widths,
         activation=config.activation,
     )
-    if config.init_scale != 1.0:
-        scale_initialisation(model, config.init_scale)
-    return data.to(device), model.to(device), LOSSES[config.loss], device
 
 
 def default_measurements(config: TrainConfig) -> list[Measurement]:

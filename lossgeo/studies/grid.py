@@ -11,8 +11,7 @@ from tqdm.auto import tqdm
 
 from lossgeo.config import TrainConfig
 from lossgeo.errors import UserInputError
-from lossgeo.models import build_model
-from lossgeo.run.experiment import prepare, run_training
+from lossgeo.run.experiment import model_for, prepare, run_training
 from lossgeo.run.tracking import (
     END_REASON_TAG,
     PARENT_TAG,
@@ -55,14 +54,7 @@ def check_cells(configs: list[TrainConfig]) -> None:
         for config in group[1:]:
             config.check_against_data(len(data.train))
             if _model_key(config) not in built:
-                build_model(
-                    config.model,
-                    data.in_channels,
-                    data.image_size,
-                    data.n_classes,
-                    hidden=config.hidden_widths,
-                    activation=config.activation,
-                )
+                model_for(config, data)
                 built.add(_model_key(config))
         bar.update(len(group))
     bar.close()
