@@ -4,6 +4,8 @@ several workers share a grid by claiming each (cell, seed) through the MLflow st
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import time
 from typing import Any
 
@@ -122,37 +124,96 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
         # a tag, not a param: a study may declare its strata after it started
         parent.set_tags({"strata": ",".join(spec.strata)})
         try:
-            for (model, regime, seed), config in configs.items():
-                cell = f"{model}/{regime}"
-                if _holder(experiment, parent.run_id, cell, seed) is not None:
-                    continue  # finished, or another worker runs it: not even a new run
-                try:
-                    run_training(
-                        config,
-                        parent_run_id=parent.run_id,
-                        tags={
-                            "regime": regime,
-                            "cell": cell,
-                            "seed": str(seed),
-                            "lossgeo_study": spec.name,
-                            "lossgeo_role": "cell",
-                        },
-                        on_run_created=lambda run_id: _claim(
-                            experiment, parent.run_id, cell, seed, run_id
-                        ),
-                        label=f"{cell} seed {seed}",
+            said_waiting = False
+            while True:
+                _run_free_cells(spec, configs, experiment, parent.run_id)
+                if _end_stale_cells(experiment, parent.run_id):
+                    continue  # their cells are free now: run them here
+                live = _live_cells(experiment, parent.run_id)
+                if not live:
+                    break
+                # a worker that died leaves its cell RUNNING until its heartbeat is stale;
+                # survivors once exited 0 without a word and left the study unfinished
+                if not said_waiting:
+                    cells = ", ".join(
+                        f"{r.data.tags.get('cell')} seed {r.data.tags.get('seed')}" for r in live
                     )
-                except CellTaken as taken:  # another worker has run or runs this cell
-                    _discard(taken.run_id, f"{cell} seed {seed} is another worker's")
+                    print(
+                        f"waiting for {len(live)} cell(s) running in other workers ({cells}): "
+                        "a cell whose worker died is ended KILLED once its heartbeat is stale, "
+                        "then run here",
+                        flush=True,
+                    )
+                    said_waiting = True
+                time.sleep(_wait_interval(live))
         except BaseException:
             if _live_cells(experiment, parent.run_id):
                 parent.keep_running()  # another worker is at work: it ends the parent
             raise
-        if _live_cells(experiment, parent.run_id):
-            parent.keep_running()
-            return parent.run_id
         summarise(parent.run_id)
     return parent.run_id
+
+
+def _run_free_cells(spec: StudySpec, configs: dict, experiment: str, parent: str) -> None:
+    """One pass over the grid: every (cell, seed) that no run has finished or holds alive is
+    run here, claimed through the store first."""
+    for (model, regime, seed), config in configs.items():
+        cell = f"{model}/{regime}"
+        if _holder(experiment, parent, cell, seed) is not None:
+            continue  # finished, or another worker runs it: not even a new run
+        try:
+            run_training(
+                config,
+                parent_run_id=parent,
+                tags={
+                    "regime": regime,
+                    "cell": cell,
+                    "seed": str(seed),
+                    "lossgeo_study": spec.name,
+                    "lossgeo_role": "cell",
+                },
+                on_run_created=functools.partial(_claim, experiment, parent, cell, seed),
+                label=f"{cell} seed {seed}",
+            )
+        except CellTaken as taken:  # another worker has run or runs this cell
+            _discard(taken.run_id, f"{cell} seed {seed} is another worker's")
+
+
+def _end_stale_cells(experiment: str, parent: str) -> list[str]:
+    """Ends KILLED the grid's RUNNING cells whose heartbeat is stale (their worker died: a
+    SIGKILL, a lost machine), saying so; returns their ids."""
+    stale = [
+        r
+        for r in find_runs(
+            experiment, f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'"
+        )
+        if r.data.tags.get("lossgeo_role") == "cell" and not _is_live(r)
+    ]
+    for run in stale:
+        end_run(
+            run.info.run_id,
+            "KILLED",
+            {
+                END_REASON_TAG: "stale: its worker's heartbeat stopped (killed, or its machine "
+                f"lost); ended by grid worker {os.getpid()}, which runs the cell again"
+            },
+        )
+        print(
+            f"{run.data.tags.get('cell')} seed {run.data.tags.get('seed')}: its worker died "
+            f"(run {run.info.run_id} ended KILLED); running it here",
+            flush=True,
+        )
+    return [r.info.run_id for r in stale]
+
+
+def _wait_interval(live: list) -> float:
+    """A tenth of the shortest heartbeat interval among the live cells, 1 to 10 s."""
+    from lossgeo.run.tracking import HEARTBEAT_INTERVAL_TAG, heartbeat_interval
+
+    intervals = [
+        float(r.data.tags.get(HEARTBEAT_INTERVAL_TAG) or heartbeat_interval()) for r in live
+    ]
+    return min(10.0, max(1.0, min(intervals) / 10))
 
 
 class CellTaken(Exception):
@@ -207,7 +268,9 @@ def _is_live(run) -> bool:
     beat = run.data.tags.get(HEARTBEAT_TAG)
     interval = float(run.data.tags.get(HEARTBEAT_INTERVAL_TAG) or heartbeat_interval())
     last = int(beat) if beat else run.info.start_time
-    return now_ms - last < 1000 * max(3 * interval, 60)
+    # three missed beats, and never under min(60 s, ten intervals): a clock skew between
+    # machines sharing a store must not end a live cell (90 s at the default 30 s interval)
+    return now_ms - last < 1000 * max(3 * interval, min(60.0, 10 * interval))
 
 
 def _live_cells(experiment: str, parent: str) -> list:

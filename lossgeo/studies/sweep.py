@@ -216,6 +216,7 @@ def _worker_loop(
     """Claims and runs trials until the budget is claimed or `stop` is set; appends the
     number of each trial it ran to `ran`. A designed grid (`grid`) runs only its enqueued
     points."""
+    said_waiting = False
     while not stop.is_set():
         with warnings.catch_warnings():
             # heartbeats are ours (see _heartbeat), not Study.optimize's
@@ -223,13 +224,34 @@ def _worker_loop(
             optuna.storages.fail_stale_trials(study)  # a lost worker's trial: FAIL, retried
             with lock:
                 claimed = len(study.get_trials(deepcopy=False, states=CLAIMED))
-                if claimed >= budget:
-                    return
-                if grid and not study.get_trials(
+                waiting = study.get_trials(
                     deepcopy=False, states=(optuna.trial.TrialState.WAITING,)
-                ):
-                    return  # every point is done or taken; ask() would repeat one
-                trial = study.ask()  # takes a waiting (retried or grid) trial first
+                )
+                nothing_to_ask = claimed >= budget or (grid and not waiting)
+                if nothing_to_ask:
+                    # trials still running elsewhere: wait for them, since a worker that died
+                    # leaves its trial RUNNING until its heartbeat goes stale; then it is
+                    # failed and retried (above), and run here. Survivors once exited 0
+                    # with "5 complete, 1 running" and left it so.
+                    running = study.get_trials(
+                        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)
+                    )
+                    if not running:
+                        return
+                else:
+                    trial = study.ask()  # takes a waiting (retried or grid) trial first
+        if nothing_to_ask:
+            if not said_waiting and threading.current_thread() is threading.main_thread():
+                numbers = ", ".join(str(t.number) for t in running)
+                print(
+                    f"waiting for {len(running)} trial(s) running elsewhere ({numbers}): a "
+                    "trial whose worker died is failed once its heartbeat is stale, then "
+                    "rerun here",
+                    flush=True,
+                )
+                said_waiting = True
+            stop.wait(max(1, interval))
+            continue
         beat = _heartbeat(storage, trial._trial_id, interval)
         ran.append(trial.number)
         try:

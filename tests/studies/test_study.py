@@ -54,6 +54,40 @@ def write_study(tmp_path, data_dir, **fields):
     return path
 
 
+def lossgeo_worker(tmp_path, uri: str, *args: str, **env_extra: str):
+    """`python -m lossgeo ARGS` in tmp_path on the store `uri`, outside any MLflow run, its
+    output captured as text."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **env_extra}
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(key, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lossgeo", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def killed_while_another_works(victim, start_worker) -> str:
+    """Starts a second worker, SIGKILLs `victim` two seconds later, and returns what the
+    survivor printed by its (successful) end."""
+    import signal
+    import time
+
+    survivor = start_worker()
+    time.sleep(2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    out, _ = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, out[-3000:]
+    return out
+
+
 def test_shipped_study_files_are_valid():
     grid = load_study_file(REPO / "studies" / "mnist_grid.yaml")
     temps = [v["lr"] / v["batch_size"] for v in grid.regimes.values()]
@@ -537,28 +571,14 @@ def test_two_grid_workers_started_together_run_each_cell_once(tmp_path, fake_dat
     """Two `lossgeo grid` on one study ran every cell twice (8 FINISHED runs for 4 (cell,
     seed) pairs), and the parent was FINISHED while the other worker's cell still ran.
     Real processes on one SQLite store, started together."""
-    import subprocess
-    import sys
 
     path = grid_file(tmp_path, fake_data_dir, [0, 1])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": copy_store(tmp_path)}  # the store, made once
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(key, None)
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "lossgeo", "grid", "--study", str(path)],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    uri = copy_store(tmp_path)  # the store, made once
+    workers = [lossgeo_worker(tmp_path, uri, "grid", "--study", str(path)) for _ in range(2)]
     for w in workers:
         out, _ = w.communicate(timeout=600)
         assert w.returncode == 0, out[-3000:]
-    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("Default").experiment_id])
     parents = [r for r in runs if r.data.tags.get("lossgeo_role") == "parent"]
     cells = [r for r in runs if r.data.tags.get("lossgeo_role") == "cell"]
@@ -599,3 +619,92 @@ def test_resuming_a_designed_grid_runs_the_interrupted_point(
     parent = MlflowClient().get_run(study.user_attrs[PARENT_ATTR])
     assert parent.info.status == "FINISHED"
     assert "lossgeo_end_reason" not in parent.data.tags  # the old interrupt's, forgotten
+
+
+@pytest.mark.slow
+def test_a_grid_worker_killed_mid_cell_is_taken_over_by_the_survivor(tmp_path, fake_data_dir):
+    """SIGKILL one of two workers in its cell: the survivor exited 0 without a word and left
+    that cell and the parent RUNNING. Now it waits, ends the dead cell KILLED once its
+    heartbeat is stale, runs it, and closes the study."""
+    import time
+
+    body = yaml.safe_load(grid_file(tmp_path, fake_data_dir, [0]).read_text())
+    # a cell long enough to be killed in, and nothing else measured
+    body["base"].update(epochs=40, noise_scale=False, sharpness=False, pac_bayes=False)
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(body))
+    uri = copy_store(tmp_path)
+
+    def worker():
+        args = ("grid", "--study", str(path))
+        return lossgeo_worker(tmp_path, uri, *args, LOSSGEO_HEARTBEAT_INTERVAL="1")
+
+    c = MlflowClient(uri)
+
+    def cells():
+        return [
+            r
+            for r in c.search_runs([c.get_experiment_by_name("Default").experiment_id])
+            if r.data.tags.get("lossgeo_role") == "cell"
+        ]
+
+    victim = worker()
+    deadline = time.time() + 300
+    while not any(r.info.status == "RUNNING" for r in cells()):
+        assert victim.poll() is None and time.time() < deadline, victim.stdout.read()[-3000:]
+        time.sleep(0.5)
+    (dead,) = [r.info.run_id for r in cells() if r.info.status == "RUNNING"]
+    out = killed_while_another_works(victim, worker)
+    # it waited if its own cell ended before the dead one's heartbeat went stale
+    assert f"its worker died (run {dead} ended KILLED); running it here" in out
+    runs = cells()
+    assert c.get_run(dead).info.status == "KILLED"
+    assert "stale" in c.get_run(dead).data.tags["lossgeo_end_reason"]
+    finished = sorted(
+        (r.data.tags["cell"], r.data.tags["seed"]) for r in runs if r.info.status == "FINISHED"
+    )
+    assert finished == [("mlp/high-noise", "0"), ("mlp/low-noise", "0")]
+    parent = c.get_run(runs[0].data.tags[PARENT_TAG])
+    assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_sweep_worker_killed_mid_trial_is_retried_by_the_survivor(tmp_path, fake_data_dir):
+    """SIGKILL one of two sweep workers mid-trial: the survivor printed "2 complete, 1
+    running" and exited 0, leaving the trial RUNNING until a new worker was started by hand.
+    Now it waits, the stale trial is failed and retried, and it runs the retry."""
+    import time
+
+    base = {**TINY_BASE, "data_dir": str(fake_data_dir), "epochs": 40}
+    base.update(noise_scale=False, sharpness=False, pac_bayes=False, curvature=False)
+    path = write_study(tmp_path, fake_data_dir, base=base, pruner="none")
+    uri = copy_store(tmp_path)
+    # stale only after 25 s: the survivor's own trial ends before, with the dead one RUNNING
+    beat = ["--heartbeat-interval", "1", "--grace-period", "25"]
+
+    def worker():
+        return lossgeo_worker(
+            tmp_path, uri, "sweep", "--study", str(path), "--n-trials", "2", *beat
+        )
+
+    storage = f"sqlite:///{tmp_path}/studies/optuna.db"
+    c = MlflowClient(uri)
+    victim = worker()
+    deadline = time.time() + 300
+    running = []
+    while not running:  # the store, not the Optuna storage, which the victim is creating
+        assert victim.poll() is None and time.time() < deadline, victim.stdout.read()[-3000:]
+        time.sleep(0.5)
+        running = [
+            r
+            for r in c.search_runs([c.get_experiment_by_name("Default").experiment_id])
+            if r.info.status == "RUNNING" and "trial_number" in r.data.tags
+        ]
+    out = killed_while_another_works(victim, worker)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"], out[-3000:]
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert [str(t.number) for t in failed] == [running[0].data.tags["trial_number"]]
+    assert "waiting for 1 trial(s) running elsewhere" in out
+    assert "running" not in out.splitlines()[-4]  # the end line: "2 complete, 1 fail"
