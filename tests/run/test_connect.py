@@ -115,6 +115,7 @@ def test_connect_bad_input_is_one_line_and_writes_nothing(tracking, fake_data_di
     assert all_runs() == before
 
 
+@pytest.mark.slow  # a 4-run study and 18 connect runs: the full tier
 def test_connectivity_connects_every_pair_of_a_study_once_and_summarises_by_kind(
     tmp_path, tracking, fake_data_dir
 ):

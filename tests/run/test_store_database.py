@@ -11,9 +11,12 @@ import uuid
 import pytest
 
 POSTGRES = os.environ.get("LOSSGEO_TEST_POSTGRES")
-pytestmark = pytest.mark.skipif(
-    not POSTGRES, reason="LOSSGEO_TEST_POSTGRES not set (.ci/run starts a PostgreSQL server)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not POSTGRES, reason="LOSSGEO_TEST_POSTGRES not set (.ci/run starts a PostgreSQL server)"
+    ),
+    pytest.mark.slow,  # three processes on a database: the full tier
+]
 
 OPEN = (
     "from lossgeo.run.tracking import client, create_run; "

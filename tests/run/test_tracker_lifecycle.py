@@ -56,7 +56,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# one process each: two cases in the quick tier, the rest in the full one
+QUICK = ("raise outside with", "sigterm inside with")
+
+
+@pytest.mark.parametrize(
+    "case", [c if c in QUICK else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
+)
 def test_the_users_run_ends_as_the_process_did(tracking, case):
     loop, status, reason = CASES[case]
     done = subprocess.run(
