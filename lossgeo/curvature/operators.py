@@ -158,6 +158,8 @@ class CurvatureOperator:
     solver's vectors (the Lanczos basis; `lanczos.basis_rows`), None without a budget."""
 
     basis_budget: int | None = None
+    # how products are taken: retained graphs here; HessianOperator also streams chunks
+    method: str = "graph"
 
     def __init__(
         self,
@@ -216,6 +218,12 @@ class CurvatureOperator:
         Fisher); otherwise one chunk's graph exists at a time."""
         return True
 
+    def _stream_chunks(self) -> bool:
+        """When the retained graphs do not fit the budget: switch to products that hold one
+        chunk's graph at a time and return True, or return False when this matrix has no
+        such products (the GGN's and Fisher's are built on retained graphs)."""
+        return not self._retains_graphs()
+
     def _fit_memory(self, max_memory: int | str) -> None:
         """Sizes the work to `max_memory` before any product. The graph of a chunk is
         measured (the bytes autograd saves) at 4 and 8 samples: a fixed part (the
@@ -248,7 +256,7 @@ class CurvatureOperator:
             self.memory_note = f"retained graphs ~{_size(need)} of {_size(budget)}"
             self.basis_budget = int(total - need)
             return
-        if self._retains_graphs() and not isinstance(self, HessianOperator):
+        if self._retains_graphs() and not self._stream_chunks():
             raise MemoryError(
                 f"max_memory: the {type(self).__name__}'s graphs need about {_size(need)} "
                 f"for {local} samples, over the budget of {_size(budget)}; measure the "
@@ -262,8 +270,6 @@ class CurvatureOperator:
             )
         if self.objective.form == "output_target":
             self._rechunk(chunk)
-        if isinstance(self, HessianOperator) and self.method == "graph":
-            self.method = "fwdrev"
         largest = max(batch_size_of(b) for b in self.batches)
         self.basis_budget = int(total - 3 * (fixed + per_sample * largest))
         self.memory_note = (
@@ -451,6 +457,11 @@ class HessianOperator(CurvatureOperator):
 
     def _retains_graphs(self) -> bool:
         return self.method == "graph"
+
+    def _stream_chunks(self) -> bool:
+        """Forward-over-reverse products hold one chunk's graph at a time."""
+        self.method = "fwdrev" if self.method == "graph" else self.method
+        return True
 
     def _retained_gradients(self):
         if self._graphs is None:
