@@ -696,6 +696,17 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+def _what_was_ended() -> str:
+    """What an interrupt did to runs, truthfully: the runs this process ended KILLED (it
+    once said "runs ended KILLED" when no run existed yet, and on a torchrun rank whose
+    run was rank 0's)."""
+    logging_module = sys.modules.get("lossgeo.run.tracking.logging")
+    ended = list(getattr(logging_module, "ENDED_KILLED", []))
+    if not ended:
+        return "no run of this process was running"
+    return f"what was logged is kept; ended KILLED: run {', run '.join(ended)}"
+
+
 def main() -> None:
     """Entry point: click's own parse errors and signals handled like every other outcome."""
     signal.signal(signal.SIGTERM, _interrupt)
@@ -714,10 +725,7 @@ def main() -> None:
         if not _received:
             click.echo("lossgeo: aborted", err=True)
             sys.exit(1)
-        click.echo(
-            f"lossgeo: {Interrupted(_received[0])}; what was logged is kept, runs ended KILLED",
-            err=True,
-        )
+        click.echo(f"lossgeo: {Interrupted(_received[0])}; {_what_was_ended()}", err=True)
         sys.exit(128 + _received[0])
     sys.exit(code if isinstance(code, int) else 0)
 

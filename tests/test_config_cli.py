@@ -169,3 +169,17 @@ def test_runs_with_other_settings_get_other_names():
     other = TrainConfig(epochs=5, train_subset=400, val_size=100, probe_size=32, hidden="32")
     assert len(run_name(many)) == len("mlp-mnist-lr0.1-b32-") + 6
     assert run_name(many) != run_name(other)
+
+
+def test_an_interrupt_names_only_the_runs_this_process_ended(monkeypatch):
+    """It said "runs ended KILLED" when no run existed yet, and on a torchrun rank whose
+    run rank 0 owned (and left RUNNING when rank 0 was SIGKILLed)."""
+    from lossgeo import cli as cli_module
+    from lossgeo.run.tracking import logging as tracking_logging
+
+    monkeypatch.setattr(tracking_logging, "ENDED_KILLED", [])
+    assert cli_module._what_was_ended() == "no run of this process was running"
+    monkeypatch.setattr(tracking_logging, "ENDED_KILLED", ["abc", "def"])
+    assert cli_module._what_was_ended() == (
+        "what was logged is kept; ended KILLED: run abc, run def"
+    )

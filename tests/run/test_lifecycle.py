@@ -94,6 +94,7 @@ def test_sigterm_ends_the_run_killed_with_what_was_logged(tmp_path, fake_data_di
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "interrupted (SIGTERM)" in err and "Traceback" not in err
+    assert f"ended KILLED: run {run_id}" in err  # the run it ended, by its id
     run = c.get_run(run_id)
     assert run.info.status == "KILLED" and run.info.end_time is not None
     assert run.data.tags["lossgeo_end_reason"] == "interrupted (SIGTERM)"

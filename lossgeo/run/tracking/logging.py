@@ -62,6 +62,10 @@ def _log_bytes(c: MlflowClient, run_id: str, path: str, data: bytes) -> None:
         c.log_artifact(run_id, str(local), artifact_path=directory or None)
 
 
+# the runs this process ended KILLED (an interrupted command says which, and only those)
+ENDED_KILLED: list[str] = []
+
+
 class TrackedRun:
     """One MLflow run; a context manager that ends it FINISHED, FAILED or KILLED.
 
@@ -127,6 +131,8 @@ class TrackedRun:
         else:
             status = "FAILED"
         self.finish(status)
+        if status == "KILLED":
+            ENDED_KILLED.append(self.run_id)
         return False
 
     _heartbeat: "Heartbeat | None" = None
