@@ -447,11 +447,13 @@ def study_verdicts(
     return verdicts
 
 
+# the metrics of a study's tables: runs.csv (one row per run) and summary.csv (per cell)
 SUMMARY_METRICS = [
     "train_loss",
     "test_loss",
     "train_acc",
     "test_acc",
+    "val_loss",
     "gen_gap",
     "gen_gap_acc",
     "lambda_max",
@@ -463,6 +465,7 @@ SUMMARY_METRICS = [
     "adaptive_sharpness",
     "edge_ratio",
     "grad_noise_scale",
+    "steps_to_target",
     "epochs_to_target",
 ]
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from lossgeo.analysis import plots
 from lossgeo.analysis import runs as analysis
-from lossgeo.analysis.statistics import cell_summary, study_verdicts
+from lossgeo.analysis.statistics import SUMMARY_METRICS, cell_summary, study_verdicts
 from lossgeo.run.tracking import TrackedRun, get_run
 
 
@@ -40,24 +40,7 @@ def summarise(parent_run_id: str, study: optuna.Study | None = None) -> pd.DataF
             "batch_size",
             "momentum",
             "noise_temperature",
-            "train_loss",
-            "test_loss",
-            "train_acc",
-            "test_acc",
-            "val_loss",
-            "gen_gap",
-            "gen_gap_acc",
-            "lambda_max",
-            "lambda_min",
-            "hessian_trace",
-            "sharp_mean",
-            "sharp_max",
-            "eps_sharpness",
-            "adaptive_sharpness",
-            "edge_ratio",
-            "grad_noise_scale",
-            "steps_to_target",
-            "epochs_to_target",
+            *SUMMARY_METRICS,
         ]
         if c in runs
     ]
