@@ -35,7 +35,7 @@ def slq_density(
     matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
     if n_steps < 1 or n_vectors < 1:
         raise ValueError("n_steps and n_vectors: must be >= 1")
-    capacity = basis_rows(op)
+    capacity = basis_rows(op, min(n_steps, n))
     check_basis_capacity(min(n_steps, n), capacity)
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []

@@ -158,7 +158,8 @@ def lanczos_extremes(
         steps = iter(run)
     else:
         q0 = _start_vector(n, op.dtype, op.device, seed) if start is None else _warm(start, op)
-        rows = max_basis if max_basis is not None else basis_rows(op)
+        # a restart keeps the wanted pairs twice, a step and a few extra pairs (_restart_plan)
+        rows = max_basis if max_basis is not None else basis_rows(op, 3 * wanted.pairs + 3)
         capacity, keep = _restart_plan(rows, wanted, n)
         # an unrestarted run is exact after n steps; a restarted one may take more
         steps = _lanczos_steps(
@@ -241,15 +242,21 @@ def _warm(start: torch.Tensor, op: LinearOperator) -> torch.Tensor:
     return q0 / q0.norm()
 
 
-def basis_rows(op: LinearOperator) -> int | None:
-    """Basis vectors the operator's memory budget leaves room for (`basis_budget` bytes,
-    less three working vectors: the next vector, its product and a temporary); None when
-    the operator has no budget."""
+def basis_rows(op: LinearOperator, need: int = 0) -> int | None:
+    """Basis vectors the operator's memory budget gives the solver (`basis_budget` bytes,
+    less three working vectors: the next vector, its product and a temporary); up to `need`
+    of them, where that is more, as far as the room the graphs leave goes (`basis_room`:
+    the budget's share for the basis is a preference, a run that cannot restart on it is
+    not). None when the operator has no budget."""
     budget = getattr(op, "basis_budget", None)
     if budget is None:
         return None
     row = op.dim * torch.empty(0, dtype=op.dtype).element_size()
-    return max(int(budget // row) - 3, 0)
+    rows = max(int(budget // row) - 3, 0)
+    room = getattr(op, "basis_room", None)
+    if rows < need and room is not None:
+        rows = max(rows, min(need, int(room // row) - 3))
+    return rows
 
 
 def _restart_plan(
@@ -442,7 +449,7 @@ class LanczosRun:
         self.seed = seed
         q0 = _start_vector(op.dim, op.dtype, op.device, seed)
         # no restart: a quadrature needs the plain recurrence; a full basis is a MemoryError
-        self.capacity = basis_rows(op)
+        self.capacity = basis_rows(op, min(max_steps, op.dim))
         self._steps = _lanczos_steps(op.__matmul__, q0, min(max_steps, op.dim), self.capacity)
         # after the last step taken; None before the first
         self.state: KrylovState | None = None

@@ -132,6 +132,10 @@ def full_precision(function: Callable) -> Callable:
 # basis vectors a memory budget keeps room for before it sizes the graphs (at most half the
 # budget): a top-5 solve with its guard pair restarts on 13 and runs unrestarted to 24
 _BASIS_RESERVE_ROWS = 24
+# the basis never takes more than this share of the budget, nor fewer rows than a top-1
+# solve restarts on: GPT-2-small's unrestarted basis of 22 rows took 11 GB of a 19 GB peak
+_BASIS_SHARE = 0.25
+_BASIS_MIN_ROWS = 8
 
 
 def _size(n_bytes: float) -> str:
@@ -158,6 +162,7 @@ class CurvatureOperator:
     solver's vectors (the Lanczos basis; `lanczos.basis_rows`), None without a budget."""
 
     basis_budget: int | None = None
+    basis_room: int | None = None  # all the graphs leave: the most a basis may take
     # how products are taken: retained graphs here; HessianOperator also streams chunks
     method: str = "graph"
 
@@ -254,7 +259,8 @@ class CurvatureOperator:
         need = fixed + per_sample * local
         if self._retains_graphs() and need <= budget:
             self.memory_note = f"retained graphs ~{_size(need)} of {_size(budget)}"
-            self.basis_budget = int(total - need)
+            self.basis_room = int(total - need)
+            self.basis_budget = self._basis_share(total, self.basis_room, row)
             return
         if self._retains_graphs() and not self._stream_chunks():
             raise MemoryError(
@@ -271,11 +277,19 @@ class CurvatureOperator:
         if self.objective.form == "output_target":
             self._rechunk(chunk)
         largest = max(batch_size_of(b) for b in self.batches)
-        self.basis_budget = int(total - 3 * (fixed + per_sample * largest))
+        self.basis_room = int(total - 3 * (fixed + per_sample * largest))
+        self.basis_budget = self._basis_share(total, self.basis_room, row)
         self.memory_note = (
             f"{self.method} products in chunks of {largest} samples "
             f"(~{_size(3 * (fixed + per_sample * largest))} of {_size(budget)})"
         )
+
+    @staticmethod
+    def _basis_share(total: float, left: float, row: int) -> int:
+        """The bytes the basis may take: what the graphs leave, at most a quarter of the
+        budget (a thick restart keeps the accuracy), but room for _BASIS_MIN_ROWS rows where
+        the graphs leave that."""
+        return int(min(left, max(_BASIS_SHARE * total, _BASIS_MIN_ROWS * row)))
 
     def _graph_cost(self) -> tuple[float, float]:
         """(fixed bytes, bytes per sample) of one chunk's gradient graph."""
@@ -625,6 +639,7 @@ class HessianBlockOperator(CurvatureOperator):
         self.math_attention, self.group = parent.math_attention, parent.group
         self.compute_dtype = parent.compute_dtype
         self.basis_budget = parent.basis_budget  # the graphs are the parent's
+        self.basis_room = parent.basis_room
         self._positions = [parent.space.names.index(n) for n in self.space.names]
 
     def _reset(self) -> None:
