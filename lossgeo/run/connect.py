@@ -21,6 +21,7 @@ from torch import nn
 
 from lossgeo import figures as plots
 from lossgeo.config import TrainConfig
+from lossgeo.curvature.params import ParameterSpace
 from lossgeo.data import DataBundle, Split
 from lossgeo.errors import UserInputError
 from lossgeo.geometry import connectivity as conn
@@ -187,7 +188,7 @@ def connect_runs(
             )
             run.log_object(
                 f"connect/control_point{suffix}.pt",
-                {k: v.clone() for k, v in conn.PathModel(model_a).space.unflatten(control).items()},
+                {k: v.clone() for k, v in ParameterSpace(model_a).unflatten(control).items()},
             )
             ts = torch.linspace(0, 1, settings.points, dtype=torch.float64).tolist()
             paths: dict[str, Callable[[float], torch.Tensor]] = {
@@ -260,14 +261,16 @@ def pair_kind(regime_a: str, regime_b: str) -> str:
 def study_pairs(parent_run: str) -> list[StudyPair]:
     """Every pair of a study's FINISHED training runs of the same model that reached the
     study's target (a run that missed it is not at the study's fit), in a fixed order."""
-    from lossgeo.run.tracking import finished_children, get_run
+    from lossgeo.run.tracking import finished_child_runs
 
     cells = []
-    for run_id in finished_children(parent_run):
-        tags = get_run(run_id).data.tags
+    for run in finished_child_runs(parent_run):
+        tags = run.data.tags
         if tags.get("lossgeo_role") != "cell" or tags.get("reached_target") == "false":
             continue
-        cells.append((tags.get("model", ""), tags.get("regime", ""), tags.get("seed", ""), run_id))
+        cells.append(
+            (tags.get("model", ""), tags.get("regime", ""), tags.get("seed", ""), run.info.run_id)
+        )
     if len(cells) < 2:
         raise UserInputError(
             f"parent_run: {len(cells)} finished training run(s) at the study's fit under "
@@ -338,12 +341,12 @@ def connectivity_folder(parent_run: str) -> tuple[str, str]:
 
 def _finished_connections(folder: str, settings: ConnectSettings) -> dict[tuple[str, str], str]:
     """(run_a, run_b) -> id of a FINISHED connect run in the folder with these settings."""
-    from lossgeo.run.tracking import finished_children, get_run
+    from lossgeo.run.tracking import finished_child_runs
 
     wanted = settings.params()
     found = {}
-    for run_id in finished_children(folder):
-        params = get_run(run_id).data.params
+    for run in finished_child_runs(folder):
+        params = run.data.params
         if all(params.get(k) == v for k, v in wanted.items()):
-            found[(params["run_a"], params["run_b"])] = run_id
+            found[(params["run_a"], params["run_b"])] = run.info.run_id
     return found

@@ -127,9 +127,10 @@ def run_grid(spec: StudySpec, *, experiment: str = "") -> str:
             said_waiting = False
             while True:
                 _run_free_cells(spec, configs, experiment, parent.run_id)
-                if _end_stale_cells(experiment, parent.run_id):
+                live, stale = _running_cells(experiment, parent.run_id)
+                if stale:
+                    _end_stale_cells(stale)
                     continue  # their cells are free now: run them here
-                live = _live_cells(experiment, parent.run_id)
                 if not live:
                     break
                 # a worker that died leaves its cell RUNNING until its heartbeat is stale;
@@ -179,16 +180,9 @@ def _run_free_cells(spec: StudySpec, configs: dict, experiment: str, parent: str
             _discard(taken.run_id, f"{cell} seed {seed} is another worker's")
 
 
-def _end_stale_cells(experiment: str, parent: str) -> list[str]:
+def _end_stale_cells(stale: list) -> None:
     """Ends KILLED the grid's RUNNING cells whose heartbeat is stale (their worker died: a
-    SIGKILL, a lost machine), saying so; returns their ids."""
-    stale = [
-        r
-        for r in find_runs(
-            experiment, f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'"
-        )
-        if r.data.tags.get("lossgeo_role") == "cell" and not _is_live(r)
-    ]
+    SIGKILL, a lost machine), saying so."""
     for run in stale:
         end_run(
             run.info.run_id,
@@ -203,7 +197,6 @@ def _end_stale_cells(experiment: str, parent: str) -> list[str]:
             f"(run {run.info.run_id} ended KILLED); running it here",
             flush=True,
         )
-    return [r.info.run_id for r in stale]
 
 
 def _wait_interval(live: list) -> float:
@@ -273,14 +266,20 @@ def _is_live(run) -> bool:
     return now_ms - last < 1000 * max(3 * interval, min(60.0, 10 * interval))
 
 
-def _live_cells(experiment: str, parent: str) -> list:
-    return [
+def _running_cells(experiment: str, parent: str) -> tuple[list, list]:
+    """(live, stale): the grid's RUNNING cells, by whether their heartbeat is fresh."""
+    running = [
         r
         for r in find_runs(
             experiment, f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'"
         )
-        if r.data.tags.get("lossgeo_role") == "cell" and _is_live(r)
+        if r.data.tags.get("lossgeo_role") == "cell"
     ]
+    return [r for r in running if _is_live(r)], [r for r in running if not _is_live(r)]
+
+
+def _live_cells(experiment: str, parent: str) -> list:
+    return _running_cells(experiment, parent)[0]
 
 
 def _withdraw(mine: str, winner: str, study: str) -> None:

@@ -51,6 +51,7 @@ from .queries import (  # noqa: F401
     experiment_exists,
     find_or_create_run,
     find_runs,
+    finished_child_runs,
     finished_children,
     get_run,
     has_artifact,

@@ -91,17 +91,21 @@ def find_runs(
     )
 
 
-def finished_children(parent_run_id: str) -> list[str]:
-    """Ids of the FINISHED child runs of a parent run (its experiment), oldest first."""
+def finished_child_runs(parent_run_id: str) -> list:
+    """The FINISHED child runs of a parent run (its experiment), oldest first, as runs."""
     c = client()
     parent = get_run(parent_run_id)
-    children = c.search_runs(
+    return c.search_runs(
         [parent.info.experiment_id],
         f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time ASC"],
         max_results=50000,
     )
-    return [r.info.run_id for r in children]
+
+
+def finished_children(parent_run_id: str) -> list[str]:
+    """Ids of the FINISHED child runs of a parent run (its experiment), oldest first."""
+    return [r.info.run_id for r in finished_child_runs(parent_run_id)]
 
 
 def create_run(experiment: str, run_name: str, tags: dict[str, str]) -> str:
