@@ -58,7 +58,14 @@ def start(args, folder, fresh_store=False, **env):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        # as a terminal's foreground job: a suite started in the background (`nohup ... &`)
+        # passes SIGINT on ignored, and lossgeo rightly leaves an ignored SIGINT ignored
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def train_args(data_dir, *extra):
