@@ -27,12 +27,9 @@ from lossgeo.errors import UserInputError
 from lossgeo.geometry import connectivity as conn
 from lossgeo.geometry.directions import weights_vector
 from lossgeo.losses import LossFn
-from lossgeo.run.experiment import load_logged_run
+from lossgeo.run.experiment import check_same_surface, load_logged_run
 from lossgeo.run.tracking import TrackedRun, resolve_experiment
 from lossgeo.run.train import make_optimizer
-
-# settings that make two runs' weights points of one loss surface
-SAME_SURFACE = ("model", "dataset", "hidden", "activation", "loss")
 
 
 @dataclass(frozen=True)
@@ -83,12 +80,7 @@ class ConnectResult:
 
 
 def _check_same_surface(config_a: TrainConfig, config_b: TrainConfig, a: nn.Module, b: nn.Module):
-    for field in SAME_SURFACE:
-        if getattr(config_a, field) != getattr(config_b, field):
-            raise UserInputError(
-                f"run_b: {field} differs from run_a's "
-                f"({getattr(config_b, field)!r} vs {getattr(config_a, field)!r})"
-            )
+    check_same_surface(config_a, config_b)
     shapes_a = [tuple(p.shape) for p in a.parameters()]
     shapes_b = [tuple(p.shape) for p in b.parameters()]
     if shapes_a != shapes_b:

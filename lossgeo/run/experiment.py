@@ -415,6 +415,21 @@ def remeasure_landscape(
     return dict(artifacts["landscape/loss_slice_2d.pt"])  # type: ignore[call-overload]
 
 
+# settings that make two runs' weights points of one loss surface
+SAME_SURFACE = ("model", "dataset", "hidden", "activation", "loss")
+
+
+def check_same_surface(config_a: TrainConfig, config_b: TrainConfig) -> None:
+    """One-line UserInputError unless two runs' weights live on one loss surface (the same
+    model, widths, activation, data set and loss): what interpolate and connect need."""
+    for field in SAME_SURFACE:
+        if getattr(config_a, field) != getattr(config_b, field):
+            raise UserInputError(
+                f"run_b: {field} differs from run_a's "
+                f"({getattr(config_b, field)!r} vs {getattr(config_a, field)!r})"
+            )
+
+
 def interpolate_runs(
     run_a: str, run_b: str, *, points: int = 41, experiment: str = "", data_dir: str | None = None
 ) -> tuple[str, dict]:
@@ -426,12 +441,7 @@ def interpolate_runs(
 
     config_a, data, model_a, loss_fn = load_logged_run(run_a, data_dir=data_dir)
     config_b, _, model_b, _ = load_logged_run(run_b, data_dir=data_dir)
-    for field in ("model", "dataset", "hidden", "activation", "loss"):
-        if getattr(config_a, field) != getattr(config_b, field):
-            raise UserInputError(
-                f"run_b: {field} differs from run_a's "
-                f"({getattr(config_b, field)!r} vs {getattr(config_a, field)!r})"
-            )
+    check_same_surface(config_a, config_b)
     alphas = torch.linspace(-0.25, 1.25, points, dtype=torch.float64)
     result = {
         split: interpolate(
