@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,8 @@ import click
 
 from lossgeo.config import TrainConfig, config_fields
 from lossgeo.errors import UserInputError
+from lossgeo.run import interrupts
+from lossgeo.run.interrupts import Interrupted
 
 
 class IntegralNumber(click.ParamType):
@@ -676,26 +677,6 @@ def _note(message: str) -> None:
     click.echo(f"lossgeo: {message}", err=True)
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: raised like Ctrl-C, so runs end KILLED with what was logged kept."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(f"interrupted ({signal.Signals(signum).name})")
-
-
-_received: list[int] = []  # the signal that interrupted this process (click turns it into Abort)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    _received.append(signum)
-    # The cleanup that follows (metrics.csv, checkpoint, ending the run KILLED) must not be
-    # cut short by a second signal, e.g. the SIGTERM `mlflow run` sends its child after Ctrl-C.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Interrupted(signum)
-
-
 def _what_was_ended() -> str:
     """What an interrupt did to runs, truthfully: the runs this process ended KILLED (it
     once said "runs ended KILLED" when no run existed yet, and on a torchrun rank whose
@@ -709,9 +690,7 @@ def _what_was_ended() -> str:
 
 def main() -> None:
     """Entry point: click's own parse errors and signals handled like every other outcome."""
-    signal.signal(signal.SIGTERM, _interrupt)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job ignores it
-        signal.signal(signal.SIGINT, _interrupt)
+    interrupts.install()
     try:
         code = cli.main(prog_name="lossgeo", standalone_mode=False)
     except click.ClickException as exc:  # bad option value, unknown option, missing argument
@@ -722,11 +701,12 @@ def main() -> None:
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         fail(exc.format_message() + where)
     except (click.Abort, Interrupted):
-        if not _received:
+        if not interrupts.RECEIVED:
             click.echo("lossgeo: aborted", err=True)
             sys.exit(1)
-        click.echo(f"lossgeo: {Interrupted(_received[0])}; {_what_was_ended()}", err=True)
-        sys.exit(128 + _received[0])
+        signum = interrupts.RECEIVED[0]
+        click.echo(f"lossgeo: {Interrupted(signum)}; {_what_was_ended()}", err=True)
+        sys.exit(128 + signum)
     sys.exit(code if isinstance(code, int) else 0)
 
 
