@@ -52,12 +52,27 @@ CASES = {
         "KILLED",
         "SIGTERM",
     ),
+    # SIGTERM inside a store write: ending the run from the handler waited on the write lock
+    # that the interrupted write held
+    "sigterm mid-write": (
+        "with mlflow.start_run():\n    measured()\n"
+        "    import sqlalchemy\n"
+        "    def listener(conn, cursor, statement, parameters, context, executemany):\n"
+        "        if 'mid-write' in repr(parameters):\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            sum(range(1000))\n"
+        "    sqlalchemy.event.listen(sqlalchemy.engine.Engine, 'before_cursor_execute', listener)\n"
+        "    mlflow.set_tag('mid-write', 'kept')\n"
+        "    time.sleep(30)",
+        "KILLED",
+        "SIGTERM",
+    ),
     "finishes": ("mlflow.start_run()\nmeasured()\nmlflow.end_run()", "FINISHED", None),
 }
 
 
 # one process each: two cases in the quick tier, the rest in the full one
-QUICK = ("raise outside with", "sigterm inside with")
+QUICK = ("raise outside with", "sigterm inside with", "sigterm mid-write")
 
 
 @pytest.mark.parametrize(
@@ -81,6 +96,8 @@ def test_the_users_run_ends_as_the_process_did(tracking, case):
     else:
         assert reason in run.data.tags["lossgeo_end_reason"]
         assert done.returncode != 0
-    if case == "sigterm inside with":  # the process still ends as SIGTERM ends it
+    if case.startswith("sigterm"):  # the process still ends as SIGTERM ends it
         assert done.returncode == -signal.SIGTERM
+    if case == "sigterm mid-write":
+        assert run.data.tags["mid-write"] == "kept"
     assert "lossgeo_heartbeat" in run.data.tags  # `runs cleanup` can tell when it died

@@ -23,11 +23,13 @@ import os
 import signal
 import sys
 import threading
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import mlflow
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
+
+from lossgeo.run.interrupts import in_store_call
 
 from .heartbeat import END_REASON_TAG, Heartbeat, _retrying
 
@@ -57,6 +59,7 @@ class ActiveRunWatch:
         self.heartbeat: Heartbeat | None = None
         self._hooked = False
         self._lock = threading.Lock()
+        self._ended_for_sigterm = threading.Event()
 
     def watch(self, run_id: str) -> None:
         if run_id == self.run_id:
@@ -86,10 +89,22 @@ class ActiveRunWatch:
         if in_main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def _on_sigterm(self, signum: int, frame: object) -> None:
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self._ended_for_sigterm.is_set() or not in_store_call(frame):
+            if not self._ended_for_sigterm.is_set():
+                self.end("KILLED", None, reason="SIGTERM")
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)  # ends the process as the default action does
+            return
+        # The main thread was inside a store call, maybe holding SQLite's write lock: ending
+        # the run here would wait on it for good. A thread ends it once the call lets go,
+        # then signals again.
+        threading.Thread(target=self._end_then_signal, daemon=True, name="sigterm-end").start()
+
+    def _end_then_signal(self) -> None:
         self.end("KILLED", None, reason="SIGTERM")
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)  # ends the process as the default action does
+        self._ended_for_sigterm.set()
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def end(self, status: str, error: BaseException | None, reason: str = "") -> None:
         """Ends the watched run with `status` and a reason tag, unless it ended otherwise
