@@ -228,9 +228,12 @@ def run_reference(task: str, model, x, y):
     """ARPACK (tol 1e-6) over double backward through one retained gradient graph."""
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, eigsh
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(LOSS(model(x), y), params, create_graph=True)
+    # the math attention backend: the fused CPU kernel has no double backward (the ViT)
+    with sdpa_kernel(SDPBackend.MATH):
+        grads = torch.autograd.grad(LOSS(model(x), y), params, create_graph=True)
     count = [0]
 
     def hvp(v):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .krylov import KrylovBasis, KrylovState
-from .linear import LinearOperator
+from .linear import LinearOperator, require_symmetric
 from .results import EigenResult
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
@@ -136,6 +136,7 @@ def lanczos_extremes(
     wanted pairs plus the guards plus one.
     """
     n = op.dim
+    require_symmetric(op, "lanczos")
     _check_wanted(k_top, k_bottom, n, bottom_scale, guard)
     check_solver_limits(tol=tol, max_iter=max_iter)
     for name, value in (("rest_tol", rest_tol), ("bottom_tol", bottom_tol)):

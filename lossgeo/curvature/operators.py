@@ -48,6 +48,7 @@ from .batches import (  # noqa: F401
     parse_memory,
 )
 from .distributed import all_sum, all_sum_float, resolve_group, unwrap
+from .linear import SymmetricOperator, _check_shape
 from .params import ParameterSpace
 
 HVP_METHODS = ("graph", "fwdrev", "fd")
@@ -150,7 +151,7 @@ def _release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-class CurvatureOperator:
+class CurvatureOperator(SymmetricOperator):
     """A symmetric n x n curvature matrix, applied to flat vectors (`op @ v` or
     `op.matvec(v)`); `dim`, `dtype`, `device` describe the space, `n_matvec` counts products.
 
@@ -358,23 +359,34 @@ class CurvatureOperator:
         return stack
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """H v, within the memory budget, summed over the process group's ranks."""
+        _check_shape(self, vector, 1)
         vector = vector.to(self.dtype)
-        out = self.within_memory(lambda: self._product(vector))
+        out = self.within_memory(lambda: self._product(lambda: self._matvec(vector)))
         self.n_matvec += 1
         return all_sum(out, self.group)
 
-    def _product(self, vector: torch.Tensor) -> torch.Tensor:
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """H V for the columns of V (dim x m), in one batched pass where the matrix has
+        one (the Hessian's retained graph), else column by column."""
+        _check_shape(self, block, 2)
+        block = block.to(self.dtype)
+        out = self.within_memory(lambda: self._product(lambda: self._matmat(block)))
+        self.n_matvec += block.shape[1]
+        return all_sum(out, self.group)
+
+    def _product(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         with eval_mode(self.model):
             try:
                 with self._attention():
-                    return self._matvec(vector)
+                    return compute()
             except RuntimeError as error:
                 if self.math_attention or not _needs_math_attention(error):
                     raise
                 self.math_attention = True
                 self._reset()
                 with self._attention():
-                    return self._matvec(vector)
+                    return compute()
 
     def within_memory(self, compute: Callable[[], Any]) -> Any:
         """compute(), retried with the probe set's chunks halved whenever it runs out of
@@ -411,19 +423,11 @@ class CurvatureOperator:
         batches[:], weights[:] = new_batches, new_weights
         return True
 
-    def __matmul__(self, vector: torch.Tensor) -> torch.Tensor:
-        return self.matvec(vector)
-
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError  # the sharded operators override matvec itself
 
     def _reset(self) -> None:
         """Drop graphs retained under a fused attention kernel."""
-
-    def to_dense(self) -> torch.Tensor:
-        """The full matrix column by column (small models, tests)."""
-        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        return torch.stack([self.matvec(e) for e in eye], dim=1)
 
 
 class HessianOperator(CurvatureOperator):
@@ -465,6 +469,9 @@ class HessianOperator(CurvatureOperator):
         self._graphs: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
         self._loss_value: float | None = None
         self.n_graph_builds = 0  # gradient graphs built (once per operator; blocks share it)
+        # matmat through one batched backward pass (vmap over the double backward), where
+        # benchmarks/bench_block.py measured it faster than one vector at a time
+        self.batched_products = True
 
     def _reset(self) -> None:
         self._graphs, self._loss_value = None, None
@@ -551,15 +558,23 @@ class HessianOperator(CurvatureOperator):
                 total += w * self.space.flatten(g)
         return total
 
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        if self.method != "graph" or not self.batched_products:
+            return super()._matmat(block)
+        return self.block_product(range(len(self.space.names)), block, self.space)
+
     def block_product(
         self, positions: Iterable[int], vector: torch.Tensor, space: ParameterSpace
     ) -> torch.Tensor:
         """H_bb v for the parameters at `positions` (of self.space.names; `space` flattens
         them), through the retained graph: the vector-Jacobian product of those gradient
-        entries with v, so no extra dot-product graph is built."""
+        entries with v, so no extra dot-product graph is built. A (dim, m) block of
+        vectors is pulled back in one batched backward pass (`is_grads_batched`)."""
         positions = list(positions)
-        vs = list(space.unflatten(vector).values())
-        total = torch.zeros_like(vector)
+        batched = vector.dim() == 2
+        # per parameter, its slice of v, or (batched) of every column: (m, *shape)
+        vs = _split_block(space, vector) if batched else list(space.unflatten(vector).values())
+        total = torch.zeros_like(vector.T if batched else vector)
         with torch.enable_grad():
             for leaves, grads in self._retained_gradients():
                 # an unused parameter's (materialised, zero) gradient is no graph: its rows
@@ -574,15 +589,18 @@ class HessianOperator(CurvatureOperator):
                     retain_graph=True,
                     allow_unused=True,
                     materialize_grads=True,
+                    is_grads_batched=batched,
                 )
-                if len(live) == len(positions):
-                    total.add_(space.flatten(pulled))
-                    continue
-                rows = [torch.zeros_like(v) for v in vs]
-                for j, product in zip(live, pulled):
-                    rows[j] = product
-                total.add_(space.flatten(rows))
-        return total
+                rows = [torch.zeros_like(v) for v in vs] if len(live) < len(positions) else None
+                if rows is not None:
+                    for j, product in zip(live, pulled):
+                        rows[j] = product
+                parts = rows if rows is not None else list(pulled)
+                if batched:
+                    total.add_(torch.cat([r.reshape(r.shape[0], -1) for r in parts], dim=1))
+                else:
+                    total.add_(space.flatten(parts))
+        return total.T if batched else total
 
     def gradient(self) -> torch.Tensor:
         """The full-batch gradient of the mean loss (flat). With method="graph" it is read
@@ -612,6 +630,15 @@ class HessianOperator(CurvatureOperator):
                     for batch, w in zip(self.batches, self.weights)
                 )
             )
+
+
+def _split_block(space: ParameterSpace, block: torch.Tensor) -> list[torch.Tensor]:
+    """The columns of a (dim, m) block, per parameter of `space`: (m, *shape) each."""
+    rows = block.T
+    return [
+        part.reshape(rows.shape[0], *shape)
+        for part, shape in zip(torch.split(rows, space.sizes, dim=1), space.shapes)
+    ]
 
 
 class HessianBlockOperator(CurvatureOperator):
@@ -650,6 +677,11 @@ class HessianBlockOperator(CurvatureOperator):
             self.parent.math_attention = True
             self.parent._reset()
         return self.parent.block_product(self._positions, vector, self.space)
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        if not self.parent.batched_products:
+            return super()._matmat(block)
+        return self._matvec(block)  # block_product takes a block as it takes a vector
 
 
 class _RetainedJacobianOperator(CurvatureOperator):

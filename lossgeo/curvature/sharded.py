@@ -193,6 +193,10 @@ class ShardedHessianOperator(CurvatureOperator):
         h = self.fd_step * self._fd_scale / float(vector.double().norm())
         return h, self.sharded.local_slices(vector.to(self.dtype))
 
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """H V column by column (each product is collective)."""
+        return torch.stack([self.matvec(column) for column in block.unbind(1)], dim=1)
+
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         if not vector.any():
             return torch.zeros_like(vector, dtype=self.dtype)

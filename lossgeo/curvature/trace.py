@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from .linear import LinearOperator
+from .linear import LinearOperator, block_size, require_symmetric, with_products
 from .results import TraceResult
 
 
@@ -58,7 +58,8 @@ def hutchinson(
     """Hutchinson with n_samples products. deflation=(values, vectors): Ritz values and
     orthonormal (k, n) Ritz vectors of the same operator; their part of the trace is taken
     exactly and only the rest is sampled (see the module docstring)."""
-    matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
+    n, dtype, device = op.dim, op.dtype, op.device
+    require_symmetric(op, "hutchinson")
     if n_samples < 2:
         raise ValueError(f"n_samples: must be >= 2 for a standard error (got {n_samples})")
     gen = torch.Generator().manual_seed(seed)
@@ -67,11 +68,10 @@ def hutchinson(
         values, vectors = deflation
         vectors = vectors.to(dtype=dtype, device=device)
         exact_part, method = float(values.double().sum()), f"hutchinson-deflated-{len(values)}"
-    samples = []
-    for z in rademacher_vectors(n, n_samples, gen, dtype, device):
-        if deflation is not None:
-            z = z - vectors.T @ (vectors @ z)
-        samples.append(float(torch.dot(z, matvec(z))))
+    probes = rademacher_vectors(n, n_samples, gen, dtype, device)
+    if deflation is not None:
+        probes = (z - vectors.T @ (vectors @ z) for z in probes)
+    samples = [float(torch.dot(z, hz)) for z, hz in with_products(op, probes, block_size(op))]
     value, stderr = _mean_and_stderr(torch.tensor(samples, dtype=torch.float64))
     return TraceResult(value=exact_part + value, stderr=stderr, n_hvp=n_samples, method=method)
 
@@ -79,24 +79,31 @@ def hutchinson(
 def hutch_plus_plus(op: LinearOperator, n_samples: int = 30, *, seed: int = 0) -> TraceResult:
     """Hutch++ with n_samples products in total (a third each for sketch, projection,
     residual)."""
-    matvec, n, dtype, device = op.__matmul__, op.dim, op.dtype, op.device
+    n, dtype, device = op.dim, op.dtype, op.device
+    require_symmetric(op, "hutch++")
     third = n_samples // 3
     if third < 2:
         raise ValueError(f"n_samples: must be >= 6 for Hutch++ (got {n_samples})")
-    gen = torch.Generator().manual_seed(seed)
+    gen, block = torch.Generator().manual_seed(seed), block_size(op)
     # (n, third) matrices held: the sketch in the operator's dtype until Q exists, then Q
-    # alone; A Q and the residual vectors are taken one at a time (on an 11M-parameter
+    # alone; A Q and the residual vectors are taken a block at a time (on an 11M-parameter
     # ResNet-18 five float64 copies made the trace's peak 6 GB)
-    a_sketch = torch.stack(
-        [matvec(s) for s in rademacher_vectors(n, third, gen, dtype, device)], dim=1
-    )
+    sketch = rademacher_vectors(n, third, gen, dtype, device)
+    a_sketch = torch.stack([a_s for _, a_s in with_products(op, sketch, block)], dim=1)
     q, _ = torch.linalg.qr(a_sketch.double())
     del a_sketch
-    top = sum(float(torch.dot(c, matvec(c.to(dtype)).double())) for c in q.T)
+    columns = (c.to(dtype) for c in q.T)
+    top = sum(
+        float(torch.dot(c.double(), a_c.double())) for c, a_c in with_products(op, columns, block)
+    )
     residuals = []
-    for g in rademacher_vectors(n, third, gen, torch.float64, device):
-        g_perp = g - q @ (q.T @ g)  # projected off span(Q)
-        residuals.append(torch.dot(g_perp, matvec(g_perp.to(dtype)).double()))
+    # projected off span(Q)
+    projected = (
+        (g - q @ (q.T @ g)).to(dtype)
+        for g in rademacher_vectors(n, third, gen, torch.float64, device)
+    )
+    for g_perp, a_g in with_products(op, projected, block):
+        residuals.append(torch.dot(g_perp.double(), a_g.double()))
     samples = torch.stack(residuals)
     rest, stderr = _mean_and_stderr(samples)
     return TraceResult(value=top + rest, stderr=stderr, n_hvp=3 * third, method="hutch++")
