@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .krylov import KrylovBasis, KrylovState
+from .krylov import KrylovBasis, KrylovState, dot, norm
 from .linear import LinearOperator, require_symmetric
 from .results import EigenResult
 
@@ -504,19 +504,21 @@ def _lanczos_steps(
     while state.products < max_steps:
         state.basis.append(q)
         w = matvec(q)
+        if w.data_ptr() == q.data_ptr():  # an operator that hands its input back: keep q
+            w = w.clone()
         state.products += 1
-        state.alphas.append(float(torch.dot(w.double(), q.double())))
-        before = float(w.norm())
-        w = state.basis.orthogonalise(w)
-        state.beta = float(w.double().norm())
+        state.alphas.append(dot(w, q))
+        before = norm(w)
+        w = state.basis.orthogonalise(w, in_place=True)  # the product is used once
+        state.beta = norm(w)
         if state.beta < _REORTHOGONALISE_BELOW * before:  # heavy cancellation: a second pass
-            w = state.basis.orthogonalise(w)
-            state.beta = float(w.double().norm())
+            w = state.basis.orthogonalise(w, in_place=True)
+            state.beta = norm(w)
         yield state
         if state.invariant():
             return
         state.betas.append(state.beta)
-        q = w / state.beta
+        q = w.div_(state.beta)
         if state.basis.full and state.products < max_steps:
             if keep is None:
                 raise MemoryError(

@@ -200,7 +200,8 @@ class _Composed(_Combined):
 
 
 class LambdaOperator(SymmetricOperator):
-    """A symmetric operator from a function v -> A v; counts its products in `n_matvec`."""
+    """A symmetric operator from a function v -> A v; counts its products in `n_matvec`.
+    The function returns a new tensor each call: a solver may overwrite what it returns."""
 
     def __init__(
         self,
