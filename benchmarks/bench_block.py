@@ -3,7 +3,7 @@
 the ladder's rungs, in one process (ratios; these machines are noisy). The graph is built
 before timing; each figure is the best of `--repeat`.
 
-    python benchmarks/bench_block.py [--rungs mlp,cnn,resnet18,vit] [--out benchmarks/results/block.md]
+    python benchmarks/bench_block.py [--rungs mlp,cnn,resnet18,vit] [--out FILE]
 """
 
 from __future__ import annotations
@@ -58,23 +58,30 @@ def main() -> None:
     for rung in args.rungs.split(","):
         model, x, y = build_rung(rung, weights)
         op = HessianOperator(model, LOSS, (x, y), max_memory="auto")
-        gen = torch.Generator().manual_seed(0)
-        V = torch.randn(op.dim, max(blocks), generator=gen)
-        op @ V[:, 0]  # the graph, built once
-        one = best(lambda: op @ V[:, 0], args.repeat)
-        looped = torch.stack([op @ V[:, j] for j in range(max(blocks))], dim=1)
-        for m in blocks:
-            try:
-                seconds = best(lambda: op.matmat(V[:, :m]), args.repeat) / m
-                out = op.matmat(V[:, :m])
-                diff = float((out - looped[:, :m]).abs().max() / looped[:, :m].abs().max())
-                row = f"{seconds:.3f} | {one / seconds:.2f} | {diff:.1e}"
-            except RuntimeError as error:
-                row = f"fails: {str(error).splitlines()[0][:80]} | | "
-            lines.append(f"| {rung} | {op.dim:,} | {one:.3f} | {m} | {row} |")
-            print(lines[-1], flush=True)
+        lines += rung_rows(rung, op, blocks, args.repeat)
         del op
     Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def rung_rows(rung: str, op, blocks: list[int], repeat: int) -> list[str]:
+    """The table's rows of one rung."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(op.dim, max(blocks), generator=gen)
+    op @ V[:, 0]  # the graph, built once
+    one = best(lambda: op @ V[:, 0], repeat)
+    looped = torch.stack([op @ V[:, j] for j in range(max(blocks))], dim=1)
+    for m in blocks:
+        try:
+            seconds = best(lambda: op.matmat(V[:, :m]), repeat) / m  # noqa: B023
+            out = op.matmat(V[:, :m])
+            diff = float((out - looped[:, :m]).abs().max() / looped[:, :m].abs().max())
+            row = f"{seconds:.3f} | {one / seconds:.2f} | {diff:.1e}"
+        except RuntimeError as error:
+            row = f"fails: {str(error).splitlines()[0][:80]} | | "
+        rows.append(f"| {rung} | {op.dim:,} | {one:.3f} | {m} | {row} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -469,9 +469,12 @@ class HessianOperator(CurvatureOperator):
         self._graphs: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
         self._loss_value: float | None = None
         self.n_graph_builds = 0  # gradient graphs built (once per operator; blocks share it)
-        # matmat through one batched backward pass (vmap over the double backward), where
-        # benchmarks/bench_block.py measured it faster than one vector at a time
+        # matmat through one batched backward pass (vmap over the double backward)
         self.batched_products = True
+        # vectors the solvers (Hutchinson, Hutch++) hand over in one matmat: one, since on
+        # CPU the batched pass was slower a vector on every rung of the size ladder (0.54-
+        # 0.95x, benchmarks/results/block.md); a larger block is for devices where it wins
+        self.block_size = 1
 
     def _reset(self) -> None:
         self._graphs, self._loss_value = None, None
