@@ -83,7 +83,6 @@ def measure_once(name: str, model, data, seconds: dict[str, float]) -> dict[str,
         model=model,
         loss_fn=cross_entropy,
         data=data,
-        config=config,
         trajectory=[],
         metrics={},
     )

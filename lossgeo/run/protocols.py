@@ -16,7 +16,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lossgeo.config import TrainConfig
 from lossgeo.data import DataBundle
 from lossgeo.losses import LossFn
 from lossgeo.run.parallel import SINGLE, Ranks
@@ -51,7 +50,6 @@ class EpochState:
     model: nn.Module
     loss_fn: LossFn
     data: DataBundle
-    config: TrainConfig
     # Flattened CPU copies of the weights after every epoch so far (for trajectory PCA).
     trajectory: list[torch.Tensor]
     # Metrics already computed this epoch (evaluation and earlier measurements).

@@ -344,7 +344,6 @@ class _Loop:
             model=self.model,
             loss_fn=self.loss_fn,
             data=self.data,
-            config=self.config,
             trajectory=self.trajectory,
             metrics=metrics,
             ranks=self.ranks,
