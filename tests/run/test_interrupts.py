@@ -19,6 +19,9 @@ def handlers(monkeypatch):
     """lossgeo's handlers installed as the CLI installs them; the test's own restored after."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     monkeypatch.setattr(interrupts, "RECEIVED", [])
+    # as in a terminal's foreground job: a suite started in the background (`nohup ... &`)
+    # inherits SIGINT ignored, and `install` rightly leaves an ignored SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupts.install()
     yield
     signal.setitimer(signal.ITIMER_REAL, 0)
