@@ -37,7 +37,7 @@ from .api import (
 from .batches import as_batches, eval_mode
 from .density import slq_density
 from .lanczos import lanczos, power_iteration
-from .linear import LambdaOperator, LinearOperator, MatrixOperator
+from .linear import LambdaOperator, LinearOperator, MatrixOperator, SymmetricOperator
 from .measure import CurvatureMeasures, CurvatureSettings, measure_curvature
 from .operators import (
     CurvatureOperator,
@@ -77,6 +77,7 @@ __all__ = [
     "LinearOperator",
     "LambdaOperator",
     "MatrixOperator",
+    "SymmetricOperator",
     "as_batches",
     "eval_mode",
 ]

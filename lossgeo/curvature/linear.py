@@ -19,16 +19,22 @@ import torch
 
 @runtime_checkable
 class LinearOperator(Protocol):
-    @property
-    def dim(self) -> int: ...
+    """What the solvers read: a square operator's size, dtype, device and `op @ v`."""
 
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dim(self) -> int:
+        """The side n of the n x n matrix."""
 
     @property
-    def device(self) -> torch.device: ...
+    def dtype(self) -> torch.dtype:
+        """The dtype of its vectors."""
 
-    def __matmul__(self, vector: torch.Tensor) -> torch.Tensor: ...
+    @property
+    def device(self) -> torch.device:
+        """The device of its vectors."""
+
+    def __matmul__(self, vector: torch.Tensor) -> torch.Tensor:
+        """A v."""
 
 
 class SymmetricOperator(abc.ABC):
@@ -41,15 +47,18 @@ class SymmetricOperator(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def dim(self) -> int: ...
+    def dim(self) -> int:
+        """The side n of the n x n matrix."""
 
     @property
     @abc.abstractmethod
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The dtype of its vectors."""
 
     @property
     @abc.abstractmethod
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """The device of its vectors."""
 
     @abc.abstractmethod
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
@@ -73,6 +82,7 @@ class SymmetricOperator(abc.ABC):
         return self._matmat(block)
 
     def __matmul__(self, other: Any) -> Any:
+        """A v (a vector), A V (a (dim, m) block), or the composition A B (an operator)."""
         if isinstance(other, SymmetricOperator):
             return _Composed(self, other)
         if isinstance(other, torch.Tensor) and other.dim() == 2:
@@ -80,16 +90,19 @@ class SymmetricOperator(abc.ABC):
         return self.matvec(other)
 
     def __add__(self, other: Any) -> "SymmetricOperator":
+        """A + B, applied as A v + B v."""
         if not isinstance(other, SymmetricOperator):
             return NotImplemented
         return _Sum(self, other)
 
     def __sub__(self, other: Any) -> "SymmetricOperator":
+        """A - B, applied as A v - B v."""
         if not isinstance(other, SymmetricOperator):
             return NotImplemented
         return _Sum(self, _Scaled(other, -1.0))
 
     def __mul__(self, scalar: Any) -> "SymmetricOperator":
+        """c A for a number c."""
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
             return NotImplemented
         return _Scaled(self, float(scalar))
@@ -97,6 +110,7 @@ class SymmetricOperator(abc.ABC):
     __rmul__ = __mul__
 
     def __neg__(self) -> "SymmetricOperator":
+        """-A."""
         return _Scaled(self, -1.0)
 
     def to_scipy(self) -> Any:
@@ -211,6 +225,7 @@ class LambdaOperator(SymmetricOperator):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
+        """matvec: v -> A v; dim: the side of A; dtype, device: those of its vectors."""
         if dim < 1:
             raise ValueError(f"dim: must be >= 1 (got {dim})")
         self._function, self._dim = matvec, dim
@@ -219,14 +234,17 @@ class LambdaOperator(SymmetricOperator):
 
     @property
     def dim(self) -> int:
+        """The side n of the n x n matrix."""
         return self._dim
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of its vectors."""
         return self._dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of its vectors."""
         return self._device
 
     def _matvec(self, vector: torch.Tensor) -> torch.Tensor:
@@ -237,6 +255,7 @@ class MatrixOperator(LambdaOperator):
     """A dense symmetric matrix as an operator (tests, small problems)."""
 
     def __init__(self, matrix: torch.Tensor) -> None:
+        """matrix: square, symmetric (not checked)."""
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"matrix: must be square (got shape {tuple(matrix.shape)})")
         super().__init__(
