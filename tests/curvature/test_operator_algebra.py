@@ -127,3 +127,23 @@ def test_a_wrong_shape_is_one_clear_error(bad, error, message):
     with pytest.raises(ValueError, match="do not combine"):
         op + MatrixOperator(torch.eye(3))
     assert op.n_matvec == 0
+
+
+def test_an_unused_parameter_has_zero_rows_in_block_and_single_products():
+    class WithUnused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.unused = tiny_mlp(), torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.net(x)
+
+    model, (x, y) = WithUnused(), toy_data()
+    H = exact_hessian(model.net, cross_entropy, x, y)
+    op = HessianOperator(model, cross_entropy, (x, y))
+    n = H.shape[0]
+    assert op.dim == n + 6  # net's parameters first, then the unused Linear's
+    V = block(op.dim, 3)
+    expected = torch.cat([H @ V[:n], torch.zeros(6, 3)])
+    assert torch.allclose(op.matmat(V), expected, atol=1e-12)
+    assert torch.allclose(op.matvec(V[:, 0]), expected[:, 0], atol=1e-12)
