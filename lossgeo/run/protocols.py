@@ -52,7 +52,8 @@ class EpochState:
     data: DataBundle
     # Flattened CPU copies of the weights after every epoch so far (for trajectory PCA).
     trajectory: list[torch.Tensor]
-    # Metrics already computed this epoch (evaluation and earlier measurements).
+    # This epoch's evaluation metrics (read-only: measurements return theirs, the loop
+    # records them).
     metrics: dict[str, float]
     # Results one measurement leaves for a later one this epoch (e.g. Hessian eigenvectors).
     cache: dict[str, Any] = field(default_factory=dict)

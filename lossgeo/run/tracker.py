@@ -76,7 +76,7 @@ from lossgeo.curvature.warm import WarmEigen
 from lossgeo.geometry.regimes import REGIMES, EdgeRegimeDetector
 from lossgeo.geometry.spikes import OnlineSpikeDetector
 from lossgeo.run.names import curvature_artifacts, curvature_metrics
-from lossgeo.run.protocols import Measurement, MetricLogger
+from lossgeo.run.protocols import EpochState, Measurement, MetricLogger
 
 log = logging.getLogger("lossgeo")
 SDPA_TAG = "lossgeo_attention_backend"
@@ -494,68 +494,79 @@ class Tracker:
         )
 
     # -- per epoch --------------------------------------------------------------------------
-    def epoch(self, epoch: int, state: Any = None, *, final: bool = False) -> dict[str, float]:
+    def epoch(
+        self, epoch: int, state: EpochState | None = None, *, final: bool = False
+    ) -> dict[str, float]:
         """The epoch set at `epoch`, logged with step=epoch and returned. lossgeo's loop
         passes its EpochState; user code passes nothing. final=True adds the spectral
         density (artifacts `spectrum/eigen.pt` and `spectrum/density.pt`, sent to the
         logger's `log_object` if it has one)."""
         metrics, artifacts = self.measure_epoch(state, final=final)
         self.logger.log_metrics(metrics, step=epoch)
-        log_object = getattr(self.logger, "log_object", None)
+        log_object = getattr(self.logger, "log_object", None)  # optional in MetricLogger
         if log_object is not None:
             for path, obj in artifacts.items():
                 log_object(path, obj)
         return metrics
 
     def measure_epoch(
-        self, state: Any = None, *, final: bool = False
+        self, state: EpochState | None = None, *, final: bool = False
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        """(metrics, artifacts) of the epoch set, not logged: the curvature, then the
-        `epoch_measurements`. With lossgeo's EpochState, `state.is_last` means final, the
-        top eigenpairs are left in `state.cache["hessian_top"]` (landscapes along them) and
-        `state.metrics` receives every metric. Under a process group an error on one rank
-        ends every rank with its message (`distributed.collectively`)."""
+        """(metrics, artifacts) of the epoch set, neither logged nor written anywhere else:
+        the curvature, then the `epoch_measurements`; the caller records them. With
+        lossgeo's EpochState, `state.is_last` means final, and the top eigenpairs are handed
+        to the later measurements in `state.cache["hessian_top"]` (landscapes along them).
+        Under a process group an error on one rank ends every rank with its message
+        (`distributed.collectively`)."""
         with collectively(self.group, "epoch measurement"), outside_autocast():
             return self._measure_epoch(state, final=final)
 
     def _measure_epoch(
-        self, state: Any = None, *, final: bool = False
+        self, state: EpochState | None, *, final: bool
     ) -> tuple[dict[str, float], dict[str, Any]]:
         metrics: dict[str, float] = {}
         artifacts: dict[str, Any] = {}
         self.epoch_seconds = {}
-        measures = None
         if self.curvature is not None:
-            final = final or bool(getattr(state, "is_last", False))
-            try:
-                with PeakMemory(self._device) as peak:
-                    measures = self.measure_curvature(final=final)
-            except MemoryError as error:  # one sample does not fit: train on without it
-                if self.group is not None:
-                    raise  # alone, this rank would leave the others in a collective
-                self._skip("curvature", error)
-        if measures is not None:
-            if state is not None and measures.top is not None and hasattr(state, "cache"):
-                state.cache["hessian_top"] = measures.top
-            metrics.update(curvature_metrics(measures))  # no lr: the edge comes next
-            metrics["curvature_peak_mb"] = peak.megabytes
-            # the optimizer's own edge (Nesterov, dampening, Adam's preconditioned form)
-            metrics.update(self._edge_metrics(None, measures.lambda_max))
-            assert self.curvature is not None  # measures exist only with settings
-            artifacts.update(curvature_artifacts(measures, self.curvature))
-            self.epoch_seconds["curvature"] = measures.seconds
-            if state is not None and hasattr(state, "metrics"):
-                state.metrics.update(metrics)
+            final = final or (state is not None and state.is_last)
+            measured = self._epoch_curvature(final)
+            if measured is not None:
+                measures, curvature = measured
+                metrics.update(curvature)
+                artifacts.update(curvature_artifacts(measures, self.curvature))
+                self.epoch_seconds["curvature"] = measures.seconds
+                if state is not None and measures.top is not None:
+                    state.cache["hessian_top"] = measures.top
+        if self.epoch_measurements and state is None:
+            raise ValueError(
+                "state: the epoch_measurements need the loop's EpochState (Tracker.epoch(n, state))"
+            )
         for measurement in self.epoch_measurements:
+            assert state is not None
             started = time.perf_counter()
             result = measurement(state)
             name = getattr(measurement, "name", type(measurement).__name__)
             self.epoch_seconds[name] = time.perf_counter() - started
             metrics.update(result.metrics)
             artifacts.update(result.artifacts)
-            if state is not None and hasattr(state, "metrics"):
-                state.metrics.update(result.metrics)
         return metrics, artifacts
+
+    def _epoch_curvature(self, final: bool) -> tuple[CurvatureMeasures, dict[str, float]] | None:
+        """The epoch set's curvature and its metrics (edge included); None when it was
+        skipped because one sample does not fit in memory."""
+        try:
+            with PeakMemory(self._device) as peak:
+                measures = self.measure_curvature(final=final)
+        except MemoryError as error:  # one sample does not fit: train on without it
+            if self.group is not None:
+                raise  # alone, this rank would leave the others in a collective
+            self._skip("curvature", error)
+            return None
+        metrics = curvature_metrics(measures)  # no lr: the edge comes next
+        metrics["curvature_peak_mb"] = peak.megabytes
+        # the optimizer's own edge (Nesterov, dampening, Adam's preconditioned form)
+        metrics.update(self._edge_metrics(None, measures.lambda_max))
+        return measures, metrics
 
     def measure_curvature(self, *, final: bool = False) -> CurvatureMeasures:
         """The epoch set's curvature (`lossgeo.curvature.measure_curvature` with this

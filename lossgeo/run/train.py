@@ -32,7 +32,8 @@ from lossgeo.run.tracker import StepSettings, Tracker
 
 @dataclass
 class TrainResult:
-    history: list[dict[str, float]]
+    # The per-epoch rows went to the logger (`RunLogger.log_epoch`), which keeps the one
+    # history of the run; nothing here copies them.
     diverged_epoch: int | None
     model: nn.Module
     # Training to a fit: the optimizer step at which the target was reached (None: missed).
@@ -155,7 +156,6 @@ def train(
             break
     loop.epoch_bar.close()
     return TrainResult(
-        history=loop.history,
         diverged_epoch=loop.diverged_epoch,
         model=model,
         steps_to_target=loop.target.step,
@@ -213,7 +213,6 @@ class _Loop:
         self.optimizer = make_optimizer(config, model)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.schedule = measured_epochs(config.epochs, config.measure_every)
-        self.history: list[dict[str, float]] = []
         self.trajectory: list[torch.Tensor] = []
         self.final_artifacts: dict[str, Any] = {}
         self.diverged_epoch: int | None = None
@@ -361,7 +360,8 @@ class _Loop:
                     " ...",
                     flush=True,
                 )
-        _, artifacts = self.tracker.measure_epoch(state)  # updates `metrics` (state.metrics)
+        measured, artifacts = self.tracker.measure_epoch(state)
+        metrics.update(measured)  # the loop records what the Tracker returns
         split.update(self.tracker.epoch_seconds)
         for path, obj in artifacts.items():
             self.logger.log_object(path, obj)
@@ -370,7 +370,6 @@ class _Loop:
 
     def record(self, epoch: int, metrics: dict[str, float]) -> None:
         self.logger.log_epoch(epoch, metrics)
-        self.history.append({"epoch": float(epoch), **metrics})
 
     def record_divergence(self, epoch: int, metrics: dict[str, float]) -> None:
         """A non-finite loss at `epoch`: recorded (with what was evaluated), not raised."""

@@ -429,3 +429,45 @@ def test_under_adam_the_regime_follows_the_preconditioned_edge_ratio():
             want = detector.update(logged[governing], logged["step/probe_loss"])
             assert logged["step/regime"] == REGIMES[want], (governing, logged)
         assert logged["step/edge_ratio"] != logged["step/batch_edge_ratio"]
+
+
+def test_measure_epoch_returns_what_it_measured_and_leaves_the_state_metrics_to_the_loop():
+    """The data walks one way: the Tracker returns the epoch set (the loop records it); it
+    writes into the loop's state only the top eigenpairs that its later measurements read,
+    and a measurement that needs the loop's state is refused without one."""
+    from lossgeo.run.protocols import EpochState, MeasurementResult
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    seen = []
+
+    class Probe:
+        name = "probe"
+
+        def __call__(self, state):
+            seen.append(state.cache["hessian_top"].values[0])
+            return MeasurementResult(metrics={"probe_metric": 1.0})
+
+    settings = lossgeo_curvature_settings()
+    tracker = Tracker(
+        model, F.cross_entropy, (x, y), every_steps=0, lr=0.1, curvature=settings,
+        epoch_measurements=[Probe()], logger=NullLogger(),
+    )  # fmt: skip
+    evaluation = {"test_loss": 0.5}
+    state = EpochState(
+        epoch=1, is_last=False, model=model, loss_fn=F.cross_entropy, data=None,
+        trajectory=[], metrics=evaluation,
+    )  # fmt: skip
+    metrics, _ = tracker.measure_epoch(state)
+    assert evaluation == {"test_loss": 0.5}  # untouched
+    assert metrics["probe_metric"] == 1.0 and seen == [metrics["lambda_max"]]
+    assert set(tracker.epoch_seconds) == {"curvature", "probe"}
+    with pytest.raises(ValueError, match="epoch_measurements need the loop's EpochState"):
+        tracker.measure_epoch()
+
+
+def lossgeo_curvature_settings():
+    from lossgeo import CurvatureSettings
+
+    return CurvatureSettings(k=2, trace_samples=0, layerwise=False, ggn=False)
