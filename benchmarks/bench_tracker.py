@@ -24,7 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, mnist  # noqa: E402
 
-from lossgeo import Tracker  # noqa: E402
+from lossgeo import (
+    Scope,
+    StepSettings,
+    Tracker,  # noqa: E402
+)
 from lossgeo.losses import cross_entropy  # noqa: E402
 from lossgeo.models import build_model  # noqa: E402
 
@@ -63,9 +67,8 @@ def mnist_mlp(setting: str, every: int = 10, n_steps: int = 600) -> None:
         model,
         loss_fn,
         probe,
-        every_steps=every,
         optimizer=optimizer,
-        batch_size=32 if setting == "sgd" else 200,
+        steps=StepSettings(every=every, batch_size=32 if setting == "sgd" else 200),
         logger=recorder,
     )
     gen = torch.Generator().manual_seed(1)
@@ -146,8 +149,8 @@ def tiny_gpt2() -> None:
         model,
         lambda m, b: m(**b).loss,
         probe,
-        every_steps=10,
-        params="transformer.h.0.attn",
+        steps=StepSettings(every=10),
+        scope=Scope(params="transformer.h.0.attn"),
         logger=recorder,
     )
     train_seconds, steps = 0.0, 100

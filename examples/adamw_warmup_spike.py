@@ -29,7 +29,7 @@ import mlflow
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lossgeo import Tracker
+from lossgeo import StepSettings, Tracker
 
 SPIKE_FACTOR = 1.5
 SMOOTHING = 3
@@ -77,7 +77,9 @@ def main() -> None:
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / args.warmup)
     )
-    tracker = Tracker(model, lm_loss, probe, every_steps=args.every, optimizer=optimizer)
+    tracker = Tracker(
+        model, lm_loss, probe, optimizer=optimizer, steps=StepSettings(every=args.every)
+    )
     gen = torch.Generator().manual_seed(2)
     losses: list[float] = []
     lowest = float("inf")

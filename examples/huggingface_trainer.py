@@ -30,7 +30,7 @@ import mlflow
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from lossgeo import Tracker
+from lossgeo import Scope, StepSettings, Tracker
 
 
 class LossgeoCallback(TrainerCallback):
@@ -114,9 +114,8 @@ def main() -> None:
             model,
             lambda model, batch: model(**batch).loss,
             probe_batches,
-            every_steps=args.every,
-            params="transformer.h.0.attn",
-            process_group=group,
+            steps=StepSettings(every=args.every),
+            scope=Scope(params="transformer.h.0.attn", process_group=group),
         )
 
     callback = LossgeoCallback(make_tracker, probe)

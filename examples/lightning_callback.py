@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lossgeo import Tracker
+from lossgeo import Scope, StepSettings, Tracker
 
 
 class LossgeoCallback(L.Callback):
@@ -46,10 +46,9 @@ class LossgeoCallback(L.Callback):
             pl_module.net,
             F.cross_entropy,
             (x, y),
-            every_steps=self.every_steps,
             optimizer=trainer.optimizers[0],
-            batch_size=self.batch_size,
-            process_group=True if trainer.world_size > 1 else None,
+            steps=StepSettings(every=self.every_steps, batch_size=self.batch_size),
+            scope=Scope(process_group=True if trainer.world_size > 1 else None),
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

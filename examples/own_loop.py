@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossgeo import Tracker
+from lossgeo import StepSettings, Tracker
 
 
 def main() -> None:
@@ -39,9 +39,8 @@ def main() -> None:
         model,
         F.cross_entropy,
         probe,
-        every_steps=args.every,
         optimizer=optimizer,
-        batch_size=args.batch_size,
+        steps=StepSettings(every=args.every, batch_size=args.batch_size),
     )
     steps_per_epoch = len(y) // args.batch_size
 

@@ -2,7 +2,7 @@
 
 from lossgeo.version import __version__
 
-__all__ = ["CurvatureSettings", "StepSettings", "Tracker", "__version__"]
+__all__ = ["CurvatureSettings", "SGDStep", "Scope", "StepSettings", "Tracker", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,12 @@ def __getattr__(name: str):
         from lossgeo.curvature.measure import CurvatureSettings
 
         return CurvatureSettings
+    if name == "Scope":
+        from lossgeo.curvature.scope import Scope
+
+        return Scope
+    if name == "SGDStep":
+        from lossgeo.curvature.stability import SGDStep
+
+        return SGDStep
     raise AttributeError(f"module 'lossgeo' has no attribute {name!r}")

@@ -8,6 +8,7 @@ Model-level API (what notebooks call)::
     spectral_density(model, loss_fn, data, n_steps=100, n_vectors=1)
     layerwise_lambda_max(model, loss_fn, data)
     measure_curvature(model, loss_fn, data, CurvatureSettings())  # the per-epoch set
+    batch_sharpness(model, loss_fn, probe, BatchSampling(batch_size=32))
     effective_dimension(eigenvalues, alpha)
 
 Solvers on any symmetric operator (`HessianOperator(model, loss_fn, data)`, `GGNOperator`,
@@ -47,6 +48,9 @@ from .operators import (
     HessianOperator,
 )
 from .results import DensityResult, EigenResult, TraceResult
+from .scope import Scope
+from .stability import SGDStep
+from .stochastic import BatchSampling, batch_sharpness
 from .trace import hutch_plus_plus, hutchinson, hutchpp
 
 __all__ = [
@@ -60,6 +64,10 @@ __all__ = [
     "measure_curvature",
     "CurvatureSettings",
     "CurvatureMeasures",
+    "Scope",
+    "batch_sharpness",
+    "BatchSampling",
+    "SGDStep",
     "lanczos",
     "power_iteration",
     "hutchinson",

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..models import parameter_blocks
 from .api import effective_dimension
-from .batches import AnyLossFn, DataSource, LossForm, check_chunk_size, eval_mode, parse_memory
+from .batches import AnyLossFn, DataSource, check_chunk_size, eval_mode, parse_memory
 from .density import slq_density
 from .distributed import unwrap
 from .factories import AnyHessianOperator, hessian_block, hessian_operator, make_operator
@@ -28,6 +28,7 @@ from .linear import MatrixOperator
 from .operators import full_precision, resolve_compute_dtype
 from .persample import fisher_gram
 from .results import DensityResult, EigenResult, TraceResult
+from .scope import Scope
 from .sharded import is_sharded
 from .trace import hutchinson
 
@@ -146,12 +147,8 @@ def measure_curvature(
     data: DataSource,
     settings: CurvatureSettings = CurvatureSettings(),
     *,
-    params: Sequence[str] | str | None = None,
-    loss_form: LossForm = "auto",
-    size_fn: Callable[[Any], int] | None = None,
-    math_attention: bool = False,
+    scope: Scope = Scope(),
     final: bool = False,
-    process_group: Any = None,
 ) -> CurvatureMeasures:
     """The per-epoch curvature of the mean loss of `model` on `data`.
 
@@ -160,15 +157,12 @@ def measure_curvature(
         loss_fn: loss_fn(output, target) with (x, y) batches, or loss_fn(model, batch).
         data: one (x, y) pair, a list of batches or a DataLoader.
         settings: what to compute and to which accuracy.
-        params: a parameter filter (names, module paths, globs); None = all trainable.
-        loss_form: "output_target", "model_batch", or "auto" (guessed from loss_fn).
-        size_fn: the number of samples in a batch, for batches lossgeo cannot count.
-        math_attention: run products under the math attention backend from the start.
+        scope: the parameters, the loss's form, how batches are counted, the attention
+            backend to start under, and the process group (`Scope`): with a group, `data`
+            is this rank's shard of the probe set and every product is summed over the
+            group; every rank returns the same record. A sharded (FSDP2) model is measured
+            over its mesh's group by difference products (`sharded.py`).
         final: also the spectral density (continuing the eigen solve's Krylov space).
-        process_group: `data` is this rank's shard of the probe set and every product is
-            summed over the group (True: the default group); every rank returns the same
-            record. None: one process. A sharded (FSDP2) model is measured over its mesh's
-            group by difference products (`sharded.py`).
 
     Returns:
         A `CurvatureMeasures`: lambda_max..lambda_k and lambda_min with residuals, the trace
@@ -177,20 +171,16 @@ def measure_curvature(
         is not finite.
     """
     start = time.perf_counter()
-    s = settings
+    s, scope = settings, scope.resolved()
     model = unwrap(model)
     op = hessian_operator(
         model,
         loss_fn,
         data,
-        params=params,
-        loss_form=loss_form,
-        batch_size=size_fn,
         chunk_size=s.chunk_size,
-        math_attention=math_attention,
-        process_group=process_group,
         compute_dtype=s.compute_dtype,
         max_memory=s.max_memory,
+        **scope.operator_options(),
     )
     if not probe_is_finite(op):
         return CurvatureMeasures(
@@ -225,27 +215,23 @@ def measure_curvature(
         n_hvp += trace.n_hvp
     ggn = fisher = None
     if s.ggn and op.objective.form == "output_target":
+        outputs = replace(scope, loss_form="output_target", math_attention=False)
         ggn_result = lanczos_top(
             make_operator(
                 "ggn",
                 model,
                 loss_fn,
                 data,
-                params=params,
-                loss_form="output_target",
-                batch_size=size_fn,
                 chunk_size=s.chunk_size,
-                process_group=process_group,
                 compute_dtype=s.compute_dtype,
+                **outputs.operator_options(),
             ),
             tol=s.secondary_tol,
             max_iter=s.max_iter,
             seed=s.seed,
         )
         ggn = float(ggn_result.values[0])
-        fisher, fisher_products = _fisher_lambda_max(
-            model, loss_fn, data, s, params=params, size_fn=size_fn, process_group=process_group
-        )
+        fisher, fisher_products = _fisher_lambda_max(model, loss_fn, data, s, outputs)
         n_hvp += ggn_result.n_hvp + fisher_products
     layers: dict[str, float] = {}
     blocks = parameter_blocks(model, op.space.names) if s.layerwise else {}
@@ -285,10 +271,7 @@ def _fisher_lambda_max(
     loss_fn: Any,
     data: DataSource,
     s: CurvatureSettings,
-    *,
-    params: Sequence[str] | str | None,
-    size_fn: Callable[[Any], int] | None,
-    process_group: Any,
+    scope: Scope,
 ) -> tuple[float, int]:
     """(lambda_max of the empirical Fisher, products in parameter space). For a chain of
     Linear layers (the MLP) it is the top eigenvalue of the n x n Gram matrix of per-sample
@@ -297,7 +280,12 @@ def _fisher_lambda_max(
     probe set gets Lanczos on the operator."""
     gram = None
     # the Gram path reads every parameter and every sample of the probe set in one process
-    if params is None and size_fn is None and process_group is None and not is_sharded(model):
+    if (
+        scope.params is None
+        and scope.size_fn is None
+        and scope.process_group is None
+        and not is_sharded(model)
+    ):
         with eval_mode(model):
             gram = fisher_gram(model, loss_fn, data)
     if gram is not None:
@@ -308,12 +296,9 @@ def _fisher_lambda_max(
         model,
         loss_fn,
         data,
-        params=params,
-        batch_size=size_fn,
-        loss_form="output_target",
         chunk_size=s.chunk_size,
-        process_group=process_group,
         compute_dtype=s.compute_dtype,
+        **scope.operator_options(),
     )
     result = lanczos_top(fisher, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
     return float(result.values[0]), result.n_hvp

@@ -45,6 +45,28 @@ class StabilityEdge:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class SGDStep:
+    """The update of a loop whose optimizer lossgeo cannot read (a hand-written step, a
+    wrapper it does not know): plain SGD at `lr` with heavy-ball `momentum`, whose edge is
+    2(1+m)/lr. `Tracker(optimizer=SGDStep(0.1))`."""
+
+    lr: float
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Bad values fail here, in one line."""
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr: must be a number > 0 (got {self.lr!r})")
+        if not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: must be a number in [0, 1) (got {self.momentum!r})")
+
+    @property
+    def edge(self) -> StabilityEdge:
+        """2(1+m)/lr (Cohen et al. 2021 use 2/lr without momentum)."""
+        return StabilityEdge(2 * (1 + self.momentum) / self.lr, rule="2(1+m)/lr")
+
+
 def _group_setting(optimizer: torch.optim.Optimizer, key: str) -> object:
     values = {repr(group.get(key)) for group in optimizer.param_groups}
     if len(values) > 1:

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .batches import AnyLossFn, DataSource, LossForm, as_batches, is_tensor_pair
-from .distributed import all_gather, all_reduce, resolve_group, unwrap
+from .batches import AnyLossFn, DataSource, as_batches, is_tensor_pair
+from .distributed import all_gather, all_reduce, unwrap
 from .operators import HessianOperator, full_precision
 from .params import ParameterSpace
+from .scope import Scope
 from .sharded import is_sharded
 
 
@@ -58,42 +59,67 @@ def minibatches(probe: DataSource, batch_size: int | None, generator: torch.Gene
     return [batches[i] for i in order]
 
 
+@dataclass(frozen=True)
+class BatchSampling:
+    """How batch sharpness samples the probe set.
+
+    Attributes:
+        batch_size: the training batch size, to cut an (x, y) probe set into mini-batches
+            (a list-of-batches probe is used as given).
+        rel_se: the Monte Carlo stops once the standard error is below this share of the mean.
+        min_batches: mini-batches at least (before the standard error may stop it).
+        max_batches: mini-batches at most.
+        seed: the mini-batch draws.
+    """
+
+    batch_size: int | None = None
+    rel_se: float = 0.1
+    min_batches: int = 4
+    max_batches: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Bad options fail here, in one line."""
+        if not self.rel_se >= 0 or not 1 <= self.min_batches <= self.max_batches:
+            raise ValueError(
+                "batch sharpness: need rel_se >= 0 and 1 <= min_batches <= max_batches"
+            )
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or self.batch_size < 1
+        ):
+            raise ValueError(f"batch_size: must be a whole number >= 1 (got {self.batch_size!r})")
+
+
 @full_precision
 def batch_sharpness(
     model: nn.Module,
     loss_fn: AnyLossFn,
     probe: DataSource,
+    sampling: BatchSampling = BatchSampling(),
     *,
-    batch_size: int | None = None,
-    rel_se: float = 0.1,
-    min_batches: int = 4,
-    max_batches: int = 16,
-    seed: int = 0,
-    params: Sequence[str] | str | None = None,
-    loss_form: LossForm = "auto",
-    size_fn: Callable[[Any], int] | None = None,
-    math_attention: bool = False,
-    process_group: Any = None,
+    scope: Scope = Scope(),
     preconditioner: torch.Tensor | None = None,
 ) -> BatchSharpnessResult:
-    """E_B[g_B^T H_B g_B / ||g_B||^2] over mini-batches of the probe set (module docstring).
-    With a diagonal `preconditioner` P (flat, in the order of `params`; Adam's
+    """E_B[g_B^T H_B g_B / ||g_B||^2] over mini-batches of the probe set (module docstring),
+    drawn as `sampling` says.
+    With a diagonal `preconditioner` P (flat, in the order of `scope.params`; Adam's
     sqrt(v_hat) + eps), the preconditioned form E_B[u^T H_B u / u^T P u] with u = P^-1 g_B:
     the curvature along the step the adaptive optimizer takes, to compare with its
     threshold on P^-1/2 H P^-1/2.
     A batch whose gradient vanishes contributes nothing (its ratio is undefined).
-    math_attention: start under the math attention backend; once one batch's operator falls
-    back to it, the later batches start there too.
-    process_group: `probe` is this rank's shard. For an (x, y) shard (the shards in rank
-    order make the whole probe set, as `tensor_split` cuts it), the mini-batches are those
-    one process draws from the whole set with the same seed: each rank takes the samples of
-    a batch that it holds, and the batch's gradient and product are summed over the ranks
-    (one all-reduce each), so every rank returns the single-process estimate. For a list of
-    batches, each round every rank draws one batch of its own shard and the rounds' ratios
-    are gathered. None: one process."""
-    if rel_se < 0 or min_batches < 1 or max_batches < min_batches:
-        raise ValueError("batch sharpness: need rel_se >= 0 and 1 <= min_batches <= max_batches")
-    group = resolve_group(process_group)
+    scope.math_attention: start under the math attention backend; once one batch's operator
+    falls back to it, the later batches start there too.
+    scope.process_group: `probe` is this rank's shard. For an (x, y) shard (the shards in
+    rank order make the whole probe set, as `tensor_split` cuts it), the mini-batches are
+    those one process draws from the whole set with the same seed: each rank takes the
+    samples of a batch that it holds, and the batch's gradient and product are summed over
+    the ranks (one all-reduce each), so every rank returns the single-process estimate. For
+    a list of batches, each round every rank draws one batch of its own shard and the
+    rounds' ratios are gathered. None: one process."""
+    scope = scope.resolved()
+    group = scope.process_group
     rank, world = _rank_and_size(group)
     model = unwrap(model)
     shard = as_batches(probe, None)
@@ -101,29 +127,25 @@ def batch_sharpness(
     if is_sharded(model) and not pair:
         raise ValueError("batch sharpness of a sharded (FSDP) model: needs an (x, y) probe shard")
     if (group is not None or is_sharded(model)) and pair:
-        return _global_batch_sharpness(
-            model, loss_fn, shard[0], group, batch_size=batch_size, rel_se=rel_se,
-            min_batches=min_batches, max_batches=max_batches, seed=seed, params=params,
-            loss_form=loss_form, size_fn=size_fn, math_attention=math_attention,
-            preconditioner=preconditioner,
-        )  # fmt: skip
-    gen = torch.Generator().manual_seed(seed + 7919 * rank)  # each shard its own draws
+        return _global_batch_sharpness(model, loss_fn, shard[0], sampling, scope, preconditioner)
+    gen = torch.Generator().manual_seed(sampling.seed + 7919 * rank)  # each shard its own draws
     ratios: list[float] = []
     n_hvp = 0
-    space = ParameterSpace(model, params)  # one copy of the parameters for every batch
-    batches = minibatches(probe, batch_size, gen)
+    space = ParameterSpace(model, scope.params)  # one copy of the parameters for every batch
+    batches = minibatches(probe, sampling.batch_size, gen)
     # every rank takes part in the same number of rounds: as many as the smallest shard has
-    rounds = min(len(batches), max(1, math.ceil(max_batches / world)))
+    rounds = min(len(batches), max(1, math.ceil(sampling.max_batches / world)))
     if group is not None:
         rounds = _min_over(rounds, group)
+    math_attention = scope.math_attention
     for batch in batches[:rounds]:
         op = HessianOperator(
             model,
             loss_fn,
             [batch],
             chunk_size=None,
-            loss_form=loss_form,
-            batch_size=size_fn,
+            loss_form=scope.loss_form,
+            batch_size=scope.size_fn,
             space=space,
             math_attention=math_attention,
         )
@@ -137,7 +159,7 @@ def batch_sharpness(
         # a vanished gradient contributes nothing (NaN, dropped), on every rank alike
         ratios += [r for r in _gathered(ratio, group, world) if not math.isnan(r)]
         math_attention = op.math_attention
-        if _precise_enough(ratios, min_batches, rel_se):
+        if _precise_enough(ratios, sampling.min_batches, sampling.rel_se):
             break
     return _result(ratios, n_hvp)
 
@@ -146,17 +168,8 @@ def _global_batch_sharpness(
     model: nn.Module,
     loss_fn: AnyLossFn,
     shard: tuple[torch.Tensor, torch.Tensor],
-    group: Any,
-    *,
-    batch_size: int | None,
-    rel_se: float,
-    min_batches: int,
-    max_batches: int,
-    seed: int,
-    params: Sequence[str] | str | None,
-    loss_form: LossForm,
-    size_fn: Callable[[Any], int] | None,
-    math_attention: bool,
+    sampling: BatchSampling,
+    scope: Scope,
     preconditioner: torch.Tensor | None,
 ) -> BatchSharpnessResult:
     """Batch sharpness over the mini-batches one process would draw from the whole probe
@@ -167,15 +180,20 @@ def _global_batch_sharpness(
     this rank's part, summed over the group."""
     x, y = shard
     sharded = is_sharded(model)
+    group, params, math_attention = scope.process_group, scope.params, scope.math_attention
     if sharded:
         from .sharded import ShardedHessianOperator, mesh_group
 
         group = mesh_group(model)
         if not len(y):
             raise ValueError("probe: batch sharpness of a sharded model needs a sample a rank")
-    offset, order = _global_order(len(y), group, batch_size, seed)
+    offset, order = _global_order(len(y), group, sampling.batch_size, sampling.seed)
     space = None if sharded else ParameterSpace(model, params)
-    options: dict[str, Any] = {"chunk_size": None, "loss_form": loss_form, "batch_size": size_fn}
+    options: dict[str, Any] = {
+        "chunk_size": None,
+        "loss_form": scope.loss_form,
+        "batch_size": scope.size_fn,
+    }
 
     def parts(mine: torch.Tensor, share: float) -> tuple[torch.Tensor, Callable]:
         """The batch's gradient (summed over the ranks) and its product function."""
@@ -200,7 +218,7 @@ def _global_batch_sharpness(
 
     ratios: list[float] = []
     n_hvp = 0
-    for indices in order[:max_batches]:
+    for indices in order[: sampling.max_batches]:
         mine = indices[(indices >= offset) & (indices < offset + len(y))] - offset
         # this rank's part of the batch's mean loss
         g, product = parts(mine, len(mine) / len(indices))
@@ -210,7 +228,7 @@ def _global_batch_sharpness(
             continue  # a vanished gradient contributes nothing, on every rank alike
         ratios.append(float(torch.dot(direction.double(), product(direction).double())) / norm_sq)
         n_hvp += 1
-        if _precise_enough(ratios, min_batches, rel_se):
+        if _precise_enough(ratios, sampling.min_batches, sampling.rel_se):
             break
     return _result(ratios, n_hvp)
 

@@ -14,6 +14,7 @@ from lossgeo.curvature.measure import CurvatureSettings
 from lossgeo.geometry.landscape_measure import LandscapeSettings, measure_landscape
 from lossgeo.geometry.noise import gradient_noise_scale
 from lossgeo.run.protocols import EpochState, Measurement, MeasurementResult
+from lossgeo.run.tracker import StepSettings
 
 
 @dataclass
@@ -87,6 +88,17 @@ def curvature_settings(config: TrainConfig) -> CurvatureSettings | None:
         trace_samples=config.trace_samples,
         density_steps=config.density_steps,
         alpha=config.effective_dim_alpha,
+        seed=config.seed,
+    )
+
+
+def step_settings(config: TrainConfig) -> StepSettings:
+    """The per-step settings of a run (`measure_every_steps` 0: no per-step set)."""
+    return StepSettings(
+        every=config.measure_every_steps,
+        batch_size=config.batch_size,
+        batch_sharpness_rse=config.batch_sharpness_rse,
+        batch_sharpness_max=config.batch_sharpness_max,
         seed=config.seed,
     )
 

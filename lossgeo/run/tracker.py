@@ -1,7 +1,7 @@
 """`Tracker`: the loss-landscape geometry of any model, measured inside any training loop.
 
-    tracker = Tracker(model, loss_fn, probe, every_steps=50, optimizer=optimizer,
-                      batch_size=32)             # the training batch size (batch sharpness)
+    tracker = Tracker(model, loss_fn, probe, optimizer=optimizer,
+                      steps=StepSettings(every=50, batch_size=32))  # 32: the training batch
     step = 0                                     # global: never restarted by an epoch
     for epoch in range(1, epochs + 1):
         for batch in loader:
@@ -31,7 +31,7 @@ names from `lossgeo.run.names`): lambda_max .. lambda_k, lambda_min, the trace, 
 dimension, GGN and Fisher lambda_max, lambda_max per layer, the edge ratio and the peak
 memory (`curvature_peak_mb`). lossgeo's own
 training loop (`lossgeo.run.train`) measures through this class too, with the same function,
-settings and layer names; its noise scale and landscapes come in as `epoch_measurements`.
+settings and layer names; it runs its noise scale and landscapes after the Tracker's set.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
-from lossgeo.curvature.batches import AnyLossFn, DataSource, LossForm, as_batches
-from lossgeo.curvature.distributed import collectively, resolve_group, unwrap
+from lossgeo.curvature.batches import AnyLossFn, DataSource, as_batches
+from lossgeo.curvature.distributed import collectively, unwrap
 from lossgeo.curvature.factories import AnyHessianOperator, hessian_operator
 from lossgeo.curvature.lanczos import lanczos
 from lossgeo.curvature.measure import (
@@ -59,14 +59,17 @@ from lossgeo.curvature.measure import (
 from lossgeo.curvature.operators import outside_autocast
 from lossgeo.curvature.params import ParameterSpace
 from lossgeo.curvature.peak import PeakMemory
+from lossgeo.curvature.scope import Scope
 from lossgeo.curvature.sharded import ShardedParameterSpace, is_sharded
 from lossgeo.curvature.stability import (
+    SGDStep,
     StabilityEdge,
     preconditioned_operator,
     preconditioner,
     stability_edge,
 )
 from lossgeo.curvature.stochastic import (
+    BatchSampling,
     BatchSharpnessResult,
     batch_sharpness,
     gradient_alignment,
@@ -76,7 +79,7 @@ from lossgeo.curvature.warm import WarmEigen
 from lossgeo.geometry.regimes import REGIMES, EdgeRegimeDetector
 from lossgeo.geometry.spikes import OnlineSpikeDetector
 from lossgeo.run.names import curvature_artifacts, curvature_metrics
-from lossgeo.run.protocols import EpochState, Measurement, MetricLogger
+from lossgeo.run.protocols import EpochState, MetricLogger
 
 log = logging.getLogger("lossgeo")
 SDPA_TAG = "lossgeo_attention_backend"
@@ -97,9 +100,13 @@ def _needs_batch_size(probe: list[Any], batch_size: int | None) -> bool:
 
 @dataclass(frozen=True)
 class StepSettings:
-    """The per-step set's accuracy and cost.
+    """When the per-step set is measured, and its accuracy and cost.
 
     Attributes:
+        every: measure every this many optimizer steps (0: no per-step set, `epoch` only).
+        batch_size: the training batch size, to cut an (x, y) probe set into mini-batches
+            for batch sharpness (a list-of-batches probe is used as given); None: batch
+            sharpness is left out for an (x, y) probe, with one line saying so.
         k: Ritz pairs the warm start tracks (and the gradient alignment is measured on).
         tol: relative accuracy of step/lambda_max.
         cold_every: every n-th solve is checked from a random start (0: never).
@@ -114,6 +121,8 @@ class StepSettings:
             default "auto", 80% of what the device has free).
     """
 
+    every: int = 50
+    batch_size: int | None = None
     k: int = 2
     tol: float = 1e-3
     cold_every: int = 10
@@ -124,40 +133,50 @@ class StepSettings:
     compute_dtype: str | None = None
     max_memory: int | str | None = "auto"
 
+    def __post_init__(self) -> None:
+        """Bad options fail here, in one line, not at the first measurement."""
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise ValueError(f"every: must be an integer >= 0 (got {self.every!r})")
+        # the batch size and sampling limits are checked where batch sharpness is set up
+        self.sampling()
+
+    def sampling(self, draw: int = 0) -> BatchSampling:
+        """How batch sharpness samples at the `draw`-th measurement (a fresh seed each)."""
+        return BatchSampling(
+            batch_size=self.batch_size,
+            rel_se=self.batch_sharpness_rse,
+            min_batches=min(4, self.batch_sharpness_max),
+            max_batches=self.batch_sharpness_max,
+            seed=self.seed + draw,
+        )
+
 
 # the per-epoch curvature of lossgeo's own loop at its defaults
 DEFAULT_CURVATURE = CurvatureSettings()
 
 
 class Tracker:
-    """Curvature of `model` on a fixed probe set, every `every_steps` optimizer steps.
+    """Curvature of `model` on a fixed probe set, every `steps.every` optimizer steps, and
+    the epoch set when asked.
 
     Args:
         model: any nn.Module; measurements leave it as they found it.
         loss_fn: loss_fn(output, target) with (x, y) batches, or loss_fn(model, batch).
         probe: the fixed probe set: (x, y) tensors, a list of batches or a DataLoader (read
             once, kept).
-        every_steps: 0 = no per-step measurements (`epoch` only).
-        optimizer: where the step size for edge ratios comes from (an SGD optimizer's first
-            parameter group, read at each measurement, follows schedules).
-        lr: the step size, instead of reading it from the optimizer.
-        momentum: the heavy-ball momentum, likewise.
-        batch_size: the training batch size, to cut an (x, y) probe set into mini-batches for
-            batch sharpness (a list-of-batches probe is used as given).
-        params: a parameter filter (names, module paths, globs) for every measurement.
-        loss_form: "output_target", "model_batch" or "auto" (guessed from loss_fn).
-        size_fn: samples in a batch, for batches lossgeo cannot count.
-        steps: the per-step set's accuracy and cost (`StepSettings`).
+        optimizer: what steps, for the edge ratios: a torch optimizer (its hyperparameters
+            read at each measurement, so schedules are followed; `curvature.stability`), or
+            `SGDStep(lr, momentum)` for an update lossgeo cannot read.
+        steps: when the per-step set is measured (`every`), the training batch size for
+            batch sharpness, and the set's accuracy and cost (`StepSettings`).
         curvature: the epoch set's curvature (`lossgeo.curvature.CurvatureSettings`, the same
             settings and the same function as lossgeo's own loop); None = no curvature.
-        epoch_measurements: further callables(state) -> result with `.metrics`/`.artifacts`
-            run after the curvature at each epoch (lossgeo's loop passes its noise scale and
-            landscapes).
-        logger: where metrics go (default: the active MLflow run, if any).
-        process_group: inside a multi-process loop (DDP, torchrun): `probe` is this rank's
-            shard and every measurement is taken collectively over the group (True: the
-            default group). Every rank gets the same metrics; only rank 0 logs them. An FSDP2
+        scope: the parameter filter, the loss's form, how batches are counted, and, inside a
+            multi-process loop (DDP, torchrun), the process group (`Scope`): `probe` is then
+            this rank's shard and every measurement is taken collectively over the group.
+            Every rank gets the same metrics; only rank 0 logs them. An FSDP2
             (`fully_shard`) model is measured by differences of gradients.
+        logger: where metrics go (default: the active MLflow run, if any).
     """
 
     def __init__(
@@ -166,33 +185,21 @@ class Tracker:
         loss_fn: AnyLossFn,
         probe: DataSource,
         *,
-        every_steps: int = 50,
-        optimizer: torch.optim.Optimizer | None = None,
-        lr: float | None = None,
-        momentum: float | None = None,
-        batch_size: int | None = None,
-        params: Sequence[str] | str | None = None,
-        loss_form: LossForm = "auto",
-        size_fn: Callable[[Any], int] | None = None,
+        optimizer: torch.optim.Optimizer | SGDStep | None = None,
         steps: StepSettings = StepSettings(),
         curvature: CurvatureSettings | None = DEFAULT_CURVATURE,
-        epoch_measurements: Sequence[Measurement] = (),
+        scope: Scope = Scope(),
         logger: MetricLogger | None = None,
-        process_group: Any = None,
     ) -> None:
-        """See the class docstring; bad input (filters, batches, loss form, every_steps,
-        batch_size) fails here, not at the first measurement."""
-        if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 0:
-            raise ValueError(f"every_steps: must be an integer >= 0 (got {every_steps!r})")
-        self.group = resolve_group(process_group)
+        """See the class docstring; bad input (filters, batches, loss form, settings) fails
+        here, not at the first measurement."""
+        self.scope = scope.resolved()  # the process group resolved once, for every call
+        self.group = self.scope.process_group
         self.model, self.loss_fn = unwrap(model), loss_fn
         # FSDP2: products by differences of gradients through the sharded model
         self.sharded = is_sharded(self.model)
         self.probe = as_batches(probe, None)
-        self.every_steps, self.optimizer = every_steps, optimizer
-        self._lr, self._momentum = lr, momentum
-        self.batch_size, self.params = batch_size, params
-        self.loss_form, self.size_fn = loss_form, size_fn
+        self.optimizer = optimizer
         self.step_settings, self.curvature = steps, curvature
         self.warm = WarmEigen(
             k=steps.k, tol=steps.tol, cold_every=steps.cold_every, seed=steps.seed
@@ -203,7 +210,6 @@ class Tracker:
         )
         self.spikes = OnlineSpikeDetector(steps.spike_factor)
         self.regimes = EdgeRegimeDetector()
-        self.epoch_measurements = list(epoch_measurements)
         if not _logs(self.group):  # one run, logged by rank 0; the others measure along
             logger = _NoLogger()
         elif logger is None:
@@ -214,17 +220,16 @@ class Tracker:
         self.n_measurements = 0
         # seconds each epoch measurement took at the last epoch (for the loop's epoch line)
         self.epoch_seconds: dict[str, float] = {}
-        self.math_attention = False  # products ran under the math attention backend
         self._operator()  # bad input (filters, batches, loss form) fails here, not later
         # batch sharpness needs the training batch size to cut an (x, y) probe set; without
         # it the rest of the per-step set is measured, and one line says what is left out
         self.batch_sharpness_off = False
-        if every_steps:
-            self.batch_sharpness_off = _needs_batch_size(self.probe, batch_size)
+        if steps.every:
+            self.batch_sharpness_off = _needs_batch_size(self.probe, steps.batch_size)
             if self.batch_sharpness_off:
                 log.warning(
-                    "lossgeo: batch sharpness is left out: give Tracker(batch_size=...) the "
-                    "training batch size to cut the (x, y) probe set into mini-batches"
+                    "lossgeo: batch sharpness is left out: give StepSettings(batch_size=...) "
+                    "the training batch size to cut the (x, y) probe set into mini-batches"
                 )
         self._governing_is_batch = True
         self._last_step: int | None = None
@@ -233,34 +238,18 @@ class Tracker:
 
     # -- what the optimizer runs at ---------------------------------------------------------
     @property
-    def lr(self) -> float | None:
-        """The step size of the edge ratios: `lr` if given, else that of an SGD optimizer's
-        first parameter group, read at each measurement (so schedules are followed). None
-        for adaptive optimizers (Adam's stability threshold is on the preconditioned
-        Hessian, not on lambda_max): their runs log no edge ratio."""
-        if self._lr is not None:
-            return self._lr
-        if isinstance(self.optimizer, torch.optim.SGD):
-            return float(self.optimizer.param_groups[0]["lr"])
-        return None
-
-    @property
-    def momentum(self) -> float:
-        """The heavy-ball momentum of the edge ratios (`momentum` if given, else that of an
-        SGD optimizer's first parameter group, else 0)."""
-        if self._momentum is not None:
-            return self._momentum
-        if isinstance(self.optimizer, torch.optim.SGD):
-            return float(self.optimizer.param_groups[0].get("momentum", 0.0))
-        return 0.0
+    def math_attention(self) -> bool:
+        """Whether products run under the math attention backend (from the start, once an
+        earlier measurement needed it)."""
+        return self.scope.math_attention
 
     def stability_edge(self) -> StabilityEdge:
-        """The stability threshold that the edge ratios use, read now: 2(1+m)/lr when `lr`
-        was given, else that of the optimizer stepping (`curvature.stability`)."""
-        if self._lr is not None:
-            return StabilityEdge(2 * (1 + self.momentum) / self._lr, rule="2(1+m)/lr")
+        """The stability threshold that the edge ratios use, read now: that of the optimizer
+        stepping (`curvature.stability`), or of an `SGDStep`."""
         if self.optimizer is None:
             return StabilityEdge(None)  # nothing steps that lossgeo knows of: nothing to note
+        if isinstance(self.optimizer, SGDStep):
+            return self.optimizer.edge
         return stability_edge(self.optimizer)
 
     def _edge_metrics(
@@ -312,8 +301,10 @@ class Tracker:
     def _preconditioner(self) -> tuple[torch.Tensor | None, str]:
         """The adaptive optimizer's diagonal preconditioner now, in the measured parameters'
         order (None and why before its first step)."""
-        assert self.optimizer is not None
-        space = (ShardedParameterSpace if self.sharded else ParameterSpace)(self.model, self.params)
+        assert isinstance(self.optimizer, torch.optim.Optimizer)  # adaptive: a real optimizer
+        space = (ShardedParameterSpace if self.sharded else ParameterSpace)(
+            self.model, self.scope.params
+        )
         return preconditioner(self.optimizer, self.model, space)
 
     def _note_edge(self, note: str) -> None:
@@ -333,13 +324,9 @@ class Tracker:
             self.model,
             self.loss_fn,
             self.probe,
-            params=self.params,
-            loss_form=self.loss_form,
-            batch_size=self.size_fn,
-            math_attention=self.math_attention,
-            process_group=self.group,
             compute_dtype=self.step_settings.compute_dtype,
             max_memory=self.step_settings.max_memory,
+            **self.scope.operator_options(),
         )
 
     def _note_attention(self, op: AnyHessianOperator) -> None:
@@ -355,12 +342,13 @@ class Tracker:
                     "backend)"
                 }
             )
-            self.math_attention = True
+            self.scope = replace(self.scope, math_attention=True)
 
     # -- per step ---------------------------------------------------------------------------
     def due(self, global_step: int) -> bool:
         """Whether the per-step set is measured at `global_step`."""
-        return self.every_steps > 0 and global_step % self.every_steps == 0
+        every = self.step_settings.every
+        return every > 0 and global_step % every == 0
 
     def step(self, global_step: int, loss: float | None = None) -> dict[str, float] | None:
         """After the optimizer step `global_step` (counted over the whole run, not restarted
@@ -480,16 +468,8 @@ class Tracker:
             self.model,
             self.loss_fn,
             self.probe,
-            batch_size=self.batch_size,
-            rel_se=self.step_settings.batch_sharpness_rse,
-            min_batches=min(4, self.step_settings.batch_sharpness_max),
-            max_batches=self.step_settings.batch_sharpness_max,
-            seed=self.step_settings.seed + self.n_measurements,
-            params=self.params,
-            loss_form=self.loss_form,
-            size_fn=self.size_fn,
-            math_attention=op.math_attention,
-            process_group=self.group,
+            self.step_settings.sampling(draw=self.n_measurements),
+            scope=replace(self.scope, math_attention=op.math_attention),
             preconditioner=preconditioner,
         )
 
@@ -513,43 +493,23 @@ class Tracker:
         self, state: EpochState | None = None, *, final: bool = False
     ) -> tuple[dict[str, float], dict[str, Any]]:
         """(metrics, artifacts) of the epoch set, neither logged nor written anywhere else:
-        the curvature, then the `epoch_measurements`; the caller records them. With
-        lossgeo's EpochState, `state.is_last` means final, and the top eigenpairs are handed
-        to the later measurements in `state.cache["hessian_top"]` (landscapes along them).
-        Under a process group an error on one rank ends every rank with its message
-        (`distributed.collectively`)."""
-        with collectively(self.group, "epoch measurement"), outside_autocast():
-            return self._measure_epoch(state, final=final)
-
-    def _measure_epoch(
-        self, state: EpochState | None, *, final: bool
-    ) -> tuple[dict[str, float], dict[str, Any]]:
-        metrics: dict[str, float] = {}
-        artifacts: dict[str, Any] = {}
+        the caller records them. With lossgeo's EpochState, `state.is_last` means final, and
+        the top eigenpairs are handed to the loop's later measurements in
+        `state.cache["hessian_top"]` (landscapes along them). Under a process group an error
+        on one rank ends every rank with its message (`distributed.collectively`)."""
         self.epoch_seconds = {}
-        if self.curvature is not None:
-            final = final or (state is not None and state.is_last)
+        if self.curvature is None:
+            return {}, {}
+        final = final or (state is not None and state.is_last)
+        with collectively(self.group, "epoch measurement"), outside_autocast():
             measured = self._epoch_curvature(final)
-            if measured is not None:
-                measures, curvature = measured
-                metrics.update(curvature)
-                artifacts.update(curvature_artifacts(measures, self.curvature))
-                self.epoch_seconds["curvature"] = measures.seconds
-                if state is not None and measures.top is not None:
-                    state.cache["hessian_top"] = measures.top
-        if self.epoch_measurements and state is None:
-            raise ValueError(
-                "state: the epoch_measurements need the loop's EpochState (Tracker.epoch(n, state))"
-            )
-        for measurement in self.epoch_measurements:
-            assert state is not None
-            started = time.perf_counter()
-            result = measurement(state)
-            name = getattr(measurement, "name", type(measurement).__name__)
-            self.epoch_seconds[name] = time.perf_counter() - started
-            metrics.update(result.metrics)
-            artifacts.update(result.artifacts)
-        return metrics, artifacts
+        if measured is None:
+            return {}, {}
+        measures, metrics = measured
+        self.epoch_seconds["curvature"] = measures.seconds
+        if state is not None and measures.top is not None:
+            state.cache["hessian_top"] = measures.top
+        return metrics, curvature_artifacts(measures, self.curvature)
 
     def _epoch_curvature(self, final: bool) -> tuple[CurvatureMeasures, dict[str, float]] | None:
         """The epoch set's curvature and its metrics (edge included); None when it was
@@ -573,16 +533,7 @@ class Tracker:
         Tracker's probe, filter and settings); a non-finite probe loss warns once."""
         assert self.curvature is not None
         measures = measure_curvature(
-            self.model,
-            self.loss_fn,
-            self.probe,
-            self.curvature,
-            params=self.params,
-            loss_form=self.loss_form,
-            size_fn=self.size_fn,
-            math_attention=self.math_attention,
-            final=final,
-            process_group=self.group,
+            self.model, self.loss_fn, self.probe, self.curvature, scope=self.scope, final=final
         )
         if not measures.finite:
             self._warn_nonfinite(measures.probe_loss)
@@ -626,4 +577,4 @@ class _NoLogger:
         pass
 
 
-__all__ = ["CurvatureSettings", "StepSettings", "Tracker"]
+__all__ = ["CurvatureSettings", "SGDStep", "Scope", "StepSettings", "Tracker"]

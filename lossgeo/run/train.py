@@ -16,10 +16,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lossgeo.config import TrainConfig
+from lossgeo.curvature.scope import Scope
 from lossgeo.data import DataBundle, Split
 from lossgeo.geometry.regimes import CONVERGED, REGIMES, WINDOW
 from lossgeo.losses import LossFn
-from lossgeo.run.measurements import curvature_settings
+from lossgeo.run.measurements import curvature_settings, step_settings
 from lossgeo.run.parallel import SINGLE, Ranks
 from lossgeo.run.protocols import (  # noqa: F401  (the old import path of these names)
     EpochState,
@@ -27,7 +28,7 @@ from lossgeo.run.protocols import (  # noqa: F401  (the old import path of these
     MeasurementResult,
     RunLogger,
 )
-from lossgeo.run.tracker import StepSettings, Tracker
+from lossgeo.run.tracker import Tracker
 
 
 @dataclass
@@ -223,18 +224,11 @@ class _Loop:
             model,
             loss_fn,
             (ranks.shard(data.probe.x), ranks.shard(data.probe.y)),
-            every_steps=config.measure_every_steps,
             optimizer=self.optimizer,
-            batch_size=config.batch_size,
-            steps=StepSettings(
-                batch_sharpness_rse=config.batch_sharpness_rse,
-                batch_sharpness_max=config.batch_sharpness_max,
-                seed=config.seed,
-            ),
+            steps=step_settings(config),
             curvature=curvature_settings(config),
-            epoch_measurements=measurements,
+            scope=Scope(process_group=ranks.group),
             logger=logger,
-            process_group=ranks.group,
         )
         self.converged = ConvergedStop(config.stop_converged, logger)
         self.step = 0
@@ -360,9 +354,16 @@ class _Loop:
                     " ...",
                     flush=True,
                 )
+        # the Tracker's curvature first: it leaves the top pairs for the landscapes
         measured, artifacts = self.tracker.measure_epoch(state)
-        metrics.update(measured)  # the loop records what the Tracker returns
         split.update(self.tracker.epoch_seconds)
+        for measurement in self.measurements:
+            started = time.perf_counter()
+            result = measurement(state)
+            split[getattr(measurement, "name", "measurement")] = time.perf_counter() - started
+            measured.update(result.metrics)
+            artifacts.update(result.artifacts)
+        metrics.update(measured)  # the loop records what was measured
         for path, obj in artifacts.items():
             self.logger.log_object(path, obj)
         if is_last:

@@ -11,7 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lossgeo import Scope, SGDStep
 from lossgeo.curvature import (
+    BatchSampling,
     CurvatureSettings,
     curvature_eigen,
     hessian_eigen,
@@ -60,18 +62,14 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) -> dict:
         data,
         CurvatureSettings(k=2, tol=1e-10, secondary_tol=1e-10, trace_samples=4, density_steps=6),
         final=True,
-        process_group=group,
+        scope=Scope(process_group=group),
     )
     sharpness = batch_sharpness(
         model,
         F.cross_entropy,
         data,
-        batch_size=5,
-        min_batches=3,
-        max_batches=3,
-        rel_se=0,
-        seed=2,
-        **opts,
+        BatchSampling(batch_size=5, rel_se=0, min_batches=3, max_batches=3, seed=2),
+        scope=Scope(process_group=group),
     )
     return {
         "batch_sharpness": (sharpness.value, sharpness.stderr, sharpness.n_batches),
@@ -124,25 +122,19 @@ def make_tracker(model: nn.Module, probe, group, logger, optimizer: str | None =
     """The Tracker of the distributed tests: lr 0.1 given, or read from an optimizer
     ("sgd" or "adam", which the FSDP test then steps)."""
     from lossgeo import CurvatureSettings as Settings
-    from lossgeo import StepSettings, Tracker
+    from lossgeo import SGDStep, StepSettings, Tracker
 
     optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-    step_size = (
-        {"optimizer": optimizers[optimizer](model.parameters(), lr=0.1)}
-        if optimizer
-        else {"lr": 0.1}
-    )
+    step = optimizers[optimizer](model.parameters(), lr=0.1) if optimizer else SGDStep(0.1)
     return Tracker(
         model,
         F.cross_entropy,
         probe,
-        every_steps=1,
-        batch_size=4,
-        **step_size,
-        steps=StepSettings(tol=1e-10),
+        optimizer=step,
+        steps=StepSettings(every=1, batch_size=4, tol=1e-10),
         curvature=Settings(k=2, tol=1e-10, secondary_tol=1e-10, trace_samples=4),
+        scope=Scope(process_group=group),
         logger=logger,
-        process_group=group,
     )
 
 
@@ -234,9 +226,14 @@ def failing_worker(rank: int, world_size: int, init_file: str, out_dir: str, whe
     shard = (x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank])
     loss = PlantedFailure(MemoryError if when == "step" else ValueError)
     tracker = Tracker(
-        model, loss, shard, every_steps=1, lr=0.1, batch_size=4,
-        steps=StepSettings(tol=1e-6), logger=NullLogger(), process_group=True,
-    )  # fmt: skip
+        model,
+        loss,
+        shard,
+        optimizer=SGDStep(0.1),
+        steps=StepSettings(every=1, batch_size=4, tol=1e-6),
+        scope=Scope(process_group=True),
+        logger=NullLogger(),
+    )
     tracker.step(1)  # a measurement that works, first
     loss.armed = True
     started = time.monotonic()

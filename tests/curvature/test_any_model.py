@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lossgeo import Tracker
+from lossgeo import Scope, StepSettings, Tracker
 from lossgeo.curvature import HessianOperator, hessian_eigen, layerwise_lambda_max
 from lossgeo.curvature.batches import batch_size_of, resolve_loss_form
 from lossgeo.curvature.operators import GGNOperator
@@ -299,8 +299,8 @@ def test_fused_attention_falls_back_to_the_math_backend_and_says_so():
         model,
         hf_loss,
         [{"input_ids": ids, "labels": ids}],
-        every_steps=1,
-        params="transformer.h.0",
+        steps=StepSettings(every=1),
+        scope=Scope(params="transformer.h.0"),
         logger=logger,
     )
     metrics = tracker.step(1)

@@ -75,9 +75,7 @@ def test_layerwise_blocks_and_tracker(shared):
         shared.model,
         shared.loss_fn,
         shared.data,
-        every_steps=1,
-        steps=StepSettings(tol=1e-8),
-        batch_size=3,
+        steps=StepSettings(every=1, batch_size=3, tol=1e-8),
         logger=_Silent(),
     )
     lam = float(torch.linalg.eigvalsh(exact)[-1])

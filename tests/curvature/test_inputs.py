@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lossgeo import SGDStep, StepSettings
 from lossgeo.curvature import CurvatureSettings, hessian_eigen, hessian_trace
 from lossgeo.curvature.batches import as_batches
 
@@ -82,7 +83,12 @@ def test_an_empty_probe_is_refused_at_construction_in_one_line():
     model, _ = problem()
     empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     match = "data: every batch given is empty"
-    refused(lambda: Tracker(model, F.cross_entropy, empty, every_steps=1, lr=0.1), match)
+    refused(
+        lambda: Tracker(
+            model, F.cross_entropy, empty, optimizer=SGDStep(0.1), steps=StepSettings(every=1)
+        ),
+        match,
+    )
     refused(lambda: hessian_eigen(model, F.cross_entropy, empty), match)
     # an empty batch beside real ones is dropped, not an error
     _, data = problem()
@@ -97,5 +103,10 @@ def test_a_model_on_the_meta_device_is_refused_before_any_product():
         model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     _, data = problem()
     match = "model: 4 parameter.s. on the meta device"
-    refused(lambda: Tracker(model, F.cross_entropy, data, every_steps=1, lr=0.1), match)
+    refused(
+        lambda: Tracker(
+            model, F.cross_entropy, data, optimizer=SGDStep(0.1), steps=StepSettings(every=1)
+        ),
+        match,
+    )
     refused(lambda: hessian_eigen(model, F.cross_entropy, data), match)

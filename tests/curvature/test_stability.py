@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lossgeo.curvature import hessian_eigen
+from lossgeo.curvature import BatchSampling, hessian_eigen
 from lossgeo.curvature.lanczos import lanczos
 from lossgeo.curvature.operators import HessianOperator
 from lossgeo.curvature.params import ParameterSpace
@@ -158,9 +158,11 @@ def test_preconditioned_batch_sharpness_is_the_curvature_along_adams_step():
     model = Point()
     p = torch.tensor([0.5, 2.0, 0.1], dtype=torch.float64)
     # one batch holding the whole probe set: the expectation is that batch's value
-    result = batch_sharpness(model, quadratic, DATA, batch_size=2, preconditioner=p, min_batches=1)
+    result = batch_sharpness(
+        model, quadratic, DATA, BatchSampling(batch_size=2, min_batches=1), preconditioner=p
+    )
     g = H @ model.w.detach()
     u = g / p
     assert result.value == pytest.approx(float(u @ H @ u / (g @ u)), rel=1e-10)
-    plain = batch_sharpness(model, quadratic, DATA, batch_size=2, min_batches=1)
+    plain = batch_sharpness(model, quadratic, DATA, BatchSampling(batch_size=2, min_batches=1))
     assert plain.value == pytest.approx(float(g @ H @ g / (g @ g)), rel=1e-10)

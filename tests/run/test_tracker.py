@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from lossgeo import StepSettings, Tracker
+from lossgeo import SGDStep, StepSettings, Tracker
+from lossgeo.curvature import BatchSampling
 from lossgeo.curvature.linear import MatrixOperator
 from lossgeo.curvature.stochastic import batch_sharpness, gradient_alignment
 from lossgeo.curvature.warm import WarmEigen
@@ -96,7 +97,7 @@ def test_batch_sharpness_equals_its_closed_form_on_a_quadratic(float64):
         h = x.T @ x / len(y)
         g = h @ w - x.T @ y / len(y)
         ratios.append(float(g @ h @ g / (g @ g)))
-    result = batch_sharpness(model, half_mse, batches, rel_se=0.0)
+    result = batch_sharpness(model, half_mse, batches, BatchSampling(rel_se=0.0))
     assert result.n_batches == 4 and result.n_hvp == 4
     assert result.value == pytest.approx(sum(ratios) / 4, rel=1e-10)
     values = torch.tensor(ratios)
@@ -105,7 +106,7 @@ def test_batch_sharpness_equals_its_closed_form_on_a_quadratic(float64):
 
 def test_batch_sharpness_stops_once_its_standard_error_is_small(float64):
     model, batches = quadratic_batches(float64)
-    loose = batch_sharpness(model, half_mse, batches, rel_se=10.0, min_batches=2)
+    loose = batch_sharpness(model, half_mse, batches, BatchSampling(rel_se=10.0, min_batches=2))
     assert loose.n_batches == 2
 
 
@@ -132,8 +133,7 @@ def test_gradient_alignment_with_a_known_eigenspace(float64, offset, alignment):
         model,
         quadratic_loss,
         [torch.zeros(1)],
-        every_steps=1,
-        steps=StepSettings(k=2, tol=1e-10),
+        steps=StepSettings(every=1, k=2, tol=1e-10),
         logger=NullLogger(),
     )
     metrics = tracker.step(1)
@@ -173,9 +173,8 @@ def test_tracker_measures_on_schedule_and_leaves_the_model_as_it_was():
         model,
         F.cross_entropy,
         (x[:64], y[:64]),
-        every_steps=3,
         optimizer=optimizer,
-        batch_size=16,
+        steps=StepSettings(every=3, batch_size=16),
         logger=logger,
     )
     model.train()
@@ -205,7 +204,13 @@ def test_tracker_measures_on_schedule_and_leaves_the_model_as_it_was():
 
 def test_tracker_logs_into_the_callers_active_mlflow_run(tracking):
     model, x, y = small_problem()
-    tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=2, lr=0.1, batch_size=32)
+    tracker = Tracker(
+        model,
+        F.cross_entropy,
+        (x, y),
+        optimizer=SGDStep(0.1),
+        steps=StepSettings(every=2, batch_size=32),
+    )
     assert tracker.step(1) is None
     with mlflow.start_run() as run:
         assert tracker.step(2) is not None
@@ -252,7 +257,12 @@ def test_steps_that_go_back_are_skipped_with_one_warning():
     model, x, y = small_problem()
     logger = NullLogger()
     tracker = Tracker(
-        model, F.cross_entropy, (x, y), every_steps=2, lr=0.1, batch_size=32, logger=logger
+        model,
+        F.cross_entropy,
+        (x, y),
+        optimizer=SGDStep(0.1),
+        steps=StepSettings(every=2, batch_size=32),
+        logger=logger,
     )
     with pytest.warns(
         UserWarning, match=r"Tracker.step\(1\) after step 4: steps must grow"
@@ -273,10 +283,17 @@ def test_without_a_batch_size_the_rest_of_the_step_set_is_measured_and_one_line_
     model, x, y = small_problem()
     logger = NullLogger()
     with caplog.at_level("WARNING", logger="lossgeo"):
-        tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=2, lr=0.1, logger=logger)
+        tracker = Tracker(
+            model,
+            F.cross_entropy,
+            (x, y),
+            optimizer=SGDStep(0.1),
+            steps=StepSettings(every=2),
+            logger=logger,
+        )
     told = [r.getMessage() for r in caplog.records if "batch sharpness" in r.getMessage()]
     assert told == [
-        "lossgeo: batch sharpness is left out: give Tracker(batch_size=...) the training "
+        "lossgeo: batch sharpness is left out: give StepSettings(batch_size=...) the training "
         "batch size to cut the (x, y) probe set into mini-batches"
     ]
     for step in range(1, 5):
@@ -284,15 +301,17 @@ def test_without_a_batch_size_the_rest_of_the_step_set_is_measured_and_one_line_
     logged = dict(logger.metrics)[4]
     assert "step/lambda_max" in logged and "step/edge_ratio" in logged
     assert not any(key.startswith("step/batch_") for key in logged)
-    with pytest.raises(ValueError, match="batch_size: batch sharpness needs the training"):
-        Tracker(model, F.cross_entropy, (x, y), every_steps=2, batch_size=0)
+    with pytest.raises(ValueError, match=r"batch_size: must be a whole number >= 1 \(got 0\)"):
+        Tracker(model, F.cross_entropy, (x, y), steps=StepSettings(every=2, batch_size=0))
 
 
 def test_bad_tracker_arguments_fail_at_construction():
     model, x, y = small_problem()
-    with pytest.raises(ValueError, match=r"every_steps: must be an integer >= 0 \(got 2.5\)"):
-        Tracker(model, F.cross_entropy, (x, y), every_steps=2.5, batch_size=32)
-    Tracker(model, F.cross_entropy, (x, y), every_steps=0)  # epoch only: no batches cut
+    with pytest.raises(ValueError, match=r"every: must be an integer >= 0 \(got 2.5\)"):
+        Tracker(model, F.cross_entropy, (x, y), steps=StepSettings(every=2.5, batch_size=32))
+    Tracker(
+        model, F.cross_entropy, (x, y), steps=StepSettings(every=0)
+    )  # epoch only: no batches cut
 
 
 def test_a_non_finite_loss_is_recorded_not_raised(caplog):
@@ -301,7 +320,12 @@ def test_a_non_finite_loss_is_recorded_not_raised(caplog):
     model, x, y = small_problem()
     logger = NullLogger()
     tracker = Tracker(
-        model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32, logger=logger
+        model,
+        F.cross_entropy,
+        (x, y),
+        optimizer=SGDStep(0.1),
+        steps=StepSettings(every=1, batch_size=32),
+        logger=logger,
     )
     assert math.isfinite(tracker.step(1)["step/lambda_max"])
     with torch.no_grad():
@@ -329,11 +353,21 @@ def test_a_parameter_the_forward_never_uses_has_zero_curvature():
     net, x, y = small_problem()
     model = WithUnused(net)
     tracker = Tracker(
-        model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32, logger=NullLogger()
+        model,
+        F.cross_entropy,
+        (x, y),
+        optimizer=SGDStep(0.1),
+        steps=StepSettings(every=1, batch_size=32),
+        logger=NullLogger(),
     )
     frozen = small_problem()[0]
     reference = Tracker(
-        frozen, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=32, logger=NullLogger()
+        frozen,
+        F.cross_entropy,
+        (x, y),
+        optimizer=SGDStep(0.1),
+        steps=StepSettings(every=1, batch_size=32),
+        logger=NullLogger(),
     )
     assert tracker.epoch(1)["lambda_max"] == pytest.approx(
         reference.epoch(1)["lambda_max"], rel=1e-4
@@ -377,9 +411,8 @@ def test_the_tracker_and_the_builtin_loop_log_the_same_epoch_set(fake_data_dir, 
         at_init,
         loss_fn,
         (data.probe.x, data.probe.y),
-        every_steps=0,
-        lr=config.lr,
-        momentum=config.momentum,
+        optimizer=SGDStep(config.lr, momentum=config.momentum),
+        steps=StepSettings(every=0),
         curvature=curvature_settings(config),
         logger=own,
     )
@@ -416,9 +449,13 @@ def test_under_adam_the_regime_follows_the_preconditioned_edge_ratio():
         optimizer = make(model.parameters())
         logger = NullLogger()
         tracker = Tracker(
-            model, F.cross_entropy, (x, y), every_steps=1, batch_size=32, optimizer=optimizer,
+            model,
+            F.cross_entropy,
+            (x, y),
+            optimizer=optimizer,
+            steps=StepSettings(every=1, batch_size=32),
             logger=logger,
-        )  # fmt: skip
+        )
         for step in range(1, 4):
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -433,41 +470,26 @@ def test_under_adam_the_regime_follows_the_preconditioned_edge_ratio():
 
 def test_measure_epoch_returns_what_it_measured_and_leaves_the_state_metrics_to_the_loop():
     """The data walks one way: the Tracker returns the epoch set (the loop records it); it
-    writes into the loop's state only the top eigenpairs that its later measurements read,
-    and a measurement that needs the loop's state is refused without one."""
-    from lossgeo.run.protocols import EpochState, MeasurementResult
+    writes into the loop's state only the top eigenpairs that the loop's later measurements
+    (landscapes) read."""
+    from lossgeo import CurvatureSettings
+    from lossgeo.run.protocols import EpochState
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
-    seen = []
-
-    class Probe:
-        name = "probe"
-
-        def __call__(self, state):
-            seen.append(state.cache["hessian_top"].values[0])
-            return MeasurementResult(metrics={"probe_metric": 1.0})
-
-    settings = lossgeo_curvature_settings()
+    settings = CurvatureSettings(k=2, trace_samples=0, layerwise=False, ggn=False)
     tracker = Tracker(
-        model, F.cross_entropy, (x, y), every_steps=0, lr=0.1, curvature=settings,
-        epoch_measurements=[Probe()], logger=NullLogger(),
+        model, F.cross_entropy, (x, y), optimizer=SGDStep(0.1), steps=StepSettings(every=0),
+        curvature=settings, logger=NullLogger(),
     )  # fmt: skip
     evaluation = {"test_loss": 0.5}
     state = EpochState(
         epoch=1, is_last=False, model=model, loss_fn=F.cross_entropy, data=None,
         trajectory=[], metrics=evaluation,
     )  # fmt: skip
-    metrics, _ = tracker.measure_epoch(state)
+    metrics, artifacts = tracker.measure_epoch(state)
     assert evaluation == {"test_loss": 0.5}  # untouched
-    assert metrics["probe_metric"] == 1.0 and seen == [metrics["lambda_max"]]
-    assert set(tracker.epoch_seconds) == {"curvature", "probe"}
-    with pytest.raises(ValueError, match="epoch_measurements need the loop's EpochState"):
-        tracker.measure_epoch()
-
-
-def lossgeo_curvature_settings():
-    from lossgeo import CurvatureSettings
-
-    return CurvatureSettings(k=2, trace_samples=0, layerwise=False, ggn=False)
+    assert state.cache["hessian_top"].values[0] == metrics["lambda_max"]
+    assert metrics["edge_ratio"] == pytest.approx(metrics["lambda_max"] * 0.1 / 2)
+    assert set(tracker.epoch_seconds) == {"curvature"} and "spectrum/eigen.pt" not in artifacts

@@ -14,12 +14,15 @@ SETUP = """
 import os, signal, time
 import mlflow, torch
 import torch.nn.functional as F
-from lossgeo import Tracker
+from lossgeo import SGDStep, StepSettings, Tracker
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 3))
 x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-tracker = Tracker(model, F.cross_entropy, (x, y), every_steps=1, lr=0.1, batch_size=8)
+tracker = Tracker(
+    model, F.cross_entropy, (x, y), optimizer=SGDStep(0.1),
+    steps=StepSettings(every=1, batch_size=8),
+)
 
 def measured():
     tracker.step(1)

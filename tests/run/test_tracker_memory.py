@@ -3,7 +3,7 @@ goes on. Each measurement reports its peak memory."""
 
 import torch.nn.functional as F
 
-from lossgeo import Tracker
+from lossgeo import SGDStep, StepSettings, Tracker
 from lossgeo.curvature import CurvatureSettings
 
 from .test_tracker import NullLogger, small_problem
@@ -16,11 +16,10 @@ def tracker_and_logger():
         model,
         F.cross_entropy,
         (x[:32], y[:32]),
-        every_steps=1,
-        batch_size=16,
-        lr=0.1,
-        logger=logger,
+        optimizer=SGDStep(0.1),
+        steps=StepSettings(every=1, batch_size=16),
         curvature=CurvatureSettings(k=1, trace_samples=2, density_steps=4),
+        logger=logger,
     )
     return tracker, logger
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lossgeo import Tracker
+from lossgeo import StepSettings, Tracker
 from lossgeo.curvature import CurvatureSettings
 from lossgeo.curvature.lanczos import lanczos
 from lossgeo.curvature.operators import HessianOperator
@@ -24,11 +24,10 @@ def run(optimizer_of, steps=4, every=2, epoch=False):
         model,
         F.cross_entropy,
         (x[:64], y[:64]),
-        every_steps=every,
         optimizer=optimizer,
-        batch_size=16,
-        logger=logger,
+        steps=StepSettings(every=every, batch_size=16),
         curvature=CurvatureSettings(k=1, trace_samples=2, density_steps=4) if epoch else None,
+        logger=logger,
     )
     first = tracker.measure_step()  # before the first step: no Adam state yet
     for step in range(1, steps + 1):
