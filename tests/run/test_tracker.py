@@ -144,6 +144,18 @@ def test_gradient_alignment_with_a_known_eigenspace(float64, offset, alignment):
     assert gradient_alignment(g, torch.eye(4)[:2]) == pytest.approx(alignment, abs=1e-12)
 
 
+def sgd_tracker(model, x, y, *, every, logger=None):
+    """A Tracker of plain SGD at lr 0.1 and batches of 32 on the (x, y) probe set."""
+    return Tracker(
+        model,
+        F.cross_entropy,
+        (x, y),
+        optimizer=SGDStep(0.1),
+        steps=StepSettings(every=every, batch_size=32),
+        logger=logger,
+    )
+
+
 class NullLogger:
     def __init__(self):
         self.metrics, self.tags = [], {}
@@ -204,13 +216,7 @@ def test_tracker_measures_on_schedule_and_leaves_the_model_as_it_was():
 
 def test_tracker_logs_into_the_callers_active_mlflow_run(tracking):
     model, x, y = small_problem()
-    tracker = Tracker(
-        model,
-        F.cross_entropy,
-        (x, y),
-        optimizer=SGDStep(0.1),
-        steps=StepSettings(every=2, batch_size=32),
-    )
+    tracker = sgd_tracker(model, x, y, every=2)
     assert tracker.step(1) is None
     with mlflow.start_run() as run:
         assert tracker.step(2) is not None
@@ -256,14 +262,7 @@ def test_steps_that_go_back_are_skipped_with_one_warning():
     once logged step/lambda_max at 10, 20, 10, 20, ... and the chart folded the epochs."""
     model, x, y = small_problem()
     logger = NullLogger()
-    tracker = Tracker(
-        model,
-        F.cross_entropy,
-        (x, y),
-        optimizer=SGDStep(0.1),
-        steps=StepSettings(every=2, batch_size=32),
-        logger=logger,
-    )
+    tracker = sgd_tracker(model, x, y, every=2, logger=logger)
     with pytest.warns(
         UserWarning, match=r"Tracker.step\(1\) after step 4: steps must grow"
     ) as caught:
@@ -319,14 +318,7 @@ def test_a_non_finite_loss_is_recorded_not_raised(caplog):
     into the user's training loop."""
     model, x, y = small_problem()
     logger = NullLogger()
-    tracker = Tracker(
-        model,
-        F.cross_entropy,
-        (x, y),
-        optimizer=SGDStep(0.1),
-        steps=StepSettings(every=1, batch_size=32),
-        logger=logger,
-    )
+    tracker = sgd_tracker(model, x, y, every=1, logger=logger)
     assert math.isfinite(tracker.step(1)["step/lambda_max"])
     with torch.no_grad():
         model[0].weight[0, 0] = float("inf")
@@ -352,23 +344,9 @@ def test_a_parameter_the_forward_never_uses_has_zero_curvature():
 
     net, x, y = small_problem()
     model = WithUnused(net)
-    tracker = Tracker(
-        model,
-        F.cross_entropy,
-        (x, y),
-        optimizer=SGDStep(0.1),
-        steps=StepSettings(every=1, batch_size=32),
-        logger=NullLogger(),
-    )
+    tracker = sgd_tracker(model, x, y, every=1, logger=NullLogger())
     frozen = small_problem()[0]
-    reference = Tracker(
-        frozen,
-        F.cross_entropy,
-        (x, y),
-        optimizer=SGDStep(0.1),
-        steps=StepSettings(every=1, batch_size=32),
-        logger=NullLogger(),
-    )
+    reference = sgd_tracker(frozen, x, y, every=1, logger=NullLogger())
     assert tracker.epoch(1)["lambda_max"] == pytest.approx(
         reference.epoch(1)["lambda_max"], rel=1e-4
     )
