@@ -1,5 +1,5 @@
 """How often a cold Lanczos solve reports lambda_2 as lambda_max, with and without the guard
-pair (lanczos_extremes(guard=...)), and what the guard costs in products.
+pair (`Extremes(guard=...)`), and what the guard costs in products.
 
 The per-epoch secondary solves: lambda_max of each layer's Hessian block and of the GGN, k = 1
 at tol 1e-3, on the default probe (1,024 MNIST training images) of the default MLP after 1 and

@@ -11,7 +11,7 @@ from ..models import parameter_blocks
 from .batches import AnyLossFn, DataSource
 from .density import slq_density
 from .factories import hessian_block, hessian_operator, make_operator
-from .lanczos import both, lanczos_extremes, lanczos_top, power_iteration
+from .lanczos import Extremes, both, lanczos_extremes, lanczos_top, power_iteration
 from .operators import full_precision
 from .results import DensityResult, EigenResult, TraceResult
 from .trace import hutch_plus_plus, hutchinson
@@ -84,15 +84,8 @@ def curvature_eigen(
         return power_iteration(op, k=k, tol=tol, max_iter=max_iter, seed=seed)
     if method != "lanczos":
         raise ValueError(f"method: must be 'lanczos' or 'power' (got {method!r})")
-    top, bottom = lanczos_extremes(
-        op,
-        k_top=k if which == "LA" else 0,
-        k_bottom=k if which == "SA" else 0,
-        tol=tol,
-        max_iter=max_iter,
-        seed=seed,
-        verify=verify,
-    )
+    wanted = Extremes(k_top=k if which == "LA" else 0, k_bottom=k if which == "SA" else 0, tol=tol)
+    top, bottom = lanczos_extremes(op, wanted, max_iter=max_iter, seed=seed, verify=verify)
     result = top if which == "LA" else bottom
     assert result is not None  # the end asked for
     return result
@@ -133,7 +126,8 @@ def hessian_extremes(
     """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
     sizing = _operator_options(chunk_size, hvp_method, max_memory)
     op = hessian_operator(model, loss_fn, data, **sizing, **options)
-    return both(lanczos_extremes(op, k_top=k, k_bottom=1, tol=tol, max_iter=max_iter, seed=seed))
+    wanted = Extremes(k_top=k, k_bottom=1, tol=tol)
+    return both(lanczos_extremes(op, wanted, max_iter=max_iter, seed=seed))
 
 
 @full_precision

@@ -22,7 +22,7 @@ so lambda_max and lambda_min are read off a single run.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -80,79 +80,133 @@ def _ritz_converged(
     return (error <= tol * scale) & (residual <= np.sqrt(tol) * scale)
 
 
+def check_solver_limits(**limits: Any) -> None:
+    """Tolerances (names ending in "tol") are finite numbers > 0; step and sample counts are
+    whole numbers >= 1; anything else is a one-line ValueError before any product."""
+    for name, value in limits.items():
+        if name.endswith("tol"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}: must be a number > 0 (got {value!r})")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a whole number >= 1 (got {value!r})")
+
+
+@dataclass(frozen=True)
+class Extremes:
+    """Which eigenpairs a Lanczos run resolves, and how accurately (its stopping test).
+
+    Attributes:
+        k_top: the largest (algebraic) eigenpairs wanted.
+        k_bottom: the smallest (algebraic) eigenpairs wanted.
+        tol: relative eigenvalue accuracy of the largest pair (see the module docstring).
+        rest_tol: of the other top pairs (None: tol).
+        bottom_tol: of the bottom pairs (None: tol), measured against their own magnitude
+            (bottom_scale="value") or against the spectral radius max |theta|
+            (bottom_scale="spectrum"). The most negative Hessian eigenvalues sit in a
+            crowded cluster near zero, where accuracy relative to their own small size
+            costs many products (35 of 52 for a trained MNIST MLP).
+        bottom_scale: "value" or "spectrum" (above).
+        guard: top Ritz pairs beyond the k_top wanted that must also converge, to ten times
+            rest_tol but never looser than sqrt(tol), before the run may stop; they are not
+            reported. A residual test proves a Ritz value is *an* eigenvalue, not the
+            largest: from a random start whose component along v_1 happens to be small, a
+            short run can resolve lambda_2 to tol while lambda_1 is still hidden. Making the
+            Krylov space resolve one more pair closes that window (measured on MNIST MLP
+            layer blocks and GGN at tol 1e-3, benchmarks/bench_lanczos_guard.py: without it
+            2 of 96 cold solves stopped on lambda_2, 26% low; with guard=1 none did, for 8.3
+            products a solve against 7.1; 9.9 with the guard held to rest_tol itself). The
+            bottom end is not guarded: there the per-epoch tolerance is relative to
+            lambda_max, a guard pair cost 16 more products (about half) on the MNIST MLP,
+            and the unguarded lambda_min was within that tolerance at every start tried.
+        min_steps: products before the stopping test may end the run (None: the wanted
+            pairs plus the guards plus one).
+    """
+
+    k_top: int = 1
+    k_bottom: int = 0
+    tol: float = 1e-4
+    rest_tol: float | None = None
+    bottom_tol: float | None = None
+    bottom_scale: str = "value"
+    guard: int = 1
+    min_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        """Bad targets fail here, in one line, before any product."""
+        if self.bottom_scale not in ("value", "spectrum"):
+            raise ValueError(
+                f"bottom_scale: must be 'value' or 'spectrum' (got {self.bottom_scale!r})"
+            )
+        _check_counts(self.k_top, self.k_bottom, self.guard)
+        limits = {
+            "tol": self.tol,
+            "rest_tol": self.rest_tol,
+            "bottom_tol": self.bottom_tol,
+            "min_steps": self.min_steps,
+        }
+        check_solver_limits(**{name: v for name, v in limits.items() if v is not None})
+
+    def within(self, n: int) -> _Wanted:
+        """The targets on an operator of dimension n, defaults filled in."""
+        if self.k_top + self.k_bottom > n:
+            raise ValueError(
+                f"k: at most the dimension {n} eigenpairs (got {self.k_top + self.k_bottom})"
+            )
+        return _Wanted(
+            k_top=self.k_top,
+            k_bottom=self.k_bottom,
+            guard=min(self.guard, n - self.k_top - self.k_bottom) if self.k_top else 0,
+            tol=self.tol,
+            rest_tol=self.tol if self.rest_tol is None else self.rest_tol,
+            bottom_tol=self.tol if self.bottom_tol is None else self.bottom_tol,
+            bottom_scale=self.bottom_scale,
+        )
+
+
+def _check_counts(k_top: int, k_bottom: int, guard: int) -> None:
+    for value in (k_top, k_bottom):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"k: must be a whole number >= 1 (got {value!r})")
+    if k_top < 0 or k_bottom < 0 or k_top + k_bottom == 0:
+        raise ValueError("k: ask for at least one eigenpair")
+    if guard < 0:
+        raise ValueError(f"guard: must be >= 0 (got {guard})")
+
+
 def lanczos_extremes(
     op: LinearOperator,
+    wanted: Extremes = Extremes(),
     *,
-    k_top: int = 1,
-    k_bottom: int = 0,
-    tol: float = 1e-4,
-    bottom_tol: float | None = None,
-    rest_tol: float | None = None,
-    bottom_scale: str = "value",
     max_iter: int = 100,
     seed: int = 0,
     verify: bool = False,
     start: torch.Tensor | None = None,
-    min_steps: int | None = None,
     run: LanczosRun | None = None,
-    guard: int = 1,
     max_basis: int | None = None,
 ) -> tuple[EigenResult | None, EigenResult | None]:
-    """The k_top largest and k_bottom smallest (algebraic) eigenpairs of a symmetric operator
-    from one Lanczos run. Returns (top, bottom); either is None when not asked for.
+    """The `wanted.k_top` largest and `wanted.k_bottom` smallest (algebraic) eigenpairs of a
+    symmetric operator from one Lanczos run, each to its tolerance (`Extremes`). Returns
+    (top, bottom); either is None when not asked for.
 
-    tol: relative eigenvalue accuracy of the largest pair (see the module docstring);
-    rest_tol (default tol): of the other top pairs; bottom_tol (default tol): of the bottom
-    pairs, measured against their own magnitude (bottom_scale="value") or against the
-    spectral radius max |theta| (bottom_scale="spectrum"). The most negative Hessian
-    eigenvalues sit in a crowded cluster near zero, where accuracy relative to their own
-    small size costs many products (35 of 52 for a trained MNIST MLP). Residuals are the
-    Lanczos ones, beta |s_mi|; verify=True recomputes ||A v - theta v|| with one product
-    per pair.
+    Residuals are the Lanczos ones, beta |s_mi|; verify=True recomputes ||A v - theta v||
+    with one product per pair.
 
     start: (m, n) or (n,) vectors to start from instead of a random vector (a warm start:
     their normalised sum, so a Krylov space of m steps spans them when they are nearly
-    invariant); min_steps (default k_top + k_bottom + 1): products before the stopping test
-    may end the run. run: a fresh `LanczosRun` to take the steps from (instead of seed or
-    start), so that a later reader, e.g. `slq_density`, continues the same Krylov space.
+    invariant). run: a fresh `LanczosRun` to take the steps from (instead of seed or start),
+    so that a later reader, e.g. `slq_density`, continues the same Krylov space.
 
     max_basis: the most basis vectors held at once (default: what the operator's memory
     budget, `basis_budget` in bytes, leaves room for; no limit without one). A run that
     fills it is thick-restarted (`krylov.py`) on the wanted Ritz vectors and goes on to the
     same stopping test; `EigenResult.restarts` says how often.
-
-    guard: top Ritz pairs beyond the k_top wanted that must also converge, to ten times
-    rest_tol but never looser than sqrt(tol), before the run may stop; they are not
-    reported. A residual test proves a Ritz
-    value is *an* eigenvalue, not the largest: from a random start whose component along
-    v_1 happens to be small, a short run can resolve lambda_2 to tol while lambda_1 is still
-    hidden. Making the Krylov space resolve one more pair closes that window (measured on
-    MNIST MLP layer blocks and GGN at tol 1e-3, benchmarks/bench_lanczos_guard.py: without
-    it 2 of 96 cold solves stopped on lambda_2, 26% low; with guard=1 none did, for 8.3
-    products a solve against 7.1; 9.9 with the guard held to rest_tol itself).
-    The bottom end is not guarded: there the per-epoch tolerance is relative to lambda_max,
-    a guard pair cost 16 more products (about half) on the MNIST MLP, and the unguarded
-    lambda_min was within that tolerance at every start tried. min_steps defaults to the
-    wanted pairs plus the guards plus one.
     """
     n = op.dim
     require_symmetric(op, "lanczos")
-    _check_wanted(k_top, k_bottom, n, bottom_scale, guard)
-    check_solver_limits(tol=tol, max_iter=max_iter)
-    for name, value in (("rest_tol", rest_tol), ("bottom_tol", bottom_tol)):
-        if value is not None:
-            check_solver_limits(**{name: value})
-    wanted = _Wanted(
-        k_top=k_top,
-        k_bottom=k_bottom,
-        guard=min(guard, n - k_top - k_bottom) if k_top else 0,
-        tol=tol,
-        rest_tol=tol if rest_tol is None else rest_tol,
-        bottom_tol=tol if bottom_tol is None else bottom_tol,
-        bottom_scale=bottom_scale,
-    )
-    if min_steps is None:
-        min_steps = min(wanted.pairs + 1, n)
+    check_solver_limits(max_iter=max_iter)
+    targets = wanted.within(n)
+    min_steps = wanted.min_steps or min(targets.pairs + 1, n)
     if run is not None:
         if start is not None or run.state is not None:
             raise ValueError("run: must be a fresh LanczosRun, and not given with start")
@@ -160,18 +214,19 @@ def lanczos_extremes(
     else:
         q0 = _start_vector(n, op.dtype, op.device, seed) if start is None else _warm(start, op)
         # a restart keeps the wanted pairs twice, a step and a few extra pairs (_restart_plan)
-        rows = max_basis if max_basis is not None else basis_rows(op, 3 * wanted.pairs + 3)
-        capacity, keep = _restart_plan(rows, wanted, n)
+        rows = max_basis if max_basis is not None else basis_rows(op, 3 * targets.pairs + 3)
+        capacity, keep = _restart_plan(rows, targets, n)
         # an unrestarted run is exact after n steps; a restarted one may take more
         steps = _lanczos_steps(
             op.__matmul__, q0, max_iter if keep else min(max_iter, n), capacity, keep
         )
-    state, check = _run_to_convergence(steps, wanted, min_steps, max_iter)
-    return _results(op, state, check, wanted, verify)
+    state, check = _run_to_convergence(steps, targets, min_steps, max_iter)
+    return _results(op, state, check, targets, verify)
 
 
 class _Wanted(NamedTuple):
-    """What a solve asks for: the pairs at each end, the guard pairs and their tolerances."""
+    """An `Extremes` on one operator: the guard clipped to its dimension, the tolerances
+    filled in."""
 
     k_top: int
     k_bottom: int
@@ -208,32 +263,6 @@ class _Check(NamedTuple):
 
     def done(self, guards_met: bool) -> bool:
         return guards_met and bool(self.top_flags.all()) and bool(self.bottom_flags.all())
-
-
-def check_solver_limits(**limits: Any) -> None:
-    """Tolerances (names ending in "tol") are finite numbers > 0; step and sample counts are
-    whole numbers >= 1; anything else is a one-line ValueError before any product."""
-    for name, value in limits.items():
-        if name.endswith("tol"):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name}: must be a number > 0 (got {value!r})")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a whole number >= 1 (got {value!r})")
-
-
-def _check_wanted(k_top: int, k_bottom: int, n: int, bottom_scale: str, guard: int) -> None:
-    if bottom_scale not in ("value", "spectrum"):
-        raise ValueError(f"bottom_scale: must be 'value' or 'spectrum' (got {bottom_scale!r})")
-    for value in (k_top, k_bottom):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"k: must be a whole number >= 1 (got {value!r})")
-    if k_top < 0 or k_bottom < 0 or k_top + k_bottom == 0:
-        raise ValueError("k: ask for at least one eigenpair")
-    if k_top + k_bottom > n:
-        raise ValueError(f"k: at most the dimension {n} eigenpairs (got {k_top + k_bottom})")
-    if guard < 0:
-        raise ValueError(f"guard: must be >= 0 (got {guard})")
 
 
 def _warm(start: torch.Tensor, op: LinearOperator) -> torch.Tensor:
@@ -358,9 +387,12 @@ def _results(
     return final[0], final[1]
 
 
-def lanczos_top(op: LinearOperator, k: int = 1, **options) -> EigenResult:
-    """The k largest eigenpairs (`lanczos_extremes` with k_top=k and nothing else)."""
-    top, _ = lanczos_extremes(op, k_top=k, k_bottom=0, **options)
+def lanczos_top(
+    op: LinearOperator, k: int = 1, *, tol: float = 1e-4, guard: int = 1, **options: Any
+) -> EigenResult:
+    """The k largest eigenpairs to tol, with `guard` guard pairs (`lanczos_extremes` with
+    nothing else wanted); options: its max_iter, seed, verify, start, run, max_basis."""
+    top, _ = lanczos_extremes(op, Extremes(k_top=k, tol=tol, guard=guard), **options)
     assert top is not None  # k >= 1 was checked by lanczos_extremes
     return top
 
@@ -401,14 +433,8 @@ def lanczos(
     """
     if which not in ("LA", "SA"):
         raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
-    top, bottom = lanczos_extremes(
-        op,
-        k_top=k if which == "LA" else 0,
-        k_bottom=k if which == "SA" else 0,
-        tol=tol,
-        max_iter=max_iter,
-        seed=seed,
-    )
+    wanted = Extremes(k_top=k if which == "LA" else 0, k_bottom=k if which == "SA" else 0, tol=tol)
+    top, bottom = lanczos_extremes(op, wanted, max_iter=max_iter, seed=seed)
     result = top if which == "LA" else bottom
     assert result is not None  # k >= 1 was checked by lanczos_extremes
     return result

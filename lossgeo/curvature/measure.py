@@ -23,7 +23,14 @@ from .batches import AnyLossFn, DataSource, check_chunk_size, eval_mode, parse_m
 from .density import slq_density
 from .distributed import unwrap
 from .factories import AnyHessianOperator, hessian_block, hessian_operator, make_operator
-from .lanczos import LanczosRun, both, check_solver_limits, lanczos_extremes, lanczos_top
+from .lanczos import (
+    Extremes,
+    LanczosRun,
+    both,
+    check_solver_limits,
+    lanczos_extremes,
+    lanczos_top,
+)
 from .linear import MatrixOperator
 from .operators import full_precision, resolve_compute_dtype
 from .persample import fisher_gram
@@ -196,12 +203,14 @@ def measure_curvature(
     top, bottom = both(
         lanczos_extremes(
             op,
-            k_top=k,
-            k_bottom=1,
-            tol=s.tol,
-            rest_tol=s.secondary_tol,
-            bottom_tol=s.secondary_tol,
-            bottom_scale="spectrum",
+            Extremes(
+                k_top=k,
+                k_bottom=1,
+                tol=s.tol,
+                rest_tol=s.secondary_tol,
+                bottom_tol=s.secondary_tol,
+                bottom_scale="spectrum",
+            ),
             max_iter=s.max_iter,
             seed=s.seed,
             run=run,

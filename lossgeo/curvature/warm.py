@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .lanczos import lanczos_extremes
+from .lanczos import Extremes, lanczos_extremes
 from .linear import LinearOperator
 
 
@@ -100,17 +100,14 @@ class WarmEigen:
         # only lambda_max has to meet tol; the other tracked pairs just follow it. A warm
         # solve has its own guards (k >= 2 and the cold checks), so no guard pair: it would
         # cost every solve a product
-        top, _ = lanczos_extremes(
-            op,
+        wanted = Extremes(
             k_top=k,
             tol=tol or self.tol,
             rest_tol=1.0,
-            max_iter=self.max_iter,
-            seed=seed,
-            start=start,
             min_steps=k if start is not None else None,
             guard=0 if start is not None else 1,
         )
+        top, _ = lanczos_extremes(op, wanted, max_iter=self.max_iter, seed=seed, start=start)
         return top
 
     def solve(self, op: LinearOperator) -> TrackedEigen:

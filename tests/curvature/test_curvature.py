@@ -20,7 +20,7 @@ from lossgeo.curvature import (
     layerwise_lambda_max,
     spectral_density,
 )
-from lossgeo.curvature.lanczos import lanczos_extremes
+from lossgeo.curvature.lanczos import Extremes, lanczos_extremes
 from lossgeo.curvature.linear import MatrixOperator
 from lossgeo.curvature.operators import ParameterSpace
 from lossgeo.curvature.trace import hutchinson, rademacher_vectors
@@ -195,9 +195,9 @@ def test_secondary_tolerances_stop_earlier_and_hold():
     exact = torch.linalg.eigvalsh(H)
     op = HessianOperator(model, cross_entropy, (x, y))
     kw = dict(k_top=3, k_bottom=1, tol=1e-8)
-    tight_top, tight_bottom = lanczos_extremes(op, **kw)
+    tight_top, tight_bottom = lanczos_extremes(op, Extremes(**kw))
     top, bottom = lanczos_extremes(
-        op, rest_tol=1e-2, bottom_tol=1e-3, bottom_scale="spectrum", **kw
+        op, Extremes(rest_tol=1e-2, bottom_tol=1e-3, bottom_scale="spectrum", **kw)
     )
     assert top.n_hvp < tight_top.n_hvp
     assert abs(float(top.values[0]) / float(exact[-1]) - 1) <= 1e-8
@@ -206,7 +206,7 @@ def test_secondary_tolerances_stop_earlier_and_hold():
     assert abs(float(bottom.values[0]) - float(exact[0])) <= 1e-3 * float(exact[-1])
     assert top.all_converged and bottom.all_converged
     with pytest.raises(ValueError, match="bottom_scale"):
-        lanczos_extremes(op, bottom_scale="absolute", **kw)
+        Extremes(bottom_scale="absolute", **kw)
 
 
 def test_hessian_block_shares_the_graph_and_equals_the_exact_block():
@@ -370,10 +370,10 @@ def test_density_continuing_the_eigen_solve_is_the_same_density_for_fewer_produc
     gen = torch.Generator().manual_seed(4)
     a = torch.randn(200, 200, generator=gen, dtype=torch.float64)
     op = MatrixOperator(a + a.T)
-    alone_top, alone_bottom = lanczos_extremes(op, k_top=3, k_bottom=1, tol=1e-4, seed=2)
+    alone_top, alone_bottom = lanczos_extremes(op, Extremes(k_top=3, k_bottom=1, tol=1e-4), seed=2)
     alone = slq_density(op, n_steps=density_steps, n_vectors=2, seed=2)
     run = LanczosRun(op, seed=2, max_steps=100)
-    top, bottom = lanczos_extremes(op, k_top=3, k_bottom=1, tol=1e-4, run=run)
+    top, bottom = lanczos_extremes(op, Extremes(k_top=3, k_bottom=1, tol=1e-4), run=run)
     solve_steps = top.n_hvp
     assert 6 < solve_steps < 60
     assert torch.equal(top.values, alone_top.values)
@@ -392,9 +392,9 @@ def test_a_shared_lanczos_run_is_refused_when_used_or_from_another_seed(float64)
 
     op = MatrixOperator(torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64)))
     run = LanczosRun(op, seed=0)
-    lanczos_extremes(op, k_top=1, run=run)
+    lanczos_extremes(op, Extremes(k_top=1), run=run)
     with pytest.raises(ValueError, match="fresh LanczosRun"):
-        lanczos_extremes(op, k_top=1, run=run)
+        lanczos_extremes(op, Extremes(k_top=1), run=run)
     with pytest.raises(ValueError, match="seed 0, not this density's seed 1"):
         slq_density(op, n_steps=5, seed=1, run=run)
 
@@ -458,9 +458,9 @@ def test_guard_pair_keeps_a_cold_start_from_stopping_on_lambda_2():
     cold_checks = {
         guard: [
             float(
-                lanczos_extremes(op, k_top=2, tol=1e-4, rest_tol=1.0, seed=seed, guard=guard)[
-                    0
-                ].values[0]
+                lanczos_extremes(
+                    op, Extremes(k_top=2, tol=1e-4, rest_tol=1.0, guard=guard), seed=seed
+                )[0].values[0]
             )
             for seed in range(60)
         ]

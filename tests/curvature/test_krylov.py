@@ -9,7 +9,7 @@ from torch import nn
 from lossgeo.curvature import HessianOperator, hessian_eigen
 from lossgeo.curvature.density import slq_density
 from lossgeo.curvature.krylov import KrylovBasis
-from lossgeo.curvature.lanczos import basis_rows, lanczos_extremes
+from lossgeo.curvature.lanczos import Extremes, basis_rows, lanczos_extremes
 from lossgeo.curvature.linear import MatrixOperator
 
 
@@ -64,7 +64,7 @@ def test_the_basis_grows_with_the_rows_appended_and_stops_at_its_capacity():
 
 def test_a_solve_allocates_the_steps_it_takes_not_max_iter(float64, bases):
     op = MatrixOperator(torch.diag(torch.arange(1.0, 2001.0, dtype=torch.float64)))
-    top, _ = lanczos_extremes(op, k_top=1, tol=1e-2, max_iter=1000, seed=0)
+    top, _ = lanczos_extremes(op, Extremes(k_top=1, tol=1e-2), max_iter=1000, seed=0)
     assert top is not None and top.n_hvp < 100
     (basis,) = bases
     assert basis.peak_rows <= 2 * top.n_hvp  # blocks double: at most half unused
@@ -75,11 +75,14 @@ def test_a_restarted_run_finds_the_same_eigenpairs_within_its_basis(
     float64, bases, k_top, k_bottom
 ):
     op = spectrum_operator()
-    options = dict(k_top=k_top, k_bottom=k_bottom, tol=1e-12, max_iter=3000, seed=1)
-    want = lanczos_extremes(op, **options)
+    wanted, options = (
+        Extremes(k_top=k_top, k_bottom=k_bottom, tol=1e-12),
+        dict(max_iter=3000, seed=1),
+    )
+    want = lanczos_extremes(op, wanted, **options)
     bases.clear()
     rows = 4 * (k_top + k_bottom + 1) + 3
-    got = lanczos_extremes(op, max_basis=rows, **options)
+    got = lanczos_extremes(op, wanted, max_basis=rows, **options)
     for w, g in zip(want, got):
         if w is None:
             assert g is None
@@ -144,7 +147,7 @@ def test_the_basis_takes_a_quarter_of_the_budget_unless_a_solve_needs_more(float
 def test_a_budget_without_room_for_the_kept_pairs_is_a_one_line_error(float64):
     op = spectrum_operator(50)
     with pytest.raises(MemoryError, match="a Lanczos basis of 9 vectors") as error:
-        lanczos_extremes(op, k_top=3, max_basis=8)
+        lanczos_extremes(op, Extremes(k_top=3), max_basis=8)
     assert "\n" not in str(error.value)
     with pytest.raises(MemoryError, match="60 Lanczos quadrature steps"):
         slq_density(_budgeted(spectrum_operator(100), rows=20), n_steps=60)
