@@ -9,8 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lossgeo import SGDStep, StepSettings
-from lossgeo.curvature import CurvatureSettings, hessian_eigen, hessian_trace
+from lossgeo.curvature import (
+    BatchSampling,
+    CurvatureSettings,
+    Scope,
+    hessian_eigen,
+    hessian_trace,
+)
 from lossgeo.curvature.batches import as_batches
+from lossgeo.curvature.lanczos import Extremes
 
 
 def problem():
@@ -110,3 +117,35 @@ def test_a_model_on_the_meta_device_is_refused_before_any_product():
         match,
     )
     refused(lambda: hessian_eigen(model, F.cross_entropy, data), match)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: Scope(loss_form="logits"), "loss_form: must be 'auto', 'output_target'"),
+        (lambda: Scope(size_fn=3), r"size_fn: must be a callable\(batch\) -> int"),
+        (lambda: Scope(math_attention="yes"), "math_attention: must be True or False"),
+        (lambda: SGDStep(0.0), r"lr: must be a number > 0 \(got 0.0\)"),
+        (lambda: SGDStep(True), r"lr: must be a number > 0 \(got True\)"),
+        (lambda: SGDStep(0.1, momentum=1.0), r"momentum: must be a number in \[0, 1\)"),
+        (lambda: BatchSampling(min_batches=0), "need rel_se >= 0 and 1 <= min_batches"),
+        (lambda: BatchSampling(max_batches=2), "need rel_se >= 0 and 1 <= min_batches"),
+        (lambda: BatchSampling(batch_size=2.5), r"batch_size: must be a whole number >= 1"),
+        (lambda: StepSettings(every=-1), r"every: must be an integer >= 0 \(got -1\)"),
+        (lambda: StepSettings(batch_size=0), r"batch_size: must be a whole number >= 1"),
+        (lambda: Extremes(k_top=0), "k: ask for at least one eigenpair"),
+        (lambda: Extremes(rest_tol=0.0), r"rest_tol: must be a number > 0"),
+        (lambda: Extremes(min_steps=0), r"min_steps: must be a whole number >= 1"),
+        (lambda: Extremes(bottom_scale="absolute"), "bottom_scale: must be 'value' or"),
+    ],
+)
+def test_settings_objects_refuse_bad_values_at_construction(build, match):
+    """Each settings object says what is wrong in one line when it is built, before a
+    model, a probe set or a product is touched."""
+    refused(build, match)
+
+
+def test_sgd_step_gives_the_heavy_ball_edge():
+    """SGDStep(lr, m): the threshold 2(1+m)/lr of heavy-ball SGD on a quadratic."""
+    edge = SGDStep(0.05, momentum=0.9).edge
+    assert edge.threshold == pytest.approx(2 * 1.9 / 0.05) and edge.rule == "2(1+m)/lr"
