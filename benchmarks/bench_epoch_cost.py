@@ -37,7 +37,7 @@ ROUNDS = 3
 PARTS = {
     curvature_measure: {
         "lanczos_extremes": "curvature: top-5 and lambda_min (Lanczos)",
-        "hutchinson": "curvature: trace (Hutchinson, 20 vectors)",
+        "hutchinson": "curvature: trace (Hutchinson, 14 vectors, Krylov-deflated)",
         "lanczos_top": "curvature: GGN, layer-wise (and, off Linear chains, "
         "Fisher) lambda_max (Lanczos)",
         "fisher_gram": "curvature: Fisher Gram matrix (Linear chains)",

@@ -26,6 +26,7 @@ from .factories import AnyHessianOperator, hessian_block, hessian_operator, make
 from .lanczos import (
     Extremes,
     LanczosRun,
+    basis_rows,
     both,
     check_solver_limits,
     lanczos_extremes,
@@ -48,7 +49,9 @@ class CurvatureSettings:
         k: eigenpairs at the top of the spectrum (lambda_1..k).
         tol: relative accuracy of lambda_max.
         max_iter: Lanczos steps at most per solve.
-        trace_samples: Hutchinson probe vectors for the trace (fewer than 2: no trace).
+        trace_samples: Hutchinson probe vectors for the trace (fewer than 2: no trace),
+            deflated by the eigen solve's Krylov basis: 14 give the standard error that 20
+            gave deflated by the top-5 Ritz pairs (benchmarks/bench_trace_deflation.py).
         density_steps: Lanczos steps of the spectral density (final measurement only).
         alpha: the effective dimension's scale, sum of lambda / (lambda + alpha).
         secondary_tol: relative accuracy of lambda_2..k, of the GGN, Fisher and per-layer
@@ -71,7 +74,7 @@ class CurvatureSettings:
     k: int = 5
     tol: float = 1e-4
     max_iter: int = 100
-    trace_samples: int = 20
+    trace_samples: int = 14
     density_steps: int = 100
     alpha: float = 1.0
     secondary_tol: float = 1e-3
@@ -196,9 +199,7 @@ def measure_curvature(
             math_attention=op.math_attention,
         )
     k = max(1, min(s.k, op.dim - 1))
-    # at the last epoch the spectral density continues the eigen solve's Lanczos run (same
-    # start vector) rather than repeating its first steps
-    run = LanczosRun(op, seed=s.seed, max_steps=max(s.max_iter, s.density_steps)) if final else None
+    run = _krylov_run(op, s, final)
     # lambda_max to tol; lambda_2..k and lambda_min (against lambda_max) to secondary_tol
     top, bottom = both(
         lanczos_extremes(
@@ -219,8 +220,12 @@ def measure_curvature(
     n_hvp = top.n_hvp
     trace = None
     if s.trace_samples >= 2 and op.dim > k:
-        # the top-k Ritz pairs carry much of Hutchinson's variance: take their part exactly
-        trace = hutchinson(op, s.trace_samples, seed=s.seed, deflation=(top.values, top.vectors))
+        # the eigen solve's whole Krylov basis (else its top-k Ritz pairs) carries much of
+        # Hutchinson's variance: take its part exactly (`trace.py`)
+        deflation = run.state if run is not None and run.state is not None else None
+        trace = hutchinson(
+            op, s.trace_samples, seed=s.seed, deflation=deflation or (top.values, top.vectors)
+        )
         n_hvp += trace.n_hvp
     ggn = fisher = None
     if s.ggn and op.objective.form == "output_target":
@@ -273,6 +278,18 @@ def measure_curvature(
         seconds=time.perf_counter() - start,
         math_attention=op.math_attention,
     )
+
+
+def _krylov_run(op: AnyHessianOperator, s: CurvatureSettings, final: bool) -> LanczosRun | None:
+    """The eigen solve's Lanczos run, kept for the trace's deflation and, at the last epoch,
+    for the spectral density to continue; None (the solve restarts as the memory budget
+    needs, and the trace deflates by the top-k pairs) when its whole basis would not fit.
+    The last epoch keeps the run regardless: the density needs the plain recurrence."""
+    steps = max(s.max_iter, s.density_steps) if final else s.max_iter
+    capacity = basis_rows(op, min(steps, op.dim))
+    if final or capacity is None or capacity >= min(steps, op.dim):
+        return LanczosRun(op, seed=s.seed, max_steps=steps)
+    return None
 
 
 def _fisher_lambda_max(

@@ -20,7 +20,7 @@ from lossgeo.curvature import (
     layerwise_lambda_max,
     spectral_density,
 )
-from lossgeo.curvature.lanczos import Extremes, lanczos_extremes
+from lossgeo.curvature.lanczos import Extremes, LanczosRun, lanczos_extremes
 from lossgeo.curvature.linear import MatrixOperator
 from lossgeo.curvature.operators import ParameterSpace
 from lossgeo.curvature.trace import hutchinson, rademacher_vectors
@@ -177,6 +177,29 @@ def test_deflated_hutchinson_takes_the_ritz_part_exactly():
     assert abs(deflated.value - exact) <= 3 * deflated.stderr
     assert deflated.stderr < plain.stderr
     assert deflated.method == "hutchinson-deflated-3" and deflated.n_hvp == 200
+
+
+def test_krylov_deflated_hutchinson_is_exact_on_a_whole_basis_and_unbiased_on_a_part():
+    """Deflation by a Lanczos run's whole basis Q: tr(A) = tr(Q^T A Q) + tr(PAP), with
+    tr(Q^T A Q) the trace of the projected matrix the run kept. A basis of the whole space
+    leaves nothing to sample; a partial one samples the rest without bias, with a smaller
+    standard error than the top Ritz pairs of the same run leave."""
+    model, (x, y) = tiny_mlp(seed=5, hidden=8), toy_data(n=12)
+    H = exact_hessian(model, cross_entropy, x, y)
+    exact = float(torch.trace(H))
+    op = MatrixOperator(H)
+    whole = LanczosRun(op, seed=1, max_steps=op.dim)
+    whole.extend(op.dim)
+    full = hutchinson(op, 4, deflation=whole.state)
+    assert full.value == pytest.approx(exact, rel=1e-9) and full.stderr < 1e-9 * abs(exact)
+    part = LanczosRun(op, seed=1, max_steps=12)
+    top, _ = lanczos_extremes(op, Extremes(k_top=3, tol=1e-3), run=part)
+    assert part.state.size == top.n_hvp and part.state.size < op.dim
+    krylov = hutchinson(op, 400, seed=3, deflation=part.state)
+    ritz = hutchinson(op, 400, seed=3, deflation=(top.values, top.vectors))
+    assert abs(krylov.value - exact) <= 3 * krylov.stderr
+    assert krylov.stderr < ritz.stderr
+    assert krylov.method == f"hutchinson-krylov-{part.state.size}" and krylov.n_hvp == 400
 
 
 def testrademacher_vectors_vectors_are_signs_with_unit_second_moment():

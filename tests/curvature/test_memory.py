@@ -1,6 +1,8 @@
 """Out of memory during a measurement: the probe set's chunks are halved and the product
 retried, with the same result; one sample that still does not fit is a one-line error."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,9 +149,12 @@ def test_the_settings_size_to_the_free_memory_by_default(float64, monkeypatch):
     seen = refuse_chunks_above(model, max(largest, 8))
     got = measure_curvature(model, F.cross_entropy, data, settings)
     assert got.lambda_max == pytest.approx(want.lambda_max, rel=1e-10)
-    # the trace deflates the top-k Ritz vectors, converged to secondary_tol: a restarted
-    # basis gives vectors as accurate, not the same ones, so the estimate moves slightly
-    assert got.trace.value == pytest.approx(want.trace.value, rel=1e-6)
+    # the eigen solve's whole basis does not fit beside the graphs: the trace deflates by
+    # its top-k Ritz pairs instead of the basis, another unbiased estimate of the same trace
+    assert want.trace.method.startswith("hutchinson-krylov-")
+    assert got.trace.method == "hutchinson-deflated-2"
+    spread = math.hypot(got.trace.stderr, want.trace.stderr)
+    assert abs(got.trace.value - want.trace.value) <= 3 * spread
     assert max(seen) <= max(largest, 8)
     # 8 samples do not fit: the sizing gives up, and the products halve their chunks
     refuse_chunks_above(model, 6)
