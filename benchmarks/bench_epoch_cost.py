@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_curvature import epoch_seconds  # noqa: E402
-from common import machine, mnist, trained, write  # noqa: E402
+from common import RESULTS, machine, mnist, trained, write  # noqa: E402
 
 import lossgeo.curvature.measure as curvature_measure  # noqa: E402
 import lossgeo.geometry.landscape_measure as landscape_measure  # noqa: E402
@@ -33,6 +33,7 @@ from lossgeo.run.protocols import EpochState  # noqa: E402
 from lossgeo.run.tracker import SGDStep, StepSettings, Tracker  # noqa: E402
 
 ROUNDS = 3
+KEPT = "\n## The default run, side by side"
 # the solver and sharpness calls inside the measurements, timed where they are looked up
 PARTS = {
     curvature_measure: {
@@ -161,7 +162,12 @@ def main() -> None:
             f"{metrics['eps_sharpness']:.3f}, B_simple {metrics['grad_noise_scale']:.1f}",
             "",
         ]
-    write("epoch_cost.md", "\n".join(lines) + "\n")
+    # the hand-run sections below the generated part (the default run, side by side) stay
+    previous = RESULTS / "epoch_cost.md"
+    kept = ""
+    if previous.exists() and KEPT in previous.read_text():
+        kept = previous.read_text()[previous.read_text().index(KEPT) :]
+    write("epoch_cost.md", "\n".join(lines) + "\n" + kept)
 
 
 if __name__ == "__main__":
