@@ -193,6 +193,11 @@ class Tracker:
     ) -> None:
         """See the class docstring; bad input (filters, batches, loss form, settings) fails
         here, not at the first measurement."""
+        if isinstance(optimizer, (int, float)):  # a step size given where the optimizer goes
+            raise ValueError(
+                f"optimizer: a torch optimizer, or SGDStep(lr, momentum) for an update "
+                f"lossgeo cannot read (got {optimizer!r})"
+            )
         self.scope = scope.resolved()  # the process group resolved once, for every call
         self.group = self.scope.process_group
         self.model, self.loss_fn = unwrap(model), loss_fn

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossgeo import SGDStep, StepSettings
+from lossgeo import SGDStep, StepSettings, Tracker
 from lossgeo.curvature import (
     BatchSampling,
     CurvatureSettings,
@@ -85,8 +85,6 @@ def test_the_defaults_and_valid_settings_pass():
 
 def test_an_empty_probe_is_refused_at_construction_in_one_line():
     """An empty (x, y) probe raised IndexError from the Tracker's memory sizing."""
-    from lossgeo import Tracker
-
     model, _ = problem()
     empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     match = "data: every batch given is empty"
@@ -104,8 +102,6 @@ def test_an_empty_probe_is_refused_at_construction_in_one_line():
 
 def test_a_model_on_the_meta_device_is_refused_before_any_product():
     """It failed at the first `epoch()` with "unsupported scalarType", after an epoch."""
-    from lossgeo import Tracker
-
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     _, data = problem()
@@ -143,6 +139,14 @@ def test_settings_objects_refuse_bad_values_at_construction(build, match):
     """Each settings object says what is wrong in one line when it is built, before a
     model, a probe set or a product is touched."""
     refused(build, match)
+
+
+def test_a_step_size_given_as_the_optimizer_is_refused_in_one_line():
+    model, data = problem()
+    refused(
+        lambda: Tracker(model, F.cross_entropy, data, optimizer=0.1),
+        r"optimizer: a torch optimizer, or SGDStep\(lr, momentum\)",
+    )
 
 
 def test_sgd_step_gives_the_heavy_ball_edge():
