@@ -9,6 +9,7 @@ given in `lossgeo.run.names`.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,8 @@ from .results import DensityResult, EigenResult, TraceResult
 from .scope import Scope
 from .sharded import is_sharded
 from .trace import hutchinson
+
+log = logging.getLogger("lossgeo")
 
 
 @dataclass(frozen=True)
@@ -261,8 +264,8 @@ def measure_curvature(
             n_hvp += result.n_hvp
     density = None
     if final:
-        density = slq_density(op, n_steps=s.density_steps, seed=s.seed, run=run)
-        n_hvp += density.n_hvp
+        density = _density(op, s, run)
+        n_hvp += density.n_hvp if density is not None else 0
     return CurvatureMeasures(
         probe_loss=op.loss(),
         top=top,
@@ -282,14 +285,27 @@ def measure_curvature(
 
 def _krylov_run(op: AnyHessianOperator, s: CurvatureSettings, final: bool) -> LanczosRun | None:
     """The eigen solve's Lanczos run, kept for the trace's deflation and, at the last epoch,
-    for the spectral density to continue; None (the solve restarts as the memory budget
-    needs, and the trace deflates by the top-k pairs) when its whole basis would not fit.
-    The last epoch keeps the run regardless: the density needs the plain recurrence."""
+    for the spectral density to continue; None when its whole basis would not fit the
+    memory budget: the solve then restarts as the budget needs, the trace deflates by the
+    top-k pairs, and the density takes its own run (or is left out, `_density`)."""
     steps = max(s.max_iter, s.density_steps) if final else s.max_iter
     capacity = basis_rows(op, min(steps, op.dim))
-    if final or capacity is None or capacity >= min(steps, op.dim):
+    if capacity is None or capacity >= min(steps, op.dim):
         return LanczosRun(op, seed=s.seed, max_steps=steps)
     return None
+
+
+def _density(
+    op: AnyHessianOperator, s: CurvatureSettings, run: LanczosRun | None
+) -> DensityResult | None:
+    """The final epoch's spectral density, continuing the eigen solve's run where there is
+    one; None, with one warning, when its quadrature's basis does not fit the memory budget
+    (the rest of the final set is kept: a density cannot restart)."""
+    try:
+        return slq_density(op, n_steps=s.density_steps, seed=s.seed, run=run)
+    except MemoryError as error:
+        log.warning("lossgeo: the spectral density is left out: %s", error)
+        return None
 
 
 def _fisher_lambda_max(

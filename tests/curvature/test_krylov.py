@@ -156,3 +156,28 @@ def test_a_budget_without_room_for_the_kept_pairs_is_a_one_line_error(float64):
 def _budgeted(op: MatrixOperator, rows: int) -> MatrixOperator:
     op.basis_budget = (rows + 3) * op.dim * 8  # type: ignore[attr-defined]
     return op
+
+
+def test_a_final_set_whose_density_does_not_fit_keeps_the_rest(float64, caplog):
+    """At the last epoch the density continues the eigen solve's run, which cannot restart.
+    Under a budget with room for about 30 basis vectors beside the graphs, the eigen solve
+    restarts to the same values, the trace deflates by its top pairs, and the density (60
+    steps) is left out with one warning, instead of the whole final set failing."""
+    from lossgeo.curvature import CurvatureSettings, measure_curvature
+
+    model, data = model_and_data()
+    roomy = HessianOperator(model, F.cross_entropy, data, max_memory="1GB")
+    graphs, row = 2**30 - roomy.basis_room, roomy.dim * 8
+    settings = CurvatureSettings(
+        k=2, tol=1e-10, secondary_tol=1e-10, trace_samples=4, density_steps=60,
+        layerwise=False, ggn=False, max_iter=500,
+    )  # fmt: skip
+    want = measure_curvature(model, F.cross_entropy, data, settings, final=True)
+    tight = CurvatureSettings(**{**settings.__dict__, "max_memory": graphs + 30 * row})
+    with caplog.at_level("WARNING", logger="lossgeo"):
+        got = measure_curvature(model, F.cross_entropy, data, tight, final=True)
+    assert want.density is not None and want.trace.method.startswith("hutchinson-krylov-")
+    assert got.density is None and got.trace.method == "hutchinson-deflated-2"
+    assert torch.allclose(got.top.values, want.top.values, rtol=1e-8, atol=0)
+    told = [r.getMessage() for r in caplog.records if "spectral density" in r.getMessage()]
+    assert len(told) == 1 and "60 Lanczos quadrature steps" in told[0]
