@@ -7,6 +7,11 @@ then Hutchinson with 20 probe vectors deflated each way, over several seeds. The
 variance (pooled over the seeds) says how many probes each needs for a given standard
 error; both estimate the same trace, so their means must agree within their errors.
 
+Second table: the model-level estimators at equal products (30), `hessian_trace`'s
+methods, over the same seeds: plain Hutchinson, Hutch++ (Meyer et al. 2021) and the
+Krylov-aware estimator (Chen & Hallman 2023, `krylov_hutchinson`), by the spread of their
+estimates.
+
 Run: python benchmarks/bench_trace_deflation.py [--seeds 5]   (writes results/trace_deflation.md)
 """
 
@@ -22,7 +27,11 @@ from common import machine, mnist, trained, write  # noqa: E402
 
 from lossgeo.curvature.factories import hessian_operator  # noqa: E402
 from lossgeo.curvature.lanczos import Extremes, LanczosRun, lanczos_extremes  # noqa: E402
-from lossgeo.curvature.trace import hutchinson  # noqa: E402
+from lossgeo.curvature.trace import (  # noqa: E402
+    hutch_plus_plus,
+    hutchinson,
+    krylov_hutchinson,
+)
 from lossgeo.losses import cross_entropy  # noqa: E402
 
 SAMPLES = 20
@@ -39,7 +48,26 @@ def pooled(results) -> tuple[float, float, float]:
     return mean, math.sqrt(variance / (SAMPLES * len(results))), variance
 
 
-def rung(name: str, seeds: int) -> str:
+EQUAL = 30
+ESTIMATORS = {
+    "Hutchinson": hutchinson,
+    "Hutch++": hutch_plus_plus,
+    "Krylov-aware": krylov_hutchinson,
+}
+
+
+def spread(op, seeds: int) -> str:
+    """Mean and standard deviation over seeds of each estimator at EQUAL products."""
+    cells = []
+    for estimate in ESTIMATORS.values():
+        values = [estimate(op, EQUAL, seed=seed).value for seed in range(seeds)]
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        cells.append(f"{mean:.2f} (sd {sd:.2f})")
+    return " | ".join(cells)
+
+
+def rung(name: str, seeds: int) -> tuple[str, str]:
     data = mnist(probe_size=1024)
     model = trained(name, data)
     op = hessian_operator(model, cross_entropy, (data.probe.x, data.probe.y))
@@ -57,14 +85,14 @@ def rung(name: str, seeds: int) -> str:
     return (
         f"| {name} | {run.state.size} | {m_r:.2f} +- {se_r:.2f} | {m_k:.2f} +- {se_k:.2f} | "
         f"{agree:.1f} | {ratio:.2f} | {math.ceil(SAMPLES * ratio)} |"
-    )
+    ), f"| {name} | {spread(op, seeds)} |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
-    rows = [rung(name, args.seeds) for name in ("mlp", "cnn")]
+    rows, equal = zip(*(rung(name, args.seeds) for name in ("mlp", "cnn")))
     write(
         "trace_deflation.md",
         f"# The per-epoch trace: deflation by the Krylov basis against the top-5 Ritz pairs\n\n"
@@ -73,7 +101,10 @@ def main() -> None:
         f"estimate, {args.seeds} seeds pooled.\n\n"
         "| model | basis vectors | top-5 Ritz deflation | Krylov deflation | "
         "difference / SE | variance ratio (Krylov / Ritz) | probes for the Ritz SE at "
-        f"{SAMPLES} |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n",
+        f"{SAMPLES} |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        f"`hessian_trace`'s estimators at {EQUAL} products each, {args.seeds} seeds: the mean "
+        "and the standard deviation of the estimates.\n\n"
+        "| model | " + " | ".join(ESTIMATORS) + " |\n|---|---|---|---|\n" + "\n".join(equal) + "\n",
     )
 
 

@@ -4,7 +4,7 @@ traces and densities, on any nn.Module. Pure: no MLflow, no I/O.
 Model-level API (what notebooks call)::
 
     hessian_eigen(model, loss_fn, data, k=1, which="LA", method="lanczos", tol=1e-4, max_iter=100)
-    hessian_trace(model, loss_fn, data, method="hutchinson" | "hutch++", n_samples=30)
+    hessian_trace(model, loss_fn, data, method="hutchinson" | "hutch++" | "krylov", n_samples=30)
     spectral_density(model, loss_fn, data, n_steps=100, n_vectors=1)
     layerwise_lambda_max(model, loss_fn, data)
     measure_curvature(model, loss_fn, data, CurvatureSettings())  # the per-epoch set
@@ -16,7 +16,7 @@ or `LambdaOperator` around your own product)::
 
     lanczos(op, k, which="LA", tol=1e-4, max_iter=100, seed=0) -> EigenResult
     power_iteration(op, k=1, tol=1e-3) -> EigenResult
-    hutchinson(op, n_samples) / hutchpp(op, n_samples) -> TraceResult
+    hutchinson(op, n_samples) / hutchpp(op, n_samples) / krylov_hutchinson(op, n_samples)
     slq_density(op, n_steps=100, n_vectors=1) -> DensityResult
 
 `data` is one (x, y) tuple or an iterable of them; losses are mean-reduced over all samples
@@ -51,7 +51,7 @@ from .results import DensityResult, EigenResult, TraceResult
 from .scope import Scope
 from .stability import SGDStep
 from .stochastic import BatchSampling, batch_sharpness
-from .trace import hutch_plus_plus, hutchinson, hutchpp
+from .trace import hutch_plus_plus, hutchinson, hutchpp, krylov_hutchinson
 
 __all__ = [
     "hessian_eigen",
@@ -73,6 +73,7 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "hutch_plus_plus",
+    "krylov_hutchinson",
     "slq_density",
     "EigenResult",
     "TraceResult",

@@ -14,12 +14,12 @@ from .factories import hessian_block, hessian_operator, make_operator
 from .lanczos import Extremes, both, lanczos_extremes, lanczos_top, power_iteration
 from .operators import full_precision
 from .results import DensityResult, EigenResult, TraceResult
-from .trace import hutch_plus_plus, hutchinson
+from .trace import hutch_plus_plus, hutchinson, krylov_hutchinson
 
 Which = Literal["LA", "SA"]
 EigenMethod = Literal["lanczos", "power"]
 Matrix = Literal["hessian", "ggn", "fisher"]
-TraceMethod = Literal["hutchinson", "hutch++"]
+TraceMethod = Literal["hutchinson", "hutch++", "krylov"]
 
 
 def _operator_options(
@@ -150,7 +150,10 @@ def hessian_trace(
         model: any nn.Module.
         loss_fn: loss_fn(output, target) with (x, y) batches, or loss_fn(model, batch).
         data: one (x, y) pair, a list of batches or a DataLoader.
-        method: "hutchinson" (Rademacher probes) or "hutch++" (Meyer et al. 2021).
+        method: "hutchinson" (Rademacher probes), "hutch++" (Meyer et al. 2021), or
+            "krylov" (Chen & Hallman 2023: a third of the products on Lanczos steps whose
+            basis takes its part of the trace exactly; the most accurate of the three per
+            product on the MNIST models measured, `benchmarks/bench_trace_deflation.py`).
         n_samples: Hessian-vector products to spend.
         seed: the probe vectors.
         chunk_size: samples per forward pass ("auto": by activation memory).
@@ -162,9 +165,9 @@ def hessian_trace(
     Returns:
         A `TraceResult` with the estimate, its standard error and the products used.
     """
-    estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus}
+    estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus, "krylov": krylov_hutchinson}
     if method not in estimators:
-        raise ValueError(f"method: must be 'hutchinson' or 'hutch++' (got {method!r})")
+        raise ValueError(f"method: must be 'hutchinson', 'hutch++' or 'krylov' (got {method!r})")
     sizing = _operator_options(chunk_size, hvp_method, max_memory)
     op = hessian_operator(model, loss_fn, data, **sizing, **options)
     return estimators[method](op, n_samples, seed=seed)

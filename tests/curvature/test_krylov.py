@@ -181,3 +181,42 @@ def test_a_final_set_whose_density_does_not_fit_keeps_the_rest(float64, caplog):
     assert torch.allclose(got.top.values, want.top.values, rtol=1e-8, atol=0)
     told = [r.getMessage() for r in caplog.records if "spectral density" in r.getMessage()]
     assert len(told) == 1 and "60 Lanczos quadrature steps" in told[0]
+
+
+def test_krylov_aware_trace_is_unbiased_and_beats_hutch_plus_plus_at_equal_products(float64):
+    """Krylov-aware trace estimation (a third of the products on Lanczos steps, the rest on
+    probes of the deflated remainder): over seeds its mean is the exact trace within its
+    standard error, and its spread is below Hutch++'s at the same 60 products on a
+    spectrum with outliers."""
+    from lossgeo.curvature.trace import hutch_plus_plus, krylov_hutchinson
+
+    op = spectrum_operator(300)
+    exact = float(torch.trace(op.matrix))
+    krylov = [krylov_hutchinson(op, 60, seed=seed) for seed in range(30)]
+    hpp = torch.tensor([hutch_plus_plus(op, 60, seed=seed).value for seed in range(30)])
+    values = torch.tensor([r.value for r in krylov])
+    assert all(r.n_hvp == 60 and r.method == "krylov-hutchinson-20" for r in krylov)
+    assert abs(float(values.mean()) - exact) <= 3 * float(values.std()) / 30**0.5
+    assert float(values.std()) < float(hpp.std())
+    # each estimate's own standard error describes its spread
+    assert 0.5 < float(values.std()) / float(torch.tensor([r.stderr for r in krylov]).mean()) < 2
+
+
+def test_krylov_aware_trace_is_exact_once_the_steps_span_the_space(float64):
+    """With at least the dimension in Lanczos steps the basis spans everything: the exact
+    trace, no error; the run ends early and the unspent steps go to the (empty) rest."""
+    from lossgeo.curvature.trace import krylov_hutchinson
+
+    op = spectrum_operator(12)
+    result = krylov_hutchinson(op, 60)
+    assert result.value == pytest.approx(float(torch.trace(op.matrix)), rel=1e-10)
+    assert result.stderr < 1e-9 and result.n_hvp == 60
+
+
+def test_krylov_aware_trace_refuses_bad_input_before_any_product(float64):
+    from lossgeo.curvature.trace import krylov_hutchinson
+
+    with pytest.raises(ValueError, match=r"n_samples: must be >= 3 for a standard error \(got 2\)"):
+        krylov_hutchinson(spectrum_operator(50), 2)
+    with pytest.raises(MemoryError, match="20 Lanczos quadrature steps"):
+        krylov_hutchinson(_budgeted(spectrum_operator(100), rows=10), 60)
