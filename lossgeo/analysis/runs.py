@@ -94,8 +94,27 @@ def load_runs(
         axis=1,
     )
     frame = frame[order + ["unparsable_params"]]
-    frame = pd.concat([frame, frame.apply(run_label, axis=1).rename("label")], axis=1)
+    frame = pd.concat([frame, unique_labels(frame).rename("label")], axis=1)
     return frame.sort_values("start_time").reset_index(drop=True)
+
+
+def unique_labels(runs: pd.DataFrame) -> pd.Series:
+    """`run_label` of each run; runs that would share one (the seeds of a grid cell) get
+    their seed after it, "mlp / B-16 (seed 1)", or their run id's start without a seed tag,
+    so that tables and legends tell them apart."""
+    labels = runs.apply(run_label, axis=1) if len(runs) else pd.Series([], dtype=object)
+    shared = labels.duplicated(keep=False)
+    if not shared.any():
+        return labels
+    seeds = runs["tags.seed"] if "tags.seed" in runs else pd.Series(None, index=runs.index)
+    ids = runs["run_id"].astype(str).str[:8] if "run_id" in runs else runs.index.astype(str)
+    which = [
+        f"seed {seed}" if isinstance(seed, str) and seed else str(run)
+        for seed, run in zip(seeds[shared], ids[shared])
+    ]
+    labels = labels.copy()
+    labels[shared] = [f"{label} ({tag})" for label, tag in zip(labels[shared], which)]
+    return labels
 
 
 def load_history(

@@ -198,3 +198,28 @@ def test_a_study_file_declares_its_strata(tmp_path):
         path.write_text(text.replace("NAME", bad))
         with pytest.raises(UserInputError, match="strata"):
             load_study_file(path)
+
+
+def test_runs_that_would_share_a_label_are_told_apart_by_seed_or_id():
+    """The seeds of one grid cell were all labelled "mlp / B-16", so `lossgeo edge` printed
+    three identical rows and plots merged their legends."""
+    import pandas as pd
+
+    from lossgeo.analysis.runs import unique_labels
+
+    runs = pd.DataFrame(
+        {
+            "run_id": ["aaaaaaaa11", "bbbbbbbb22", "cccccccc33", "dddddddd44"],
+            "model": ["mlp"] * 4,
+            "tags.regime": ["B-16", "B-16", "B-32", "B-64"],
+            "tags.seed": ["1", "2", "1", None],
+        }
+    )
+    assert unique_labels(runs).tolist() == [
+        "mlp / B-16 (seed 1)",
+        "mlp / B-16 (seed 2)",
+        "mlp / B-32",
+        "mlp / B-64",
+    ]
+    runs.loc[3, "tags.regime"] = "B-32"  # a twin without a seed tag: its run id tells it
+    assert unique_labels(runs).tolist()[2:] == ["mlp / B-32 (seed 1)", "mlp / B-32 (dddddddd)"]
