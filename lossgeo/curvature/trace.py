@@ -16,8 +16,8 @@ estimation"): the same identity with :math:`V` the whole orthonormal basis :math
 Lanczos run already taken (the per-epoch eigen solve), whose projection
 :math:`Q^\top A Q = T` the run also gives, so :math:`\mathrm{tr}(A) = \mathrm{tr}(T) +
 \mathrm{tr}(PAP)`. The basis spans the top Ritz vectors and more of the upper spectrum;
-on MNIST models after one epoch (20 products each way, 3 seeds) the variance fell to
-0.6-0.7 of deflation by the top 5 Ritz pairs alone (benchmarks/bench_trace_deflation.py).
+on MNIST models after one epoch (20 products each way, 8 seeds pooled) the variance fell to
+0.60 of deflation by the top 5 Ritz pairs alone (benchmarks/bench_trace_deflation.py).
 
 Hutch++ (Meyer, Musco, Musco, Woodruff 2021): with m products split in thirds, a sketch
 :math:`Q = \mathrm{orth}(A S)` captures the top of the spectrum exactly,
@@ -130,8 +130,9 @@ def krylov_hutchinson(op: LinearOperator, n_samples: int = 30, *, seed: int = 0)
     a third of them on Lanczos steps from a random start, whose basis Q carries its part of
     the trace exactly (the trace of the projected matrix, no further products), and the
     rest on Hutchinson probes of the remainder (I - QQ^T) A (I - QQ^T); the standard error is
-    that part's. On a trained MNIST MLP at 30 products its spread over seeds was half
-    Hutch++'s (benchmarks/bench_trace_deflation.py)."""
+    that part's. At 30 products on the MNIST MLP and CNN (8 seeds) its estimates spread
+    0.53-0.59x as much as Hutch++'s and 0.75x as much as Hutchinson's
+    (benchmarks/bench_trace_deflation.py)."""
     require_symmetric(op, "krylov_hutchinson")
     steps = n_samples // 3
     if steps < 1 or n_samples - steps < 2:
