@@ -225,10 +225,9 @@ def measure_curvature(
     if s.trace_samples >= 2 and op.dim > k:
         # the eigen solve's whole Krylov basis (else its top-k Ritz pairs) carries much of
         # Hutchinson's variance: take its part exactly (`trace.py`)
-        deflation = run.state if run is not None and run.state is not None else None
-        trace = hutchinson(
-            op, s.trace_samples, seed=s.seed, deflation=deflation or (top.values, top.vectors)
-        )
+        krylov = run.state if run is not None else None
+        deflation = krylov if krylov is not None else (top.values, top.vectors)
+        trace = hutchinson(op, s.trace_samples, seed=s.seed, deflation=deflation)
         n_hvp += trace.n_hvp
     ggn = fisher = None
     if s.ggn and op.objective.form == "output_target":
