@@ -24,6 +24,7 @@ from common import machine, mnist, timed, trained, write  # noqa: E402
 
 from lossgeo.config import TrainConfig  # noqa: E402
 from lossgeo.curvature import (  # noqa: E402
+    EigenSolver,
     EmpiricalFisherOperator,
     GGNOperator,
     HessianOperator,
@@ -118,7 +119,9 @@ def bench(model_name: str, full) -> list[str]:
     model = trained(model_name, full, epochs=1)
     probe = (full.probe.x, full.probe.y)
     rows = []
-    ref = hessian_eigen(model, cross_entropy, probe, k=1, tol=1e-9, max_iter=300)
+    ref = hessian_eigen(
+        model, cross_entropy, probe, k=1, tol=1e-9, solver=EigenSolver(max_iter=300)
+    )
     lam_ref = float(ref.values[0])
     rel = lambda v: abs(v - lam_ref) / abs(lam_ref)  # noqa: E731
     PyHessian, counter = pyhessian_counting()
@@ -138,7 +141,9 @@ def bench(model_name: str, full) -> list[str]:
         timings = alternating(
             {
                 "pyhessian": lambda: run_pyhessian(seed),
-                "lossgeo": lambda: hessian_eigen(model, cross_entropy, probe, seed=seed),
+                "lossgeo": lambda: hessian_eigen(
+                    model, cross_entropy, probe, solver=EigenSolver(seed=seed)
+                ),
             }
         )  # tol 1e-4
         (value, n_hvp), seconds = timings["pyhessian"]
@@ -149,7 +154,7 @@ def bench(model_name: str, full) -> list[str]:
         # so 1e-5 is what brings its error near 1e-4)
         (value, n_hvp), seconds = timed(lambda: run_pyhessian(seed, tol=1e-5))
         ph_tight_runs.append((seconds, n_hvp, rel(value)))
-    verified = hessian_eigen(model, cross_entropy, probe, verify=True)
+    verified = hessian_eigen(model, cross_entropy, probe, solver=EigenSolver(verify=True))
     ph_time, ph_hvp, ph_err = summary(ph_runs)
     our_time, our_hvp, our_err = summary(our_runs)
     tight_time, tight_hvp, tight_err = summary(ph_tight_runs)

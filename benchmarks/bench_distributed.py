@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, mnist, trained, write  # noqa: E402
 
-from lossgeo.curvature import hessian_eigen, operators  # noqa: E402
+from lossgeo.curvature import Scope, hessian_eigen, operators  # noqa: E402
 from lossgeo.losses import cross_entropy  # noqa: E402
 
 PROBE = 2048
@@ -54,7 +54,9 @@ def lambda_max(model, x, y, group) -> tuple[float, float, int]:
         if group is not None:
             dist.barrier()
         start = time.perf_counter()
-        result = hessian_eigen(model, cross_entropy, (x, y), tol=1e-4, process_group=group)
+        result = hessian_eigen(
+            model, cross_entropy, (x, y), tol=1e-4, scope=Scope(process_group=group)
+        )
         best = min(best, time.perf_counter() - start)
         value, n_hvp = float(result.values[0]), result.n_hvp
     return best, value, n_hvp

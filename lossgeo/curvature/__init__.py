@@ -3,10 +3,12 @@ traces and densities, on any nn.Module. Pure: no MLflow, no I/O.
 
 Model-level API (what notebooks call)::
 
-    hessian_eigen(model, loss_fn, data, k=1, which="LA", method="lanczos", tol=1e-4, max_iter=100)
+    hessian_eigen(model, loss_fn, data, k=1, which="LA", tol=1e-4, solver=EigenSolver())
+    curvature_eigen(model, loss_fn, data, k=1, matrix="ggn")  # or "hessian", "fisher"
     hessian_trace(model, loss_fn, data, method="hutchinson" | "hutch++" | "krylov", n_samples=30)
-    spectral_density(model, loss_fn, data, n_steps=100, n_vectors=1)
+    spectral_density(model, loss_fn, data, n_steps=100, n_vectors=1, smoothing=Smoothing())
     layerwise_lambda_max(model, loss_fn, data)
+    # every one of them takes scope=Scope(params=..., max_memory="4GB", chunk_size=...)
     measure_curvature(model, loss_fn, data, CurvatureSettings())  # the per-epoch set
     batch_sharpness(model, loss_fn, probe, BatchSampling(batch_size=32))
     effective_dimension(eigenvalues, alpha)
@@ -20,13 +22,15 @@ or `LambdaOperator` around your own product)::
     slq_density(op, n_steps=100, n_vectors=1) -> DensityResult
 
 `data` is one (x, y) tuple or an iterable of them; losses are mean-reduced over all samples
-with batches weighted by size. `loss_form=` ("output_target" for loss_fn(output, target),
-"model_batch" for loss_fn(model, batch)) says which form loss_fn has; by default it is
-guessed. "LA" = largest algebraic (sorted largest first), "SA" = smallest algebraic (most
-negative first). Power iteration finds the largest *magnitude*.
+with batches weighted by size. `Scope(loss_form=...)` ("output_target" for
+loss_fn(output, target), "model_batch" for loss_fn(model, batch)) says which form loss_fn
+has; by default it is guessed. "LA" = largest algebraic (sorted largest first), "SA" =
+smallest algebraic (most negative first). Power iteration finds the largest *magnitude*.
 """
 
 from .api import (
+    EigenSolver,
+    Smoothing,
     curvature_eigen,
     effective_dimension,
     hessian_eigen,
@@ -65,6 +69,8 @@ __all__ = [
     "CurvatureSettings",
     "CurvatureMeasures",
     "Scope",
+    "EigenSolver",
+    "Smoothing",
     "batch_sharpness",
     "BatchSampling",
     "SGDStep",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -11,9 +13,17 @@ from ..models import parameter_blocks
 from .batches import AnyLossFn, DataSource
 from .density import slq_density
 from .factories import hessian_block, hessian_operator, make_operator
-from .lanczos import Extremes, both, lanczos_extremes, lanczos_top, power_iteration
-from .operators import full_precision
+from .lanczos import (
+    Extremes,
+    both,
+    check_solver_limits,
+    lanczos_extremes,
+    lanczos_top,
+    power_iteration,
+)
+from .operators import CurvatureOperator, full_precision
 from .results import DensityResult, EigenResult, TraceResult
+from .scope import Scope
 from .trace import hutch_plus_plus, hutchinson, krylov_hutchinson
 
 Which = Literal["LA", "SA"]
@@ -22,11 +32,73 @@ Matrix = Literal["hessian", "ggn", "fisher"]
 TraceMethod = Literal["hutchinson", "hutch++", "krylov"]
 
 
-def _operator_options(
-    chunk_size: int | str | None, hvp_method: str, max_memory: int | str | None
-) -> dict[str, Any]:
-    """The operator keywords that every public function takes by its own names."""
-    return {"chunk_size": chunk_size, "method": hvp_method, "max_memory": max_memory}
+@dataclass(frozen=True)
+class EigenSolver:
+    """How an eigen solve runs, beyond its tolerance.
+
+    Attributes:
+        method: "lanczos" (default) or "power" (power iteration, the largest-magnitude
+            eigenvalues only, stopping on the relative change of the estimate as PyHessian).
+        max_iter: products at most (Lanczos steps, or power iterations per eigenpair).
+        seed: the start vector.
+        verify: recompute the residuals ||A v - lambda v|| with one extra product per pair,
+            instead of taking the Lanczos estimates.
+    """
+
+    method: EigenMethod = "lanczos"
+    max_iter: int = 100
+    seed: int = 0
+    verify: bool = False
+
+    def __post_init__(self) -> None:
+        """Bad options fail here, in one line, before any product."""
+        if self.method not in ("lanczos", "power"):
+            raise ValueError(f"method: must be 'lanczos' or 'power' (got {self.method!r})")
+        check_solver_limits(max_iter=self.max_iter)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed: must be a whole number (got {self.seed!r})")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"verify: must be True or False (got {self.verify!r})")
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """How a spectral density is drawn from its quadrature nodes and weights.
+
+    Attributes:
+        sigma: width of the Gaussian smoothing (None: 1% of the spectrum's estimated range).
+        grid_size: points of the returned density grid.
+    """
+
+    sigma: float | None = None
+    grid_size: int = 1000
+
+    def __post_init__(self) -> None:
+        """Bad options fail here, in one line, before any product."""
+        check_solver_limits(grid_size=self.grid_size)
+        real = isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool)
+        if self.sigma is not None and not (real and math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma: must be a number > 0 or None (got {self.sigma!r})")
+
+
+def _eigenpairs(op: CurvatureOperator, k: int, which: Which, tol: float, solver: EigenSolver):
+    """The k eigenpairs at one end of `op`'s spectrum, by the solver's method."""
+    if which not in ("LA", "SA"):
+        raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
+    if solver.method == "power":
+        if which != "LA":
+            raise ValueError(
+                "which: power iteration finds the largest-magnitude eigenvalues "
+                "only; use EigenSolver(method='lanczos') for 'SA'"
+            )
+        return power_iteration(op, k=k, tol=tol, max_iter=solver.max_iter, seed=solver.seed)
+    wanted = Extremes(k_top=k if which == "LA" else 0, k_bottom=k if which == "SA" else 0, tol=tol)
+    top, bottom = lanczos_extremes(
+        op, wanted, max_iter=solver.max_iter, seed=solver.seed, verify=solver.verify
+    )
+    result = top if which == "LA" else bottom
+    assert result is not None  # the end asked for
+    return result
 
 
 @full_precision
@@ -35,77 +107,56 @@ def curvature_eigen(
     loss_fn: AnyLossFn,
     data: DataSource,
     k: int = 1,
-    which: Which = "LA",
-    method: EigenMethod = "lanczos",
-    tol: float = 1e-4,
-    max_iter: int = 100,
     *,
     matrix: Matrix = "hessian",
-    seed: int = 0,
-    chunk_size: int | str | None = "auto",
-    hvp_method: str = "graph",
-    params: Sequence[str] | str | None = None,
-    verify: bool = False,
-    max_memory: int | str | None = "auto",
-    **batching: Any,
+    tol: float = 1e-4,
+    solver: EigenSolver = EigenSolver(),
+    scope: Scope = Scope(),
 ) -> EigenResult:
-    """Top-k ("LA") or bottom-k ("SA") eigenpairs of the Hessian, GGN or empirical Fisher.
+    """The top-k eigenpairs of the Hessian, GGN or empirical Fisher (`matrix`); the
+    Hessian's bottom end is `hessian_eigen(..., which="SA")`.
 
-    params: a parameter filter (names, module paths, globs); batching: `loss_form` and
-    `batch_size` for loss_fn(model, batch) and other batches (see `batches.py`).
+    Args:
+        model: any nn.Module.
+        loss_fn: loss_fn(output, target) with (x, y) batches, or loss_fn(model, batch)
+            (the GGN and Fisher need the first: they are built on the network outputs).
+        data: one (x, y) pair, a list of batches or a DataLoader.
+        k: eigenpairs wanted.
+        matrix: "hessian", "ggn" or "fisher".
+        tol: relative eigenvalue accuracy (Lanczos: error bound min(r, r^2/gap); power
+            iteration: relative change, as PyHessian).
+        solver: method, step limit, seed, residual check (`EigenSolver`).
+        scope: the parameters, the loss's form, the process group, and how products are
+            taken (`Scope`). Its memory budget (default "auto": 80% of what the device has
+            free) covers the products' graphs and the Lanczos basis: the basis grows with
+            the steps taken, and one that would pass the budget is thick-restarted to the
+            same stopping test (`EigenResult.restarts`).
 
-    tol is the relative eigenvalue accuracy (Lanczos: error bound min(r, r^2/gap); power
-    iteration: relative change, as PyHessian). verify=True recomputes the residuals
-    ||A v - lambda v|| with one extra product per pair instead of the Lanczos estimates.
-
-    max_memory: the budget for the products' graphs and the Lanczos basis (bytes, "4GB", or
-    "auto": 80% of what the device has free; None: unsized). The basis grows with the
-    steps taken, and a basis that would pass the budget is thick-restarted to the same
-    stopping test (`EigenResult.restarts`)."""
-    if which not in ("LA", "SA"):
-        raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
-    op = make_operator(
-        matrix,
-        model,
-        loss_fn,
-        data,
-        params=params,
-        chunk_size=chunk_size,
-        method=hvp_method,
-        max_memory=max_memory,
-        **batching,
-    )
-    if method == "power":
-        if which != "LA":
-            raise ValueError(
-                "which: power iteration finds the largest-magnitude eigenvalues "
-                "only; use method='lanczos' for 'SA'"
-            )
-        return power_iteration(op, k=k, tol=tol, max_iter=max_iter, seed=seed)
-    if method != "lanczos":
-        raise ValueError(f"method: must be 'lanczos' or 'power' (got {method!r})")
-    wanted = Extremes(k_top=k if which == "LA" else 0, k_bottom=k if which == "SA" else 0, tol=tol)
-    top, bottom = lanczos_extremes(op, wanted, max_iter=max_iter, seed=seed, verify=verify)
-    result = top if which == "LA" else bottom
-    assert result is not None  # the end asked for
-    return result
+    Returns:
+        An `EigenResult`: values, vectors, residuals, convergence, products used.
+    """
+    op = make_operator(matrix, model, loss_fn, data, **scope.operator_options())
+    return _eigenpairs(op, k, "LA", tol, solver)
 
 
+@full_precision
 def hessian_eigen(
     model: nn.Module,
     loss_fn: AnyLossFn,
     data: DataSource,
     k: int = 1,
     which: Which = "LA",
-    method: EigenMethod = "lanczos",
+    *,
     tol: float = 1e-4,
-    max_iter: int = 100,
-    **options: Any,
+    solver: EigenSolver = EigenSolver(),
+    scope: Scope = Scope(),
 ) -> EigenResult:
-    """Top-k ("LA") or bottom-k ("SA") Hessian eigenpairs; see `curvature_eigen`."""
-    return curvature_eigen(
-        model, loss_fn, data, k, which, method, tol, max_iter, matrix="hessian", **options
-    )
+    """Top-k ("LA") or bottom-k ("SA") Hessian eigenpairs; the arguments are
+    `curvature_eigen`'s. Power iteration (`EigenSolver(method="power")`) finds the top only."""
+    if which not in ("LA", "SA"):
+        raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
+    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
+    return _eigenpairs(op, k, which, tol, solver)
 
 
 @full_precision
@@ -116,18 +167,20 @@ def hessian_extremes(
     k: int = 1,
     *,
     tol: float = 1e-4,
-    max_iter: int = 100,
-    seed: int = 0,
-    chunk_size: int | str | None = "auto",
-    hvp_method: str = "graph",
-    max_memory: int | str | None = "auto",
-    **options: Any,
+    solver: EigenSolver = EigenSolver(),
+    scope: Scope = Scope(),
 ) -> tuple[EigenResult, EigenResult]:
-    """Top-k and lambda_min from one Lanczos run (what a training epoch logs)."""
-    sizing = _operator_options(chunk_size, hvp_method, max_memory)
-    op = hessian_operator(model, loss_fn, data, **sizing, **options)
+    """Top-k and lambda_min from one Lanczos run (what a training epoch logs); the
+    arguments are `curvature_eigen`'s."""
+    if solver.method != "lanczos":
+        raise ValueError(f"solver: both ends come from one Lanczos run (got {solver.method!r})")
+    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
     wanted = Extremes(k_top=k, k_bottom=1, tol=tol)
-    return both(lanczos_extremes(op, wanted, max_iter=max_iter, seed=seed))
+    return both(
+        lanczos_extremes(
+            op, wanted, max_iter=solver.max_iter, seed=solver.seed, verify=solver.verify
+        )
+    )
 
 
 @full_precision
@@ -139,10 +192,7 @@ def hessian_trace(
     n_samples: int = 30,
     *,
     seed: int = 0,
-    chunk_size: int | str | None = "auto",
-    hvp_method: str = "graph",
-    max_memory: int | str | None = "auto",
-    **options: Any,
+    scope: Scope = Scope(),
 ) -> TraceResult:
     """The trace of the Hessian of the mean loss, estimated stochastically.
 
@@ -156,11 +206,8 @@ def hessian_trace(
             product on the MNIST models measured, `benchmarks/bench_trace_deflation.py`).
         n_samples: Hessian-vector products to spend.
         seed: the probe vectors.
-        chunk_size: samples per forward pass ("auto": by activation memory).
-        hvp_method: "graph" (double backward) or "fwdrev" (forward-over-reverse).
-        max_memory: the budget for graphs and solver vectors ("4GB", bytes, "auto": 80% of
-            the free memory; None: unsized); see `curvature_eigen`.
-        **options: passed to `HessianOperator` (params=, loss_form=, ...).
+        scope: the parameters, the loss's form, the process group, and how products are
+            taken: chunks, method, precision, the memory budget (`Scope`).
 
     Returns:
         A `TraceResult` with the estimate, its standard error and the products used.
@@ -168,8 +215,7 @@ def hessian_trace(
     estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus, "krylov": krylov_hutchinson}
     if method not in estimators:
         raise ValueError(f"method: must be 'hutchinson', 'hutch++' or 'krylov' (got {method!r})")
-    sizing = _operator_options(chunk_size, hvp_method, max_memory)
-    op = hessian_operator(model, loss_fn, data, **sizing, **options)
+    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
     return estimators[method](op, n_samples, seed=seed)
 
 
@@ -181,13 +227,9 @@ def spectral_density(
     n_steps: int = 100,
     n_vectors: int = 1,
     *,
-    sigma: float | None = None,
-    grid_size: int = 1000,
+    smoothing: Smoothing = Smoothing(),
     seed: int = 0,
-    chunk_size: int | str | None = "auto",
-    hvp_method: str = "graph",
-    max_memory: int | str | None = "auto",
-    **options: Any,
+    scope: Scope = Scope(),
 ) -> DensityResult:
     """The Hessian's spectral density by stochastic Lanczos quadrature.
 
@@ -197,22 +239,22 @@ def spectral_density(
         data: one (x, y) pair, a list of batches or a DataLoader.
         n_steps: Lanczos steps per start vector (PyHessian uses 100).
         n_vectors: random start vectors averaged.
-        sigma: width of the Gaussian smoothing (default from the spectrum's range).
-        grid_size: points of the returned density grid.
+        smoothing: the Gaussian width and the grid of the returned density (`Smoothing`).
         seed: the start vectors.
-        chunk_size: samples per forward pass ("auto": by activation memory).
-        hvp_method: "graph" (double backward) or "fwdrev" (forward-over-reverse).
-        max_memory: the budget for graphs and solver vectors ("4GB", bytes, "auto": 80% of
-            the free memory; None: unsized); see `curvature_eigen`.
-        **options: passed to `HessianOperator` (params=, loss_form=, ...).
+        scope: the parameters, the loss's form, the process group, and how products are
+            taken (`Scope`).
 
     Returns:
         A `DensityResult`: the smoothed density on its grid, the quadrature nodes and weights.
     """
-    sizing = _operator_options(chunk_size, hvp_method, max_memory)
-    op = hessian_operator(model, loss_fn, data, **sizing, **options)
+    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
     return slq_density(
-        op, n_steps=n_steps, n_vectors=n_vectors, sigma=sigma, grid_size=grid_size, seed=seed
+        op,
+        n_steps=n_steps,
+        n_vectors=n_vectors,
+        sigma=smoothing.sigma,
+        grid_size=smoothing.grid_size,
+        seed=seed,
     )
 
 
@@ -223,25 +265,22 @@ def layerwise_lambda_max(
     data: DataSource,
     *,
     tol: float = 1e-4,
-    max_iter: int = 100,
-    seed: int = 0,
-    chunk_size: int | str | None = "auto",
-    params: Sequence[str] | str | None = None,
-    max_memory: int | str | None = "auto",
-    **options: Any,
+    solver: EigenSolver = EigenSolver(),
+    scope: Scope = Scope(),
 ) -> dict[str, EigenResult]:
     """Top eigenpair of each layer's diagonal Hessian block (the layer's own parameters
     varied, all others fixed), keyed by layer name (`models.layer_names`: fc1, conv2, ...,
-    or the module path). With a parameter filter, the blocks are those of the selected
-    parameters. All layers
-    share one gradient graph (a sharded (FSDP) model: one difference product of the whole
-    Hessian per block product)."""
-    op = hessian_operator(
-        model, loss_fn, data, chunk_size=chunk_size, params=params, max_memory=max_memory, **options
-    )
+    or the module path). With a parameter filter (`Scope(params=...)`), the blocks are
+    those of the selected parameters. All layers share one gradient graph (a sharded (FSDP)
+    model: one difference product of the whole Hessian per block product)."""
+    if solver.method != "lanczos":
+        raise ValueError(f"solver: layer blocks are solved by Lanczos (got {solver.method!r})")
+    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
     blocks = parameter_blocks(op.model, op.space.names)
     return {
-        layer: lanczos_top(hessian_block(op, names), tol=tol, max_iter=max_iter, seed=seed)
+        layer: lanczos_top(
+            hessian_block(op, names), tol=tol, max_iter=solver.max_iter, seed=solver.seed
+        )
         for layer, names in blocks.items()
     }
 

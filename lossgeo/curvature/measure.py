@@ -20,7 +20,7 @@ from torch import nn
 
 from ..models import parameter_blocks
 from .api import effective_dimension
-from .batches import AnyLossFn, DataSource, check_chunk_size, eval_mode, parse_memory
+from .batches import AnyLossFn, DataSource, eval_mode
 from .density import slq_density
 from .distributed import unwrap
 from .factories import AnyHessianOperator, hessian_block, hessian_operator, make_operator
@@ -34,7 +34,7 @@ from .lanczos import (
     lanczos_top,
 )
 from .linear import MatrixOperator
-from .operators import full_precision, resolve_compute_dtype
+from .operators import full_precision
 from .persample import fisher_gram
 from .results import DensityResult, EigenResult, TraceResult
 from .scope import Scope
@@ -64,14 +64,9 @@ class CurvatureSettings:
             more layers).
         ggn: lambda_max of the GGN and of the empirical Fisher (with loss_fn(output, target)
             only: they need the network outputs).
-        chunk_size: samples per forward pass ("auto": by the model's activation memory).
         seed: start vectors and probe vectors.
-        compute_dtype: None (default: the parameters' dtype, autocast off) or "bf16" /
-            "fp16": the forward passes of every product under autocast to it (the Fisher's
-            exact Gram path stays in the parameters' dtype).
-        max_memory: a budget for the Hessian's products ("2GB", bytes, or the default
-            "auto": 80% of what the device has free), met in advance
-            (`CurvatureOperator._fit_memory`); None: no sizing in advance.
+
+    How the products are taken (chunks, precision, the memory budget) is the `Scope`'s.
     """
 
     k: int = 5
@@ -83,10 +78,7 @@ class CurvatureSettings:
     secondary_tol: float = 1e-3
     layerwise: bool = True
     ggn: bool = True
-    chunk_size: int | str = "auto"
     seed: int = 0
-    compute_dtype: str | None = None
-    max_memory: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         """Every size, count, tolerance and option checked at construction (one line),
@@ -99,10 +91,6 @@ class CurvatureSettings:
             raise ValueError(f"alpha: must be a number > 0 (got {self.alpha!r})")
         if isinstance(self.trace_samples, bool) or not isinstance(self.trace_samples, int):
             raise ValueError(f"trace_samples: must be a whole number (got {self.trace_samples!r})")
-        check_chunk_size(self.chunk_size)
-        resolve_compute_dtype(self.compute_dtype)
-        if self.max_memory not in (None, "auto"):
-            parse_memory(self.max_memory)
 
 
 @dataclass(frozen=True)
@@ -170,8 +158,9 @@ def measure_curvature(
         loss_fn: loss_fn(output, target) with (x, y) batches, or loss_fn(model, batch).
         data: one (x, y) pair, a list of batches or a DataLoader.
         settings: what to compute and to which accuracy.
-        scope: the parameters, the loss's form, how batches are counted, the attention
-            backend to start under, and the process group (`Scope`): with a group, `data`
+        scope: the parameters, the loss's form, how batches are counted, the process
+            group, and how products are taken (chunks, method, precision, the memory
+            budget; `Scope`): with a group, `data`
             is this rank's shard of the probe set and every product is summed over the
             group; every rank returns the same record. A sharded (FSDP2) model is measured
             over its mesh's group by difference products (`sharded.py`).
@@ -186,15 +175,7 @@ def measure_curvature(
     start = time.perf_counter()
     s, scope = settings, scope.resolved()
     model = unwrap(model)
-    op = hessian_operator(
-        model,
-        loss_fn,
-        data,
-        chunk_size=s.chunk_size,
-        compute_dtype=s.compute_dtype,
-        max_memory=s.max_memory,
-        **scope.operator_options(),
-    )
+    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
     if not probe_is_finite(op):
         return CurvatureMeasures(
             probe_loss=op.loss(),
@@ -231,17 +212,11 @@ def measure_curvature(
         n_hvp += trace.n_hvp
     ggn = fisher = None
     if s.ggn and op.objective.form == "output_target":
-        outputs = replace(scope, loss_form="output_target", math_attention=False)
+        # the GGN and Fisher are not sized in advance (their graphs are the Hessian's, which
+        # was): a budget would only repeat the small graphs the Hessian's sizing built
+        outputs = replace(scope, loss_form="output_target", math_attention=False, max_memory=None)
         ggn_result = lanczos_top(
-            make_operator(
-                "ggn",
-                model,
-                loss_fn,
-                data,
-                chunk_size=s.chunk_size,
-                compute_dtype=s.compute_dtype,
-                **outputs.operator_options(),
-            ),
+            make_operator("ggn", model, loss_fn, data, **outputs.operator_options()),
             tol=s.secondary_tol,
             max_iter=s.max_iter,
             seed=s.seed,
@@ -332,14 +307,6 @@ def _fisher_lambda_max(
     if gram is not None:
         top = lanczos_top(MatrixOperator(gram), tol=1e-12, max_iter=gram.shape[0], seed=s.seed)
         return float(top.values[0]), 0
-    fisher = make_operator(
-        "fisher",
-        model,
-        loss_fn,
-        data,
-        chunk_size=s.chunk_size,
-        compute_dtype=s.compute_dtype,
-        **scope.operator_options(),
-    )
+    fisher = make_operator("fisher", model, loss_fn, data, **scope.operator_options())
     result = lanczos_top(fisher, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
     return float(result.values[0]), result.n_hvp

@@ -1,21 +1,25 @@
-"""What a measurement differentiates, and over which processes: one settings object that the
-per-epoch set (`measure_curvature`), batch sharpness and the `Tracker` share, in place of
-five keyword arguments repeated down every call."""
+"""What a measurement differentiates, over which processes, and how its products are taken:
+one settings object that the model-level functions (`hessian_eigen`, `hessian_trace`, ...),
+the per-epoch set (`measure_curvature`), batch sharpness and the `Tracker` share, in place of
+nine keyword arguments repeated down every call."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
-from .batches import LossForm
+import torch
+
+from .batches import LossForm, check_chunk_size, parse_memory
 from .distributed import resolve_group
+from .operators import HVP_METHODS, resolve_compute_dtype
 
 LOSS_FORMS = ("auto", "output_target", "model_batch")
 
 
 @dataclass(frozen=True)
 class Scope:
-    """The loss whose curvature is measured, and where.
+    """The loss whose curvature is measured, where, and how its products are taken.
 
     Attributes:
         params: a parameter filter (names, module paths, globs); None = every trainable one.
@@ -34,6 +38,10 @@ class Scope:
     size_fn: Callable[[Any], int] | None = None
     process_group: Any = None
     math_attention: bool = False
+    chunk_size: int | str | None = "auto"
+    hvp_method: str = "graph"
+    max_memory: int | str | None = "auto"
+    compute_dtype: str | torch.dtype | None = None
 
     def __post_init__(self) -> None:
         """Bad options fail here, in one line, before anything is measured."""
@@ -46,6 +54,14 @@ class Scope:
             raise ValueError(f"size_fn: must be a callable(batch) -> int (got {self.size_fn!r})")
         if not isinstance(self.math_attention, bool):
             raise ValueError(f"math_attention: must be True or False (got {self.math_attention!r})")
+        check_chunk_size(self.chunk_size)
+        if self.hvp_method not in HVP_METHODS:
+            raise ValueError(
+                f"hvp_method: must be one of {', '.join(HVP_METHODS)} (got {self.hvp_method!r})"
+            )
+        if self.max_memory not in (None, "auto"):
+            parse_memory(self.max_memory)  # type: ignore[arg-type]
+        resolve_compute_dtype(self.compute_dtype)
 
     def resolved(self) -> Scope:
         """The same scope with `process_group` resolved to a group (or None), once, so that
@@ -53,11 +69,16 @@ class Scope:
         return replace(self, process_group=resolve_group(self.process_group))
 
     def operator_options(self) -> dict[str, Any]:
-        """The keyword arguments of the curvature operators (`factories.hessian_operator`)."""
+        """The keyword arguments of the curvature operators (`factories.make_operator`;
+        the GGN and Fisher take no `method`, `make_operator` leaves it out for them)."""
         return {
             "params": self.params,
             "loss_form": self.loss_form,
             "batch_size": self.size_fn,
             "process_group": self.process_group,
             "math_attention": self.math_attention,
+            "chunk_size": self.chunk_size,
+            "method": self.hvp_method,
+            "max_memory": self.max_memory,
+            "compute_dtype": self.compute_dtype,
         }

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lossgeo.curvature import hessian_eigen
+from lossgeo.curvature import Scope, hessian_eigen
 from lossgeo.curvature.operators import DataSource, LossFn
 from lossgeo.geometry.directions import random_direction, trajectory_pca
 from lossgeo.geometry.landscape import axis, interpolate, slice_1d, surface_2d
@@ -103,7 +103,9 @@ def top_eigenvectors(
 ) -> torch.Tensor:
     top = (cache or {}).get("hessian_top")
     if top is None or top.vectors.shape[0] < k:
-        top = hessian_eigen(model, loss_fn, probe, k=k, tol=1e-3, process_group=process_group)
+        top = hessian_eigen(
+            model, loss_fn, probe, k=k, tol=1e-3, scope=Scope(process_group=process_group)
+        )
     return top.vectors[:k]
 
 

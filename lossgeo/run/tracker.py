@@ -115,10 +115,9 @@ class StepSettings:
         batch_sharpness_max: mini-batches at most per batch-sharpness measurement.
         spike_factor: a jump of lambda_max by this factor is reported as a spike.
         seed: random starts and mini-batch draws.
-        compute_dtype: None (the parameters' dtype, autocast off: the default even inside
-            a training loop's autocast region) or "bf16" / "fp16" (see `CurvatureSettings`).
-        max_memory: the budget of each measurement's products (see `CurvatureSettings`;
-            default "auto", 80% of what the device has free).
+
+    The products' precision and memory budget are the Tracker's `Scope` (the default
+    precision is the parameters' dtype even inside a training loop's autocast region).
     """
 
     every: int = 50
@@ -130,8 +129,6 @@ class StepSettings:
     batch_sharpness_max: int = 16
     spike_factor: float = 2.0
     seed: int = 0
-    compute_dtype: str | None = None
-    max_memory: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         """Bad options fail here, in one line, not at the first measurement."""
@@ -326,12 +323,7 @@ class Tracker:
         start once an earlier measurement needed it (difference products on a sharded
         model)."""
         return hessian_operator(
-            self.model,
-            self.loss_fn,
-            self.probe,
-            compute_dtype=self.step_settings.compute_dtype,
-            max_memory=self.step_settings.max_memory,
-            **self.scope.operator_options(),
+            self.model, self.loss_fn, self.probe, **self.scope.operator_options()
         )
 
     def _note_attention(self, op: AnyHessianOperator) -> None:

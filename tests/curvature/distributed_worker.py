@@ -49,7 +49,7 @@ def problem(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) -> dict:
     """Every estimator once; group None = one process."""
     data = (x, y)
-    opts = {"process_group": group}
+    opts = {"scope": Scope(process_group=group)}
     top = hessian_eigen(model, F.cross_entropy, data, k=3, tol=1e-10, **opts)
     low = hessian_eigen(model, F.cross_entropy, data, k=1, which="SA", tol=1e-10, **opts)
     ggn = curvature_eigen(model, F.cross_entropy, data, k=1, tol=1e-10, matrix="ggn", **opts)

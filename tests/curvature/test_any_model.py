@@ -149,7 +149,7 @@ def test_parameter_filters_give_the_exact_sub_hessian(pattern, expected):
     assert space.names == expected
     op = HessianOperator(model, dict_loss, batches, params=pattern)
     assert torch.allclose(op.to_dense(), h, atol=1e-10)
-    top = hessian_eigen(model, dict_loss, batches, params=pattern, tol=1e-10)
+    top = hessian_eigen(model, dict_loss, batches, tol=1e-10, scope=Scope(params=pattern))
     assert float(top.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-8)
 
 
@@ -285,7 +285,7 @@ def test_transformers_lambda_max_against_the_exact_hessian_of_a_block(build, bat
     model.train()  # dropout must be off in measurements and the mode restored after
     h, _ = exact_hf_hessian(model, data, block)
     op = HessianOperator(model, hf_loss, data, params=block)
-    top = hessian_eigen(model, hf_loss, data, params=block, tol=1e-10)
+    top = hessian_eigen(model, hf_loss, data, tol=1e-10, scope=Scope(params=block))
     assert float(top.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-6)
     assert torch.allclose(op.to_dense(), h, atol=1e-9)
     assert model.training

@@ -8,6 +8,7 @@ import torch
 from lossgeo import StepSettings, Tracker
 from lossgeo.curvature import (
     HessianOperator,
+    Scope,
     hessian_eigen,
     hessian_trace,
     layerwise_lambda_max,
@@ -59,7 +60,7 @@ def test_layerwise_blocks_and_tracker(shared):
     space = ParameterSpace(shared.model)
     slices = space.slices()
     blocks = layerwise_lambda_max(
-        shared.model, shared.loss_fn, shared.data, tol=1e-10, params=space.names
+        shared.model, shared.loss_fn, shared.data, tol=1e-10, scope=Scope(params=space.names)
     )
     assert set(blocks) == set(parameter_blocks(shared.model, space.names))
     for module, result in blocks.items():

@@ -8,10 +8,12 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from lossgeo.curvature import (
+    EigenSolver,
     EmpiricalFisherOperator,
     GGNOperator,
     HessianBlockOperator,
     HessianOperator,
+    Scope,
     curvature_eigen,
     effective_dimension,
     hessian_eigen,
@@ -84,7 +86,13 @@ def test_top_k_and_lambda_min_equal_eigvalsh_indefinite():
     exact = torch.linalg.eigvalsh(H)
     assert exact[0] < -1e-6 < 1e-6 < exact[-1], "the case must be indefinite"
     top = hessian_eigen(
-        model, cross_entropy, uneven(x, y), k=3, which="LA", tol=1e-10, max_iter=200
+        model,
+        cross_entropy,
+        uneven(x, y),
+        k=3,
+        which="LA",
+        tol=1e-10,
+        solver=EigenSolver(max_iter=200),
     )
     assert torch.allclose(top.values, exact.flip(0)[:3], rtol=1e-6)
     assert top.values[0] >= top.values[1] >= top.values[2]
@@ -93,7 +101,13 @@ def test_top_k_and_lambda_min_equal_eigvalsh_indefinite():
     assert top.all_converged and (top.residuals < 1e-6).all()
     assert top.n_hvp > 3
     bottom = hessian_eigen(
-        model, cross_entropy, uneven(x, y), k=2, which="SA", tol=1e-10, max_iter=200
+        model,
+        cross_entropy,
+        uneven(x, y),
+        k=2,
+        which="SA",
+        tol=1e-10,
+        solver=EigenSolver(max_iter=200),
     )
     assert torch.allclose(bottom.values, exact[:2], rtol=1e-6)
     assert bottom.values[0] <= bottom.values[1]
@@ -101,7 +115,7 @@ def test_top_k_and_lambda_min_equal_eigvalsh_indefinite():
     for lam, v in zip(bottom.values, bottom.vectors):
         assert torch.allclose(H @ v, lam * v, atol=1e-7)
     both_top, both_bottom = hessian_extremes(
-        model, cross_entropy, (x, y), k=2, tol=1e-10, max_iter=200
+        model, cross_entropy, (x, y), k=2, tol=1e-10, solver=EigenSolver(max_iter=200)
     )
     assert torch.allclose(both_top.values, exact.flip(0)[:2], rtol=1e-6)
     assert math.isclose(float(both_bottom.values[0]), float(exact[0]), rel_tol=1e-6)
@@ -120,7 +134,9 @@ def test_lanczos_residuals_match_recomputed_residuals():
     model, (x, y) = tiny_mlp(seed=4, hidden=20), toy_data(n=40)
     H = exact_hessian(model, cross_entropy, x, y)
     cheap = hessian_eigen(model, cross_entropy, (x, y), k=2, tol=1e-3)
-    verified = hessian_eigen(model, cross_entropy, (x, y), k=2, tol=1e-3, verify=True)
+    verified = hessian_eigen(
+        model, cross_entropy, (x, y), k=2, tol=1e-3, solver=EigenSolver(verify=True)
+    )
     assert verified.n_hvp == cheap.n_hvp + 2
     for lam, v, r in zip(verified.values, verified.vectors, verified.residuals):
         assert float(r) == pytest.approx(float((H @ v - lam * v).norm()), rel=1e-8)
@@ -132,7 +148,12 @@ def test_power_iteration_agrees_with_largest_magnitude():
     exact = torch.linalg.eigvalsh(exact_hessian(model, half_squared_error, x, y))
     by_magnitude = exact[exact.abs().argsort(descending=True)]
     result = hessian_eigen(
-        model, half_squared_error, (x, y), k=2, method="power", tol=1e-12, max_iter=5000
+        model,
+        half_squared_error,
+        (x, y),
+        k=2,
+        tol=1e-12,
+        solver=EigenSolver(method="power", max_iter=5000),
     )
     assert torch.allclose(result.values, by_magnitude[:2], rtol=1e-5)
     assert result.method == "power" and result.all_converged
@@ -354,7 +375,7 @@ def test_batchnorm_dropout_model_is_measured_in_eval_mode_without_side_effects()
     hessian_trace(model, cross_entropy, (x, y), n_samples=4)
     spectral_density(model, cross_entropy, (x, y), n_steps=5)
     layerwise_lambda_max(model, cross_entropy, (x, y))
-    hessian_eigen(model, cross_entropy, (x, y), hvp_method="fwdrev")
+    hessian_eigen(model, cross_entropy, (x, y), scope=Scope(hvp_method="fwdrev"))
     curvature_eigen(model, cross_entropy, (x, y), matrix="fisher")
     curvature_eigen(model, cross_entropy, (x, y), matrix="ggn")
     assert_unchanged(model, before)
@@ -373,7 +394,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="at most the dimension"):
         hessian_eigen(model, cross_entropy, data, k=1000)
     with pytest.raises(ValueError, match="power iteration"):
-        hessian_eigen(model, cross_entropy, data, which="SA", method="power")
+        hessian_eigen(model, cross_entropy, data, which="SA", solver=EigenSolver(method="power"))
     with pytest.raises(ValueError, match="hutchinson"):
         hessian_trace(model, cross_entropy, data, method="exact")
     with pytest.raises(ValueError, match="no batches"):

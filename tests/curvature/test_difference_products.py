@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossgeo.curvature import HessianOperator, hessian_eigen
+from lossgeo.curvature import HessianOperator, Scope, hessian_eigen
 
 
 def smooth_problem(dtype):
@@ -32,7 +32,11 @@ def test_difference_products_match_the_exact_product(dtype, product_tol, eigen_t
         assert float((fd @ v - want).norm() / want.norm()) < product_tol
     top = hessian_eigen(model, F.cross_entropy, data, tol=1e-6 if dtype == torch.float32 else 1e-10)
     top_fd = hessian_eigen(
-        model, F.cross_entropy, data, hvp_method="fd", tol=1e-6 if dtype == torch.float32 else 1e-10
+        model,
+        F.cross_entropy,
+        data,
+        tol=1e-6 if dtype == torch.float32 else 1e-10,
+        scope=Scope(hvp_method="fd"),
     )
     assert float(top_fd.values[0]) == pytest.approx(float(top.values[0]), rel=eigen_tol)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -74,7 +78,9 @@ def test_difference_products_take_no_double_backward():
         }
     )
     exact = float(hessian_eigen(model, F.cross_entropy, data, tol=1e-10).values[0])
-    by_differences = hessian_eigen(net, F.cross_entropy, data, hvp_method="fd", tol=1e-10)
+    by_differences = hessian_eigen(
+        net, F.cross_entropy, data, tol=1e-10, scope=Scope(hvp_method="fd")
+    )
     assert float(by_differences.values[0]) == pytest.approx(exact, rel=1e-7)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lossgeo.curvature import hessian_eigen
+from lossgeo.curvature import Scope, hessian_eigen
 from lossgeo.curvature.distributed import resolve_group
 
 from .distributed_worker import measure, problem, worker
@@ -54,7 +54,9 @@ def test_sharded_probe_sets_give_the_single_process_result(tmp_path, float64, wo
 def test_a_process_group_without_torch_distributed_is_a_clear_error():
     model, x, y = problem("mlp")
     with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
-        hessian_eigen(model, torch.nn.functional.cross_entropy, (x, y), process_group=True)
+        hessian_eigen(
+            model, torch.nn.functional.cross_entropy, (x, y), scope=Scope(process_group=True)
+        )
     assert resolve_group(None) is None and resolve_group(False) is None
 
 

@@ -12,9 +12,10 @@ from lossgeo import SGDStep, StepSettings, Tracker
 from lossgeo.curvature import (
     BatchSampling,
     CurvatureSettings,
+    EigenSolver,
     Scope,
+    Smoothing,
     hessian_eigen,
-    hessian_trace,
 )
 from lossgeo.curvature.batches import as_batches
 from lossgeo.curvature.lanczos import Extremes
@@ -36,9 +37,7 @@ def refused(call, match: str) -> None:
 def test_a_bad_chunk_size_is_refused_by_every_entry(chunk_size):
     model, data = problem()
     match = "chunk_size: .* whole number >= 1"
-    refused(lambda: hessian_eigen(model, F.cross_entropy, data, k=2, chunk_size=chunk_size), match)
-    refused(lambda: hessian_trace(model, F.cross_entropy, data, chunk_size=chunk_size), match)
-    refused(lambda: CurvatureSettings(chunk_size=chunk_size), match)
+    refused(lambda: Scope(chunk_size=chunk_size), match)
     if not isinstance(chunk_size, str):
         refused(lambda: as_batches([data], chunk_size), match)
 
@@ -57,13 +56,18 @@ def test_a_bad_chunk_size_is_refused_by_every_entry(chunk_size):
 )
 def test_bad_solver_limits_are_refused_before_any_product(options, match):
     model, data = problem()
-    refused(lambda: hessian_eigen(model, F.cross_entropy, data, **options), match)
+    solver = {key: options.pop(key) for key in ("max_iter", "method") if key in options}
+    refused(
+        lambda: hessian_eigen(
+            model, F.cross_entropy, data, solver=EigenSolver(**solver), **options
+        ),
+        match,
+    )
 
 
 @pytest.mark.parametrize(
     "options, match",
     [
-        (dict(compute_dtype="garbage"), "compute_dtype: must be bf16, fp16 or fp32"),
         (dict(tol=-1.0), "tol: must be a number > 0"),
         (dict(secondary_tol=0), "secondary_tol: must be a number > 0"),
         (dict(k=0), "k: must be a whole number >= 1"),
@@ -71,16 +75,37 @@ def test_bad_solver_limits_are_refused_before_any_product(options, match):
         (dict(density_steps=0), "density_steps: must be a whole number >= 1"),
         (dict(trace_samples="20"), "trace_samples: must be a whole number"),
         (dict(alpha=0), "alpha: must be a number > 0"),
-        (dict(max_memory="lots"), "max_memory: a size such as 2GB"),
     ],
 )
 def test_curvature_settings_are_checked_at_construction(options, match):
     refused(lambda: CurvatureSettings(**options), match)
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Scope(compute_dtype="garbage"), "compute_dtype: must be bf16, fp16 or fp32"),
+        (lambda: Scope(max_memory="lots"), "max_memory: a size such as 2GB"),
+        (lambda: Scope(hvp_method="exact"), "hvp_method: must be one of graph, fwdrev, fd"),
+        (lambda: Scope(loss_form="mean"), "loss_form: must be"),
+        (lambda: EigenSolver(method="arnoldi"), "method: must be 'lanczos' or 'power'"),
+        (lambda: EigenSolver(max_iter=0), "max_iter: must be a whole number >= 1"),
+        (lambda: EigenSolver(seed=1.5), "seed: must be a whole number"),
+        (lambda: EigenSolver(verify="yes"), "verify: must be True or False"),
+        (lambda: Smoothing(grid_size=0), "grid_size: must be a whole number >= 1"),
+        (lambda: Smoothing(sigma=-0.1), "sigma: must be a number > 0"),
+    ],
+)
+def test_the_model_level_settings_objects_are_checked_at_construction(make, match):
+    """The settings objects of the model-level functions refuse a bad value when built, in
+    one line, before a model is touched."""
+    refused(make, match)
+
+
 def test_the_defaults_and_valid_settings_pass():
     CurvatureSettings()
-    CurvatureSettings(chunk_size=None, compute_dtype="bf16", max_memory="2GB", trace_samples=0)
+    CurvatureSettings(trace_samples=0)
+    Scope(chunk_size=None, compute_dtype="bf16", max_memory="2GB", hvp_method="fwdrev")
 
 
 def test_an_empty_probe_is_refused_at_construction_in_one_line():

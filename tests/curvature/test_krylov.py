@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossgeo.curvature import HessianOperator, hessian_eigen
+from lossgeo.curvature import EigenSolver, HessianOperator, Scope, hessian_eigen
 from lossgeo.curvature.density import slq_density
 from lossgeo.curvature.krylov import KrylovBasis
 from lossgeo.curvature.lanczos import Extremes, basis_rows, lanczos_extremes
@@ -116,10 +116,16 @@ def test_a_small_memory_budget_bounds_the_basis_with_the_same_hessian_eigenvalue
     budget = graphs + (12 + 3) * row_bytes
     tight = HessianOperator(model, F.cross_entropy, data, max_memory=budget)
     assert basis_rows(tight, need=10**6) == 12  # the room beside the graphs
-    want = hessian_eigen(model, F.cross_entropy, data, k=3, tol=1e-12, max_memory=None)
+    want = hessian_eigen(model, F.cross_entropy, data, k=3, tol=1e-12, scope=Scope(max_memory=None))
     bases.clear()
     got = hessian_eigen(
-        model, F.cross_entropy, data, k=3, tol=1e-12, max_iter=2000, max_memory=budget
+        model,
+        F.cross_entropy,
+        data,
+        k=3,
+        tol=1e-12,
+        solver=EigenSolver(max_iter=2000),
+        scope=Scope(max_memory=budget),
     )
     assert want.restarts == 0 and got.restarts > 0 and got.all_converged
     assert torch.allclose(got.values, want.values, rtol=1e-10, atol=0)
@@ -173,9 +179,9 @@ def test_a_final_set_whose_density_does_not_fit_keeps_the_rest(float64, caplog):
         layerwise=False, ggn=False, max_iter=500,
     )  # fmt: skip
     want = measure_curvature(model, F.cross_entropy, data, settings, final=True)
-    tight = CurvatureSettings(**{**settings.__dict__, "max_memory": graphs + 30 * row})
+    tight = Scope(max_memory=graphs + 30 * row)
     with caplog.at_level("WARNING", logger="lossgeo"):
-        got = measure_curvature(model, F.cross_entropy, data, tight, final=True)
+        got = measure_curvature(model, F.cross_entropy, data, settings, scope=tight, final=True)
     assert want.density is not None and want.trace.method.startswith("hutchinson-krylov-")
     assert got.density is None and got.trace.method == "hutchinson-deflated-2"
     assert torch.allclose(got.top.values, want.top.values, rtol=1e-8, atol=0)

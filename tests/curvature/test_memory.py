@@ -12,10 +12,13 @@ from lossgeo.curvature import (
     CurvatureSettings,
     HessianBlockOperator,
     HessianOperator,
+    Scope,
     hessian_eigen,
     hessian_trace,
     measure_curvature,
 )
+
+UNCHUNKED = Scope(chunk_size=None)  # the probe set as one batch: out-of-memory halves it
 
 
 def problem():
@@ -44,15 +47,15 @@ def refuse_chunks_above(model: nn.Module, limit: int) -> list[int]:
 
 def test_an_out_of_memory_chunk_is_halved_and_the_result_is_unchanged(float64):
     model, data = problem()
-    want_top = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None)
+    want_top = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, scope=UNCHUNKED)
     want_trace = hessian_trace(model, F.cross_entropy, data, n_samples=4, seed=3)
     settings = CurvatureSettings(k=2, tol=1e-10, trace_samples=4)
     want = measure_curvature(model, F.cross_entropy, data, settings)
     seen = refuse_chunks_above(model, 6)
-    top = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None)
+    top = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, scope=UNCHUNKED)
     assert torch.allclose(top.values, want_top.values, rtol=1e-12)
     assert 40 in seen and max(s for s in seen[-3:]) <= 6  # 40 -> 20 -> 10 -> 5 samples
-    trace = hessian_trace(model, F.cross_entropy, data, n_samples=4, seed=3, chunk_size=None)
+    trace = hessian_trace(model, F.cross_entropy, data, n_samples=4, seed=3, scope=UNCHUNKED)
     assert trace.value == pytest.approx(want_trace.value, rel=1e-12)
     # the per-epoch set: the layer blocks share the halved chunks of their parent
     got = measure_curvature(model, F.cross_entropy, data, settings)
@@ -86,7 +89,7 @@ def test_a_memory_budget_is_met_in_advance_with_the_same_result(float64):
     from lossgeo.curvature.operators import HessianOperator
 
     model, data = problem()
-    exact = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None)
+    exact = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, scope=UNCHUNKED)
     whole = graph_bytes(
         lambda: HessianOperator(model, F.cross_entropy, data, chunk_size=None).gradient()
     )
@@ -101,7 +104,12 @@ def test_a_memory_budget_is_met_in_advance_with_the_same_result(float64):
     # a chunk larger than the sizing's own (8 samples) or the fitted one would raise
     seen = refuse_chunks_above(model, max(largest, 8))
     top = hessian_eigen(
-        model, F.cross_entropy, data, k=2, tol=1e-12, chunk_size=None, max_memory=budget
+        model,
+        F.cross_entropy,
+        data,
+        k=2,
+        tol=1e-12,
+        scope=Scope(chunk_size=None, max_memory=budget),
     )
     assert torch.allclose(top.values, exact.values, rtol=1e-10)
     assert seen[:2] == [4, 8] and max(seen[2:]) <= largest  # the sizing, then the products
@@ -110,27 +118,28 @@ def test_a_memory_budget_is_met_in_advance_with_the_same_result(float64):
 def test_a_budget_below_one_sample_or_a_bad_size_is_refused_before_any_product():
     model, data = problem()
     with pytest.raises(MemoryError, match="max_memory: one probe sample needs about"):
-        hessian_eigen(model, F.cross_entropy, data, max_memory=64)
+        hessian_eigen(model, F.cross_entropy, data, scope=Scope(max_memory=64))
     with pytest.raises(MemoryError, match="GGNOperator's graphs need about"):
         from lossgeo.curvature import curvature_eigen
 
-        curvature_eigen(model, F.cross_entropy, data, matrix="ggn", max_memory="1KB")
+        curvature_eigen(model, F.cross_entropy, data, matrix="ggn", scope=Scope(max_memory="1KB"))
     for bad in ("lots", "-2GB", "3XB", 0):
         with pytest.raises(ValueError, match="max_memory: a size such as 2GB"):
-            hessian_eigen(model, F.cross_entropy, data, max_memory=bad)
+            Scope(max_memory=bad)
     from lossgeo.curvature.batches import parse_memory
 
     assert parse_memory("1.5GB") == 3 * 2**29 and parse_memory("512MiB") == 2**29
 
 
 def test_the_settings_size_to_the_free_memory_by_default(float64, monkeypatch):
-    """CurvatureSettings (and StepSettings) default to max_memory="auto": with little memory
-    free the per-epoch set runs in chunks that fit, with the same result; a sizing that
-    itself runs out of memory leaves the work unsized (the products halve their chunks)."""
+    """A Scope (the per-epoch and per-step sets' too) defaults to max_memory="auto": with
+    little memory free the per-epoch set runs in chunks that fit, with the same result; a
+    sizing that itself runs out of memory leaves the work unsized (the products halve their
+    chunks)."""
     from lossgeo.curvature import operators
     from lossgeo.curvature.batches import graph_bytes
 
-    assert CurvatureSettings().max_memory == "auto"
+    assert Scope().max_memory == "auto"
     model, data = problem()
     settings = CurvatureSettings(k=2, tol=1e-12, trace_samples=4, ggn=False, layerwise=False)
     want = measure_curvature(model, F.cross_entropy, data, settings)

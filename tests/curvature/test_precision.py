@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossgeo.curvature import CurvatureSettings, hessian_eigen, hessian_trace, measure_curvature
+from lossgeo.curvature import (
+    CurvatureSettings,
+    Scope,
+    hessian_eigen,
+    hessian_trace,
+    measure_curvature,
+)
 
 
 def problem():
@@ -36,7 +42,12 @@ def test_bf16_products_are_close_to_fp32_but_not_equal():
     exact = hessian_eigen(model, F.cross_entropy, (x, y), k=1, tol=1e-8)
     for method in ("graph", "fwdrev"):
         bf16 = hessian_eigen(
-            model, F.cross_entropy, (x, y), k=1, tol=1e-8, compute_dtype="bf16", hvp_method=method
+            model,
+            F.cross_entropy,
+            (x, y),
+            k=1,
+            tol=1e-8,
+            scope=Scope(compute_dtype="bf16", hvp_method=method),
         )
         error = abs(float(bf16.values[0] / exact.values[0]) - 1)
         assert 0 < error < 2e-2, method  # bf16 has 8 bits of mantissa: about 4e-3 a rounding
@@ -46,6 +57,5 @@ def test_bf16_products_are_close_to_fp32_but_not_equal():
 
 @pytest.mark.parametrize("value", ["int8", torch.float64, "bfloat"])
 def test_a_bad_compute_dtype_is_refused(value):
-    model, x, y = problem()
     with pytest.raises(ValueError, match="compute_dtype: must be"):
-        hessian_eigen(model, F.cross_entropy, (x, y), compute_dtype=value)
+        Scope(compute_dtype=value)

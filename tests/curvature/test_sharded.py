@@ -6,7 +6,13 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lossgeo.curvature import curvature_eigen, hessian_eigen, hessian_trace, measure_curvature
+from lossgeo.curvature import (
+    Scope,
+    curvature_eigen,
+    hessian_eigen,
+    hessian_trace,
+    measure_curvature,
+)
 
 from .distributed_worker import fsdp_worker, smooth_problem
 
@@ -47,7 +53,7 @@ def test_one_sharded_rank_gives_the_exact_blocks_ggn_and_fisher(tmp_path):
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
         measures = measure_curvature(model, F.cross_entropy, (x, y))
         with pytest.raises(ValueError, match="differences of gradients only"):
-            hessian_eigen(model, F.cross_entropy, (x, y), hvp_method="fwdrev")
+            hessian_eigen(model, F.cross_entropy, (x, y), scope=Scope(hvp_method="fwdrev"))
         # one rank alone: the sharded path still gives the exact answer (measured twice
         # after measure_curvature: an operator built after another starts clean)
         plain, _, _ = smooth_problem(torch.float64)

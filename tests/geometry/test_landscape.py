@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lossgeo.curvature import hessian_eigen
+from lossgeo.curvature import EigenSolver, hessian_eigen
 from lossgeo.geometry.directions import random_direction, trajectory_pca, weights_vector
 from lossgeo.geometry.landscape import PerturbedLoss, axis, interpolate, slice_1d, surface_2d
 from lossgeo.geometry.sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness
@@ -126,7 +126,9 @@ def toy_image_data(n=8):
 
 def test_second_difference_along_top_eigenvector_equals_lambda_max(float64):
     model, (x, y) = tiny_mlp(seed=3), toy_data()
-    top = hessian_eigen(model, cross_entropy, (x, y), k=1, tol=1e-12, max_iter=200)
+    top = hessian_eigen(
+        model, cross_entropy, (x, y), k=1, tol=1e-12, solver=EigenSolver(max_iter=200)
+    )
     v = top.vectors[0]
     errors = []
     for h in (1e-2, 5e-3):
