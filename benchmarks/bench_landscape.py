@@ -44,9 +44,9 @@ def bench(name: str, data, samples: int, steps: int):
                 model, metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True
             ),
             "plain": lambda: surface_2d(
-                model, cross_entropy, (x, y), d1, d2, grid, grid, factorize=False
+                model, cross_entropy, (x, y), (d1, d2), (grid, grid), factorize=False
             ),
-            "ours": lambda: surface_2d(model, cross_entropy, (x, y), d1, d2, grid, grid),
+            "ours": lambda: surface_2d(model, cross_entropy, (x, y), (d1, d2), (grid, grid)),
         },
         rounds=2,
     )

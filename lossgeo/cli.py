@@ -147,6 +147,7 @@ def train_command(**options: Any) -> None:
     from lossgeo.run.experiment import prepare, run_training
     from lossgeo.run.parallel import data_parallel
     from lossgeo.run.tracking import resolve_experiment
+    from lossgeo.run.train import LoopContext
 
     config = build_config(options)
     # under torchrun: one process group, each rank its slice of every batch, rank 0 logs
@@ -154,7 +155,7 @@ def train_command(**options: Any) -> None:
         prepared = prepare(config, device)  # validated before anything is written
         if ranks.logs:
             _end_stale_runs(resolve_experiment(config.experiment))
-        outcome = run_training(config, prepared=prepared, ranks=ranks)
+        outcome = run_training(config, prepared=prepared, context=LoopContext(ranks=ranks))
     if not ranks.logs:
         return
     last = outcome.history.iloc[-1].to_dict() if not outcome.history.empty else {}

@@ -89,27 +89,48 @@ class PathModel:
         return total / len(split), correct / len(split)
 
 
+@dataclass(frozen=True)
+class CurveFit:
+    """How a Bezier curve's control point is trained.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: samples a step.
+        make_optimizer: the optimizer over [control point] (as the end points were trained).
+        seed: the shuffles and the draws of t along the curve.
+    """
+
+    epochs: int
+    batch_size: int
+    make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Bad counts fail here, in one line, before any training."""
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"epochs and batch_size: must be >= 1 (got {self.epochs}, {self.batch_size})"
+            )
+
+
 def fit_bezier(
     model: nn.Module,
     loss_fn: LossFn,
     train: Split,
-    w_a: torch.Tensor,
-    w_b: torch.Tensor,
+    ends: tuple[torch.Tensor, torch.Tensor],
+    fit: CurveFit,
     *,
-    epochs: int,
-    batch_size: int,
-    make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
-    seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> torch.Tensor:
-    """The control point of a quadratic Bezier curve from w_a to w_b trained for `epochs`
-    passes over `train`: it starts at the midpoint (the straight line), and each mini-batch
-    steps it on the loss at a uniform random t. `on_epoch(epoch, mean loss)` reports."""
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size: must be >= 1 (got {epochs}, {batch_size})")
+    """The control point of a quadratic Bezier curve between the flat weights `ends` =
+    (w_a, w_b), trained for `fit.epochs` passes over `train`: it starts at the midpoint
+    (the straight line), and each mini-batch steps it on the loss at a uniform random t.
+    `on_epoch(epoch, mean loss)` reports."""
+    w_a, w_b = ends
+    epochs, batch_size, seed = fit.epochs, fit.batch_size, fit.seed
     path = PathModel(model)
     control = ((w_a + w_b) / 2).detach().clone().requires_grad_(True)
-    optimizer = make_optimizer([control])
+    optimizer = fit.make_optimizer([control])
     shuffle = torch.Generator().manual_seed(seed)
     draws = torch.Generator().manual_seed(seed + 1)
     for epoch in range(1, epochs + 1):

@@ -241,16 +241,15 @@ def surface_2d(
     model: nn.Module,
     loss_fn: LossFn,
     data: DataSource,
-    d1: torch.Tensor,
-    d2: torch.Tensor,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
+    directions: tuple[torch.Tensor, torch.Tensor],
+    grid: tuple[torch.Tensor, torch.Tensor],
     *,
     factorize: bool = True,
     process_group: Any = None,
 ) -> Surface2D:
-    """loss[i, j] and acc[i, j] at w + xs[i] d1 + ys[j] d2 (process_group: `data` is this
-    rank's shard, see `PerturbedLoss`)."""
+    """loss[i, j] and acc[i, j] at w + xs[i] d1 + ys[j] d2, for directions (d1, d2) and
+    grid (xs, ys) (process_group: `data` is this rank's shard, see `PerturbedLoss`)."""
+    (d1, d2), (xs, ys) = directions, grid
     evaluator = PerturbedLoss(
         model,
         loss_fn,
@@ -259,8 +258,7 @@ def surface_2d(
         factorize=factorize,
         process_group=process_group,
     )
-    grid = torch.cartesian_prod(xs.double(), ys.double())
-    loss, acc = evaluator(grid)
+    loss, acc = evaluator(torch.cartesian_prod(xs.double(), ys.double()))
     shape = (len(xs), len(ys))
     return Surface2D(x=xs, y=ys, loss=loss.view(shape), acc=acc.view(shape))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from lossgeo.curvature import Scope, hessian_eigen
 from lossgeo.curvature.operators import DataSource, LossFn
 from lossgeo.geometry.directions import random_direction, trajectory_pca
 from lossgeo.geometry.landscape import axis, interpolate, slice_1d, surface_2d
-from lossgeo.geometry.pac_bayes import pac_bayes_flatness
+from lossgeo.geometry.pac_bayes import NoiseDraws, pac_bayes_flatness
 from lossgeo.geometry.sharpness import adaptive_sharpness, eps_sharpness, random_direction_sharpness
 
 
@@ -81,9 +81,12 @@ def pac_bayes_measures(
     """pac_bayes_flatness and pac_bayes_mag_flatness (1/sigma^2, Jiang et al.'s convention:
     larger is sharper) and their sigmas."""
     group = {"process_group": process_group}
-    plain = pac_bayes_flatness(model, loss_fn, data, max_increase=max_increase, seed=seed, **group)
+    draws = NoiseDraws(seed=seed)
+    plain = pac_bayes_flatness(
+        model, loss_fn, data, max_increase=max_increase, draws=draws, **group
+    )
     magnitude = pac_bayes_flatness(
-        model, loss_fn, data, max_increase=max_increase, magnitude_aware=True, seed=seed, **group
+        model, loss_fn, data, max_increase=max_increase, magnitude_aware=True, draws=draws, **group
     )
     return {
         "pac_bayes_flatness": plain.flatness,
@@ -146,12 +149,25 @@ def plane(
     )
 
 
+@dataclass(frozen=True)
+class LandscapeData:
+    """What a landscape measurement reads.
+
+    Attributes:
+        probe: the sharpness, PAC-Bayes and plane-finding set.
+        slices: the set the 1D/2D slices evaluate the loss on (the probe or the test split).
+        trajectory: the flat weights at each epoch so far (PCA plane, interpolation).
+    """
+
+    probe: DataSource
+    slices: DataSource
+    trajectory: Sequence[torch.Tensor] = ()
+
+
 def measure_landscape(
     model: nn.Module,
     loss_fn: LossFn,
-    probe: DataSource,
-    slice_data: DataSource,
-    trajectory: list[torch.Tensor],
+    data: LandscapeData,
     s: LandscapeSettings,
     *,
     epoch: int,
@@ -161,8 +177,9 @@ def measure_landscape(
 ) -> tuple[dict[str, float], dict[str, object]]:
     """Sharpness metrics every call, PAC-Bayes flatness at the final epoch; 2D/1D slices
     and the trajectory at the final epoch (or every call with `every_epoch`).
-    process_group: `probe` and `slice_data` are this rank's shards; every loss is over all
-    shards, and every rank returns the same metrics and artifacts."""
+    process_group: `data`'s probe and slices are this rank's shards; every loss is over
+    all shards, and every rank returns the same metrics and artifacts."""
+    probe, slice_data, trajectory = data.probe, data.slices, data.trajectory
     start = time.perf_counter()
     metrics: dict[str, float] = {}
     artifacts: dict[str, object] = {}
@@ -181,7 +198,7 @@ def measure_landscape(
         settings = s if directions == s.directions else _replace(s, directions=directions)
         d1, d2, extent, description = plane(model, loss_fn, probe, settings, traj, cache, **group)
         grid = axis(s.resolution, extent)
-        surface = surface_2d(model, loss_fn, slice_data, d1, d2, grid, grid, **group)
+        surface = surface_2d(model, loss_fn, slice_data, (d1, d2), (grid, grid), **group)
         slice2d: dict[str, Any] = {
             **surface.as_dict(),
             "directions": description,
@@ -198,9 +215,7 @@ def measure_landscape(
                 _final_only(
                     model,
                     loss_fn,
-                    probe,
-                    slice_data,
-                    traj,
+                    LandscapeData(probe, slice_data, traj),
                     s,
                     cache,
                     surface if directions == "pca" else None,
@@ -217,7 +232,8 @@ def _replace(s: LandscapeSettings, **changes) -> LandscapeSettings:
     return dataclasses.replace(s, **changes)
 
 
-def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice, process_group):
+def _final_only(model, loss_fn, data, s, cache, pca_slice, process_group):
+    probe, slice_data, traj = data.probe, data.slices, list(data.trajectory)
     artifacts: dict[str, object] = {}
     group = {"process_group": process_group}
     ts = axis(2 * s.resolution - 1, s.half_range)
@@ -240,7 +256,7 @@ def _final_only(model, loss_fn, probe, slice_data, traj, s, cache, pca_slice, pr
             extent = float(pca.coordinates.abs().max()) * 1.25
             d = pca.directions.to(traj[0].dtype)
             grid = axis(s.resolution, extent)
-            pca_slice = surface_2d(model, loss_fn, slice_data, d[0], d[1], grid, grid, **group)
+            pca_slice = surface_2d(model, loss_fn, slice_data, (d[0], d[1]), (grid, grid), **group)
         artifacts["landscape/trajectory.pt"] = {
             "coordinates": pca.coordinates,
             "explained_variance_ratio": pca.explained_variance_ratio,

@@ -51,6 +51,31 @@ class PacBayesFlatness:
     magnitude_aware: bool
 
 
+@dataclass(frozen=True)
+class NoiseDraws:
+    """The fixed Gaussian weight-noise draws E_u[L(w + u)] is averaged over.
+
+    Attributes:
+        n_samples: draws (the same ones at every sigma, so the search is monotone).
+        seed: the draws' generator.
+        eps: the noise floor of the magnitude-aware form, u_i ~ N(0, sigma^2 w_i^2 + eps^2)
+            (Jiang et al.'s 1e-3).
+    """
+
+    n_samples: int = 8
+    seed: int = 0
+    eps: float = MAGNITUDE_EPS
+
+    def __post_init__(self) -> None:
+        """A bad count or floor fails here, in one line."""
+        if isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int):
+            raise ValueError(f"n_samples: must be a whole number >= 1 (got {self.n_samples!r})")
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples: must be >= 1 (got {self.n_samples})")
+        if not self.eps >= 0:
+            raise ValueError(f"eps: must be >= 0 (got {self.eps})")
+
+
 class _NoisyLoss:
     """Mean loss over the data at w + noise(sigma), averaged over fixed noise draws."""
 
@@ -60,10 +85,8 @@ class _NoisyLoss:
         loss_fn: LossFn,
         data: DataSource,
         *,
-        n_samples: int,
+        draws: NoiseDraws,
         magnitude_aware: bool,
-        eps: float,
-        seed: int,
         process_group: Any = None,
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
@@ -72,12 +95,8 @@ class _NoisyLoss:
         self.batches = [b for b in as_batches(data, 2048) if len(b[1])]
         self.n = total_count(sum(len(y) for _, y in self.batches), self.group)
         self.w = self.space.flatten(self.space.values)
-        self.n_samples, self.magnitude_aware, self.eps, self.seed = (
-            n_samples,
-            magnitude_aware,
-            eps,
-            seed,
-        )
+        self.n_samples, self.eps, self.seed = draws.n_samples, draws.eps, draws.seed
+        self.magnitude_aware = magnitude_aware
         self.count = 0
         self._draws: dict[int, torch.Tensor] = {}
 
@@ -131,29 +150,24 @@ def pac_bayes_flatness(
     *,
     max_increase: float = 0.1,
     magnitude_aware: bool = False,
-    n_samples: int = 8,
+    draws: NoiseDraws = NoiseDraws(),
     rtol: float = 0.02,
-    eps: float = MAGNITUDE_EPS,
-    seed: int = 0,
     process_group: Any = None,
 ) -> PacBayesFlatness:
     """The largest sigma whose Gaussian weight noise raises the mean loss over `data` by at
-    most `max_increase` (see the module docstring), to a relative accuracy `rtol`.
+    most `max_increase` (see the module docstring), to a relative accuracy `rtol`; the
+    expectation over the noise is the mean over `draws`' fixed draws.
     process_group: `data` is this rank's shard; every loss is over all shards."""
     if not max_increase > 0:
         raise ValueError(f"max_increase: must be > 0 (got {max_increase})")
-    if n_samples < 1:
-        raise ValueError(f"n_samples: must be >= 1 (got {n_samples})")
     if not 0 < rtol < 1:
         raise ValueError(f"rtol: must be in (0, 1) (got {rtol})")
     f = _NoisyLoss(
         model,
         loss_fn,
         data,
-        n_samples=n_samples,
+        draws=draws,
         magnitude_aware=magnitude_aware,
-        eps=eps,
-        seed=seed,
         process_group=process_group,
     )
     base = f.at(f.w)

@@ -170,12 +170,13 @@ def connect_runs(
                 model_a,
                 loss_fn,
                 train,
-                w_a,
-                w_b,
-                epochs=settings.epochs,
-                batch_size=curve_config.batch_size,
-                make_optimizer=lambda params: make_optimizer(curve_config, params),
-                seed=config_a.seed,
+                (w_a, w_b),
+                conn.CurveFit(
+                    epochs=settings.epochs,
+                    batch_size=curve_config.batch_size,
+                    make_optimizer=lambda params: make_optimizer(curve_config, params),
+                    seed=config_a.seed,
+                ),
                 on_epoch=on_epoch,
             )
             run.log_object(

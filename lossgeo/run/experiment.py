@@ -17,9 +17,8 @@ from lossgeo.data import DataBundle, load_data
 from lossgeo.errors import UserInputError
 from lossgeo.losses import LOSSES, LossFn
 from lossgeo.models import build_model, scale_initialisation
-from lossgeo.run.parallel import SINGLE, Ranks
 from lossgeo.run.tracking import TrackedRun, resolve_experiment
-from lossgeo.run.train import Measurement, train
+from lossgeo.run.train import LoopContext, Measurement, train
 from lossgeo.version import __version__
 
 
@@ -117,16 +116,15 @@ def run_training(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     measurements: list[Measurement] | None = None,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     on_run_created: Callable[[str], None] | None = None,
     prepared: tuple[DataBundle, nn.Module, LossFn, torch.device] | None = None,
-    label: str = "",
-    ranks: Ranks = SINGLE,
+    context: LoopContext = LoopContext(),
 ) -> RunOutcome:
-    """Trains `config` as one MLflow run and returns its id and per-epoch history. `label`
-    (a grid cell, a sweep trial) starts every line the run prints. Under torchrun every
-    rank calls this with its `ranks`; rank 0 alone creates and writes the run (the others
-    return an empty run id)."""
+    """Trains `config` as one MLflow run and returns its id and per-epoch history.
+    `context.label` (a grid cell, a sweep trial) starts every line the run prints. Under
+    torchrun every rank calls this with its `context.ranks`; rank 0 alone creates and
+    writes the run (the others return an empty run id)."""
+    ranks = context.ranks
     data, model, loss_fn, device = prepared or prepare(config)
     if measurements is None:
         measurements = default_measurements(config)
@@ -134,7 +132,7 @@ def run_training(
         rows: list[dict[str, float]] = []
         trained = train(
             config, data, model, loss_fn, logger=_Recorder(None, rows),
-            measurements=measurements, label=label, ranks=ranks,
+            measurements=measurements, context=context,
         )  # fmt: skip
         return RunOutcome("", history_frame(rows), trained.diverged_epoch)
     all_tags = {
@@ -173,9 +171,7 @@ def run_training(
                 loss_fn,
                 logger=_Recorder(run, history),
                 measurements=measurements,
-                on_epoch_end=on_epoch_end,
-                label=label,
-                ranks=ranks,
+                context=context,
             )
         finally:
             # Whatever happened, what was logged also lands in metrics.csv, plots, checkpoint.
@@ -376,7 +372,7 @@ def remeasure_landscape(
     that run under `remeasured/` (trajectory-PCA planes need the training run itself)."""
     import dataclasses
 
-    from lossgeo.geometry.landscape_measure import measure_landscape
+    from lossgeo.geometry.landscape_measure import LandscapeData, measure_landscape
     from lossgeo.run.measurements import landscape_settings
 
     if directions == "pca":
@@ -401,9 +397,7 @@ def remeasure_landscape(
     _, artifacts = measure_landscape(
         model,
         loss_fn,
-        (data.probe.x, data.probe.y),
-        (split.x, split.y),
-        [],
+        LandscapeData((data.probe.x, data.probe.y), (split.x, split.y)),
         settings,
         epoch=config.epochs,
         final=True,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from lossgeo.config import TrainConfig
 from lossgeo.curvature.measure import CurvatureSettings
-from lossgeo.geometry.landscape_measure import LandscapeSettings, measure_landscape
+from lossgeo.geometry.landscape_measure import LandscapeData, LandscapeSettings, measure_landscape
 from lossgeo.geometry.noise import gradient_noise_scale
 from lossgeo.run.protocols import EpochState, Measurement, MeasurementResult
 from lossgeo.run.tracker import StepSettings
@@ -30,9 +30,7 @@ class LandscapeMeasurement:
         metrics, artifacts = measure_landscape(
             state.model,
             state.loss_fn,
-            probe,
-            (shard(split.x), shard(split.y)),
-            state.trajectory,
+            LandscapeData(probe, (shard(split.x), shard(split.y)), state.trajectory),
             self.settings,
             epoch=state.epoch,
             final=state.is_last,

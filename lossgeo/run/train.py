@@ -113,6 +113,23 @@ def epoch_line(
     return f"{prefix}epoch {epoch}/{epochs}: " + ", ".join(parts + [f"{seconds:.1f} s{where}"])
 
 
+@dataclass(frozen=True)
+class LoopContext:
+    """Who a training loop reports to, and the processes it runs on.
+
+    Attributes:
+        label: starts every printed line (a grid cell, a sweep trial).
+        on_epoch_end: called with (epoch, metrics) after each epoch; it may raise (e.g.
+            Optuna pruning) to stop early, and what was logged stays logged.
+        ranks: the data-parallel job under torchrun (`parallel.py`): every rank trains,
+            rank 0's logger writes.
+    """
+
+    label: str = ""
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+    ranks: Ranks = SINGLE
+
+
 def train(
     config: TrainConfig,
     data: DataBundle,
@@ -120,19 +137,17 @@ def train(
     loss_fn: LossFn,
     logger: RunLogger,
     measurements: Sequence[Measurement] = (),
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    label: str = "",
-    ranks: Ranks = SINGLE,
+    context: LoopContext = LoopContext(),
 ) -> TrainResult:
     """Trains with SGD; logs evaluation (every `eval_every` epochs) and scheduled
-    measurements. `label` (a grid cell, a sweep trial) starts every printed line.
+    measurements; `context` labels the printed lines, calls back after each epoch and
+    names the processes (`LoopContext`).
 
     A non-finite training loss stops training; the epoch is returned as `diverged_epoch`
-    and everything computed up to then has been logged. `on_epoch_end` may raise (e.g.
-    Optuna pruning) to stop early; what was logged stays logged. `ranks`: the data-parallel
-    job under torchrun (`parallel.py`); every rank calls `train` and rank 0's logger writes.
+    and everything computed up to then has been logged.
     """
-    loop = _Loop(config, data, model, loss_fn, logger, measurements, label, ranks)
+    on_epoch_end = context.on_epoch_end
+    loop = _Loop(config, data, model, loss_fn, logger, measurements, context.label, context.ranks)
     for epoch in loop.epoch_bar:
         started = time.perf_counter()
         split: dict[str, float] = {}

@@ -25,6 +25,7 @@ from lossgeo.run.tracking import (
     reopen_run,
     resolve_experiment,
 )
+from lossgeo.run.train import LoopContext
 from lossgeo.studies.studyfile import StudySpec
 from lossgeo.studies.summary import summarise
 from lossgeo.studies.sweep import _launcher_as_worker
@@ -174,7 +175,7 @@ def _run_free_cells(spec: StudySpec, configs: dict, experiment: str, parent: str
                     "lossgeo_role": "cell",
                 },
                 on_run_created=functools.partial(_claim, experiment, parent, cell, seed),
-                label=f"{cell} seed {seed}",
+                context=LoopContext(label=f"{cell} seed {seed}"),
             )
         except CellTaken as taken:  # another worker has run or runs this cell
             _discard(taken.run_id, f"{cell} seed {seed} is another worker's")

@@ -37,6 +37,7 @@ from lossgeo.run.tracking import (
     run_experiment_name,
     start_heartbeat,
 )
+from lossgeo.run.train import LoopContext
 from lossgeo.studies.storage import DEFAULT_STORAGE, BudgetLock, _heartbeat, make_storage
 from lossgeo.studies.studyfile import StudySpec
 from lossgeo.studies.summary import summarise
@@ -138,14 +139,13 @@ def make_objective(
             config,
             parent_run_id=parent_run_id,
             prepared=prepared,
-            on_epoch_end=report,
             tags={
                 "lossgeo_study": trial.study.study_name,
                 "trial_number": str(trial.number),
                 "lossgeo_role": "trial",
             },
             on_run_created=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
-            label=f"trial {trial.number}",
+            context=LoopContext(label=f"trial {trial.number}", on_epoch_end=report),
         )
         final = outcome.history.iloc[-1].to_dict()
         for key in ("lambda_max", "gen_gap", "sharp_max", "test_acc"):

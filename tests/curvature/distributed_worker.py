@@ -251,7 +251,11 @@ def measure_geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) 
     """Every loss-based measurement once (sharpness, PAC-Bayes, noise scale, slices and the
     final-epoch landscape with eigen directions); group None = one process."""
     from lossgeo.geometry.landscape import surface_2d
-    from lossgeo.geometry.landscape_measure import LandscapeSettings, measure_landscape
+    from lossgeo.geometry.landscape_measure import (
+        LandscapeData,
+        LandscapeSettings,
+        measure_landscape,
+    )
     from lossgeo.geometry.noise import gradient_noise_scale
     from lossgeo.geometry.pac_bayes import pac_bayes_flatness
 
@@ -262,13 +266,19 @@ def measure_geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group) 
     weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     trajectory = [weights * 1.1, weights * 0.9 + 0.01, weights]
     metrics, artifacts = measure_landscape(
-        model, F.cross_entropy, data, data, trajectory, settings, epoch=2, final=True, **opts
+        model,
+        F.cross_entropy,
+        LandscapeData(data, data, trajectory),
+        settings,
+        epoch=2,
+        final=True,
+        **opts,
     )
     metrics.pop("landscape_seconds")
     d1 = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()))
     surface = surface_2d(
-        model, F.cross_entropy, data, d1, d1.flip(0), torch.tensor([0.0, 0.5]),
-        torch.tensor([-0.5, 0.0]), factorize=False, **opts,
+        model, F.cross_entropy, data, (d1, d1.flip(0)),
+        (torch.tensor([0.0, 0.5]), torch.tensor([-0.5, 0.0])), factorize=False, **opts,
     )  # fmt: skip
     noise = gradient_noise_scale(model, F.cross_entropy, data, chunk_size=5, **opts)
     magnitude = pac_bayes_flatness(

@@ -148,11 +148,10 @@ def test_fit_bezier_lowers_the_loss_along_the_curve_below_the_line():
         a,
         nn.functional.cross_entropy,
         data,
-        w_a,
-        w_b,
-        epochs=40,
-        batch_size=32,
-        make_optimizer=lambda params: torch.optim.SGD(params, lr=0.2),
+        (w_a, w_b),
+        conn.CurveFit(
+            epochs=40, batch_size=32, make_optimizer=lambda params: torch.optim.SGD(params, lr=0.2)
+        ),
     )
     ts = torch.linspace(0, 1, 11).tolist()
     splits = {"train": data, "test": data}
@@ -167,16 +166,7 @@ def test_fit_bezier_lowers_the_loss_along_the_curve_below_the_line():
 
 
 def test_fit_bezier_refuses_no_epochs():
-    model = MLP(4, hidden=(3,))
-    w = weights_vector(model)
     with pytest.raises(ValueError, match="epochs and batch_size: must be >= 1"):
-        conn.fit_bezier(
-            model,
-            nn.functional.cross_entropy,
-            Split(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)),
-            w,
-            w,
-            epochs=0,
-            batch_size=2,
-            make_optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        conn.CurveFit(
+            epochs=0, batch_size=2, make_optimizer=lambda params: torch.optim.SGD(params, lr=0.1)
         )

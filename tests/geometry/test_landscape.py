@@ -49,7 +49,7 @@ def test_grid_layout_on_non_square_grid_against_quadratic(float64, factorize):
     model, loss, data, closed = quadratic_problem()
     d1, d2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     xs, ys = axis(3, 1.0), axis(5, 0.5)
-    out = surface_2d(model, loss, data, d1, d2, xs, ys, factorize=factorize)
+    out = surface_2d(model, loss, data, (d1, d2), (xs, ys), factorize=factorize)
     assert out.loss.shape == (3, 5)
     for i, a in enumerate(xs.tolist()):
         for j, b in enumerate(ys.tolist()):
@@ -84,9 +84,9 @@ def test_origin_equals_unperturbed_loss_exactly_and_factorisation_agrees(name, f
     with torch.no_grad():
         direct = float(cross_entropy(model(probe.x), probe.y))
     before = snapshot(model)
-    fast = surface_2d(model, cross_entropy, data, d1, d2, axis(3, 1.0), axis(4, 1.0))
+    fast = surface_2d(model, cross_entropy, data, (d1, d2), (axis(3, 1.0), axis(4, 1.0)))
     slow = surface_2d(
-        model, cross_entropy, data, d1, d2, axis(3, 1.0), axis(4, 1.0), factorize=False
+        model, cross_entropy, data, (d1, d2), (axis(3, 1.0), axis(4, 1.0)), factorize=False
     )
     assert float(fast.loss[1, 2]) == direct and float(slow.loss[1, 2]) == direct
     assert torch.allclose(fast.loss, slow.loss, rtol=1e-5)

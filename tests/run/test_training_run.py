@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 from lossgeo.models import build_model
 from lossgeo.run.experiment import prepare, run_training
 from lossgeo.run.tracking import load_artifact_object
-from lossgeo.run.train import EpochState, MeasurementResult, measured_epochs, train
+from lossgeo.run.train import EpochState, LoopContext, MeasurementResult, measured_epochs, train
 
 from ..conftest import tiny_config
 
@@ -135,7 +135,11 @@ def test_run_status_on_exceptions_keeps_what_was_logged(tracking, fake_data_dir,
             raise exc
 
     with pytest.raises(type(exc)):
-        run_training(config, on_epoch_end=stop_after_first_epoch, on_run_created=created.append)
+        run_training(
+            config,
+            context=LoopContext(on_epoch_end=stop_after_first_epoch),
+            on_run_created=created.append,
+        )
     client = MlflowClient()
     assert client.get_run(created[0]).info.status == status
     assert [m.step for m in client.get_metric_history(created[0], "train_loss")] == [0, 1]
@@ -164,7 +168,7 @@ def test_printed_lines_say_whose_epoch_and_where_the_time_went(fake_data_dir, ca
         loss_fn,
         NullLogger(),
         measurements=build_measurements(config),
-        label="mlp/low-noise seed 1",
+        context=LoopContext(label="mlp/low-noise seed 1"),
     )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "[mlp/low-noise seed 1] epoch 0/1: measuring curvature, noise_scale ..."
