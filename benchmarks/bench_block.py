@@ -57,7 +57,7 @@ def main() -> None:
     ]
     for rung in args.rungs.split(","):
         model, x, y = build_rung(rung, weights)
-        op = HessianOperator(model, LOSS, (x, y), max_memory="auto")
+        op = HessianOperator(model, LOSS, (x, y))
         lines += rung_rows(rung, op, blocks, args.repeat)
         del op
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -28,6 +28,7 @@ from lossgeo.curvature import (  # noqa: E402
     EmpiricalFisherOperator,
     GGNOperator,
     HessianOperator,
+    Scope,  # noqa: E402
     hessian_eigen,
     hessian_trace,
 )
@@ -96,7 +97,9 @@ def product_seconds(op) -> float:
 
 def hvp_seconds(model, data, method, chunk) -> float:
     return product_seconds(
-        HessianOperator(model, cross_entropy, data, method=method, chunk_size=chunk)
+        HessianOperator(
+            model, cross_entropy, data, scope=Scope(hvp_method=method, chunk_size=chunk)
+        )
     )
 
 

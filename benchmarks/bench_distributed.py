@@ -107,9 +107,11 @@ def fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
-        op = hessian_operator(model, cross_entropy, (xs, ys), chunk_size=None)
-        ggn = make_operator("ggn", model, cross_entropy, (xs, ys), chunk_size=None)
-        fisher = make_operator("fisher", model, cross_entropy, (xs, ys), chunk_size=None)
+        op = hessian_operator(model, cross_entropy, (xs, ys), scope=Scope(chunk_size=None))
+        ggn = make_operator("ggn", model, cross_entropy, (xs, ys), scope=Scope(chunk_size=None))
+        fisher = make_operator(
+            "fisher", model, cross_entropy, (xs, ys), scope=Scope(chunk_size=None)
+        )
         v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
 
         def training_gradient() -> None:

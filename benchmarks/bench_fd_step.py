@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, mnist, trained, write  # noqa: E402
 
+from lossgeo.curvature import Scope  # noqa: E402
 from lossgeo.curvature.operators import HessianOperator  # noqa: E402
 from lossgeo.losses import cross_entropy  # noqa: E402
 from lossgeo.models import build_model  # noqa: E402
@@ -44,7 +45,11 @@ def errors(model, probe, dtype: torch.dtype) -> dict[float, float]:
     out = {}
     for step in sorted(STEPS):
         op = HessianOperator(
-            cast, cross_entropy, (probe[0].to(dtype), probe[1]), method="fd", fd_step=step
+            cast,
+            cross_entropy,
+            (probe[0].to(dtype), probe[1]),
+            fd_step=step,
+            scope=Scope(hvp_method="fd"),
         )
         rel = [
             float((op @ v.to(dtype)).double().sub(e).norm() / e.norm())

@@ -29,7 +29,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, mnist, write  # noqa: E402
 
-from lossgeo.curvature import HessianOperator, hutchinson, lanczos  # noqa: E402
+from lossgeo.curvature import (  # noqa: E402
+    HessianOperator,
+    Scope,  # noqa: E402
+    hutchinson,
+    lanczos,
+)
 from lossgeo.models import build_model  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": "bf16", "fp16": "fp16"}
@@ -71,7 +76,7 @@ def gpt2_problem():
 
 
 def measure(model, loss_fn, data, compute_dtype) -> dict:
-    op = HessianOperator(model, loss_fn, data, compute_dtype=compute_dtype)
+    op = HessianOperator(model, loss_fn, data, scope=Scope(compute_dtype=compute_dtype))
     start = time.perf_counter()
     top = lanczos(op, k=2, tol=1e-5, max_iter=80, seed=0)
     trace = hutchinson(op, 10, seed=1)

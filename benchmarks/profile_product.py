@@ -52,7 +52,7 @@ def main() -> None:
         torch.randn(n, generator=torch.Generator().manual_seed(i)) for i in range(args.products)
     ]
     start = time.perf_counter()
-    op = HessianOperator(model, LOSS, (x, y), max_memory="auto")
+    op = HessianOperator(model, LOSS, (x, y))
     made = time.perf_counter() - start
     print(f"lossgeo operator: {made:.2f} s to size ({op.method}; {op.memory_note})", flush=True)
     for i, v in enumerate(vectors):
@@ -70,7 +70,7 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        op = HessianOperator(model, LOSS, (x, y), max_memory="auto")
+        op = HessianOperator(model, LOSS, (x, y))
         op @ vectors[0]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             op @ vectors[-1]

@@ -532,14 +532,12 @@ def sweep_command(
     n_trials: int,
     storage: str,
     study_name: str,
-    n_jobs: int,
-    experiment: str,
     data_dir: str | None,
-    heartbeat_interval: int,
-    grace_period: int,
     overrides: tuple[str, ...],
+    **worker: Any,
 ) -> None:
     """Run (or join) an Optuna sweep; start the same command on many machines to share it."""
+    # worker: n_jobs, experiment, heartbeat_interval, grace_period, passed on as they are
     from lossgeo.studies.sweep import run_sweep
 
     if n_trials < 0:
@@ -551,11 +549,8 @@ def sweep_command(
         spec,
         storage=storage or None,
         n_trials=n_trials or None,
-        n_jobs=n_jobs,
         study_name=study_name or None,
-        experiment=experiment,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
+        **worker,
     )
     from lossgeo.studies.sweep import PARENT_ATTR
 

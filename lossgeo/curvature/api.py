@@ -135,7 +135,7 @@ def curvature_eigen(
     Returns:
         An `EigenResult`: values, vectors, residuals, convergence, products used.
     """
-    op = make_operator(matrix, model, loss_fn, data, **scope.operator_options())
+    op = make_operator(matrix, model, loss_fn, data, scope)
     return _eigenpairs(op, k, "LA", tol, solver)
 
 
@@ -155,7 +155,7 @@ def hessian_eigen(
     `curvature_eigen`'s. Power iteration (`EigenSolver(method="power")`) finds the top only."""
     if which not in ("LA", "SA"):
         raise ValueError(f"which: must be 'LA' or 'SA' (got {which!r})")
-    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
+    op = hessian_operator(model, loss_fn, data, scope)
     return _eigenpairs(op, k, which, tol, solver)
 
 
@@ -174,7 +174,7 @@ def hessian_extremes(
     arguments are `curvature_eigen`'s."""
     if solver.method != "lanczos":
         raise ValueError(f"solver: both ends come from one Lanczos run (got {solver.method!r})")
-    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
+    op = hessian_operator(model, loss_fn, data, scope)
     wanted = Extremes(k_top=k, k_bottom=1, tol=tol)
     return both(
         lanczos_extremes(
@@ -215,7 +215,7 @@ def hessian_trace(
     estimators = {"hutchinson": hutchinson, "hutch++": hutch_plus_plus, "krylov": krylov_hutchinson}
     if method not in estimators:
         raise ValueError(f"method: must be 'hutchinson', 'hutch++' or 'krylov' (got {method!r})")
-    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
+    op = hessian_operator(model, loss_fn, data, scope)
     return estimators[method](op, n_samples, seed=seed)
 
 
@@ -247,7 +247,7 @@ def spectral_density(
     Returns:
         A `DensityResult`: the smoothed density on its grid, the quadrature nodes and weights.
     """
-    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
+    op = hessian_operator(model, loss_fn, data, scope)
     return slq_density(
         op,
         n_steps=n_steps,
@@ -275,7 +275,7 @@ def layerwise_lambda_max(
     model: one difference product of the whole Hessian per block product)."""
     if solver.method != "lanczos":
         raise ValueError(f"solver: layer blocks are solved by Lanczos (got {solver.method!r})")
-    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
+    op = hessian_operator(model, loss_fn, data, scope)
     blocks = parameter_blocks(op.model, op.space.names)
     return {
         layer: lanczos_top(

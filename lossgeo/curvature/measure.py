@@ -175,7 +175,7 @@ def measure_curvature(
     start = time.perf_counter()
     s, scope = settings, scope.resolved()
     model = unwrap(model)
-    op = hessian_operator(model, loss_fn, data, **scope.operator_options())
+    op = hessian_operator(model, loss_fn, data, scope)
     if not probe_is_finite(op):
         return CurvatureMeasures(
             probe_loss=op.loss(),
@@ -216,7 +216,7 @@ def measure_curvature(
         # was): a budget would only repeat the small graphs the Hessian's sizing built
         outputs = replace(scope, loss_form="output_target", math_attention=False, max_memory=None)
         ggn_result = lanczos_top(
-            make_operator("ggn", model, loss_fn, data, **outputs.operator_options()),
+            make_operator("ggn", model, loss_fn, data, outputs),
             tol=s.secondary_tol,
             max_iter=s.max_iter,
             seed=s.seed,
@@ -307,6 +307,6 @@ def _fisher_lambda_max(
     if gram is not None:
         top = lanczos_top(MatrixOperator(gram), tol=1e-12, max_iter=gram.shape[0], seed=s.seed)
         return float(top.values[0]), 0
-    fisher = make_operator("fisher", model, loss_fn, data, **scope.operator_options())
+    fisher = make_operator("fisher", model, loss_fn, data, scope)
     result = lanczos_top(fisher, tol=s.secondary_tol, max_iter=s.max_iter, seed=s.seed)
     return float(result.values[0]), result.n_hvp

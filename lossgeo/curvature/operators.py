@@ -20,7 +20,6 @@ are left exactly as they were.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -50,8 +49,15 @@ from .batches import (  # noqa: F401
 from .distributed import all_sum, all_sum_float, resolve_group, unwrap
 from .linear import SymmetricOperator, _check_shape
 from .params import ParameterSpace
+from .precision import (  # noqa: F401  (imported from here by earlier code)
+    COMPUTE_DTYPES,
+    full_precision,
+    outside_autocast,
+    precision,
+    resolve_compute_dtype,
+)
+from .scope import Scope
 
-HVP_METHODS = ("graph", "fwdrev", "fd")
 # method="fd": the relative step of the central difference, by dtype, chosen by measurement
 # (benchmarks/bench_fd_step.py, benchmarks/results/fd_step.md): in float64 1e-6 kept the
 # error below 1e-9 on ReLU and tanh MNIST models; in float32 3e-3 was best on the tanh MLP
@@ -75,59 +81,6 @@ def math_attention() -> Iterator[None]:
 
     with sdpa_kernel(SDPBackend.MATH):
         yield
-
-
-COMPUTE_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def resolve_compute_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """None (the parameters' own dtype), or bf16 / fp16 given as a dtype or a name."""
-    if value is None or value in ("fp32", "float32", "none", ""):
-        return None
-    if isinstance(value, str):
-        if value not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype: must be bf16, fp16 or fp32 (None) (got {value!r})")
-        return COMPUTE_DTYPES[value]
-    if value not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"compute_dtype: must be torch.bfloat16 or torch.float16 (got {value})")
-    return value
-
-
-def precision(device: torch.device, compute_dtype: torch.dtype | None) -> Any:
-    """The forward passes' precision: autocast to `compute_dtype`, or, for None, autocast
-    switched off, so that a measurement taken inside a training loop's autocast region is
-    still taken in the parameters' own dtype (fp32) unless asked otherwise."""
-    if compute_dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=compute_dtype)
-
-
-@contextlib.contextmanager
-def outside_autocast() -> Iterator[None]:
-    """Autocast switched off (CPU and CUDA) for a whole measurement: the solvers' own
-    arithmetic (Lanczos' reorthogonalisation, Ritz vectors) in a training loop's autocast
-    region would otherwise run in bf16 too."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-        if torch.cuda.is_available():
-            stack.enter_context(torch.autocast("cuda", enabled=False))
-        yield
-
-
-def full_precision(function: Callable) -> Callable:
-    """`function` run `outside_autocast` (the public measurements)."""
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with outside_autocast():
-            return function(*args, **kwargs)
-
-    return wrapper
 
 
 # basis vectors a memory budget keeps room for before it sizes the graphs (at most half the
@@ -173,40 +126,34 @@ class CurvatureOperator(SymmetricOperator):
         loss_fn: AnyLossFn,
         data: DataSource,
         *,
-        params: Sequence[str] | str | None = None,
-        chunk_size: int | str | None = "auto",
-        loss_form: LossForm = "auto",
-        batch_size: Callable[[Any], int] | None = None,
+        scope: Scope = Scope(),
         space: ParameterSpace | None = None,
-        math_attention: bool = False,
-        process_group: Any = None,
-        compute_dtype: torch.dtype | str | None = None,
-        max_memory: int | str | None = None,
     ) -> None:
-        """chunk_size: samples per forward/backward chunk of (x, y) batches; "auto" sizes
-        chunks by the model's activation memory, None keeps the batches as given.
-        params: a parameter filter (names, module paths or globs; see `params.py`).
+        """scope: the parameters, the loss's form, the process group, and how products are
+        taken (`Scope`): chunks of (x, y) batches, the compute dtype (forward passes under
+        autocast to it; vectors and sums stay in the parameters' dtype), and the memory
+        budget, met in advance from two small chunks (`_fit_memory`; None: not sized in
+        advance, out-of-memory errors still halve the chunks). With a process group,
+        `data` is this rank's shard of the probe set and products are summed over the
+        group's ranks (`distributed.py`). A fused attention kernel that refuses double
+        backward moves the products to the math backend; `scope.math_attention` starts
+        there.
         space: an existing ParameterSpace of this model to share (its copies of the
-        parameters are read, never written), instead of copying the parameters again.
-        math_attention: start under the math attention backend (an earlier operator on this
-        model found the fused kernel refusing double backward: no need to fail again).
-        process_group: `data` is this rank's shard of the probe set; products are summed
-        over the group's ranks (None: one process; True: the default group; see
-        `distributed.py`).
-        compute_dtype: None (default) runs the forward passes in the parameters' dtype, with
-        any enclosing autocast switched off; torch.bfloat16 / "bf16" (or fp16) runs them
-        under autocast to it. Vectors and sums stay in the parameters' dtype.
-        max_memory: a budget for the products' graphs (bytes, "2GB", or "auto": 80% of
-        what the device has free), met in advance from one small chunk (`_fit_memory`);
-        None: no sizing in advance (out-of-memory errors still halve the chunks)."""
-        self.compute_dtype = resolve_compute_dtype(compute_dtype)
+        parameters are read, never written), instead of copying the parameters again
+        (then `scope.params` is not read)."""
+        self.compute_dtype = resolve_compute_dtype(scope.compute_dtype)
         model = unwrap(model)
         self.model, self.loss_fn = model, loss_fn
-        self.space = space if space is not None else ParameterSpace(model, params)
+        self.space = space if space is not None else ParameterSpace(model, scope.params)
         self.objective = Objective(
-            model, loss_fn, data, loss_form=loss_form, chunk_size=chunk_size, batch_size=batch_size
+            model,
+            loss_fn,
+            data,
+            loss_form=scope.loss_form,
+            chunk_size=scope.chunk_size,
+            batch_size=scope.size_fn,
         )
-        self.group = resolve_group(process_group)
+        self.group = resolve_group(scope.process_group)
         self.n_samples = self.objective.n_samples
         if self.group is not None:  # batch weights n_b / N over the whole, sharded probe set
             total = int(all_sum_float(float(self.n_samples), self.group))
@@ -214,10 +161,10 @@ class CurvatureOperator(SymmetricOperator):
             self.n_samples = total
         self.batches, self.weights = self.objective.batches, self.objective.weights
         self.n_matvec = 0
-        self.math_attention = math_attention
+        self.math_attention = scope.math_attention
         self.memory_note = ""
-        if max_memory is not None:
-            self._fit_memory(max_memory)
+        if scope.max_memory is not None:
+            self._fit_memory(scope.max_memory)
 
     def _retains_graphs(self) -> bool:
         """Whether products keep every chunk's graph alive (double backward, the GGN and
@@ -454,16 +401,17 @@ class HessianOperator(CurvatureOperator):
         loss_fn: AnyLossFn,
         data: DataSource,
         *,
-        method: str = "graph",
+        scope: Scope = Scope(),
+        space: ParameterSpace | None = None,
         fd_step: float | None = None,
-        **options: Any,
     ) -> None:
-        if method not in HVP_METHODS:
-            raise ValueError(f"method: must be one of {', '.join(HVP_METHODS)} (got {method!r})")
+        """The products are `scope.hvp_method`'s (see the class docstring); fd_step: the
+        relative step of method "fd" (None: by dtype, `FD_STEPS`)."""
         if fd_step is not None and not fd_step > 0:
             raise ValueError(f"fd_step: must be > 0 (got {fd_step!r})")
-        self.method: str = method  # before the base class sizes the work to a memory budget
-        super().__init__(model, loss_fn, data, **options)
+        # before the base class sizes the work to a memory budget
+        self.method: str = scope.hvp_method
+        super().__init__(model, loss_fn, data, scope=scope, space=space)
         self.fd_step = fd_step if fd_step is not None else FD_STEPS.get(self.dtype, 3e-3)
         self._fd_scale: float | None = None
         self._graphs: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None
@@ -695,9 +643,9 @@ class _RetainedJacobianOperator(CurvatureOperator):
     pass: measured 1.5-2x faster than torch.func jvp + vjp, which recompute the forward."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, **options: Any
+        self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *, scope: Scope = Scope()
     ) -> None:
-        super().__init__(model, loss_fn, data, **options)
+        super().__init__(model, loss_fn, data, scope=scope)
         if self.objective.form != "output_target":
             raise ValueError(
                 f"matrix: {type(self).__name__} needs the network outputs, i.e. "

@@ -12,9 +12,10 @@ import torch
 
 from .batches import LossForm, check_chunk_size, parse_memory
 from .distributed import resolve_group
-from .operators import HVP_METHODS, resolve_compute_dtype
+from .precision import resolve_compute_dtype
 
 LOSS_FORMS = ("auto", "output_target", "model_batch")
+HVP_METHODS = ("graph", "fwdrev", "fd")
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,3 @@ class Scope:
         """The same scope with `process_group` resolved to a group (or None), once, so that
         the calls below it pass the group itself."""
         return replace(self, process_group=resolve_group(self.process_group))
-
-    def operator_options(self) -> dict[str, Any]:
-        """The keyword arguments of the curvature operators (`factories.make_operator`;
-        the GGN and Fisher take no `method`, `make_operator` leaves it out for them)."""
-        return {
-            "params": self.params,
-            "loss_form": self.loss_form,
-            "batch_size": self.size_fn,
-            "process_group": self.process_group,
-            "math_attention": self.math_attention,
-            "chunk_size": self.chunk_size,
-            "method": self.hvp_method,
-            "max_memory": self.max_memory,
-            "compute_dtype": self.compute_dtype,
-        }

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -41,6 +42,7 @@ from .distributed import all_reduce, all_sum_float
 from .linear import LambdaOperator
 from .operators import FD_STEPS, CurvatureOperator
 from .params import ParameterSpace, select_parameters
+from .scope import Scope
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -131,26 +133,23 @@ class ShardedHessianOperator(CurvatureOperator):
         loss_fn: AnyLossFn,
         data: DataSource,
         *,
-        method: str = "fd",
+        scope: Scope = Scope(),
         fd_step: float | None = None,
-        params: Sequence[str] | str | None = None,
-        process_group: Any = None,
-        space: Any = None,
-        **options: Any,
     ) -> None:
-        if method not in ("fd", "graph"):
+        """scope: as `CurvatureOperator`'s, with the process group the mesh's and products
+        by differences of gradients ("graph", the default, and "fd" both mean those)."""
+        if scope.hvp_method not in ("fd", "graph"):
             raise ValueError(
-                f"method: a sharded (FSDP) model takes products by differences of gradients "
-                f"only, method='fd' (got {method!r})"
+                f"hvp_method: a sharded (FSDP) model takes products by differences of "
+                f"gradients only, hvp_method='fd' (got {scope.hvp_method!r})"
             )
         if fd_step is not None and not fd_step > 0:
             raise ValueError(f"fd_step: must be > 0 (got {fd_step!r})")
-        sharded_space = ShardedParameterSpace(model, params)
+        sharded_space = ShardedParameterSpace(model, scope.params)
         first = sharded_space.params[sharded_space.names[0]]
         mesh_group = first.device_mesh.get_group()
-        super().__init__(
-            model, loss_fn, data, space=sharded_space, process_group=mesh_group, **options
-        )
+        scope = replace(scope, process_group=mesh_group)
+        super().__init__(model, loss_fn, data, scope=scope, space=sharded_space)
         self.sharded = sharded_space
         self.method = "fd"
         self.fd_step = fd_step if fd_step is not None else FD_STEPS.get(self.dtype, 3e-3)
@@ -315,11 +314,17 @@ class ShardedOutputCurvatureOperator(ShardedHessianOperator):
     gradient of sample i's own loss in its outputs (g_i = J_i^T r_i)."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: AnyLossFn, data: DataSource, *, matrix: str, **options
+        self,
+        model: nn.Module,
+        loss_fn: AnyLossFn,
+        data: DataSource,
+        *,
+        matrix: str,
+        scope: Scope = Scope(),
     ) -> None:
         if matrix not in ("ggn", "fisher"):
             raise ValueError(f"matrix: 'ggn' or 'fisher' (got {matrix!r})")
-        super().__init__(model, loss_fn, data, **options)
+        super().__init__(model, loss_fn, data, scope=replace(scope, hvp_method="fd"))
         if self.objective.form != "output_target":
             raise ValueError(f"loss_fn: the {matrix.upper()} needs loss_fn(output, target)")
         self.matrix = matrix

@@ -16,7 +16,7 @@ squared norm in the span of the top-k Hessian eigenvectors, ||V^T g||^2 / ||g||^
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -143,11 +143,8 @@ def batch_sharpness(
             model,
             loss_fn,
             [batch],
-            chunk_size=None,
-            loss_form=scope.loss_form,
-            batch_size=scope.size_fn,
+            scope=_per_batch(scope, math_attention),
             space=space,
-            math_attention=math_attention,
         )
         g = op.gradient()
         direction = g if preconditioner is None else g / preconditioner.to(g)
@@ -189,11 +186,6 @@ def _global_batch_sharpness(
             raise ValueError("probe: batch sharpness of a sharded model needs a sample a rank")
     offset, order = _global_order(len(y), group, sampling.batch_size, sampling.seed)
     space = None if sharded else ParameterSpace(model, params)
-    options: dict[str, Any] = {
-        "chunk_size": None,
-        "loss_form": scope.loss_form,
-        "batch_size": scope.size_fn,
-    }
 
     def parts(mine: torch.Tensor, share: float) -> tuple[torch.Tensor, Callable]:
         """The batch's gradient (summed over the ranks) and its product function."""
@@ -201,7 +193,7 @@ def _global_batch_sharpness(
         if sharded:
             batch = (x[mine], y[mine]) if len(mine) else (x[:1], y[:1])
             sharded_op = ShardedHessianOperator(
-                model, loss_fn, [batch], params=params, math_attention=math_attention, **options
+                model, loss_fn, [batch], scope=_per_batch(scope, math_attention)
             )
             sharded_op.reweigh([share])
             return sharded_op.gradient(), sharded_op.matvec
@@ -210,8 +202,8 @@ def _global_batch_sharpness(
             nothing = torch.zeros(space.dim, dtype=space.dtype, device=space.device)
             return _summed(nothing, group), lambda u: _summed(torch.zeros_like(u), group)
         op = HessianOperator(
-            model, loss_fn, [(x[mine], y[mine])], space=space, math_attention=math_attention,
-            **options,
+            model, loss_fn, [(x[mine], y[mine])], scope=_per_batch(scope, math_attention),
+            space=space,
         )  # fmt: skip
         math_attention = op.math_attention
         return _summed(op.gradient() * share, group), lambda u: _summed((op @ u) * share, group)
@@ -231,6 +223,21 @@ def _global_batch_sharpness(
         if _precise_enough(ratios, sampling.min_batches, sampling.rel_se):
             break
     return _result(ratios, n_hvp)
+
+
+def _per_batch(scope: Scope, math_attention: bool) -> Scope:
+    """The scope of one mini-batch's operator: the batch whole (no chunks), not sized in
+    advance (a mini-batch's graph is small), by double backward in the parameters' dtype,
+    in this process (the ratios are gathered over the group, not the products)."""
+    return replace(
+        scope,
+        chunk_size=None,
+        max_memory=None,
+        hvp_method="graph",
+        compute_dtype=None,
+        process_group=None,
+        math_attention=math_attention,
+    )
 
 
 def _global_order(

@@ -322,9 +322,7 @@ class Tracker:
         """A Hessian operator on the probe set, under the math attention backend from the
         start once an earlier measurement needed it (difference products on a sharded
         model)."""
-        return hessian_operator(
-            self.model, self.loss_fn, self.probe, **self.scope.operator_options()
-        )
+        return hessian_operator(self.model, self.loss_fn, self.probe, self.scope)
 
     def _note_attention(self, op: AnyHessianOperator) -> None:
         if op.math_attention:

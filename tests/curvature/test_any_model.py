@@ -119,7 +119,7 @@ def test_tuple_and_object_batches_and_an_explicit_size():
 
     assert resolve_loss_form(object_loss) == "model_batch"
     assert batch_size_of(objects[0]) == 6
-    op = HessianOperator(model, object_loss, objects, batch_size=lambda b: 1)
+    op = HessianOperator(model, object_loss, objects, scope=Scope(size_fn=lambda b: 1))
     assert op.weights == [0.5, 0.5]  # the caller's size rule, e.g. tokens, wins
 
 
@@ -147,7 +147,7 @@ def test_parameter_filters_give_the_exact_sub_hessian(pattern, expected):
     x, y, batches = dict_batches()
     h, space = exact_hessian(model, full_batch_loss(model, x, y), pattern)
     assert space.names == expected
-    op = HessianOperator(model, dict_loss, batches, params=pattern)
+    op = HessianOperator(model, dict_loss, batches, scope=Scope(params=pattern))
     assert torch.allclose(op.to_dense(), h, atol=1e-10)
     top = hessian_eigen(model, dict_loss, batches, tol=1e-10, scope=Scope(params=pattern))
     assert float(top.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-8)
@@ -176,16 +176,16 @@ def test_bad_inputs_are_one_clear_error():
     model = DictModel()
     _, _, batches = dict_batches()
     with pytest.raises(ValueError, match="'attn' matches no trainable parameter"):
-        HessianOperator(model, dict_loss, batches, params="attn")
+        HessianOperator(model, dict_loss, batches, scope=Scope(params="attn"))
     model.embed.requires_grad_(False)
     with pytest.raises(ValueError, match="only frozen ones"):
-        HessianOperator(model, dict_loss, batches, params="embed")
+        HessianOperator(model, dict_loss, batches, scope=Scope(params="embed"))
     with pytest.raises(ValueError, match="needs the network outputs"):
         GGNOperator(model, dict_loss, batches)
     with pytest.raises(ValueError, match="needs \\(x, y\\) tensor pairs"):
         HessianOperator(model, F.cross_entropy, batches)
     with pytest.raises(ValueError, match="loss_form"):
-        HessianOperator(model, dict_loss, batches, loss_form="logits")
+        HessianOperator(model, dict_loss, batches, scope=Scope(loss_form="logits"))
     with pytest.raises(ValueError, match="batch_size"):
         HessianOperator(model, dict_loss, [{"labels": torch.tensor(1)}])
 
@@ -284,7 +284,7 @@ def test_transformers_lambda_max_against_the_exact_hessian_of_a_block(build, bat
         )
     model.train()  # dropout must be off in measurements and the mode restored after
     h, _ = exact_hf_hessian(model, data, block)
-    op = HessianOperator(model, hf_loss, data, params=block)
+    op = HessianOperator(model, hf_loss, data, scope=Scope(params=block))
     top = hessian_eigen(model, hf_loss, data, tol=1e-10, scope=Scope(params=block))
     assert float(top.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-6)
     assert torch.allclose(op.to_dense(), h, atol=1e-9)

@@ -63,7 +63,9 @@ def uneven(x, y):
 def test_hvp_equals_exact_hessian_on_uneven_batches(loss_fn, method):
     model, (x, y) = tiny_mlp(), toy_data()
     H = exact_hessian(model, loss_fn, x, y)
-    op = HessianOperator(model, loss_fn, uneven(x, y), method=method, chunk_size=None)
+    op = HessianOperator(
+        model, loss_fn, uneven(x, y), scope=Scope(hvp_method=method, chunk_size=None)
+    )
     v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
     assert torch.allclose(op.to_dense(), H, rtol=1e-10, atol=1e-12)
@@ -75,7 +77,7 @@ def test_dataloader_equals_concatenated_batch():
     v = torch.randn(sum(p.numel() for p in model.parameters()))
     from_loader = HessianOperator(model, cross_entropy, loader).matvec(v)
     from_tuple = HessianOperator(model, cross_entropy, (x, y)).matvec(v)
-    chunked = HessianOperator(model, cross_entropy, (x, y), chunk_size=3).matvec(v)
+    chunked = HessianOperator(model, cross_entropy, (x, y), scope=Scope(chunk_size=3)).matvec(v)
     assert torch.allclose(from_loader, from_tuple, rtol=1e-12, atol=1e-14)
     assert torch.allclose(chunked, from_tuple, rtol=1e-12, atol=1e-14)
 
@@ -265,7 +267,9 @@ def test_hessian_block_shares_the_graph_and_equals_the_exact_block():
     block.matvec(v)
     assert op.n_graph_builds == 1  # the block and its parent share one gradient graph
     with pytest.raises(ValueError, match="parent"):
-        HessianBlockOperator(HessianOperator(model, cross_entropy, (x, y), method="fwdrev"), names)
+        HessianBlockOperator(
+            HessianOperator(model, cross_entropy, (x, y), scope=Scope(hvp_method="fwdrev")), names
+        )
 
 
 def test_slq_weights_sum_to_one_and_mean_is_trace_over_n():

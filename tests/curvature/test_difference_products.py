@@ -24,7 +24,7 @@ def smooth_problem(dtype):
 def test_difference_products_match_the_exact_product(dtype, product_tol, eigen_tol):
     model, data = smooth_problem(dtype)
     exact = HessianOperator(model, F.cross_entropy, data)
-    fd = HessianOperator(model, F.cross_entropy, data, method="fd")
+    fd = HessianOperator(model, F.cross_entropy, data, scope=Scope(hvp_method="fd"))
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         v = torch.randn(exact.dim, generator=gen).to(dtype)
@@ -87,4 +87,4 @@ def test_difference_products_take_no_double_backward():
 def test_a_bad_difference_step_is_refused():
     model, data = smooth_problem(torch.float64)
     with pytest.raises(ValueError, match="fd_step: must be > 0"):
-        HessianOperator(model, F.cross_entropy, data, method="fd", fd_step=0.0)
+        HessianOperator(model, F.cross_entropy, data, fd_step=0.0, scope=Scope(hvp_method="fd"))

@@ -109,12 +109,12 @@ def test_a_small_memory_budget_bounds_the_basis_with_the_same_hessian_eigenvalue
     """A budget that leaves room beside the graphs for 12 basis vectors: hessian_eigen
     restarts, holds at most 12, and gives the unbounded eigenvalues to 1e-10."""
     model, data = model_and_data()
-    roomy = HessianOperator(model, F.cross_entropy, data, max_memory="1GB")
+    roomy = HessianOperator(model, F.cross_entropy, data, scope=Scope(max_memory="1GB"))
     assert roomy.basis_room is not None
     graphs = 2**30 - roomy.basis_room
     row_bytes = roomy.dim * 8
     budget = graphs + (12 + 3) * row_bytes
-    tight = HessianOperator(model, F.cross_entropy, data, max_memory=budget)
+    tight = HessianOperator(model, F.cross_entropy, data, scope=Scope(max_memory=budget))
     assert basis_rows(tight, need=10**6) == 12  # the room beside the graphs
     want = hessian_eigen(model, F.cross_entropy, data, k=3, tol=1e-12, scope=Scope(max_memory=None))
     bases.clear()
@@ -138,11 +138,11 @@ def test_the_basis_takes_a_quarter_of_the_budget_unless_a_solve_needs_more(float
     quarter of the budget (restarting keeps the accuracy), and takes more of the room the
     graphs leave only where a solve cannot restart on less."""
     model, data = model_and_data()
-    roomy = HessianOperator(model, F.cross_entropy, data, max_memory="1GB")
+    roomy = HessianOperator(model, F.cross_entropy, data, scope=Scope(max_memory="1GB"))
     assert roomy.basis_room is not None
     graphs, row = 2**30 - roomy.basis_room, roomy.dim * 8
     budget = graphs + 400 * row  # room for 400 rows beside the graphs
-    op = HessianOperator(model, F.cross_entropy, data, max_memory=budget)
+    op = HessianOperator(model, F.cross_entropy, data, scope=Scope(max_memory=budget))
     quarter = int(budget / 4 // row)
     assert 8 <= quarter - 3 < 397
     assert basis_rows(op) == quarter - 3
@@ -172,7 +172,7 @@ def test_a_final_set_whose_density_does_not_fit_keeps_the_rest(float64, caplog):
     from lossgeo.curvature import CurvatureSettings, measure_curvature
 
     model, data = model_and_data()
-    roomy = HessianOperator(model, F.cross_entropy, data, max_memory="1GB")
+    roomy = HessianOperator(model, F.cross_entropy, data, scope=Scope(max_memory="1GB"))
     graphs, row = 2**30 - roomy.basis_room, roomy.dim * 8
     settings = CurvatureSettings(
         k=2, tol=1e-10, secondary_tol=1e-10, trace_samples=4, density_steps=60,

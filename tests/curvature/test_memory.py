@@ -66,10 +66,10 @@ def test_an_out_of_memory_chunk_is_halved_and_the_result_is_unchanged(float64):
 
 def test_a_block_operator_that_runs_out_of_memory_rebuilds_its_parents_graph(float64):
     model, data = problem()
-    exact = HessianOperator(model, F.cross_entropy, data, chunk_size=None)
+    exact = HessianOperator(model, F.cross_entropy, data, scope=Scope(chunk_size=None))
     want = HessianBlockOperator(exact, ["2.weight", "2.bias"]).to_dense()
     refuse_chunks_above(model, 10)
-    parent = HessianOperator(model, F.cross_entropy, data, chunk_size=None)
+    parent = HessianOperator(model, F.cross_entropy, data, scope=Scope(chunk_size=None))
     got = HessianBlockOperator(parent, ["2.weight", "2.bias"]).to_dense()
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
 
@@ -91,13 +91,19 @@ def test_a_memory_budget_is_met_in_advance_with_the_same_result(float64):
     model, data = problem()
     exact = hessian_eigen(model, F.cross_entropy, data, k=2, tol=1e-12, scope=UNCHUNKED)
     whole = graph_bytes(
-        lambda: HessianOperator(model, F.cross_entropy, data, chunk_size=None).gradient()
+        lambda: HessianOperator(
+            model, F.cross_entropy, data, scope=Scope(chunk_size=None)
+        ).gradient()
     )
-    roomy = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory=2 * whole)
+    roomy = HessianOperator(
+        model, F.cross_entropy, data, scope=Scope(chunk_size=None, max_memory=2 * whole)
+    )
     assert roomy.method == "graph" and "retained graphs" in roomy.memory_note
     # below the whole probe set's graphs, with room beside them for 12 basis vectors
     budget = whole * 9 // 10 + 12 * roomy.dim * 8
-    tight = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory=budget)
+    tight = HessianOperator(
+        model, F.cross_entropy, data, scope=Scope(chunk_size=None, max_memory=budget)
+    )
     largest = max(len(b[1]) for b in tight.batches)
     assert tight.method == "fwdrev" and 1 <= largest < 40
     assert f"chunks of {largest} samples" in tight.memory_note
@@ -144,7 +150,9 @@ def test_the_settings_size_to_the_free_memory_by_default(float64, monkeypatch):
     settings = CurvatureSettings(k=2, tol=1e-12, trace_samples=4, ggn=False, layerwise=False)
     want = measure_curvature(model, F.cross_entropy, data, settings)
     whole = graph_bytes(
-        lambda: HessianOperator(model, F.cross_entropy, data, chunk_size=None).gradient()
+        lambda: HessianOperator(
+            model, F.cross_entropy, data, scope=Scope(chunk_size=None)
+        ).gradient()
     )
     # "auto" budgets 80% of what is free: here 90% of the whole probe set's graphs and
     # room for 16 basis vectors beside them
@@ -152,7 +160,9 @@ def test_the_settings_size_to_the_free_memory_by_default(float64, monkeypatch):
     monkeypatch.setattr(
         operators, "available_memory", lambda device: (whole * 9 // 10 + rows) * 10 // 8
     )
-    tight = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory="auto")
+    tight = HessianOperator(
+        model, F.cross_entropy, data, scope=Scope(chunk_size=None, max_memory="auto")
+    )
     largest = max(len(b[1]) for b in tight.batches)
     assert tight.method == "fwdrev" and largest < 40
     seen = refuse_chunks_above(model, max(largest, 8))
@@ -167,7 +177,11 @@ def test_the_settings_size_to_the_free_memory_by_default(float64, monkeypatch):
     assert max(seen) <= max(largest, 8)
     # 8 samples do not fit: the sizing gives up, and the products halve their chunks
     refuse_chunks_above(model, 6)
-    unsized = HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory="auto")
+    unsized = HessianOperator(
+        model, F.cross_entropy, data, scope=Scope(chunk_size=None, max_memory="auto")
+    )
     assert unsized.memory_note.startswith("not sized in advance: CUDA out of memory")
     with pytest.raises(torch.OutOfMemoryError):  # a budget the user gave is not waived
-        HessianOperator(model, F.cross_entropy, data, chunk_size=None, max_memory="1GB")
+        HessianOperator(
+            model, F.cross_entropy, data, scope=Scope(chunk_size=None, max_memory="1GB")
+        )
